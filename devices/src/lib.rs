@@ -1,0 +1,3 @@
+//! Device models for the kiln micro-VM monitor.
+
+pub mod control;

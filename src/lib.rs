@@ -1,0 +1,6 @@
+//! kiln: a KVM micro-VM monitor.
+//!
+//! The library is what the `kiln` command line calls, so the same VM can be
+//! built and run from Rust code.
+
+pub mod layout;
