@@ -1,0 +1,35 @@
+//! Interrupt lines from device models to the guest.
+
+use std::io;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// An interrupt line backed by an eventfd that the monitor registers with KVM as
+/// an irqfd: raising it injects the IRQ without a round trip through user space.
+#[derive(Debug)]
+pub struct IrqLine(EventFd);
+
+impl IrqLine {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
+    }
+
+    /// The eventfd to register with KVM (`register_irqfd`).
+    pub fn eventfd(&self) -> &EventFd {
+        &self.0
+    }
+
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
+    pub fn raise(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+impl vm_superio::Trigger for IrqLine {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.raise()
+    }
+}
