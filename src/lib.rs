@@ -3,4 +3,11 @@
 //! The library is what the `kiln` command line calls, so the same VM can be
 //! built and run from Rust code.
 
+pub mod boot;
+pub mod error;
 pub mod layout;
+pub mod memory;
+pub mod outcome;
+
+pub use error::{Error, Result};
+pub use outcome::VmOutcome;

@@ -144,7 +144,11 @@ mod tests {
 
     #[test]
     fn exit_codes_round_trip() {
-        for e in [GuestExit::Code(0), GuestExit::Code(255), GuestExit::Signal(15)] {
+        for e in [
+            GuestExit::Code(0),
+            GuestExit::Code(255),
+            GuestExit::Signal(15),
+        ] {
             assert_eq!(GuestExit::decode(e.encode()), Some(e));
         }
     }

@@ -1,0 +1,145 @@
+//! Guest RAM: how much, where it sits around the MMIO hole, and the e820 map
+//! the guest is told about.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::error::{Error, Result};
+use crate::layout::{EBDA_END, FOUR_GIB, HIMEM_START, MMIO_HOLE_START, MPTABLE_START};
+
+/// Smallest guest kiln accepts: room for the boot structures, a kernel and an initramfs.
+pub const MIN_MEM_BYTES: u64 = 16 << 20;
+
+/// The RAM ranges `(start, length)` for `mem_bytes` of guest memory: one range
+/// below the 32-bit MMIO hole, and the remainder above 4 GiB.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+    if mem_bytes <= MMIO_HOLE_START {
+        vec![(0, mem_bytes)]
+    } else {
+        vec![
+            (0, MMIO_HOLE_START),
+            (FOUR_GIB, mem_bytes - MMIO_HOLE_START),
+        ]
+    }
+}
+
+/// Checks the requested size against kiln's minimum and the host's RAM.
+pub fn validate_size(mem_bytes: u64, host_ram_bytes: Option<u64>) -> Result<()> {
+    if mem_bytes < MIN_MEM_BYTES {
+        return Err(Error::Config(format!(
+            "--mem {mem_bytes} bytes is too small: kiln needs at least {} MiB",
+            MIN_MEM_BYTES >> 20
+        )));
+    }
+    if mem_bytes % 4096 != 0 {
+        return Err(Error::Config(format!(
+            "--mem {mem_bytes} bytes is not a multiple of 4 KiB"
+        )));
+    }
+    if let Some(host) = host_ram_bytes {
+        if mem_bytes > host {
+            return Err(Error::Config(format!(
+                "--mem {} MiB is more than this host's {} MiB of RAM",
+                mem_bytes >> 20,
+                host >> 20
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Total RAM of the host, from /proc/meminfo.
+pub fn host_ram_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Maps anonymous guest memory (lazily backed: untouched pages cost nothing).
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_bytes)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))
+}
+
+/// e820 entry types.
+pub const E820_RAM: u32 = 1;
+pub const E820_RESERVED: u32 = 2;
+
+/// The memory map handed to the guest: low RAM below the MP table, the
+/// conventional BIOS hole reserved, then RAM from 1 MiB (and above 4 GiB).
+pub fn e820_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
+    let mut map = vec![
+        (0, MPTABLE_START, E820_RAM),
+        (MPTABLE_START, HIMEM_START - MPTABLE_START, E820_RESERVED),
+    ];
+    debug_assert!(MPTABLE_START < EBDA_END);
+    for (start, len) in ram_ranges(mem_bytes) {
+        let start = start.max(HIMEM_START);
+        let end = if start == HIMEM_START {
+            len
+        } else {
+            start + len
+        };
+        if end > start {
+            map.push((start, end - start, E820_RAM));
+        }
+    }
+    map
+}
+
+/// Highest address (exclusive) of RAM below the MMIO hole.
+pub fn low_ram_end(mem_bytes: u64) -> u64 {
+    mem_bytes.min(MMIO_HOLE_START)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_below_the_hole_is_one_range() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(ram_ranges(MMIO_HOLE_START), vec![(0, MMIO_HOLE_START)]);
+    }
+
+    #[test]
+    fn memory_past_the_hole_continues_at_4g() {
+        let four_g = 4u64 << 30;
+        assert_eq!(
+            ram_ranges(four_g),
+            vec![(0, MMIO_HOLE_START), (FOUR_GIB, four_g - MMIO_HOLE_START)]
+        );
+        let e820 = e820_map(four_g);
+        let ram: u64 = e820.iter().filter(|e| e.2 == E820_RAM).map(|e| e.1).sum();
+        // Everything but the reserved BIOS area is usable RAM.
+        assert_eq!(ram, four_g - (HIMEM_START - MPTABLE_START));
+        assert_eq!(e820.last().unwrap().0, FOUR_GIB);
+    }
+
+    #[test]
+    fn e820_is_sorted_and_disjoint() {
+        for mem in [16u64 << 20, 1 << 30, 3 << 30, 5 << 30] {
+            let e820 = e820_map(mem);
+            for w in e820.windows(2) {
+                assert!(w[0].0 + w[0].1 <= w[1].0, "{e820:x?}");
+            }
+            let end = e820.last().map(|e| e.0 + e.1).unwrap();
+            assert!(end <= FOUR_GIB.max(mem + (FOUR_GIB - MMIO_HOLE_START)));
+        }
+    }
+
+    #[test]
+    fn sizes_are_validated() {
+        assert!(validate_size(0, None).is_err());
+        assert!(validate_size(MIN_MEM_BYTES - 4096, None).is_err());
+        assert!(validate_size(MIN_MEM_BYTES + 1, None).is_err());
+        assert!(validate_size(MIN_MEM_BYTES, Some(1 << 30)).is_ok());
+        let err = validate_size(2 << 30, Some(1 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than this host"), "{err}");
+    }
+}
