@@ -1,0 +1,138 @@
+//! Host profile: the one place where kiln adapts to the kind of KVM it runs on.
+//!
+//! On hardware KVM (VMX/SVM) kiln needs nothing special. On PVM (`kvm_pvm`,
+//! KVM without hardware virtualisation, used in nested clouds) the guest
+//! kernel runs under KVM's instruction emulator, which lacks some
+//! instructions and never returns from some paravirt hypercalls. Each
+//! workaround below names the symptom it avoids:
+//!
+//! - `clearcpuid=smap`: the kernel's `clac` in the timer interrupt entry is an
+//!   emulation failure (KVM_EXIT_INTERNAL_ERROR).
+//! - `clearcpuid=popcnt`: `popcnt` in the page allocator is an emulation failure.
+//! - `noxsave`: `xrstor` is an emulation failure. Hiding SMAP/XSAVE through
+//!   CPUID alone was measured not to take effect; the command line does.
+//! - Hidden KVM paravirt features PV_SEND_IPI, PV_UNHALT and PV_SCHED_YIELD
+//!   (CPUID 0x4000_0001): with SMP the guest uses their hypercalls
+//!   (`KVM_HC_SEND_IPI`, ...), which never return on PVM, so the vCPU hangs.
+//!
+//! On hardware KVM every accessor here returns a no-op value.
+
+use std::path::Path;
+use std::sync::Once;
+
+/// Environment variable that overrides detection: `pvm` or `hardware`.
+pub const HOST_PROFILE_ENV: &str = "KILN_HOST_PROFILE";
+/// Present when the host's /dev/kvm is provided by PVM.
+const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
+
+// KVM paravirt feature bits in CPUID 0x4000_0001 EAX (Linux uapi kvm_para.h;
+// kvm-bindings does not export them).
+const KVM_FEATURE_PV_UNHALT: u32 = 7;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
+
+/// The kind of KVM kiln runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostProfile {
+    /// KVM backed by VMX/SVM: no adaptations.
+    HardwareKvm,
+    /// KVM provided by the `kvm_pvm` module: the guest kernel is emulated.
+    Pvm,
+}
+
+impl HostProfile {
+    /// Detects the host profile: `KILN_HOST_PROFILE` if set to a known value,
+    /// else PVM when `/sys/module/kvm_pvm` exists. Cheap, so it is evaluated
+    /// on every call; the choice is logged only on the first call.
+    pub fn detect() -> HostProfile {
+        static LOGGED: Once = Once::new();
+        let env = std::env::var(HOST_PROFILE_ENV).ok();
+        let (profile, why) = choose(env.as_deref(), Path::new(PVM_MODULE_PATH).exists());
+        LOGGED.call_once(|| log::info!("host profile: {profile:?} ({why})"));
+        profile
+    }
+
+    /// Extra guest kernel command line words this host needs (may be empty).
+    pub fn kernel_cmdline_additions(self) -> &'static str {
+        match self {
+            HostProfile::HardwareKvm => "",
+            HostProfile::Pvm => "noxsave clearcpuid=smap,popcnt",
+        }
+    }
+
+    /// Mask of KVM paravirt feature bits (CPUID 0x4000_0001 EAX) to hide.
+    pub fn hidden_kvm_features(self) -> u32 {
+        match self {
+            HostProfile::HardwareKvm => 0,
+            HostProfile::Pvm => {
+                1 << KVM_FEATURE_PV_UNHALT
+                    | 1 << KVM_FEATURE_PV_SEND_IPI
+                    | 1 << KVM_FEATURE_PV_SCHED_YIELD
+            }
+        }
+    }
+}
+
+/// Picks the profile from the override value and the module check, with the
+/// reason for the log line.
+fn choose(env: Option<&str>, pvm_loaded: bool) -> (HostProfile, &'static str) {
+    match env.map(str::trim) {
+        Some(v) if v.eq_ignore_ascii_case("pvm") => (HostProfile::Pvm, "KILN_HOST_PROFILE=pvm"),
+        Some(v) if v.eq_ignore_ascii_case("hardware") => {
+            (HostProfile::HardwareKvm, "KILN_HOST_PROFILE=hardware")
+        }
+        Some(_) if pvm_loaded => (
+            HostProfile::Pvm,
+            "unknown KILN_HOST_PROFILE ignored; /sys/module/kvm_pvm exists",
+        ),
+        Some(_) => (
+            HostProfile::HardwareKvm,
+            "unknown KILN_HOST_PROFILE ignored; no /sys/module/kvm_pvm",
+        ),
+        None if pvm_loaded => (HostProfile::Pvm, "/sys/module/kvm_pvm exists"),
+        None => (HostProfile::HardwareKvm, "no /sys/module/kvm_pvm"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_wins_over_module_check() {
+        assert_eq!(choose(Some("pvm"), false).0, HostProfile::Pvm);
+        assert_eq!(choose(Some(" PVM "), false).0, HostProfile::Pvm);
+        assert_eq!(choose(Some("hardware"), true).0, HostProfile::HardwareKvm);
+    }
+
+    #[test]
+    fn module_check_without_or_with_bad_override() {
+        assert_eq!(choose(None, true).0, HostProfile::Pvm);
+        assert_eq!(choose(None, false).0, HostProfile::HardwareKvm);
+        assert_eq!(choose(Some("bogus"), true).0, HostProfile::Pvm);
+        assert_eq!(choose(Some(""), false).0, HostProfile::HardwareKvm);
+    }
+
+    #[test]
+    fn hardware_changes_nothing() {
+        let hw = HostProfile::HardwareKvm;
+        assert_eq!(hw.kernel_cmdline_additions(), "");
+        assert_eq!(hw.hidden_kvm_features(), 0);
+    }
+
+    #[test]
+    fn pvm_needs() {
+        let pvm = HostProfile::Pvm;
+        assert_eq!(
+            pvm.kernel_cmdline_additions(),
+            "noxsave clearcpuid=smap,popcnt"
+        );
+        assert_eq!(pvm.hidden_kvm_features(), (1 << 7) | (1 << 11) | (1 << 13));
+    }
+
+    #[test]
+    fn detect_is_consistent() {
+        // Both calls see the same host and environment.
+        assert_eq!(HostProfile::detect(), HostProfile::detect());
+    }
+}
