@@ -5,9 +5,13 @@
 
 pub mod boot;
 pub mod error;
+pub mod host_profile;
 pub mod layout;
+pub mod lifecycle;
 pub mod memory;
 pub mod outcome;
+pub mod vcpu;
+pub mod vm;
 
 pub use error::{Error, Result};
 pub use outcome::VmOutcome;

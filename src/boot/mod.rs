@@ -4,7 +4,9 @@
 
 pub mod cmdline;
 pub mod cpu_state;
+pub mod cpuid;
 pub mod kernel;
+pub mod mptable;
 pub mod params;
 
 pub use kernel::{BootEntry, LoadedKernel};

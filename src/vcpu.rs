@@ -1,0 +1,167 @@
+//! vCPU threads: one per vCPU, each running KVM_RUN and forwarding exits to the
+//! PIO and MMIO buses. Device work that is not a direct register access
+//! happens on the event-loop thread, never here.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kiln_devices::bus::{Access, Bus};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::error::{Error, Result};
+use crate::lifecycle::Lifecycle;
+use crate::outcome::VmOutcome;
+
+/// How often each kind of exit happened on one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitCounts {
+    pub pio: u64,
+    pub mmio: u64,
+    /// Accesses no device claimed (reads saw all ones, writes were dropped).
+    pub unclaimed: u64,
+    pub other: u64,
+}
+
+impl std::ops::AddAssign for ExitCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.pio += o.pio;
+        self.mmio += o.mmio;
+        self.unclaimed += o.unclaimed;
+        self.other += o.other;
+    }
+}
+
+/// The signal that interrupts a blocked KVM_RUN so a vCPU thread can stop.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler once per process: its only job is to
+/// make KVM_RUN return EINTR instead of killing the process.
+pub fn install_kick_handler() -> Result<()> {
+    static INSTALLED: std::sync::OnceLock<std::result::Result<(), i32>> =
+        std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), on_kick).map_err(|e| e.errno()))
+        .map_err(|errno| Error::Io {
+            what: "installing the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(errno),
+        })
+}
+
+pub struct VcpuThread {
+    handle: JoinHandle<ExitCounts>,
+}
+
+impl VcpuThread {
+    pub fn spawn(id: u8, vcpu: VcpuFd, pio: Bus, mmio: Bus, life: Arc<Lifecycle>) -> Result<Self> {
+        let handle = std::thread::Builder::new()
+            .name(format!("kiln-vcpu{id}"))
+            .spawn(move || run_loop(id, vcpu, &pio, &mmio, &life))
+            .map_err(Error::io("spawning a vCPU thread"))?;
+        Ok(Self { handle })
+    }
+
+    /// Interrupts KVM_RUN until the thread has noticed `is_stopping()` and
+    /// returned, then joins it. Repeating the kick closes the race where a
+    /// signal lands just before the thread re-enters KVM_RUN.
+    pub fn stop_and_join(self) -> ExitCounts {
+        while !self.handle.is_finished() {
+            if let Err(e) = self.handle.kill(kick_signal()) {
+                log::warn!("cannot kick vCPU thread: {e}");
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.handle.join().unwrap_or_else(|_| {
+            log::error!("a vCPU thread panicked");
+            ExitCounts::default()
+        })
+    }
+}
+
+fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, life: &Lifecycle) -> ExitCounts {
+    let mut counts = ExitCounts::default();
+    life.mark_first_run();
+    while !life.is_stopping() {
+        match vcpu.run() {
+            Ok(exit) => {
+                if let Some(outcome) = handle_exit(exit, pio, mmio, &mut counts) {
+                    life.finish(outcome);
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => life.finish(VmOutcome::KvmFailure(format!(
+                "vCPU {id}: KVM_RUN failed: {e}"
+            ))),
+        }
+    }
+    if let Some(VmOutcome::KvmFailure(_)) | Some(VmOutcome::TripleFault) = life.outcome() {
+        if let Ok(regs) = vcpu.get_regs() {
+            log::debug!(
+                "vCPU {id} stopped at rip={:#x} rsp={:#x}",
+                regs.rip,
+                regs.rsp
+            );
+        }
+    }
+    counts
+}
+
+/// Handles one exit; returns the VM's outcome if this exit ends it.
+fn handle_exit(
+    exit: VcpuExit<'_>,
+    pio: &Bus,
+    mmio: &Bus,
+    counts: &mut ExitCounts,
+) -> Option<VmOutcome> {
+    let access = match exit {
+        VcpuExit::IoOut(port, data) => {
+            counts.pio += 1;
+            pio.write(u64::from(port), data)
+        }
+        VcpuExit::IoIn(port, data) => {
+            counts.pio += 1;
+            pio.read(u64::from(port), data)
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            counts.mmio += 1;
+            mmio.write(addr, data)
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            counts.mmio += 1;
+            mmio.read(addr, data)
+        }
+        other => {
+            counts.other += 1;
+            return non_io_exit(other);
+        }
+    };
+    if access == Access::Unclaimed {
+        counts.unclaimed += 1;
+    }
+    None
+}
+
+fn non_io_exit(exit: VcpuExit<'_>) -> Option<VmOutcome> {
+    match exit {
+        // Only seen without an in-kernel irqchip; kiln always has one, so a
+        // halted vCPU simply waits (the timeout still applies).
+        VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => None,
+        VcpuExit::Shutdown => Some(VmOutcome::TripleFault),
+        VcpuExit::SystemEvent(kind, _) => {
+            log::debug!("system event {kind}");
+            Some(VmOutcome::GuestReset)
+        }
+        VcpuExit::InternalError => Some(VmOutcome::KvmFailure(
+            "internal error (KVM could not emulate a guest instruction)".into(),
+        )),
+        VcpuExit::FailEntry(reason, cpu) => Some(VmOutcome::KvmFailure(format!(
+            "VM entry failed on CPU {cpu} (hardware reason {reason:#x})"
+        ))),
+        other => Some(VmOutcome::KvmFailure(format!("unexpected exit {other:?}"))),
+    }
+}
