@@ -1,0 +1,150 @@
+//! The `kiln` command line.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{parse_duration, parse_size, VmConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kiln",
+    version,
+    about = "A KVM micro-VM monitor: boot a Linux guest and run a command in it"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a fresh VM, run CMD in it with kiln's init, and exit with CMD's status.
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Run(RunArgs),
+}
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status: the command's own status (128+N if killed by signal N), or:
+  120  the guest reset or powered off before the command reported a status
+  121  the guest kernel panicked
+  122  the guest triple-faulted
+  123  KVM could not run the guest (e.g. an instruction its emulator lacks)
+  124  --timeout expired
+  125  kiln itself failed (bad option, unreadable kernel, no /dev/kvm, ...)";
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Guest kernel: ELF vmlinux (booted through its PVH entry when present) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initramfs to boot; kiln's init is appended to it and runs CMD on top of it.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Host directory packed into the guest's initramfs as its root file system.
+    #[arg(long, value_name = "DIR")]
+    pub rootfs: Option<PathBuf>,
+    /// Extra kernel command-line words, appended after kiln's defaults.
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest memory (K/M/G suffixes).
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u8,
+    /// Stop the VM after this long (e.g. 30s, 2m, 500ms); exit status 124.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Show the guest kernel's log and kiln's own timing messages.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// Enter a vmlinux through its 64-bit entry even when it has a PVH note
+    /// (for comparing boot paths).
+    #[arg(long)]
+    pub no_pvh: bool,
+    /// The command kiln's init runs in the guest (default: /bin/sh).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+impl RunArgs {
+    pub fn to_config(&self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            rootfs: self.rootfs.clone(),
+            extra_cmdline: self.cmdline.clone(),
+            mem_bytes: self.mem,
+            vcpus: self.cpus,
+            timeout: self.timeout,
+            command: self.command.clone(),
+            verbose: self.verbose,
+            use_pvh: !self.no_pvh,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DEFAULT_MEM_BYTES;
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let full = ["kiln", "run"].iter().chain(args).copied();
+        Cli::try_parse_from(full).map(|c| match c.command {
+            Command::Run(r) => r,
+        })
+    }
+
+    #[test]
+    fn defaults_and_command_after_double_dash() {
+        let r = parse(&["--kernel", "vmlinux", "--", "sh", "-c", "echo 'a b'"]).unwrap();
+        let c = r.to_config();
+        assert_eq!(c.mem_bytes, DEFAULT_MEM_BYTES);
+        assert_eq!(
+            (c.vcpus, c.timeout, c.use_pvh, c.verbose),
+            (1, None, true, false)
+        );
+        assert_eq!(c.command, ["sh", "-c", "echo 'a b'"]);
+    }
+
+    #[test]
+    fn options_parse() {
+        let r = parse(&[
+            "--kernel",
+            "k",
+            "--mem",
+            "1G",
+            "--cpus",
+            "2",
+            "--timeout",
+            "30s",
+            "--cmdline",
+            "ip=1",
+            "--initrd",
+            "i",
+            "--rootfs",
+            "d",
+            "-v",
+            "--no-pvh",
+        ])
+        .unwrap();
+        let c = r.to_config();
+        assert_eq!((c.mem_bytes, c.vcpus), (1 << 30, 2));
+        assert_eq!(c.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.extra_cmdline.as_deref(), Some("ip=1"));
+        assert!(c.verbose && !c.use_pvh && c.command.is_empty());
+    }
+
+    #[test]
+    fn bad_values_are_rejected() {
+        assert!(parse(&["--mem", "1G"]).is_err(), "kernel is required");
+        assert!(parse(&["--kernel", "k", "--mem", "lots"]).is_err());
+        assert!(parse(&["--kernel", "k", "--cpus", "-1"]).is_err());
+        assert!(parse(&["--kernel", "k", "--cpus", "300"]).is_err());
+        assert!(parse(&["--kernel", "k", "--timeout", "soon"]).is_err());
+    }
+}

@@ -1,0 +1,127 @@
+//! What a VM run is made of, and the parsing of human-friendly sizes and
+//! durations shared by the CLI and the library.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default guest memory: 256 MiB.
+pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
+
+/// Everything needed to boot one VM and run one command in it.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// ELF vmlinux (PVH entry used when present) or bzImage.
+    pub kernel: PathBuf,
+    /// A user initramfs; kiln's init is appended to it as a second archive.
+    pub initrd: Option<PathBuf>,
+    /// A host directory packed into the initramfs next to kiln's init.
+    pub rootfs: Option<PathBuf>,
+    /// Appended to kiln's default kernel command line.
+    pub extra_cmdline: Option<String>,
+    pub mem_bytes: u64,
+    pub vcpus: u8,
+    /// Wall-clock limit for the whole VM.
+    pub timeout: Option<Duration>,
+    /// Command for kiln's init; empty means `/bin/sh`.
+    pub command: Vec<OsString>,
+    /// Show the guest kernel's log on the console.
+    pub verbose: bool,
+    /// Enter a vmlinux through its PVH note when it has one (the fast path).
+    pub use_pvh: bool,
+}
+
+impl VmConfig {
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            rootfs: None,
+            extra_cmdline: None,
+            mem_bytes: DEFAULT_MEM_BYTES,
+            vcpus: 1,
+            timeout: None,
+            command: Vec::new(),
+            verbose: false,
+            use_pvh: true,
+        }
+    }
+}
+
+/// Parses `256M`, `1G`, `512K`, `1048576` (bytes), case-insensitive, with an
+/// optional `iB`/`B` suffix.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let lower = t.to_ascii_lowercase();
+    let stripped = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match stripped.chars().last() {
+        Some('k') => (&stripped[..stripped.len() - 1], 10),
+        Some('m') => (&stripped[..stripped.len() - 1], 20),
+        Some('g') => (&stripped[..stripped.len() - 1], 30),
+        Some('t') => (&stripped[..stripped.len() - 1], 40),
+        _ => (stripped, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{t}' is not a size (examples: 256M, 1G, 1048576)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{t}' is too large"))
+}
+
+/// Parses `30s`, `500ms`, `2m`, `1h`, or plain seconds (`10`, `1.5`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{t}' is not a duration (examples: 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("'{t}': unknown unit '{unit}' (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(format!("'{t}' must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("NaNs").is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! Assembles a VM from a `VmConfig` and runs it to its end: memory, kernel,
+//! initramfs, devices, vCPU threads and the event loop.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_devices::bus::Bus;
+use kiln_devices::control::{ControlPage, CONTROL_PAGE_SIZE};
+use kiln_devices::i8042::{NullDevice, I8042};
+use kiln_devices::irq::IrqLine;
+use kiln_devices::serial::SerialDevice;
+use kiln_init::spec::ExecSpec;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, cmdline::CmdlineParts, mptable};
+use crate::config::VmConfig;
+use crate::console::{ConsoleOutput, PanicWatch};
+use crate::error::{Error, Result};
+use crate::event_loop::{EventLoop, SerialInput, VmEvents};
+use crate::host_profile::HostProfile;
+use crate::layout::{
+    CONTROL_PAGE_START, DEBUG_PORT, I8042_DATA_PORT, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
+};
+use crate::lifecycle::{ControlReports, Lifecycle};
+use crate::outcome::VmOutcome;
+use crate::vcpu::{install_kick_handler, ExitCounts, VcpuThread};
+use crate::vm::Vm;
+use crate::{initramfs, memory};
+
+/// Where the guest console goes and where its input comes from.
+pub struct ConsoleIo {
+    /// Receives every byte the guest writes to its serial console.
+    pub output: Box<dyn Write + Send>,
+    /// Forwarded to the guest's serial console (e.g. stdin); None for no input.
+    pub input: Option<File>,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub outcome: VmOutcome,
+    /// Monitor start to first KVM_RUN.
+    pub startup: Option<Duration>,
+    /// (since monitor start, since first KVM_RUN) when guest user space began.
+    pub userspace_started: Option<(Duration, Duration)>,
+    pub exits: ExitCounts,
+}
+
+/// The default command when none is given.
+const DEFAULT_COMMAND: &str = "/bin/sh";
+
+/// Boots the VM described by `config`, runs it until its command finishes
+/// (or it fails or times out) and tears everything down.
+///
+/// `started` is when the caller began (the CLI passes process start) and is
+/// the origin of the reported times.
+pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunReport> {
+    validate(config)?;
+    let profile = HostProfile::detect();
+    install_kick_handler()?;
+    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
+
+    let mem = memory::create_guest_memory(config.mem_bytes)?;
+    let vm = Vm::new(&mem)?;
+    if usize::from(config.vcpus) > vm.max_vcpus() {
+        return Err(Error::Config(format!(
+            "--cpus {} is more than this host's KVM allows ({})",
+            config.vcpus,
+            vm.max_vcpus()
+        )));
+    }
+    let entry = load_guest(config, &mem, profile)?;
+
+    let (output, panic_watch) = ConsoleOutput::new(io.output);
+    let devices = Devices::new(&vm, &life, Box::new(output))?;
+    let vcpus = create_vcpus(config, &vm, profile, entry)?;
+
+    let mut event_loop = EventLoop::new()?;
+    event_loop.add(Box::new(VmEvents {
+        life: life.clone(),
+        reset_evt: devices
+            .reset_evt
+            .try_clone()
+            .map_err(Error::io("duplicating the reset eventfd"))?,
+        panic_watch: panic_watch.clone(),
+    }));
+    if let Some(input) = io.input {
+        event_loop.add(Box::new(SerialInput::new(input, devices.serial.clone())?));
+    }
+
+    let deadline = config.timeout.map(|t| Instant::now() + t);
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for (id, fd) in vcpus.into_iter().enumerate() {
+        match VcpuThread::spawn(
+            id as u8,
+            fd,
+            devices.pio.clone(),
+            devices.mmio.clone(),
+            life.clone(),
+        ) {
+            Ok(t) => threads.push(t),
+            Err(e) => {
+                life.finish(VmOutcome::KvmFailure(e.to_string()));
+                break;
+            }
+        }
+    }
+    let loop_result = event_loop.run(&life, deadline);
+    if loop_result.is_err() {
+        life.finish(VmOutcome::KvmFailure("event loop failed".into()));
+    }
+    let mut exits = ExitCounts::default();
+    for t in threads {
+        exits += t.stop_and_join();
+    }
+    loop_result?;
+    // Keep guest memory alive until every vCPU has stopped using it.
+    drop(vm);
+    drop(mem);
+
+    let outcome = finalize_outcome(life.outcome(), &panic_watch);
+    Ok(RunReport {
+        outcome,
+        startup: life.startup_time(),
+        userspace_started: life.userspace_times(),
+        exits,
+    })
+}
+
+fn validate(config: &VmConfig) -> Result<()> {
+    memory::validate_size(config.mem_bytes, memory::host_ram_bytes())?;
+    if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
+        return Err(Error::Config(format!(
+            "--cpus {} is out of range (1 to {})",
+            config.vcpus,
+            mptable::MAX_CPUS
+        )));
+    }
+    Ok(())
+}
+
+/// A reset right after a panic message is the panic itself.
+fn finalize_outcome(outcome: Option<VmOutcome>, panic_watch: &PanicWatch) -> VmOutcome {
+    match outcome {
+        Some(VmOutcome::GuestReset) | Some(VmOutcome::TripleFault) | None => {
+            match panic_watch.panic_message() {
+                Some(msg) => VmOutcome::KernelPanic(Some(msg)),
+                None => outcome.unwrap_or(VmOutcome::GuestReset),
+            }
+        }
+        Some(other) => other,
+    }
+}
+
+/// Puts kernel, initramfs, command line and boot tables into guest memory;
+/// returns how the boot vCPU enters the kernel.
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    profile: HostProfile,
+) -> Result<boot::BootEntry> {
+    let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
+    log::debug!("kernel entry {:?}", kernel.entry);
+
+    let spec = exec_spec(config)?;
+    let initramfs = match &config.initrd {
+        Some(path) => {
+            let mut data = std::fs::read(path).map_err(|source| Error::ReadFile {
+                what: "initrd",
+                path: path.clone(),
+                source,
+            })?;
+            // The kernel unpacks concatenated archives; kiln's must start 4-aligned.
+            data.resize(data.len().next_multiple_of(4), 0);
+            data.extend_from_slice(
+                &initramfs::kiln_overlay(&spec).map_err(|e| Error::Initramfs(e.to_string()))?,
+            );
+            data
+        }
+        None => initramfs::kiln_initramfs(&spec, config.rootfs.as_deref())
+            .map_err(|e| Error::Initramfs(e.to_string()))?,
+    };
+    let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
+
+    let cmdline = boot::cmdline::build(&CmdlineParts {
+        verbose: config.verbose,
+        host_additions: profile.kernel_cmdline_additions(),
+        devices: Vec::new(),
+        user: config.extra_cmdline.as_deref(),
+    })?;
+    boot::params::write_boot_info(mem, &kernel, &cmdline, Some(initrd), config.mem_bytes)?;
+    boot::cpu_state::write_boot_tables(mem, kernel.entry)?;
+    mptable::setup_mptable(mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
+    Ok(kernel.entry)
+}
+
+fn exec_spec(config: &VmConfig) -> Result<ExecSpec> {
+    let argv: Vec<Vec<u8>> = if config.command.is_empty() {
+        vec![DEFAULT_COMMAND.into()]
+    } else {
+        config
+            .command
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect()
+    };
+    let spec = ExecSpec::new(argv);
+    spec.validate()
+        .map_err(|e| Error::Config(format!("command: {e}")))?;
+    Ok(spec)
+}
+
+fn create_vcpus(
+    config: &VmConfig,
+    vm: &Vm,
+    profile: HostProfile,
+    entry: boot::BootEntry,
+) -> Result<Vec<kvm_ioctls::VcpuFd>> {
+    let supported = vm.supported_cpuid()?;
+    (0..config.vcpus)
+        .map(|id| {
+            let fd = vm.create_vcpu(id)?;
+            let mut cpuid = supported.clone();
+            boot::cpuid::configure_vcpu_cpuid(&mut cpuid, id, config.vcpus, profile);
+            fd.set_cpuid2(&cpuid)
+                .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+            boot::cpu_state::setup_common_vcpu(&fd)?;
+            if id == 0 {
+                boot::cpu_state::setup_boot_vcpu(&fd, entry)?;
+            }
+            Ok(fd)
+        })
+        .collect()
+}
+
+/// The legacy devices every kiln VM has, on their buses.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    reset_evt: EventFd,
+}
+
+impl Devices {
+    fn new(vm: &Vm, life: &Arc<Lifecycle>, console: Box<dyn Write + Send>) -> Result<Self> {
+        let dev_err =
+            |what: &'static str| move |e: std::io::Error| Error::Device(format!("{what}: {e}"));
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+        let bus_err = |e: kiln_devices::bus::BusError| Error::Device(e.to_string());
+
+        let irq = IrqLine::new().map_err(dev_err("serial IRQ"))?;
+        vm.register_irq(irq.eventfd(), SERIAL_IRQ)?;
+        let serial = Arc::new(Mutex::new(
+            SerialDevice::new(irq, console).map_err(dev_err("serial"))?,
+        ));
+        pio.insert(
+            serial.clone(),
+            u64::from(SERIAL_PORT_BASE),
+            u64::from(SERIAL_PORT_SIZE),
+        )
+        .map_err(bus_err)?;
+
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err("reset eventfd"))?;
+        let i8042 = I8042::new(reset_evt.try_clone().map_err(dev_err("reset eventfd"))?);
+        pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)
+            .map_err(bus_err)?;
+
+        let control = ControlPage::new(ControlReports(life.clone()));
+        mmio.insert(
+            Arc::new(Mutex::new(control)),
+            CONTROL_PAGE_START,
+            CONTROL_PAGE_SIZE,
+        )
+        .map_err(bus_err)?;
+        Ok(Self {
+            pio,
+            mmio,
+            serial,
+            reset_evt,
+        })
+    }
+}
