@@ -8,3 +8,4 @@ pub mod control;
 pub mod i8042;
 pub mod irq;
 pub mod serial;
+pub mod virtio;

@@ -1,0 +1,507 @@
+//! The virtio-mmio transport (version 2, "modern"): the register window the
+//! guest driver uses to discover a device, negotiate features, set up queues
+//! and drive the device status state machine.
+//!
+//! Every value the guest writes is checked here before a device sees it:
+//! out-of-range queue selectors, queue sizes, feature pages and status
+//! transitions are ignored (or fail the negotiation), never trusted.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::bus::BusDevice;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+const VENDOR_ID: u32 = 0x4b49_4c4e; // "KILN"
+
+// Register offsets.
+const REG_MAGIC: u64 = 0x000;
+const REG_VERSION: u64 = 0x004;
+const REG_DEVICE_ID: u64 = 0x008;
+const REG_VENDOR_ID: u64 = 0x00c;
+const REG_DEVICE_FEATURES: u64 = 0x010;
+const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+const REG_DRIVER_FEATURES: u64 = 0x020;
+const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+const REG_QUEUE_SEL: u64 = 0x030;
+const REG_QUEUE_NUM_MAX: u64 = 0x034;
+const REG_QUEUE_NUM: u64 = 0x038;
+const REG_QUEUE_READY: u64 = 0x044;
+/// QueueNotify: normally caught by a KVM ioeventfd before it gets here.
+pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+const REG_INTERRUPT_STATUS: u64 = 0x060;
+const REG_INTERRUPT_ACK: u64 = 0x064;
+const REG_STATUS: u64 = 0x070;
+const REG_QUEUE_DESC_LOW: u64 = 0x080;
+const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
+const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
+const REG_QUEUE_USED_LOW: u64 = 0x0a0;
+const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+const REG_CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG_SPACE: u64 = 0x100;
+
+// Device status bits.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 64;
+pub const STATUS_FAILED: u32 = 128;
+
+pub struct MmioTransport {
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    mem: GuestMemoryMmap,
+    interrupt: Interrupt,
+    queues: Vec<Queue>,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    config_generation: u32,
+    /// Cached from the device: offered features and queue count never change.
+    offered_features: u64,
+}
+
+impl MmioTransport {
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+    ) -> Self {
+        let (offered_features, queues) = {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            let queues = dev
+                .queue_max_sizes()
+                .iter()
+                .map(|&max| {
+                    Queue::new(max)
+                        .unwrap_or_else(|_| Queue::new(256).expect("256 is a valid queue size"))
+                })
+                .collect();
+            (dev.features(), queues)
+        };
+        Self {
+            device,
+            mem,
+            interrupt,
+            queues,
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            config_generation: 0,
+            offered_features,
+        }
+    }
+
+    fn device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The selected queue, if the selector is in range and queue setup is allowed.
+    fn selected_queue_for_setup(&mut self) -> Option<&mut Queue> {
+        // Queues may be configured after FEATURES_OK and before DRIVER_OK.
+        if self.status & STATUS_FEATURES_OK == 0 || self.status & STATUS_DRIVER_OK != 0 {
+            return None;
+        }
+        self.queues.get_mut(self.queue_sel as usize)
+    }
+
+    fn selected_queue(&self) -> Option<&Queue> {
+        self.queues.get(self.queue_sel as usize)
+    }
+
+    fn reset(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.device().reset();
+        }
+        for q in &mut self.queues {
+            q.reset();
+        }
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt.ack(u32::MAX);
+    }
+
+    fn set_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver may only add bits (apart from reset); FAILED is always accepted.
+        if value & self.status != self.status {
+            log::debug!(
+                "virtio-mmio: status {value:#x} drops bits of {:#x}; ignored",
+                self.status
+            );
+            return;
+        }
+        let new = value & !self.status;
+        if new & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
+            // Leave FEATURES_OK clear: the driver reads it back and gives up.
+            self.status = value & !STATUS_FEATURES_OK;
+            return;
+        }
+        if new & STATUS_DRIVER_OK != 0 {
+            if self.status & STATUS_FEATURES_OK == 0 {
+                log::debug!("virtio-mmio: DRIVER_OK before FEATURES_OK; ignored");
+                return;
+            }
+            self.status = value;
+            self.activate();
+            return;
+        }
+        self.status = value;
+    }
+
+    /// Only what was offered, and always VIRTIO_F_VERSION_1 (no legacy mode).
+    fn features_acceptable(&self) -> bool {
+        self.driver_features & !self.offered_features == 0
+            && self.driver_features & VIRTIO_F_VERSION_1 != 0
+    }
+
+    fn activate(&mut self) {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.set_event_idx(event_idx);
+            if q.ready() && !q.is_valid(&self.mem) {
+                log::warn!("virtio-mmio: queue {i} has an invalid layout; device needs reset");
+                self.fail();
+                return;
+            }
+        }
+        // The device gets its own copies; the transport keeps the register view.
+        let queues = self.queues.iter().map(|q| Queue::try_from(q.state()));
+        let Ok(queues) = queues.collect::<Result<Vec<_>, _>>() else {
+            self.fail();
+            return;
+        };
+        let activation = Activation {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            features: self.driver_features,
+        };
+        let result = self.device().activate(activation);
+        if let Err(e) = result {
+            log::warn!("virtio-mmio: activation failed: {e}");
+            self.fail();
+        }
+    }
+
+    fn fail(&mut self) {
+        self.status |= STATUS_NEEDS_RESET;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal_config_change();
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            REG_MAGIC => MAGIC,
+            REG_VERSION => VERSION,
+            REG_DEVICE_ID => self.device().device_type(),
+            REG_VENDOR_ID => VENDOR_ID,
+            REG_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.offered_features as u32,
+                1 => (self.offered_features >> 32) as u32,
+                _ => 0,
+            },
+            REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
+            REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
+            REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS => self.status,
+            REG_CONFIG_GENERATION => self.config_generation,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            REG_DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            REG_DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            REG_DRIVER_FEATURES => {
+                // Features are fixed once FEATURES_OK is set.
+                if self.status & STATUS_FEATURES_OK != 0 || self.status & STATUS_DRIVER == 0 {
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features =
+                            (self.driver_features & !0xffff_ffff) | u64::from(value)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            REG_QUEUE_SEL => self.queue_sel = value,
+            REG_QUEUE_NUM => {
+                if let Some(q) = self.selected_queue_for_setup() {
+                    // virtio-queue ignores sizes that are zero, too big or not a power of two.
+                    q.set_size(value.min(u32::from(u16::MAX)) as u16);
+                }
+            }
+            REG_QUEUE_READY => {
+                if let Some(q) = self.selected_queue_for_setup() {
+                    q.set_ready(value == 1);
+                }
+            }
+            REG_QUEUE_NOTIFY => self.notify(value),
+            REG_INTERRUPT_ACK => self.interrupt.ack(value),
+            REG_STATUS => self.set_status(value),
+            REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_AVAIL_LOW
+            | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH => {
+                if let Some(q) = self.selected_queue_for_setup() {
+                    let (low, high) = if offset & 4 == 0 {
+                        (Some(value), None)
+                    } else {
+                        (None, Some(value))
+                    };
+                    match offset & !4 {
+                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
+                        REG_QUEUE_AVAIL_LOW => q.set_avail_ring_address(low, high),
+                        _ => q.set_used_ring_address(low, high),
+                    }
+                }
+            }
+            _ => log::debug!("virtio-mmio: write to read-only or unknown register {offset:#x}"),
+        }
+    }
+
+    /// QueueNotify without an ioeventfd (tests, or KVM without ioeventfd):
+    /// forward to the device's queue eventfd.
+    fn notify(&self, queue: u32) {
+        let dev = self.device();
+        if let Some(evt) = dev.queue_events().get(queue as usize) {
+            let _ = evt.write(1);
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG_SPACE {
+            data.fill(0);
+            self.device().read_config(offset - CONFIG_SPACE, data);
+            return;
+        }
+        // Registers are 32-bit and aligned; anything else reads as zero.
+        let value = if data.len() == 4 && offset % 4 == 0 {
+            self.read_register(offset)
+        } else {
+            0
+        };
+        let bytes = value.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&bytes[..n]);
+        data[n..].fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_SPACE {
+            // Config writes only make sense once the driver is in charge.
+            if self.status & STATUS_DRIVER != 0 {
+                self.device().write_config(offset - CONFIG_SPACE, data);
+            }
+            return;
+        }
+        if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::irq::IrqLine;
+    use crate::virtio::ActivateError;
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    struct Dummy {
+        evts: Vec<EventFd>,
+        activations: usize,
+        resets: usize,
+        config: [u8; 8],
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 16]
+        }
+        fn features(&self) -> u64 {
+            VIRTIO_F_VERSION_1 | 1
+        }
+        fn queue_events(&self) -> &[EventFd] {
+            &self.evts
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
+            }
+        }
+        fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+            assert_eq!(a.queues.len(), 2);
+            self.activations += 1;
+            Ok(())
+        }
+        fn reset(&mut self) {
+            self.resets += 1;
+        }
+    }
+
+    fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let dev = Arc::new(Mutex::new(Dummy {
+            evts: (0..2)
+                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+                .collect(),
+            activations: 0,
+            resets: 0,
+            config: *b"cfgbytes",
+        }));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let t = MmioTransport::new(dev.clone(), mem, Interrupt::new(IrqLine::new().unwrap()));
+        (t, dev)
+    }
+
+    fn r(t: &mut MmioTransport, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w(t: &mut MmioTransport, off: u64, v: u32) {
+        t.write(off, &v.to_le_bytes());
+    }
+
+    fn negotiate(t: &mut MmioTransport, features_hi: u32) {
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE);
+        w(t, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        w(t, REG_DRIVER_FEATURES_SEL, 1);
+        w(t, REG_DRIVER_FEATURES, features_hi);
+        w(
+            t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
+    }
+
+    fn setup_queue(t: &mut MmioTransport, sel: u32, base: u32) {
+        w(t, REG_QUEUE_SEL, sel);
+        w(t, REG_QUEUE_NUM, 16);
+        w(t, REG_QUEUE_DESC_LOW, base);
+        w(t, REG_QUEUE_AVAIL_LOW, base + 0x1000);
+        w(t, REG_QUEUE_USED_LOW, base + 0x2000);
+        w(t, REG_QUEUE_READY, 1);
+    }
+
+    #[test]
+    fn identity_and_config_space() {
+        let (mut t, _) = setup();
+        assert_eq!(r(&mut t, REG_MAGIC), MAGIC);
+        assert_eq!(r(&mut t, REG_VERSION), 2);
+        assert_eq!(r(&mut t, REG_DEVICE_ID), 42);
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 1);
+        assert_eq!(r(&mut t, REG_DEVICE_FEATURES), 1);
+        w(&mut t, REG_DEVICE_FEATURES_SEL, 7);
+        assert_eq!(r(&mut t, REG_DEVICE_FEATURES), 0);
+        let mut b = [0u8; 3];
+        t.read(CONFIG_SPACE + 3, &mut b);
+        assert_eq!(&b, b"byt");
+        // Unaligned or narrow register reads give zero, not a panic.
+        let mut b = [0xffu8; 2];
+        t.read(REG_MAGIC + 1, &mut b);
+        assert_eq!(b, [0, 0]);
+    }
+
+    #[test]
+    fn full_negotiation_activates_and_reset_resets() {
+        let (mut t, dev) = setup();
+        negotiate(&mut t, 1);
+        assert_ne!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(dev.lock().unwrap().activations, 1);
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        // Queue setup is frozen after DRIVER_OK.
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_READY, 0);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 1);
+        w(&mut t, REG_STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+        assert_eq!(r(&mut t, REG_STATUS), 0);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn features_without_version_1_or_not_offered_are_refused() {
+        let (mut t, _) = setup();
+        negotiate(&mut t, 0);
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+        let (mut t, _) = setup();
+        negotiate(&mut t, 1 | 2); // bit 33 was never offered
+        assert_eq!(r(&mut t, REG_STATUS) & STATUS_FEATURES_OK, 0);
+    }
+
+    #[test]
+    fn hostile_register_use_is_ignored() {
+        let (mut t, dev) = setup();
+        // Queue setup before FEATURES_OK, and out-of-range selectors.
+        w(&mut t, REG_QUEUE_SEL, 0);
+        w(&mut t, REG_QUEUE_READY, 1);
+        assert_eq!(r(&mut t, REG_QUEUE_READY), 0);
+        w(&mut t, REG_QUEUE_SEL, 99);
+        assert_eq!(r(&mut t, REG_QUEUE_NUM_MAX), 0);
+        w(&mut t, REG_QUEUE_NOTIFY, 99);
+        // DRIVER_OK before FEATURES_OK does not activate.
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+        );
+        assert_eq!(dev.lock().unwrap().activations, 0);
+        // A queue pointing outside guest memory fails activation cleanly.
+        let (mut t, dev) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0xfff0_0000);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(dev.lock().unwrap().activations, 0);
+        assert_ne!(r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET, 0);
+        assert_ne!(
+            r(&mut t, REG_INTERRUPT_STATUS) & super::super::INT_CONFIG_CHANGE,
+            0
+        );
+    }
+
+    #[test]
+    fn notify_without_ioeventfd_reaches_the_queue_eventfd() {
+        let (mut t, dev) = setup();
+        w(&mut t, REG_QUEUE_NOTIFY, 1);
+        assert_eq!(dev.lock().unwrap().evts[1].read().unwrap(), 1);
+    }
+}
