@@ -4,14 +4,23 @@
 //! built and run from Rust code.
 
 pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod device_manager;
 pub mod error;
+pub mod event_loop;
 pub mod host_profile;
+pub mod initramfs;
 pub mod layout;
 pub mod lifecycle;
 pub mod memory;
 pub mod outcome;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm;
 
+pub use config::VmConfig;
 pub use error::{Error, Result};
 pub use outcome::VmOutcome;
+pub use vmm::{run, ConsoleIo, RunReport};

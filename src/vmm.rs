@@ -4,28 +4,20 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kiln_devices::bus::Bus;
-use kiln_devices::control::{ControlPage, CONTROL_PAGE_SIZE};
-use kiln_devices::i8042::{NullDevice, I8042};
-use kiln_devices::irq::IrqLine;
-use kiln_devices::serial::SerialDevice;
 use kiln_init::spec::ExecSpec;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{self, cmdline::CmdlineParts, mptable};
 use crate::config::VmConfig;
 use crate::console::{ConsoleOutput, PanicWatch};
+use crate::device_manager::DeviceManager;
 use crate::error::{Error, Result};
 use crate::event_loop::{EventLoop, SerialInput, VmEvents};
 use crate::host_profile::HostProfile;
-use crate::layout::{
-    CONTROL_PAGE_START, DEBUG_PORT, I8042_DATA_PORT, SERIAL_IRQ, SERIAL_PORT_BASE, SERIAL_PORT_SIZE,
-};
-use crate::lifecycle::{ControlReports, Lifecycle};
+use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
 use crate::vcpu::{install_kick_handler, ExitCounts, VcpuThread};
 use crate::vm::Vm;
@@ -73,13 +65,14 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
             vm.max_vcpus()
         )));
     }
-    let entry = load_guest(config, &mem, profile)?;
 
     let (output, panic_watch) = ConsoleOutput::new(io.output);
-    let devices = Devices::new(&vm, &life, Box::new(output))?;
+    let mut event_loop = EventLoop::new()?;
+    let mut devices = DeviceManager::new(&vm, &life, Box::new(output))?;
+    attach_virtio_devices(config, &vm, &mem, &mut event_loop, &mut devices)?;
+    let entry = load_guest(config, &mem, profile, &devices.cmdline_words)?;
     let vcpus = create_vcpus(config, &vm, profile, entry)?;
 
-    let mut event_loop = EventLoop::new()?;
     event_loop.add(Box::new(VmEvents {
         life: life.clone(),
         reset_evt: devices
@@ -156,12 +149,26 @@ fn finalize_outcome(outcome: Option<VmOutcome>, panic_watch: &PanicWatch) -> VmO
     }
 }
 
+/// Creates the virtio devices the configuration asks for, in a stable order
+/// (the guest names them in this order: the first disk is vda).
+fn attach_virtio_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    event_loop: &mut EventLoop,
+    devices: &mut DeviceManager,
+) -> Result<()> {
+    let _ = (config, vm, mem, event_loop, devices);
+    Ok(())
+}
+
 /// Puts kernel, initramfs, command line and boot tables into guest memory;
 /// returns how the boot vCPU enters the kernel.
 fn load_guest(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     profile: HostProfile,
+    device_words: &[String],
 ) -> Result<boot::BootEntry> {
     let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
     log::debug!("kernel entry {:?}", kernel.entry);
@@ -189,7 +196,7 @@ fn load_guest(
     let cmdline = boot::cmdline::build(&CmdlineParts {
         verbose: config.verbose,
         host_additions: profile.kernel_cmdline_additions(),
-        devices: Vec::new(),
+        devices: device_words.to_vec(),
         user: config.extra_cmdline.as_deref(),
     })?;
     boot::params::write_boot_info(mem, &kernel, &cmdline, Some(initrd), config.mem_bytes)?;
@@ -235,55 +242,4 @@ fn create_vcpus(
             Ok(fd)
         })
         .collect()
-}
-
-/// The legacy devices every kiln VM has, on their buses.
-struct Devices {
-    pio: Bus,
-    mmio: Bus,
-    serial: Arc<Mutex<SerialDevice>>,
-    reset_evt: EventFd,
-}
-
-impl Devices {
-    fn new(vm: &Vm, life: &Arc<Lifecycle>, console: Box<dyn Write + Send>) -> Result<Self> {
-        let dev_err =
-            |what: &'static str| move |e: std::io::Error| Error::Device(format!("{what}: {e}"));
-        let mut pio = Bus::new();
-        let mut mmio = Bus::new();
-        let bus_err = |e: kiln_devices::bus::BusError| Error::Device(e.to_string());
-
-        let irq = IrqLine::new().map_err(dev_err("serial IRQ"))?;
-        vm.register_irq(irq.eventfd(), SERIAL_IRQ)?;
-        let serial = Arc::new(Mutex::new(
-            SerialDevice::new(irq, console).map_err(dev_err("serial"))?,
-        ));
-        pio.insert(
-            serial.clone(),
-            u64::from(SERIAL_PORT_BASE),
-            u64::from(SERIAL_PORT_SIZE),
-        )
-        .map_err(bus_err)?;
-
-        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(dev_err("reset eventfd"))?;
-        let i8042 = I8042::new(reset_evt.try_clone().map_err(dev_err("reset eventfd"))?);
-        pio.insert(Arc::new(Mutex::new(i8042)), u64::from(I8042_DATA_PORT), 5)
-            .map_err(bus_err)?;
-        pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)
-            .map_err(bus_err)?;
-
-        let control = ControlPage::new(ControlReports(life.clone()));
-        mmio.insert(
-            Arc::new(Mutex::new(control)),
-            CONTROL_PAGE_START,
-            CONTROL_PAGE_SIZE,
-        )
-        .map_err(bus_err)?;
-        Ok(Self {
-            pio,
-            mmio,
-            serial,
-            reset_evt,
-        })
-    }
 }

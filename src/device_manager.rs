@@ -1,0 +1,127 @@
+//! Places devices on the VM: legacy devices on fixed ports, virtio devices in
+//! consecutive MMIO windows with their own IRQ line, ioeventfds for queue
+//! notifications, an irqfd for interrupts, and a `virtio_mmio.device=` entry
+//! on the kernel command line so the guest finds them without probing.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use kiln_devices::bus::{Bus, BusError};
+use kiln_devices::control::{ControlPage, CONTROL_PAGE_SIZE};
+use kiln_devices::i8042::{NullDevice, I8042};
+use kiln_devices::irq::IrqLine;
+use kiln_devices::serial::SerialDevice;
+use kiln_devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
+use kiln_devices::virtio::{Interrupt, VirtioDevice};
+use kvm_ioctls::IoEventAddress;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::error::{Error, Result};
+use crate::event_loop::{EventLoop, Subscriber};
+use crate::layout::{
+    CONTROL_PAGE_START, DEBUG_PORT, I8042_DATA_PORT, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT_BASE,
+    SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
+use crate::lifecycle::{ControlReports, Lifecycle};
+use crate::vm::Vm;
+
+pub struct DeviceManager {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub reset_evt: EventFd,
+    /// `virtio_mmio.device=` words for the kernel command line.
+    pub cmdline_words: Vec<String>,
+    next_virtio_slot: u64,
+}
+
+fn device_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |e| Error::Device(format!("{what}: {e}"))
+}
+
+fn bus_err(e: BusError) -> Error {
+    Error::Device(e.to_string())
+}
+
+impl DeviceManager {
+    /// Creates the devices every kiln VM has: UART, i8042, debug port, control page.
+    pub fn new(vm: &Vm, life: &Arc<Lifecycle>, console: Box<dyn Write + Send>) -> Result<Self> {
+        let mut pio = Bus::new();
+        let mut mmio = Bus::new();
+
+        let irq = IrqLine::new().map_err(device_err("serial IRQ"))?;
+        vm.register_irq(irq.eventfd(), SERIAL_IRQ)?;
+        let serial = SerialDevice::new(irq, console).map_err(device_err("serial"))?;
+        let serial = Arc::new(Mutex::new(serial));
+        let (base, len) = (u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_SIZE));
+        pio.insert(serial.clone(), base, len).map_err(bus_err)?;
+
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(device_err("reset eventfd"))?;
+        let reset_dup = reset_evt.try_clone().map_err(device_err("reset eventfd"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset_dup)));
+        pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)
+            .map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)
+            .map_err(bus_err)?;
+
+        let control = Arc::new(Mutex::new(ControlPage::new(ControlReports(life.clone()))));
+        mmio.insert(control, CONTROL_PAGE_START, CONTROL_PAGE_SIZE)
+            .map_err(bus_err)?;
+        Ok(Self {
+            pio,
+            mmio,
+            serial,
+            reset_evt,
+            cmdline_words: Vec::new(),
+            next_virtio_slot: 0,
+        })
+    }
+
+    /// Attaches a virtio device: next MMIO window and IRQ, ioeventfd per
+    /// queue, irqfd for its interrupt, its event handling on `event_loop`.
+    pub fn attach_virtio<D>(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        event_loop: &mut EventLoop,
+        device: Arc<Mutex<D>>,
+    ) -> Result<()>
+    where
+        D: VirtioDevice + MutEventSubscriber + 'static,
+    {
+        let slot = self.next_virtio_slot;
+        let irq = VIRTIO_IRQ_BASE + slot as u32;
+        if irq > IRQ_MAX {
+            return Err(Error::Config(format!(
+                "too many virtio devices (at most {})",
+                IRQ_MAX - VIRTIO_IRQ_BASE + 1
+            )));
+        }
+        let base = VIRTIO_MMIO_START + slot * VIRTIO_MMIO_SIZE;
+
+        let line = IrqLine::new().map_err(device_err("virtio IRQ"))?;
+        vm.register_irq(line.eventfd(), irq)?;
+        {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            let notify = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
+            for (index, evt) in dev.queue_events().iter().enumerate() {
+                vm.fd()
+                    .register_ioevent(evt, &notify, index as u32)
+                    .map_err(Error::kvm("KVM_IOEVENTFD"))?;
+            }
+        }
+        let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(line));
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
+            .map_err(bus_err)?;
+        event_loop.add(Box::new(device) as Subscriber);
+        self.cmdline_words.push(format!(
+            "virtio_mmio.device={}K@{base:#x}:{irq}",
+            VIRTIO_MMIO_SIZE >> 10
+        ));
+        self.next_virtio_slot += 1;
+        Ok(())
+    }
+}
