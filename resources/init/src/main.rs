@@ -1,1 +1,365 @@
-fn main() {}
+//! kiln's guest init (PID 1 from the initramfs): sets up a minimal system,
+//! runs the command in `/kiln/exec`, reports its status on kiln's control
+//! page and reboots. Every path ends in a report attempt and a reboot.
+//!
+//! `no_main`: std's runtime start-up would abort if fds 0-2 were closed and
+//! `/dev/null` missing (no devtmpfs yet), killing PID 1 without a report.
+#![cfg_attr(not(test), no_main)]
+#![cfg_attr(test, allow(dead_code))]
+
+use kiln_init::spec::ExecSpec;
+use kiln_init::{control, EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND, SPEC_PATH};
+use std::ffi::{CStr, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::time::{Duration, Instant};
+
+const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Upper bound on waiting for the console to drain before reporting.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The mapped control page, or null when absent (e.g. not running under kiln).
+static CONTROL: AtomicPtr<u32> = AtomicPtr::new(ptr::null_mut());
+
+#[cfg(not(test))]
+#[no_mangle]
+pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    // With panic=abort a panic would kill PID 1 silently: report it instead.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("kiln-init: {info}");
+        finish(EXIT_INIT_FAILED)
+    }));
+    let mut dev_mounted = false;
+    open_control(&mut dev_mounted);
+    finish(run(dev_mounted))
+}
+
+/// Sets the system up and runs the command; returns the exit report.
+fn run(dev_mounted: bool) -> u32 {
+    mount_filesystems(dev_mounted);
+    setup_console();
+    let spec = match read_spec() {
+        Ok(spec) => spec,
+        Err(msg) => {
+            eprintln!("kiln-init: {msg}");
+            return EXIT_INIT_FAILED;
+        }
+    };
+    let hostname = spec.hostname.as_deref().unwrap_or(b"kiln");
+    // SAFETY: the pointer and length describe a live byte slice.
+    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
+        warn("cannot set the hostname", &io::Error::last_os_error());
+    }
+    if let Some(cwd) = &spec.cwd {
+        // Checked here so a bad directory is not reported as a missing command.
+        let is_dir = std::fs::metadata(OsStr::from_bytes(cwd)).and_then(|m| match m.is_dir() {
+            true => Ok(()),
+            false => Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+        });
+        if let Err(e) = is_dir {
+            let cwd = String::from_utf8_lossy(cwd);
+            warn(&format!("cannot change directory to '{cwd}'"), &e);
+            return EXIT_INIT_FAILED;
+        }
+    }
+    let pid = match command(&spec).spawn() {
+        Ok(child) => child.id() as libc::pid_t,
+        Err(e) => {
+            let name = String::from_utf8_lossy(&spec.argv[0]);
+            warn(&format!("cannot run '{name}'"), &e);
+            return match e.raw_os_error() {
+                Some(libc::ENOENT | libc::ENOTDIR) => EXIT_NOT_FOUND,
+                _ => EXIT_CANNOT_EXECUTE,
+            };
+        }
+    };
+    wait_for(pid)
+}
+
+fn read_spec() -> Result<ExecSpec, String> {
+    let bytes = std::fs::read(SPEC_PATH)
+        .map_err(|e| format!("cannot read {SPEC_PATH}: {}", describe(&e)))?;
+    ExecSpec::decode(&bytes).map_err(|e| format!("bad {SPEC_PATH}: {e}"))
+}
+
+/// Builds the command: the spec's environment only, plus a default `PATH`.
+fn command(spec: &ExecSpec) -> Command {
+    let os = OsStr::from_bytes;
+    let mut cmd = Command::new(os(&spec.argv[0]));
+    cmd.args(spec.argv[1..].iter().map(|a| os(a))).env_clear();
+    cmd.envs(spec.env.iter().map(|(k, v)| (os(k), os(v))));
+    if !spec.env.iter().any(|(k, _)| k == b"PATH") {
+        // Also what std searches argv[0] in, as the env is changed.
+        cmd.env("PATH", os(DEFAULT_PATH));
+    }
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(os(cwd));
+    }
+    if let Some(gid) = spec.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = spec.uid {
+        cmd.uid(uid);
+    }
+    cmd
+}
+
+/// Reaps children (orphans are reparented to PID 1) until `pid` exits.
+fn wait_for(pid: libc::pid_t) -> u32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: `status` is a valid out pointer.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r == pid {
+            return exit_report(status);
+        }
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                warn("waiting for the command failed", &e);
+                return EXIT_INIT_FAILED;
+            }
+        }
+    }
+}
+
+/// Encodes a wait status as the control page's `(kind << 8) | code`.
+fn exit_report(status: libc::c_int) -> u32 {
+    if libc::WIFSIGNALED(status) {
+        (control::EXIT_KIND_SIGNAL << 8) | libc::WTERMSIG(status) as u32
+    } else {
+        (control::EXIT_KIND_CODE << 8) | libc::WEXITSTATUS(status) as u32
+    }
+}
+
+/// Maps the control page through /dev/mem, checks its magic and records the
+/// boot-timer stage. /dev/mem is in kiln's initramfs so this can come first;
+/// devtmpfs is mounted early only if it is missing (e.g. a user initrd).
+fn open_control(dev_mounted: &mut bool) {
+    let open = || {
+        // SAFETY: a NUL-terminated path and plain flags.
+        unsafe {
+            libc::open(
+                c"/dev/mem".as_ptr(),
+                libc::O_RDWR | libc::O_SYNC | libc::O_CLOEXEC,
+            )
+        }
+    };
+    let mut fd = open();
+    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+        *dev_mounted = mount(
+            c"devtmpfs",
+            c"/dev",
+            c"devtmpfs",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            c"mode=0755",
+        );
+        fd = open();
+    }
+    if fd < 0 {
+        warn(
+            "no status report: cannot open /dev/mem",
+            &io::Error::last_os_error(),
+        );
+        return;
+    }
+    let (prot, flags) = (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED);
+    // SAFETY: maps a fresh region chosen by the kernel; the fd is ours and
+    // closed right after (the mapping stays valid).
+    let page = unsafe {
+        let p = libc::mmap(
+            ptr::null_mut(),
+            control::PAGE_SIZE,
+            prot,
+            flags,
+            fd,
+            control::PAGE_ADDR as libc::off_t,
+        );
+        libc::close(fd);
+        p
+    };
+    if page == libc::MAP_FAILED {
+        warn(
+            "no status report: cannot map the control page",
+            &io::Error::last_os_error(),
+        );
+        return;
+    }
+    let page = page.cast::<u32>();
+    // SAFETY: REG_MAGIC is inside the 4 KiB mapping; MMIO needs volatile.
+    let magic = unsafe { page.add(control::REG_MAGIC / 4).read_volatile() };
+    if magic != control::MAGIC {
+        eprintln!(
+            "kiln-init: no kiln control page (magic {magic:#x}), status will not be reported"
+        );
+        // SAFETY: unmapping the mapping created above, never used again.
+        unsafe { libc::munmap(page.cast(), control::PAGE_SIZE) };
+        return;
+    }
+    CONTROL.store(page, Ordering::Relaxed);
+    write_reg(control::REG_BOOT_TIMER, control::STAGE_USERSPACE);
+}
+
+fn write_reg(offset: usize, value: u32) {
+    let page = CONTROL.load(Ordering::Relaxed);
+    if !page.is_null() {
+        // SAFETY: `page` is the live 4 KiB control mapping and every register
+        // offset lies inside it; MMIO needs a volatile access.
+        unsafe { page.add(offset / 4).write_volatile(value) };
+    }
+}
+
+/// Mounts a filesystem, creating the mount point; logs failures.
+fn mount(src: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong, data: &CStr) -> bool {
+    // SAFETY: NUL-terminated strings that outlive the calls.
+    let ok = unsafe {
+        libc::mkdir(target.as_ptr(), 0o755);
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        ) == 0
+    };
+    if !ok {
+        warn(
+            &format!("cannot mount {}", target.to_string_lossy()),
+            &io::Error::last_os_error(),
+        );
+    }
+    ok
+}
+
+fn mount_filesystems(dev_mounted: bool) {
+    let quiet = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(c"proc", c"/proc", c"proc", quiet, c"");
+    mount(c"sysfs", c"/sys", c"sysfs", quiet, c"");
+    if !dev_mounted {
+        mount(
+            c"devtmpfs",
+            c"/dev",
+            c"devtmpfs",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            c"mode=0755",
+        );
+    }
+    mount(
+        c"tmpfs",
+        c"/tmp",
+        c"tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        c"mode=1777",
+    );
+}
+
+/// Makes sure fds 0-2 are the console and puts it in raw mode, so the bytes
+/// the command writes reach the host unchanged (no "\n" -> "\r\n", no echo).
+fn setup_console() {
+    // SAFETY: fcntl/open/dup2/close on plain integers and a NUL-terminated path.
+    unsafe {
+        if (0..3).any(|fd| libc::fcntl(fd, libc::F_GETFD) < 0) {
+            // The kernel found no /dev/console in the initramfs; devtmpfs has one.
+            let fd = libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+            if fd < 0 {
+                return;
+            }
+            for target in 0..3 {
+                if libc::fcntl(target, libc::F_GETFD) < 0 {
+                    libc::dup2(fd, target);
+                }
+            }
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+    // SAFETY: termios is plain data, filled by tcgetattr before use.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(0, &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+        }
+    }
+}
+
+/// Waits (bounded) until the serial driver has sent everything queued: the
+/// monitor may end the VM as soon as it sees the exit report.
+fn drain_console() {
+    let start = Instant::now();
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int to a valid pointer.
+        let r = unsafe { libc::ioctl(1, libc::TIOCOUTQ, &mut queued) };
+        if r != 0 || queued == 0 || start.elapsed() > DRAIN_TIMEOUT {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Ends the VM: drains the console, syncs (so written data is safe before the
+/// monitor may stop the VM), reports and reboots.
+fn finish(report: u32) -> ! {
+    drain_console();
+    // SAFETY: sync and reboot take no pointers.
+    unsafe { libc::sync() };
+    write_reg(control::REG_EXIT, report);
+    // SAFETY: as above.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    // Still here: PID 1 exiting panics the kernel, which reboots (panic=-1).
+    warn("reboot failed", &io::Error::last_os_error());
+    std::process::exit(1)
+}
+
+fn warn(what: &str, e: &io::Error) {
+    eprintln!("kiln-init: {what}: {}", describe(e));
+}
+
+/// strerror text, like a shell prints it (io::Error adds "(os error N)").
+fn describe(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        // SAFETY: strerror returns a valid NUL-terminated string; init is
+        // single-threaded, so its static buffer is not shared.
+        Some(n) => unsafe { CStr::from_ptr(libc::strerror(n)) }
+            .to_string_lossy()
+            .into_owned(),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_wait_statuses() {
+        assert_eq!(exit_report(0), 0);
+        assert_eq!(exit_report(3 << 8), 3);
+        assert_eq!(exit_report(255 << 8), 255);
+        assert_eq!(exit_report(libc::SIGKILL), (1 << 8) | 9);
+    }
+
+    #[test]
+    fn command_uses_the_spec_environment_and_a_default_path() {
+        let mut spec = ExecSpec::new(["prog", "a b", "c"]);
+        spec.env.push((b"X".to_vec(), b"1".to_vec()));
+        let cmd = command(&spec);
+        let envs: Vec<_> = cmd
+            .get_envs()
+            .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+            .collect();
+        assert!(envs.contains(&("X".into(), Some("1".into()))));
+        assert!(envs.contains(&("PATH".into(), Some(OsStr::from_bytes(DEFAULT_PATH).into()))));
+        assert_eq!(cmd.get_args().collect::<Vec<_>>(), ["a b", "c"]);
+        spec.env.push((b"PATH".to_vec(), b"/x".to_vec()));
+        let cmd = command(&spec);
+        let paths: Vec<_> = cmd.get_envs().filter(|(k, _)| *k == "PATH").collect();
+        assert_eq!(paths, [(OsStr::new("PATH"), Some(OsStr::new("/x")))]);
+    }
+}

@@ -1,0 +1,34 @@
+//! kiln's guest init, and what it shares with the monitor: the exec spec
+//! format, the paths kiln puts in the initramfs and the exit codes init
+//! reports on its own behalf.
+
+pub mod spec;
+
+/// Where kiln puts its init in the initramfs (`rdinit=` on the command line).
+pub const INIT_PATH: &str = "/kiln/init";
+/// Where init reads its `ExecSpec` from.
+pub const SPEC_PATH: &str = "/kiln/exec";
+
+/// Exit codes init reports itself, as GNU `env` and shells use them.
+/// Init could not set up or read the spec (the command never ran).
+pub const EXIT_INIT_FAILED: u32 = 125;
+/// The command was found but could not be executed (e.g. permission denied).
+pub const EXIT_CANNOT_EXECUTE: u32 = 126;
+/// The command was not found.
+pub const EXIT_NOT_FOUND: u32 = 127;
+
+/// The control page ABI as the guest sees it. Mirrors `kiln_devices::control`
+/// and the monitor's layout (a test in the monitor checks they agree); kept
+/// here so the guest binary does not pull in the device crate.
+pub mod control {
+    /// Guest physical address of the page.
+    pub const PAGE_ADDR: u64 = 0xd000_0000;
+    pub const PAGE_SIZE: usize = 0x1000;
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"kiln");
+    pub const REG_MAGIC: usize = 0x00;
+    pub const REG_BOOT_TIMER: usize = 0x04;
+    pub const REG_EXIT: usize = 0x08;
+    pub const STAGE_USERSPACE: u32 = 1;
+    pub const EXIT_KIND_CODE: u32 = 0;
+    pub const EXIT_KIND_SIGNAL: u32 = 1;
+}

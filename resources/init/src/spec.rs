@@ -1,0 +1,350 @@
+//! The exec spec: what kiln's init runs, handed over as `/kiln/exec`.
+//!
+//! Binary format (all integers little-endian), so any byte string a C string
+//! can hold survives unchanged, whatever its quoting, spaces or encoding:
+//!
+//! ```text
+//! magic "KXSP" | version u8 | record*
+//! record = tag u8 | len u32 | payload[len]
+//! ```
+//!
+//! Tags: 1 argument (repeated, in order), 2 environment entry `NAME=VALUE`
+//! (repeated, in order), 3 working directory, 4 uid (u32), 5 gid (u32),
+//! 6 hostname. New fields get new tags; an incompatible change bumps the
+//! version. Decoding is strict (unknown tags, duplicates and trailing bytes
+//! are errors) because both ends are built from this file.
+
+use std::fmt;
+
+const MAGIC: &[u8; 4] = b"KXSP";
+/// Format version written by `encode` and the only one `decode` accepts.
+pub const VERSION: u8 = 1;
+/// Linux's HOST_NAME_MAX.
+const HOSTNAME_MAX: usize = 64;
+
+const TAG_ARG: u8 = 1;
+const TAG_ENV: u8 = 2;
+const TAG_CWD: u8 = 3;
+const TAG_UID: u8 = 4;
+const TAG_GID: u8 = 5;
+const TAG_HOSTNAME: u8 = 6;
+
+/// A command to run in the guest and the process attributes to run it with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    /// `argv[0]` is the program (searched in `PATH` unless it contains `/`).
+    pub argv: Vec<Vec<u8>>,
+    /// The complete environment, in order; init adds a default `PATH` if absent.
+    pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    pub cwd: Option<Vec<u8>>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    /// Guest hostname; init uses "kiln" if unset.
+    pub hostname: Option<Vec<u8>>,
+}
+
+/// Why a spec cannot be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecError {
+    BadMagic,
+    UnsupportedVersion(u8),
+    /// The input ends inside a record.
+    Truncated,
+    UnknownTag(u8),
+    Duplicate(&'static str),
+    /// A fixed-size field (uid, gid) has the wrong payload length.
+    BadLength(&'static str),
+    EmptyArgv,
+    /// A NUL byte, which no C string (argv, environ, path) can carry.
+    Nul(&'static str),
+    /// An environment name that is empty or contains `=`.
+    BadEnvName(Vec<u8>),
+    /// Empty or longer than 64 bytes.
+    BadHostname,
+    EmptyCwd,
+    /// A field longer than the format's u32 length.
+    TooLong(&'static str),
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadMagic => write!(f, "not an exec spec (bad magic)"),
+            Self::UnsupportedVersion(v) => write!(f, "unsupported exec spec version {v}"),
+            Self::Truncated => write!(f, "exec spec is truncated"),
+            Self::UnknownTag(t) => write!(f, "unknown exec spec field tag {t}"),
+            Self::Duplicate(n) => write!(f, "exec spec field '{n}' given twice"),
+            Self::BadLength(n) => write!(f, "exec spec field '{n}' has a bad length"),
+            Self::EmptyArgv => write!(f, "no command given"),
+            Self::Nul(n) => write!(f, "{n} contains a NUL byte"),
+            Self::BadEnvName(k) => write!(
+                f,
+                "invalid environment variable name '{}'",
+                String::from_utf8_lossy(k)
+            ),
+            Self::BadHostname => write!(f, "hostname must be 1 to {HOSTNAME_MAX} bytes"),
+            Self::EmptyCwd => write!(f, "working directory is empty"),
+            Self::TooLong(n) => write!(f, "{n} is too long"),
+        }
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+impl ExecSpec {
+    /// A spec running `argv` with an empty environment and default attributes.
+    pub fn new<I, A>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<Vec<u8>>,
+    {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks what the guest could not represent: NULs, bad names, empty argv.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.argv.is_empty() {
+            return Err(SpecError::EmptyArgv);
+        }
+        let no_nul = |b: &[u8], what| match b.contains(&0) {
+            true => Err(SpecError::Nul(what)),
+            false => Ok(()),
+        };
+        for a in &self.argv {
+            no_nul(a, "an argument")?;
+        }
+        for (k, v) in &self.env {
+            no_nul(k, "an environment variable name")?;
+            no_nul(v, "an environment variable value")?;
+            if k.is_empty() || k.contains(&b'=') {
+                return Err(SpecError::BadEnvName(k.clone()));
+            }
+        }
+        if let Some(cwd) = &self.cwd {
+            no_nul(cwd, "the working directory")?;
+            if cwd.is_empty() {
+                return Err(SpecError::EmptyCwd);
+            }
+        }
+        if let Some(h) = &self.hostname {
+            no_nul(h, "the hostname")?;
+            if h.is_empty() || h.len() > HOSTNAME_MAX {
+                return Err(SpecError::BadHostname);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serializes the spec, refusing anything `validate` rejects.
+    pub fn encode(&self) -> Result<Vec<u8>, SpecError> {
+        self.validate()?;
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        let mut put = |tag: u8, parts: &[&[u8]], what| -> Result<(), SpecError> {
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            let len = u32::try_from(len).map_err(|_| SpecError::TooLong(what))?;
+            out.push(tag);
+            out.extend_from_slice(&len.to_le_bytes());
+            parts.iter().for_each(|p| out.extend_from_slice(p));
+            Ok(())
+        };
+        for a in &self.argv {
+            put(TAG_ARG, &[a], "an argument")?;
+        }
+        for (k, v) in &self.env {
+            put(TAG_ENV, &[k, b"=", v], "an environment variable")?;
+        }
+        if let Some(cwd) = &self.cwd {
+            put(TAG_CWD, &[cwd], "the working directory")?;
+        }
+        if let Some(uid) = self.uid {
+            put(TAG_UID, &[&uid.to_le_bytes()], "uid")?;
+        }
+        if let Some(gid) = self.gid {
+            put(TAG_GID, &[&gid.to_le_bytes()], "gid")?;
+        }
+        if let Some(h) = &self.hostname {
+            put(TAG_HOSTNAME, &[h], "the hostname")?;
+        }
+        Ok(out)
+    }
+
+    /// Parses and validates an encoded spec; never panics on bad input.
+    pub fn decode(mut buf: &[u8]) -> Result<Self, SpecError> {
+        let rest = buf.strip_prefix(MAGIC).ok_or(SpecError::BadMagic)?;
+        let (&version, rest) = rest.split_first().ok_or(SpecError::Truncated)?;
+        if version != VERSION {
+            return Err(SpecError::UnsupportedVersion(version));
+        }
+        buf = rest;
+        let mut spec = Self::default();
+        while let Some((&tag, rest)) = buf.split_first() {
+            let len = rest.get(..4).ok_or(SpecError::Truncated)?;
+            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+            let body = &rest[4..];
+            let payload = body.get(..len).ok_or(SpecError::Truncated)?;
+            buf = &body[len..];
+            match tag {
+                TAG_ARG => spec.argv.push(payload.to_vec()),
+                TAG_ENV => {
+                    // Names cannot contain '=', so the first one splits.
+                    let eq = payload.iter().position(|&b| b == b'=');
+                    let eq = eq.ok_or_else(|| SpecError::BadEnvName(payload.to_vec()))?;
+                    let (k, v) = (&payload[..eq], &payload[eq + 1..]);
+                    spec.env.push((k.to_vec(), v.to_vec()));
+                }
+                TAG_CWD => set_once(&mut spec.cwd, payload.to_vec(), "cwd")?,
+                TAG_UID => set_once(&mut spec.uid, read_u32(payload, "uid")?, "uid")?,
+                TAG_GID => set_once(&mut spec.gid, read_u32(payload, "gid")?, "gid")?,
+                TAG_HOSTNAME => set_once(&mut spec.hostname, payload.to_vec(), "hostname")?,
+                t => return Err(SpecError::UnknownTag(t)),
+            }
+        }
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+fn set_once<T>(slot: &mut Option<T>, value: T, name: &'static str) -> Result<(), SpecError> {
+    match slot.replace(value) {
+        Some(_) => Err(SpecError::Duplicate(name)),
+        None => Ok(()),
+    }
+}
+
+fn read_u32(payload: &[u8], name: &'static str) -> Result<u32, SpecError> {
+    let bytes: [u8; 4] = payload.try_into().map_err(|_| SpecError::BadLength(name))?;
+    Ok(u32::from_le_bytes(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn awkward() -> ExecSpec {
+        ExecSpec {
+            argv: vec![
+                b"/bin/sh".to_vec(),
+                b"-c".to_vec(),
+                b"echo \"a b\" 'c'\n$HOME \\ `x`".to_vec(),
+                b"".to_vec(),
+                vec![0xff, 0xfe, b' ', 0x80, b'\t', b'\r'],
+                "ünïcødé ✓".into(),
+                vec![b'x'; 100_000],
+            ],
+            env: vec![
+                (b"A".to_vec(), b"x=y=z".to_vec()),
+                (b"EMPTY".to_vec(), Vec::new()),
+                (b"BIN".to_vec(), vec![0xc3, 0x28, b'\n']),
+            ],
+            cwd: Some(b"/tmp/dir with space".to_vec()),
+            uid: Some(1000),
+            gid: Some(u32::MAX),
+            hostname: Some(b"guest-1".to_vec()),
+        }
+    }
+
+    #[test]
+    fn round_trips_awkward_arguments() {
+        let spec = awkward();
+        assert_eq!(ExecSpec::decode(&spec.encode().unwrap()).unwrap(), spec);
+        let minimal = ExecSpec::new(["true"]);
+        assert_eq!(
+            ExecSpec::decode(&minimal.encode().unwrap()).unwrap(),
+            minimal
+        );
+    }
+
+    #[test]
+    fn rejects_unrepresentable_specs_at_encode() {
+        let mut s = ExecSpec::new([&b"a\0b"[..]]);
+        assert_eq!(s.encode(), Err(SpecError::Nul("an argument")));
+        s.argv.clear();
+        assert_eq!(s.encode(), Err(SpecError::EmptyArgv));
+        let mut s = ExecSpec::new(["true"]);
+        s.env.push((b"A=B".to_vec(), b"c".to_vec()));
+        assert!(matches!(s.encode(), Err(SpecError::BadEnvName(_))));
+        s.env = vec![(b"A".to_vec(), b"c\0".to_vec())];
+        assert!(matches!(s.encode(), Err(SpecError::Nul(_))));
+        s.env.clear();
+        s.hostname = Some(vec![b'h'; 65]);
+        assert_eq!(s.encode(), Err(SpecError::BadHostname));
+        s.hostname = None;
+        s.cwd = Some(Vec::new());
+        assert_eq!(s.encode(), Err(SpecError::EmptyCwd));
+    }
+
+    #[test]
+    fn rejects_malformed_input() {
+        let good = awkward().encode().unwrap();
+        // A prefix decodes only if it ends between records (and is then
+        // exactly that shorter spec); otherwise it is an error, not a panic.
+        for n in 0..good.len() {
+            if let Ok(spec) = ExecSpec::decode(&good[..n]) {
+                assert_eq!(spec.encode().unwrap(), &good[..n], "prefix {n}");
+            }
+        }
+        assert_eq!(ExecSpec::decode(&good[..good.len() - 1]), Err(SpecError::Truncated));
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(ExecSpec::decode(&bad), Err(SpecError::BadMagic));
+        bad = good.clone();
+        bad[4] = 2;
+        assert_eq!(
+            ExecSpec::decode(&bad),
+            Err(SpecError::UnsupportedVersion(2))
+        );
+        // Trailing garbage is an unknown or truncated record.
+        bad = good.clone();
+        bad.push(99);
+        assert_eq!(ExecSpec::decode(&bad), Err(SpecError::Truncated));
+        bad.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(ExecSpec::decode(&bad), Err(SpecError::UnknownTag(99)));
+        // A huge length must not allocate or panic.
+        let mut huge = b"KXSP\x01\x01".to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(ExecSpec::decode(&huge), Err(SpecError::Truncated));
+        // Duplicates, bad sizes, NULs and '='-less env entries.
+        let rec = |tag: u8, p: &[u8]| {
+            let mut r = vec![tag];
+            r.extend_from_slice(&(p.len() as u32).to_le_bytes());
+            r.extend_from_slice(p);
+            r
+        };
+        let with = |recs: &[Vec<u8>]| {
+            let mut b = b"KXSP\x01".to_vec();
+            b.extend(rec(TAG_ARG, b"true"));
+            recs.iter().for_each(|r| b.extend_from_slice(r));
+            ExecSpec::decode(&b)
+        };
+        assert!(with(&[]).is_ok());
+        let uid = rec(TAG_UID, &[1, 0, 0, 0]);
+        assert_eq!(with(&[uid.clone(), uid]), Err(SpecError::Duplicate("uid")));
+        assert_eq!(
+            with(&[rec(TAG_GID, &[1, 0])]),
+            Err(SpecError::BadLength("gid"))
+        );
+        assert!(matches!(
+            with(&[rec(TAG_ARG, b"a\0")]),
+            Err(SpecError::Nul(_))
+        ));
+        assert!(matches!(
+            with(&[rec(TAG_ENV, b"NOEQ")]),
+            Err(SpecError::BadEnvName(_))
+        ));
+        assert!(matches!(
+            with(&[rec(TAG_ENV, b"=v")]),
+            Err(SpecError::BadEnvName(_))
+        ));
+        assert_eq!(with(&[rec(TAG_HOSTNAME, b"")]), Err(SpecError::BadHostname));
+        assert_eq!(
+            ExecSpec::decode(b"KXSP\x01"),
+            Err(SpecError::EmptyArgv),
+            "argv is required"
+        );
+    }
+}

@@ -1,0 +1,683 @@
+//! Initramfs images: a newc ("070701") cpio writer and the archives kiln
+//! boots with (its init, the exec spec and the device nodes init needs).
+//!
+//! Archives are uncompressed: on hosts where the guest kernel is emulated,
+//! decompressing costs far more than copying.
+
+use kiln_init::spec::{ExecSpec, SpecError};
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// kiln's guest init, a static binary built by build.rs.
+static INIT_BINARY: &[u8] = include_bytes!(env!("KILN_INIT_PATH"));
+
+const S_IFDIR: u32 = libc::S_IFDIR;
+const S_IFREG: u32 = libc::S_IFREG;
+const S_IFLNK: u32 = libc::S_IFLNK;
+const S_IFCHR: u32 = libc::S_IFCHR;
+const S_IFBLK: u32 = libc::S_IFBLK;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitramfsError {
+    #[error("invalid exec spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{}: too large for a cpio archive (4 GiB per file)", .0.display())]
+    TooLarge(PathBuf),
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> InitramfsError + '_ {
+    move |source| InitramfsError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// An in-memory newc cpio archive. Names are relative ("dev/console"; a
+/// leading '/' is dropped); missing parent directories are added (0755)
+/// before their children. Everything is owned by root.
+#[derive(Debug)]
+pub struct CpioBuilder {
+    out: Vec<u8>,
+    next_ino: u32,
+    /// Names written so far, and whether each is a directory.
+    names: HashMap<Vec<u8>, bool>,
+    /// Host (dev, ino) of hard-linked files already written -> cpio inode.
+    links: HashMap<(u64, u64), u32>,
+}
+
+impl Default for CpioBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpioBuilder {
+    pub fn new() -> Self {
+        Self {
+            out: Vec::new(),
+            next_ino: 1,
+            names: HashMap::new(),
+            links: HashMap::new(),
+        }
+    }
+
+    /// Whether `name` is already in the archive.
+    pub fn contains(&self, name: impl AsRef<[u8]>) -> bool {
+        self.names.contains_key(normalize(name.as_ref()))
+    }
+
+    /// Adds a directory; a no-op if it already exists.
+    pub fn dir(&mut self, name: impl AsRef<[u8]>, mode: u32) {
+        self.dir_at(name.as_ref(), mode, 0);
+    }
+
+    /// Adds a regular file (a later file of the same name replaces it when
+    /// the kernel unpacks the archive).
+    pub fn file(&mut self, name: impl AsRef<[u8]>, mode: u32, data: &[u8]) {
+        let ino = self.ino();
+        self.entry(
+            name.as_ref(),
+            ino,
+            S_IFREG | (mode & 0o7777),
+            0,
+            1,
+            (0, 0),
+            data,
+        );
+    }
+
+    pub fn symlink(&mut self, name: impl AsRef<[u8]>, target: impl AsRef<[u8]>) {
+        let ino = self.ino();
+        self.entry(
+            name.as_ref(),
+            ino,
+            S_IFLNK | 0o777,
+            0,
+            1,
+            (0, 0),
+            target.as_ref(),
+        );
+    }
+
+    pub fn char_dev(&mut self, name: impl AsRef<[u8]>, mode: u32, major: u32, minor: u32) {
+        let ino = self.ino();
+        self.entry(
+            name.as_ref(),
+            ino,
+            S_IFCHR | (mode & 0o7777),
+            0,
+            1,
+            (major, minor),
+            &[],
+        );
+    }
+
+    /// Copies a host directory tree into the archive root: directories,
+    /// regular files (hard links kept), symlinks and device nodes, with their
+    /// permission bits and mtimes. Sockets and fifos are skipped. Names the
+    /// archive already has win: host entries colliding with them are skipped
+    /// (a host directory still contributes its children if the existing
+    /// entry is a directory too).
+    pub fn tree(&mut self, host_dir: &Path) -> Result<(), InitramfsError> {
+        self.walk(host_dir, &[])
+    }
+
+    /// Appends the trailer and returns the archive (its length is a multiple of 4).
+    pub fn finish(mut self) -> Vec<u8> {
+        self.header(b"TRAILER!!!", 0, 0, 1, 0, 0, (0, 0));
+        self.out
+    }
+
+    fn walk(&mut self, dir: &Path, prefix: &[u8]) -> Result<(), InitramfsError> {
+        let mut entries = fs::read_dir(dir)
+            .and_then(|d| d.collect::<io::Result<Vec<_>>>())
+            .map_err(io_error(dir))?;
+        // Sorted, so the same tree always gives the same archive.
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let mut name = prefix.to_vec();
+            if !name.is_empty() {
+                name.push(b'/');
+            }
+            name.extend_from_slice(entry.file_name().as_bytes());
+            let meta = fs::symlink_metadata(&path).map_err(io_error(&path))?;
+            let (kind, perm) = (meta.file_type(), meta.mode() & 0o7777);
+            let mtime = u32::try_from(meta.mtime()).unwrap_or(0);
+            match self.names.get(&name) {
+                Some(true) if kind.is_dir() => {
+                    self.walk(&path, &name)?;
+                    continue;
+                }
+                Some(_) => {
+                    log::debug!(
+                        "initramfs: {} is shadowed by kiln's /{}",
+                        path.display(),
+                        name.escape_ascii()
+                    );
+                    continue;
+                }
+                None => {}
+            }
+            if kind.is_dir() {
+                self.dir_at(&name, perm, mtime);
+                self.walk(&path, &name)?;
+            } else if kind.is_file() {
+                let size = u32::try_from(meta.len())
+                    .map_err(|_| InitramfsError::TooLarge(path.clone()))?;
+                let key = (meta.dev(), meta.ino());
+                let nlink = if meta.nlink() > 1 {
+                    meta.nlink() as u32
+                } else {
+                    1
+                };
+                // Later names of a hard-linked file carry no data: the kernel
+                // links them to the first one (same inode number, nlink > 1).
+                if let Some(&ino) = self.links.get(&key).filter(|_| nlink > 1) {
+                    self.entry(&name, ino, S_IFREG | perm, mtime, nlink, (0, 0), &[]);
+                    continue;
+                }
+                let data = fs::read(&path).map_err(io_error(&path))?;
+                if data.len() != size as usize {
+                    let e = io::Error::other("file changed size while being read");
+                    return Err(io_error(&path)(e));
+                }
+                let ino = self.ino();
+                if nlink > 1 {
+                    self.links.insert(key, ino);
+                }
+                self.entry(&name, ino, S_IFREG | perm, mtime, nlink, (0, 0), &data);
+            } else if kind.is_symlink() {
+                let target = fs::read_link(&path).map_err(io_error(&path))?;
+                let ino = self.ino();
+                self.entry(
+                    &name,
+                    ino,
+                    S_IFLNK | 0o777,
+                    mtime,
+                    1,
+                    (0, 0),
+                    target.as_os_str().as_bytes(),
+                );
+            } else if kind.is_char_device() || kind.is_block_device() {
+                let fmt = if kind.is_char_device() {
+                    S_IFCHR
+                } else {
+                    S_IFBLK
+                };
+                let rdev = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+                let ino = self.ino();
+                self.entry(&name, ino, fmt | perm, mtime, 1, rdev, &[]);
+            } else {
+                log::debug!("initramfs: skipping {} (socket or fifo)", path.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn ino(&mut self) -> u32 {
+        self.next_ino += 1;
+        self.next_ino - 1
+    }
+
+    fn dir_at(&mut self, name: &[u8], mode: u32, mtime: u32) {
+        if !self.contains(name) {
+            let ino = self.ino();
+            self.entry(name, ino, S_IFDIR | (mode & 0o7777), mtime, 2, (0, 0), &[]);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entry(
+        &mut self,
+        name: &[u8],
+        ino: u32,
+        mode: u32,
+        mtime: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        data: &[u8],
+    ) {
+        let name = normalize(name);
+        if name.is_empty() {
+            return; // the root always exists
+        }
+        // Parents first: the kernel does not create missing directories.
+        for (i, _) in name.iter().enumerate().filter(|&(_, &b)| b == b'/') {
+            self.dir_at(&name[..i], 0o755, 0);
+        }
+        self.names
+            .insert(name.to_vec(), mode & libc::S_IFMT == S_IFDIR);
+        // Callers check sizes of host files; kiln's own entries are small.
+        let size = u32::try_from(data.len()).expect("cpio entry over 4 GiB");
+        self.header(name, ino, mode, nlink, mtime, size, rdev);
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    /// Writes a newc header and the name; the data follows 4-byte aligned.
+    #[allow(clippy::too_many_arguments)]
+    fn header(
+        &mut self,
+        name: &[u8],
+        ino: u32,
+        mode: u32,
+        nlink: u32,
+        mtime: u32,
+        size: u32,
+        rdev: (u32, u32),
+    ) {
+        let namesize = name.len() as u32 + 1;
+        // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
+        let fields = [
+            ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev.0, rdev.1, namesize, 0,
+        ];
+        self.out.extend_from_slice(b"070701");
+        for field in fields {
+            self.out
+                .extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name);
+        self.out.push(0);
+        self.pad();
+    }
+
+    /// The header (110 bytes) plus name, and the data, each end on a 4-byte
+    /// boundary counted from the start of the archive.
+    fn pad(&mut self) {
+        self.out.resize(self.out.len().next_multiple_of(4), 0);
+    }
+}
+
+fn normalize(name: &[u8]) -> &[u8] {
+    let start = name.iter().position(|&b| b != b'/').unwrap_or(name.len());
+    let end = name
+        .iter()
+        .rposition(|&b| b != b'/')
+        .map_or(start, |i| i + 1);
+    &name[start..end]
+}
+
+/// The guest init embedded in kiln (a static x86-64 ELF binary).
+pub fn init_binary() -> &'static [u8] {
+    INIT_BINARY
+}
+
+/// kiln's own entries: mount points, the device nodes init needs before
+/// devtmpfs (the kernel opens /dev/console for init), init and its spec.
+fn add_kiln_entries(cpio: &mut CpioBuilder, spec: &ExecSpec) -> Result<(), InitramfsError> {
+    let spec = spec.encode()?;
+    cpio.dir("dev", 0o755);
+    cpio.char_dev("dev/console", 0o600, 5, 1);
+    // Lets init map the control page (boot timer) before mounting anything.
+    cpio.char_dev("dev/mem", 0o600, 1, 1);
+    cpio.dir("proc", 0o555);
+    cpio.dir("sys", 0o555);
+    cpio.dir("tmp", 0o1777);
+    cpio.dir("kiln", 0o755);
+    cpio.file(kiln_init::INIT_PATH, 0o755, INIT_BINARY);
+    // Root-only: the environment may carry secrets.
+    cpio.file(kiln_init::SPEC_PATH, 0o400, &spec);
+    Ok(())
+}
+
+/// The complete initramfs: kiln's entries plus, if given, a host directory
+/// copied to the guest's `/` (kiln's entries win on name collisions).
+/// Boot it with `rdinit=/kiln/init` (`kiln_init::INIT_PATH`).
+pub fn kiln_initramfs(spec: &ExecSpec, rootfs: Option<&Path>) -> Result<Vec<u8>, InitramfsError> {
+    let mut cpio = CpioBuilder::new();
+    add_kiln_entries(&mut cpio, spec)?;
+    if let Some(rootfs) = rootfs {
+        cpio.tree(rootfs)?;
+    }
+    Ok(cpio.finish())
+}
+
+/// Just kiln's entries, as a cpio archive to append to a user's initrd (the
+/// kernel unpacks concatenated archives, later regular files replacing
+/// earlier ones). It must start at a 4-byte aligned offset: see
+/// [`append_overlay`].
+pub fn kiln_overlay(spec: &ExecSpec) -> Result<Vec<u8>, InitramfsError> {
+    let mut cpio = CpioBuilder::new();
+    add_kiln_entries(&mut cpio, spec)?;
+    Ok(cpio.finish())
+}
+
+/// Appends kiln's overlay to a user's initrd (compressed or not), first
+/// zero-padding it to the 4-byte alignment the kernel requires of an archive
+/// start.
+pub fn append_overlay(initrd: &mut Vec<u8>, spec: &ExecSpec) -> Result<(), InitramfsError> {
+    let overlay = kiln_overlay(spec)?;
+    initrd.resize(initrd.len().next_multiple_of(4), 0);
+    initrd.extend_from_slice(&overlay);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    use std::process::{Command, Stdio};
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Entry {
+        name: String,
+        ino: u32,
+        mode: u32,
+        nlink: u32,
+        mtime: u32,
+        rdev: (u32, u32),
+        data: Vec<u8>,
+    }
+
+    /// A strict newc reader: checks magic, alignment, zero padding, NUL
+    /// terminators and that the trailer ends the archive.
+    fn parse(buf: &[u8]) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        let mut pos = 0;
+        let pad = |p: usize| p.next_multiple_of(4);
+        loop {
+            assert_eq!(pos % 4, 0, "header at unaligned offset {pos}");
+            let h = &buf[pos..pos + 110];
+            assert_eq!(&h[..6], b"070701", "bad magic at {pos}");
+            let f = |i: usize| {
+                let s = std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap();
+                u32::from_str_radix(s, 16).unwrap()
+            };
+            let (size, namesize) = (f(6) as usize, f(11) as usize);
+            assert_eq!((f(2), f(3), f(12)), (0, 0, 0), "uid, gid, check");
+            let name = &buf[pos + 110..pos + 110 + namesize];
+            assert_eq!(name.last(), Some(&0), "name not NUL-terminated");
+            let name = String::from_utf8(name[..namesize - 1].to_vec()).unwrap();
+            let data_start = pad(pos + 110 + namesize);
+            assert!(buf[pos + 110 + namesize..data_start]
+                .iter()
+                .all(|&b| b == 0));
+            let data = buf[data_start..data_start + size].to_vec();
+            let next = pad(data_start + size);
+            assert!(buf[data_start + size..next].iter().all(|&b| b == 0));
+            pos = next;
+            if name == "TRAILER!!!" {
+                assert_eq!(pos, buf.len(), "bytes after the trailer");
+                return entries;
+            }
+            let e = Entry {
+                name,
+                ino: f(0),
+                mode: f(1),
+                nlink: f(4),
+                mtime: f(5),
+                rdev: (f(9), f(10)),
+                data,
+            };
+            entries.push(e);
+        }
+    }
+
+    fn find<'a>(entries: &'a [Entry], name: &str) -> &'a Entry {
+        entries
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    }
+
+    /// A scratch directory removed on drop.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("kiln-initramfs-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A host tree with the awkward cases: nesting, modes, links, a fifo
+    /// and names that collide with kiln's.
+    fn sample_tree(tag: &str) -> TempDir {
+        let t = TempDir::new(tag);
+        let p = |s: &str| t.0.join(s);
+        fs::create_dir_all(p("usr/bin")).unwrap();
+        fs::create_dir_all(p("tmp/sub")).unwrap();
+        fs::create_dir(p("kiln")).unwrap();
+        fs::write(p("usr/bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
+        fs::set_permissions(p("usr/bin/tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::write(p("tmp/sub/a b"), b"x").unwrap();
+        fs::write(p("empty"), b"").unwrap();
+        fs::hard_link(p("usr/bin/tool"), p("usr/bin/tool2")).unwrap();
+        symlink("usr/bin", p("bin")).unwrap();
+        symlink("/nowhere", p("dev")).unwrap(); // kiln's /dev must win
+        fs::write(p("kiln/init"), b"not kiln's init").unwrap();
+        fs::write(p("kiln/extra"), b"kept").unwrap();
+        let fifo = std::ffi::CString::new(p("fifo").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        t
+    }
+
+    #[test]
+    fn writes_aligned_entries_with_parents_first() {
+        let mut cpio = CpioBuilder::new();
+        // Every name and data length mod 4, to exercise each padding case.
+        for n in 1..=8 {
+            cpio.file(format!("d/{}", "n".repeat(n)), 0o644, &vec![b'x'; n - 1]);
+        }
+        cpio.symlink("/a/b/link", "../target");
+        cpio.char_dev("dev/null", 0o666, 1, 3);
+        cpio.dir("/a/", 0o700); // already created as a parent: ignored
+        let archive = cpio.finish();
+        assert_eq!(archive.len() % 4, 0);
+        let entries = parse(&archive);
+        let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(&names[..2], ["d", "d/n"]);
+        assert_eq!(&names[9..], ["a", "a/b", "a/b/link", "dev", "dev/null"]);
+        let mut inos: Vec<_> = entries.iter().map(|e| e.ino).collect();
+        inos.dedup();
+        assert_eq!(inos.len(), entries.len(), "inode numbers must be unique");
+        assert_eq!(find(&entries, "d/nnnnn").data, b"xxxx");
+        assert_eq!(find(&entries, "a").mode, 0o40755);
+        let link = find(&entries, "a/b/link");
+        assert_eq!(
+            (link.mode, link.data.as_slice()),
+            (0o120777, &b"../target"[..])
+        );
+        let null = find(&entries, "dev/null");
+        assert_eq!(
+            (null.mode, null.rdev, null.data.len()),
+            (0o20666, (1, 3), 0)
+        );
+    }
+
+    #[test]
+    fn kiln_initramfs_has_init_spec_and_devices() {
+        let mut spec = ExecSpec::new(["sh", "-c", "echo 'hi there'\n"]);
+        spec.env.push((b"K".to_vec(), vec![0xff]));
+        let entries = parse(&kiln_initramfs(&spec, None).unwrap());
+        let summary: Vec<_> = entries.iter().map(|e| (e.name.as_str(), e.mode)).collect();
+        assert_eq!(
+            summary,
+            [
+                ("dev", 0o40755),
+                ("dev/console", 0o20600),
+                ("dev/mem", 0o20600),
+                ("proc", 0o40555),
+                ("sys", 0o40555),
+                ("tmp", 0o41777),
+                ("kiln", 0o40755),
+                ("kiln/init", 0o100755),
+                ("kiln/exec", 0o100400),
+            ]
+        );
+        assert_eq!(find(&entries, "dev/console").rdev, (5, 1));
+        assert_eq!(find(&entries, "kiln/init").data, init_binary());
+        assert_eq!(
+            ExecSpec::decode(&find(&entries, "kiln/exec").data).unwrap(),
+            spec
+        );
+        // A static ELF executable, not a placeholder.
+        let init = init_binary();
+        assert_eq!(&init[..4], b"\x7fELF");
+        assert_eq!(
+            u16::from_le_bytes([init[16], init[17]]),
+            2,
+            "ET_EXEC: static, non-PIE"
+        );
+
+        let bad = ExecSpec::new([&b"a\0b"[..]]);
+        assert!(matches!(
+            kiln_initramfs(&bad, None),
+            Err(InitramfsError::Spec(_))
+        ));
+        assert!(matches!(kiln_overlay(&bad), Err(InitramfsError::Spec(_))));
+    }
+
+    #[test]
+    fn copies_a_rootfs_under_kiln_entries() {
+        let tree = sample_tree("rootfs");
+        let spec = ExecSpec::new(["true"]);
+        let entries = parse(&kiln_initramfs(&spec, Some(&tree.0)).unwrap());
+        let count = |n: &str| entries.iter().filter(|e| e.name == n).count();
+        for name in ["dev", "kiln/init", "tmp", "kiln"] {
+            assert_eq!(count(name), 1, "{name} must appear once");
+        }
+        assert_eq!(
+            find(&entries, "dev").mode,
+            0o40755,
+            "kiln's /dev beats the host symlink"
+        );
+        assert_eq!(find(&entries, "kiln/init").data, init_binary());
+        assert_eq!(find(&entries, "kiln/extra").data, b"kept");
+        assert_eq!(find(&entries, "tmp/sub/a b").data, b"x");
+        assert_eq!(find(&entries, "empty").data, b"");
+        assert_eq!(find(&entries, "bin").data, b"usr/bin");
+        assert!(!entries.iter().any(|e| e.name == "fifo"));
+        let tool = find(&entries, "usr/bin/tool");
+        assert_eq!((tool.mode, tool.nlink), (0o104755, 2));
+        assert!(tool.mtime > 0);
+        let tool2 = find(&entries, "usr/bin/tool2");
+        assert_eq!(
+            (tool2.ino, tool2.data.len()),
+            (tool.ino, 0),
+            "hard link shares the inode"
+        );
+        // Parents come before children.
+        let pos = |n: &str| entries.iter().position(|e| e.name == n).unwrap();
+        assert!(pos("usr") < pos("usr/bin") && pos("usr/bin") < pos("usr/bin/tool"));
+    }
+
+    #[test]
+    fn io_errors_name_the_path() {
+        let missing = Path::new("/nonexistent/kiln-rootfs");
+        let err = kiln_initramfs(&ExecSpec::new(["true"]), Some(missing)).unwrap_err();
+        assert!(
+            err.to_string().starts_with("/nonexistent/kiln-rootfs: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn overlay_appends_at_an_aligned_offset() {
+        let spec = ExecSpec::new(["true"]);
+        let mut initrd = b"123456".to_vec();
+        append_overlay(&mut initrd, &spec).unwrap();
+        assert_eq!(&initrd[..8], b"123456\0\0");
+        assert_eq!(initrd[8..], kiln_overlay(&spec).unwrap());
+        assert_eq!(parse(&initrd[8..]).len(), 9);
+    }
+
+    #[test]
+    fn control_page_abi_matches_the_monitor() {
+        use kiln_devices::control as dev;
+        use kiln_init::control as guest;
+        assert_eq!(guest::PAGE_ADDR, crate::layout::CONTROL_PAGE_START);
+        assert_eq!(guest::PAGE_SIZE as u64, dev::CONTROL_PAGE_SIZE);
+        assert_eq!(guest::MAGIC, dev::MAGIC);
+        assert_eq!(guest::REG_MAGIC as u64, dev::REG_MAGIC);
+        assert_eq!(guest::REG_BOOT_TIMER as u64, dev::REG_BOOT_TIMER);
+        assert_eq!(guest::REG_EXIT as u64, dev::REG_EXIT);
+        assert_eq!(guest::STAGE_USERSPACE, dev::STAGE_USERSPACE);
+        assert_eq!(guest::EXIT_KIND_CODE, dev::EXIT_KIND_CODE);
+        assert_eq!(guest::EXIT_KIND_SIGNAL, dev::EXIT_KIND_SIGNAL);
+    }
+
+    fn cpio_tool() -> bool {
+        let found = Command::new("cpio")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            eprintln!("skipping: the cpio tool is not installed");
+        }
+        found
+    }
+
+    fn run_cpio(args: &[&str], dir: &Path, input: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = Command::new("cpio")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "cpio {args:?} failed: {stderr}");
+        assert!(!stderr.contains("cpio: "), "cpio complained: {stderr}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    #[test]
+    fn host_cpio_lists_and_extracts_the_archive() {
+        if !cpio_tool() {
+            return;
+        }
+        let tree = sample_tree("cpio-src");
+        let archive = kiln_initramfs(&ExecSpec::new(["true"]), Some(&tree.0)).unwrap();
+        let out = TempDir::new("cpio-out");
+        let listed: Vec<String> = run_cpio(&["-t", "--quiet"], &out.0, &archive)
+            .lines()
+            .map(String::from)
+            .collect();
+        let ours: Vec<String> = parse(&archive).into_iter().map(|e| e.name).collect();
+        assert_eq!(listed, ours);
+
+        // Extract a tree without device nodes (mknod may need privileges).
+        let mut cpio = CpioBuilder::new();
+        cpio.tree(&tree.0.join("usr")).unwrap();
+        cpio.tree(&tree.0.join("tmp")).unwrap();
+        cpio.symlink("lnk", "bin/tool");
+        let archive = cpio.finish();
+        run_cpio(
+            &["-idm", "--quiet", "--no-absolute-filenames"],
+            &out.0,
+            &archive,
+        );
+        let o = |s: &str| out.0.join(s);
+        assert_eq!(fs::read(o("bin/tool")).unwrap(), b"#!/bin/sh\necho tool\n");
+        assert_eq!(fs::read(o("bin/tool2")).unwrap(), b"#!/bin/sh\necho tool\n");
+        let (m1, m2) = (
+            fs::metadata(o("bin/tool")).unwrap(),
+            fs::metadata(o("bin/tool2")).unwrap(),
+        );
+        assert_eq!(m1.ino(), m2.ino(), "hard link restored");
+        assert_eq!(m1.mode() & 0o7777, 0o4755);
+        assert_eq!(fs::read(o("sub/a b")).unwrap(), b"x");
+        assert_eq!(fs::read_link(o("lnk")).unwrap(), Path::new("bin/tool"));
+    }
+}
