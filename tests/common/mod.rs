@@ -1,0 +1,262 @@
+//! Helpers shared by kiln's integration tests: building the tiny test guests,
+//! skipping (or, in CI, failing) when a prerequisite is missing, and running a
+//! VM through the library with captured console output.
+
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use kiln::{ConsoleIo, RunReport, VmConfig};
+
+/// Guest memory for the tiny guests (they use a few pages).
+pub const GUEST_MEM: u64 = 32 << 20;
+/// Upper bound for any tiny-guest run, so a broken monitor cannot hang a test.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the tiny guests' sources live.
+pub fn test_guest_source(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("resources/test-guests")
+        .join(format!("{name}.S"))
+}
+
+/// Assembles and links `resources/test-guests/NAME.S` with the host's gcc
+/// into a static ELF entered at 0x200000, cached under the target directory
+/// and rebuilt when the source is newer than the cached binary.
+pub fn test_guest(name: &str) -> PathBuf {
+    // One build at a time within a test binary; the rename below keeps a
+    // concurrent reader (another test binary) from seeing a half-written file.
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _serial = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+
+    let src = test_guest_source(name);
+    let src_time =
+        modified(&src).unwrap_or_else(|e| panic!("test guest source {}: {e}", src.display()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let out = dir.join(format!("{name}.elf"));
+    if modified(&out).is_ok_and(|t| t >= src_time) {
+        return out;
+    }
+
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = Command::new("gcc")
+        .args([
+            "-nostdlib",
+            "-static",
+            "-no-pie",
+            "-Wl,-Ttext=0x200000",
+            "-Wl,--build-id=none",
+            "-Wa,--noexecstack",
+            "-o",
+        ])
+        .arg(&tmp)
+        .arg(&src)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run gcc to build test guest {name}: {e}"));
+    assert!(
+        result.status.success(),
+        "building test guest {name} failed ({}):\n{}",
+        result.status,
+        String::from_utf8_lossy(&result.stderr)
+    );
+    fs::rename(&tmp, &out).unwrap_or_else(|e| panic!("moving {} into place: {e}", tmp.display()));
+    out
+}
+
+fn modified(path: &Path) -> io::Result<SystemTime> {
+    fs::metadata(path)?.modified()
+}
+
+/// Whether a test may go on: true when `cond` holds. Otherwise prints
+/// `SKIP: <test>: <what>` and returns false, or panics when the environment
+/// has `KILN_NO_SKIP=1` (CI sets it, so a green run means the tests ran).
+#[track_caller]
+pub fn require(cond: bool, what: &str) -> bool {
+    if cond {
+        return true;
+    }
+    // libtest names each test's thread after the test; a single-threaded run
+    // uses the main thread, so fall back to the caller's location.
+    let thread = std::thread::current();
+    let test = match thread.name() {
+        Some(name) if name != "main" => name.to_string(),
+        _ => std::panic::Location::caller().to_string(),
+    };
+    if std::env::var_os("KILN_NO_SKIP").is_some_and(|v| v == "1") {
+        panic!("{test}: prerequisite missing: {what} (KILN_NO_SKIP=1 forbids skipping)");
+    }
+    // Straight to stderr, not eprintln!: libtest would capture (and hide)
+    // the line for a test that passes.
+    let _ = io::stderr().write_all(format!("SKIP: {test}: {what}\n").as_bytes());
+    false
+}
+
+/// True when this process can open /dev/kvm for reading and writing.
+pub fn have_kvm() -> bool {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when `program` is found on PATH as an executable file.
+pub fn have_program(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            fs::metadata(dir.join(program)).is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        })
+    })
+}
+
+/// A config for a tiny test guest: 32 MiB, 1 vCPU, 5 s timeout.
+pub fn guest_config(name: &str) -> VmConfig {
+    let mut config = VmConfig::new(test_guest(name));
+    config.mem_bytes = GUEST_MEM;
+    config.timeout = Some(GUEST_TIMEOUT);
+    config
+}
+
+/// Console output captured in memory; tests can wait for text to appear.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<(Mutex<CaptureState>, Condvar)>);
+
+#[derive(Default)]
+struct CaptureState {
+    bytes: Vec<u8>,
+    /// The run is over: nothing more will be written.
+    closed: bool,
+}
+
+impl Capture {
+    fn state(&self) -> std::sync::MutexGuard<'_, CaptureState> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        self.state().bytes.clone()
+    }
+
+    /// Marks the output complete and wakes every waiter.
+    pub fn close(&self) {
+        self.state().closed = true;
+        self.0 .1.notify_all();
+    }
+
+    /// Waits until the output contains `needle`; false on timeout or when
+    /// the output is closed without it.
+    pub fn wait_for(&self, needle: &[u8], timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        loop {
+            if state.bytes.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            let now = Instant::now();
+            if state.closed || now >= deadline {
+                return false;
+            }
+            state = self
+                .0
+                 .1
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.state().bytes.extend_from_slice(buf);
+        self.0 .1.notify_all();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+pub fn pipe() -> (File, File) {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is an array of two ints for pipe2 to fill.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by no
+    // one else; each File takes sole ownership of one.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+/// Runs `config` through the library. With `input`, the guest's serial
+/// console reads those bytes (from a pipe that then reaches end-of-file).
+/// Returns the report and everything the guest wrote to its console; panics
+/// if kiln itself fails.
+pub fn run_guest(config: &VmConfig, input: Option<&[u8]>) -> (RunReport, Vec<u8>) {
+    let capture = Capture::default();
+    let input = input.map(|bytes| {
+        let (reader, mut writer) = pipe();
+        // The tests' inputs are tiny: they fit in the pipe buffer at once.
+        writer.write_all(bytes).expect("writing guest input");
+        reader
+    });
+    let io = ConsoleIo {
+        output: Box::new(capture.clone()),
+        input,
+    };
+    let report = kiln::run(config, io, Instant::now())
+        .unwrap_or_else(|e| panic!("kiln::run({}) failed: {e}", config.kernel.display()));
+    (report, capture.bytes())
+}
+
+/// Like `run_guest`, but `input` is written only after the guest has printed
+/// `wait_for`, so the guest is already waiting when the bytes arrive.
+pub fn run_guest_after(config: &VmConfig, wait_for: &[u8], input: &[u8]) -> (RunReport, Vec<u8>) {
+    let capture = Capture::default();
+    let (reader, mut writer) = pipe();
+    let io = ConsoleIo {
+        output: Box::new(capture.clone()),
+        input: Some(reader),
+    };
+    std::thread::scope(|s| {
+        let feeder = capture.clone();
+        s.spawn(move || {
+            if feeder.wait_for(wait_for, GUEST_TIMEOUT) {
+                writer.write_all(input).expect("writing guest input");
+            }
+            // Dropping the writer ends the input.
+        });
+        let result = kiln::run(config, io, Instant::now());
+        // Releases the feeder if the guest never printed `wait_for`.
+        capture.close();
+        let report =
+            result.unwrap_or_else(|e| panic!("kiln::run({}) failed: {e}", config.kernel.display()));
+        (report, capture.bytes())
+    })
+}
+
+/// The `kiln` binary with a quiet, predictable environment and no stdin.
+pub fn kiln_cli() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    cmd.env_remove("KILN_LOG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}

@@ -1,0 +1,467 @@
+//! End-to-end tests of the monitor with tiny hand-written guests
+//! (`resources/test-guests/*.S`): each boots in milliseconds and exercises one
+//! path: port I/O, MMIO, interrupts, reset, timeout, triple fault, PVH entry,
+//! panic detection, control-page misuse, CLI error handling, exit cost.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use common::{guest_config, have_kvm, require, run_guest, run_guest_after, test_guest};
+use kiln::outcome::{STATUS_KILN_ERROR, STATUS_NO_REPORT, STATUS_TIMEOUT};
+use kiln::VmOutcome;
+
+macro_rules! require_kvm {
+    () => {
+        if !require(have_kvm(), "/dev/kvm not accessible") {
+            return;
+        }
+    };
+}
+
+/// Runs `kiln run ARGS` and returns its output.
+fn kiln(args: &[&str]) -> Output {
+    common::kiln_cli()
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("running the kiln binary")
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// kiln's contract for every ending it reports itself: exactly one line on
+/// stderr, containing `needle`, and nothing that looks like a Rust panic.
+fn assert_one_line(out: &Output, needle: &str) {
+    let err = stderr_of(out);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one stderr line, got {lines:?}");
+    assert!(
+        lines[0].contains(needle),
+        "stderr {:?} does not mention {needle:?}",
+        lines[0]
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "panic text on stderr: {err:?}"
+    );
+}
+
+/// A scratch directory for one test, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(base: &Path, name: &str) -> Self {
+        let dir = base.join(format!("kiln-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating a scratch directory");
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+// 1. Port I/O output and the MMIO exit report.
+#[test]
+fn serial_output_is_byte_exact_and_exit_status_arrives_over_mmio() {
+    require_kvm!();
+    const MSG: &[u8] = b"hello from a tiny kiln guest\n";
+    let (report, out) = run_guest(&guest_config("hello"), None);
+    assert_eq!(
+        out,
+        MSG,
+        "console output: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_eq!(report.outcome, VmOutcome::Exited(42));
+    // The guest makes exactly one `outb` per byte and one MMIO write.
+    assert!(report.exits.pio >= MSG.len() as u64, "{:?}", report.exits);
+    assert!(report.exits.mmio >= 1, "{:?}", report.exits);
+    assert_eq!(report.exits.unclaimed, 0, "{:?}", report.exits);
+    assert!(report.startup.is_some(), "the vCPU never ran");
+}
+
+#[test]
+fn cli_passes_guest_output_and_status_through() {
+    require_kvm!();
+    let guest = test_guest("hello");
+    let out = kiln(&[
+        "--kernel",
+        path_str(&guest),
+        "--mem",
+        "32M",
+        "--timeout",
+        "5s",
+    ]);
+    assert_eq!(out.status.code(), Some(42), "stderr: {}", stderr_of(&out));
+    assert_eq!(out.stdout, b"hello from a tiny kiln guest\n");
+    assert!(out.stderr.is_empty(), "stderr: {}", stderr_of(&out));
+}
+
+#[test]
+fn idle_secondary_vcpus_do_not_hold_up_the_exit() {
+    require_kvm!();
+    // vCPU 1 never gets a startup IPI: it waits inside KVM_RUN until kiln
+    // stops it.
+    let mut config = guest_config("hello");
+    config.vcpus = 2;
+    let t0 = Instant::now();
+    let (report, out) = run_guest(&config, None);
+    assert_eq!(report.outcome, VmOutcome::Exited(42));
+    assert_eq!(out, b"hello from a tiny kiln guest\n");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
+
+// 1b. String port I/O (`rep outsb`) may reach the monitor as one exit that
+// carries several bytes: none of them may be lost.
+#[test]
+fn string_port_output_keeps_every_byte() {
+    require_kvm!();
+    let (report, out) = run_guest(&guest_config("rep_outs"), None);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "string I/O: all of these bytes must arrive\n"
+    );
+    assert_eq!(report.outcome, VmOutcome::Exited(0));
+}
+
+// 2. Reads: the control page magic, and unclaimed PIO/MMIO addresses.
+#[test]
+fn control_magic_reads_kiln_and_unclaimed_reads_are_all_ones() {
+    require_kvm!();
+    let (report, out) = run_guest(&guest_config("probe"), None);
+    // 100 = every check passed; 1..=7 name the failed check (see probe.S).
+    assert_eq!(report.outcome, VmOutcome::Exited(100));
+    assert!(out.is_empty());
+    // inb/inw/inl/outb to port 0x1234, two reads and a write at 0xe0000000.
+    assert_eq!(report.exits.unclaimed, 7, "{:?}", report.exits);
+    assert!(
+        report.exits.pio >= 4 && report.exits.mmio >= 6,
+        "{:?}",
+        report.exits
+    );
+}
+
+// 3. Host input -> UART -> irqfd -> 8259 -> IDT -> guest handler.
+#[test]
+fn serial_input_raises_an_interrupt_through_the_pic() {
+    require_kvm!();
+    let (report, out) = run_guest(&guest_config("serial_irq"), Some(b"Z"));
+    // 98: IIR did not say "data received"; 99: an unexpected vector.
+    assert_eq!(report.outcome, VmOutcome::Exited(b'Z'));
+    assert_eq!(out, b"ready\n");
+}
+
+#[test]
+fn serial_input_wakes_a_halted_guest() {
+    require_kvm!();
+    // The byte is sent only once the guest has set everything up, so it
+    // arrives while the vCPU is blocked in `hlt`.
+    let (report, out) = run_guest_after(&guest_config("serial_irq"), b"ready\n", b"K");
+    assert_eq!(report.outcome, VmOutcome::Exited(b'K'));
+    assert_eq!(out, b"ready\n");
+}
+
+// 4. i8042 reset.
+#[test]
+fn i8042_reset_ends_the_vm_as_guest_reset() {
+    require_kvm!();
+    let (report, _) = run_guest(&guest_config("reset"), None);
+    assert_eq!(report.outcome, VmOutcome::GuestReset);
+    assert_eq!(report.outcome.exit_status(), STATUS_NO_REPORT);
+    assert!(report.exits.pio >= 1);
+
+    let guest = test_guest("reset");
+    let out = kiln(&[
+        "--kernel",
+        path_str(&guest),
+        "--mem",
+        "32M",
+        "--timeout",
+        "5s",
+    ]);
+    assert_eq!(out.status.code(), Some(120));
+    assert_one_line(&out, "reset");
+}
+
+// 5. Timeout.
+#[test]
+fn timeout_stops_a_spinning_guest() {
+    require_kvm!();
+    let mut config = guest_config("spin");
+    config.timeout = Some(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let (report, _) = run_guest(&config, None);
+    let took = t0.elapsed();
+    assert_eq!(report.outcome, VmOutcome::Timeout);
+    assert!(
+        took >= Duration::from_millis(300),
+        "stopped early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(3), "stopped late: {took:?}");
+
+    let guest = test_guest("spin");
+    let out = kiln(&[
+        "--kernel",
+        path_str(&guest),
+        "--mem",
+        "32M",
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(out.status.code(), Some(STATUS_TIMEOUT));
+    assert_one_line(&out, "timeout");
+}
+
+#[test]
+fn timeout_stops_a_guest_halted_with_interrupts_off() {
+    require_kvm!();
+    // `cli; hlt`: the vCPU sleeps inside KVM_RUN, which only a signal ends.
+    let mut config = guest_config("halt");
+    config.timeout = Some(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let (report, _) = run_guest(&config, None);
+    let took = t0.elapsed();
+    assert_eq!(report.outcome, VmOutcome::Timeout);
+    assert!(took < Duration::from_secs(3), "stopped late: {took:?}");
+}
+
+// 6. Triple fault.
+#[test]
+fn triple_fault_is_reported() {
+    require_kvm!();
+    let (report, _) = run_guest(&guest_config("triple_fault"), None);
+    // The guest uses `ud2`, which PVM's emulator handles (unlike `int3`), so
+    // the fault cascade runs to KVM_EXIT_SHUTDOWN here as on hardware KVM.
+    assert_eq!(report.outcome, VmOutcome::TripleFault);
+    assert_eq!(report.outcome.exit_status(), 122);
+}
+
+#[test]
+#[ignore = "monitor bug: BOOT_IDT_START (0x520) lies inside the 6-entry boot GDT at 0x500, \
+            so writing the empty IDT zeroes the TSS descriptor (selector 0x20) in guest memory"]
+fn boot_gdt_in_memory_matches_the_loaded_selectors() {
+    require_kvm!();
+    let (report, _) = run_guest(&guest_config("boot_gdt"), None);
+    // 10 + slot: that descriptor is not present; 20: the IDT overlaps the GDT.
+    assert_eq!(report.outcome, VmOutcome::Exited(0));
+}
+
+// 7. PVH entry, and the 64-bit entry of the same ELF without it.
+#[test]
+fn pvh_note_selects_the_32bit_entry_unless_disabled() {
+    require_kvm!();
+    let mut config = guest_config("pvh");
+    let (report, out) = run_guest(&config, None);
+    // 1..=3 would name a violated PVH entry condition (see pvh.S).
+    assert_eq!(report.outcome, VmOutcome::Exited(32));
+    assert_eq!(out, b"PVH entry\n");
+
+    config.use_pvh = false;
+    let (report, out) = run_guest(&config, None);
+    assert_eq!(report.outcome, VmOutcome::Exited(64));
+    assert_eq!(out, b"64-bit entry\n");
+
+    let guest = test_guest("pvh");
+    let out = kiln(&["--kernel", path_str(&guest), "--mem", "32M", "--no-pvh"]);
+    assert_eq!(out.status.code(), Some(64), "stderr: {}", stderr_of(&out));
+    assert_eq!(out.stdout, b"64-bit entry\n");
+}
+
+// 8. Panic text followed by a reset is a kernel panic.
+#[test]
+fn panic_message_then_reset_is_a_kernel_panic() {
+    require_kvm!();
+    let (report, out) = run_guest(&guest_config("panic"), None);
+    assert_eq!(
+        report.outcome,
+        VmOutcome::KernelPanic(Some("tiny test panic".into()))
+    );
+    assert_eq!(report.outcome.exit_status(), 121);
+    assert_eq!(out, b"Kernel panic - not syncing: tiny test panic\n");
+
+    let guest = test_guest("panic");
+    let out = kiln(&[
+        "--kernel",
+        path_str(&guest),
+        "--mem",
+        "32M",
+        "--timeout",
+        "5s",
+    ]);
+    assert_eq!(out.status.code(), Some(121));
+    assert_one_line(&out, "tiny test panic");
+}
+
+// 9. Malformed and repeated exit reports.
+#[test]
+fn only_the_first_valid_exit_report_counts() {
+    require_kvm!();
+    let (report, _) = run_guest(&guest_config("hostile_exit"), None);
+    // Six malformed reports must neither end the VM nor set a status, then
+    // "exited 33" counts. The later reports (44, signal 9) must not replace
+    // it; kiln stops the vCPU at the first valid report, so they may not even
+    // execute, but no ordering of them may change the outcome.
+    assert_eq!(report.outcome, VmOutcome::Exited(33));
+    assert!(report.exits.mmio >= 7, "{:?}", report.exits);
+}
+
+// 10. CLI errors: status 125, one line on stderr naming the problem.
+#[test]
+fn cli_rejects_bad_options_with_one_line() {
+    // These are refused before KVM is touched: no /dev/kvm needed.
+    let guest = test_guest("hello");
+    let guest = path_str(&guest);
+    for (args, needle) in [
+        (vec!["--mem", "0"], "--mem"),
+        (vec!["--mem", "1000T"], "--mem"),
+        (vec!["--cpus", "0"], "--cpus"),
+        (vec!["--mem", "lots"], "--mem"),
+        (vec!["--cpus=-1"], "--cpus"),
+    ] {
+        let mut all = vec!["--kernel", guest];
+        all.extend(&args);
+        let out = kiln(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(STATUS_KILN_ERROR),
+            "{args:?}: stderr {}",
+            stderr_of(&out)
+        );
+        assert_one_line(&out, needle);
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+    }
+}
+
+#[test]
+fn cli_rejects_bad_kernel_files_with_one_line() {
+    // kiln opens /dev/kvm before it reads the kernel.
+    require_kvm!();
+    let scratch = ScratchDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "bad-kernels");
+    let missing = scratch.0.join("no-such-kernel");
+    let short_text = scratch.0.join("short.txt");
+    fs::write(&short_text, "not a kernel\n").unwrap();
+    // Long enough to get past the ELF check to the bzImage check.
+    let long_text = scratch.0.join("long.txt");
+    fs::write(
+        &long_text,
+        "this is a text file, not a kernel\n".repeat(100),
+    )
+    .unwrap();
+    // A host executable: an x86_64 ELF, but a user program.
+    let host_elf = if Path::new("/bin/true").exists() {
+        PathBuf::from("/bin/true")
+    } else {
+        std::env::current_exe().unwrap()
+    };
+    for path in [&missing, &short_text, &long_text, &host_elf, &scratch.0] {
+        let out = kiln(&[
+            "--kernel",
+            path_str(path),
+            "--mem",
+            "32M",
+            "--timeout",
+            "5s",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(STATUS_KILN_ERROR),
+            "{}: stderr {}",
+            path.display(),
+            stderr_of(&out)
+        );
+        assert_one_line(&out, path_str(path));
+    }
+}
+
+#[test]
+fn cli_without_kvm_access_fails_with_one_line() {
+    if !require(common::is_root(), "needs root to run kiln as another user")
+        || !require(
+            common::have_program("setpriv"),
+            "setpriv (util-linux) not found",
+        )
+        || !require(Path::new("/dev/kvm").exists(), "no /dev/kvm to be denied")
+    {
+        return;
+    }
+    // Everything the unprivileged run needs sits in a world-readable place.
+    let scratch = ScratchDir::new(&std::env::temp_dir(), "nokvm");
+    fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o755)).unwrap();
+    let guest = scratch.0.join("hello.elf");
+    fs::copy(test_guest("hello"), &guest).unwrap();
+    fs::set_permissions(&guest, fs::Permissions::from_mode(0o644)).unwrap();
+    let exe = scratch.0.join("kiln");
+    if fs::hard_link(env!("CARGO_BIN_EXE_kiln"), &exe).is_err() {
+        fs::copy(env!("CARGO_BIN_EXE_kiln"), &exe).unwrap();
+    }
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+        .env_remove("KILN_LOG")
+        .env_remove("RUST_LOG")
+        .current_dir(&scratch.0)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running setpriv");
+    assert_eq!(
+        out.status.code(),
+        Some(STATUS_KILN_ERROR),
+        "stderr: {}",
+        stderr_of(&out)
+    );
+    assert_one_line(&out, "/dev/kvm");
+}
+
+// 11. Exit cost.
+#[test]
+fn exit_loop_counts_every_exit_and_measures_its_cost() {
+    require_kvm!();
+    const N: u64 = 20_000;
+    let run = |pio: u64, mmio: u64| {
+        let mut config = guest_config("exit_loop");
+        config.timeout = Some(Duration::from_secs(20));
+        config.extra_cmdline = Some(format!("exit_loop.pio={pio} exit_loop.mmio={mmio}"));
+        let t0 = Instant::now();
+        let (report, _) = run_guest(&config, None);
+        let took = t0.elapsed();
+        assert_eq!(
+            report.outcome,
+            VmOutcome::Exited(0),
+            "pio={pio} mmio={mmio}"
+        );
+        // The loops exit exactly P and M times; the exit report is one more MMIO write.
+        assert_eq!(report.exits.pio, pio, "{:?}", report.exits);
+        assert_eq!(report.exits.mmio, mmio + 1, "{:?}", report.exits);
+        took
+    };
+    let base = run(0, 0);
+    let pio = run(N, 0);
+    let mmio = run(0, N);
+    let per_exit = |t: Duration| t.saturating_sub(base).as_nanos() as f64 / N as f64;
+    eprintln!(
+        "exit cost: {:.0} ns per PIO exit, {:.0} ns per MMIO exit \
+         (N = {N}; baseline run {:.1} ms; debug build: {})",
+        per_exit(pio),
+        per_exit(mmio),
+        base.as_secs_f64() * 1e3,
+        cfg!(debug_assertions)
+    );
+}
