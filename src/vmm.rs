@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use kiln_init::spec::ExecSpec;
 use vm_memory::GuestMemoryMmap;
 
-use crate::boot::{self, cmdline::CmdlineParts, mptable};
+use crate::boot::params::InitrdPlacement;
+use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
 use crate::config::VmConfig;
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::DeviceManager;
@@ -56,7 +57,10 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
     install_kick_handler()?;
     let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
 
+    // Load the guest before opening /dev/kvm, so a bad kernel or initrd is
+    // reported as such even on a host without KVM.
     let mem = memory::create_guest_memory(config.mem_bytes)?;
+    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem)?;
     let vm = Vm::new(&mem)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(Error::Config(format!(
@@ -70,8 +74,15 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
     let mut event_loop = EventLoop::new()?;
     let mut devices = DeviceManager::new(&vm, &life, Box::new(output))?;
     attach_virtio_devices(config, &vm, &mem, &mut event_loop, &mut devices)?;
-    let entry = load_guest(config, &mem, profile, &devices.cmdline_words)?;
-    let vcpus = create_vcpus(config, &vm, profile, entry)?;
+    write_boot_info(
+        config,
+        &mem,
+        profile,
+        &kernel,
+        initrd,
+        &devices.cmdline_words,
+    )?;
+    let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
 
     event_loop.add(Box::new(VmEvents {
         life: life.clone(),
@@ -162,14 +173,11 @@ fn attach_virtio_devices(
     Ok(())
 }
 
-/// Puts kernel, initramfs, command line and boot tables into guest memory;
-/// returns how the boot vCPU enters the kernel.
-fn load_guest(
+/// Puts the kernel and the initramfs into guest memory.
+fn load_kernel_and_initramfs(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
-    profile: HostProfile,
-    device_words: &[String],
-) -> Result<boot::BootEntry> {
+) -> Result<(LoadedKernel, InitrdPlacement)> {
     let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
     log::debug!("kernel entry {:?}", kernel.entry);
 
@@ -192,17 +200,27 @@ fn load_guest(
             .map_err(|e| Error::Initramfs(e.to_string()))?,
     };
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
+    Ok((kernel, initrd))
+}
 
+/// Writes the command line, boot parameters and CPU tables the kernel reads at entry.
+fn write_boot_info(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    profile: HostProfile,
+    kernel: &LoadedKernel,
+    initrd: InitrdPlacement,
+    device_words: &[String],
+) -> Result<()> {
     let cmdline = boot::cmdline::build(&CmdlineParts {
         verbose: config.verbose,
         host_additions: profile.kernel_cmdline_additions(),
         devices: device_words.to_vec(),
         user: config.extra_cmdline.as_deref(),
     })?;
-    boot::params::write_boot_info(mem, &kernel, &cmdline, Some(initrd), config.mem_bytes)?;
+    boot::params::write_boot_info(mem, kernel, &cmdline, Some(initrd), config.mem_bytes)?;
     boot::cpu_state::write_boot_tables(mem, kernel.entry)?;
-    mptable::setup_mptable(mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
-    Ok(kernel.entry)
+    mptable::setup_mptable(mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))
 }
 
 fn exec_spec(config: &VmConfig) -> Result<ExecSpec> {
