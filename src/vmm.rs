@@ -52,10 +52,80 @@ const DEFAULT_COMMAND: &str = "/bin/sh";
 /// `started` is when the caller began (the CLI passes process start) and is
 /// the origin of the reported times.
 pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunReport> {
+    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
+    run_with(config, io, life)
+}
+
+/// Starts the VM on its own thread and returns at once; the handle can stop
+/// it from anywhere and collects the report.
+pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHandle> {
+    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
+    let vm_life = life.clone();
+    let thread = std::thread::Builder::new()
+        .name("kiln-vmm".into())
+        .spawn(move || run_with(&config, io, vm_life))
+        .map_err(Error::io("spawning the VM thread"))?;
+    Ok(VmHandle {
+        life,
+        thread: Some(thread),
+    })
+}
+
+/// A VM running on its own thread. Dropping the handle stops the VM and
+/// waits for all of its threads.
+pub struct VmHandle {
+    life: Arc<Lifecycle>,
+    thread: Option<std::thread::JoinHandle<Result<RunReport>>>,
+}
+
+/// Stops a VM from any thread (cheap to clone).
+#[derive(Clone)]
+pub struct VmStopper(Arc<Lifecycle>);
+
+impl VmStopper {
+    /// Ends the VM with `outcome` unless it has already ended.
+    pub fn stop(&self, outcome: VmOutcome) {
+        self.0.finish(outcome);
+    }
+}
+
+impl VmHandle {
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.life.clone())
+    }
+
+    /// Asks the VM to stop (outcome `Stopped`); `wait` collects the report.
+    pub fn stop(&self) {
+        self.life.finish(VmOutcome::Stopped);
+    }
+
+    /// True once the VM has ended and its threads are gone.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits for the VM to end.
+    pub fn wait(mut self) -> Result<RunReport> {
+        let thread = self.thread.take().expect("joined only here or in drop");
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::Device("the VM thread panicked".into())))
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.life.finish(VmOutcome::Stopped);
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<RunReport> {
     validate(config)?;
     let profile = HostProfile::detect();
     install_kick_handler()?;
-    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
 
     // Load the guest before opening /dev/kvm, so a bad kernel or initrd is
     // reported as such even on a host without KVM.
