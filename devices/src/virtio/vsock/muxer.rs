@@ -119,7 +119,7 @@ pub fn bind_listener(path: &Path) -> io::Result<UnixListener> {
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
+                "the file exists and is not a socket",
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -466,6 +466,16 @@ impl Muxer {
                 return;
             }
         };
+        log::trace!(
+            "vsock: guest op {} {}->{} len {} flags {} buf_alloc {} fwd_cnt {}",
+            hdr.op,
+            hdr.src_port,
+            hdr.dst_port,
+            hdr.len,
+            hdr.flags,
+            hdr.buf_alloc,
+            hdr.fwd_cnt
+        );
         if hdr.src_cid != self.cid {
             log::debug!("vsock: tx packet from CID {} dropped", hdr.src_cid);
             return;
@@ -732,6 +742,15 @@ impl Muxer {
         }
         // Every packet carries our credit, so no separate update is owed.
         (hdr.buf_alloc, hdr.fwd_cnt) = conn.credit.advertise();
+        log::trace!(
+            "vsock: to guest op {} {}->{} len {} flags {} (peer credit left {})",
+            hdr.op,
+            hdr.src_port,
+            hdr.dst_port,
+            hdr.len,
+            hdr.flags,
+            conn.credit.peer_credit()
+        );
         conn.pending &= !PENDING_CREDIT_UPDATE;
         let ok =
             w.write_all(&hdr.to_bytes()).is_ok() && w.write_all(&self.scratch[..payload]).is_ok();
