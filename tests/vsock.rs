@@ -21,20 +21,6 @@ const PAYLOAD: usize = 1 << 20;
 /// Whole-run limit (boot ~20 s on a PVM host, then the transfers).
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The guest kernel: `KILN_TEST_KERNEL`, else the recipe's cached build.
-fn guest_kernel() -> Option<PathBuf> {
-    if let Some(k) = std::env::var_os("KILN_TEST_KERNEL") {
-        return Some(PathBuf::from(k));
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/build-kernel.sh");
-    let out = Command::new(script).arg("--cached-only").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("vmlinux="))
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-}
-
 fn static_busybox() -> Option<PathBuf> {
     ["/bin/busybox", "/usr/bin/busybox"]
         .iter()
@@ -214,7 +200,7 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
     {
         return;
     }
-    let Some(kernel) = guest_kernel() else {
+    let Some(kernel) = common::guest_kernel("vmlinux") else {
         common::require(false, "guest kernel (resources/guest/build-kernel.sh)");
         return;
     };
