@@ -59,8 +59,9 @@ fn main() {
         exit(1)
     });
     if !output.status.success() {
-        eprintln!("{}", String::from_utf8_lossy(&output.stdout));
-        eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+        for text in [&output.stdout, &output.stderr] {
+            eprint!("{}", String::from_utf8_lossy(text));
+        }
         eprintln!(
             "error: building kiln's guest init failed: `cargo build -p kiln-init --profile {PROFILE} --target {TARGET}` {}",
             output.status

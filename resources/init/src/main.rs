@@ -33,15 +33,21 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
         eprintln!("kiln-init: {info}");
         finish(EXIT_INIT_FAILED)
     }));
-    let mut dev_mounted = false;
-    open_control(&mut dev_mounted);
-    finish(run(dev_mounted))
+    // devtmpfs first: /dev/mem and /dev/console live there.
+    let dev_flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+    mount(c"devtmpfs", c"/dev", c"devtmpfs", dev_flags, c"mode=0755");
+    open_control();
+    setup_console();
+    finish(run())
 }
 
 /// Sets the system up and runs the command; returns the exit report.
-fn run(dev_mounted: bool) -> u32 {
-    mount_filesystems(dev_mounted);
-    setup_console();
+fn run() -> u32 {
+    let quiet = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    mount(c"proc", c"/proc", c"proc", quiet, c"");
+    mount(c"sysfs", c"/sys", c"sysfs", quiet, c"");
+    let tmp_flags = libc::MS_NOSUID | libc::MS_NODEV;
+    mount(c"tmpfs", c"/tmp", c"tmpfs", tmp_flags, c"mode=1777");
     let spec = match read_spec() {
         Ok(spec) => spec,
         Err(msg) => {
@@ -137,29 +143,11 @@ fn exit_report(status: libc::c_int) -> u32 {
 }
 
 /// Maps the control page through /dev/mem, checks its magic and records the
-/// boot-timer stage. /dev/mem is in kiln's initramfs so this can come first;
-/// devtmpfs is mounted early only if it is missing (e.g. a user initrd).
-fn open_control(dev_mounted: &mut bool) {
-    let open = || {
-        // SAFETY: a NUL-terminated path and plain flags.
-        unsafe {
-            libc::open(
-                c"/dev/mem".as_ptr(),
-                libc::O_RDWR | libc::O_SYNC | libc::O_CLOEXEC,
-            )
-        }
-    };
-    let mut fd = open();
-    if fd < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
-        *dev_mounted = mount(
-            c"devtmpfs",
-            c"/dev",
-            c"devtmpfs",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            c"mode=0755",
-        );
-        fd = open();
-    }
+/// boot-timer stage.
+fn open_control() {
+    let flags = libc::O_RDWR | libc::O_SYNC | libc::O_CLOEXEC;
+    // SAFETY: a NUL-terminated path and plain flags.
+    let fd = unsafe { libc::open(c"/dev/mem".as_ptr(), flags) };
     if fd < 0 {
         warn(
             "no status report: cannot open /dev/mem",
@@ -214,47 +202,17 @@ fn write_reg(offset: usize, value: u32) {
 }
 
 /// Mounts a filesystem, creating the mount point; logs failures.
-fn mount(src: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong, data: &CStr) -> bool {
+fn mount(src: &CStr, target: &CStr, fstype: &CStr, flags: libc::c_ulong, data: &CStr) {
+    let (src, target_ptr, fstype) = (src.as_ptr(), target.as_ptr(), fstype.as_ptr());
     // SAFETY: NUL-terminated strings that outlive the calls.
     let ok = unsafe {
-        libc::mkdir(target.as_ptr(), 0o755);
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        ) == 0
+        libc::mkdir(target_ptr, 0o755);
+        libc::mount(src, target_ptr, fstype, flags, data.as_ptr().cast()) == 0
     };
     if !ok {
-        warn(
-            &format!("cannot mount {}", target.to_string_lossy()),
-            &io::Error::last_os_error(),
-        );
+        let what = format!("cannot mount {}", target.to_string_lossy());
+        warn(&what, &io::Error::last_os_error());
     }
-    ok
-}
-
-fn mount_filesystems(dev_mounted: bool) {
-    let quiet = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount(c"proc", c"/proc", c"proc", quiet, c"");
-    mount(c"sysfs", c"/sys", c"sysfs", quiet, c"");
-    if !dev_mounted {
-        mount(
-            c"devtmpfs",
-            c"/dev",
-            c"devtmpfs",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            c"mode=0755",
-        );
-    }
-    mount(
-        c"tmpfs",
-        c"/tmp",
-        c"tmpfs",
-        libc::MS_NOSUID | libc::MS_NODEV,
-        c"mode=1777",
-    );
 }
 
 /// Makes sure fds 0-2 are the console and puts it in raw mode, so the bytes
@@ -263,7 +221,8 @@ fn setup_console() {
     // SAFETY: fcntl/open/dup2/close on plain integers and a NUL-terminated path.
     unsafe {
         if (0..3).any(|fd| libc::fcntl(fd, libc::F_GETFD) < 0) {
-            // The kernel found no /dev/console in the initramfs; devtmpfs has one.
+            // No /dev/console in the initramfs (the kernel opens it for
+            // init); devtmpfs has one.
             let fd = libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
             if fd < 0 {
                 return;
