@@ -6,7 +6,9 @@
 //! eventfds (KVM ioeventfds on the QueueNotify register) and interrupts leave
 //! through `Interrupt` (a KVM irqfd). The vCPU threads only touch registers.
 
+pub mod block;
 pub mod mmio;
+pub mod rng;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
