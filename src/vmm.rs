@@ -4,9 +4,11 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_devices::virtio::block::{Block, DiskImage};
+use kiln_devices::virtio::rng::Rng;
 use kiln_init::spec::ExecSpec;
 use vm_memory::GuestMemoryMmap;
 
@@ -239,7 +241,16 @@ fn attach_virtio_devices(
     event_loop: &mut EventLoop,
     devices: &mut DeviceManager,
 ) -> Result<()> {
-    let _ = (config, vm, mem, event_loop, devices);
+    for disk in &config.disks {
+        let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())
+            .map_err(|e| Error::Config(format!("--disk: {e}")))?;
+        let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
+    }
+    if config.rng {
+        let rng = Rng::new().map_err(Error::io("creating the virtio-rng device"))?;
+        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(rng)))?;
+    }
     Ok(())
 }
 
