@@ -174,7 +174,7 @@ mod tests {
         assert!(c.disks.is_empty() && !c.rng);
         let e = parse(&["--kernel", "k", "--disk", "x,bogus=1"]).unwrap_err();
         assert!(
-            e.to_string().contains("unknown disk option 'bogus=1'"),
+            e.to_string().contains("unknown option 'bogus=1'"),
             "{e}"
         );
     }

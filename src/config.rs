@@ -53,9 +53,7 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     let mut parts = text.split(',');
     let path = parts.next().unwrap_or_default();
     if path.is_empty() {
-        return Err(format!(
-            "'{text}': missing image path (PATH[,ro][,id=NAME])"
-        ));
+        return Err("missing image path (PATH[,ro][,id=NAME])".to_string());
     }
     let mut disk = DiskConfig {
         path: PathBuf::from(path),
@@ -67,20 +65,14 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
             None if opt == "ro" => disk.read_only = true,
             Some(("id", id)) => {
                 if id.is_empty() || id.len() > DISK_ID_MAX {
-                    return Err(format!("'{text}': id must be 1 to 20 bytes"));
+                    return Err("id must be 1 to 20 bytes".to_string());
                 }
                 if !id.bytes().all(|b| b.is_ascii_graphic()) {
-                    return Err(format!(
-                        "'{text}': id must be printable ASCII without spaces"
-                    ));
+                    return Err("id must be printable ASCII without spaces".to_string());
                 }
                 disk.id = Some(id.to_string());
             }
-            _ => {
-                return Err(format!(
-                    "'{text}': unknown disk option '{opt}' (expected ro or id=NAME)"
-                ))
-            }
+            _ => return Err(format!("unknown option '{opt}' (expected ro or id=NAME)")),
         }
     }
     Ok(disk)

@@ -308,7 +308,7 @@ fn disk_errors_are_one_line() {
         ),
         (
             "x.img,bogus=1".to_string(),
-            "unknown disk option 'bogus=1'".to_string(),
+            "unknown option 'bogus=1'".to_string(),
         ),
         (
             format!("{},id={}", odd.display(), "s".repeat(21)),
