@@ -890,3 +890,64 @@ mod prop {
         }
     }
 }
+
+/// Host-side cost of serving requests (no guest): 1 MiB IN and OUT requests
+/// with 256 4-KiB segments each, like a guest's O_DIRECT dd. Run with
+/// `cargo test --release -p kiln-devices host_side_throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark"]
+fn host_side_throughput() {
+    const SEGS: u64 = 254;
+    let img = TempImage::new("bench.img", 64 << 20);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+    let q = MockSplitQueue::new(&mem, 512);
+    let used_ring = 0x40000u64;
+    let mut queue: Queue = q.create_queue().unwrap();
+    queue.set_used_ring_address(Some(used_ring as u32), Some(0));
+    let mut blk = block(&img, false);
+    blk.activate(Activation {
+        mem: mem.clone(),
+        queues: vec![queue],
+        interrupt: Interrupt::new(IrqLine::new().unwrap()),
+        features: blk.features(),
+    })
+    .unwrap();
+    for (kind, name) in [(VIRTIO_BLK_T_OUT, "write"), (VIRTIO_BLK_T_IN, "read")] {
+        let flags = if kind == VIRTIO_BLK_T_IN { F_WRITE } else { 0 };
+        let start = std::time::Instant::now();
+        let mut bytes = 0u64;
+        for round in 0..256u64 {
+            let sector = (round % 64) * (SEGS * 4096 / 512);
+            mem.write_slice(&header(kind, sector), GuestAddress(HDR))
+                .unwrap();
+            let mut descs = vec![(HDR, 16u32, 0u16)];
+            for s in 0..SEGS {
+                descs.push((0x100000 + s * 8192, 4096, flags));
+            }
+            descs.push((STATUS, 1, F_WRITE));
+            for (i, &(addr, len, f)) in descs.iter().enumerate() {
+                let next = if i + 1 < descs.len() { F_NEXT } else { 0 };
+                let d = SplitDesc::new(addr, len, f | next, i as u16 + 1);
+                q.desc_table()
+                    .store(i as u16, RawDescriptor::from(d))
+                    .unwrap();
+            }
+            let idx = q.avail().idx().load();
+            q.avail()
+                .ring()
+                .ref_at((idx % 512) as usize)
+                .unwrap()
+                .store(0);
+            q.avail().idx().store(idx.wrapping_add(1));
+            blk.process_queue();
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+            bytes += SEGS * 4096;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "host side {name}: {} MiB in {secs:.3} s = {:.0} MB/s",
+            bytes >> 20,
+            bytes as f64 / secs / 1e6
+        );
+    }
+}
