@@ -7,7 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    parse_console_kind, parse_duration, parse_size, parse_vsock, ConsoleKind, VmConfig, VsockConfig,
+    parse_console_kind, parse_disk, parse_duration, parse_size, parse_vsock, ConsoleKind,
+    DiskConfig, VmConfig, VsockConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -83,6 +84,14 @@ pub struct RunArgs {
     /// port P go to the Unix socket PATH_P.
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
+    /// A raw disk image as a virtio-blk disk: PATH[,ro][,id=NAME]. Repeatable;
+    /// the first is /dev/vda. ro opens the file read-only; id sets the serial
+    /// (default: the file name, cut to 20 bytes).
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]", value_parser = parse_disk)]
+    pub disks: Vec<DiskConfig>,
+    /// Attach a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    pub rng: bool,
     /// The command kiln's init runs in the guest (default: /bin/sh).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -103,6 +112,8 @@ impl RunArgs {
             use_pvh: !self.no_pvh,
             console: self.console,
             vsock: self.vsock.clone(),
+            disks: self.disks.clone(),
+            rng: self.rng,
         }
     }
 }
@@ -157,6 +168,28 @@ mod tests {
         assert_eq!(c.timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.extra_cmdline.as_deref(), Some("ip=1"));
         assert!(c.verbose && !c.use_pvh && c.command.is_empty());
+    }
+
+    #[test]
+    fn disks_and_rng() {
+        let c = parse(&[
+            "--kernel",
+            "k",
+            "--disk",
+            "a.img",
+            "--disk",
+            "b.img,ro,id=x",
+            "--rng",
+        ])
+        .unwrap()
+        .to_config();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, PathBuf::from("a.img"));
+        assert!(c.disks[1].read_only && c.rng);
+        let c = parse(&["--kernel", "k"]).unwrap().to_config();
+        assert!(c.disks.is_empty() && !c.rng);
+        let e = parse(&["--kernel", "k", "--disk", "x,bogus=1"]).unwrap_err();
+        assert!(e.to_string().contains("unknown option 'bogus=1'"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,53 @@ pub struct VmConfig {
     pub console: ConsoleKind,
     /// A virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-blk disks, in guest order (the first is vda).
+    pub disks: Vec<DiskConfig>,
+    /// Attach a virtio-rng device.
+    pub rng: bool,
+}
+
+/// One `--disk PATH[,ro][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// A raw image file (or block device).
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Serial number the guest sees (at most 20 bytes); default: the file name.
+    pub id: Option<String>,
+}
+
+/// Longest disk id virtio-blk can report.
+pub const DISK_ID_MAX: usize = 20;
+
+/// Parses `PATH[,ro][,id=NAME]` (options in any order; PATH cannot contain ',').
+pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
+    let mut parts = text.split(',');
+    let path = parts.next().unwrap_or_default();
+    if path.is_empty() {
+        return Err("missing image path (PATH[,ro][,id=NAME])".to_string());
+    }
+    let mut disk = DiskConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: None,
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => disk.read_only = true,
+            Some(("id", id)) => {
+                if id.is_empty() || id.len() > DISK_ID_MAX {
+                    return Err("id must be 1 to 20 bytes".to_string());
+                }
+                if !id.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err("id must be printable ASCII without spaces".to_string());
+                }
+                disk.id = Some(id.to_string());
+            }
+            _ => return Err(format!("unknown option '{opt}' (expected ro or id=NAME)")),
+        }
+    }
+    Ok(disk)
 }
 
 impl VmConfig {
@@ -50,6 +97,8 @@ impl VmConfig {
             use_pvh: true,
             console: ConsoleKind::Serial,
             vsock: None,
+            disks: Vec::new(),
+            rng: false,
         }
     }
 }
@@ -180,6 +229,33 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("a.img").unwrap();
+        assert_eq!((d.path, d.read_only, d.id), ("a.img".into(), false, None));
+        let d = parse_disk("/x/b.img,ro,id=roserial").unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("roserial"));
+        let d = parse_disk("c,id=s1,ro").unwrap();
+        assert!(d.read_only && d.id.as_deref() == Some("s1"));
+        for bad in [
+            "",
+            ",ro",
+            "x,bogus=1",
+            "x,rw",
+            "x,ro=1",
+            "x,id=",
+            "x,",
+            "x,id=a b",
+        ] {
+            let e = parse_disk(bad).unwrap_err();
+            assert_eq!(e.lines().count(), 1, "{bad}: {e}");
+        }
+        assert!(parse_disk("x,bogus=1").unwrap_err().contains("bogus=1"));
+        assert!(parse_disk(&format!("x,id={}", "s".repeat(21))).is_err());
+        assert!(parse_disk(&format!("x,id={}", "s".repeat(20))).is_ok());
     }
 
     #[test]

@@ -7,7 +7,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_devices::virtio::block::{Block, DiskImage};
 use kiln_devices::virtio::console::{SharedWriter, VirtioConsole};
+use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_init::spec::ExecSpec;
 use vm_memory::GuestMemoryMmap;
@@ -252,6 +254,16 @@ fn attach_virtio_devices(
     event_loop: &mut EventLoop,
     devices: &mut DeviceManager,
 ) -> Result<()> {
+    for disk in &config.disks {
+        let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())
+            .map_err(|e| Error::Config(format!("--disk: {e}")))?;
+        let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
+    }
+    if config.rng {
+        let rng = Rng::new().map_err(Error::io("creating the virtio-rng device"))?;
+        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(rng)))?;
+    }
     if let Some(v) = &config.vsock {
         let vsock =
             Vsock::new(v.cid, &v.socket).map_err(|e| Error::Config(format!("--vsock: {e}")))?;

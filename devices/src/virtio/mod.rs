@@ -6,8 +6,10 @@
 //! eventfds (KVM ioeventfds on the QueueNotify register) and interrupts leave
 //! through `Interrupt` (a KVM irqfd). The vCPU threads only touch registers.
 
+pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod rng;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
