@@ -78,7 +78,7 @@ impl CpioBuilder {
     }
 
     /// Adds a regular file (a later file of the same name replaces it when
-    /// the kernel unpacks the archive).
+    /// the kernel unpacks the archive). Panics if `data` is 4 GiB or more.
     pub fn file(&mut self, name: impl AsRef<[u8]>, mode: u32, data: &[u8]) {
         let ino = self.ino();
         self.entry(
