@@ -8,4 +8,5 @@ pub mod control;
 pub mod i8042;
 pub mod irq;
 pub mod serial;
+pub mod tap;
 pub mod virtio;
