@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    parse_console_kind, parse_disk, parse_duration, parse_size, parse_vsock, ConsoleKind,
-    DiskConfig, VmConfig, VsockConfig,
+    parse_console_kind, parse_disk, parse_duration, parse_net, parse_size, parse_vsock,
+    ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig,
 };
 
 #[derive(Debug, Parser)]
@@ -92,6 +92,13 @@ pub struct RunArgs {
     /// Attach a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-net device on host TAP interface NAME (repeatable; eth0, eth1,
+    /// ... in order). An existing TAP is used as is; a NAME that does not
+    /// exist is created (needs root/CAP_NET_ADMIN), comes up with no address
+    /// and disappears when kiln exits. MAC defaults to a stable locally
+    /// administered address derived from NAME.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    pub nets: Vec<NetConfig>,
     /// The command kiln's init runs in the guest (default: /bin/sh).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -114,6 +121,7 @@ impl RunArgs {
             vsock: self.vsock.clone(),
             disks: self.disks.clone(),
             rng: self.rng,
+            nets: self.nets.clone(),
         }
     }
 }
@@ -225,5 +233,24 @@ mod tests {
                 socket: "/tmp/k.sock".into()
             })
         );
+    }
+
+    #[test]
+    fn net_is_repeatable_and_validated() {
+        let r = parse(&[
+            "--kernel",
+            "k",
+            "--net",
+            "tap=tap0",
+            "--net",
+            "tap=tap1,mac=02:00:00:00:00:01",
+        ])
+        .unwrap();
+        let c = r.to_config();
+        assert_eq!(c.nets.len(), 2);
+        assert_eq!((c.nets[0].tap.as_str(), c.nets[0].mac), ("tap0", None));
+        assert_eq!(c.nets[1].mac, Some([2, 0, 0, 0, 0, 1]));
+        assert!(parse(&["--kernel", "k", "--net", "tap0"]).is_err());
+        assert!(parse(&["--kernel", "k", "--net", "tap=t,mac=bad"]).is_err());
     }
 }

@@ -37,6 +37,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// virtio-net devices, in guest order (eth0 first).
+    pub nets: Vec<NetConfig>,
 }
 
 /// One `--disk PATH[,ro][,id=NAME]`.
@@ -82,6 +84,41 @@ pub fn parse_disk(text: &str) -> Result<DiskConfig, String> {
     Ok(disk)
 }
 
+/// A virtio-net device on a host TAP interface: `tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface (in kiln's network namespace). A name that does not
+    /// exist is created (needs CAP_NET_ADMIN) and vanishes when kiln exits.
+    pub tap: String,
+    /// The guest's MAC address; None derives a stable, locally administered
+    /// one from the TAP name.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// Parses `tap=NAME[,mac=MAC]`.
+pub fn parse_net(text: &str) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if tap.is_none() => {
+                kiln_devices::tap::validate_ifname(name).map_err(|e| e.to_string())?;
+                tap = Some(name.to_string());
+            }
+            Some(("mac", m)) if mac.is_none() => {
+                mac = Some(kiln_devices::virtio::net::MacAddr::parse(m)?.0);
+            }
+            _ => {
+                return Err(format!(
+                    "'{text}': expected tap=NAME[,mac=MAC] (unknown or repeated '{part}')"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or_else(|| format!("'{text}': tap=NAME is required"))?;
+    Ok(NetConfig { tap, mac })
+}
+
 impl VmConfig {
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
@@ -99,6 +136,7 @@ impl VmConfig {
             vsock: None,
             disks: Vec::new(),
             rng: false,
+            nets: Vec::new(),
         }
     }
 }
@@ -256,6 +294,28 @@ mod tests {
         assert!(parse_disk("x,bogus=1").unwrap_err().contains("bogus=1"));
         assert!(parse_disk(&format!("x,id={}", "s".repeat(21))).is_err());
         assert!(parse_disk(&format!("x,id={}", "s".repeat(20))).is_ok());
+    }
+
+    #[test]
+    fn net_options() {
+        let n = parse_net("tap=tap0").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac), ("tap0", None));
+        let n = parse_net("tap=kiln1,mac=02:00:00:00:00:07").unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 7]));
+        for bad in [
+            "",
+            "tap0",
+            "mac=02:00:00:00:00:07",
+            "tap=",
+            "tap=a/b",
+            "tap=waytoolonginterfacename",
+            "tap=t,mac=zz",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,tap=u",
+            "tap=t,speed=10",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -269,6 +269,33 @@ fn attach_virtio_devices(
             Vsock::new(v.cid, &v.socket).map_err(|e| Error::Config(format!("--vsock: {e}")))?;
         devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(vsock)))?;
     }
+    attach_net_devices(config, vm, mem, event_loop, devices)?;
+    Ok(())
+}
+
+/// One virtio-net device per `--net`, on its TAP.
+fn attach_net_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    event_loop: &mut EventLoop,
+    devices: &mut DeviceManager,
+) -> Result<()> {
+    use kiln_devices::virtio::net::{MacAddr, Net};
+    for (i, net) in config.nets.iter().enumerate() {
+        if config.nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(Error::Config(format!(
+                "--net: TAP interface '{}' is given twice",
+                net.tap
+            )));
+        }
+    }
+    for (i, net) in config.nets.iter().enumerate() {
+        let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))
+            .map_err(|e| Error::Device(e.to_string()))?;
+        log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
+        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(dev)))?;
+    }
     Ok(())
 }
 
