@@ -111,9 +111,13 @@ fn sha256_hex(data: &[u8]) -> String {
         .to_string()
 }
 
-/// Incompressible, reproducible bytes (xorshift64*).
-fn random_bytes(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+/// Seeds of the two directions' data (the guest helper uses the second).
+const SEED_TO_GUEST: u64 = 0x9e37_79b9_7f4a_7c15;
+const SEED_FROM_GUEST: u64 = 0x0123_4567_89ab_cdef;
+
+/// Incompressible, reproducible bytes (xorshift64*), as net_helper.c makes them.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         x ^= x >> 12;
@@ -125,41 +129,42 @@ fn random_bytes(len: usize) -> Vec<u8> {
     out
 }
 
-/// What the guest sends: `seq 1 3000000 | head -c SIZE`.
-fn expected_from_guest() -> Vec<u8> {
-    let mut out = Vec::with_capacity(SIZE + 16);
-    let mut i = 1u64;
-    while out.len() < SIZE {
-        out.extend_from_slice(format!("{i}\n").as_bytes());
-        i += 1;
-    }
-    out.truncate(SIZE);
-    out
-}
-
-/// A busybox root: resources/guest/build-rootfs.sh when the tree has it,
-/// else the host's static busybox with all its applet links.
-fn rootfs() -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/build-rootfs.sh");
-    if script.is_file() {
-        return Some(common::guest_rootfs());
-    }
+/// A guest root: the host's static busybox with all its applet links plus
+/// the static `net-helper` built from tests/net_helper.c.
+fn rootfs() -> Result<PathBuf, String> {
     let busybox = ["/usr/bin/busybox", "/bin/busybox"]
         .into_iter()
         .map(Path::new)
-        .find(|p| p.is_file())?;
+        .find(|p| p.is_file())
+        .ok_or("no static busybox (apt-get install busybox-static)")?;
     let dir =
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("net-rootfs-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(dir.join("bin")).ok()?;
-    fs::copy(busybox, dir.join("bin/busybox")).ok()?;
-    let list = Command::new(busybox).arg("--list").output().ok()?;
+    fs::create_dir_all(dir.join("bin")).map_err(|e| e.to_string())?;
+    fs::copy(busybox, dir.join("bin/busybox")).map_err(|e| e.to_string())?;
+    let list = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .map_err(|e| e.to_string())?;
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" {
             let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
         }
     }
-    Some(dir)
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/net_helper.c");
+    let out = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(dir.join("bin/net-helper"))
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("gcc: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "gcc -static failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(dir)
 }
 
 struct Transfer {
@@ -178,6 +183,10 @@ fn guest_exchanges_16_mib_each_way_over_a_tap() {
         || !require(have_program("ip"), "iproute2 'ip' not installed")
         || !require(have_program("sha256sum"), "sha256sum not installed")
         || !require(
+            have_program("gcc"),
+            "gcc not installed (builds the guest helper)",
+        )
+        || !require(
             Path::new("/dev/net/tun").exists(),
             "/dev/net/tun does not exist",
         )
@@ -188,9 +197,12 @@ fn guest_exchanges_16_mib_each_way_over_a_tap() {
         require(false, "guest kernel not built (run resources/setup.sh)");
         return;
     };
-    let Some(root) = rootfs() else {
-        require(false, "no busybox to build a guest root");
-        return;
+    let root = match rootfs() {
+        Ok(root) => root,
+        Err(e) => {
+            require(false, &format!("cannot build the guest root: {e}"));
+            return;
+        }
     };
 
     let ns = Netns::create();
@@ -201,9 +213,9 @@ fn guest_exchanges_16_mib_each_way_over_a_tap() {
         )
     });
 
-    let payload = random_bytes(SIZE);
+    let payload = random_bytes(SIZE, SEED_TO_GUEST);
     let payload_sha = sha256_hex(&payload);
-    let expected_back = expected_from_guest();
+    let expected_back = random_bytes(SIZE, SEED_FROM_GUEST);
 
     // Host -> guest: send everything, half-close, wait for the guest's close.
     let (tx_done, tx_result) = mpsc::channel();
@@ -237,13 +249,9 @@ fn guest_exchanges_16_mib_each_way_over_a_tap() {
     let script = format!(
         "echo mac=$(cat /sys/class/net/eth0/address)
 echo carrier=$(cat /sys/class/net/eth0/carrier)
-nc {HOST_IP} {TO_GUEST_PORT} </dev/null >/tmp/rx
-echo rx_len=$(wc -c </tmp/rx)
-echo rx_sha=$(sha256sum </tmp/rx | cut -d' ' -f1)
-seq 1 3000000 | head -c {SIZE} >/tmp/tx
-echo tx_sha=$(sha256sum </tmp/tx | cut -d' ' -f1)
-nc {HOST_IP} {FROM_GUEST_PORT} </tmp/tx
-echo done=$?"
+net-helper recv {HOST_IP} {TO_GUEST_PORT} | sed 's/^/rx_/'
+net-helper send {HOST_IP} {FROM_GUEST_PORT} {SIZE} | sed 's/^/tx_/'
+echo done=1"
     );
     let started = Instant::now();
     let out = ns
@@ -290,9 +298,9 @@ echo done=$?"
         .recv_timeout(Duration::from_secs(10))
         .expect("host -> guest transfer finished")
         .expect("host -> guest transfer");
-    assert_eq!(value("rx_len"), SIZE.to_string());
+    assert_eq!(value("rx_bytes"), SIZE.to_string());
     assert_eq!(
-        value("rx_sha"),
+        value("rx_sha256"),
         payload_sha,
         "guest received what the host sent"
     );
@@ -304,15 +312,15 @@ echo done=$?"
     assert_eq!(from_guest.bytes.len(), SIZE);
     let back_sha = sha256_hex(&from_guest.bytes);
     assert_eq!(
-        value("tx_sha"),
+        value("tx_sha256"),
         back_sha,
         "host received what the guest sent"
     );
     assert!(
         from_guest.bytes == expected_back,
-        "guest data is seq's output"
+        "guest data is the expected stream"
     );
-    assert_eq!(value("done"), "0");
+    assert_eq!(value("done"), "1");
 
     // The device's counters (logged when kiln exits): offloads were used
     // both ways, and nothing was dropped or malformed.
