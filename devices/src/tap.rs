@@ -10,7 +10,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// The size of `struct virtio_net_hdr_v1` (with `num_buffers`), which is
@@ -153,6 +153,30 @@ impl Tap {
         &self.name
     }
 
+    /// The interface's MTU (SIOCGIFMTU).
+    pub fn mtu(&self) -> Result<u32, TapError> {
+        // SAFETY: creating a socket has no memory-safety preconditions.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return self.check(-1, "socket for SIOCGIFMTU").map(|_| 0);
+        }
+        // SAFETY: `sock` is a new fd owned by nothing else.
+        let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(sock) };
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: SIOCGIFMTU writes an int at the union's start (where
+        // `flags` and the padding after it lie) of a live `struct ifreq`.
+        let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU as _, &mut req) };
+        self.check(ret, "SIOCGIFMTU")?;
+        let flags = req.flags.to_ne_bytes();
+        let mtu = [flags[0], flags[1], req._pad[0], req._pad[1]];
+        Ok(u32::from_ne_bytes(mtu))
+    }
+
     /// Tells the kernel which offloads the reader (the guest) accepts:
     /// `TUN_F_*` flags. Without TUN_F_CSUM the kernel hands over only frames
     /// with complete checksums; without TUN_F_TSO* no GSO frames.
@@ -278,6 +302,7 @@ mod tests {
             assert!(interface_exists("kilntap0"));
             tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)
                 .unwrap();
+            assert_eq!(tap.mtu().unwrap(), 1500);
             let busy = Tap::open("kilntap0").unwrap_err();
             assert!(matches!(busy, TapError::Busy(_)), "{busy}");
             assert!(busy.to_string().contains("'kilntap0' is busy"), "{busy}");

@@ -35,6 +35,10 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Largest Ethernet frame (without the virtio header) in either direction:
 /// a 64 KiB GSO packet plus Ethernet and VLAN headers.
 pub const MAX_FRAME_LEN: usize = 65536 + 14 + 4 + 8;
+/// Largest MTU the device offers (MTU + Ethernet + VLAN headers fit in
+/// `MAX_FRAME_LEN`).
+pub const MAX_MTU: u16 = u16::MAX;
+const _: () = assert!(MAX_MTU as usize + 18 <= MAX_FRAME_LEN);
 /// Largest TX chain: header plus frame.
 pub const MAX_TX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// Shortest frame a TAP accepts: an Ethernet header.
@@ -164,6 +168,12 @@ pub struct NetStats {
     pub tx_malformed: u64,
     /// Frames the backend refused to take.
     pub tx_errors: u64,
+    /// Frames whose checksum the other side completes (NEEDS_CSUM).
+    pub rx_csum_frames: u64,
+    pub tx_csum_frames: u64,
+    /// Longest frame (without the virtio header) in each direction.
+    pub rx_max_frame: u64,
+    pub tx_max_frame: u64,
 }
 
 /// An RX chain taken from the queue but not yet used.
@@ -198,6 +208,8 @@ pub struct Net<B: NetBackend> {
     backend: B,
     label: String,
     mac: MacAddr,
+    /// Offered to the driver (VIRTIO_NET_F_MTU) when set.
+    mtu: Option<u16>,
     queue_evts: Vec<EventFd>,
     /// Written by `activate` (on a vCPU thread) so the event loop starts
     /// watching the backend.
@@ -221,11 +233,14 @@ impl Net<Tap> {
     pub fn with_tap(tap_name: &str, mac: Option<MacAddr>) -> Result<Self, TapError> {
         let tap = Tap::open(tap_name)?;
         let mac = mac.unwrap_or_else(|| MacAddr::derived(tap_name));
-        Self::new(tap, tap_name, mac).map_err(|e| TapError::Ioctl {
+        // The guest's MTU follows the TAP's (a jumbo TAP gives a jumbo guest).
+        let mtu = tap.mtu()?;
+        let net = Self::new(tap, tap_name, mac).map_err(|e| TapError::Ioctl {
             name: tap_name.to_string(),
             what: "eventfd",
             source: e,
-        })
+        })?;
+        Ok(net.with_mtu(u16::try_from(mtu).unwrap_or(MAX_MTU)))
     }
 }
 
@@ -235,6 +250,7 @@ impl<B: NetBackend> Net<B> {
             backend,
             label: label.to_string(),
             mac,
+            mtu: None,
             queue_evts: vec![EventFd::new(EFD_NONBLOCK)?, EventFd::new(EFD_NONBLOCK)?],
             activate_evt: EventFd::new(EFD_NONBLOCK)?,
             active: None,
@@ -247,6 +263,12 @@ impl<B: NetBackend> Net<B> {
             segments: Vec::new(),
             stats: NetStats::default(),
         })
+    }
+
+    /// Offers `mtu` (at least 68, at most `MAX_MTU`) to the driver.
+    pub fn with_mtu(mut self, mtu: u16) -> Self {
+        self.mtu = Some(mtu.clamp(68, MAX_MTU));
+        self
     }
 
     pub fn mac(&self) -> MacAddr {
@@ -443,8 +465,13 @@ impl<B: NetBackend> Net<B> {
                 log::debug!("net {}: cannot add an RX used element", self.label);
             }
         }
+        let frame = (len - VNET_HDR_LEN) as u64;
         self.stats.rx_frames += 1;
-        self.stats.rx_bytes += (len - VNET_HDR_LEN) as u64;
+        self.stats.rx_bytes += frame;
+        self.stats.rx_max_frame = self.stats.rx_max_frame.max(frame);
+        if self.rx_frame[0] & HDR_F_NEEDS_CSUM != 0 {
+            self.stats.rx_csum_frames += 1;
+        }
         self.stats.rx_buffers += count as u64;
         if gso {
             self.stats.rx_gso_frames += 1;
@@ -633,7 +660,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn features(&self) -> u64 {
-        NET_FEATURES
+        match self.mtu {
+            Some(_) => NET_FEATURES | bit(vn::VIRTIO_NET_F_MTU),
+            None => NET_FEATURES,
+        }
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -641,10 +671,14 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_net_config: mac[6], status (le16).
+        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs,
+        // mtu (le16 each).
         let status = (vn::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes();
+        let mtu = self.mtu.unwrap_or(0).to_le_bytes();
         let m = self.mac.0;
-        let config = [m[0], m[1], m[2], m[3], m[4], m[5], status[0], status[1]];
+        let config = [
+            m[0], m[1], m[2], m[3], m[4], m[5], status[0], status[1], 1, 0, mtu[0], mtu[1],
+        ];
         for (i, b) in data.iter_mut().enumerate() {
             let at = offset.checked_add(i as u64);
             *b = at
@@ -753,25 +787,37 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
     }
 }
 
-impl<B: NetBackend> Drop for Net<B> {
-    fn drop(&mut self) {
-        let s = &self.stats;
-        log::info!(
-            "net {}: rx {} frames {} bytes ({} gso, {} buffers), tx {} frames {} bytes ({} gso); \
-             rx dropped {}, rx bad chains {}, tx malformed {}, tx errors {}",
-            self.label,
+impl std::fmt::Display for NetStats {
+    /// `key=value` pairs, one space apart.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self;
+        write!(
+            f,
+            "rx_frames={} rx_bytes={} rx_gso={} rx_csum={} rx_buffers={} rx_max_frame={} \
+             rx_dropped={} rx_bad_chains={} tx_frames={} tx_bytes={} tx_gso={} tx_csum={} \
+             tx_max_frame={} tx_malformed={} tx_errors={}",
             s.rx_frames,
             s.rx_bytes,
             s.rx_gso_frames,
+            s.rx_csum_frames,
             s.rx_buffers,
+            s.rx_max_frame,
+            s.rx_dropped,
+            s.rx_bad_chains,
             s.tx_frames,
             s.tx_bytes,
             s.tx_gso_frames,
-            s.rx_dropped,
-            s.rx_bad_chains,
+            s.tx_csum_frames,
+            s.tx_max_frame,
             s.tx_malformed,
             s.tx_errors
-        );
+        )
+    }
+}
+
+impl<B: NetBackend> Drop for Net<B> {
+    fn drop(&mut self) {
+        log::info!("net {}: {}", self.label, self.stats);
     }
 }
 

@@ -299,9 +299,39 @@ fn identity_config_space_and_mac() {
     assert_eq!(u16::from_le_bytes([cfg[6], cfg[7]]), 1, "link up");
     let mut tail = [0xffu8; 4];
     net.read_config(6, &mut tail);
-    assert_eq!(tail, [1, 0, 0, 0]);
+    assert_eq!(tail, [1, 0, 1, 0]);
     net.read_config(u64::MAX, &mut tail);
     assert_eq!(tail, [0; 4]);
+    assert_eq!(
+        net.features() & bit(vn::VIRTIO_NET_F_MTU),
+        0,
+        "no MTU unless known"
+    );
+}
+
+#[test]
+fn mtu_is_offered_when_known() {
+    let h = Harness::new();
+    let (a, _b) = UnixDatagram::pair().unwrap();
+    let backend = SockBackend {
+        sock: a,
+        offload: h.offload.clone(),
+    };
+    let net = Net::new(backend, "m", MacAddr::derived("m"))
+        .unwrap()
+        .with_mtu(9000);
+    assert_ne!(net.features() & bit(vn::VIRTIO_NET_F_MTU), 0);
+    let mut cfg = [0u8; 2];
+    net.read_config(10, &mut cfg);
+    assert_eq!(u16::from_le_bytes(cfg), 9000);
+    let net = net.with_mtu(u16::MAX);
+    net.read_config(10, &mut cfg);
+    assert_eq!(u16::from_le_bytes(cfg), MAX_MTU);
+    let s = NetStats::default().to_string();
+    assert!(
+        s.starts_with("rx_frames=0 ") && s.ends_with(" tx_errors=0"),
+        "{s}"
+    );
 }
 
 #[test]
