@@ -366,6 +366,24 @@ echo done=1"
         .lines()
         .find(|l| l.contains("net tap0: rx_frames="))
         .expect("device statistics on stderr");
+    // Straight to stderr so the numbers show even when the test passes.
+    let _ = std::io::stderr().write_all(
+        format!(
+            "net throughput (MTU {JUMBO_MTU}, 16 MiB): host -> guest {:.2} MiB/s ({:.1} s), \
+             guest -> host {:.2} MiB/s ({:.1} s); at MTU 1500 with TSO ({} KiB): \
+             host -> guest {:.2} MiB/s, guest -> host {:.2} MiB/s; boot + run {:.1} s\n\
+             net counters: {stats}\n",
+            rate(&to_guest, SIZE),
+            to_guest.elapsed.as_secs_f64(),
+            rate(&from_guest, SIZE),
+            from_guest.elapsed.as_secs_f64(),
+            TSO_SIZE >> 10,
+            rate(&tso_to_guest, TSO_SIZE),
+            rate(&tso_from_guest, TSO_SIZE),
+            wall.as_secs_f64()
+        )
+        .as_bytes(),
+    );
     let stat = |key: &str| -> u64 {
         stats
             .split_whitespace()
@@ -402,23 +420,5 @@ echo done=1"
         assert_eq!(stat(key), 0, "{key}: {stats}");
     }
 
-    // Straight to stderr so the numbers show even when the test passes.
-    let _ = std::io::stderr().write_all(
-        format!(
-            "net throughput (MTU {JUMBO_MTU}, 16 MiB): host -> guest {:.2} MiB/s ({:.1} s), \
-             guest -> host {:.2} MiB/s ({:.1} s); at MTU 1500 with TSO ({} KiB): \
-             host -> guest {:.2} MiB/s, guest -> host {:.2} MiB/s; boot + run {:.1} s\n\
-             net counters: {stats}\n",
-            rate(&to_guest, SIZE),
-            to_guest.elapsed.as_secs_f64(),
-            rate(&from_guest, SIZE),
-            from_guest.elapsed.as_secs_f64(),
-            TSO_SIZE >> 10,
-            rate(&tso_to_guest, TSO_SIZE),
-            rate(&tso_from_guest, TSO_SIZE),
-            wall.as_secs_f64()
-        )
-        .as_bytes(),
-    );
     drop(ns);
 }

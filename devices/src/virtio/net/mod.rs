@@ -525,13 +525,7 @@ impl<B: NetBackend> Net<B> {
                     Some(n) => {
                         match check_tx_header(&mut self.tx_frame[..VNET_HDR_LEN], a.features) {
                             Some(gso) => match self.backend.write(&self.tx_frame[..n]) {
-                                Ok(_) => {
-                                    self.stats.tx_frames += 1;
-                                    self.stats.tx_bytes += (n - VNET_HDR_LEN) as u64;
-                                    if gso {
-                                        self.stats.tx_gso_frames += 1;
-                                    }
-                                }
+                                Ok(_) => self.stats.count_tx(&self.tx_frame[..n], gso),
                                 Err(e) => {
                                     if self.stats.tx_errors == 0 {
                                         log::warn!(
@@ -783,6 +777,22 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 self.process_rx(ops);
             }
             _ => {}
+        }
+    }
+}
+
+impl NetStats {
+    /// Counts a frame (with its header) handed to the backend.
+    fn count_tx(&mut self, frame: &[u8], gso: bool) {
+        let len = frame.len().saturating_sub(VNET_HDR_LEN) as u64;
+        self.tx_frames += 1;
+        self.tx_bytes += len;
+        self.tx_max_frame = self.tx_max_frame.max(len);
+        if gso {
+            self.tx_gso_frames += 1;
+        }
+        if frame.first().is_some_and(|f| f & HDR_F_NEEDS_CSUM != 0) {
+            self.tx_csum_frames += 1;
         }
     }
 }

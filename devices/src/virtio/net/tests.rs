@@ -402,6 +402,7 @@ fn tx_gathers_a_split_frame() {
     assert!(h.irq_raised());
     let s = h.stats();
     assert_eq!((s.tx_frames, s.tx_bytes, s.tx_malformed), (1, 1500, 0));
+    assert_eq!((s.tx_csum_frames, s.tx_max_frame), (1, 1500));
 }
 
 #[test]
