@@ -174,8 +174,9 @@ fail_note() { log "FAILED: $*"; note "FAILED: $*"; }
 
 ms() { awk -v s="$1" 'BEGIN { printf "%.3f", s * 1000 }'; }
 
-qemu_base=(-enable-kvm -cpu host,-arch-capabilities -smp 1 -nodefaults -no-user-config
-           -display none -monitor none)
+# debug-threads=on names QEMU's vCPU threads "CPU 0/KVM" (the idle CPU split).
+qemu_base=(-name kilnbench,debug-threads=on -enable-kvm -cpu host,-arch-capabilities -smp 1
+           -nodefaults -no-user-config -display none -monitor none)
 # The tiny guest under QEMU: no firmware option ROMs, no RTC, no serial; the
 # guest ends QEMU through isa-debug-exit (status 1 = the guest wrote 0).
 qemu_tiny=("$qemu" -M microvm,x-option-roms=off,rtc=off,isa-serial=off,auto-kernel-cmdline=off
@@ -418,6 +419,7 @@ run_boot() {
                 scale=$(awk -v s="$idle_secs" 'BEGIN { print 10 / s }')
                 record idle_cpu_ms "$mon" "$(awk -v v="${R[cpu_total_ms]}" -v k="$scale" 'BEGIN { printf "%.0f", v * k }')"
                 record idle_cpu_other_ms "$mon" "$(awk -v v="${R[cpu_other_ms]}" -v k="$scale" 'BEGIN { printf "%.0f", v * k }')"
+                note "idle CPU ($mon run $rep, ${idle_secs} s): total ${R[cpu_total_ms]} ms = vCPU threads ${R[cpu_vcpu_ms]} + KVM kernel threads ${R[cpu_kvm_kthread_ms]} + other threads ${R[cpu_other_ms]}"
             fi
         done
     done
@@ -462,7 +464,7 @@ run_command() {
 }
 
 # ------------------------------------------------------------ 5. devices
-# The kiln option syntax assumed here (--disk PATH, --net TAPNAME) is what
+# The kiln option syntax assumed here (--disk PATH, --net tap=NAME) is what
 # the device branches were heading for when this was written; adjust if the
 # options land differently.
 run_disk() {
@@ -529,7 +531,7 @@ run_net() {
             local cmd=() base="$work/net-$mon-$rep"
             case $mon in
                 kiln) cmd=("$kiln" run --kernel "$vmlinux" --initrd "$work/bench-initramfs.cpio"
-                           --mem "${guest_mem_mib}M" --net "$tap" --cmdline "$extra") ;;
+                           --mem "${guest_mem_mib}M" --net "tap=$tap" --cmdline "$extra") ;;
                 qemu) cmd=("$qemu" -M microvm,x-option-roms=off,rtc=off "${qemu_base[@]}" -serial stdio
                            -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
                            -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no,vhost=off"
