@@ -5,6 +5,7 @@
  *   benchrun time [options] -- CMD [ARGS...]
  *     Runs CMD once (stdin /dev/null) and prints key=value lines:
  *       wall=S         fork to exit (or to the kill, with -k)
+ *       cpu=S          user + system CPU time CMD used (wait4 rusage)
  *       status=N | signal=N | timeout=1
  *       marker=S       fork to the first stdout line equal to MARKER (-m)
  *       first_run=S    fork to the monitor's first KVM_RUN (-p SHIM)
@@ -47,6 +48,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -401,9 +403,10 @@ static int cmd_time(int argc, char **argv)
 		if (out)
 			fwrite(buf, 1, n, out);
 	}
-	while (waitpid(pid, &status, 0) < 0) {
+	struct rusage ru;
+	while (wait4(pid, &status, 0, &ru) < 0) {
 		if (errno != EINTR)
-			die("waitpid");
+			die("wait4");
 	}
 	if (!(timed_out || (kill_after && t_marker >= 0)))
 		t_end = now();
@@ -411,6 +414,8 @@ static int cmd_time(int argc, char **argv)
 		fclose(out);
 
 	printf("wall=%.6f\n", t_end - t0);
+	printf("cpu=%.6f\n", ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
+				      ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
 	if (timed_out)
 		printf("timeout=1\n");
 	else if (WIFEXITED(status))

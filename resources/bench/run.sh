@@ -16,6 +16,8 @@
 #                  disk     virtio-blk (only if `kiln run --help` lists --disk)
 #                  net      virtio-net (only if `kiln run --help` lists --net)
 #   --out DIR    where BENCHMARKS.md/.json go (default: the repository root)
+#   --reps N, --reps-boot N   override the repetitions (default 5 and 3 for
+#                boots; --quick: 1 and 1)
 #
 # Environment: KILN_BIN (a kiln binary to use instead of building
 # target/release/kiln), KILN_BENCH_WORK (scratch root, default target/bench).
@@ -35,6 +37,8 @@ log() { echo "$prog: $*" >&2; }
 
 # ---------------------------------------------------------------- options
 quick=0
+reps_override=""
+reps_boot_override=""
 only="exits,startup,boot,command,disk,net"
 out_dir="$root"
 while [ $# -gt 0 ]; do
@@ -44,7 +48,9 @@ while [ $# -gt 0 ]; do
         --only=*) only=${1#--only=} ;;
         --out) [ $# -ge 2 ] || die "--out needs a directory"; out_dir=$2; shift ;;
         --out=*) out_dir=${1#--out=} ;;
-        -h|--help) sed -n '2,27s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --reps) [ $# -ge 2 ] || die "--reps needs a number"; reps_override=$2; shift ;;
+        --reps-boot) [ $# -ge 2 ] || die "--reps-boot needs a number"; reps_boot_override=$2; shift ;;
+        -h|--help) sed -n '2,29s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -65,6 +71,9 @@ if [ "$quick" = 1 ]; then
 else
     reps_boot=3; reps=5; exit_n=100000; rate_secs=2; idle_secs=10; settle_secs=2
 fi
+[ -n "$reps_override" ] && reps=$reps_override
+[ -n "$reps_boot_override" ] && reps_boot=$reps_boot_override
+[[ "$reps" =~ ^[1-9][0-9]*$ && "$reps_boot" =~ ^[1-9][0-9]*$ ]] || die "repetitions must be positive numbers"
 boot_timeout=900
 guest_mem_mib=128
 
@@ -191,7 +200,7 @@ run_exits() {
     for rep in $(seq "$reps"); do
         for mon in floor floor_irqchip kiln qemu; do
             [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
-            declare -A T=()
+            declare -A T=() C=()
             for kind in zero pio mmio; do
                 case $kind in
                     zero) args="exit_loop.pio=0 exit_loop.mmio=0" ;;
@@ -209,11 +218,14 @@ run_exits() {
                     { fail_note "exits: $mon $kind: benchrun failed"; continue 2; }
                 ok $expect || { fail_note "exits: $mon $kind run $rep: status ${R[status]:-?} signal ${R[signal]:-} (see $work/exits-$mon-$kind-$rep.err)"; continue 2; }
                 T[$kind]=${R[wall]}
+                C[$kind]=${R[cpu]}
             done
             t0=${T[zero]}
             for kind in pio mmio; do
                 t=$(awk -v a="${T[$kind]}" -v b="$t0" -v n="$exit_n" 'BEGIN { printf "%.3f", (a - b) / n * 1e6 }')
                 record "exit_${kind}_us" "$mon" "$t"
+                t=$(awk -v a="${C[$kind]}" -v b="${C[zero]}" -v n="$exit_n" 'BEGIN { printf "%.3f", (a - b) / n * 1e6 }')
+                record "exit_${kind}_cpu_us" "$mon" "$t"
             done
         done
     done
@@ -277,6 +289,7 @@ run_startup() {
             ok $expect || { fail_note "startup: $mon run $rep: status ${R[status]:-?} (see $err)"; continue; }
             [ "${R[first_run]:-none}" != none ] && record startup_first_run_ms "$mon" "$(ms "${R[first_run]}")"
             record tiny_vm_wall_ms "$mon" "$(ms "${R[wall]}")"
+            record tiny_vm_cpu_ms "$mon" "$(ms "${R[cpu]}")"
             if [ "$mon" = kiln ]; then
                 # "guest user space started X ms after monitor start (Y ms after
                 # first KVM_RUN)": X - Y is main() to the first KVM_RUN.
