@@ -6,6 +6,7 @@
  *     Runs CMD once (stdin /dev/null) and prints key=value lines:
  *       wall=S         fork to exit (or to the kill, with -k)
  *       cpu=S          user + system CPU time CMD used (wait4 rusage)
+ *       minflt=N       minor page faults of CMD (wait4 rusage)
  *       status=N | signal=N | timeout=1
  *       marker=S       fork to the first stdout line equal to MARKER (-m)
  *       first_run=S    fork to the monitor's first KVM_RUN (-p SHIM)
@@ -13,7 +14,9 @@
  *                      CPU time used in the idle window: whole process, its
  *                      vCPU threads (named kiln-vcpuN or "CPU N/KVM": QEMU
  *                      needs -name debug-threads=on), KVM's kernel threads
- *                      among its tasks (kvm-*), everything else
+ *                      among its tasks (kvm-*), its other threads (each from
+ *                      /proc/PID/task/TID/stat, so they need not add up to
+ *                      the total exactly: clock-tick rounding)
  *       private_kib=, guest_kib=, overhead_kib=, guest_map_kib=   (-g) from
  *                      /proc/PID/smaps: Private_* summed over all mappings,
  *                      over the guest RAM mapping, and their difference
@@ -129,14 +132,17 @@ static int is_kvm_kthread(const char *comm)
 	return strncmp(comm, "kvm-", 4) == 0;
 }
 
-/* CPU ticks of the whole process, of its vCPU threads and of KVM kthreads. */
-static void cpu_sample(pid_t pid, long long *total, long long *vcpu, long long *kthread)
+/* CPU ticks of the whole process, and of its live threads by kind: vCPU
+ * threads, KVM kthreads, the rest. */
+static void cpu_sample(pid_t pid, long long *total, long long *vcpu, long long *kthread,
+		       long long *other)
 {
 	char path[64];
 	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
 	*total = stat_ticks(path, NULL, 0);
 	*vcpu = 0;
 	*kthread = 0;
+	*other = 0;
 	snprintf(path, sizeof(path), "/proc/%d/task", pid);
 	DIR *dir = opendir(path);
 	if (!dir)
@@ -152,6 +158,8 @@ static void cpu_sample(pid_t pid, long long *total, long long *vcpu, long long *
 			*vcpu += t;
 		else if (t >= 0 && is_kvm_kthread(comm))
 			*kthread += t;
+		else if (t >= 0)
+			*other += t;
 	}
 	closedir(dir);
 }
@@ -346,8 +354,8 @@ static int cmd_time(int argc, char **argv)
 			t_marker = now();
 	}
 
-	long long cpu0_total = 0, cpu0_vcpu = 0, cpu0_kthread = 0;
-	long long cpu1_total = 0, cpu1_vcpu = 0, cpu1_kthread = 0;
+	long long cpu0_total = 0, cpu0_vcpu = 0, cpu0_kthread = 0, cpu0_other = 0;
+	long long cpu1_total = 0, cpu1_vcpu = 0, cpu1_kthread = 0, cpu1_other = 0;
 	long long priv = -1, guest = -1, guest_map = -1;
 	int idle_ok = 0;
 	if (t_marker >= 0 && (idle >= 0 || guest_bytes >= 0)) {
@@ -355,7 +363,7 @@ static int cmd_time(int argc, char **argv)
 		double phases[2] = { settle, idle > 0 ? idle : 0 };
 		for (int ph = 0; ph < 2; ph++) {
 			if (ph == 1 && idle >= 0) {
-				cpu_sample(pid, &cpu0_total, &cpu0_vcpu, &cpu0_kthread);
+				cpu_sample(pid, &cpu0_total, &cpu0_vcpu, &cpu0_kthread, &cpu0_other);
 			}
 			double end = now() + phases[ph];
 			while (now() < end) {
@@ -372,7 +380,7 @@ static int cmd_time(int argc, char **argv)
 			}
 		}
 		if (idle >= 0) {
-			cpu_sample(pid, &cpu1_total, &cpu1_vcpu, &cpu1_kthread);
+			cpu_sample(pid, &cpu1_total, &cpu1_vcpu, &cpu1_kthread, &cpu1_other);
 			idle_ok = cpu0_total >= 0 && cpu1_total >= 0;
 		}
 		if (guest_bytes >= 0 && smaps_sample(pid, guest_bytes, &priv, &guest, &guest_map) < 0)
@@ -416,6 +424,7 @@ static int cmd_time(int argc, char **argv)
 	printf("wall=%.6f\n", t_end - t0);
 	printf("cpu=%.6f\n", ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
 				      ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
+	printf("minflt=%ld\n", ru.ru_minflt);
 	if (timed_out)
 		printf("timeout=1\n");
 	else if (WIFEXITED(status))
@@ -441,10 +450,11 @@ static int cmd_time(int argc, char **argv)
 			double ms_per_tick = 1000.0 / sysconf(_SC_CLK_TCK);
 			long long total = cpu1_total - cpu0_total, vcpu = cpu1_vcpu - cpu0_vcpu;
 			long long kthread = cpu1_kthread - cpu0_kthread;
+			long long other = cpu1_other - cpu0_other;
 			printf("cpu_total_ms=%.0f\ncpu_vcpu_ms=%.0f\ncpu_kvm_kthread_ms=%.0f\n"
 			       "cpu_other_ms=%.0f\n",
 			       total * ms_per_tick, vcpu * ms_per_tick, kthread * ms_per_tick,
-			       (total - vcpu - kthread) * ms_per_tick);
+			       other * ms_per_tick);
 		} else {
 			printf("cpu_total_ms=none\n");
 		}

@@ -72,7 +72,7 @@ function cell(id, mon,    k) {
 function has(id, mon) { return (id SUBSEP mon) in N }
 
 function ratio(id, mon) {
-    if (!has(id, "kiln") || !has(id, mon) || MED[id SUBSEP mon] == 0) return ""
+    if (!has(id, "kiln") || !has(id, mon) || MED[id SUBSEP mon] <= 0 || MED[id SUBSEP "kiln"] < 0) return ""
     return MED[id SUBSEP "kiln"] / MED[id SUBSEP mon]
 }
 

@@ -69,7 +69,7 @@ wants() { [ -n "${want[$1]:-}" ]; }
 if [ "$quick" = 1 ]; then
     reps_boot=1; reps=1; exit_n=10000; rate_secs=1; idle_secs=3; settle_secs=1
 else
-    reps_boot=3; reps=5; exit_n=100000; rate_secs=2; idle_secs=10; settle_secs=2
+    reps_boot=3; reps=5; exit_n=100000; rate_secs=2; idle_secs=10; settle_secs=5
 fi
 [ -n "$reps_override" ] && reps=$reps_override
 [ -n "$reps_boot_override" ] && reps_boot=$reps_boot_override
@@ -290,6 +290,7 @@ run_startup() {
             [ "${R[first_run]:-none}" != none ] && record startup_first_run_ms "$mon" "$(ms "${R[first_run]}")"
             record tiny_vm_wall_ms "$mon" "$(ms "${R[wall]}")"
             record tiny_vm_cpu_ms "$mon" "$(ms "${R[cpu]}")"
+            record tiny_vm_faults "$mon" "${R[minflt]}"
             if [ "$mon" = kiln ]; then
                 # "guest user space started X ms after monitor start (Y ms after
                 # first KVM_RUN)": X - Y is main() to the first KVM_RUN.
@@ -342,8 +343,9 @@ startup_syscalls() {
                        call = $2; sub(/\(.*/, "", call)
                        if (call == "ioctl" && match($0, /KVM_[A-Z0-9_]+/)) call = substr($0, RSTART, RLENGTH)
                        sum[call] += t; total += t }
+                   match($0, /^[0-9]+ +[a-z_0-9]+\(/) { calls++ }
                    END { n = 0; for (c in sum) if (sum[c] >= 0.3) { printf "%s%s %.1f ms", (n++ ? ", " : ""), c, sum[c] }
-                         printf "%s(all calls %.1f ms)\n", (n ? "; " : ""), total }' "$work/strace-startup-$mon.txt")
+                         printf "%s(all %d calls %.1f ms)\n", (n ? "; " : ""), calls, total }' "$work/strace-startup-$mon.txt")
         note "system calls before the first KVM_RUN ($mon, strace -T, one run, >= 0.3 ms): $top"
     done
 }
