@@ -11,6 +11,7 @@ packages=(
   busybox-static cpio                                          # guest root file system
   e2fsprogs iproute2 util-linux                                # disk and network tests
   qemu-system-x86                                              # benchmarks: QEMU microvm side by side
+  strace                                                       # benchmarks: syscalls per exit / at start-up
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,28 @@
+#!/bin/sh
+# /init of the benchmark initramfs (resources/bench/run.sh): every monitor
+# boots the same vmlinux with this initramfs and the same command line.
+# Unknown kernel parameters arrive as environment variables:
+#   bench_idle=1        stay idle (sleep) after the marker
+#   bench_disk=MIB      time reading and writing MIB MiB of /dev/vda
+#   bench_net=ME/PEER   configure eth0 as ME/24 and ping PEER
+#   bench_net_count=N   pings to send (default 20)
+# Without any of them, reset at once (reboot=k: through the i8042).
+echo KILN-BENCH-INIT
+if [ -n "$bench_disk" ]; then
+    mount -t devtmpfs dev /dev
+    # busybox `time` prints "real 0mS.SSs"; dd's own fork+exec is timed by
+    # the count=0 run and subtracted by the harness.
+    time dd if=/dev/vda of=/dev/null bs=1M count=0
+    time dd if=/dev/vda of=/dev/null bs=1M count="$bench_disk"
+    time dd if=/dev/zero of=/dev/vda bs=1M count="$bench_disk" conv=fsync
+    echo KILN-BENCH-DONE
+fi
+if [ -n "$bench_net" ]; then
+    ifconfig eth0 "${bench_net%/*}" netmask 255.255.255.0 up
+    ping -c "${bench_net_count:-20}" "${bench_net#*/}"
+    echo KILN-BENCH-DONE
+fi
+if [ -n "$bench_idle" ]; then
+    exec sleep 1000000
+fi
+exec reboot -f
