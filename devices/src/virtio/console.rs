@@ -443,9 +443,12 @@ mod tests {
     const TX_RING: u64 = 0x2_0000;
     const BUFS: u64 = 0x10_0000;
 
+    /// (blocked, bytes written so far), and a condvar for unblocking.
+    type Gate = (Mutex<(bool, Vec<u8>)>, Condvar);
+
     /// Output that can be blocked (like a full pipe) and inspected.
     #[derive(Clone, Default)]
-    struct GatedOut(Arc<(Mutex<(bool, Vec<u8>)>, Condvar)>);
+    struct GatedOut(Arc<Gate>);
 
     impl GatedOut {
         fn set_blocked(&self, blocked: bool) {
