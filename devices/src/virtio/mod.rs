@@ -7,6 +7,7 @@
 //! through `Interrupt` (a KVM irqfd). The vCPU threads only touch registers.
 
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
