@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{parse_duration, parse_size, VmConfig};
+use crate::config::{
+    parse_console_kind, parse_duration, parse_size, parse_vsock, ConsoleKind, VmConfig, VsockConfig,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,6 +67,17 @@ pub struct RunArgs {
     /// (for comparing boot paths).
     #[arg(long)]
     pub no_pvh: bool,
+    /// The guest console: `serial` (ttyS0) or `virtio` (hvc0, a virtio console:
+    /// far fewer VM exits for bulk output). kiln's stdin and stdout are the
+    /// console's input and output either way.
+    #[arg(long, value_name = "serial|virtio", default_value = "serial", value_parser = parse_console_kind)]
+    pub console: ConsoleKind,
+    /// Add a virtio-vsock device with guest CID N (3 or more). Host programs
+    /// connect to the Unix socket PATH and send `CONNECT <port>\n` to reach a
+    /// guest port (kiln answers `OK <host port>\n`); guest connections to host
+    /// port P go to the Unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
     /// The command kiln's init runs in the guest (default: /bin/sh).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -83,6 +96,8 @@ impl RunArgs {
             command: self.command.clone(),
             verbose: self.verbose,
             use_pvh: !self.no_pvh,
+            console: self.console,
+            vsock: self.vsock.clone(),
         }
     }
 }
@@ -146,5 +161,31 @@ mod tests {
         assert!(parse(&["--kernel", "k", "--cpus", "-1"]).is_err());
         assert!(parse(&["--kernel", "k", "--cpus", "300"]).is_err());
         assert!(parse(&["--kernel", "k", "--timeout", "soon"]).is_err());
+        assert!(parse(&["--kernel", "k", "--console", "tty"]).is_err());
+        assert!(parse(&["--kernel", "k", "--vsock", "cid=2,socket=/s"]).is_err());
+    }
+
+    #[test]
+    fn console_and_vsock_options() {
+        let c = parse(&["--kernel", "k"]).unwrap().to_config();
+        assert_eq!((c.console, c.vsock), (ConsoleKind::Serial, None));
+        let c = parse(&[
+            "--kernel",
+            "k",
+            "--console",
+            "virtio",
+            "--vsock",
+            "cid=7,socket=/tmp/k.sock",
+        ])
+        .unwrap()
+        .to_config();
+        assert_eq!(c.console, ConsoleKind::Virtio);
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                cid: 7,
+                socket: "/tmp/k.sock".into()
+            })
+        );
     }
 }

@@ -29,6 +29,10 @@ pub struct VmConfig {
     pub verbose: bool,
     /// Enter a vmlinux through its PVH note when it has one (the fast path).
     pub use_pvh: bool,
+    /// Which device is the guest's console.
+    pub console: ConsoleKind,
+    /// A virtio-vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -44,7 +48,72 @@ impl VmConfig {
             command: Vec::new(),
             verbose: false,
             use_pvh: true,
+            console: ConsoleKind::Serial,
+            vsock: None,
         }
+    }
+}
+
+/// The guest's console (/dev/console): the UART (ttyS0) or a virtio console
+/// (hvc0). The UART is present either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleKind {
+    #[default]
+    Serial,
+    Virtio,
+}
+
+/// Parses `serial` or `virtio`.
+pub fn parse_console_kind(text: &str) -> Result<ConsoleKind, String> {
+    match text.trim() {
+        "serial" => Ok(ConsoleKind::Serial),
+        "virtio" => Ok(ConsoleKind::Virtio),
+        other => Err(format!("'{other}': the console is 'serial' or 'virtio'")),
+    }
+}
+
+/// A virtio-vsock device: the guest's CID and the host Unix socket that host
+/// programs connect to (guest connections to port P go to `socket_P`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+/// Parses `cid=N,socket=PATH` (either order; N from 3 to 4294967294).
+pub fn parse_vsock(text: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut socket) = (None, None);
+    for part in text.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("'{part}': expected key=value (cid=N,socket=PATH)"))?;
+        match key.trim() {
+            "cid" if cid.is_none() => {
+                let n: u64 = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("cid '{value}' is not a number"))?;
+                if !(3..=u64::from(u32::MAX) - 1).contains(&n) {
+                    return Err(format!(
+                        "cid {n} is reserved or too large (use 3 to {})",
+                        u32::MAX - 1
+                    ));
+                }
+                cid = Some(n);
+            }
+            "socket" if socket.is_none() => {
+                if value.is_empty() {
+                    return Err("socket path is empty".into());
+                }
+                socket = Some(PathBuf::from(value));
+            }
+            "cid" | "socket" => return Err(format!("'{key}' given twice")),
+            other => return Err(format!("unknown vsock option '{other}' (cid, socket)")),
+        }
+    }
+    match (cid, socket) {
+        (Some(cid), Some(socket)) => Ok(VsockConfig { cid, socket }),
+        _ => Err("both cid=N and socket=PATH are required".into()),
     }
 }
 
@@ -123,5 +192,30 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("NaNs").is_err());
+    }
+
+    #[test]
+    fn vsock_and_console_options() {
+        let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!((v.cid, v.socket), (3, PathBuf::from("/tmp/v.sock")));
+        let v = parse_vsock("socket=/a/b,cid=4294967294").unwrap();
+        assert_eq!(v.cid, 4294967294);
+        for bad in [
+            "cid=2,socket=/s",
+            "cid=0,socket=/s",
+            "cid=4294967295,socket=/s",
+            "cid=x,socket=/s",
+            "cid=3",
+            "socket=/s",
+            "cid=3,socket=",
+            "cid=3,cid=4,socket=/s",
+            "cid=3,socket=/s,port=1",
+            "3,/s",
+        ] {
+            assert!(parse_vsock(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_console_kind("virtio"), Ok(ConsoleKind::Virtio));
+        assert_eq!(parse_console_kind("serial"), Ok(ConsoleKind::Serial));
+        assert!(parse_console_kind("hvc").is_err());
     }
 }

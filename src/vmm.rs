@@ -4,14 +4,16 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_devices::virtio::console::{SharedWriter, VirtioConsole};
+use kiln_devices::virtio::vsock::Vsock;
 use kiln_init::spec::ExecSpec;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::{self, cmdline::CmdlineParts, mptable};
-use crate::config::VmConfig;
+use crate::config::{ConsoleKind, VmConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::DeviceManager;
 use crate::error::{Error, Result};
@@ -67,9 +69,20 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
     }
 
     let (output, panic_watch) = ConsoleOutput::new(io.output);
+    // The UART and a virtio console print to the same output.
+    let output = SharedWriter::new(Box::new(output));
     let mut event_loop = EventLoop::new()?;
-    let mut devices = DeviceManager::new(&vm, &life, Box::new(output))?;
+    let mut devices = DeviceManager::new(&vm, &life, Box::new(output.clone()))?;
     attach_virtio_devices(config, &vm, &mem, &mut event_loop, &mut devices)?;
+    let serial_input = attach_console(
+        config,
+        &vm,
+        &mem,
+        &mut event_loop,
+        &mut devices,
+        output,
+        io.input,
+    )?;
     let entry = load_guest(config, &mem, profile, &devices.cmdline_words)?;
     let vcpus = create_vcpus(config, &vm, profile, entry)?;
 
@@ -81,7 +94,7 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
             .map_err(Error::io("duplicating the reset eventfd"))?,
         panic_watch: panic_watch.clone(),
     }));
-    if let Some(input) = io.input {
+    if let Some(input) = serial_input {
         event_loop.add(Box::new(SerialInput::new(input, devices.serial.clone())?));
     }
 
@@ -158,8 +171,37 @@ fn attach_virtio_devices(
     event_loop: &mut EventLoop,
     devices: &mut DeviceManager,
 ) -> Result<()> {
-    let _ = (config, vm, mem, event_loop, devices);
+    if let Some(v) = &config.vsock {
+        let vsock =
+            Vsock::new(v.cid, &v.socket).map_err(|e| Error::Config(format!("--vsock: {e}")))?;
+        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(vsock)))?;
+    }
     Ok(())
+}
+
+/// With `--console virtio`, a virtio console on kiln's input and output
+/// becomes the guest's /dev/console (hvc0) and the UART gets no input.
+/// Returns the input the UART should read.
+fn attach_console(
+    config: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    event_loop: &mut EventLoop,
+    devices: &mut DeviceManager,
+    output: SharedWriter,
+    input: Option<File>,
+) -> Result<Option<File>> {
+    match config.console {
+        ConsoleKind::Serial => Ok(input),
+        ConsoleKind::Virtio => {
+            let console = VirtioConsole::new(Box::new(output), input)
+                .map_err(|e| Error::Device(format!("virtio console: {e}")))?;
+            devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(console)))?;
+            // After the default console=ttyS0: the last console= is /dev/console.
+            devices.cmdline_words.push("console=hvc0".into());
+            Ok(None)
+        }
+    }
 }
 
 /// Puts kernel, initramfs, command line and boot tables into guest memory;

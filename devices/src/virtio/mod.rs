@@ -6,6 +6,7 @@
 //! eventfds (KVM ioeventfds on the QueueNotify register) and interrupts leave
 //! through `Interrupt` (a KVM irqfd). The vCPU threads only touch registers.
 
+pub mod console;
 pub mod mmio;
 pub mod vsock;
 

@@ -224,4 +224,6 @@ impl MutEventSubscriber for Vsock {
 }
 
 #[cfg(test)]
+pub(crate) mod test_queue;
+#[cfg(test)]
 mod tests;
