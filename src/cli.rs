@@ -55,7 +55,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
     /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub cpus: u8,
     /// Stop the VM after this long (e.g. 30s, 2m, 500ms); exit status 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]

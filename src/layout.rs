@@ -7,7 +7,7 @@
 /// Global descriptor table used for both the 64-bit and the PVH (32-bit) entry.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// Interrupt descriptor table (empty: the guest installs its own before `sti`).
-pub const BOOT_IDT_START: u64 = 0x520;
+pub const BOOT_IDT_START: u64 = 0x540;
 /// PVH `hvm_start_info` structure, followed by its memory map table.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// Linux zero page (`struct boot_params`) for the 64-bit and bzImage entries.

@@ -23,4 +23,4 @@ pub mod vmm;
 pub use config::VmConfig;
 pub use error::{Error, Result};
 pub use outcome::VmOutcome;
-pub use vmm::{run, ConsoleIo, RunReport};
+pub use vmm::{run, spawn, ConsoleIo, RunReport, VmHandle, VmStopper};

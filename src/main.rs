@@ -59,13 +59,51 @@ fn run(args: &kiln::cli::RunArgs, started: Instant) -> kiln::Result<i32> {
         output: Box::new(dup_fd(std::io::stdout().as_fd())?),
         input: Some(dup_fd(std::io::stdin().as_fd())?),
     };
-    let report = kiln::run(&config, io, started)?;
+    // SIGINT/SIGTERM/SIGHUP stop the VM cleanly (threads joined, terminal
+    // restored) instead of killing kiln mid-run. Blocked before any thread
+    // starts so every thread inherits the mask and one thread takes them.
+    let signals = block_stop_signals();
+    let vm = kiln::spawn(config, io, started)?;
+    let stopper = vm.stopper();
+    std::thread::Builder::new()
+        .name("kiln-signals".into())
+        .spawn(move || {
+            if let Some(sig) = wait_for_signal(&signals) {
+                stopper.stop(VmOutcome::Interrupted(sig as u8));
+            }
+        })
+        .map_err(|source| kiln::Error::Io {
+            what: "spawning the signal thread",
+            source,
+        })?;
+    let report = vm.wait()?;
     if !report.outcome.is_command_exit() {
         eprintln!("kiln: {}", report.outcome);
     } else if let VmOutcome::Signaled(_) = report.outcome {
         log::info!("{}", report.outcome);
     }
     Ok(report.outcome.exit_status())
+}
+
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the calls only modify it and this
+    // thread's signal mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> Option<i32> {
+    let mut sig = 0;
+    // SAFETY: `set` is a valid, initialised signal set and `sig` a valid out pointer.
+    (unsafe { libc::sigwait(set, &mut sig) } == 0).then_some(sig)
 }
 
 /// An owned duplicate of a standard stream, unbuffered (every guest byte is

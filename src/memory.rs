@@ -64,6 +64,9 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))
 }
 
+// The MP table sits in the reserved EBDA area below the legacy hole.
+const _: () = assert!(MPTABLE_START < EBDA_END);
+
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
 pub const E820_RESERVED: u32 = 2;
@@ -75,7 +78,6 @@ pub fn e820_map(mem_bytes: u64) -> Vec<(u64, u64, u32)> {
         (0, MPTABLE_START, E820_RAM),
         (MPTABLE_START, HIMEM_START - MPTABLE_START, E820_RESERVED),
     ];
-    debug_assert!(MPTABLE_START < EBDA_END);
     for (start, len) in ram_ranges(mem_bytes) {
         let start = start.max(HIMEM_START);
         let end = if start == HIMEM_START {

@@ -35,6 +35,10 @@ pub enum VmOutcome {
     KvmFailure(String),
     /// The wall-clock limit expired.
     Timeout,
+    /// The host stopped the VM (a library caller, or kiln got this signal).
+    Stopped,
+    /// kiln was interrupted by this signal and stopped the VM.
+    Interrupted(u8),
 }
 
 impl VmOutcome {
@@ -48,6 +52,8 @@ impl VmOutcome {
             Self::TripleFault => STATUS_TRIPLE_FAULT,
             Self::KvmFailure(_) => STATUS_KVM_FAILURE,
             Self::Timeout => STATUS_TIMEOUT,
+            Self::Stopped => 128 + libc::SIGTERM,
+            Self::Interrupted(sig) => 128 + i32::from(*sig),
         }
     }
 
@@ -68,6 +74,8 @@ impl fmt::Display for VmOutcome {
             Self::TripleFault => write!(f, "guest triple fault (KVM shutdown exit)"),
             Self::KvmFailure(why) => write!(f, "KVM stopped the guest: {why}"),
             Self::Timeout => write!(f, "timeout expired, VM stopped"),
+            Self::Stopped => write!(f, "VM stopped by the host"),
+            Self::Interrupted(sig) => write!(f, "interrupted by signal {sig}, VM stopped"),
         }
     }
 }

@@ -12,7 +12,8 @@ use kiln_devices::virtio::vsock::Vsock;
 use kiln_init::spec::ExecSpec;
 use vm_memory::GuestMemoryMmap;
 
-use crate::boot::{self, cmdline::CmdlineParts, mptable};
+use crate::boot::params::InitrdPlacement;
+use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
 use crate::config::{ConsoleKind, VmConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::DeviceManager;
@@ -53,12 +54,85 @@ const DEFAULT_COMMAND: &str = "/bin/sh";
 /// `started` is when the caller began (the CLI passes process start) and is
 /// the origin of the reported times.
 pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunReport> {
+    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
+    run_with(config, io, life)
+}
+
+/// Starts the VM on its own thread and returns at once; the handle can stop
+/// it from anywhere and collects the report.
+pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHandle> {
+    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
+    let vm_life = life.clone();
+    let thread = std::thread::Builder::new()
+        .name("kiln-vmm".into())
+        .spawn(move || run_with(&config, io, vm_life))
+        .map_err(Error::io("spawning the VM thread"))?;
+    Ok(VmHandle {
+        life,
+        thread: Some(thread),
+    })
+}
+
+/// A VM running on its own thread. Dropping the handle stops the VM and
+/// waits for all of its threads.
+pub struct VmHandle {
+    life: Arc<Lifecycle>,
+    thread: Option<std::thread::JoinHandle<Result<RunReport>>>,
+}
+
+/// Stops a VM from any thread (cheap to clone).
+#[derive(Clone)]
+pub struct VmStopper(Arc<Lifecycle>);
+
+impl VmStopper {
+    /// Ends the VM with `outcome` unless it has already ended.
+    pub fn stop(&self, outcome: VmOutcome) {
+        self.0.finish(outcome);
+    }
+}
+
+impl VmHandle {
+    pub fn stopper(&self) -> VmStopper {
+        VmStopper(self.life.clone())
+    }
+
+    /// Asks the VM to stop (outcome `Stopped`); `wait` collects the report.
+    pub fn stop(&self) {
+        self.life.finish(VmOutcome::Stopped);
+    }
+
+    /// True once the VM has ended and its threads are gone.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits for the VM to end.
+    pub fn wait(mut self) -> Result<RunReport> {
+        let thread = self.thread.take().expect("joined only here or in drop");
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::Device("the VM thread panicked".into())))
+    }
+}
+
+impl Drop for VmHandle {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.life.finish(VmOutcome::Stopped);
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<RunReport> {
     validate(config)?;
     let profile = HostProfile::detect();
     install_kick_handler()?;
-    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
 
+    // Load the guest before opening /dev/kvm, so a bad kernel or initrd is
+    // reported as such even on a host without KVM.
     let mem = memory::create_guest_memory(config.mem_bytes)?;
+    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem)?;
     let vm = Vm::new(&mem)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(Error::Config(format!(
@@ -83,8 +157,15 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
         output,
         io.input,
     )?;
-    let entry = load_guest(config, &mem, profile, &devices.cmdline_words)?;
-    let vcpus = create_vcpus(config, &vm, profile, entry)?;
+    write_boot_info(
+        config,
+        &mem,
+        profile,
+        &kernel,
+        initrd,
+        &devices.cmdline_words,
+    )?;
+    let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
 
     event_loop.add(Box::new(VmEvents {
         life: life.clone(),
@@ -204,14 +285,11 @@ fn attach_console(
     }
 }
 
-/// Puts kernel, initramfs, command line and boot tables into guest memory;
-/// returns how the boot vCPU enters the kernel.
-fn load_guest(
+/// Puts the kernel and the initramfs into guest memory.
+fn load_kernel_and_initramfs(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
-    profile: HostProfile,
-    device_words: &[String],
-) -> Result<boot::BootEntry> {
+) -> Result<(LoadedKernel, InitrdPlacement)> {
     let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
     log::debug!("kernel entry {:?}", kernel.entry);
 
@@ -234,17 +312,27 @@ fn load_guest(
             .map_err(|e| Error::Initramfs(e.to_string()))?,
     };
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
+    Ok((kernel, initrd))
+}
 
+/// Writes the command line, boot parameters and CPU tables the kernel reads at entry.
+fn write_boot_info(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    profile: HostProfile,
+    kernel: &LoadedKernel,
+    initrd: InitrdPlacement,
+    device_words: &[String],
+) -> Result<()> {
     let cmdline = boot::cmdline::build(&CmdlineParts {
         verbose: config.verbose,
         host_additions: profile.kernel_cmdline_additions(),
         devices: device_words.to_vec(),
         user: config.extra_cmdline.as_deref(),
     })?;
-    boot::params::write_boot_info(mem, &kernel, &cmdline, Some(initrd), config.mem_bytes)?;
+    boot::params::write_boot_info(mem, kernel, &cmdline, Some(initrd), config.mem_bytes)?;
     boot::cpu_state::write_boot_tables(mem, kernel.entry)?;
-    mptable::setup_mptable(mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
-    Ok(kernel.entry)
+    mptable::setup_mptable(mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))
 }
 
 fn exec_spec(config: &VmConfig) -> Result<ExecSpec> {

@@ -252,8 +252,6 @@ fn triple_fault_is_reported() {
 }
 
 #[test]
-#[ignore = "monitor bug: BOOT_IDT_START (0x520) lies inside the 6-entry boot GDT at 0x500, \
-            so writing the empty IDT zeroes the TSS descriptor (selector 0x20) in guest memory"]
 fn boot_gdt_in_memory_matches_the_loaded_selectors() {
     require_kvm!();
     let (report, _) = run_guest(&guest_config("boot_gdt"), None);
@@ -464,4 +462,60 @@ fn exit_loop_counts_every_exit_and_measures_its_cost() {
         base.as_secs_f64() * 1e3,
         cfg!(debug_assertions)
     );
+}
+
+/// A library caller can stop a running VM from another thread; dropping the
+/// handle of a running VM stops it and joins its threads.
+#[test]
+fn spawned_vm_stops_on_request_and_on_drop() {
+    require_kvm!();
+    let mut config = guest_config("spin");
+    config.timeout = None;
+    let vm = kiln::spawn(config.clone(), quiet_io(), Instant::now()).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!vm.is_finished(), "a spinning guest keeps running");
+    vm.stop();
+    let report = vm.wait().unwrap();
+    assert_eq!(report.outcome, VmOutcome::Stopped);
+
+    let started = Instant::now();
+    drop(kiln::spawn(config, quiet_io(), Instant::now()).unwrap());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "drop stops the VM promptly"
+    );
+}
+
+fn quiet_io() -> kiln::ConsoleIo {
+    kiln::ConsoleIo {
+        output: Box::new(std::io::sink()),
+        input: None,
+    }
+}
+
+/// SIGTERM to the CLI stops the VM cleanly: status 143 and one line on stderr.
+#[test]
+fn cli_stops_the_vm_on_sigterm() {
+    require_kvm!();
+    let guest = test_guest("spin");
+    let child = common::kiln_cli()
+        .args([
+            "run",
+            "--kernel",
+            path_str(&guest),
+            "--mem",
+            "32M",
+            "--timeout",
+            "20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    assert_one_line(&out, "interrupted by signal 15");
 }

@@ -103,7 +103,7 @@ impl<E: ControlEvents> BusDevice for ControlPage<E> {
                     self.exit_latched = true;
                     self.events.exit_reported(exit);
                 }
-                None => log::warn!("control page: malformed exit report {value:#x} ignored"),
+                None => log::debug!("control page: malformed exit report {value:#x} ignored"),
             },
             _ => {}
         }

@@ -12,6 +12,9 @@ use crate::layout::{
     PVH_INFO_START, ZERO_PAGE_START,
 };
 
+// The empty boot IDT must not overlap the GDT.
+const _: () = assert!(BOOT_GDT_START + (GDT_ENTRIES as u64) * 8 <= BOOT_IDT_START);
+
 // GDT slots. Linux's 64-bit boot protocol wants __BOOT_CS = 0x10 and __BOOT_DS = 0x18.
 const GDT_CODE64: usize = 2;
 const GDT_DATA: usize = 3;
@@ -38,7 +41,7 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The KVM view of a GDT descriptor in `slot`.
 fn segment(table: &[u64; GDT_ENTRIES], slot: usize) -> kvm_segment {
     let e = table[slot];
-    let base = (((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000)) as u64;
+    let base = ((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000);
     let limit_raw = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
     let g = ((e >> 55) & 1) as u8;
     kvm_segment {

@@ -260,3 +260,53 @@ pub fn kiln_cli() -> Command {
         .stdin(Stdio::null());
     cmd
 }
+
+/// Path of the recipe guest kernel (`vmlinux` or `bzImage`): env
+/// `KILN_TEST_KERNEL_DIR`, else target/guest/ as linked by resources/setup.sh,
+/// else the cache entry `resources/guest/build-kernel.sh --cached-only` names.
+pub fn guest_kernel(name: &str) -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if let Some(dir) = std::env::var_os("KILN_TEST_KERNEL_DIR") {
+        let p = Path::new(&dir).join(name);
+        return p.is_file().then_some(p);
+    }
+    let linked = root.join("target/guest").join(name);
+    if linked.is_file() {
+        return Some(linked);
+    }
+    let out = Command::new(root.join("resources/guest/build-kernel.sh"))
+        .arg("--cached-only")
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let key = if name == "vmlinux" {
+        "vmlinux="
+    } else {
+        "bzimage="
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+}
+
+/// A busybox root for real guests, built once per test binary with
+/// resources/guest/build-rootfs.sh.
+pub fn guest_rootfs() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("rootfs-{}", std::process::id()));
+        let status = Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/build-rootfs.sh"),
+        )
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running build-rootfs.sh");
+        assert!(status.success(), "build-rootfs.sh failed");
+        dir
+    })
+    .clone()
+}

@@ -298,7 +298,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers are 32-bit and aligned; anything else reads as zero.
-        let value = if data.len() == 4 && offset % 4 == 0 {
+        let value = if data.len() == 4 && offset.is_multiple_of(4) {
             self.read_register(offset)
         } else {
             0
@@ -317,7 +317,7 @@ impl BusDevice for MmioTransport {
             }
             return;
         }
-        if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+        if let (Ok(bytes), true) = (<[u8; 4]>::try_from(data), offset.is_multiple_of(4)) {
             self.write_register(offset, u32::from_le_bytes(bytes));
         }
     }

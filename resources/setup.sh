@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prepares a Debian machine for kiln: installs the packages the guest kernel
+# build and the tests need (when missing), builds the guest kernel (cached by
+# the hash of its inputs, so a second run costs nothing) and a busybox root,
+# and links them under target/guest/ for the README commands and the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(
+  linux-source-6.1 build-essential bc bison flex libelf-dev   # guest kernel build
+  busybox-static cpio                                          # guest root file system
+  e2fsprogs iproute2 util-linux                                # disk and network tests
+  qemu-system-x86                                              # benchmarks: QEMU microvm side by side
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+
+mkdir -p target/guest
+out=$(resources/guest/build-kernel.sh)
+vmlinux=$(printf '%s\n' "$out" | sed -n 's/^vmlinux=//p' | tail -n 1)
+bzimage=$(printf '%s\n' "$out" | sed -n 's/^bzimage=//p' | tail -n 1)
+ln -sfn "$vmlinux" target/guest/vmlinux
+ln -sfn "$bzimage" target/guest/bzImage
+resources/guest/build-rootfs.sh target/guest/rootfs >&2
+echo "setup: guest kernel target/guest/vmlinux (and bzImage), root target/guest/rootfs" >&2
