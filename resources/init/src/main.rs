@@ -42,6 +42,10 @@ pub extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) ->
 fn run(dev_mounted: bool) -> u32 {
     mount_filesystems(dev_mounted);
     setup_console();
+    // Sandbox mode: serve many commands over vsock (see kiln_init::agent).
+    if let Some(port) = kiln_init::agent::requested_port() {
+        return port.map_or_else(|m| fail_with(&m), kiln_init::agent::guest_main);
+    }
     let spec = match read_spec() {
         Ok(spec) => spec,
         Err(msg) => {
@@ -78,6 +82,11 @@ fn run(dev_mounted: bool) -> u32 {
         }
     };
     wait_for(pid)
+}
+
+fn fail_with(msg: &str) -> u32 {
+    eprintln!("kiln-init: {msg}");
+    EXIT_INIT_FAILED
 }
 
 fn read_spec() -> Result<ExecSpec, String> {

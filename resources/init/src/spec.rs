@@ -288,7 +288,10 @@ mod tests {
                 assert_eq!(spec.encode().unwrap(), &good[..n], "prefix {n}");
             }
         }
-        assert_eq!(ExecSpec::decode(&good[..good.len() - 1]), Err(SpecError::Truncated));
+        assert_eq!(
+            ExecSpec::decode(&good[..good.len() - 1]),
+            Err(SpecError::Truncated)
+        );
         let mut bad = good.clone();
         bad[0] = b'X';
         assert_eq!(ExecSpec::decode(&bad), Err(SpecError::BadMagic));
