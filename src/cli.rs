@@ -103,6 +103,7 @@ impl RunArgs {
             use_pvh: !self.no_pvh,
             console: self.console,
             vsock: self.vsock.clone(),
+            agent_port: None,
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct VmConfig {
     pub console: ConsoleKind,
     /// A virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Run kiln's guest agent instead of `command`: it connects to this host
+    /// vsock port (needs `vsock`) and serves the sandbox protocol.
+    pub agent_port: Option<u32>,
 }
 
 impl VmConfig {
@@ -50,6 +53,7 @@ impl VmConfig {
             use_pvh: true,
             console: ConsoleKind::Serial,
             vsock: None,
+            agent_port: None,
         }
     }
 }
