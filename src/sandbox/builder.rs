@@ -183,7 +183,7 @@ impl SandboxBuilder {
 fn vm_ended(vm: VmHandle, console: &ConsoleRing) -> SandboxError {
     match vm.wait() {
         Ok(report) => SandboxError::BootFailed {
-            outcome: report.outcome.to_string(),
+            outcome: report.outcome,
             console: console.tail(),
         },
         Err(e) => SandboxError::Vm(e),

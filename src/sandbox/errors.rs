@@ -21,7 +21,10 @@ pub enum SandboxError {
         "the VM ended before its guest agent connected: {outcome}{}",
         tail(console)
     )]
-    BootFailed { outcome: String, console: String },
+    BootFailed {
+        outcome: crate::VmOutcome,
+        console: String,
+    },
     #[error("the guest agent did not connect within {timeout:?}{}", tail(console))]
     BootTimeout { timeout: Duration, console: String },
     #[error("the guest agent speaks protocol version {0}, this kiln speaks {1}")]

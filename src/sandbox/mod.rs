@@ -268,6 +268,12 @@ impl Sandbox {
         self.output_limit = limit;
     }
 
+    /// Stops the VM from any thread (for signal handling); None without a VM.
+    pub fn stopper(&self) -> Option<crate::VmStopper> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        vm.as_ref().map(VmHandle::stopper)
+    }
+
     /// The last lines the guest printed on its console (kernel messages).
     pub fn console_tail(&self) -> String {
         self.shared.console.tail()
