@@ -66,7 +66,8 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
         .kernel(&args.kernel)
         .memory(args.mem)
         .vcpus(args.cpus)
-        .verbose(args.verbose);
+        .verbose(args.verbose)
+        .use_pvh(!args.no_pvh);
     if let Some(r) = &args.rootfs {
         builder = builder.rootfs(r);
     }
@@ -103,12 +104,36 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
     if args.interactive {
         cmd = cmd.stdin_piped();
     }
+    // Signals stop the VM, during boot (through the flag) and after (through
+    // the stopper, once there is one).
+    let interrupted = Arc::new(AtomicI32::new(0));
+    let stopper_slot: Arc<std::sync::Mutex<Option<kiln::VmStopper>>> = Arc::default();
+    {
+        let (flag, slot) = (interrupted.clone(), stopper_slot.clone());
+        let _ = std::thread::Builder::new()
+            .name("kiln-signals".into())
+            .spawn(move || {
+                if let Some(sig) = wait_for_signal(&signals) {
+                    flag.store(sig, Ordering::SeqCst);
+                    if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        s.stop(VmOutcome::Interrupted(sig as u8));
+                    }
+                }
+            });
+    }
+    builder = builder.interrupt_flag(interrupted.clone());
     let sandbox = match builder.build() {
         Ok(sb) => sb,
-        Err(SandboxError::BootFailed { outcome, console }) => {
-            eprintln!("kiln: {outcome}");
-            if !args.verbose && !console.is_empty() {
-                eprintln!("kiln: guest console (last lines):\n{}", console.trim_end());
+        Err(SandboxError::BootFailed {
+            outcome, output, ..
+        }) => {
+            if outcome.is_command_exit() {
+                // A guest without kiln's agent that reported a status itself
+                // (e.g. its own init): its console was its output.
+                let _ = std::io::stdout().write_all(&output);
+            } else {
+                // One line (the console shows with -v).
+                eprintln!("kiln: {outcome}");
             }
             return outcome.exit_status();
         }
@@ -120,17 +145,13 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
             };
         }
     };
-    let interrupted = Arc::new(AtomicI32::new(0));
-    if let Some(stopper) = sandbox.stopper() {
-        let flag = interrupted.clone();
-        let _ = std::thread::Builder::new()
-            .name("kiln-signals".into())
-            .spawn(move || {
-                if let Some(sig) = wait_for_signal(&signals) {
-                    flag.store(sig, Ordering::SeqCst);
-                    stopper.stop(VmOutcome::Interrupted(sig as u8));
-                }
-            });
+    *stopper_slot.lock().unwrap_or_else(|e| e.into_inner()) = sandbox.stopper();
+    if interrupted.load(Ordering::SeqCst) != 0 {
+        if let Some(s) = sandbox.stopper() {
+            s.stop(VmOutcome::Interrupted(
+                interrupted.load(Ordering::SeqCst) as u8
+            ));
+        }
     }
     let result = sandbox.spawn(cmd).and_then(|mut p| {
         if let Some(mut stdin) = p.stdin() {

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,18 @@ pub struct SandboxBuilder {
     verbose: bool,
     console: Option<Box<dyn Write + Send>>,
     output_limit: Option<usize>,
+    interrupt: Option<Arc<AtomicI32>>,
+    no_pvh: bool,
 }
 
 impl SandboxBuilder {
+    /// While booting, a nonzero value (a signal number) in `flag` stops the
+    /// VM (outcome `Interrupted`) and `build` fails with `BootFailed`.
+    pub fn interrupt_flag(mut self, flag: Arc<AtomicI32>) -> Self {
+        self.interrupt = Some(flag);
+        self
+    }
+
     /// The guest kernel (vmlinux or bzImage); required.
     pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
         self.kernel = Some(path.into());
@@ -87,6 +96,12 @@ impl SandboxBuilder {
         self
     }
 
+    /// Enter a vmlinux through its PVH note when it has one (default true).
+    pub fn use_pvh(mut self, on: bool) -> Self {
+        self.no_pvh = !on;
+        self
+    }
+
     /// Let the guest kernel log to the console.
     pub fn verbose(mut self, on: bool) -> Self {
         self.verbose = on;
@@ -131,6 +146,7 @@ impl SandboxBuilder {
         config.timeout = self.timeout;
         config.extra_cmdline = self.cmdline;
         config.verbose = self.verbose;
+        config.use_pvh = !self.no_pvh;
         config.vsock = Some(VsockConfig {
             cid: GUEST_CID,
             socket,
@@ -143,16 +159,24 @@ impl SandboxBuilder {
         };
         let vm = crate::spawn(config, io, started)?;
 
-        let limit = self
-            .boot_timeout
-            .or(self.timeout)
-            .unwrap_or(DEFAULT_BOOT_TIMEOUT);
+        // With a VM timeout and no boot timeout, the VM's own timeout ends
+        // the wait (reported as the VM's outcome).
+        let limit = match (self.boot_timeout, self.timeout) {
+            (Some(b), _) => b,
+            (None, Some(t)) => t + Duration::from_secs(5),
+            (None, None) => DEFAULT_BOOT_TIMEOUT,
+        };
         let deadline = started + limit;
         let stream = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(SandboxError::io("accepting the agent")(e)),
+            }
+            if let Some(sig) = self.interrupt.as_ref().map(|f| f.load(Ordering::SeqCst)) {
+                if sig != 0 {
+                    vm.stopper().stop(crate::VmOutcome::Interrupted(sig as u8));
+                }
             }
             if vm.is_finished() {
                 return Err(vm_ended(vm, &console));
@@ -185,6 +209,7 @@ fn vm_ended(vm: VmHandle, console: &ConsoleRing) -> SandboxError {
         Ok(report) => SandboxError::BootFailed {
             outcome: report.outcome,
             console: console.tail(),
+            output: console.raw(),
         },
         Err(e) => SandboxError::Vm(e),
     }
@@ -200,6 +225,12 @@ type RingState = (VecDeque<u8>, Option<Box<dyn Write + Send>>);
 impl ConsoleRing {
     pub(crate) fn new(copy: Option<Box<dyn Write + Send>>) -> Self {
         Self(Arc::new(Mutex::new((VecDeque::new(), copy))))
+    }
+
+    /// Every byte kept.
+    pub(crate) fn raw(&self) -> Vec<u8> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.iter().copied().collect()
     }
 
     /// The last lines (at most ~2 KiB), for error messages.

@@ -24,6 +24,8 @@ pub enum SandboxError {
     BootFailed {
         outcome: crate::VmOutcome,
         console: String,
+        /// The raw console bytes kept (the last 64 KiB).
+        output: Vec<u8>,
     },
     #[error("the guest agent did not connect within {timeout:?}{}", tail(console))]
     BootTimeout { timeout: Duration, console: String },
