@@ -99,6 +99,18 @@ pub struct RunArgs {
     /// administered address derived from NAME.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
     pub nets: Vec<NetConfig>,
+    /// Set an environment variable for the command (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command's working directory in the guest.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Forward kiln's stdin to the command (without -i its stdin is empty).
+    #[arg(short = 'i', long = "interactive")]
+    pub interactive: bool,
+    /// Run the command as this user (and group).
+    #[arg(long = "user", value_name = "UID[:GID]", value_parser = parse_user)]
+    pub user: Option<(u32, Option<u32>)>,
     /// The command kiln's init runs in the guest (default: /bin/sh).
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -122,7 +134,26 @@ impl RunArgs {
             disks: self.disks.clone(),
             rng: self.rng,
             nets: self.nets.clone(),
+            agent_port: None,
         }
+    }
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
+}
+
+fn parse_user(text: &str) -> Result<(u32, Option<u32>), String> {
+    let num = |t: &str| {
+        t.parse::<u32>()
+            .map_err(|_| format!("'{text}' is not UID[:GID] (numbers)"))
+    };
+    match text.split_once(':') {
+        Some((u, g)) => Ok((num(u)?, Some(num(g)?))),
+        None => Ok((num(text)?, None)),
     }
 }
 
@@ -209,6 +240,26 @@ mod tests {
         assert!(parse(&["--kernel", "k", "--timeout", "soon"]).is_err());
         assert!(parse(&["--kernel", "k", "--console", "tty"]).is_err());
         assert!(parse(&["--kernel", "k", "--vsock", "cid=2,socket=/s"]).is_err());
+    }
+
+    #[test]
+    fn sandbox_options() {
+        let r = parse(&[
+            "--kernel", "k", "-e", "A=1", "-e", "B=x=y", "-w", "/tmp", "-i", "--user", "1000:5",
+        ])
+        .unwrap();
+        assert_eq!(
+            r.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!((r.workdir.as_deref(), r.interactive), (Some("/tmp"), true));
+        assert_eq!(r.user, Some((1000, Some(5))));
+        assert_eq!(
+            parse(&["--kernel", "k", "--user", "7"]).unwrap().user,
+            Some((7, None))
+        );
+        assert!(parse(&["--kernel", "k", "-e", "NOVALUE"]).is_err());
+        assert!(parse(&["--kernel", "k", "--user", "root"]).is_err());
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// virtio-net devices, in guest order (eth0 first).
     pub nets: Vec<NetConfig>,
+    /// Run kiln's guest agent instead of `command`: it connects to this host
+    /// vsock port (needs `vsock`) and serves the sandbox protocol.
+    pub agent_port: Option<u32>,
 }
 
 /// One `--disk PATH[,ro][,id=NAME]`.
@@ -137,6 +140,7 @@ impl VmConfig {
             disks: Vec::new(),
             rng: false,
             nets: Vec::new(),
+            agent_port: None,
         }
     }
 }

@@ -52,7 +52,176 @@ fn init_logging(verbose: bool) {
         .init();
 }
 
+/// Runs the command through kiln's guest agent (the sandbox API): its
+/// stdout and stderr reach kiln's stdout and stderr separately, its stdin is
+/// kiln's with -i (else empty), and the guest console only shows with -v.
+fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
+    use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox, SandboxError};
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Arc;
+
+    let signals = block_stop_signals();
+    let mut builder = Sandbox::builder()
+        .kernel(&args.kernel)
+        .memory(args.mem)
+        .vcpus(args.cpus)
+        .verbose(args.verbose)
+        .use_pvh(!args.no_pvh);
+    if let Some(r) = &args.rootfs {
+        builder = builder.rootfs(r);
+    }
+    if let Some(i) = &args.initrd {
+        builder = builder.initrd(i);
+    }
+    if let Some(c) = &args.cmdline {
+        builder = builder.cmdline(c.clone());
+    }
+    if let Some(t) = args.timeout {
+        builder = builder.timeout(t);
+    }
+    if args.verbose {
+        builder = builder.console_output(Box::new(std::io::stderr()));
+    }
+    let _ = started;
+    let argv: Vec<std::ffi::OsString> = match args.command.is_empty() {
+        true => vec!["/bin/sh".into()],
+        false => args.command.clone(),
+    };
+    let mut cmd = SbCommand::new(&argv[0]).args(&argv[1..]);
+    for (k, v) in &args.env {
+        cmd = cmd.env(k, v);
+    }
+    if let Some(w) = &args.workdir {
+        cmd = cmd.current_dir(w);
+    }
+    if let Some((uid, gid)) = args.user {
+        cmd = cmd.uid(uid);
+        if let Some(gid) = gid {
+            cmd = cmd.gid(gid);
+        }
+    }
+    if args.interactive {
+        cmd = cmd.stdin_piped();
+    }
+    // Signals stop the VM, during boot (through the flag) and after (through
+    // the stopper, once there is one).
+    let interrupted = Arc::new(AtomicI32::new(0));
+    let stopper_slot: Arc<std::sync::Mutex<Option<kiln::VmStopper>>> = Arc::default();
+    {
+        let (flag, slot) = (interrupted.clone(), stopper_slot.clone());
+        let _ = std::thread::Builder::new()
+            .name("kiln-signals".into())
+            .spawn(move || {
+                if let Some(sig) = wait_for_signal(&signals) {
+                    flag.store(sig, Ordering::SeqCst);
+                    if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        s.stop(VmOutcome::Interrupted(sig as u8));
+                    }
+                }
+            });
+    }
+    builder = builder.interrupt_flag(interrupted.clone());
+    let sandbox = match builder.build() {
+        Ok(sb) => sb,
+        Err(SandboxError::BootFailed {
+            outcome, output, ..
+        }) => {
+            if outcome.is_command_exit() {
+                // A guest without kiln's agent that reported a status itself
+                // (e.g. its own init): its console was its output.
+                let _ = std::io::stdout().write_all(&output);
+            } else {
+                // One line (the console shows with -v).
+                eprintln!("kiln: {outcome}");
+            }
+            return outcome.exit_status();
+        }
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return match e {
+                SandboxError::BootTimeout { .. } => kiln::outcome::STATUS_TIMEOUT,
+                _ => STATUS_KILN_ERROR,
+            };
+        }
+    };
+    *stopper_slot.lock().unwrap_or_else(|e| e.into_inner()) = sandbox.stopper();
+    if interrupted.load(Ordering::SeqCst) != 0 {
+        if let Some(s) = sandbox.stopper() {
+            s.stop(VmOutcome::Interrupted(
+                interrupted.load(Ordering::SeqCst) as u8
+            ));
+        }
+    }
+    let result = sandbox.spawn(cmd).and_then(|mut p| {
+        if let Some(mut stdin) = p.stdin() {
+            // Not joined: it may sit in read(0) after the command ended.
+            let _ = std::thread::Builder::new()
+                .name("kiln-stdin".into())
+                .spawn(move || {
+                    let mut buf = vec![0u8; 32 << 10];
+                    let mut input = std::io::stdin().lock();
+                    while let Ok(n) = input.read(&mut buf) {
+                        if n == 0 || stdin.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+        }
+        let copy = |mut from: Box<dyn Read + Send>, mut to: Box<dyn Write + Send>| {
+            move || {
+                let mut buf = vec![0u8; 32 << 10];
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 || to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+                        break;
+                    }
+                }
+            }
+        };
+        let out = p.stdout().expect("first take");
+        let err = p.stderr().expect("first take");
+        let t1 = std::thread::spawn(copy(Box::new(out), Box::new(std::io::stdout())));
+        let t2 = std::thread::spawn(copy(Box::new(err), Box::new(std::io::stderr())));
+        let status = p.wait();
+        let _ = (t1.join(), t2.join());
+        status
+    });
+    let outcome = sandbox.shutdown();
+    let sig = interrupted.load(Ordering::SeqCst);
+    match result {
+        _ if sig != 0 => {
+            eprintln!("kiln: {}", VmOutcome::Interrupted(sig as u8));
+            128 + sig
+        }
+        Ok(ExitStatus::Code(c)) => c & 0xff,
+        Ok(ExitStatus::Signal(s)) => {
+            log::info!("command killed by signal {s}");
+            128 + s
+        }
+        Err(e) => match outcome {
+            Ok(Some(o)) if !o.is_command_exit() || o == VmOutcome::Exited(0) => {
+                let o = if o == VmOutcome::Exited(0) {
+                    VmOutcome::GuestReset
+                } else {
+                    o
+                };
+                eprintln!("kiln: {o}");
+                o.exit_status()
+            }
+            _ => {
+                eprintln!("kiln: {e}");
+                STATUS_KILN_ERROR
+            }
+        },
+    }
+}
+
 fn run(args: &kiln::cli::RunArgs, started: Instant) -> kiln::Result<i32> {
+    // With --vsock the device is the user's: the command then runs the
+    // classic way, with the guest console as its stdio.
+    if args.vsock.is_none() {
+        return Ok(run_sandboxed(args, started));
+    }
     let config = args.to_config();
     let _raw = RawTerminal::enter();
     let io = ConsoleIo {

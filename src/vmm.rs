@@ -350,6 +350,18 @@ fn load_kernel_and_initramfs(
         None => initramfs::kiln_initramfs(&spec, config.rootfs.as_deref())
             .map_err(|e| Error::Initramfs(e.to_string()))?,
     };
+    let mut initramfs = initramfs;
+    if let Some(port) = config.agent_port {
+        // A last archive asking kiln's init for agent mode.
+        let mut cpio = initramfs::CpioBuilder::new();
+        cpio.file(
+            kiln_init::agent::AGENT_PATH,
+            0o400,
+            port.to_string().as_bytes(),
+        );
+        initramfs.resize(initramfs.len().next_multiple_of(4), 0);
+        initramfs.extend_from_slice(&cpio.finish());
+    }
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, initrd))
 }

@@ -2,6 +2,8 @@
 //! format, the paths kiln puts in the initramfs and the exit codes init
 //! reports on its own behalf.
 
+pub mod agent;
+pub mod protocol;
 pub mod spec;
 
 /// Where kiln puts its init in the initramfs (`rdinit=` on the command line).

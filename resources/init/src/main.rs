@@ -48,6 +48,11 @@ fn run() -> u32 {
     mount(c"sysfs", c"/sys", c"sysfs", quiet, c"");
     let tmp_flags = libc::MS_NOSUID | libc::MS_NODEV;
     mount(c"tmpfs", c"/tmp", c"tmpfs", tmp_flags, c"mode=1777");
+    // Sandbox mode: serve many commands over vsock (see kiln_init::agent).
+    if let Some(port) = kiln_init::agent::requested_port() {
+        set_hostname(b"kiln");
+        return port.map_or_else(|m| fail_with(&m), kiln_init::agent::guest_main);
+    }
     let spec = match read_spec() {
         Ok(spec) => spec,
         Err(msg) => {
@@ -55,11 +60,7 @@ fn run() -> u32 {
             return EXIT_INIT_FAILED;
         }
     };
-    let hostname = spec.hostname.as_deref().unwrap_or(b"kiln");
-    // SAFETY: the pointer and length describe a live byte slice.
-    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
-        warn("cannot set the hostname", &io::Error::last_os_error());
-    }
+    set_hostname(spec.hostname.as_deref().unwrap_or(b"kiln"));
     if let Some(cwd) = &spec.cwd {
         // Checked here so a bad directory is not reported as a missing command.
         let is_dir = std::fs::metadata(OsStr::from_bytes(cwd)).and_then(|m| match m.is_dir() {
@@ -84,6 +85,18 @@ fn run() -> u32 {
         }
     };
     wait_for(pid)
+}
+
+fn set_hostname(hostname: &[u8]) {
+    // SAFETY: the pointer and length describe a live byte slice.
+    if unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) } != 0 {
+        warn("cannot set the hostname", &io::Error::last_os_error());
+    }
+}
+
+fn fail_with(msg: &str) -> u32 {
+    eprintln!("kiln-init: {msg}");
+    EXIT_INIT_FAILED
 }
 
 fn read_spec() -> Result<ExecSpec, String> {

@@ -1,0 +1,606 @@
+//! The sandbox protocol between the host (`kiln::sandbox`) and kiln's guest
+//! agent, carried over one vsock stream (or any byte stream in tests).
+//!
+//! Every message is a frame:
+//!
+//! ```text
+//! payload length u32 LE | kind u8 | exec id u32 LE | payload[length]
+//! ```
+//!
+//! The length is checked against [`MAX_PAYLOAD`] (and per kind, e.g.
+//! [`MAX_DATA`] for output and input chunks) before anything is allocated,
+//! so a peer can never make the other side allocate what it claims. Unknown
+//! kinds, malformed payloads and oversize frames are protocol errors: the
+//! receiver reports and drops the connection, it never panics.
+//!
+//! Flow control: per exec, the host may send at most [`STDIN_WINDOW`] bytes
+//! of stdin that the agent has not yet written to the child's pipe (the
+//! agent returns credit with `STDIN_CREDIT` as it writes), and the agent may
+//! send at most [`OUTPUT_WINDOW`] bytes of stdout (and, separately, of
+//! stderr) that the host consumer has not read (the host returns credit with
+//! `CREDIT`). So neither side buffers more than its windows per exec, and a
+//! slow consumer of one exec never blocks another.
+//!
+//! The first frame is the agent's `HELLO` carrying [`VERSION`]; the host
+//! refuses other versions.
+
+use crate::spec::{ExecSpec, SpecError};
+use std::fmt;
+
+/// Protocol version in `HELLO`.
+pub const VERSION: u32 = 1;
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 9;
+/// Largest payload of any frame (an `EXEC` with its whole spec).
+pub const MAX_PAYLOAD: usize = 1 << 20;
+/// Largest payload of a data frame (`STDIN`, `STDOUT`, `STDERR`).
+pub const MAX_DATA: usize = 32 << 10;
+/// Largest `EXEC_FAILED` message.
+pub const MAX_MESSAGE: usize = 4096;
+/// Stdin bytes the host may have in flight per exec.
+pub const STDIN_WINDOW: u32 = 256 << 10;
+/// Stdout (and stderr) bytes the agent may have in flight per exec.
+pub const OUTPUT_WINDOW: u32 = 256 << 10;
+/// Most execs an agent runs at once; more are refused with `EXEC_FAILED`.
+pub const MAX_EXECS: usize = 256;
+
+// Host to guest.
+pub const K_EXEC: u8 = 0x01;
+pub const K_STDIN: u8 = 0x02;
+pub const K_STDIN_EOF: u8 = 0x03;
+pub const K_SIGNAL: u8 = 0x04;
+pub const K_SHUTDOWN: u8 = 0x05;
+pub const K_CREDIT: u8 = 0x06;
+// Guest to host.
+pub const K_HELLO: u8 = 0x81;
+pub const K_STARTED: u8 = 0x82;
+pub const K_STDOUT: u8 = 0x83;
+pub const K_STDERR: u8 = 0x84;
+pub const K_EXITED: u8 = 0x85;
+pub const K_EXEC_FAILED: u8 = 0x86;
+pub const K_STDIN_CREDIT: u8 = 0x87;
+
+/// Which output stream a `CREDIT` is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Per-exec options beside the spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// The child's stdin is a pipe fed by `STDIN` frames (else /dev/null).
+    pub stdin: bool,
+    /// The agent kills the exec's process group after this many ms (0: never).
+    pub timeout_ms: u64,
+}
+
+/// How an exec ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Why the agent ended an exec on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The command ended by itself (or by a host `SIGNAL`).
+    Normal,
+    /// The agent killed it when its timeout expired.
+    TimedOut,
+}
+
+/// One decoded message, either direction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Msg {
+    Exec {
+        id: u32,
+        opts: ExecOptions,
+        spec: ExecSpec,
+    },
+    Stdin {
+        id: u32,
+        data: Vec<u8>,
+    },
+    StdinEof {
+        id: u32,
+    },
+    Signal {
+        id: u32,
+        signal: i32,
+    },
+    Shutdown,
+    Credit {
+        id: u32,
+        stream: Stream,
+        bytes: u32,
+    },
+    Hello {
+        version: u32,
+    },
+    Started {
+        id: u32,
+        pid: u32,
+    },
+    Stdout {
+        id: u32,
+        data: Vec<u8>,
+    },
+    Stderr {
+        id: u32,
+        data: Vec<u8>,
+    },
+    Exited {
+        id: u32,
+        status: ExitStatus,
+        reason: ExitReason,
+    },
+    ExecFailed {
+        id: u32,
+        /// The status a shell would give: 127 not found, 126 cannot execute.
+        code: i32,
+        message: String,
+    },
+    StdinCredit {
+        id: u32,
+        bytes: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The peer claims a payload longer than the kind allows.
+    Oversize {
+        kind: u8,
+        len: usize,
+    },
+    UnknownKind(u8),
+    /// A payload that does not parse for its kind.
+    BadPayload(&'static str),
+    BadSpec(SpecError),
+    /// The stream ended inside a frame.
+    Truncated,
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Oversize { kind, len } => {
+                write!(
+                    f,
+                    "frame of kind {kind:#04x} claims {len} bytes (over the limit)"
+                )
+            }
+            Self::UnknownKind(k) => write!(f, "unknown frame kind {k:#04x}"),
+            Self::BadPayload(what) => write!(f, "malformed {what} frame"),
+            Self::BadSpec(e) => write!(f, "bad exec spec: {e}"),
+            Self::Truncated => write!(f, "connection ended inside a frame"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+fn max_payload(kind: u8) -> Result<usize, ProtocolError> {
+    Ok(match kind {
+        K_EXEC => MAX_PAYLOAD,
+        K_STDIN | K_STDOUT | K_STDERR => MAX_DATA,
+        K_EXEC_FAILED => 4 + MAX_MESSAGE,
+        K_STDIN_EOF | K_SHUTDOWN => 0,
+        K_SIGNAL | K_HELLO | K_STARTED | K_STDIN_CREDIT => 4,
+        K_CREDIT => 5,
+        K_EXITED => 6,
+        k => return Err(ProtocolError::UnknownKind(k)),
+    })
+}
+
+fn header(out: &mut Vec<u8>, kind: u8, id: u32, len: usize) {
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(&id.to_le_bytes());
+}
+
+/// Appends a data frame without building a `Msg` (no copy of `data`).
+/// Panics if `data` is longer than [`MAX_DATA`] (a caller bug).
+pub fn encode_data(out: &mut Vec<u8>, kind: u8, id: u32, data: &[u8]) {
+    assert!(data.len() <= MAX_DATA, "data frame too long");
+    header(out, kind, id, data.len());
+    out.extend_from_slice(data);
+}
+
+impl Msg {
+    /// Appends the frame for this message to `out`. Data payloads must be at
+    /// most [`MAX_DATA`] and messages are cut to [`MAX_MESSAGE`]; an exec spec
+    /// must encode (validate it first) and fit in [`MAX_PAYLOAD`].
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let u32b = |v: u32| v.to_le_bytes().to_vec();
+        let (kind, id, payload): (u8, u32, Vec<u8>) = match self {
+            Msg::Exec { id, opts, spec } => {
+                let mut p = vec![u8::from(opts.stdin)];
+                p.extend_from_slice(&opts.timeout_ms.to_le_bytes());
+                p.extend(spec.encode().map_err(ProtocolError::BadSpec)?);
+                (K_EXEC, *id, p)
+            }
+            Msg::Stdin { id, data } => (K_STDIN, *id, data.clone()),
+            Msg::StdinEof { id } => (K_STDIN_EOF, *id, Vec::new()),
+            Msg::Signal { id, signal } => (K_SIGNAL, *id, u32b(*signal as u32)),
+            Msg::Shutdown => (K_SHUTDOWN, 0, Vec::new()),
+            Msg::Credit { id, stream, bytes } => {
+                let mut p = vec![match stream {
+                    Stream::Stdout => 1,
+                    Stream::Stderr => 2,
+                }];
+                p.extend_from_slice(&bytes.to_le_bytes());
+                (K_CREDIT, *id, p)
+            }
+            Msg::Hello { version } => (K_HELLO, 0, u32b(*version)),
+            Msg::Started { id, pid } => (K_STARTED, *id, u32b(*pid)),
+            Msg::Stdout { id, data } => (K_STDOUT, *id, data.clone()),
+            Msg::Stderr { id, data } => (K_STDERR, *id, data.clone()),
+            Msg::Exited { id, status, reason } => {
+                let (k, v) = match status {
+                    ExitStatus::Code(c) => (0u8, *c),
+                    ExitStatus::Signal(s) => (1u8, *s),
+                };
+                let mut p = vec![k];
+                p.extend_from_slice(&(v as u32).to_le_bytes());
+                p.push(match reason {
+                    ExitReason::Normal => 0,
+                    ExitReason::TimedOut => 1,
+                });
+                (K_EXITED, *id, p)
+            }
+            Msg::ExecFailed { id, code, message } => {
+                let mut p = (*code as u32).to_le_bytes().to_vec();
+                let mut end = message.len().min(MAX_MESSAGE);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                p.extend_from_slice(&message.as_bytes()[..end]);
+                (K_EXEC_FAILED, *id, p)
+            }
+            Msg::StdinCredit { id, bytes } => (K_STDIN_CREDIT, *id, u32b(*bytes)),
+        };
+        if payload.len() > max_payload(kind)? {
+            return Err(ProtocolError::Oversize {
+                kind,
+                len: payload.len(),
+            });
+        }
+        header(out, kind, id, payload.len());
+        out.extend_from_slice(&payload);
+        Ok(())
+    }
+
+    /// Parses one frame's payload.
+    pub fn decode(kind: u8, id: u32, p: &[u8]) -> Result<Msg, ProtocolError> {
+        if p.len() > max_payload(kind)? {
+            return Err(ProtocolError::Oversize { kind, len: p.len() });
+        }
+        let u32_of = |p: &[u8], what| -> Result<u32, ProtocolError> {
+            let b: [u8; 4] = p.try_into().map_err(|_| ProtocolError::BadPayload(what))?;
+            Ok(u32::from_le_bytes(b))
+        };
+        let empty = |what| match p.is_empty() {
+            true => Ok(()),
+            false => Err(ProtocolError::BadPayload(what)),
+        };
+        Ok(match kind {
+            K_EXEC => {
+                if p.len() < 9 || p[0] > 1 {
+                    return Err(ProtocolError::BadPayload("EXEC"));
+                }
+                let timeout_ms = u64::from_le_bytes(p[1..9].try_into().expect("8 bytes"));
+                let spec = ExecSpec::decode(&p[9..]).map_err(ProtocolError::BadSpec)?;
+                let opts = ExecOptions {
+                    stdin: p[0] == 1,
+                    timeout_ms,
+                };
+                Msg::Exec { id, opts, spec }
+            }
+            K_STDIN => Msg::Stdin {
+                id,
+                data: p.to_vec(),
+            },
+            K_STDIN_EOF => {
+                empty("STDIN_EOF")?;
+                Msg::StdinEof { id }
+            }
+            K_SIGNAL => Msg::Signal {
+                id,
+                signal: u32_of(p, "SIGNAL")? as i32,
+            },
+            K_SHUTDOWN => {
+                empty("SHUTDOWN")?;
+                Msg::Shutdown
+            }
+            K_CREDIT => {
+                let stream = match p.first() {
+                    Some(1) => Stream::Stdout,
+                    Some(2) => Stream::Stderr,
+                    _ => return Err(ProtocolError::BadPayload("CREDIT")),
+                };
+                Msg::Credit {
+                    id,
+                    stream,
+                    bytes: u32_of(&p[1..], "CREDIT")?,
+                }
+            }
+            K_HELLO => Msg::Hello {
+                version: u32_of(p, "HELLO")?,
+            },
+            K_STARTED => Msg::Started {
+                id,
+                pid: u32_of(p, "STARTED")?,
+            },
+            K_STDOUT => Msg::Stdout {
+                id,
+                data: p.to_vec(),
+            },
+            K_STDERR => Msg::Stderr {
+                id,
+                data: p.to_vec(),
+            },
+            K_EXITED => {
+                if p.len() != 6 {
+                    return Err(ProtocolError::BadPayload("EXITED"));
+                }
+                let v = u32_of(&p[1..5], "EXITED")? as i32;
+                let status = match p[0] {
+                    0 => ExitStatus::Code(v),
+                    1 => ExitStatus::Signal(v),
+                    _ => return Err(ProtocolError::BadPayload("EXITED")),
+                };
+                let reason = match p[5] {
+                    0 => ExitReason::Normal,
+                    1 => ExitReason::TimedOut,
+                    _ => return Err(ProtocolError::BadPayload("EXITED")),
+                };
+                Msg::Exited { id, status, reason }
+            }
+            K_EXEC_FAILED => {
+                if p.len() < 4 {
+                    return Err(ProtocolError::BadPayload("EXEC_FAILED"));
+                }
+                Msg::ExecFailed {
+                    id,
+                    code: u32_of(&p[..4], "EXEC_FAILED")? as i32,
+                    message: String::from_utf8_lossy(&p[4..]).into_owned(),
+                }
+            }
+            K_STDIN_CREDIT => Msg::StdinCredit {
+                id,
+                bytes: u32_of(p, "STDIN_CREDIT")?,
+            },
+            k => return Err(ProtocolError::UnknownKind(k)),
+        })
+    }
+}
+
+/// Incremental frame reader: feed it bytes as they arrive and take whole
+/// messages out. Holds at most one frame (header plus a payload within its
+/// kind's limit) plus what one `feed` adds.
+#[derive(Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    /// Consumed prefix of `buf`, dropped lazily.
+    start: usize,
+}
+
+impl Decoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn feed(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes fed but not yet returned as messages.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed. The
+    /// header is validated (kind known, length within the kind's limit) as
+    /// soon as it is complete, before its payload arrives.
+    pub fn next_msg(&mut self) -> Result<Option<Msg>, ProtocolError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        let kind = avail[4];
+        let id = u32::from_le_bytes(avail[5..9].try_into().expect("4 bytes"));
+        if len > max_payload(kind)? {
+            return Err(ProtocolError::Oversize { kind, len });
+        }
+        if avail.len() < HEADER_LEN + len {
+            return Ok(None);
+        }
+        let msg = Msg::decode(kind, id, &avail[HEADER_LEN..HEADER_LEN + len])?;
+        self.start += HEADER_LEN + len;
+        if self.start > 64 << 10 && self.start * 2 > self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        Ok(Some(msg))
+    }
+
+    /// Call at end of stream: an error if it ended inside a frame.
+    pub fn finish(&self) -> Result<(), ProtocolError> {
+        match self.pending() {
+            0 => Ok(()),
+            _ => Err(ProtocolError::Truncated),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_messages() -> Vec<Msg> {
+        let mut spec = ExecSpec::new(["sh", "-c", "echo hi"]);
+        spec.env.push((b"K".to_vec(), vec![0xff, b'=']));
+        spec.cwd = Some(b"/tmp".to_vec());
+        spec.uid = Some(1000);
+        vec![
+            Msg::Exec {
+                id: 7,
+                opts: ExecOptions {
+                    stdin: true,
+                    timeout_ms: 1234,
+                },
+                spec,
+            },
+            Msg::Stdin {
+                id: 1,
+                data: (0..=255).collect(),
+            },
+            Msg::StdinEof { id: 1 },
+            Msg::Signal { id: 2, signal: 9 },
+            Msg::Shutdown,
+            Msg::Credit {
+                id: 3,
+                stream: Stream::Stderr,
+                bytes: 77,
+            },
+            Msg::Hello { version: VERSION },
+            Msg::Started { id: 4, pid: 99 },
+            Msg::Stdout {
+                id: u32::MAX,
+                data: vec![0; MAX_DATA],
+            },
+            Msg::Stderr {
+                id: 0,
+                data: Vec::new(),
+            },
+            Msg::Exited {
+                id: 5,
+                status: ExitStatus::Signal(9),
+                reason: ExitReason::TimedOut,
+            },
+            Msg::Exited {
+                id: 5,
+                status: ExitStatus::Code(-1),
+                reason: ExitReason::Normal,
+            },
+            Msg::ExecFailed {
+                id: 6,
+                code: 127,
+                message: "sh: nope: not found ✓".into(),
+            },
+            Msg::StdinCredit { id: 8, bytes: 5 },
+        ]
+    }
+
+    fn stream() -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in all_messages() {
+            m.encode(&mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn round_trips_every_message_in_any_chunking() {
+        let bytes = stream();
+        for chunk in [1, 2, 3, 9, 10, 1000, bytes.len()] {
+            let mut d = Decoder::new();
+            let mut got = Vec::new();
+            for c in bytes.chunks(chunk) {
+                d.feed(c);
+                while let Some(m) = d.next_msg().unwrap() {
+                    got.push(m);
+                }
+            }
+            d.finish().unwrap();
+            assert_eq!(got, all_messages(), "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn truncated_frames_wait_then_fail_at_end() {
+        let bytes = stream();
+        for n in 0..bytes.len() {
+            let mut d = Decoder::new();
+            d.feed(&bytes[..n]);
+            while let Ok(Some(_)) = d.next_msg() {}
+            let complete = d.pending() == 0;
+            assert_eq!(d.finish().is_ok(), complete, "prefix {n}");
+        }
+    }
+
+    #[test]
+    fn huge_lengths_are_rejected_from_the_header_alone() {
+        for kind in [K_EXEC, K_STDIN, K_STDOUT, K_HELLO, K_SHUTDOWN, K_EXITED] {
+            let mut d = Decoder::new();
+            let mut h = Vec::new();
+            header(&mut h, kind, 1, u32::MAX as usize);
+            d.feed(&h);
+            assert!(matches!(d.next_msg(), Err(ProtocolError::Oversize { .. })));
+        }
+        let mut h = Vec::new();
+        header(&mut h, K_STDOUT, 1, MAX_DATA + 1);
+        let mut d = Decoder::new();
+        d.feed(&h);
+        assert!(d.next_msg().is_err());
+        // Encoding refuses oversize data too.
+        let big = Msg::Stdin {
+            id: 1,
+            data: vec![0; MAX_DATA + 1],
+        };
+        assert!(big.encode(&mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn unknown_kinds_and_bad_payloads_are_errors() {
+        for kind in [0u8, 0x07, 0x80, 0x88, 0xff] {
+            let mut h = Vec::new();
+            header(&mut h, kind, 1, 0);
+            let mut d = Decoder::new();
+            d.feed(&h);
+            assert_eq!(d.next_msg(), Err(ProtocolError::UnknownKind(kind)));
+        }
+        let bad: &[(u8, &[u8])] = &[
+            (K_HELLO, &[1, 2, 3]),
+            (K_SIGNAL, &[]),
+            (K_STDIN_EOF, &[1]),
+            (K_SHUTDOWN, &[0]),
+            (K_CREDIT, &[3, 0, 0, 0, 0]),
+            (K_CREDIT, &[1, 0]),
+            (K_EXITED, &[2, 0, 0, 0, 0, 0]),
+            (K_EXITED, &[0, 0, 0, 0, 0, 9]),
+            (K_EXITED, &[0, 0, 0, 0, 0]),
+            (K_EXEC_FAILED, &[1]),
+            (K_EXEC, &[0, 1, 2]),
+            (K_EXEC, &[2, 0, 0, 0, 0, 0, 0, 0, 0]),
+            (K_EXEC, &[0, 0, 0, 0, 0, 0, 0, 0, 0, b'K', b'X']),
+        ];
+        for (kind, p) in bad {
+            assert!(Msg::decode(*kind, 1, p).is_err(), "{kind:#x} {p:?}");
+        }
+        // Random garbage never panics.
+        let mut x: u32 = 12345;
+        for _ in 0..2000 {
+            let mut d = Decoder::new();
+            let junk: Vec<u8> = (0..64)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            d.feed(&junk);
+            while let Ok(Some(_)) = d.next_msg() {}
+        }
+    }
+}

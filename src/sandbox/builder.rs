@@ -1,0 +1,290 @@
+//! Booting a sandbox VM.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
+use crate::config::{VmConfig, VsockConfig, DEFAULT_MEM_BYTES};
+use crate::{ConsoleIo, VmHandle};
+
+/// The vsock port the agent connects to on the host.
+pub const AGENT_PORT: u32 = 1024;
+/// The guest's CID (any valid one: the device is private to the VM).
+const GUEST_CID: u64 = 3;
+/// Console bytes kept for error messages.
+const CONSOLE_KEEP: usize = 64 << 10;
+/// Without a VM timeout, how long the agent may take to connect.
+const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Builds a [`Sandbox`]: `Sandbox::builder().kernel(..).build()`.
+#[derive(Default)]
+pub struct SandboxBuilder {
+    kernel: Option<PathBuf>,
+    rootfs: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    memory: Option<u64>,
+    vcpus: Option<u8>,
+    timeout: Option<Duration>,
+    boot_timeout: Option<Duration>,
+    cmdline: Option<String>,
+    verbose: bool,
+    console: Option<Box<dyn Write + Send>>,
+    output_limit: Option<usize>,
+    interrupt: Option<Arc<AtomicI32>>,
+    no_pvh: bool,
+}
+
+impl SandboxBuilder {
+    /// While booting, a nonzero value (a signal number) in `flag` stops the
+    /// VM (outcome `Interrupted`) and `build` fails with `BootFailed`.
+    pub fn interrupt_flag(mut self, flag: Arc<AtomicI32>) -> Self {
+        self.interrupt = Some(flag);
+        self
+    }
+
+    /// The guest kernel (vmlinux or bzImage); required.
+    pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kernel = Some(path.into());
+        self
+    }
+
+    /// A host directory packed as the guest's root file system.
+    pub fn rootfs(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.rootfs = Some(dir.into());
+        self
+    }
+
+    /// A user initramfs under kiln's init.
+    pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
+        self.initrd = Some(path.into());
+        self
+    }
+
+    /// Guest memory in bytes (default 256 MiB).
+    pub fn memory(mut self, bytes: u64) -> Self {
+        self.memory = Some(bytes);
+        self
+    }
+
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.vcpus = Some(n);
+        self
+    }
+
+    /// Wall-clock limit for the whole VM (boot included): when it expires
+    /// the VM is stopped and every call fails with the VM's outcome.
+    pub fn timeout(mut self, limit: Duration) -> Self {
+        self.timeout = Some(limit);
+        self
+    }
+
+    /// How long to wait for the guest agent (default: the VM timeout, else 300 s).
+    pub fn boot_timeout(mut self, limit: Duration) -> Self {
+        self.boot_timeout = Some(limit);
+        self
+    }
+
+    /// Extra kernel command-line words.
+    pub fn cmdline(mut self, words: impl Into<String>) -> Self {
+        self.cmdline = Some(words.into());
+        self
+    }
+
+    /// Enter a vmlinux through its PVH note when it has one (default true).
+    pub fn use_pvh(mut self, on: bool) -> Self {
+        self.no_pvh = !on;
+        self
+    }
+
+    /// Let the guest kernel log to the console.
+    pub fn verbose(mut self, on: bool) -> Self {
+        self.verbose = on;
+        self
+    }
+
+    /// Also copy the guest console to `out` (it is always kept, bounded,
+    /// for error messages).
+    pub fn console_output(mut self, out: Box<dyn Write + Send>) -> Self {
+        self.console = Some(out);
+        self
+    }
+
+    /// Default output cap for `exec` (64 MiB).
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = Some(bytes);
+        self
+    }
+
+    /// Boots the VM and waits for its agent.
+    pub fn build(self) -> Result<Sandbox> {
+        let started = Instant::now();
+        let kernel = self
+            .kernel
+            .ok_or_else(|| SandboxError::Config("no kernel given (.kernel(path))".into()))?;
+        let dir = TempDir::new()?;
+        let socket = dir.path().join("vsock.sock");
+        let mut agent_path = socket.clone().into_os_string();
+        agent_path.push(format!("_{AGENT_PORT}"));
+        // Listening before boot: the agent connects as soon as it starts.
+        let listener = UnixListener::bind(&agent_path)
+            .map_err(SandboxError::io("binding the agent socket"))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(SandboxError::io("agent socket"))?;
+
+        let mut config = VmConfig::new(kernel);
+        config.rootfs = self.rootfs;
+        config.initrd = self.initrd;
+        config.mem_bytes = self.memory.unwrap_or(DEFAULT_MEM_BYTES);
+        config.vcpus = self.vcpus.unwrap_or(1);
+        config.timeout = self.timeout;
+        config.extra_cmdline = self.cmdline;
+        config.verbose = self.verbose;
+        config.use_pvh = !self.no_pvh;
+        config.vsock = Some(VsockConfig {
+            cid: GUEST_CID,
+            socket,
+        });
+        config.agent_port = Some(AGENT_PORT);
+        let console = ConsoleRing::new(self.console);
+        let io = ConsoleIo {
+            output: Box::new(console.clone()),
+            input: None,
+        };
+        let vm = crate::spawn(config, io, started)?;
+
+        // With a VM timeout and no boot timeout, the VM's own timeout ends
+        // the wait (reported as the VM's outcome).
+        let limit = match (self.boot_timeout, self.timeout) {
+            (Some(b), _) => b,
+            (None, Some(t)) => t + Duration::from_secs(5),
+            (None, None) => DEFAULT_BOOT_TIMEOUT,
+        };
+        let deadline = started + limit;
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(SandboxError::io("accepting the agent")(e)),
+            }
+            if let Some(sig) = self.interrupt.as_ref().map(|f| f.load(Ordering::SeqCst)) {
+                if sig != 0 {
+                    vm.stopper().stop(crate::VmOutcome::Interrupted(sig as u8));
+                }
+            }
+            if vm.is_finished() {
+                return Err(vm_ended(vm, &console));
+            }
+            if Instant::now() >= deadline {
+                drop(vm);
+                return Err(SandboxError::BootTimeout {
+                    timeout: limit,
+                    console: console.tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        drop(listener);
+        stream
+            .set_nonblocking(false)
+            .map_err(SandboxError::io("agent socket"))?;
+        let hello_timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(5));
+        let mut sandbox = Sandbox::start(stream, hello_timeout, console, Some(vm), Some(dir))?;
+        sandbox.set_output_limit(self.output_limit.unwrap_or(DEFAULT_OUTPUT_LIMIT));
+        log::info!("sandbox ready in {:?}", started.elapsed());
+        Ok(sandbox)
+    }
+}
+
+fn vm_ended(vm: VmHandle, console: &ConsoleRing) -> SandboxError {
+    match vm.wait() {
+        Ok(report) => SandboxError::BootFailed {
+            outcome: report.outcome,
+            console: console.tail(),
+            output: console.raw(),
+        },
+        Err(e) => SandboxError::Vm(e),
+    }
+}
+
+/// The guest console: the last `CONSOLE_KEEP` bytes, optionally copied on.
+#[derive(Clone)]
+pub(crate) struct ConsoleRing(Arc<Mutex<RingState>>);
+
+/// The kept bytes and where else to copy them.
+type RingState = (VecDeque<u8>, Option<Box<dyn Write + Send>>);
+
+impl ConsoleRing {
+    pub(crate) fn new(copy: Option<Box<dyn Write + Send>>) -> Self {
+        Self(Arc::new(Mutex::new((VecDeque::new(), copy))))
+    }
+
+    /// Every byte kept.
+    pub(crate) fn raw(&self) -> Vec<u8> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.iter().copied().collect()
+    }
+
+    /// The last lines (at most ~2 KiB), for error messages.
+    pub(crate) fn tail(&self) -> String {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes: Vec<u8> = g.0.iter().copied().collect();
+        let start = bytes.len().saturating_sub(2048);
+        String::from_utf8_lossy(&bytes[start..]).replace('\r', "")
+    }
+}
+
+impl Write for ConsoleRing {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.extend(buf);
+        let excess = g.0.len().saturating_sub(CONSOLE_KEEP);
+        g.0.drain(..excess);
+        if let Some(out) = &mut g.1 {
+            let _ = out.write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A private (0700) directory for the VM's sockets, removed on drop.
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path =
+            std::env::temp_dir().join(format!("kiln-sandbox-{}-{n}-{nanos:x}", std::process::id()));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(SandboxError::io("creating the sandbox directory"))?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

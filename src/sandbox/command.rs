@@ -1,0 +1,112 @@
+//! A command to run in the sandbox, built like `std::process::Command`.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::Duration;
+
+use kiln_init::spec::ExecSpec;
+
+/// What the command's stdin is.
+#[derive(Clone, Debug, Default)]
+pub(crate) enum StdinMode {
+    /// Empty (/dev/null in the guest).
+    #[default]
+    Null,
+    /// These bytes, then end of file.
+    Bytes(Vec<u8>),
+    /// Written through `Process::stdin()`.
+    Piped,
+}
+
+#[derive(Clone, Debug)]
+pub struct Command {
+    pub(crate) spec: ExecSpec,
+    pub(crate) stdin: StdinMode,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) output_limit: Option<usize>,
+}
+
+impl Command {
+    /// Runs `program` (searched in the guest's `PATH` unless it has a `/`)
+    /// with an empty environment apart from a default `PATH`.
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        Self {
+            spec: ExecSpec::new([program.as_ref().as_bytes()]),
+            stdin: StdinMode::Null,
+            timeout: None,
+            output_limit: None,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.spec.argv.push(arg.as_ref().as_bytes().to_vec());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        for a in args {
+            self = self.arg(a);
+        }
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        let key = key.as_ref().as_bytes().to_vec();
+        self.spec.env.retain(|(k, _)| *k != key);
+        self.spec
+            .env
+            .push((key, value.as_ref().as_bytes().to_vec()));
+        self
+    }
+
+    pub fn current_dir(mut self, dir: impl AsRef<OsStr>) -> Self {
+        self.spec.cwd = Some(dir.as_ref().as_bytes().to_vec());
+        self
+    }
+
+    pub fn uid(mut self, uid: u32) -> Self {
+        self.spec.uid = Some(uid);
+        self
+    }
+
+    pub fn gid(mut self, gid: u32) -> Self {
+        self.spec.gid = Some(gid);
+        self
+    }
+
+    /// The command reads these bytes on its stdin, then end of file.
+    pub fn stdin_bytes(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = StdinMode::Bytes(bytes.into());
+        self
+    }
+
+    /// The command's stdin is written through `Process::stdin()` (spawn).
+    pub fn stdin_piped(mut self) -> Self {
+        self.stdin = StdinMode::Piped;
+        self
+    }
+
+    /// Kill the command's process group after `timeout`; the run then
+    /// fails with `SandboxError::Timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// For `exec`: the most stdout plus stderr bytes kept (default: the
+    /// sandbox's limit, 64 MiB); more kills the command with
+    /// `SandboxError::OutputLimit`.
+    pub fn output_limit(mut self, bytes: usize) -> Self {
+        self.output_limit = Some(bytes);
+        self
+    }
+
+    /// The program name, for messages.
+    pub(crate) fn name(&self) -> String {
+        String::from_utf8_lossy(&self.spec.argv[0]).into_owned()
+    }
+}

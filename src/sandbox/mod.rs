@@ -1,0 +1,478 @@
+//! kiln as a sandbox: boot one VM with kiln's guest agent, then run many
+//! commands in it, concurrently, with their own stdin/stdout/stderr, status,
+//! timeout and output limit.
+//!
+//! ```no_run
+//! use kiln::sandbox::{Command, Sandbox};
+//! let sandbox = Sandbox::builder()
+//!     .kernel("vmlinux")
+//!     .rootfs("rootfs")
+//!     .memory(256 << 20)
+//!     .build()?;
+//! let out = sandbox.exec(Command::new("sh").arg("-c").arg("echo hi; exit 3"))?;
+//! assert_eq!((out.status.code(), &out.stdout[..]), (Some(3), &b"hi\n"[..]));
+//! sandbox.shutdown()?;
+//! # Ok::<(), kiln::sandbox::SandboxError>(())
+//! ```
+//!
+//! The host and the agent speak `kiln_init::protocol` over virtio-vsock: the
+//! host listens on the Unix socket `<private dir>/vsock.sock_<port>` before
+//! boot and the agent connects to it. One reader thread per sandbox
+//! demultiplexes frames into per-command queues bounded by the protocol's
+//! credit windows, so memory stays bounded whatever the commands print.
+
+mod builder;
+mod command;
+mod errors;
+mod process;
+
+pub use builder::SandboxBuilder;
+pub use command::Command;
+pub use errors::{Result, SandboxError};
+pub use process::{Process, ProcessStderr, ProcessStdin, ProcessStdout};
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kiln_init::protocol::{
+    self, Decoder, ExecOptions, ExitReason, Msg, Stream, OUTPUT_WINDOW, STDIN_WINDOW,
+};
+
+use crate::VmHandle;
+use builder::{ConsoleRing, TempDir};
+use command::StdinMode;
+
+/// Default cap on what `exec` collects (stdout plus stderr).
+pub const DEFAULT_OUTPUT_LIMIT: usize = 64 << 20;
+/// How long the host waits past a command's own timeout (enforced by the
+/// agent) before killing it itself.
+const HOST_TIMEOUT_SLACK: Duration = Duration::from_secs(10);
+/// How long `shutdown` lets the guest end by itself before stopping the VM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How a command ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    pub fn success(&self) -> bool {
+        *self == Self::Code(0)
+    }
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            Self::Code(c) => Some(*c),
+            Self::Signal(_) => None,
+        }
+    }
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            Self::Signal(s) => Some(*s),
+            Self::Code(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Code(c) => write!(f, "exit status {c}"),
+            Self::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// What `exec` returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub(crate) enum End {
+    Exited(ExitStatus, ExitReason),
+}
+
+#[derive(Default)]
+pub(crate) struct ExecState {
+    pub(crate) out: [VecDeque<u8>; 2],
+    /// Output of a stream nobody will read: dropped and credited at once.
+    pub(crate) discard: [bool; 2],
+    pub(crate) stdin_credit: u32,
+    pub(crate) end: Option<End>,
+    /// The `Process` is gone: forget the exec when it ends.
+    pub(crate) orphaned: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) execs: HashMap<u32, ExecState>,
+    next_id: u32,
+    /// Why the connection ended, once it has.
+    pub(crate) dead: Option<String>,
+}
+
+/// What the reader thread, the sandbox and every process share.
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    pub(crate) cond: Condvar,
+    writer: Mutex<UnixStream>,
+    console: ConsoleRing,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn send(&self, msg: &Msg) -> Result<()> {
+        let mut buf = Vec::new();
+        msg.encode(&mut buf)?;
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(&buf)
+            .map_err(|e| self.disconnected(e.to_string()))
+    }
+
+    /// The error for a lost connection (with the console tail).
+    pub(crate) fn disconnected(&self, reason: String) -> SandboxError {
+        SandboxError::Disconnected {
+            reason,
+            console: self.console.tail(),
+        }
+    }
+
+    pub(crate) fn dead_error(&self, state: &State) -> SandboxError {
+        self.disconnected(state.dead.clone().unwrap_or_default())
+    }
+
+    pub(crate) fn credit(&self, id: u32, stream: usize, bytes: usize) {
+        if bytes > 0 {
+            let stream = [Stream::Stdout, Stream::Stderr][stream];
+            let bytes = bytes as u32;
+            let _ = self.send(&Msg::Credit { id, stream, bytes });
+        }
+    }
+
+    pub(crate) fn signal(&self, id: u32, signal: i32) -> Result<()> {
+        self.send(&Msg::Signal { id, signal })
+    }
+}
+
+/// A booted VM running kiln's guest agent. `Sync`: commands can be started
+/// from several threads at once.
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+    stream: UnixStream,
+    vm: Mutex<Option<VmHandle>>,
+    output_limit: usize,
+    _dir: Option<TempDir>,
+}
+
+impl Sandbox {
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder::default()
+    }
+
+    /// A sandbox over an already connected agent stream (no VM): used with
+    /// an agent run on the host, e.g. in tests. Waits for HELLO.
+    pub fn connect(stream: UnixStream, hello_timeout: Duration) -> Result<Self> {
+        Self::start(stream, hello_timeout, ConsoleRing::new(None), None, None)
+    }
+
+    pub(crate) fn start(
+        stream: UnixStream,
+        hello_timeout: Duration,
+        console: ConsoleRing,
+        vm: Option<VmHandle>,
+        dir: Option<TempDir>,
+    ) -> Result<Self> {
+        let mut read = stream
+            .try_clone()
+            .map_err(SandboxError::io("cloning the socket"))?;
+        read.set_read_timeout(Some(hello_timeout))
+            .map_err(SandboxError::io("socket timeout"))?;
+        let mut decoder = Decoder::new();
+        let mut buf = [0u8; 64];
+        let hello = loop {
+            if let Some(m) = decoder.next_msg()? {
+                break m;
+            }
+            let n = match read.read(&mut buf) {
+                Ok(0) => {
+                    return Err(SandboxError::Disconnected {
+                        reason: "the agent closed the connection before HELLO".into(),
+                        console: console.tail(),
+                    })
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    return Err(SandboxError::Disconnected {
+                        reason: format!("waiting for the agent's HELLO: {e}"),
+                        console: console.tail(),
+                    })
+                }
+            };
+            decoder.feed(&buf[..n]);
+        };
+        match hello {
+            Msg::Hello { version } if version == protocol::VERSION => {}
+            Msg::Hello { version } => {
+                return Err(SandboxError::Version(version, protocol::VERSION))
+            }
+            other => {
+                return Err(SandboxError::Disconnected {
+                    reason: format!("expected HELLO from the agent, got {other:?}"),
+                    console: console.tail(),
+                })
+            }
+        }
+        read.set_read_timeout(None)
+            .map_err(SandboxError::io("socket timeout"))?;
+        let writer = stream
+            .try_clone()
+            .map_err(SandboxError::io("cloning the socket"))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            cond: Condvar::new(),
+            writer: Mutex::new(writer),
+            console,
+        });
+        let reader_shared = shared.clone();
+        let reader = std::thread::Builder::new()
+            .name("kiln-sandbox".into())
+            .spawn(move || reader_loop(read, decoder, &reader_shared))
+            .map_err(SandboxError::io("spawning the sandbox reader thread"))?;
+        Ok(Self {
+            shared,
+            reader: Some(reader),
+            stream,
+            vm: Mutex::new(vm),
+            output_limit: DEFAULT_OUTPUT_LIMIT,
+            _dir: dir,
+        })
+    }
+
+    pub(crate) fn set_output_limit(&mut self, limit: usize) {
+        self.output_limit = limit;
+    }
+
+    /// Stops the VM from any thread (for signal handling); None without a VM.
+    pub fn stopper(&self) -> Option<crate::VmStopper> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        vm.as_ref().map(VmHandle::stopper)
+    }
+
+    /// The last lines the guest printed on its console (kernel messages).
+    pub fn console_tail(&self) -> String {
+        self.shared.console.tail()
+    }
+
+    /// Starts `cmd`; its stdout and stderr must be read (or the handles
+    /// dropped) for it to make progress past the flow-control windows.
+    pub fn spawn(&self, cmd: Command) -> Result<Process> {
+        cmd.spec.validate()?;
+        let (id, stdin_bytes) = self.start_exec(&cmd)?;
+        let mut process = Process::new(self.shared.clone(), id, &cmd);
+        if let Some(bytes) = stdin_bytes {
+            // Written by a helper thread so the caller can read meanwhile.
+            let mut stdin = process.stdin().expect("piped");
+            process.feeder = Some(
+                std::thread::Builder::new()
+                    .name("kiln-stdin".into())
+                    .spawn(move || {
+                        let _ = stdin.write_all(&bytes);
+                    })
+                    .map_err(SandboxError::io("spawning a stdin thread"))?,
+            );
+        }
+        Ok(process)
+    }
+
+    /// Runs `cmd` to its end and collects its output (up to the output
+    /// limit). A command that cannot be started is reported like a shell
+    /// does: status 127 (not found) or 126, with the reason on stderr.
+    pub fn exec(&self, cmd: Command) -> Result<Output> {
+        let limit = cmd.output_limit.unwrap_or(self.output_limit);
+        let mut process = self.spawn(cmd)?;
+        process.collect(limit)
+    }
+
+    fn start_exec(&self, cmd: &Command) -> Result<(u32, Option<Vec<u8>>)> {
+        let (stdin, bytes) = match &cmd.stdin {
+            StdinMode::Null => (false, None),
+            StdinMode::Bytes(b) => (true, Some(b.clone())),
+            StdinMode::Piped => (true, None),
+        };
+        let id = {
+            let mut st = self.shared.lock();
+            if st.dead.is_some() {
+                return Err(self.shared.dead_error(&st));
+            }
+            st.next_id = st.next_id.wrapping_add(1);
+            let id = st.next_id;
+            st.execs.insert(
+                id,
+                ExecState {
+                    stdin_credit: STDIN_WINDOW,
+                    ..ExecState::default()
+                },
+            );
+            id
+        };
+        let opts = ExecOptions {
+            stdin,
+            timeout_ms: cmd.timeout.map_or(0, |t| t.as_millis().max(1) as u64),
+        };
+        let msg = Msg::Exec {
+            id,
+            opts,
+            spec: cmd.spec.clone(),
+        };
+        if let Err(e) = self.shared.send(&msg) {
+            self.shared.lock().execs.remove(&id);
+            return Err(e);
+        }
+        Ok((id, bytes))
+    }
+
+    /// Ends the VM: asks the agent to shut down (it kills every command and
+    /// reboots), stops the VM if it has not ended after a grace period, and
+    /// joins every thread. Returns the VM's outcome when there is a VM.
+    pub fn shutdown(mut self) -> Result<Option<crate::VmOutcome>> {
+        self.close()
+    }
+
+    fn close(&mut self) -> Result<Option<crate::VmOutcome>> {
+        let _ = self.shared.send(&Msg::Shutdown);
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut outcome = None;
+        let mut result = Ok(());
+        if let Some(vm) = vm {
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            while !vm.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            vm.stop();
+            match vm.wait() {
+                Ok(report) => outcome = Some(report.outcome),
+                Err(e) => result = Err(SandboxError::Vm(e)),
+            }
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        result.map(|()| outcome)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if self.reader.is_some() {
+            let _ = self.close();
+        }
+    }
+}
+
+fn reader_loop(mut read: UnixStream, mut decoder: Decoder, shared: &Shared) {
+    let mut buf = vec![0u8; 64 << 10];
+    let reason = 'outer: loop {
+        loop {
+            match decoder.next_msg() {
+                Ok(Some(msg)) => dispatch(shared, msg),
+                Ok(None) => break,
+                Err(e) => break 'outer format!("protocol error from the guest agent: {e}"),
+            }
+        }
+        match read.read(&mut buf) {
+            Ok(0) => break "the guest agent closed the connection (VM ended?)".to_string(),
+            Ok(n) => decoder.feed(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break format!("reading from the guest agent: {e}"),
+        }
+    };
+    let mut st = shared.lock();
+    st.dead = Some(reason);
+    drop(st);
+    shared.cond.notify_all();
+}
+
+fn dispatch(shared: &Shared, msg: Msg) {
+    let mut st = shared.lock();
+    let mut credit = None;
+    match msg {
+        Msg::Stdout { id, data } => push(&mut st, id, 0, data, &mut credit),
+        Msg::Stderr { id, data } => push(&mut st, id, 1, data, &mut credit),
+        Msg::StdinCredit { id, bytes } => {
+            if let Some(e) = st.execs.get_mut(&id) {
+                e.stdin_credit = e.stdin_credit.saturating_add(bytes);
+            }
+        }
+        Msg::Exited { id, status, reason } => {
+            let status = match status {
+                protocol::ExitStatus::Code(c) => ExitStatus::Code(c),
+                protocol::ExitStatus::Signal(s) => ExitStatus::Signal(s),
+            };
+            end(&mut st, id, End::Exited(status, reason));
+        }
+        Msg::ExecFailed { id, code, message } => {
+            if let Some(e) = st.execs.get_mut(&id) {
+                // As a shell reports it: the reason on stderr, 127 or 126.
+                e.out[1].extend(format!("kiln: {message}\n").as_bytes());
+            }
+            end(
+                &mut st,
+                id,
+                End::Exited(ExitStatus::Code(code), ExitReason::Normal),
+            );
+        }
+        // STARTED needs nothing; host-to-guest kinds from the guest are
+        // ignored rather than trusted.
+        _ => {}
+    }
+    drop(st);
+    shared.cond.notify_all();
+    if let Some((id, stream, n)) = credit {
+        shared.credit(id, stream, n);
+    }
+}
+
+fn push(
+    st: &mut State,
+    id: u32,
+    stream: usize,
+    data: Vec<u8>,
+    credit: &mut Option<(u32, usize, usize)>,
+) {
+    let Some(e) = st.execs.get_mut(&id) else {
+        return;
+    };
+    if e.discard[stream] {
+        *credit = Some((id, stream, data.len()));
+    } else if e.out[stream].len() + data.len() <= OUTPUT_WINDOW as usize {
+        e.out[stream].extend(data);
+    }
+    // Beyond the window: a misbehaving agent; the bytes are dropped.
+}
+
+fn end(st: &mut State, id: u32, end: End) {
+    match st.execs.get_mut(&id) {
+        Some(e) if e.orphaned => {
+            st.execs.remove(&id);
+        }
+        Some(e) => e.end = Some(end),
+        None => {}
+    }
+}
