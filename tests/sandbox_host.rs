@@ -168,3 +168,112 @@ fn sandboxes_leave_no_fds_or_threads_behind() {
     assert!(fds2 <= fds + 12, "fds {fds} -> {fds2}");
     assert!(threads2 <= threads + 8, "threads {threads} -> {threads2}");
 }
+
+/// Forwards `from` to `to` in small, varying chunks (1..=4096 bytes, now and
+/// then 1-7 bytes, with short sleeps), as the VM's vsock device delivers.
+fn relay(mut from: UnixStream, mut to: UnixStream, seed: u32) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let r = next();
+            let want = match r % 8 {
+                0 => 1 + (r >> 8) as usize % 7,
+                _ => 1 + (r >> 8) as usize % 4096,
+            };
+            let n = match from.read(&mut buf[..want]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            // Let the peer see each chunk on its own, as separate packets.
+            std::thread::sleep(Duration::from_micros(if r % 64 == 1 { 500 } else { 20 }));
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    })
+}
+
+/// A sandbox whose agent sees the connection through chunking relays.
+fn chunked_sandbox() -> (Sandbox, JoinHandle<Result<Ended, AgentError>>) {
+    let (host, relay_host) = UnixStream::pair().unwrap();
+    let (relay_guest, guest) = UnixStream::pair().unwrap();
+    relay(
+        relay_host.try_clone().unwrap(),
+        relay_guest.try_clone().unwrap(),
+        0x1234_5678,
+    );
+    relay(relay_guest, relay_host, 0x9abc_def0);
+    let agent = std::thread::spawn(move || serve(OwnedFd::from(guest), AgentConfig::default()));
+    (
+        Sandbox::connect(host, Duration::from_secs(10)).unwrap(),
+        agent,
+    )
+}
+
+fn host_sha256(data: &[u8]) -> Vec<u8> {
+    let mut p = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(data).unwrap();
+    p.wait_with_output().unwrap().stdout
+}
+
+#[test]
+fn stdin_survives_short_reads_and_a_slow_consumer() {
+    let (sb, agent) = chunked_sandbox();
+    let data: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let want = host_sha256(&data);
+    // A consumer that starts late and then reads in small, slow bites, so
+    // the agent's writes to the stdin pipe are partial and hit EAGAIN.
+    let slow = "sleep 0.3; while :; do \
+                n=$(dd bs=4096 count=1 2>/dev/null | tee -a \"$T\" | wc -c); \
+                [ \"$n\" -gt 0 ] || break; done; sha256sum < \"$T\"; rm -f \"$T\"";
+    let tmp = std::env::temp_dir().join(format!("kiln-slow-stdin-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let out = sb
+        .exec(
+            sh(slow)
+                .env("T", tmp.to_str().unwrap())
+                .stdin_bytes(data.clone()),
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, want, "slow consumer");
+    // And plain sha256sum, with the sandbox's own stdin handle.
+    let mut p = sb.spawn(Command::new("sha256sum").stdin_piped()).unwrap();
+    let mut stdin = p.stdin().unwrap();
+    let mut stdout = p.stdout().unwrap();
+    let writer = {
+        let data = data.clone();
+        std::thread::spawn(move || stdin.write_all(&data).unwrap())
+    };
+    let mut got = Vec::new();
+    stdout.read_to_end(&mut got).unwrap();
+    writer.join().unwrap();
+    assert!(p.wait().unwrap().success());
+    assert_eq!(got, want, "sha256sum");
+    // Output through the relay is intact too.
+    let out = sb
+        .exec(Command::new("head").args(["-c", "4194304", "/dev/zero"]))
+        .unwrap();
+    assert_eq!(out.stdout.len(), 4 << 20);
+    assert!(out.stdout.iter().all(|&b| b == 0));
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
