@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -790,36 +790,10 @@ impl Block {
             interrupt,
             features,
         } = active;
-        let mut served = 0;
-        let mut more = false;
-        'outer: loop {
-            if queue.disable_notification(&*mem).is_err() {
-                break;
-            }
-            let before = served;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let len = serve_chain(&self.disk, mem, &mut self.bounce, *features, chain);
-                if queue.add_used(&*mem, head, len).is_err() {
-                    // A head index past the ring: the chain cannot be returned.
-                    log::debug!("virtio-blk: cannot return chain {head}");
-                }
-                served += 1;
-                if served >= CHAINS_PER_EVENT {
-                    more = true;
-                    break 'outer;
-                }
-            }
-            match queue.enable_notification(&*mem) {
-                // More arrived while notifications were off; but an avail index
-                // that yields nothing (garbage) must not make us spin.
-                Ok(true) if served > before => continue,
-                _ => break,
-            }
-        }
-        if served > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
-        }
+        let (disk, bounce) = (&self.disk, &mut self.bounce);
+        let more = super::serve_queue(queue, mem, interrupt, CHAINS_PER_EVENT, |chain| {
+            serve_chain(disk, mem, bounce, *features, chain)
+        });
         if more {
             // Come back after the other event sources had a turn.
             let _ = self.queue_evts[0].write(1);

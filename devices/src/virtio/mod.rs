@@ -16,7 +16,7 @@ pub mod vsock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -114,4 +114,53 @@ impl Interrupt {
     pub fn line(&self) -> &IrqLine {
         &self.line
     }
+}
+
+/// Serves a request queue: pops each available chain, hands it to `serve`
+/// (which returns the number of bytes written to the chain) and returns it
+/// as used, until the queue is empty or `budget` chains were served; then
+/// interrupts the driver if it wants to be told. Returns true when the
+/// budget ran out with work left: the caller re-kicks itself so other event
+/// sources get a turn. An avail index that yields nothing (garbage) ends the
+/// loop instead of spinning.
+pub fn serve_queue<F>(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    interrupt: &Interrupt,
+    budget: usize,
+    mut serve: F,
+) -> bool
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+{
+    let mut served = 0;
+    let mut more = false;
+    'outer: loop {
+        if queue.disable_notification(mem).is_err() {
+            break;
+        }
+        let before = served;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = serve(chain);
+            if queue.add_used(mem, head, len).is_err() {
+                // A head index past the ring: the chain cannot be returned.
+                log::debug!("virtio: cannot return chain {head}");
+            }
+            served += 1;
+            if served >= budget {
+                more = true;
+                break 'outer;
+            }
+        }
+        match queue.enable_notification(mem) {
+            // More arrived while notifications were off.
+            Ok(true) if served > before => continue,
+            _ => break,
+        }
+    }
+    if served > 0 && queue.needs_notification(mem).unwrap_or(true) {
+        interrupt.signal_used_queue();
+    }
+    more
 }

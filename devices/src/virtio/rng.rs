@@ -9,7 +9,7 @@
 use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -117,34 +117,10 @@ impl Rng {
         else {
             return;
         };
-        let mut served = 0;
-        let mut more = false;
-        'outer: loop {
-            if queue.disable_notification(&*mem).is_err() {
-                break;
-            }
-            let before = served;
-            while let Some(chain) = queue.pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let len = fill_chain(mem, chain, &mut self.scratch);
-                if queue.add_used(&*mem, head, len).is_err() {
-                    // A head index past the ring: the chain cannot be returned.
-                    log::debug!("virtio-rng: cannot return chain {head}");
-                }
-                served += 1;
-                if served >= CHAINS_PER_EVENT {
-                    more = true;
-                    break 'outer;
-                }
-            }
-            match queue.enable_notification(&*mem) {
-                Ok(true) if served > before => continue,
-                _ => break,
-            }
-        }
-        if served > 0 && queue.needs_notification(&*mem).unwrap_or(true) {
-            interrupt.signal_used_queue();
-        }
+        let scratch = &mut self.scratch;
+        let more = super::serve_queue(queue, mem, interrupt, CHAINS_PER_EVENT, |chain| {
+            fill_chain(mem, chain, scratch)
+        });
         if more {
             let _ = self.queue_evts[0].write(1);
         }

@@ -7,6 +7,7 @@ use crate::irq::IrqLine;
 use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
