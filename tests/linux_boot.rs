@@ -11,7 +11,7 @@ use std::process::Output;
 
 use common::{guest_kernel, guest_rootfs, have_kvm, kiln_cli, require};
 
-const BOOT_TIMEOUT: &str = "300s";
+const BOOT_TIMEOUT: &str = "600s";
 
 fn prerequisites() -> bool {
     require(have_kvm(), "/dev/kvm not accessible")
