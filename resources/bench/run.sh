@@ -502,7 +502,7 @@ run_disk() {
                            --mem "${guest_mem_mib}M" --disk "$img" --cmdline "$extra") ;;
                 qemu) cmd=("$qemu" -M microvm,x-option-roms=off,rtc=off "${qemu_base[@]}" -serial stdio
                            -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
-                           -drive "file=$img,format=raw,if=none,id=d0,cache=none"
+                           -drive "file=$img,format=raw,if=none,id=d0"
                            -device virtio-blk-device,drive=d0 -append "$kiln_cmdline $extra") ;;
             esac
             brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m KILN-BENCH-DONE -k -- "${cmd[@]}" ||
