@@ -67,7 +67,15 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
         .memory(args.mem)
         .vcpus(args.cpus)
         .verbose(args.verbose)
-        .use_pvh(!args.no_pvh);
+        .use_pvh(!args.no_pvh)
+        .rng(args.rng)
+        .console_kind(args.console);
+    for disk in &args.disks {
+        builder = builder.disk(disk.clone());
+    }
+    for net in &args.nets {
+        builder = builder.net(net.clone());
+    }
     if let Some(r) = &args.rootfs {
         builder = builder.rootfs(r);
     }

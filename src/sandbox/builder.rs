@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
-use crate::config::{VmConfig, VsockConfig, DEFAULT_MEM_BYTES};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_MEM_BYTES};
 use crate::{ConsoleIo, VmHandle};
 
 /// The vsock port the agent connects to on the host.
@@ -38,6 +38,10 @@ pub struct SandboxBuilder {
     output_limit: Option<usize>,
     interrupt: Option<Arc<AtomicI32>>,
     no_pvh: bool,
+    disks: Vec<DiskConfig>,
+    nets: Vec<NetConfig>,
+    rng: bool,
+    console_kind: ConsoleKind,
 }
 
 impl SandboxBuilder {
@@ -49,6 +53,30 @@ impl SandboxBuilder {
     }
 
     /// The guest kernel (vmlinux or bzImage); required.
+    /// Adds a virtio-blk disk (the first is /dev/vda).
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Adds a virtio-net card on a host TAP (network is off without one).
+    pub fn net(mut self, net: NetConfig) -> Self {
+        self.nets.push(net);
+        self
+    }
+
+    /// Adds a virtio-rng device.
+    pub fn rng(mut self, on: bool) -> Self {
+        self.rng = on;
+        self
+    }
+
+    /// Which device is the guest's console (its output goes to the console ring).
+    pub fn console_kind(mut self, kind: ConsoleKind) -> Self {
+        self.console_kind = kind;
+        self
+    }
+
     pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
         self.kernel = Some(path.into());
         self
@@ -147,6 +175,10 @@ impl SandboxBuilder {
         config.extra_cmdline = self.cmdline;
         config.verbose = self.verbose;
         config.use_pvh = !self.no_pvh;
+        config.disks = self.disks;
+        config.nets = self.nets;
+        config.rng = self.rng;
+        config.console = self.console_kind;
         config.vsock = Some(VsockConfig {
             cid: GUEST_CID,
             socket,
