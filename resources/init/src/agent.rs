@@ -28,7 +28,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Where the initramfs asks for agent mode (content: the host vsock port).
@@ -42,7 +42,6 @@ const TICK: Duration = Duration::from_millis(50);
 /// After a command exits and its group is killed, how long its pipes may
 /// stay open (held by a process that left the group) before being closed.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
-const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// How the agent runs.
 #[derive(Clone, Debug, Default)]
@@ -370,7 +369,7 @@ impl Agent {
                 return self.send(&m);
             }
         }
-        let mut cmd = command(spec);
+        let mut cmd = spec.to_command();
         cmd.stdin(if opts.stdin {
             Stdio::piped()
         } else {
@@ -588,27 +587,6 @@ fn exited(e: &mut Exec, st: libc::c_int) {
     e.pidfd = None;
     // The rest of the command's session goes with it, so its pipes close.
     e.kill_group(libc::SIGKILL);
-}
-
-/// The command: the spec's environment only, plus a default `PATH`.
-fn command(spec: &ExecSpec) -> Command {
-    let os = OsStr::from_bytes;
-    let mut cmd = Command::new(os(&spec.argv[0]));
-    cmd.args(spec.argv[1..].iter().map(|a| os(a))).env_clear();
-    cmd.envs(spec.env.iter().map(|(k, v)| (os(k), os(v))));
-    if !spec.env.iter().any(|(k, _)| k == b"PATH") {
-        cmd.env("PATH", os(DEFAULT_PATH));
-    }
-    if let Some(cwd) = &spec.cwd {
-        cmd.current_dir(os(cwd));
-    }
-    if let Some(gid) = spec.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = spec.uid {
-        cmd.uid(uid);
-    }
-    cmd
 }
 
 fn pollfd(fd: RawFd, events: libc::c_short) -> libc::pollfd {

@@ -12,13 +12,10 @@ use kiln_init::{control, EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND, 
 use std::ffi::{CStr, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
 
-const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// Upper bound on waiting for the console to drain before reporting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -73,7 +70,7 @@ fn run() -> u32 {
             return EXIT_INIT_FAILED;
         }
     }
-    let pid = match command(&spec).spawn() {
+    let pid = match spec.to_command().spawn() {
         Ok(child) => child.id() as libc::pid_t,
         Err(e) => {
             let name = String::from_utf8_lossy(&spec.argv[0]);
@@ -103,28 +100,6 @@ fn read_spec() -> Result<ExecSpec, String> {
     let bytes = std::fs::read(SPEC_PATH)
         .map_err(|e| format!("cannot read {SPEC_PATH}: {}", describe(&e)))?;
     ExecSpec::decode(&bytes).map_err(|e| format!("bad {SPEC_PATH}: {e}"))
-}
-
-/// Builds the command: the spec's environment only, plus a default `PATH`.
-fn command(spec: &ExecSpec) -> Command {
-    let os = OsStr::from_bytes;
-    let mut cmd = Command::new(os(&spec.argv[0]));
-    cmd.args(spec.argv[1..].iter().map(|a| os(a))).env_clear();
-    cmd.envs(spec.env.iter().map(|(k, v)| (os(k), os(v))));
-    if !spec.env.iter().any(|(k, _)| k == b"PATH") {
-        // Also what std searches argv[0] in, as the env is changed.
-        cmd.env("PATH", os(DEFAULT_PATH));
-    }
-    if let Some(cwd) = &spec.cwd {
-        cmd.current_dir(os(cwd));
-    }
-    if let Some(gid) = spec.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = spec.uid {
-        cmd.uid(uid);
-    }
-    cmd
 }
 
 /// Reaps children (orphans are reparented to PID 1) until `pid` exits.
@@ -308,6 +283,7 @@ fn describe(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_init::spec::DEFAULT_PATH;
 
     #[test]
     fn encodes_wait_statuses() {
@@ -321,7 +297,7 @@ mod tests {
     fn command_uses_the_spec_environment_and_a_default_path() {
         let mut spec = ExecSpec::new(["prog", "a b", "c"]);
         spec.env.push((b"X".to_vec(), b"1".to_vec()));
-        let cmd = command(&spec);
+        let cmd = spec.to_command();
         let envs: Vec<_> = cmd
             .get_envs()
             .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
@@ -330,7 +306,7 @@ mod tests {
         assert!(envs.contains(&("PATH".into(), Some(OsStr::from_bytes(DEFAULT_PATH).into()))));
         assert_eq!(cmd.get_args().collect::<Vec<_>>(), ["a b", "c"]);
         spec.env.push((b"PATH".to_vec(), b"/x".to_vec()));
-        let cmd = command(&spec);
+        let cmd = spec.to_command();
         let paths: Vec<_> = cmd.get_envs().filter(|(k, _)| *k == "PATH").collect();
         assert_eq!(paths, [(OsStr::new("PATH"), Some(OsStr::new("/x")))]);
     }

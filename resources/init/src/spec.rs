@@ -14,7 +14,14 @@
 //! version. Decoding is strict (unknown tags, duplicates and trailing bytes
 //! are errors) because both ends are built from this file.
 
+use std::ffi::OsStr;
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// `PATH` for commands whose spec does not set one (also where argv[0] is searched).
+pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 const MAGIC: &[u8; 4] = b"KXSP";
 /// Format version written by `encode` and the only one `decode` accepts.
@@ -92,6 +99,28 @@ impl fmt::Display for SpecError {
 impl std::error::Error for SpecError {}
 
 impl ExecSpec {
+    /// The process to start: the spec's environment only (plus a default
+    /// `PATH`), its working directory and ids. Callers add stdio.
+    pub fn to_command(&self) -> Command {
+        let os = OsStr::from_bytes;
+        let mut cmd = Command::new(os(&self.argv[0]));
+        cmd.args(self.argv[1..].iter().map(|a| os(a))).env_clear();
+        cmd.envs(self.env.iter().map(|(k, v)| (os(k), os(v))));
+        if !self.env.iter().any(|(k, _)| k == b"PATH") {
+            cmd.env("PATH", os(DEFAULT_PATH));
+        }
+        if let Some(cwd) = &self.cwd {
+            cmd.current_dir(os(cwd));
+        }
+        if let Some(gid) = self.gid {
+            cmd.gid(gid);
+        }
+        if let Some(uid) = self.uid {
+            cmd.uid(uid);
+        }
+        cmd
+    }
+
     /// A spec running `argv` with an empty environment and default attributes.
     pub fn new<I, A>(argv: I) -> Self
     where
