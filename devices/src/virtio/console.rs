@@ -433,7 +433,7 @@ impl MutEventSubscriber for VirtioConsole {
 mod tests {
     use super::*;
     use crate::irq::IrqLine;
-    use crate::virtio::vsock::test_queue::DriverQueue;
+    use crate::virtio::vsock::test_queue::{self, DriverQueue};
     use event_manager::{EventManager, SubscriberOps};
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::{Bytes, GuestAddress};
@@ -535,23 +535,11 @@ mod tests {
         }
 
         fn pump(&mut self) {
-            for _ in 0..1000 {
-                if self.em.run_with_timeout(0).unwrap() == 0 {
-                    return;
-                }
-            }
-            panic!("the event loop never went idle");
+            test_queue::pump(&mut self.em);
         }
 
         fn assert_idle(&mut self) {
-            self.pump();
-            for _ in 0..3 {
-                assert_eq!(
-                    self.em.run_with_timeout(0).unwrap(),
-                    0,
-                    "device keeps waking up"
-                );
-            }
+            test_queue::assert_idle(&mut self.em);
         }
 
         fn alloc(&mut self, len: u64) -> u64 {

@@ -1,6 +1,7 @@
 //! A test driver for split virtqueues in guest memory: publishes descriptor
 //! chains and reads back the used ring, as a guest driver would.
 
+use event_manager::{EventManager, MutEventSubscriber};
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -106,5 +107,24 @@ impl DriverQueue {
             self.used_seen = self.used_seen.wrapping_add(1);
         }
         out
+    }
+}
+
+/// Runs the event loop until nothing is ready; panics if it never settles
+/// (a spinning device).
+pub(crate) fn pump<S: MutEventSubscriber>(em: &mut EventManager<S>) {
+    for _ in 0..1000 {
+        if em.run_with_timeout(0).unwrap() == 0 {
+            return;
+        }
+    }
+    panic!("the event loop never went idle");
+}
+
+/// After settling, nothing is ready: no busy loop.
+pub(crate) fn assert_idle<S: MutEventSubscriber>(em: &mut EventManager<S>) {
+    pump(em);
+    for _ in 0..3 {
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0, "device keeps waking up");
     }
 }

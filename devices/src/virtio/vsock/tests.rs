@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::conn::CONN_BUF_ALLOC;
 use super::packet::*;
-use super::test_queue::{DriverQueue, RING_SIZE};
+use super::test_queue::{self, DriverQueue, RING_SIZE};
 use super::*;
 use crate::irq::IrqLine;
 
@@ -114,27 +114,12 @@ impl Harness {
         self.pump();
     }
 
-    /// Runs the event loop until nothing is ready; panics if it never
-    /// settles (a spinning device).
     fn pump(&mut self) {
-        for _ in 0..1000 {
-            if self.em.run_with_timeout(0).unwrap() == 0 {
-                return;
-            }
-        }
-        panic!("the event loop never went idle");
+        test_queue::pump(&mut self.em);
     }
 
-    /// After settling, nothing is ready: no busy loop.
     fn assert_idle(&mut self) {
-        self.pump();
-        for _ in 0..3 {
-            assert_eq!(
-                self.em.run_with_timeout(0).unwrap(),
-                0,
-                "device keeps waking up"
-            );
-        }
+        test_queue::assert_idle(&mut self.em);
     }
 
     fn kick(&self, q: usize) {
