@@ -11,6 +11,12 @@
 //! - `clearcpuid=popcnt`: `popcnt` in the page allocator is an emulation failure.
 //! - `noxsave`: `xrstor` is an emulation failure. Hiding SMAP/XSAVE through
 //!   CPUID alone was measured not to take effect; the command line does.
+//! - `nofsgsbase`: with FSGSBASE, an NMI taken in guest kernel mode enters
+//!   `paranoid_entry`, whose `lsl` is an emulation failure: the VM dies. The
+//!   NMIs come from the guest itself (RCU stall backtraces on a slow host).
+//! - `rcupdate.rcu_cpu_stall_suppress=1`: emulated guest kernels are slow
+//!   enough for RCU to report false stalls; each report prints pages of
+//!   console output (one exit per byte) and sends those NMIs.
 //! - Hidden KVM paravirt features PV_SEND_IPI, PV_UNHALT and PV_SCHED_YIELD
 //!   (CPUID 0x4000_0001): with SMP the guest uses their hypercalls
 //!   (`KVM_HC_SEND_IPI`, ...), which never return on PVM, so the vCPU hangs.
@@ -30,6 +36,10 @@ const PVM_MODULE_PATH: &str = "/sys/module/kvm_pvm";
 const KVM_FEATURE_PV_UNHALT: u32 = 7;
 const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
 const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
+
+/// Command line words a PVM host needs (see the module comment for each).
+const PVM_CMDLINE: &str =
+    "noxsave clearcpuid=smap,popcnt nofsgsbase rcupdate.rcu_cpu_stall_suppress=1";
 
 /// The kind of KVM kiln runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +66,7 @@ impl HostProfile {
     pub fn kernel_cmdline_additions(self) -> &'static str {
         match self {
             HostProfile::HardwareKvm => "",
-            HostProfile::Pvm => "noxsave clearcpuid=smap,popcnt",
+            HostProfile::Pvm => PVM_CMDLINE,
         }
     }
 
@@ -123,10 +133,15 @@ mod tests {
     #[test]
     fn pvm_needs() {
         let pvm = HostProfile::Pvm;
-        assert_eq!(
-            pvm.kernel_cmdline_additions(),
-            "noxsave clearcpuid=smap,popcnt"
-        );
+        let words: Vec<&str> = pvm.kernel_cmdline_additions().split(' ').collect();
+        for needed in [
+            "noxsave",
+            "clearcpuid=smap,popcnt",
+            "nofsgsbase",
+            "rcupdate.rcu_cpu_stall_suppress=1",
+        ] {
+            assert!(words.contains(&needed), "{needed} missing");
+        }
         assert_eq!(pvm.hidden_kvm_features(), (1 << 7) | (1 << 11) | (1 << 13));
     }
 
