@@ -54,7 +54,10 @@ fn init_logging(verbose: bool) {
 
 /// Runs the command through kiln's guest agent (the sandbox API): its
 /// stdout and stderr reach kiln's stdout and stderr separately, its stdin is
-/// kiln's with -i (else empty), and the guest console only shows with -v.
+/// kiln's with -i (else empty). The guest console goes to stderr with -v;
+/// without -v it goes to stdout until kiln's agent takes over (so a guest
+/// with its own init, or a kernel that dies early, is still seen), and is
+/// dropped after that.
 fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
     use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox, SandboxError};
     use std::io::{Read, Write};
@@ -88,8 +91,11 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
     if let Some(t) = args.timeout {
         builder = builder.timeout(t);
     }
+    let booting = Arc::new(std::sync::atomic::AtomicBool::new(true));
     if args.verbose {
         builder = builder.console_output(Box::new(std::io::stderr()));
+    } else {
+        builder = builder.console_output(Box::new(BootConsole(booting.clone())));
     }
     let _ = started;
     let argv: Vec<std::ffi::OsString> = match args.command.is_empty() {
@@ -135,12 +141,9 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
         Err(SandboxError::BootFailed {
             outcome, output, ..
         }) => {
-            if outcome.is_command_exit() {
-                // A guest without kiln's agent that reported a status itself
-                // (e.g. its own init): its console was its output.
-                let _ = std::io::stdout().write_all(&output);
-            } else {
-                // One line (the console shows with -v).
+            // The console has already gone to stdout (or stderr with -v).
+            let _ = output;
+            if !outcome.is_command_exit() {
                 eprintln!("kiln: {outcome}");
             }
             return outcome.exit_status();
@@ -153,6 +156,7 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
             };
         }
     };
+    booting.store(false, Ordering::SeqCst);
     *stopper_slot.lock().unwrap_or_else(|e| e.into_inner()) = sandbox.stopper();
     if interrupted.load(Ordering::SeqCst) != 0 {
         if let Some(s) = sandbox.stopper() {
@@ -260,6 +264,26 @@ fn run(args: &kiln::cli::RunArgs, started: Instant) -> kiln::Result<i32> {
         log::info!("{}", report.outcome);
     }
     Ok(report.outcome.exit_status())
+}
+
+/// The guest console while kiln waits for its agent: copied to stdout as it
+/// arrives, then dropped once the flag is cleared (the agent carries the
+/// command's output from then on).
+struct BootConsole(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl std::io::Write for BootConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut out = std::io::stdout().lock();
+            out.write_all(buf)?;
+            out.flush()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn block_stop_signals() -> libc::sigset_t {

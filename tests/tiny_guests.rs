@@ -180,10 +180,11 @@ fn serial_input_wakes_a_halted_guest() {
 #[test]
 fn i8042_reset_ends_the_vm_as_guest_reset() {
     require_kvm!();
-    let (report, _) = run_guest(&guest_config("reset"), None);
+    let (report, console) = run_guest(&guest_config("reset"), None);
     assert_eq!(report.outcome, VmOutcome::GuestReset);
     assert_eq!(report.outcome.exit_status(), STATUS_NO_REPORT);
     assert!(report.exits.pio >= 1);
+    assert_eq!(console, b"own init says bye\n");
 
     let guest = test_guest("reset");
     let out = kiln(&[
@@ -196,6 +197,8 @@ fn i8042_reset_ends_the_vm_as_guest_reset() {
     ]);
     assert_eq!(out.status.code(), Some(120));
     assert_one_line(&out, "reset");
+    // No agent ever came up: the guest console was the output.
+    assert_eq!(out.stdout, b"own init says bye\n");
 }
 
 // 5. Timeout.
