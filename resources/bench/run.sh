@@ -12,12 +12,15 @@
 #                           VMs created and torn down per second (1 and 2 at once)
 #                  boot     boot to init with identical inputs; on the same VMs,
 #                           the monitor's private memory and its idle CPU time
+#                  bootpath kiln alone: boot to init with one boot-path choice
+#                           changed at a time (no PVH, bzImage, gzip or large
+#                           initramfs, verbose console)
 #                  command  `kiln run ... -- echo hi` vs a conventional QEMU boot
-#                  disk     virtio-blk (only if `kiln run --help` lists --disk)
+#                  disk     virtio-blk: O_DIRECT dd of 64 MiB, random 4 KiB reads
 #                  net      virtio-net (only if `kiln run --help` lists --net)
 #   --out DIR    where BENCHMARKS.md/.json go (default: the repository root)
-#   --reps N, --reps-boot N   override the repetitions (default 5 and 3 for
-#                boots; --quick: 1 and 1)
+#   --reps N, --reps-boot N   override the repetitions (default 5, and 3 for
+#                anything that boots Linux; --quick: 1 and 1)
 #
 # Environment: KILN_BIN (a kiln binary to use instead of building
 # target/release/kiln), KILN_BENCH_WORK (scratch root, default target/bench).
@@ -39,7 +42,7 @@ log() { echo "$prog: $*" >&2; }
 quick=0
 reps_override=""
 reps_boot_override=""
-only="exits,startup,boot,command,disk,net"
+only="exits,startup,boot,bootpath,command,disk,net"
 out_dir="$root"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -59,9 +62,9 @@ declare -A want=()
 IFS=',' read -r -a sections <<< "$only"
 for s in "${sections[@]}"; do
     case "$s" in
-        exits|startup|boot|command|disk|net) want[$s]=1 ;;
+        exits|startup|boot|bootpath|command|disk|net) want[$s]=1 ;;
         memory|idle) want[boot]=1 ;;
-        *) die "unknown section '$s' (exits, startup, boot, command, disk, net)" ;;
+        *) die "unknown section '$s' (exits, startup, boot, bootpath, command, disk, net)" ;;
     esac
 done
 wants() { [ -n "${want[$1]:-}" ]; }
@@ -101,6 +104,7 @@ mkdir -p "$bin"
 gcc -O2 -Wall -o "$bin/benchrun" "$bench_dir/benchrun.c" -lpthread
 gcc -O2 -Wall -shared -fPIC -o "$bin/first-run.so" "$bench_dir/first-run.c" -ldl
 gcc -O2 -Wall -o "$bin/kvm-floor" "$bench_dir/kvm-floor.c"
+gcc -O2 -Wall -static -o "$bin/randread" "$bench_dir/guest/randread.c"
 gcc -nostdlib -static -no-pie -Wl,-Ttext=0x200000 -Wl,--build-id=none -Wa,--noexecstack \
     -o "$bin/bench_exit.elf" "$bench_dir/guest/bench_exit.S"
 benchrun="$bin/benchrun"
@@ -354,16 +358,26 @@ startup_syscalls() {
 # The initramfs every monitor gets in the "boot" section (and disk/net): a
 # static busybox with a few links; /init prints the marker and then idles,
 # exercises a disk or the network, or resets, as the command line asks.
+# `make_bench_initramfs full` links every busybox applet instead (the
+# "bootpath" section's large-initramfs variant).
 make_bench_initramfs() {
-    local stage="$work/initramfs-bench"
+    local stage="$work/initramfs-bench${1:+-$1}" out="$work/bench-initramfs${1:+-$1}.cpio"
     rm -rf "$stage"; mkdir -p "$stage"/{bin,dev,proc,sys}
     cp "$busybox" "$stage/bin/busybox"
+    cp "$bin/randread" "$stage/bin/randread"
     local a
-    for a in sh sleep reboot mount dd ifconfig ping; do ln -s busybox "$stage/bin/$a"; done
+    if [ "${1:-}" = full ]; then
+        mkdir -p "$stage"/{sbin,usr/bin,usr/sbin}
+        while read -r a; do
+            [ -n "$a" ] && [ "$a" != bin/busybox ] && [ ! -e "$stage/$a" ] && ln -s /bin/busybox "$stage/$a"
+        done < <("$busybox" --list-full)
+    else
+        for a in sh sleep reboot mount dd ifconfig ping; do ln -s busybox "$stage/bin/$a"; done
+    fi
     mknod -m 600 "$stage/dev/console" c 5 1
     cp "$bench_dir/guest/init.sh" "$stage/init"
     chmod 755 "$stage/init"
-    (cd "$stage" && find . | sort | cpio -o -H newc -R 0:0 --quiet) > "$work/bench-initramfs.cpio"
+    (cd "$stage" && find . | sort | cpio -o -H newc -R 0:0 --quiet) > "$out"
 }
 
 # A conventional initramfs, as a distribution would make it: busybox with its
@@ -440,6 +454,47 @@ run_boot() {
     done
 }
 
+# ------------------------------- boot path choices (issue 2): kiln only
+# The same guest (bench initramfs, /init prints the marker and resets) booted
+# with one choice changed at a time against kiln's default (PVH vmlinux,
+# small uncompressed initramfs, quiet console). Variants are interleaved
+# within each repetition so a change in host load hits all of them alike.
+run_bootpath() {
+    make_bench_initramfs
+    make_bench_initramfs full
+    gzip -9 -c "$work/bench-initramfs.cpio" > "$work/bench-initramfs.cpio.gz"
+    note "bootpath: initramfs small $(stat -c %s "$work/bench-initramfs.cpio") bytes ($(find "$work/initramfs-bench" -type l | wc -l) links), gzip $(stat -c %s "$work/bench-initramfs.cpio.gz") bytes, full $(stat -c %s "$work/bench-initramfs-full.cpio") bytes ($(find "$work/initramfs-bench-full" -type l | wc -l) links); kiln appends its own init archive to each"
+    local rep v
+    local variants=(default nopvh bzimage gzip full verbose)
+    log "boot path choices: ${#variants[@]} variants x $reps_boot repetitions"
+    for rep in $(seq "$reps_boot"); do
+        for v in "${variants[@]}"; do
+            local kernel=$vmlinux initrd="$work/bench-initramfs.cpio" flags=()
+            case $v in
+                nopvh) flags=(--no-pvh) ;;
+                bzimage) kernel=$bzimage ;;
+                gzip) initrd="$work/bench-initramfs.cpio.gz" ;;
+                full) initrd="$work/bench-initramfs-full.cpio" ;;
+                verbose) flags=(-v) ;;
+            esac
+            [ -n "$kernel" ] || { fail_note "bootpath: no kernel for $v"; continue; }
+            local base="$work/bootpath-$v-$rep"
+            log "  bootpath $v $rep/$reps_boot"
+            # kiln shows the guest console on stdout until its agent would take
+            # over, and on stderr with -v: the shell merges the two so the
+            # marker is seen either way.
+            brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m KILN-BENCH-INIT -k -- \
+                 sh -c 'exec "$@" 2>&1' sh "$kiln" run "${flags[@]}" --kernel "$kernel" \
+                 --initrd "$initrd" --mem "${guest_mem_mib}M" --cmdline "rdinit=/init" ||
+                { fail_note "bootpath: $v: benchrun failed"; continue; }
+            if [ "${R[marker]:-none}" = none ]; then
+                fail_note "bootpath: $v run $rep: no marker (see $base.out, $base.err)"; continue
+            fi
+            record "bootpath_${v}_ms" kiln "$(ms "${R[marker]}")"
+        done
+    done
+}
+
 # ------------------------------------------- 2b. first line of a command
 run_command() {
     make_conventional_initramfs
@@ -489,11 +544,14 @@ run_disk() {
         return 0
     fi
     make_bench_initramfs
-    local img="$work/disk.img" mib=64 rep mon
-    [ "$quick" = 1 ] && mib=16
-    truncate -s "$((mib + 1))M" "$img"
-    local extra="rdinit=/init bench_disk=$mib"
-    for rep in $(seq "$reps"); do
+    local img="$work/disk.img" mib=64 reads=2000 rep mon
+    [ "$quick" = 1 ] && { mib=16; reads=200; }
+    # Written once with data, so reads are not of holes; the guest's write
+    # pass then overwrites the first MIB MiB.
+    dd if=/dev/urandom of="$img" bs=1M count="$((mib + 1))" status=none
+    local extra="rdinit=/init bench_disk=$mib bench_randread=$reads"
+    note "disk: raw image of $((mib + 1)) MiB on the host file system ($(df -T "$work" | awk 'NR == 2 { print $2 }')); host page cache for both monitors (kiln: buffered file I/O; QEMU: cache=writeback, aio=threads); guest dd with O_DIRECT, 1 MiB blocks; $reads random 4 KiB O_DIRECT reads"
+    for rep in $(seq "$reps_boot"); do
         for mon in kiln qemu; do
             [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
             local cmd=() base="$work/disk-$mon-$rep"
@@ -502,7 +560,7 @@ run_disk() {
                            --mem "${guest_mem_mib}M" --disk "$img" --cmdline "$extra") ;;
                 qemu) cmd=("$qemu" -M microvm,x-option-roms=off,rtc=off "${qemu_base[@]}" -serial stdio
                            -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
-                           -drive "file=$img,format=raw,if=none,id=d0"
+                           -drive "file=$img,format=raw,if=none,id=d0,cache=writeback,aio=threads"
                            -device virtio-blk-device,drive=d0 -append "$kiln_cmdline $extra") ;;
             esac
             brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m KILN-BENCH-DONE -k -- "${cmd[@]}" ||
@@ -514,6 +572,9 @@ run_disk() {
             b=$(sed -n 1p <<< "$secs"); r=$(sed -n 2p <<< "$secs"); w=$(sed -n 3p <<< "$secs")
             [ -n "$r" ] && record disk_read_mbs "$mon" "$(awk -v s="$r" -v b="$b" -v m="$mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.1f", m * 1.048576 / d }')"
             [ -n "$w" ] && record disk_write_mbs "$mon" "$(awk -v s="$w" -v b="$b" -v m="$mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.1f", m * 1.048576 / d }')"
+            local rr
+            rr=$(tr -d '\r' < "$base.out" | sed -n 's/^KILN-RANDREAD reads=\([0-9]*\) secs=\([0-9.]*\).*/\1 \2/p' | head -1)
+            [ -n "$rr" ] && record disk_randread_iops "$mon" "$(awk -v r="$rr" 'BEGIN { split(r, a, " "); printf "%.0f", a[1] / a[2] }')"
         done
     done
 }
@@ -537,7 +598,7 @@ run_net() {
     local count=20
     [ "$quick" = 1 ] && count=5
     extra="$extra bench_net_count=$count"
-    for rep in $(seq "$reps"); do
+    for rep in $(seq "$reps_boot"); do
         for mon in kiln qemu; do
             [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
             ip -n "$ns" tuntap add dev "$tap" mode tap
@@ -573,6 +634,7 @@ started=$(date +%s)
 wants exits && run_exits
 wants startup && run_startup
 wants boot && run_boot
+wants bootpath && run_bootpath
 wants command && run_command
 wants disk && run_disk
 wants net && run_net

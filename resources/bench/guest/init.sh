@@ -3,7 +3,8 @@
 # boots the same vmlinux with this initramfs and the same command line.
 # Unknown kernel parameters arrive as environment variables:
 #   bench_idle=1        stay idle (sleep) after the marker
-#   bench_disk=MIB      time reading and writing MIB MiB of /dev/vda
+#   bench_disk=MIB      time reading and writing MIB MiB of /dev/vda (O_DIRECT)
+#   bench_randread=N    then N random 4 KiB O_DIRECT reads of /dev/vda
 #   bench_net=ME/PEER   configure eth0 as ME/24 and ping PEER
 #   bench_net_count=N   pings to send (default 20)
 # Without any of them, reset at once (reboot=k: through the i8042).
@@ -13,8 +14,9 @@ if [ -n "$bench_disk" ]; then
     # busybox `time` prints "real 0mS.SSs"; dd's own fork+exec is timed by
     # the count=0 run and subtracted by the harness.
     time dd if=/dev/vda of=/dev/null bs=1M count=0
-    time dd if=/dev/vda of=/dev/null bs=1M count="$bench_disk"
-    time dd if=/dev/zero of=/dev/vda bs=1M count="$bench_disk" conv=fsync
+    time dd if=/dev/vda of=/dev/null bs=1M count="$bench_disk" iflag=direct
+    time dd if=/dev/zero of=/dev/vda bs=1M count="$bench_disk" oflag=direct conv=fsync
+    [ -n "$bench_randread" ] && /bin/randread /dev/vda "$bench_randread"
     echo KILN-BENCH-DONE
 fi
 if [ -n "$bench_net" ]; then
