@@ -176,7 +176,7 @@ note() { printf '%s\n' "$*" >> "$notes"; }
 # brun ARGS...: benchrun time; its key=value output lands in the array R.
 declare -A R
 brun() {
-    local output
+    local output k v
     R=()
     output=$("$benchrun" time "$@") || return 1
     while IFS='=' read -r k v; do R[$k]=$v; done <<< "$output"
