@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -220,7 +221,7 @@ impl SandboxBuilder {
                     console: console.tail(),
                 });
             }
-            std::thread::sleep(Duration::from_millis(20));
+            wait_readable(&listener, Duration::from_millis(20));
         };
         drop(listener);
         stream
@@ -234,6 +235,20 @@ impl SandboxBuilder {
         log::info!("sandbox ready in {:?}", started.elapsed());
         Ok(sandbox)
     }
+}
+
+/// Sleeps until `listener` has a connection waiting or `max` has passed:
+/// the agent's connection is taken as soon as it arrives, while the caller
+/// still checks on the VM every `max`.
+fn wait_readable(listener: &UnixListener, max: Duration) {
+    let mut fds = [libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: `fds` is a valid array of one pollfd for the duration of the
+    // call, and the descriptor stays open (borrowed from `listener`).
+    unsafe { libc::poll(fds.as_mut_ptr(), 1, max.as_millis() as libc::c_int) };
 }
 
 fn vm_ended(vm: VmHandle, console: &ConsoleRing) -> SandboxError {
