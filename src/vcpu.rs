@@ -54,27 +54,41 @@ pub fn install_kick_handler() -> Result<()> {
 
 pub struct VcpuThread {
     handle: JoinHandle<ExitCounts>,
+    /// Disconnects when the thread's loop has returned (or unwound).
+    finished: std::sync::mpsc::Receiver<()>,
 }
 
 impl VcpuThread {
     pub fn spawn(id: u8, vcpu: VcpuFd, pio: Bus, mmio: Bus, life: Arc<Lifecycle>) -> Result<Self> {
+        let (finished_tx, finished) = std::sync::mpsc::channel::<()>();
         let handle = std::thread::Builder::new()
             .name(format!("kiln-vcpu{id}"))
-            .spawn(move || run_loop(id, vcpu, &pio, &mmio, &life))
+            .spawn(move || {
+                let _finished = finished_tx; // dropped on return or unwind
+                run_loop(id, vcpu, &pio, &mmio, &life)
+            })
             .map_err(Error::io("spawning a vCPU thread"))?;
-        Ok(Self { handle })
+        Ok(Self { handle, finished })
     }
 
     /// Interrupts KVM_RUN until the thread has noticed `is_stopping()` and
-    /// returned, then joins it. Repeating the kick closes the race where a
+    /// returned, then joins it. The thread is usually gone right after the
+    /// first kick; kicking again every millisecond closes the race where the
     /// signal lands just before the thread re-enters KVM_RUN.
     pub fn stop_and_join(self) -> ExitCounts {
+        use std::sync::mpsc::RecvTimeoutError;
         while !self.handle.is_finished() {
             if let Err(e) = self.handle.kill(kick_signal()) {
                 log::warn!("cannot kick vCPU thread: {e}");
                 break;
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            match self
+                .finished
+                .recv_timeout(std::time::Duration::from_millis(1))
+            {
+                Err(RecvTimeoutError::Timeout) => continue,
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
+            }
         }
         self.handle.join().unwrap_or_else(|_| {
             log::error!("a vCPU thread panicked");
