@@ -324,13 +324,19 @@ fn attach_console(
     }
 }
 
-/// Puts the kernel and the initramfs into guest memory.
+/// Puts the kernel and the initramfs into guest memory. A kernel that is
+/// not Linux (a tiny test guest) gets no initramfs unless one was asked for:
+/// building and copying kiln's 1 MB init archive is most of kiln's own
+/// start-up work.
 fn load_kernel_and_initramfs(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
-) -> Result<(LoadedKernel, InitrdPlacement)> {
+) -> Result<(LoadedKernel, Option<InitrdPlacement>)> {
     let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
     log::debug!("kernel entry {:?}", kernel.entry);
+    if !kernel.is_linux && config.initrd.is_none() && config.rootfs.is_none() {
+        return Ok((kernel, None));
+    }
 
     let spec = exec_spec(config)?;
     let initramfs = match &config.initrd {
@@ -363,7 +369,7 @@ fn load_kernel_and_initramfs(
         initramfs.extend_from_slice(&cpio.finish());
     }
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
-    Ok((kernel, initrd))
+    Ok((kernel, Some(initrd)))
 }
 
 /// Writes the command line, boot parameters and CPU tables the kernel reads at entry.
@@ -372,7 +378,7 @@ fn write_boot_info(
     mem: &GuestMemoryMmap,
     profile: HostProfile,
     kernel: &LoadedKernel,
-    initrd: InitrdPlacement,
+    initrd: Option<InitrdPlacement>,
     device_words: &[String],
 ) -> Result<()> {
     let cmdline = boot::cmdline::build(&CmdlineParts {
@@ -381,7 +387,7 @@ fn write_boot_info(
         devices: device_words.to_vec(),
         user: config.extra_cmdline.as_deref(),
     })?;
-    boot::params::write_boot_info(mem, kernel, &cmdline, Some(initrd), config.mem_bytes)?;
+    boot::params::write_boot_info(mem, kernel, &cmdline, initrd, config.mem_bytes)?;
     boot::cpu_state::write_boot_tables(mem, kernel.entry)?;
     mptable::setup_mptable(mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))
 }

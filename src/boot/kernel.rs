@@ -6,6 +6,7 @@
 //! a bzImage goes through its 64-bit boot-protocol entry.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::bootparam::setup_header;
@@ -36,6 +37,9 @@ pub struct LoadedKernel {
     pub end: u64,
     /// The bzImage setup header, which goes into the zero page.
     pub setup_header: Option<setup_header>,
+    /// A Linux kernel (bzImage, or an ELF with a "Linux" note). Other
+    /// kernels, such as kiln's tiny test guests, get no initramfs from kiln.
+    pub is_linux: bool,
 }
 
 pub fn load(mem: &GuestMemoryMmap, path: &Path, use_pvh: bool) -> Result<LoadedKernel> {
@@ -62,6 +66,7 @@ pub fn load(mem: &GuestMemoryMmap, path: &Path, use_pvh: bool) -> Result<LoadedK
                 entry,
                 end: res.kernel_end,
                 setup_header: None,
+                is_linux: has_linux_note(&mut file),
             });
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
@@ -85,7 +90,69 @@ pub fn load(mem: &GuestMemoryMmap, path: &Path, use_pvh: bool) -> Result<LoadedK
         },
         end: res.kernel_end,
         setup_header: Some(hdr),
+        is_linux: true,
     })
+}
+
+/// Whether an ELF file (already accepted by the loader) carries a note owned
+/// by "Linux": every vmlinux since 4.18 has one (the build salt, in
+/// init/version.c). Any read problem answers "no".
+fn has_linux_note(file: &mut File) -> bool {
+    const PT_NOTE: u32 = 4;
+    const MAX_NOTES: usize = 64 << 10;
+    let mut read_at = |offset: u64, len: usize| -> Option<Vec<u8>> {
+        let mut buf = vec![0; len];
+        file.seek(SeekFrom::Start(offset)).ok()?;
+        file.read_exact(&mut buf).ok()?;
+        Some(buf)
+    };
+    let Some(eh) = read_at(0, 64) else {
+        return false;
+    };
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let (phoff, phentsize, phnum) = (
+        u64::from_le_bytes(eh[0x20..0x28].try_into().unwrap()),
+        usize::from(u16_at(&eh, 0x36)),
+        usize::from(u16_at(&eh, 0x38)),
+    );
+    if phentsize < 56 {
+        return false;
+    }
+    let Some(phdrs) = read_at(phoff, phentsize * phnum) else {
+        return false;
+    };
+    phdrs.chunks_exact(phentsize).any(|ph| {
+        let p_type = u32::from_le_bytes(ph[0..4].try_into().unwrap());
+        let offset = u64::from_le_bytes(ph[8..16].try_into().unwrap());
+        let size = u64::from_le_bytes(ph[32..40].try_into().unwrap());
+        p_type == PT_NOTE
+            && usize::try_from(size).is_ok_and(|n| n <= MAX_NOTES)
+            && read_at(offset, size as usize).is_some_and(|notes| notes_name_linux(&notes))
+    })
+}
+
+/// Walks one note segment: `namesz, descsz, type` (u32 each), then the name
+/// and the descriptor, each padded to 4 bytes.
+fn notes_name_linux(mut notes: &[u8]) -> bool {
+    let pad4 = |n: usize| n.checked_add(3).map(|n| n & !3);
+    while notes.len() >= 12 {
+        let word = |o: usize| u32::from_le_bytes(notes[o..o + 4].try_into().unwrap()) as usize;
+        let (namesz, descsz) = (word(0), word(4));
+        let (Some(name_len), Some(desc_len)) = (pad4(namesz), pad4(descsz)) else {
+            return false;
+        };
+        let Some(rest) = notes.get(12..) else {
+            return false;
+        };
+        if rest.get(..namesz) == Some(b"Linux\0".as_slice()) {
+            return true;
+        }
+        match name_len.checked_add(desc_len).and_then(|n| rest.get(n..)) {
+            Some(next) => notes = next,
+            None => return false,
+        }
+    }
+    false
 }
 
 /// Sorts loader failures into "not a kernel" and "does not fit".
@@ -104,5 +171,58 @@ fn load_error(path: &Path, e: loader::Error) -> Error {
             path: path.to_owned(),
             reason,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(name: &[u8], desc: &[u8]) -> Vec<u8> {
+        let mut n = Vec::new();
+        n.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        n.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        n.extend_from_slice(&1u32.to_le_bytes());
+        n.extend_from_slice(name);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n.extend_from_slice(desc);
+        n.resize(n.len().next_multiple_of(4), 0);
+        n
+    }
+
+    #[test]
+    fn finds_a_linux_note_after_others() {
+        let mut notes = note(b"Xen\0", &[0, 0, 0x20, 0]);
+        notes.extend(note(b"GNU\0", &[7; 20]));
+        assert!(!notes_name_linux(&notes));
+        notes.extend(note(b"Linux\0", &[1, 2, 3]));
+        assert!(notes_name_linux(&notes));
+    }
+
+    #[test]
+    fn hostile_note_sizes_end_the_walk() {
+        let mut huge = note(b"Xen\0", &[]);
+        huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend(note(b"Linux\0", &[]));
+        assert!(!notes_name_linux(&huge));
+        let mut short = note(b"Linux\0", &[]);
+        short[0..4].copy_from_slice(&100u32.to_le_bytes());
+        assert!(!notes_name_linux(&short));
+        assert!(!notes_name_linux(&[1, 2, 3]));
+        assert!(!notes_name_linux(b"Linux\0"));
+    }
+
+    #[test]
+    fn the_recipe_vmlinux_is_linux_and_a_tiny_guest_is_not() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // Only where they exist (resources/setup.sh, the tiny-guest tests).
+        for (path, linux) in [
+            (root.join("target/guest/vmlinux"), true),
+            (root.join("target/tmp/test-guests/hello.elf"), false),
+        ] {
+            if let Ok(mut f) = File::open(&path) {
+                assert_eq!(has_linux_note(&mut f), linux, "{}", path.display());
+            }
+        }
     }
 }

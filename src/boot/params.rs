@@ -169,6 +169,7 @@ mod tests {
             entry,
             end,
             setup_header: None,
+            is_linux: true,
         }
     }
 
