@@ -168,8 +168,14 @@ pub fn append_tar(
                     EntryType::Block => libc::S_IFBLK,
                     _ => libc::S_IFIFO,
                 };
-                let major = header.device_major().map_err(what)?.unwrap_or(0);
-                let minor = header.device_minor().map_err(what)?.unwrap_or(0);
+                // GNU tar leaves the device fields of a fifo blank.
+                let (major, minor) = match kind {
+                    EntryType::Fifo => (0, 0),
+                    _ => (
+                        header.device_major().map_err(what)?.unwrap_or(0),
+                        header.device_minor().map_err(what)?.unwrap_or(0),
+                    ),
+                };
                 let meta = Meta {
                     mode: fmt | perm,
                     rdev: (major, minor),

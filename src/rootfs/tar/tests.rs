@@ -422,6 +422,10 @@ fn the_system_tar_reads_like_docker_export() {
     std::fs::write(root.join("bin/busybox"), b"\x7fELF...").unwrap();
     std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
     std::fs::hard_link(root.join("bin/busybox"), root.join("bin/ls")).unwrap();
+    let fifo =
+        std::ffi::CString::new(root.join("fifo").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
     let tarball = t.0.join("root.tar");
     let status = std::process::Command::new("tar")
         .arg("-C")
@@ -443,5 +447,7 @@ fn the_system_tar_reads_like_docker_export() {
     let (a, b) = (find(&entries, "bin/busybox"), find(&entries, "bin/ls"));
     assert_eq!(a.ino, b.ino);
     assert_eq!(a.data.len() + b.data.len(), 7, "data once");
+    // GNU tar leaves a fifo's device fields blank.
+    assert_eq!(find(&entries, "fifo").mode, 0o10640);
     assert!(!names(&entries).contains(&""));
 }
