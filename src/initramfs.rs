@@ -461,20 +461,26 @@ fn add_kiln_entries(cpio: &mut CpioBuilder, spec: &ExecSpec) -> Result<(), Initr
 /// Boot it with `rdinit=/kiln/init` (`kiln_init::INIT_PATH`).
 pub fn kiln_initramfs(spec: &ExecSpec, rootfs: Option<&Path>) -> Result<Vec<u8>, InitramfsError> {
     let root = rootfs.map(|dir| Rootfs::Directory(dir.to_owned()));
-    kiln_initramfs_with(spec, root.as_ref(), usize::MAX)
+    kiln_initramfs_with(spec, None, root.as_ref(), usize::MAX)
 }
 
-/// kiln's entries plus a directory or tar root (an image root adds nothing:
-/// it is a disk); kiln's entries win on name collisions. The root may add at
-/// most `limit` bytes (the guest's memory), so one that cannot fit fails
-/// before it fills the host's.
+/// kiln's entries (with `/kiln/agent` asking init for agent mode when
+/// `agent_port` is given) plus a directory or tar root (an image root adds
+/// nothing: it is a disk); kiln's entries win on name collisions. The root
+/// may add at most `limit` bytes (the guest's memory), so one that cannot
+/// fit fails before it fills the host's.
 pub fn kiln_initramfs_with(
     spec: &ExecSpec,
+    agent_port: Option<u32>,
     rootfs: Option<&Rootfs>,
     limit: usize,
 ) -> Result<Vec<u8>, InitramfsError> {
     let mut cpio = CpioBuilder::with_limit(limit);
     add_kiln_entries(&mut cpio, spec)?;
+    if let Some(port) = agent_port {
+        let port = port.to_string();
+        cpio.file(kiln_init::agent::AGENT_PATH, 0o400, port.as_bytes());
+    }
     if let Some(rootfs) = rootfs {
         rootfs.pack(&mut cpio)?;
     }

@@ -370,21 +370,9 @@ fn load_kernel_and_initramfs(
     };
     initramfs.resize(initramfs.len().next_multiple_of(4), 0);
     let limit = usize::try_from(config.mem_bytes).unwrap_or(usize::MAX);
-    initramfs.extend_from_slice(
-        &initramfs::kiln_initramfs_with(&spec, rootfs, limit)
-            .map_err(|e| Error::Initramfs(e.to_string()))?,
-    );
-    if let Some(port) = config.agent_port {
-        // A last archive asking kiln's init for agent mode.
-        let mut cpio = initramfs::CpioBuilder::new();
-        cpio.file(
-            kiln_init::agent::AGENT_PATH,
-            0o400,
-            port.to_string().as_bytes(),
-        );
-        initramfs.resize(initramfs.len().next_multiple_of(4), 0);
-        initramfs.extend_from_slice(&cpio.finish());
-    }
+    let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)
+        .map_err(|e| Error::Initramfs(e.to_string()))?;
+    initramfs.extend_from_slice(&kiln_archive);
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, initrd))
 }

@@ -231,6 +231,8 @@ fn the_real_initramfs_keeps_kilns_init() {
     let archive = Raw::default()
         .file("kiln/init", b"evil")
         .file("/kiln/exec", b"evil")
+        .dir("kiln/agent/")
+        .file("kiln/agent/x", b"a directory where kiln has a file")
         .file("etc/hostname", b"box\n")
         .end();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -245,8 +247,11 @@ fn the_real_initramfs_keeps_kilns_init() {
         }
     );
     let spec = ExecSpec::new(["true"]);
-    let entries = parse(&kiln_initramfs_with(&spec, Some(&root), 64 << 20).unwrap());
+    let entries = parse(&kiln_initramfs_with(&spec, Some(1024), Some(&root), 64 << 20).unwrap());
     assert_eq!(find(&entries, "kiln/init").data, init_binary());
+    // The agent request is kiln's too: a root cannot shadow or replace it.
+    assert_eq!(find(&entries, "kiln/agent").data, b"1024");
+    assert_eq!(count(&entries, "kiln/agent"), 1);
     assert_eq!(count(&entries, "kiln/init"), 1);
     assert_eq!(count(&entries, "kiln/exec"), 1);
     assert_eq!(find(&entries, "etc/hostname").data, b"box\n");
@@ -441,7 +446,7 @@ fn the_system_tar_reads_like_docker_export() {
     assert!(status.success());
     let spec = ExecSpec::new(["true"]);
     let rootfs = Rootfs::detect(&tarball).unwrap();
-    let entries = parse(&kiln_initramfs_with(&spec, Some(&rootfs), 64 << 20).unwrap());
+    let entries = parse(&kiln_initramfs_with(&spec, None, Some(&rootfs), 64 << 20).unwrap());
     assert_eq!(find(&entries, "etc/os-release").data, b"ID=kiln\n");
     assert_eq!(find(&entries, "bin/sh").data, b"busybox");
     let (a, b) = (find(&entries, "bin/busybox"), find(&entries, "bin/ls"));
