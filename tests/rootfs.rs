@@ -211,12 +211,15 @@ fn ext4_root_through_the_sandbox_api() {
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("MEASURE ext4 root boot to agent: {:?}", t.elapsed());
     let sh = |script: &str| {
+        let t = Instant::now();
         let out = sandbox
             .exec(SbCommand::new("sh").arg("-c").arg(script))
             .unwrap_or_else(|e| panic!("{script}: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         eprintln!(
-            "exec {script:?}: {}\n{stdout}{}",
+            "MEASURE exec {:?}: {:?}, {}\n{stdout}{}",
+            script.trim().lines().next().unwrap_or_default(),
+            t.elapsed(),
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
