@@ -36,7 +36,7 @@ Exit status: the command's own status (128+N if killed by signal N), or:
   122  the guest triple-faulted
   123  KVM could not run the guest (e.g. an instruction its emulator lacks)
   124  --timeout expired
-  125  kiln itself failed (bad option, unreadable kernel, no /dev/kvm, ...)";
+  125  kiln itself failed (bad option, unreadable kernel or --rootfs, no /dev/kvm, ...)";
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -46,8 +46,12 @@ pub struct RunArgs {
     /// Initramfs to boot; kiln's init is appended to it and runs CMD on top of it.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Host directory packed into the guest's initramfs as its root file system.
-    #[arg(long, value_name = "DIR")]
+    /// The guest's root file system, told apart by content: a directory or a
+    /// tar archive (plain or gzip, e.g. from `docker export`) is packed into
+    /// the initramfs; an ext2/3/4 image is attached as /dev/vda (a private
+    /// scratch copy: the original is never written; --disk images then start
+    /// at /dev/vdb) and kiln's init switches root into it.
+    #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
     /// Extra kernel command-line words, appended after kiln's defaults.
     #[arg(long, value_name = "STR")]
@@ -85,8 +89,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
     /// A raw disk image as a virtio-blk disk: PATH[,ro][,id=NAME]. Repeatable;
-    /// the first is /dev/vda. ro opens the file read-only; id sets the serial
-    /// (default: the file name, cut to 20 bytes).
+    /// the first is /dev/vda (/dev/vdb with an image --rootfs). ro opens the
+    /// file read-only; id sets the serial (default: the file name, cut to 20
+    /// bytes).
     #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]", value_parser = parse_disk)]
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng device (entropy from the host's getrandom).

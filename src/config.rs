@@ -15,7 +15,9 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// A user initramfs; kiln's init is appended to it as a second archive.
     pub initrd: Option<PathBuf>,
-    /// A host directory packed into the initramfs next to kiln's init.
+    /// The root file system (see `crate::rootfs`): a directory or tar
+    /// archive packed into the initramfs next to kiln's init, or an ext2/3/4
+    /// image attached (as a scratch copy) as the first disk and switched to.
     pub rootfs: Option<PathBuf>,
     /// Appended to kiln's default kernel command line.
     pub extra_cmdline: Option<String>,
@@ -33,7 +35,8 @@ pub struct VmConfig {
     pub console: ConsoleKind,
     /// A virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
-    /// virtio-blk disks, in guest order (the first is vda).
+    /// virtio-blk disks, in guest order (the first is vda, or vdb after an
+    /// image root).
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng device.
     pub rng: bool,

@@ -34,6 +34,8 @@ pub enum Error {
     Memory(String),
     #[error("initramfs: {0}")]
     Initramfs(String),
+    #[error(transparent)]
+    Rootfs(#[from] crate::rootfs::RootfsError),
     #[error("boot setup: {0}")]
     Boot(String),
     #[error("device setup: {0}")]

@@ -4,10 +4,11 @@
 //! Archives are uncompressed: on hosts where the guest kernel is emulated,
 //! decompressing costs far more than copying.
 
+use crate::rootfs::Rootfs;
 use kiln_init::spec::{ExecSpec, SpecError};
 use std::collections::HashMap;
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ const S_IFREG: u32 = libc::S_IFREG;
 const S_IFLNK: u32 = libc::S_IFLNK;
 const S_IFCHR: u32 = libc::S_IFCHR;
 const S_IFBLK: u32 = libc::S_IFBLK;
+const S_IFMT: u32 = libc::S_IFMT;
+/// Offsets of the header fields kiln patches after writing a header.
+const NLINK_FIELD: usize = 6 + 8 * 4;
+const FILESIZE_FIELD: usize = 6 + 8 * 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
@@ -29,6 +34,14 @@ pub enum InitramfsError {
     Io { path: PathBuf, source: io::Error },
     #[error("{}: too large for a cpio archive (4 GiB per file)", .0.display())]
     TooLarge(PathBuf),
+    #[error(
+        "{}: the root file system does not fit in guest memory ({} MiB; raise --mem or use an ext4 image)",
+        path.display(),
+        limit >> 20
+    )]
+    OverLimit { path: PathBuf, limit: usize },
+    #[error("{}: {reason}", path.display())]
+    BadArchive { path: PathBuf, reason: String },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> InitramfsError + '_ {
@@ -38,17 +51,41 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> InitramfsError + '_ {
     }
 }
 
+/// What an entry is besides its name and data: file type and permission
+/// bits (`st_mode`), owner, modification time and, for a device, its number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: u32,
+    pub rdev: (u32, u32),
+}
+
+impl Meta {
+    /// Owned by root, mtime 0.
+    fn root(mode: u32) -> Self {
+        Self {
+            mode,
+            ..Self::default()
+        }
+    }
+}
+
 /// An in-memory newc cpio archive. Names are relative ("dev/console"; a
 /// leading '/' is dropped); missing parent directories are added (0755)
-/// before their children. Everything is owned by root.
+/// before their children. Entries are owned by root unless a caller gives
+/// a [`Meta`] of its own.
 #[derive(Debug)]
 pub struct CpioBuilder {
     out: Vec<u8>,
     next_ino: u32,
-    /// Names written so far, and whether each is a directory.
-    names: HashMap<Vec<u8>, bool>,
+    /// Names written so far, and the file type (`S_IFMT` bits) of each.
+    names: HashMap<Vec<u8>, u32>,
     /// Host (dev, ino) of hard-linked files already written -> cpio inode.
     links: HashMap<(u64, u64), u32>,
+    /// Host file data stops being added once the archive reaches this size.
+    limit: usize,
 }
 
 impl Default for CpioBuilder {
@@ -64,12 +101,106 @@ impl CpioBuilder {
             next_ino: 1,
             names: HashMap::new(),
             links: HashMap::new(),
+            limit: usize::MAX,
+        }
+    }
+
+    /// An archive that refuses host data (`tree`, tar entries) past `limit`
+    /// bytes in total, so a root that cannot fit in guest memory fails early
+    /// instead of filling the host's.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            limit,
+            ..Self::new()
         }
     }
 
     /// Whether `name` is already in the archive.
     pub fn contains(&self, name: impl AsRef<[u8]>) -> bool {
         self.names.contains_key(normalize(name.as_ref()))
+    }
+
+    /// The file type (`S_IFMT` bits) of `name`, if it is in the archive.
+    pub fn file_type(&self, name: impl AsRef<[u8]>) -> Option<u32> {
+        self.names.get(normalize(name.as_ref())).copied()
+    }
+
+    /// The most host data the archive takes (see [`CpioBuilder::with_limit`]).
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Every name in the archive so far (normalized), in no order.
+    pub fn names(&self) -> impl Iterator<Item = &[u8]> {
+        self.names.keys().map(Vec::as_slice)
+    }
+
+    /// The archive's size so far.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// A fresh inode number, for [`CpioBuilder::entry_from_reader`].
+    pub fn new_ino(&mut self) -> u32 {
+        self.ino()
+    }
+
+    /// Adds an entry whose data is read from `data` until its end (for a
+    /// directory, symlink target or device: whatever `data` yields, usually
+    /// nothing). `origin` names the data in errors. Returns the offset of the
+    /// entry's header, for [`CpioBuilder::mark_linked`] (None for the root,
+    /// which gets no entry).
+    pub fn entry_from_reader(
+        &mut self,
+        name: &[u8],
+        ino: u32,
+        meta: Meta,
+        nlink: u32,
+        data: &mut dyn io::Read,
+        origin: &Path,
+    ) -> Result<Option<usize>, InitramfsError> {
+        let Some(offset) = self.entry_start(name, ino, meta, nlink, 0) else {
+            return Ok(None);
+        };
+        let start = self.out.len();
+        // One byte more than may be kept, to tell "exactly at" from "past".
+        let room = self.limit.saturating_sub(start).min(u32::MAX as usize);
+        let read = io::Read::take(&mut *data, room as u64 + 1)
+            .read_to_end(&mut self.out)
+            .map_err(io_error(origin));
+        let size = self.out.len() - start;
+        if read.is_err() || size > room {
+            self.out.truncate(offset);
+            self.names.remove(normalize(name));
+            read?;
+            return Err(match start + size > self.limit {
+                true => InitramfsError::OverLimit {
+                    path: origin.to_owned(),
+                    limit: self.limit,
+                },
+                false => InitramfsError::TooLarge(origin.to_owned()),
+            });
+        }
+        let field = offset + FILESIZE_FIELD;
+        self.out[field..field + 8].copy_from_slice(format!("{size:08x}").as_bytes());
+        self.pad();
+        Ok(Some(offset))
+    }
+
+    /// Raises the link count of the entry whose header is at `offset` (a
+    /// regular file) to at least 2, so the kernel links later entries with
+    /// the same inode number to it.
+    pub fn mark_linked(&mut self, offset: usize) {
+        let field = offset + NLINK_FIELD;
+        if let Some(f) = self.out.get_mut(field..field + 8) {
+            if f == b"00000001" {
+                f.copy_from_slice(b"00000002");
+            }
+        }
     }
 
     /// Adds a directory; a no-op if it already exists.
@@ -81,41 +212,23 @@ impl CpioBuilder {
     /// the kernel unpacks the archive). Panics if `data` is 4 GiB or more.
     pub fn file(&mut self, name: impl AsRef<[u8]>, mode: u32, data: &[u8]) {
         let ino = self.ino();
-        self.entry(
-            name.as_ref(),
-            ino,
-            S_IFREG | (mode & 0o7777),
-            0,
-            1,
-            (0, 0),
-            data,
-        );
+        let meta = Meta::root(S_IFREG | (mode & 0o7777));
+        self.entry(name.as_ref(), ino, meta, 1, data);
     }
 
     pub fn symlink(&mut self, name: impl AsRef<[u8]>, target: impl AsRef<[u8]>) {
         let ino = self.ino();
-        self.entry(
-            name.as_ref(),
-            ino,
-            S_IFLNK | 0o777,
-            0,
-            1,
-            (0, 0),
-            target.as_ref(),
-        );
+        let meta = Meta::root(S_IFLNK | 0o777);
+        self.entry(name.as_ref(), ino, meta, 1, target.as_ref());
     }
 
     pub fn char_dev(&mut self, name: impl AsRef<[u8]>, mode: u32, major: u32, minor: u32) {
         let ino = self.ino();
-        self.entry(
-            name.as_ref(),
-            ino,
-            S_IFCHR | (mode & 0o7777),
-            0,
-            1,
-            (major, minor),
-            &[],
-        );
+        let meta = Meta {
+            rdev: (major, minor),
+            ..Meta::root(S_IFCHR | (mode & 0o7777))
+        };
+        self.entry(name.as_ref(), ino, meta, 1, &[]);
     }
 
     /// Copies a host directory tree into the archive root: directories,
@@ -130,7 +243,7 @@ impl CpioBuilder {
 
     /// Appends the trailer and returns the archive (its length is a multiple of 4).
     pub fn finish(mut self) -> Vec<u8> {
-        self.header(b"TRAILER!!!", 0, 0, 1, 0, 0, (0, 0));
+        self.header(b"TRAILER!!!", 0, Meta::default(), 1, 0);
         self.out
     }
 
@@ -151,7 +264,7 @@ impl CpioBuilder {
             let (kind, perm) = (meta.file_type(), meta.mode() & 0o7777);
             let mtime = u32::try_from(meta.mtime()).unwrap_or(0);
             match self.names.get(&name) {
-                Some(true) if kind.is_dir() => {
+                Some(&S_IFDIR) if kind.is_dir() => {
                     self.walk(&path, &name)?;
                     continue;
                 }
@@ -171,6 +284,12 @@ impl CpioBuilder {
             } else if kind.is_file() {
                 let size = u32::try_from(meta.len())
                     .map_err(|_| InitramfsError::TooLarge(path.clone()))?;
+                if self.out.len().saturating_add(size as usize) > self.limit {
+                    return Err(InitramfsError::OverLimit {
+                        path,
+                        limit: self.limit,
+                    });
+                }
                 let key = (meta.dev(), meta.ino());
                 let nlink = if meta.nlink() > 1 {
                     meta.nlink() as u32
@@ -180,7 +299,11 @@ impl CpioBuilder {
                 // Later names of a hard-linked file carry no data: the kernel
                 // links them to the first one (same inode number, nlink > 1).
                 if let Some(&ino) = self.links.get(&key).filter(|_| nlink > 1) {
-                    self.entry(&name, ino, S_IFREG | perm, mtime, nlink, (0, 0), &[]);
+                    let meta = Meta {
+                        mtime,
+                        ..Meta::root(S_IFREG | perm)
+                    };
+                    self.entry(&name, ino, meta, nlink, &[]);
                     continue;
                 }
                 let data = fs::read(&path).map_err(io_error(&path))?;
@@ -192,19 +315,19 @@ impl CpioBuilder {
                 if nlink > 1 {
                     self.links.insert(key, ino);
                 }
-                self.entry(&name, ino, S_IFREG | perm, mtime, nlink, (0, 0), &data);
+                let meta = Meta {
+                    mtime,
+                    ..Meta::root(S_IFREG | perm)
+                };
+                self.entry(&name, ino, meta, nlink, &data);
             } else if kind.is_symlink() {
                 let target = fs::read_link(&path).map_err(io_error(&path))?;
                 let ino = self.ino();
-                self.entry(
-                    &name,
-                    ino,
-                    S_IFLNK | 0o777,
+                let meta = Meta {
                     mtime,
-                    1,
-                    (0, 0),
-                    target.as_os_str().as_bytes(),
-                );
+                    ..Meta::root(S_IFLNK | 0o777)
+                };
+                self.entry(&name, ino, meta, 1, target.as_os_str().as_bytes());
             } else if kind.is_char_device() || kind.is_block_device() {
                 let fmt = if kind.is_char_device() {
                     S_IFCHR
@@ -213,7 +336,12 @@ impl CpioBuilder {
                 };
                 let rdev = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
                 let ino = self.ino();
-                self.entry(&name, ino, fmt | perm, mtime, 1, rdev, &[]);
+                let meta = Meta {
+                    mtime,
+                    rdev,
+                    ..Meta::root(fmt | perm)
+                };
+                self.entry(&name, ino, meta, 1, &[]);
             } else {
                 log::debug!("initramfs: skipping {} (socket or fifo)", path.display());
             }
@@ -229,54 +357,56 @@ impl CpioBuilder {
     fn dir_at(&mut self, name: &[u8], mode: u32, mtime: u32) {
         if !self.contains(name) {
             let ino = self.ino();
-            self.entry(name, ino, S_IFDIR | (mode & 0o7777), mtime, 2, (0, 0), &[]);
+            let meta = Meta {
+                mtime,
+                ..Meta::root(S_IFDIR | (mode & 0o7777))
+            };
+            self.entry(name, ino, meta, 2, &[]);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn entry(
+    fn entry(&mut self, name: &[u8], ino: u32, meta: Meta, nlink: u32, data: &[u8]) {
+        // Callers check sizes of host files; kiln's own entries are small.
+        let size = u32::try_from(data.len()).expect("cpio entry over 4 GiB");
+        if self.entry_start(name, ino, meta, nlink, size).is_some() {
+            self.out.extend_from_slice(data);
+            self.pad();
+        }
+    }
+
+    /// Writes the parents, the header and the name of an entry; its data
+    /// follows. Returns the header's offset, or None for the root (which
+    /// always exists and gets no entry).
+    fn entry_start(
         &mut self,
         name: &[u8],
         ino: u32,
-        mode: u32,
-        mtime: u32,
+        meta: Meta,
         nlink: u32,
-        rdev: (u32, u32),
-        data: &[u8],
-    ) {
+        size: u32,
+    ) -> Option<usize> {
         let name = normalize(name);
         if name.is_empty() {
-            return; // the root always exists
+            return None;
         }
         // Parents first: the kernel does not create missing directories.
         for (i, _) in name.iter().enumerate().filter(|&(_, &b)| b == b'/') {
             self.dir_at(&name[..i], 0o755, 0);
         }
-        self.names
-            .insert(name.to_vec(), mode & libc::S_IFMT == S_IFDIR);
-        // Callers check sizes of host files; kiln's own entries are small.
-        let size = u32::try_from(data.len()).expect("cpio entry over 4 GiB");
-        self.header(name, ino, mode, nlink, mtime, size, rdev);
-        self.out.extend_from_slice(data);
-        self.pad();
+        self.names.insert(name.to_vec(), meta.mode & S_IFMT);
+        let offset = self.out.len();
+        self.header(name, ino, meta, nlink, size);
+        Some(offset)
     }
 
     /// Writes a newc header and the name; the data follows 4-byte aligned.
-    #[allow(clippy::too_many_arguments)]
-    fn header(
-        &mut self,
-        name: &[u8],
-        ino: u32,
-        mode: u32,
-        nlink: u32,
-        mtime: u32,
-        size: u32,
-        rdev: (u32, u32),
-    ) {
+    fn header(&mut self, name: &[u8], ino: u32, meta: Meta, nlink: u32, size: u32) {
         let namesize = name.len() as u32 + 1;
+        let (rmajor, rminor) = meta.rdev;
         // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
         let fields = [
-            ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev.0, rdev.1, namesize, 0,
+            ino, meta.mode, meta.uid, meta.gid, nlink, meta.mtime, size, 0, 0, rmajor, rminor,
+            namesize, 0,
         ];
         self.out.extend_from_slice(b"070701");
         for field in fields {
@@ -330,10 +460,29 @@ fn add_kiln_entries(cpio: &mut CpioBuilder, spec: &ExecSpec) -> Result<(), Initr
 /// copied to the guest's `/` (kiln's entries win on name collisions).
 /// Boot it with `rdinit=/kiln/init` (`kiln_init::INIT_PATH`).
 pub fn kiln_initramfs(spec: &ExecSpec, rootfs: Option<&Path>) -> Result<Vec<u8>, InitramfsError> {
-    let mut cpio = CpioBuilder::new();
+    let root = rootfs.map(|dir| Rootfs::Directory(dir.to_owned()));
+    kiln_initramfs_with(spec, None, root.as_ref(), usize::MAX)
+}
+
+/// kiln's entries (with `/kiln/agent` asking init for agent mode when
+/// `agent_port` is given) plus a directory or tar root (an image root adds
+/// nothing: it is a disk); kiln's entries win on name collisions. The root
+/// may add at most `limit` bytes (the guest's memory), so one that cannot
+/// fit fails before it fills the host's.
+pub fn kiln_initramfs_with(
+    spec: &ExecSpec,
+    agent_port: Option<u32>,
+    rootfs: Option<&Rootfs>,
+    limit: usize,
+) -> Result<Vec<u8>, InitramfsError> {
+    let mut cpio = CpioBuilder::with_limit(limit);
     add_kiln_entries(&mut cpio, spec)?;
+    if let Some(port) = agent_port {
+        let port = port.to_string();
+        cpio.file(kiln_init::agent::AGENT_PATH, 0o400, port.as_bytes());
+    }
     if let Some(rootfs) = rootfs {
-        cpio.tree(rootfs)?;
+        rootfs.pack(&mut cpio)?;
     }
     Ok(cpio.finish())
 }
@@ -359,25 +508,29 @@ pub fn append_overlay(initrd: &mut Vec<u8>, spec: &ExecSpec) -> Result<(), Initr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::{symlink, PermissionsExt};
     use std::process::{Command, Stdio};
 
     #[derive(Debug, Clone, PartialEq)]
-    struct Entry {
-        name: String,
-        ino: u32,
-        mode: u32,
-        nlink: u32,
-        mtime: u32,
-        rdev: (u32, u32),
-        data: Vec<u8>,
+    pub(crate) struct Entry {
+        /// Lossy UTF-8; `raw_name` has the bytes.
+        pub name: String,
+        pub raw_name: Vec<u8>,
+        pub ino: u32,
+        pub mode: u32,
+        pub uid: u32,
+        pub gid: u32,
+        pub nlink: u32,
+        pub mtime: u32,
+        pub rdev: (u32, u32),
+        pub data: Vec<u8>,
     }
 
     /// A strict newc reader: checks magic, alignment, zero padding, NUL
     /// terminators and that the trailer ends the archive.
-    fn parse(buf: &[u8]) -> Vec<Entry> {
+    pub(crate) fn parse(buf: &[u8]) -> Vec<Entry> {
         let mut entries = Vec::new();
         let mut pos = 0;
         let pad = |p: usize| p.next_multiple_of(4);
@@ -390,10 +543,12 @@ mod tests {
                 u32::from_str_radix(s, 16).unwrap()
             };
             let (size, namesize) = (f(6) as usize, f(11) as usize);
-            assert_eq!((f(2), f(3), f(12)), (0, 0, 0), "uid, gid, check");
+            assert_eq!((f(7), f(8), f(12)), (0, 0, 0), "devmajor, devminor, check");
             let name = &buf[pos + 110..pos + 110 + namesize];
             assert_eq!(name.last(), Some(&0), "name not NUL-terminated");
-            let name = String::from_utf8(name[..namesize - 1].to_vec()).unwrap();
+            let raw_name = name[..namesize - 1].to_vec();
+            assert!(!raw_name.contains(&0), "NUL inside a name");
+            let name = String::from_utf8_lossy(&raw_name).into_owned();
             let data_start = pad(pos + 110 + namesize);
             assert!(buf[pos + 110 + namesize..data_start]
                 .iter()
@@ -408,8 +563,11 @@ mod tests {
             }
             let e = Entry {
                 name,
+                raw_name,
                 ino: f(0),
                 mode: f(1),
+                uid: f(2),
+                gid: f(3),
                 nlink: f(4),
                 mtime: f(5),
                 rdev: (f(9), f(10)),
@@ -419,7 +577,7 @@ mod tests {
         }
     }
 
-    fn find<'a>(entries: &'a [Entry], name: &str) -> &'a Entry {
+    pub(crate) fn find<'a>(entries: &'a [Entry], name: &str) -> &'a Entry {
         entries
             .iter()
             .find(|e| e.name == name)
@@ -519,6 +677,10 @@ mod tests {
             ]
         );
         assert_eq!(find(&entries, "dev/console").rdev, (5, 1));
+        assert!(
+            entries.iter().all(|e| (e.uid, e.gid) == (0, 0)),
+            "root-owned"
+        );
         assert_eq!(find(&entries, "kiln/init").data, init_binary());
         assert_eq!(
             ExecSpec::decode(&find(&entries, "kiln/exec").data).unwrap(),
@@ -546,6 +708,10 @@ mod tests {
         let tree = sample_tree("rootfs");
         let spec = ExecSpec::new(["true"]);
         let entries = parse(&kiln_initramfs(&spec, Some(&tree.0)).unwrap());
+        assert!(
+            entries.iter().all(|e| (e.uid, e.gid) == (0, 0)),
+            "root-owned"
+        );
         let count = |n: &str| entries.iter().filter(|e| e.name == n).count();
         for name in ["dev", "kiln/init", "tmp", "kiln"] {
             assert_eq!(count(name), 1, "{name} must appear once");
@@ -573,6 +739,21 @@ mod tests {
         // Parents come before children.
         let pos = |n: &str| entries.iter().position(|e| e.name == n).unwrap();
         assert!(pos("usr") < pos("usr/bin") && pos("usr/bin") < pos("usr/bin/tool"));
+    }
+
+    #[test]
+    fn a_tree_past_the_limit_is_refused() {
+        let tree = sample_tree("limit");
+        fs::write(tree.0.join("usr/big"), vec![0u8; 64 << 10]).unwrap();
+        let mut cpio = CpioBuilder::with_limit(32 << 10);
+        let err = cpio.tree(&tree.0).unwrap_err();
+        assert!(
+            matches!(&err, InitramfsError::OverLimit { path, .. } if path.ends_with("usr/big")),
+            "{err}"
+        );
+        assert_eq!(err.to_string().lines().count(), 1);
+        let mut cpio = CpioBuilder::with_limit(1 << 20);
+        cpio.tree(&tree.0).unwrap();
     }
 
     #[test]

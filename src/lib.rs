@@ -16,6 +16,7 @@ pub mod layout;
 pub mod lifecycle;
 pub mod memory;
 pub mod outcome;
+pub mod rootfs;
 pub mod sandbox;
 pub mod vcpu;
 pub mod vm;

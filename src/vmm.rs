@@ -24,6 +24,7 @@ use crate::event_loop::{EventLoop, SerialInput, VmEvents};
 use crate::host_profile::HostProfile;
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
+use crate::rootfs::{self, Rootfs, RootfsError};
 use crate::vcpu::{install_kick_handler, ExitCounts, VcpuThread};
 use crate::vm::Vm;
 use crate::{initramfs, memory};
@@ -128,13 +129,14 @@ impl Drop for VmHandle {
 
 fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<RunReport> {
     validate(config)?;
+    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
     let profile = HostProfile::detect();
     install_kick_handler()?;
 
-    // Load the guest before opening /dev/kvm, so a bad kernel or initrd is
-    // reported as such even on a host without KVM.
+    // Load the guest before opening /dev/kvm, so a bad kernel, initrd or
+    // root is reported as such even on a host without KVM.
     let mem = memory::create_guest_memory(config.mem_bytes)?;
-    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem)?;
+    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref())?;
     let vm = Vm::new(&mem)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(Error::Config(format!(
@@ -149,7 +151,14 @@ fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<Ru
     let output = SharedWriter::new(Box::new(output));
     let mut event_loop = EventLoop::new()?;
     let mut devices = DeviceManager::new(&vm, &life, Box::new(output.clone()))?;
-    attach_virtio_devices(config, &vm, &mem, &mut event_loop, &mut devices)?;
+    attach_virtio_devices(
+        config,
+        rootfs.as_ref(),
+        &vm,
+        &mem,
+        &mut event_loop,
+        &mut devices,
+    )?;
     let serial_input = attach_console(
         config,
         &vm,
@@ -246,14 +255,29 @@ fn finalize_outcome(outcome: Option<VmOutcome>, panic_watch: &PanicWatch) -> VmO
 }
 
 /// Creates the virtio devices the configuration asks for, in a stable order
-/// (the guest names them in this order: the first disk is vda).
+/// (the guest names them in this order: the first disk is vda). An image
+/// root comes first, so it is always vda and `--disk`s follow it.
 fn attach_virtio_devices(
     config: &VmConfig,
+    rootfs: Option<&Rootfs>,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     event_loop: &mut EventLoop,
     devices: &mut DeviceManager,
 ) -> Result<()> {
+    if let Some(Rootfs::Image(path)) = rootfs {
+        // Unnamed: closing it (when the VM ends, whatever way) deletes it.
+        let copy = rootfs::scratch_copy(path).map_err(|source| RootfsError::Copy {
+            path: path.clone(),
+            source,
+        })?;
+        let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
+            .map_err(|e| Error::Config(format!("--rootfs: {e}")))?;
+        let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
+        let word = format!("{}={}", kiln_init::ROOT_PARAM, rootfs::IMAGE_DEVICE);
+        devices.cmdline_words.push(word);
+    }
     for disk in &config.disks {
         let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())
             .map_err(|e| Error::Config(format!("--disk: {e}")))?;
@@ -331,6 +355,7 @@ fn attach_console(
 fn load_kernel_and_initramfs(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
+    rootfs: Option<&Rootfs>,
 ) -> Result<(LoadedKernel, Option<InitrdPlacement>)> {
     let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
     log::debug!("kernel entry {:?}", kernel.entry);
@@ -339,35 +364,21 @@ fn load_kernel_and_initramfs(
     }
 
     let spec = exec_spec(config)?;
-    let initramfs = match &config.initrd {
-        Some(path) => {
-            let mut data = std::fs::read(path).map_err(|source| Error::ReadFile {
-                what: "initrd",
-                path: path.clone(),
-                source,
-            })?;
-            // The kernel unpacks concatenated archives; kiln's must start 4-aligned.
-            data.resize(data.len().next_multiple_of(4), 0);
-            data.extend_from_slice(
-                &initramfs::kiln_overlay(&spec).map_err(|e| Error::Initramfs(e.to_string()))?,
-            );
-            data
-        }
-        None => initramfs::kiln_initramfs(&spec, config.rootfs.as_deref())
-            .map_err(|e| Error::Initramfs(e.to_string()))?,
+    // The kernel unpacks concatenated archives: a user initrd first, then
+    // kiln's (its entries and a directory or tar root), starting 4-aligned.
+    let mut initramfs = match &config.initrd {
+        Some(path) => std::fs::read(path).map_err(|source| Error::ReadFile {
+            what: "initrd",
+            path: path.clone(),
+            source,
+        })?,
+        None => Vec::new(),
     };
-    let mut initramfs = initramfs;
-    if let Some(port) = config.agent_port {
-        // A last archive asking kiln's init for agent mode.
-        let mut cpio = initramfs::CpioBuilder::new();
-        cpio.file(
-            kiln_init::agent::AGENT_PATH,
-            0o400,
-            port.to_string().as_bytes(),
-        );
-        initramfs.resize(initramfs.len().next_multiple_of(4), 0);
-        initramfs.extend_from_slice(&cpio.finish());
-    }
+    initramfs.resize(initramfs.len().next_multiple_of(4), 0);
+    let limit = usize::try_from(config.mem_bytes).unwrap_or(usize::MAX);
+    let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)
+        .map_err(|e| Error::Initramfs(e.to_string()))?;
+    initramfs.extend_from_slice(&kiln_archive);
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, Some(initrd)))
 }

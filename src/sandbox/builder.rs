@@ -53,8 +53,8 @@ impl SandboxBuilder {
         self
     }
 
-    /// The guest kernel (vmlinux or bzImage); required.
-    /// Adds a virtio-blk disk (the first is /dev/vda).
+    /// Adds a virtio-blk disk (the first is /dev/vda, or /dev/vdb after an
+    /// image root).
     pub fn disk(mut self, disk: DiskConfig) -> Self {
         self.disks.push(disk);
         self
@@ -78,14 +78,20 @@ impl SandboxBuilder {
         self
     }
 
+    /// The guest kernel (vmlinux or bzImage); required.
     pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
         self.kernel = Some(path.into());
         self
     }
 
-    /// A host directory packed as the guest's root file system.
-    pub fn rootfs(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.rootfs = Some(dir.into());
+    /// The guest's root file system: a host directory, a tar archive (plain
+    /// or gzip, e.g. from `docker export`) or an ext2/3/4 image, told apart
+    /// by content. Directories and archives are packed into the initramfs;
+    /// an image is attached as /dev/vda through a private scratch copy (the
+    /// original is never written, the copy vanishes with the VM) and every
+    /// command runs inside it. See [`crate::rootfs`].
+    pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
+        self.rootfs = Some(path.into());
         self
     }
 

@@ -122,7 +122,7 @@ impl DiskImage {
         if !meta.is_file() && !meta.file_type().is_block_device() {
             return Err(DiskError::NotAFile(path.to_path_buf()));
         }
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
             .open(path)
@@ -140,6 +140,40 @@ impl DiskImage {
                 }
             }
         })?;
+        Self::with_file(file, path, read_only, id, meta.is_file())
+    }
+
+    /// A disk on a file the caller opened (read-write unless `read_only`),
+    /// e.g. a private scratch copy nobody else can see: it is not locked.
+    /// `path` names the disk in messages.
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        read_only: bool,
+        id: Option<&str>,
+    ) -> Result<Self, DiskError> {
+        let id = match id {
+            Some(id) if id.len() > ID_BYTES => return Err(DiskError::IdTooLong(id.to_string())),
+            Some(id) => id_bytes(id.as_bytes()),
+            None => default_id(path),
+        };
+        let meta = file.metadata().map_err(|source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() && !meta.file_type().is_block_device() {
+            return Err(DiskError::NotAFile(path.to_path_buf()));
+        }
+        Self::with_file(file, path, read_only, id, meta.is_file())
+    }
+
+    fn with_file(
+        mut file: File,
+        path: &Path,
+        read_only: bool,
+        id: [u8; ID_BYTES],
+        is_file: bool,
+    ) -> Result<Self, DiskError> {
         let size = file
             .seek(SeekFrom::End(0))
             .map_err(|source| DiskError::Open {
@@ -154,9 +188,8 @@ impl DiskImage {
         }
         // Punching a hole past the end changes nothing, but tells whether the
         // file system supports it.
-        let punch_hole = !read_only
-            && meta.is_file()
-            && fallocate(&file, PUNCH_HOLE_MODE, size, SECTOR_SIZE).is_ok();
+        let punch_hole =
+            !read_only && is_file && fallocate(&file, PUNCH_HOLE_MODE, size, SECTOR_SIZE).is_ok();
         Ok(Self {
             file,
             path: path.to_path_buf(),

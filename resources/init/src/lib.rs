@@ -10,6 +10,11 @@ pub mod spec;
 pub const INIT_PATH: &str = "/kiln/init";
 /// Where init reads its `ExecSpec` from.
 pub const SPEC_PATH: &str = "/kiln/exec";
+/// Kernel command-line parameter naming a block device (an ext2/3/4 file
+/// system) that init mounts and switches root into before it runs anything:
+/// `kiln.root=/dev/vda`. The last one wins. (The dot makes the kernel treat
+/// it as a module parameter: it is neither init's argument nor environment.)
+pub const ROOT_PARAM: &str = "kiln.root";
 
 /// Exit codes init reports itself, as GNU `env` and shells use them.
 /// Init could not set up or read the spec (the command never ran).

@@ -8,8 +8,10 @@
 #![cfg_attr(test, allow(dead_code))]
 
 use kiln_init::spec::ExecSpec;
-use kiln_init::{control, EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND, SPEC_PATH};
-use std::ffi::{CStr, OsStr};
+use kiln_init::{
+    control, EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND, ROOT_PARAM, SPEC_PATH,
+};
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::ptr;
@@ -18,6 +20,17 @@ use std::time::{Duration, Instant};
 
 /// Upper bound on waiting for the console to drain before reporting.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the root device (`kiln.root=`) may take to appear.
+const ROOT_DEVICE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where the root device is mounted before it becomes `/`.
+const NEW_ROOT: &CStr = c"/kiln/root";
+/// The mounts init made, and where they move to in a new root.
+const MOVED_MOUNTS: [(&CStr, &CStr); 4] = [
+    (c"/dev", c"/kiln/root/dev"),
+    (c"/proc", c"/kiln/root/proc"),
+    (c"/sys", c"/kiln/root/sys"),
+    (c"/tmp", c"/kiln/root/tmp"),
+];
 
 /// The mapped control page, or null when absent (e.g. not running under kiln).
 static CONTROL: AtomicPtr<u32> = AtomicPtr::new(ptr::null_mut());
@@ -45,17 +58,29 @@ fn run() -> u32 {
     mount(c"sysfs", c"/sys", c"sysfs", quiet, c"");
     let tmp_flags = libc::MS_NOSUID | libc::MS_NODEV;
     mount(c"tmpfs", c"/tmp", c"tmpfs", tmp_flags, c"mode=1777");
+    // Read what the initramfs asks for before a new root hides it.
+    let agent = kiln_init::agent::requested_port();
+    let spec = match agent {
+        Some(_) => None,
+        None => Some(read_spec()),
+    };
+    if let Some(device) = std::fs::read("/proc/cmdline")
+        .ok()
+        .and_then(|c| root_param(&c))
+    {
+        if let Err(msg) = switch_root(&device) {
+            return fail_with(&msg);
+        }
+    }
     // Sandbox mode: serve many commands over vsock (see kiln_init::agent).
-    if let Some(port) = kiln_init::agent::requested_port() {
+    if let Some(port) = agent {
         set_hostname(b"kiln");
         return port.map_or_else(|m| fail_with(&m), kiln_init::agent::guest_main);
     }
-    let spec = match read_spec() {
-        Ok(spec) => spec,
-        Err(msg) => {
-            eprintln!("kiln-init: {msg}");
-            return EXIT_INIT_FAILED;
-        }
+    let spec = match spec {
+        Some(Ok(spec)) => spec,
+        Some(Err(msg)) => return fail_with(&msg),
+        None => return fail_with("no exec spec"),
     };
     set_hostname(spec.hostname.as_deref().unwrap_or(b"kiln"));
     if let Some(cwd) = &spec.cwd {
@@ -82,6 +107,77 @@ fn run() -> u32 {
         }
     };
     wait_for(pid)
+}
+
+/// The value of the last `kiln.root=` word of a kernel command line; an
+/// empty value (`kiln.root=`) cancels earlier ones.
+fn root_param(cmdline: &[u8]) -> Option<Vec<u8>> {
+    let prefix = format!("{ROOT_PARAM}=");
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .filter_map(|word| word.strip_prefix(prefix.as_bytes()))
+        .next_back()
+        .filter(|device| !device.is_empty())
+        .map(<[u8]>::to_vec)
+}
+
+/// Mounts `device` (ext2/3/4) and makes it the root, as switch_root(8)
+/// does: init's /dev, /proc, /sys and /tmp move into it, then it moves onto
+/// `/` and init chroots into it. The initramfs stays in memory, unreachable;
+/// init keeps running from it (and keeps its control page mapping).
+fn switch_root(device: &[u8]) -> Result<(), String> {
+    let name = String::from_utf8_lossy(device).into_owned();
+    let dev = CString::new(device).map_err(|_| format!("{ROOT_PARAM}: NUL in '{name}'"))?;
+    let start = Instant::now();
+    while std::fs::metadata(OsStr::from_bytes(device)).is_err()
+        && start.elapsed() < ROOT_DEVICE_TIMEOUT
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: a NUL-terminated path.
+    unsafe { libc::mkdir(NEW_ROOT.as_ptr(), 0o755) };
+    sys_mount(Some(&dev), NEW_ROOT, Some(c"ext4"), 0)
+        .map_err(|e| format!("cannot mount the root file system {name}: {}", describe(&e)))?;
+    for (old, new) in MOVED_MOUNTS {
+        // SAFETY: a NUL-terminated path; an existing directory is fine.
+        unsafe { libc::mkdir(new.as_ptr(), 0o755) };
+        if let Err(e) = sys_mount(Some(old), new, None, libc::MS_MOVE) {
+            let what = format!("cannot move {} into {name}", old.to_string_lossy());
+            warn(&what, &e);
+        }
+    }
+    let step = |what: &str, r: libc::c_int| match r {
+        0 => Ok(()),
+        _ => Err(format!(
+            "cannot switch root to {name}: {what}: {}",
+            describe(&io::Error::last_os_error())
+        )),
+    };
+    // SAFETY: NUL-terminated paths; plain syscalls.
+    step("chdir", unsafe { libc::chdir(NEW_ROOT.as_ptr()) })?;
+    sys_mount(Some(c"."), c"/", None, libc::MS_MOVE)
+        .map_err(|e| format!("cannot switch root to {name}: move: {}", describe(&e)))?;
+    // SAFETY: as above.
+    step("chroot", unsafe { libc::chroot(c".".as_ptr()) })?;
+    // SAFETY: as above.
+    step("chdir", unsafe { libc::chdir(c"/".as_ptr()) })
+}
+
+/// mount(2) with optional source and type and no data.
+fn sys_mount(
+    src: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
+    let ptr = |s: Option<&CStr>| s.map_or(ptr::null(), CStr::as_ptr);
+    // SAFETY: NUL-terminated strings (or null, which mount accepts for the
+    // source and type of a move) that outlive the call.
+    let r = unsafe { libc::mount(ptr(src), target.as_ptr(), ptr(fstype), flags, ptr::null()) };
+    match r {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
 }
 
 fn set_hostname(hostname: &[u8]) {
@@ -284,6 +380,21 @@ fn describe(e: &io::Error) -> String {
 mod tests {
     use super::*;
     use kiln_init::spec::DEFAULT_PATH;
+
+    #[test]
+    fn root_param_takes_the_last_word() {
+        assert_eq!(root_param(b"console=ttyS0 quiet"), None);
+        assert_eq!(
+            root_param(b"a kiln.root=/dev/vda b\n").as_deref(),
+            Some(&b"/dev/vda"[..])
+        );
+        assert_eq!(
+            root_param(b"kiln.root=/dev/vda kiln.root=/dev/vdb").as_deref(),
+            Some(&b"/dev/vdb"[..])
+        );
+        assert_eq!(root_param(b"kiln.root=/dev/vda kiln.root="), None);
+        assert_eq!(root_param(b"xkiln.root=/dev/vda kiln.rootfs=1"), None);
+    }
 
     #[test]
     fn encodes_wait_statuses() {

@@ -952,3 +952,32 @@ fn host_side_throughput() {
         );
     }
 }
+
+#[test]
+fn from_file_takes_an_open_file_without_locking_it() {
+    let img = TempImage::new("scratch.img", 8192);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img.0)
+        .unwrap();
+    let d = DiskImage::from_file(file, &img.0, false, Some("kiln-rootfs")).unwrap();
+    assert_eq!((d.size(), d.read_only()), (8192, false));
+    assert_eq!(&d.id()[..12], b"kiln-rootfs\0");
+    assert_eq!(d.path(), img.0.as_path());
+    // Not locked: the caller owns the file, others may still open the path.
+    let _other = DiskImage::open(&img.0, false, None).unwrap();
+
+    let odd = TempImage::new("scratch-odd.img", 1000);
+    let e =
+        DiskImage::from_file(std::fs::File::open(&odd.0).unwrap(), &odd.0, true, None).unwrap_err();
+    assert!(matches!(e, DiskError::BadSize { size: 1000, .. }), "{e}");
+    let e = DiskImage::from_file(
+        std::fs::File::open("/dev/null").unwrap(),
+        &odd.0,
+        true,
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(e, DiskError::NotAFile(_)), "{e}");
+}

@@ -1,0 +1,304 @@
+//! `--rootfs` with a real guest: a "distribution root" (Debian's
+//! busybox-static from resources/guest/build-rootfs.sh plus /etc/os-release,
+//! owners, a hard link, a fifo and a decoy /kiln/init) booted as a tar
+//! archive through `kiln run`, and as an ext4 image through the sandbox API
+//! next to a user disk. Two boots in all (~60 s each on a PVM host); each
+//! checks many things. Both check the original is byte-identical afterwards.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use common::{guest_kernel, have_kvm, have_program, is_root, kiln_cli, require};
+use kiln::config::DiskConfig;
+use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox};
+
+const OS_RELEASE: &str =
+    "PRETTY_NAME=\"Kiln Test Linux 1.0\"\nNAME=\"Kiln Test Linux\"\nID=kilntest\nVERSION_ID=1.0\n";
+/// Owner of /etc/owned in the root (kept by tar and mkfs.ext4 -d).
+const OWNER: (u32, u32) = (1234, 5678);
+
+/// One real VM at a time: libtest runs this file's tests in parallel, and
+/// two emulated guest kernels on a small host only slow each other down.
+fn one_vm() -> MutexGuard<'static, ()> {
+    static ONE_VM: Mutex<()> = Mutex::new(());
+    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A scratch directory under the target directory, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("rootfs-test-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The distribution root: busybox + applets, /etc/os-release, a file owned
+/// by OWNER (when run as root), a hard link, a fifo and a /kiln/init decoy
+/// that kiln's own init must beat.
+fn distribution_root(scratch: &Scratch) -> PathBuf {
+    let root = scratch.path("root");
+    run_ok(
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/build-rootfs.sh"))
+            .arg(&root)
+            .stdout(Stdio::null()),
+    );
+    fs::write(root.join("etc/os-release"), OS_RELEASE).unwrap();
+    fs::write(root.join("etc/owned"), "owned\n").unwrap();
+    if is_root() {
+        std::os::unix::fs::chown(root.join("etc/owned"), Some(OWNER.0), Some(OWNER.1)).unwrap();
+    }
+    fs::hard_link(root.join("bin/busybox"), root.join("bin/bb-link")).unwrap();
+    run_ok(Command::new("mkfifo").arg(root.join("run/fifo")));
+    fs::create_dir_all(root.join("kiln")).unwrap();
+    fs::write(root.join("kiln/init"), "#!/bin/sh\necho DECOY-INIT\n").unwrap();
+    root
+}
+
+fn prerequisites(tools: &[&str]) -> bool {
+    require(have_kvm(), "/dev/kvm not accessible")
+        && require(guest_kernel("vmlinux").is_some(), "guest kernel not built")
+        && require(Path::new("/bin/busybox").is_file(), "no /bin/busybox")
+        && tools
+            .iter()
+            .all(|t| require(have_program(t), &format!("no {t} on PATH")))
+}
+
+/// What both boots print about the root, one `key=value` per line.
+const CHECK_SCRIPT: &str = r#"
+cat /etc/os-release
+echo "owner=$(stat -c %u:%g /etc/owned)"
+set -- $(ls -i /bin/busybox /bin/bb-link)
+[ "$1" = "$3" ] && echo hardlink=shared
+[ -p /run/fifo ] && echo fifo=yes
+echo "kiln_entries=$(ls /kiln 2>/dev/null | tr '\n' ' ')"
+echo "root_fs=$(awk '$2 == "/" { print $1 " " $3 }' /proc/mounts)"
+echo guest-wrote-this > /root/written && sync && echo "written=$(cat /root/written)"
+"#;
+
+fn assert_common(out: &str, is_image: bool) {
+    assert!(out.starts_with(OS_RELEASE), "os-release first:\n{out}");
+    assert!(!out.contains("DECOY"), "the root's /kiln/init ran:\n{out}");
+    let has = |line: &str| out.lines().any(|l| l == line);
+    if is_root() {
+        assert!(has(&format!("owner={}:{}", OWNER.0, OWNER.1)), "{out}");
+    }
+    assert!(has("hardlink=shared"), "{out}");
+    assert!(has("fifo=yes"), "{out}");
+    assert!(has("written=guest-wrote-this"), "{out}");
+    if is_image {
+        assert!(has("root_fs=/dev/vda ext4"), "{out}");
+        // Only the image's own /kiln (the decoy): the initramfs is out of sight.
+        assert!(has("kiln_entries=init "), "{out}");
+    } else {
+        assert!(has("root_fs=rootfs rootfs"), "{out}");
+        // kiln's own entries, not the decoy.
+        assert!(has("kiln_entries=agent exec init "), "{out}");
+    }
+}
+
+/// `kiln run --rootfs root.tar` (a plain tar with numeric owners, as
+/// `docker export` writes it): output, status, and the archive unchanged.
+#[test]
+fn tar_root_through_kiln_run() {
+    if !prerequisites(&["tar", "mkfifo"]) {
+        return;
+    }
+    let scratch = Scratch::new("tar");
+    let root = distribution_root(&scratch);
+    let tarball = scratch.path("root.tar");
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["--numeric-owner", "-cf"])
+            .arg(&tarball)
+            .arg("."),
+    );
+    let before = fs::read(&tarball).unwrap();
+    let mtime = fs::metadata(&tarball).unwrap().mtime();
+
+    let _vm = one_vm();
+    let t = Instant::now();
+    let out = kiln_cli()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest_kernel("vmlinux").unwrap())
+        .arg("--rootfs")
+        .arg(&tarball)
+        .args(["--timeout", "400s", "--", "sh", "-c"])
+        .arg(format!("{CHECK_SCRIPT}\nexit 7"))
+        .output()
+        .expect("running kiln");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "MEASURE tar root boot + command: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        t.elapsed(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(7), "the command's status");
+    assert_common(&stdout, false);
+    assert!(fs::read(&tarball).unwrap() == before, "the archive changed");
+    assert_eq!(fs::metadata(&tarball).unwrap().mtime(), mtime);
+}
+
+/// `Sandbox::builder().rootfs(root.ext4)` next to a read-only user disk:
+/// several execs see the image (and each other's writes), the user disk is
+/// vdb, and the image is unchanged and its scratch copy gone afterwards.
+#[test]
+fn ext4_root_through_the_sandbox_api() {
+    if !prerequisites(&["mkfs.ext4", "mkfifo"]) {
+        return;
+    }
+    let scratch = Scratch::new("ext4");
+    let root = distribution_root(&scratch);
+    let image = scratch.path("root.ext4");
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&root)
+            .arg(&image)
+            .arg("32M"),
+    );
+    let data = scratch.path("data.img");
+    let marker: Vec<u8> = b"kiln-user-disk!!".repeat(256);
+    fs::write(&data, &marker).unwrap();
+    let before = fs::read(&image).unwrap();
+    let mtime = fs::metadata(&image).unwrap().mtime();
+
+    let _vm = one_vm();
+    let t = Instant::now();
+    let sandbox = Sandbox::builder()
+        .kernel(guest_kernel("vmlinux").unwrap())
+        .rootfs(&image)
+        .disk(DiskConfig {
+            path: data.clone(),
+            read_only: true,
+            id: Some("userdisk".into()),
+        })
+        .memory(256 << 20)
+        .timeout(Duration::from_secs(600))
+        .boot_timeout(Duration::from_secs(400))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("MEASURE ext4 root boot to agent: {:?}", t.elapsed());
+    let sh = |script: &str| {
+        let t = Instant::now();
+        let out = sandbox
+            .exec(SbCommand::new("sh").arg("-c").arg(script))
+            .unwrap_or_else(|e| panic!("{script}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        eprintln!(
+            "MEASURE exec {:?}: {:?}, {}\n{stdout}{}",
+            script.trim().lines().next().unwrap_or_default(),
+            t.elapsed(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, stdout)
+    };
+
+    let (status, out) = sh(&format!("{CHECK_SCRIPT}\nexit 3"));
+    assert_eq!(status, ExitStatus::Code(3));
+    assert_common(&out, true);
+    // A later exec sees the earlier one's write: one root for the VM.
+    let (status, out) =
+        sh("cat /root/written; echo again >> /root/written; grep -c . /root/written");
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(out, "guest-wrote-this\n2\n");
+    // The image is vda, the user's disk vdb.
+    let (status, out) = sh(
+        "cat /sys/block/vda/serial; echo; cat /sys/block/vdb/serial; echo; \
+         head -c 16 /dev/vdb; echo; cat /sys/block/vdb/ro",
+    );
+    assert_eq!(status, ExitStatus::Code(0));
+    assert_eq!(out, "kiln-rootfs\nuserdisk\nkiln-user-disk!!\n1\n");
+    // exec's working directory and the hostname are as on any root.
+    let (_, out) = sh("cd /etc && pwd; hostname");
+    assert_eq!(out, "/etc\nkiln\n");
+
+    let outcome = sandbox.shutdown().expect("shutdown");
+    eprintln!("MEASURE ext4 root total: {:?} ({outcome:?})", t.elapsed());
+    assert!(fs::read(&image).unwrap() == before, "the image changed");
+    assert_eq!(fs::metadata(&image).unwrap().mtime(), mtime);
+    assert_eq!(fs::read(&data).unwrap(), marker);
+    // The scratch copy had no name and its descriptor is closed.
+    let open_deleted: Vec<String> = fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .map(|p| p.display().to_string())
+        .filter(|p| p.ends_with("(deleted)"))
+        .collect();
+    assert!(open_deleted.is_empty(), "still open: {open_deleted:?}");
+}
+
+/// A --rootfs that is none of the three kinds: one line, status 125, fast
+/// (no VM is started).
+#[test]
+fn bad_rootfs_is_one_line_and_status_125() {
+    let scratch = Scratch::new("bad");
+    let random = scratch.path("random.bin");
+    let bytes: Vec<u8> = (0..8192u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    fs::write(&random, bytes).unwrap();
+    let empty = scratch.path("empty");
+    fs::write(&empty, b"").unwrap();
+    let missing = scratch.path("missing.tar");
+    for (path, expect) in [
+        (
+            &random,
+            "not a directory, a tar archive (plain or gzip) or an ext2/3/4 image",
+        ),
+        (
+            &empty,
+            "not a directory, a tar archive (plain or gzip) or an ext2/3/4 image",
+        ),
+        (&missing, "No such file or directory"),
+    ] {
+        let t = Instant::now();
+        let out = kiln_cli()
+            .args(["run", "--kernel", "/nonexistent/vmlinux", "--rootfs"])
+            .arg(path)
+            .args(["--", "true"])
+            .output()
+            .expect("running kiln");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains(&format!("rootfs {}: ", path.display())) && stderr.contains(expect),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty());
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+}
