@@ -408,12 +408,15 @@ EOF
 # profile), so QEMU gets exactly the same words in the "boot" section.
 kiln_cmdline="console=ttyS0 reboot=k panic=-1 rdinit=/kiln/init tsc=reliable no_timer_check i8042.noaux quiet loglevel=1${host_cmdline:+ $host_cmdline}"
 
-qemu_boot_machine=(-M microvm,x-option-roms=off,rtc=off,auto-kernel-cmdline=off)
+# acpi=off: the recipe kernel has no ACPI, and only without ACPI does
+# microvm's firmware write an MP table; without one the guest sees no IO-APIC
+# (kiln writes an MP table), and a virtio device's interrupt never arrives.
+qemu_boot_machine=(-M microvm,x-option-roms=off,rtc=off,acpi=off,auto-kernel-cmdline=off)
 # QEMU with one virtio-mmio device. Without option ROMs, microvm's own
 # "auto-kernel-cmdline" does not reach a PVH kernel, so the device is named on
 # the command line as kiln does: with ioapic2=off microvm has 8 transports at
 # 0xfeb00000 + 0x200 * i on IRQ 5 + i, and the first device takes the last.
-qemu_dev_machine=(-M microvm,x-option-roms=off,rtc=off,ioapic2=off,auto-kernel-cmdline=off)
+qemu_dev_machine=(-M microvm,x-option-roms=off,rtc=off,acpi=off,ioapic2=off,auto-kernel-cmdline=off)
 qemu_dev_cmdline="virtio_mmio.device=512@0xfeb00e00:12"
 
 # ---------------------------------------------------- 2a, 4, 6. boot to init
