@@ -11,6 +11,22 @@
 //! - `clearcpuid=popcnt`: `popcnt` in the page allocator is an emulation failure.
 //! - `noxsave`: `xrstor` is an emulation failure. Hiding SMAP/XSAVE through
 //!   CPUID alone was measured not to take effect; the command line does.
+//! - `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,...` (the price of `noxsave`):
+//!   the guest kernel then saves and restores only x87/SSE state, but guest
+//!   user mode runs natively with the host's XCR0. There CPUID and XGETBV
+//!   are not intercepted and report AVX as usable, and the guest's own XCR0
+//!   is not applied (measured: a tiny guest that sets CR4.OSXSAVE and
+//!   XCR0 = x87|SSE still reads XCR0 = 7 in user mode and runs `vpxor ymm`).
+//!   So glibc picks its AVX2 `memcpy`/`strlen`, and when the guest kernel
+//!   switches tasks in the middle of one the upper halves of the YMM
+//!   registers are lost: 16-byte runs of zeros (or another process's bytes)
+//!   in data being copied. Bulk stdin into the sandbox arrived altered that
+//!   way (kiln's agent and busybox are static glibc programs; the vsock
+//!   path itself is byte-exact). The kernel hands this word to init as an
+//!   environment variable, and init passes it to every command
+//!   (`kiln_init::spec::PLATFORM_ENV`), so glibc in the guest uses its SSE
+//!   code. Programs that choose AVX themselves, not through glibc, are not
+//!   covered.
 //! - Hidden KVM paravirt features PV_SEND_IPI, PV_UNHALT and PV_SCHED_YIELD
 //!   (CPUID 0x4000_0001): with SMP the guest uses their hypercalls
 //!   (`KVM_HC_SEND_IPI`, ...), which never return on PVM, so the vCPU hangs.
@@ -56,7 +72,11 @@ impl HostProfile {
     pub fn kernel_cmdline_additions(self) -> &'static str {
         match self {
             HostProfile::HardwareKvm => "",
-            HostProfile::Pvm => "noxsave clearcpuid=smap,popcnt",
+            HostProfile::Pvm => concat!(
+                "noxsave clearcpuid=smap,popcnt ",
+                "GLIBC_TUNABLES=glibc.cpu.hwcaps=",
+                "-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load"
+            ),
         }
     }
 
@@ -125,8 +145,15 @@ mod tests {
         let pvm = HostProfile::Pvm;
         assert_eq!(
             pvm.kernel_cmdline_additions(),
-            "noxsave clearcpuid=smap,popcnt"
+            "noxsave clearcpuid=smap,popcnt GLIBC_TUNABLES=glibc.cpu.hwcaps=\
+             -AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load"
         );
+        // The variable init passes on to every command.
+        let tunables = format!("{}=", kiln_init::spec::PLATFORM_ENV);
+        assert!(pvm
+            .kernel_cmdline_additions()
+            .split(' ')
+            .any(|w| w.starts_with(&tunables)));
         assert_eq!(pvm.hidden_kvm_features(), (1 << 7) | (1 << 11) | (1 << 13));
     }
 
