@@ -17,6 +17,22 @@
 //! - `rcupdate.rcu_cpu_stall_suppress=1`: emulated guest kernels are slow
 //!   enough for RCU to report false stalls; each report prints pages of
 //!   console output (one exit per byte) and sends those NMIs.
+//! - `GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,...` (the price of `noxsave`):
+//!   the guest kernel then saves and restores only x87/SSE state, but guest
+//!   user mode runs natively with the host's XCR0. There CPUID and XGETBV
+//!   are not intercepted and report AVX as usable, and the guest's own XCR0
+//!   is not applied (measured: a tiny guest that sets CR4.OSXSAVE and
+//!   XCR0 = x87|SSE still reads XCR0 = 7 in user mode and runs `vpxor ymm`).
+//!   So glibc picks its AVX2 `memcpy`/`strlen`, and when the guest kernel
+//!   switches tasks in the middle of one the upper halves of the YMM
+//!   registers are lost: 16-byte runs of zeros (or another process's bytes)
+//!   in data being copied. Bulk stdin into the sandbox arrived altered that
+//!   way (kiln's agent and busybox are static glibc programs; the vsock
+//!   path itself is byte-exact). The kernel hands this word to init as an
+//!   environment variable, and init passes it to every command
+//!   (`kiln_init::spec::PLATFORM_ENV`), so glibc in the guest uses its SSE
+//!   code. Programs that choose AVX themselves, not through glibc, are not
+//!   covered.
 //! - Hidden KVM paravirt features PV_SEND_IPI, PV_UNHALT and PV_SCHED_YIELD
 //!   (CPUID 0x4000_0001): with SMP the guest uses their hypercalls
 //!   (`KVM_HC_SEND_IPI`, ...), which never return on PVM, so the vCPU hangs.
@@ -38,8 +54,11 @@ const KVM_FEATURE_PV_SEND_IPI: u32 = 11;
 const KVM_FEATURE_PV_SCHED_YIELD: u32 = 13;
 
 /// Command line words a PVM host needs (see the module comment for each).
-const PVM_CMDLINE: &str =
-    "noxsave clearcpuid=smap,popcnt nofsgsbase rcupdate.rcu_cpu_stall_suppress=1";
+const PVM_CMDLINE: &str = concat!(
+    "noxsave clearcpuid=smap,popcnt nofsgsbase rcupdate.rcu_cpu_stall_suppress=1 ",
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps=",
+    "-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load"
+);
 
 /// The kind of KVM kiln runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,9 +158,16 @@ mod tests {
             "clearcpuid=smap,popcnt",
             "nofsgsbase",
             "rcupdate.rcu_cpu_stall_suppress=1",
+            "GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load",
         ] {
             assert!(words.contains(&needed), "{needed} missing");
         }
+        // The variable init passes on to every command.
+        let tunables = format!("{}=", kiln_init::spec::PLATFORM_ENV);
+        assert!(pvm
+            .kernel_cmdline_additions()
+            .split(' ')
+            .any(|w| w.starts_with(&tunables)));
         assert_eq!(pvm.hidden_kvm_features(), (1 << 7) | (1 << 11) | (1 << 13));
     }
 

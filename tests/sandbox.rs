@@ -100,32 +100,6 @@ fn boot() -> Sandbox {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Bulk stdin through the real vsock path, checked by sha256 in the guest.
-/// The same code passes 16 MiB host-side (tests/sandbox_host.rs, also with a
-/// relay that splits frames into tiny chunks); in a VM the data arrived
-/// altered in the one run made, cause not yet found.
-#[test]
-#[ignore = "known bug: bulk stdin arrives altered in a real VM (see the issue note)"]
-fn bulk_stdin_reaches_the_guest_intact() {
-    if !prerequisites() {
-        return;
-    }
-    let sb = boot();
-    // Bulk stdin, checked by sha256 in the guest.
-    // 16 MiB is checked host-side; 2 MiB crosses the real vsock path here.
-    let n_in = size_env("KILN_SANDBOX_IN_BYTES", 2 << 20);
-    let data: Vec<u8> = (0..n_in as u32).map(|i| (i ^ (i >> 11)) as u8).collect();
-    let t = Instant::now();
-    let out = sb
-        .exec(Command::new("sha256sum").stdin_bytes(data.clone()))
-        .unwrap();
-    eprintln!("MEASURE {} MiB in: {:?}", n_in >> 20, t.elapsed());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout[..64]),
-        host_sha256(&data)
-    );
-}
-
 #[test]
 fn one_vm_many_commands() {
     if !prerequisites() {
@@ -233,6 +207,32 @@ fn one_vm_many_commands() {
         peak
     );
     assert!(peak - before < 16 << 10, "RSS grew {} KiB", peak - before);
+
+    // Bulk stdin, checked by sha256 in the guest. The issue asks for 16 MiB,
+    // but host-to-guest data moves at only 50-90 KiB/s on a PVM host (the
+    // guest kernel is emulated; 16 MiB took 180 s on a quiet host and 314 s
+    // on a busy one, 6 MiB 69 s), so a VM run sends 6 MiB: under 2 minutes
+    // even at the slow rate.
+    // 16 MiB through the same code is checked host-side
+    // (tests/sandbox_host.rs); KILN_SANDBOX_IN_BYTES overrides.
+    let n_in = size_env("KILN_SANDBOX_IN_BYTES", 6 << 20);
+    let data: Vec<u8> = (0..n_in as u32).map(|i| (i ^ (i >> 11)) as u8).collect();
+    let t = Instant::now();
+    let out = sb
+        .exec(Command::new("sha256sum").stdin_bytes(data.clone()))
+        .unwrap();
+    let took = t.elapsed();
+    eprintln!(
+        "MEASURE {:.1} MiB in (sha256sum in the guest): {took:?} ({:.0} KiB/s)",
+        n_in as f64 / (1 << 20) as f64,
+        n_in as f64 / 1024.0 / took.as_secs_f64()
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout[..64]),
+        host_sha256(&data),
+        "stdin arrived altered"
+    );
 
     // An output flood is cut by the cap.
     let e = sb

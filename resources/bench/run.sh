@@ -150,7 +150,7 @@ fi
 if [ -d /sys/module/kvm_pvm ]; then
     kvm_flavour="PVM"
     kvm_detail="PVM (kvm_pvm: guest kernel-mode code is emulated)"
-    host_cmdline="noxsave clearcpuid=smap,popcnt nofsgsbase rcupdate.rcu_cpu_stall_suppress=1"
+    host_cmdline="noxsave clearcpuid=smap,popcnt nofsgsbase rcupdate.rcu_cpu_stall_suppress=1 GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load"
 elif [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; then
     kvm_flavour="hardware"
     kvm_detail="hardware ($(basename "$(ls -d /sys/module/kvm_intel /sys/module/kvm_amd 2>/dev/null | head -1)"))"

@@ -14,7 +14,7 @@
 //! version. Decoding is strict (unknown tags, duplicates and trailing bytes
 //! are errors) because both ends are built from this file.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
@@ -22,6 +22,15 @@ use std::process::Command;
 
 /// `PATH` for commands whose spec does not set one (also where argv[0] is searched).
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The one variable init passes on from its own environment to every
+/// command. The host may put it on the kernel command line (the kernel hands
+/// such words to init as its environment), so it also binds init itself from
+/// its first instruction. kiln's PVM host profile uses it to keep glibc's
+/// AVX code out of the guest, whose kernel cannot preserve AVX registers
+/// there (see `src/host_profile.rs`). A spec's own value is appended
+/// (`platform:spec`): it can add tunables, and wins for the ones it repeats.
+pub const PLATFORM_ENV: &str = "GLIBC_TUNABLES";
 
 const MAGIC: &[u8; 4] = b"KXSP";
 /// Format version written by `encode` and the only one `decode` accepts.
@@ -100,14 +109,33 @@ impl std::error::Error for SpecError {}
 
 impl ExecSpec {
     /// The process to start: the spec's environment only (plus a default
-    /// `PATH`), its working directory and ids. Callers add stdio.
+    /// `PATH` and init's [`PLATFORM_ENV`]), its working directory and ids.
+    /// Callers add stdio.
     pub fn to_command(&self) -> Command {
+        self.to_command_with(std::env::var_os(PLATFORM_ENV))
+    }
+
+    /// `to_command` with init's [`PLATFORM_ENV`] value given.
+    pub fn to_command_with(&self, platform: Option<OsString>) -> Command {
         let os = OsStr::from_bytes;
         let mut cmd = Command::new(os(&self.argv[0]));
         cmd.args(self.argv[1..].iter().map(|a| os(a))).env_clear();
         cmd.envs(self.env.iter().map(|(k, v)| (os(k), os(v))));
         if !self.env.iter().any(|(k, _)| k == b"PATH") {
             cmd.env("PATH", os(DEFAULT_PATH));
+        }
+        if let Some(mut value) = platform.filter(|v| !v.is_empty()) {
+            // The spec's last entry is the one the command would get.
+            let own = self
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == PLATFORM_ENV.as_bytes());
+            if let Some((_, v)) = own.filter(|(_, v)| !v.is_empty()) {
+                value.push(":");
+                value.push(os(v));
+            }
+            cmd.env(PLATFORM_ENV, value);
         }
         if let Some(cwd) = &self.cwd {
             cmd.current_dir(os(cwd));
@@ -275,6 +303,46 @@ mod tests {
             gid: Some(u32::MAX),
             hostname: Some(b"guest-1".to_vec()),
         }
+    }
+
+    fn env_of(cmd: &Command, name: &str) -> Option<Option<OsString>> {
+        cmd.get_envs()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.map(OsStr::to_owned))
+    }
+
+    #[test]
+    fn init_passes_its_platform_variable_on() {
+        let platform = || Some(OsString::from("glibc.cpu.hwcaps=-AVX2"));
+        let mut spec = ExecSpec::new(["prog"]);
+        spec.env.push((b"A".to_vec(), b"1".to_vec()));
+        let cmd = spec.to_command_with(platform());
+        assert_eq!(
+            env_of(&cmd, PLATFORM_ENV),
+            Some(Some("glibc.cpu.hwcaps=-AVX2".into()))
+        );
+        assert_eq!(env_of(&cmd, "A"), Some(Some("1".into())));
+        // The spec's own value comes after the platform's (its last entry).
+        spec.env
+            .push((PLATFORM_ENV.into(), b"glibc.malloc.check=1".to_vec()));
+        spec.env
+            .push((PLATFORM_ENV.into(), b"glibc.malloc.check=3".to_vec()));
+        assert_eq!(
+            env_of(&spec.to_command_with(platform()), PLATFORM_ENV),
+            Some(Some("glibc.cpu.hwcaps=-AVX2:glibc.malloc.check=3".into()))
+        );
+        // Without a platform value (hardware KVM, or the agent run on a
+        // host) the spec's environment is untouched.
+        assert_eq!(
+            env_of(&spec.to_command_with(None), PLATFORM_ENV),
+            Some(Some("glibc.malloc.check=3".into()))
+        );
+        let plain = ExecSpec::new(["prog"]);
+        assert_eq!(env_of(&plain.to_command_with(None), PLATFORM_ENV), None);
+        assert_eq!(
+            env_of(&plain.to_command_with(Some(OsString::new())), PLATFORM_ENV),
+            None
+        );
     }
 
     #[test]
