@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{guest_kernel, have_kvm, have_program, is_root, kiln_cli, require};
+use common::{guest_kernel, have_kvm, have_program, is_root, kiln_cli, require, Scratch};
 use kiln::config::DiskConfig;
 use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox};
 
@@ -28,28 +28,6 @@ const OWNER: (u32, u32) = (1234, 5678);
 fn one_vm() -> MutexGuard<'static, ()> {
     static ONE_VM: Mutex<()> = Mutex::new(());
     ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A scratch directory under the target directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("rootfs-test-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn run_ok(cmd: &mut Command) {
@@ -132,7 +110,7 @@ fn tar_root_through_kiln_run() {
     if !prerequisites(&["tar", "mkfifo"]) {
         return;
     }
-    let scratch = Scratch::new("tar");
+    let scratch = Scratch::new("rootfs-tar");
     let root = distribution_root(&scratch);
     let tarball = scratch.path("root.tar");
     run_ok(
@@ -178,7 +156,7 @@ fn ext4_root_through_the_sandbox_api() {
     if !prerequisites(&["mkfs.ext4", "mkfifo"]) {
         return;
     }
-    let scratch = Scratch::new("ext4");
+    let scratch = Scratch::new("rootfs-ext4");
     let root = distribution_root(&scratch);
     let image = scratch.path("root.ext4");
     run_ok(
@@ -264,7 +242,7 @@ fn ext4_root_through_the_sandbox_api() {
 /// (no VM is started).
 #[test]
 fn bad_rootfs_is_one_line_and_status_125() {
-    let scratch = Scratch::new("bad");
+    let scratch = Scratch::new("rootfs-bad");
     let random = scratch.path("random.bin");
     let bytes: Vec<u8> = (0..8192u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)

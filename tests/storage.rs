@@ -8,10 +8,12 @@ mod common;
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{guest_kernel, guest_rootfs, have_kvm, have_program, is_root, kiln_cli, require};
+use common::{
+    guest_kernel, guest_rootfs, have_kvm, have_program, is_root, kiln_cli, require, Scratch,
+};
 
 const BOOT_TIMEOUT: &str = "1200s";
 /// The file the guest writes: `seq 1 200000 | head -c 1048576`.
@@ -32,29 +34,6 @@ fn prerequisites(programs: &[&str]) -> bool {
         && programs
             .iter()
             .all(|p| require(have_program(p), &format!("{p} not installed (e2fsprogs)")))
-}
-
-/// A scratch directory under the target dir, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("storage-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -183,7 +162,7 @@ fn guest_uses_disks_and_rng() {
     }
     let mb = bench_mb();
     let rng = rng_bytes();
-    let scratch = Scratch::new("guest");
+    let scratch = Scratch::new("storage-guest");
     let vda = scratch.path("kiln-vda.img");
     let vdb = scratch.path("vdb.img");
 
@@ -344,7 +323,7 @@ fn disk_errors_are_one_line() {
     {
         return;
     }
-    let scratch = Scratch::new("errors");
+    let scratch = Scratch::new("storage-errors");
     let odd = scratch.path("odd.img");
     fs::write(&odd, vec![0u8; 1000]).unwrap();
     let missing = scratch.path("missing.img");

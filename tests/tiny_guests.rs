@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use common::{guest_config, have_kvm, require, run_guest, run_guest_after, test_guest};
+use common::{guest_config, have_kvm, require, run_guest, run_guest_after, test_guest, Scratch};
 use kiln::outcome::{STATUS_KILN_ERROR, STATUS_NO_REPORT, STATUS_TIMEOUT};
 use kiln::VmOutcome;
 
@@ -55,24 +55,6 @@ fn assert_one_line(out: &Output, needle: &str) {
         !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
         "panic text on stderr: {err:?}"
     );
-}
-
-/// A scratch directory for one test, removed on drop.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(base: &Path, name: &str) -> Self {
-        let dir = base.join(format!("kiln-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).expect("creating a scratch directory");
-        Self(dir)
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 // 1. Port I/O output and the MMIO exit report.
@@ -352,7 +334,7 @@ fn cli_rejects_bad_options_with_one_line() {
 fn cli_rejects_bad_kernel_files_with_one_line() {
     // kiln opens /dev/kvm before it reads the kernel.
     require_kvm!();
-    let scratch = ScratchDir::new(Path::new(env!("CARGO_TARGET_TMPDIR")), "bad-kernels");
+    let scratch = Scratch::new("bad-kernels");
     let missing = scratch.0.join("no-such-kernel");
     let short_text = scratch.0.join("short.txt");
     fs::write(&short_text, "not a kernel\n").unwrap();
@@ -401,7 +383,7 @@ fn cli_without_kvm_access_fails_with_one_line() {
         return;
     }
     // Everything the unprivileged run needs sits in a world-readable place.
-    let scratch = ScratchDir::new(&std::env::temp_dir(), "nokvm");
+    let scratch = Scratch::new_in(&std::env::temp_dir(), "nokvm");
     fs::set_permissions(&scratch.0, fs::Permissions::from_mode(0o755)).unwrap();
     let guest = scratch.0.join("hello.elf");
     fs::copy(test_guest("hello"), &guest).unwrap();

@@ -15,6 +15,33 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kiln::{ConsoleIo, RunReport, VmConfig};
 
+/// A scratch directory for one test, removed on drop: `Scratch::new(tag)`
+/// under the target directory, `Scratch::new_in(base, tag)` elsewhere.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        Self::new_in(Path::new(env!("CARGO_TARGET_TMPDIR")), tag)
+    }
+
+    pub fn new_in(base: &Path, tag: &str) -> Self {
+        let dir = base.join(format!("kiln-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("creating a scratch directory");
+        Self(dir)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Guest memory for the tiny guests (they use a few pages).
 pub const GUEST_MEM: u64 = 32 << 20;
 /// Upper bound for any tiny-guest run, so a broken monitor cannot hang a test.
