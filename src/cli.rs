@@ -43,7 +43,7 @@ pub struct RunArgs {
     /// Guest kernel: ELF vmlinux (booted through its PVH entry when present) or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
-    /// Initramfs to boot; kiln's init is appended to it and runs CMD on top of it.
+    /// Initramfs to boot; kiln's init is appended to it and runs CMD on top of it (with `--cmdline rdinit=PATH` your own init runs instead, and kiln adds nothing)
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
     /// The guest's root file system, told apart by content: a directory or a

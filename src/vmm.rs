@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,14 +67,34 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
 pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHandle> {
     let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
     let vm_life = life.clone();
+    let (finished, finished_tx) = finished_pipe()?;
     let thread = std::thread::Builder::new()
         .name("kiln-vmm".into())
-        .spawn(move || run_with(&config, io, vm_life))
+        .spawn(move || {
+            let _finished = finished_tx; // closed when the thread ends
+            run_with(&config, io, vm_life)
+        })
         .map_err(Error::io("spawning the VM thread"))?;
     Ok(VmHandle {
         life,
         thread: Some(thread),
+        finished,
     })
+}
+
+/// A pipe whose write end the VM thread holds: the read end reports hang-up
+/// as soon as the thread has ended, so a waiter can poll(2) for it next to
+/// other descriptors instead of checking on a timer.
+fn finished_pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io("creating the VM thread's pipe")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: pipe2 succeeded: both descriptors are open and owned by no one else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// A VM running on its own thread. Dropping the handle stops the VM and
@@ -81,6 +102,8 @@ pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHand
 pub struct VmHandle {
     life: Arc<Lifecycle>,
     thread: Option<std::thread::JoinHandle<Result<RunReport>>>,
+    /// Read end of `finished_pipe`.
+    finished: OwnedFd,
 }
 
 /// Stops a VM from any thread (cheap to clone).
@@ -102,6 +125,12 @@ impl VmHandle {
     /// Asks the VM to stop (outcome `Stopped`); `wait` collects the report.
     pub fn stop(&self) {
         self.life.finish(VmOutcome::Stopped);
+    }
+
+    /// Reports hang-up (POLLHUP) once the VM thread has ended: for waiting
+    /// on the VM with poll(2) next to other descriptors.
+    pub fn finished_fd(&self) -> BorrowedFd<'_> {
+        self.finished.as_fd()
     }
 
     /// True once the VM has ended and its threads are gone.
@@ -374,6 +403,14 @@ fn load_kernel_and_initramfs(
         })?,
         None => Vec::new(),
     };
+    // A user initrd started by its own init (`--cmdline rdinit=...`) never
+    // runs kiln's: the guest is spared unpacking kiln's 1 MB archive.
+    let own_init = boot::cmdline::user_rdinit(config.extra_cmdline.as_deref());
+    if let (Some(init), Some(_), None) = (own_init, &config.initrd, rootfs) {
+        log::info!("initrd started by its own init {init}: kiln's init not added");
+        let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
+        return Ok((kernel, Some(initrd)));
+    }
     initramfs.resize(initramfs.len().next_multiple_of(4), 0);
     let limit = usize::try_from(config.mem_bytes).unwrap_or(usize::MAX);
     let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)

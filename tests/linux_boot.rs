@@ -126,3 +126,52 @@ fn two_cpus_and_one_gib() {
         "MemTotal {kib} kB"
     );
 }
+
+/// A user's own initramfs and init (`--initrd`, `--cmdline rdinit=/init`):
+/// it runs as PID 1 instead of kiln's init, which kiln does not even add;
+/// its console output is kiln's stdout; it ends with a reset, which kiln
+/// reports as "no status" (120) in one line.
+#[test]
+fn own_init_from_an_initrd_runs_instead_of_kilns() {
+    if !prerequisites() {
+        return;
+    }
+    let scratch = common::Scratch::new("own-init");
+    let mut cpio = kiln::initramfs::CpioBuilder::new();
+    cpio.dir("bin", 0o755);
+    cpio.dir("dev", 0o755);
+    cpio.file(
+        "bin/busybox",
+        0o755,
+        &std::fs::read("/bin/busybox").expect("/bin/busybox"),
+    );
+    cpio.char_dev("dev/console", 0o600, 5, 1);
+    let init = "#!/bin/busybox sh\n\
+                echo \"own-init pid=$$\"\n\
+                if [ -e /kiln ]; then echo kiln-init-present; else echo kiln-init-absent; fi\n\
+                /bin/busybox reboot -f\n";
+    cpio.file("init", 0o755, init.as_bytes());
+    let initrd = scratch.path("own.cpio");
+    std::fs::write(&initrd, cpio.finish()).unwrap();
+
+    let out = kiln_cli()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest_kernel("vmlinux").expect("checked by prerequisites"))
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", "rdinit=/init", "--timeout", BOOT_TIMEOUT])
+        .output()
+        .expect("running kiln");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    eprintln!("stdout: {stdout}\nstderr: {stderr}");
+    // The guest's tty turns \n into \r\n (kiln's init would make it raw).
+    let stdout = stdout.replace("\r\n", "\n");
+    assert!(stdout.contains("own-init pid=1\n"), "{stdout:?}");
+    assert!(stdout.contains("kiln-init-absent\n"), "{stdout:?}");
+    assert_eq!(out.status.code(), Some(120));
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+}

@@ -173,7 +173,7 @@ END {
     print "| KVM | " ENVIRON["kvm_detail"] " |" > md
     print "| kiln revision | " ENVIRON["kiln_rev"] " (" ENVIRON["kiln_build"] " build) |" > md
     print "| QEMU | " ENVIRON["qemu_version"] " |" > md
-    print "| repetitions | " ENVIRON["reps_boot"] " per boot benchmark, " ENVIRON["reps"] " for the rest; " ENVIRON["exit_n"] " exits per exit-cost run |" > md
+    print "| repetitions | " ENVIRON["reps_boot"] " per boot benchmark (boot-path choices: " ENVIRON["reps_bootpath"] "), " ENVIRON["reps"] " for the rest; " ENVIRON["exit_n"] " exits per exit-cost run |" > md
     print "| load average | " ENVIRON["load_start"] " at start, " ENVIRON["load_end"] " at end; run took " ENVIRON["elapsed"] " s |" > md
     print "" > md
     if (loadnote != "") { print "> " loadnote > md; print "" > md }
@@ -238,7 +238,7 @@ END {
     print "  \"qemu\": " jesc(ENVIRON["qemu_version"]) "," > json
     print "  \"quick\": " (ENVIRON["quick"] == 1 ? "true" : "false") "," > json
     print "  \"sections\": " jesc(ENVIRON["only"]) "," > json
-    print "  \"repetitions\": {\"boot\": " (ENVIRON["reps_boot"] + 0) ", \"other\": " (ENVIRON["reps"] + 0) "}," > json
+    print "  \"repetitions\": {\"boot\": " (ENVIRON["reps_boot"] + 0) ", \"bootpath\": " (ENVIRON["reps_bootpath"] + 0) ", \"other\": " (ENVIRON["reps"] + 0) "}," > json
     print "  \"exits_per_run\": " (ENVIRON["exit_n"] + 0) "," > json
     print "  \"elapsed_s\": " (ENVIRON["elapsed"] + 0) "," > json
     print "  \"results\": [" > json

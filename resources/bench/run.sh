@@ -21,6 +21,7 @@
 #   --out DIR    where BENCHMARKS.md/.json go (default: the repository root)
 #   --reps N, --reps-boot N   override the repetitions (default 5, and 3 for
 #                anything that boots Linux; --quick: 1 and 1)
+#   --reps-bootpath N  repetitions of the bootpath section (default: --reps-boot)
 #
 # Environment: KILN_BIN (a kiln binary to use instead of building
 # target/release/kiln), KILN_BENCH_WORK (scratch root, default target/bench).
@@ -42,6 +43,7 @@ log() { echo "$prog: $*" >&2; }
 quick=0
 reps_override=""
 reps_boot_override=""
+reps_bootpath_override=""
 only="exits,startup,boot,bootpath,command,disk,net"
 out_dir="$root"
 while [ $# -gt 0 ]; do
@@ -53,6 +55,7 @@ while [ $# -gt 0 ]; do
         --out=*) out_dir=${1#--out=} ;;
         --reps) [ $# -ge 2 ] || die "--reps needs a number"; reps_override=$2; shift ;;
         --reps-boot) [ $# -ge 2 ] || die "--reps-boot needs a number"; reps_boot_override=$2; shift ;;
+        --reps-bootpath) [ $# -ge 2 ] || die "--reps-bootpath needs a number"; reps_bootpath_override=$2; shift ;;
         -h|--help) sed -n '2,29s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -76,7 +79,9 @@ else
 fi
 [ -n "$reps_override" ] && reps=$reps_override
 [ -n "$reps_boot_override" ] && reps_boot=$reps_boot_override
-[[ "$reps" =~ ^[1-9][0-9]*$ && "$reps_boot" =~ ^[1-9][0-9]*$ ]] || die "repetitions must be positive numbers"
+reps_bootpath=${reps_bootpath_override:-$reps_boot}
+[[ "$reps" =~ ^[1-9][0-9]*$ && "$reps_boot" =~ ^[1-9][0-9]*$ && "$reps_bootpath" =~ ^[1-9][0-9]*$ ]] ||
+    die "repetitions must be positive numbers"
 boot_timeout=900
 guest_mem_mib=128
 
@@ -475,8 +480,8 @@ run_bootpath() {
     note "bootpath: initramfs small $(stat -c %s "$work/bench-initramfs.cpio") bytes ($(find "$work/initramfs-bench" -type l | wc -l) links), gzip $(stat -c %s "$work/bench-initramfs.cpio.gz") bytes, full $(stat -c %s "$work/bench-initramfs-full.cpio") bytes ($(find "$work/initramfs-bench-full" -type l | wc -l) links); kiln appends its own init archive to each"
     local rep v
     local variants=(default nopvh bzimage gzip full verbose)
-    log "boot path choices: ${#variants[@]} variants x $reps_boot repetitions"
-    for rep in $(seq "$reps_boot"); do
+    log "boot path choices: ${#variants[@]} variants x $reps_bootpath repetitions"
+    for rep in $(seq "$reps_bootpath"); do
         for v in "${variants[@]}"; do
             local kernel=$vmlinux initrd="$work/bench-initramfs.cpio" flags=()
             case $v in
@@ -488,7 +493,7 @@ run_bootpath() {
             esac
             [ -n "$kernel" ] || { fail_note "bootpath: no kernel for $v"; continue; }
             local base="$work/bootpath-$v-$rep"
-            log "  bootpath $v $rep/$reps_boot"
+            log "  bootpath $v $rep/$reps_bootpath"
             # kiln shows the guest console on stdout until its agent would take
             # over, and on stderr with -v: the shell merges the two so the
             # marker is seen either way.
@@ -652,7 +657,7 @@ load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ------------------------------------------------------------------- report
 export run_date cpu_model cpu_count kvm_flavour kvm_detail kiln_rev kiln_build qemu_version \
-       load_start load_end elapsed quick reps reps_boot exit_n only
+       load_start load_end elapsed quick reps reps_boot reps_bootpath exit_n only
 awk -f "$bench_dir/report.awk" -v json="$out_dir/BENCHMARKS.json" -v md="$out_dir/BENCHMARKS.md" \
     "$bench_dir/metrics.tsv" "$samples" "$notes"
 cat "$bench_dir/notes.md" >> "$out_dir/BENCHMARKS.md"

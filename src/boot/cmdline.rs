@@ -30,6 +30,16 @@ pub struct CmdlineParts<'a> {
     pub user: Option<&'a str>,
 }
 
+/// The init a user's `--cmdline` asks for instead of kiln's (the last
+/// `rdinit=` word, as the kernel takes it), if any.
+pub fn user_rdinit(user: Option<&str>) -> Option<&str> {
+    user?
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("rdinit="))
+        .next_back()
+        .filter(|path| *path != kiln_init::INIT_PATH)
+}
+
 pub fn build(parts: &CmdlineParts<'_>) -> Result<Cmdline> {
     let mut words: Vec<&str> = vec![BASE];
     if !parts.verbose {
@@ -56,6 +66,16 @@ pub fn build(parts: &CmdlineParts<'_>) -> Result<Cmdline> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_rdinit_is_the_last_word_unless_it_is_kilns() {
+        assert_eq!(user_rdinit(None), None);
+        assert_eq!(user_rdinit(Some("ip=dhcp")), None);
+        assert_eq!(user_rdinit(Some("rdinit=/init quiet")), Some("/init"));
+        assert_eq!(user_rdinit(Some("rdinit=/a rdinit=/b")), Some("/b"));
+        assert_eq!(user_rdinit(Some("rdinit=/a rdinit=/kiln/init")), None);
+        assert_eq!(user_rdinit(Some("xrdinit=/a")), None);
+    }
 
     fn text(c: &Cmdline) -> String {
         c.as_cstring().unwrap().into_string().unwrap()

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -227,7 +227,12 @@ impl SandboxBuilder {
                     console: console.tail(),
                 });
             }
-            wait_readable(&listener, Duration::from_millis(20));
+            // The agent's connection and the VM's end wake this at once; the
+            // timer only serves the interrupt flag and the deadline.
+            let nap = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(100));
+            wait_readable(&listener, vm.finished_fd(), nap);
         };
         drop(listener);
         stream
@@ -243,18 +248,18 @@ impl SandboxBuilder {
     }
 }
 
-/// Sleeps until `listener` has a connection waiting or `max` has passed:
-/// the agent's connection is taken as soon as it arrives, while the caller
-/// still checks on the VM every `max`.
-fn wait_readable(listener: &UnixListener, max: Duration) {
-    let mut fds = [libc::pollfd {
-        fd: listener.as_raw_fd(),
+/// Sleeps until `listener` has a connection waiting, the VM has ended
+/// (`vm_finished` hangs up) or `max` has passed (for the interrupt flag and
+/// the deadline): the agent's connection, or the VM's end, is seen at once.
+fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Duration) {
+    let mut fds = [listener.as_raw_fd(), vm_finished.as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
         events: libc::POLLIN,
         revents: 0,
-    }];
-    // SAFETY: `fds` is a valid array of one pollfd for the duration of the
-    // call, and the descriptor stays open (borrowed from `listener`).
-    unsafe { libc::poll(fds.as_mut_ptr(), 1, max.as_millis() as libc::c_int) };
+    });
+    // SAFETY: `fds` is a valid array of two pollfds for the duration of the
+    // call, and both descriptors stay open (borrowed from their owners).
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, max.as_millis() as libc::c_int) };
 }
 
 fn vm_ended(vm: VmHandle, console: &ConsoleRing) -> SandboxError {
