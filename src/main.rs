@@ -229,9 +229,14 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
 }
 
 fn run(args: &kiln::cli::RunArgs, started: Instant) -> kiln::Result<i32> {
-    // With --vsock the device is the user's: the command then runs the
-    // classic way, with the guest console as its stdio.
-    if args.vsock.is_none() {
+    // The command runs the classic way, with the guest console as its stdio,
+    // when kiln's agent cannot be used: with --vsock the device is the
+    // user's, and an initrd started by its own init (`rdinit=`) never runs
+    // kiln's init (so the guest gets no vsock device it would only probe).
+    let own_init = args.initrd.is_some()
+        && args.rootfs.is_none()
+        && kiln::boot::cmdline::user_rdinit(args.cmdline.as_deref()).is_some();
+    if args.vsock.is_none() && !own_init {
         return Ok(run_sandboxed(args, started));
     }
     let config = args.to_config();
