@@ -477,7 +477,7 @@ run_bootpath() {
     make_bench_initramfs
     make_bench_initramfs full
     gzip -9 -c "$work/bench-initramfs.cpio" > "$work/bench-initramfs.cpio.gz"
-    note "bootpath: initramfs small $(stat -c %s "$work/bench-initramfs.cpio") bytes ($(find "$work/initramfs-bench" -type l | wc -l) links), gzip $(stat -c %s "$work/bench-initramfs.cpio.gz") bytes, full $(stat -c %s "$work/bench-initramfs-full.cpio") bytes ($(find "$work/initramfs-bench-full" -type l | wc -l) links); kiln appends its own init archive to each"
+    note "bootpath: initramfs small $(stat -c %s "$work/bench-initramfs.cpio") bytes ($(find "$work/initramfs-bench" -type l | wc -l) links), gzip $(stat -c %s "$work/bench-initramfs.cpio.gz") bytes, full $(stat -c %s "$work/bench-initramfs-full.cpio") bytes ($(find "$work/initramfs-bench-full" -type l | wc -l) links); with rdinit=/init kiln adds nothing to them"
     local rep v
     local variants=(default nopvh bzimage gzip full verbose)
     log "boot path choices: ${#variants[@]} variants x $reps_bootpath repetitions"
