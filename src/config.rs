@@ -146,6 +146,16 @@ impl VmConfig {
             agent_port: None,
         }
     }
+
+    /// The user's own init when the guest is a user initrd started by it
+    /// (`--initrd` with `--cmdline rdinit=PATH`, no `--rootfs`): kiln's init
+    /// and agent then never run, so kiln adds neither.
+    pub fn own_init(&self) -> Option<&str> {
+        if self.initrd.is_none() || self.rootfs.is_some() {
+            return None;
+        }
+        crate::boot::cmdline::user_rdinit(self.extra_cmdline.as_deref())
+    }
 }
 
 /// The guest's console (/dev/console): the UART (ttyS0) or a virtio console
@@ -262,6 +272,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_init_needs_an_initrd_its_rdinit_and_no_rootfs() {
+        let mut c = VmConfig::new("k");
+        c.extra_cmdline = Some("rdinit=/init".into());
+        assert_eq!(c.own_init(), None, "no initrd: kiln's initramfs");
+        c.initrd = Some("i.cpio".into());
+        assert_eq!(c.own_init(), Some("/init"));
+        c.rootfs = Some("root".into());
+        assert_eq!(c.own_init(), None, "a rootfs is packed with kiln's init");
+        c.rootfs = None;
+        c.extra_cmdline = Some("quiet".into());
+        assert_eq!(c.own_init(), None);
+    }
 
     #[test]
     fn sizes() {

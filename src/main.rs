@@ -55,9 +55,8 @@ fn init_logging(verbose: bool) {
 /// Runs the command through kiln's guest agent (the sandbox API): its
 /// stdout and stderr reach kiln's stdout and stderr separately, its stdin is
 /// kiln's with -i (else empty). The guest console goes to stderr with -v;
-/// without -v it goes to stdout until kiln's agent takes over (so a guest
-/// with its own init, or a kernel that dies early, is still seen), and is
-/// dropped after that.
+/// without -v it goes to stdout until kiln's agent takes over (so a kernel
+/// that dies early is still seen), and is dropped after that.
 fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
     use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox, SandboxError};
     use std::io::{Read, Write};
@@ -138,11 +137,8 @@ fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
     builder = builder.interrupt_flag(interrupted.clone());
     let sandbox = match builder.build() {
         Ok(sb) => sb,
-        Err(SandboxError::BootFailed {
-            outcome, output, ..
-        }) => {
+        Err(SandboxError::BootFailed { outcome, .. }) => {
             // The console has already gone to stdout (or stderr with -v).
-            let _ = output;
             if !outcome.is_command_exit() {
                 eprintln!("kiln: {outcome}");
             }
@@ -233,13 +229,10 @@ fn run(args: &kiln::cli::RunArgs, started: Instant) -> kiln::Result<i32> {
     // when kiln's agent cannot be used: with --vsock the device is the
     // user's, and an initrd started by its own init (`rdinit=`) never runs
     // kiln's init (so the guest gets no vsock device it would only probe).
-    let own_init = args.initrd.is_some()
-        && args.rootfs.is_none()
-        && kiln::boot::cmdline::user_rdinit(args.cmdline.as_deref()).is_some();
-    if args.vsock.is_none() && !own_init {
+    let config = args.to_config();
+    if config.vsock.is_none() && config.own_init().is_none() {
         return Ok(run_sandboxed(args, started));
     }
-    let config = args.to_config();
     let _raw = RawTerminal::enter();
     let io = ConsoleIo {
         output: Box::new(dup_fd(std::io::stdout().as_fd())?),

@@ -405,8 +405,7 @@ fn load_kernel_and_initramfs(
     };
     // A user initrd started by its own init (`--cmdline rdinit=...`) never
     // runs kiln's: the guest is spared unpacking kiln's 1 MB archive.
-    let own_init = boot::cmdline::user_rdinit(config.extra_cmdline.as_deref());
-    if let (Some(init), Some(_), None) = (own_init, &config.initrd, rootfs) {
+    if let Some(init) = config.own_init() {
         log::info!("initrd started by its own init {init}: kiln's init not added");
         let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
         return Ok((kernel, Some(initrd)));
