@@ -157,19 +157,7 @@ fn rootfs() -> Result<PathBuf, String> {
             let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
         }
     }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/net_helper.c");
-    let out = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(dir.join("bin/net-helper"))
-        .arg(&src)
-        .output()
-        .map_err(|e| format!("gcc: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "gcc -static failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    common::build_static_helper("net_helper", &dir.join("bin/net-helper"))?;
     Ok(dir)
 }
 

@@ -53,19 +53,7 @@ fn build_rootfs(dir: &Path) -> Result<(), String> {
             std::fs::create_dir_all(dir.join(d)).map_err(|e| e.to_string())?;
         }
     }
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vsock_helper.c");
-    let out = Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(dir.join("bin/vsock-helper"))
-        .arg(&src)
-        .output()
-        .map_err(|e| format!("gcc: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "gcc -static failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    common::build_static_helper("vsock_helper", &dir.join("bin/vsock-helper"))?;
     Ok(())
 }
 

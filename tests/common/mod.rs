@@ -42,6 +42,25 @@ impl Drop for Scratch {
     }
 }
 
+/// Builds `tests/NAME.c` into a static binary at `out` (guest helpers that
+/// run in a busybox root).
+pub fn build_static_helper(name: &str, out: &Path) -> Result<(), String> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/{name}.c"));
+    let built = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(out)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("gcc: {e}"))?;
+    if !built.status.success() {
+        return Err(format!(
+            "gcc -static failed: {}",
+            String::from_utf8_lossy(&built.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// Guest memory for the tiny guests (they use a few pages).
 pub const GUEST_MEM: u64 = 32 << 20;
 /// Upper bound for any tiny-guest run, so a broken monitor cannot hang a test.
