@@ -26,3 +26,9 @@ pub use config::VmConfig;
 pub use error::{Error, Result};
 pub use outcome::VmOutcome;
 pub use vmm::{run, spawn, ConsoleIo, RunReport, VmHandle, VmStopper};
+
+/// README.md's Rust examples, compiled as doc tests so they cannot go stale
+/// (its shell examples are run by tests/readme.rs).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
