@@ -32,9 +32,7 @@ pub struct DeviceManager {
     pub mmio: Bus,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub reset_evt: EventFd,
-    /// `virtio_mmio.device=` words for the kernel command line.
-    pub cmdline_words: Vec<String>,
-    next_virtio_slot: u64,
+    next_virtio_slot: usize,
 }
 
 fn device_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
@@ -74,12 +72,12 @@ impl DeviceManager {
             mmio,
             serial,
             reset_evt,
-            cmdline_words: Vec::new(),
             next_virtio_slot: 0,
         })
     }
 
-    /// Attaches a virtio device: next MMIO window and IRQ, ioeventfd per
+    /// Attaches a virtio device: next MMIO window and IRQ (see
+    /// [`virtio_window`]), ioeventfd per
     /// queue, irqfd for its interrupt, its event handling on `event_loop`.
     pub fn attach_virtio<D>(
         &mut self,
@@ -91,16 +89,7 @@ impl DeviceManager {
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let slot = self.next_virtio_slot;
-        let irq = VIRTIO_IRQ_BASE + slot as u32;
-        if irq > IRQ_MAX {
-            return Err(Error::Config(format!(
-                "too many virtio devices (at most {})",
-                IRQ_MAX - VIRTIO_IRQ_BASE + 1
-            )));
-        }
-        let base = VIRTIO_MMIO_START + slot * VIRTIO_MMIO_SIZE;
-
+        let (base, irq) = virtio_window(self.next_virtio_slot)?;
         let line = IrqLine::new().map_err(device_err("virtio IRQ"))?;
         vm.register_irq(line.eventfd(), irq)?;
         {
@@ -117,11 +106,30 @@ impl DeviceManager {
             .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
             .map_err(bus_err)?;
         event_loop.add(Box::new(device) as Subscriber);
-        self.cmdline_words.push(format!(
-            "virtio_mmio.device={}K@{base:#x}:{irq}",
-            VIRTIO_MMIO_SIZE >> 10
-        ));
         self.next_virtio_slot += 1;
         Ok(())
     }
+}
+
+/// The MMIO window base and IRQ of the virtio device in `slot` (0 for the
+/// first device attached).
+pub fn virtio_window(slot: usize) -> Result<(u64, u32)> {
+    let max = (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize;
+    if slot >= max {
+        return Err(Error::Config(format!(
+            "too many virtio devices (at most {max})"
+        )));
+    }
+    let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SIZE;
+    Ok((base, VIRTIO_IRQ_BASE + slot as u32))
+}
+
+/// The kernel command-line word that tells the guest where the virtio
+/// device in `slot` is, so it finds it without probing.
+pub fn virtio_mmio_word(slot: usize) -> Result<String> {
+    let (base, irq) = virtio_window(slot)?;
+    Ok(format!(
+        "virtio_mmio.device={}K@{base:#x}:{irq}",
+        VIRTIO_MMIO_SIZE >> 10
+    ))
 }

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         }
     };
     let Command::Run(args) = cli.command;
-    init_logging(args.verbose);
+    init_logging(args.vm.verbose);
     let code = match run(&args, started) {
         Ok(code) => code,
         Err(e) => {
@@ -57,49 +57,24 @@ fn init_logging(verbose: bool) {
 /// kiln's with -i (else empty). The guest console goes to stderr with -v;
 /// without -v it goes to stdout until kiln's agent takes over (so a kernel
 /// that dies early is still seen), and is dropped after that.
-fn run_sandboxed(args: &kiln::cli::RunArgs, started: Instant) -> i32 {
+fn run_sandboxed(config: kiln::VmConfig, args: &kiln::cli::CommandArgs) -> i32 {
     use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox, SandboxError};
     use std::io::{Read, Write};
     use std::sync::atomic::{AtomicI32, Ordering};
     use std::sync::Arc;
 
     let signals = block_stop_signals();
-    let mut builder = Sandbox::builder()
-        .kernel(&args.kernel)
-        .memory(args.mem)
-        .vcpus(args.cpus)
-        .verbose(args.verbose)
-        .use_pvh(!args.no_pvh)
-        .rng(args.rng)
-        .console_kind(args.console);
-    for disk in &args.disks {
-        builder = builder.disk(disk.clone());
-    }
-    for net in &args.nets {
-        builder = builder.net(net.clone());
-    }
-    if let Some(r) = &args.rootfs {
-        builder = builder.rootfs(r);
-    }
-    if let Some(i) = &args.initrd {
-        builder = builder.initrd(i);
-    }
-    if let Some(c) = &args.cmdline {
-        builder = builder.cmdline(c.clone());
-    }
-    if let Some(t) = args.timeout {
-        builder = builder.timeout(t);
-    }
+    let verbose = config.verbose;
+    let mut builder = Sandbox::builder().config(config);
     let booting = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    if args.verbose {
+    if verbose {
         builder = builder.console_output(Box::new(std::io::stderr()));
     } else {
         builder = builder.console_output(Box::new(BootConsole(booting.clone())));
     }
-    let _ = started;
-    let argv: Vec<std::ffi::OsString> = match args.command.is_empty() {
+    let argv: Vec<std::ffi::OsString> = match args.argv.is_empty() {
         true => vec!["/bin/sh".into()],
-        false => args.command.clone(),
+        false => args.argv.clone(),
     };
     let mut cmd = SbCommand::new(&argv[0]).args(&argv[1..]);
     for (k, v) in &args.env {
@@ -229,10 +204,31 @@ fn run(args: &kiln::cli::RunArgs, started: Instant) -> kiln::Result<i32> {
     // when kiln's agent cannot be used: with --vsock the device is the
     // user's, and an initrd started by its own init (`rdinit=`) never runs
     // kiln's init (so the guest gets no vsock device it would only probe).
-    let config = args.to_config();
-    if config.vsock.is_none() && config.own_init().is_none() {
-        return Ok(run_sandboxed(args, started));
+    let mut config = kiln::VmConfig::from(args.vm.clone());
+    let agent = config.vsock.is_none() && config.own_init().is_none();
+    if args.print_cmdline {
+        // The run's own computation, for the path the run would take.
+        let line = match agent {
+            true => kiln::sandbox::SandboxBuilder::from(config)
+                .kernel_cmdline()
+                .map_err(|e| e.to_string()),
+            false => kiln::vmm::kernel_cmdline(&config).map_err(|e| e.to_string()),
+        };
+        return Ok(match line {
+            Ok(line) => {
+                println!("{line}");
+                0
+            }
+            Err(e) => {
+                eprintln!("kiln: {e}");
+                STATUS_KILN_ERROR
+            }
+        });
     }
+    if agent {
+        return Ok(run_sandboxed(config, &args.command));
+    }
+    config.command = args.command.argv.clone();
     let _raw = RawTerminal::enter();
     let io = ConsoleIo {
         output: Box::new(dup_fd(std::io::stdout().as_fd())?),

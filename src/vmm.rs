@@ -1,10 +1,12 @@
 //! Assembles a VM from a `VmConfig` and runs it to its end: memory, kernel,
 //! initramfs, devices, vCPU threads and the event loop.
 
+use std::ffi::CString;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,13 +15,14 @@ use kiln_devices::virtio::console::{SharedWriter, VirtioConsole};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_init::spec::ExecSpec;
+use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{ConsoleKind, VmConfig};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{self, DeviceManager};
 use crate::error::{Error, Result};
 use crate::event_loop::{EventLoop, SerialInput, VmEvents};
 use crate::host_profile::HostProfile;
@@ -160,6 +163,8 @@ fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<Ru
     validate(config)?;
     let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
     let profile = HostProfile::detect();
+    let slots = virtio_slots(config, rootfs.as_ref());
+    let cmdline = build_cmdline(config, &slots, profile)?;
     install_kick_handler()?;
 
     // Load the guest before opening /dev/kvm, so a bad kernel, initrd or
@@ -180,16 +185,8 @@ fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<Ru
     let output = SharedWriter::new(Box::new(output));
     let mut event_loop = EventLoop::new()?;
     let mut devices = DeviceManager::new(&vm, &life, Box::new(output.clone()))?;
-    attach_virtio_devices(
-        config,
-        rootfs.as_ref(),
-        &vm,
-        &mem,
-        &mut event_loop,
-        &mut devices,
-    )?;
-    let serial_input = attach_console(
-        config,
+    let serial_input = attach_virtio_devices(
+        &slots,
         &vm,
         &mem,
         &mut event_loop,
@@ -197,14 +194,9 @@ fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<Ru
         output,
         io.input,
     )?;
-    write_boot_info(
-        config,
-        &mem,
-        profile,
-        &kernel,
-        initrd,
-        &devices.cmdline_words,
-    )?;
+    boot::params::write_boot_info(&mem, &kernel, &cmdline, initrd, config.mem_bytes)?;
+    boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
+    mptable::setup_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
     let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
 
     event_loop.add(Box::new(VmEvents {
@@ -267,7 +259,53 @@ fn validate(config: &VmConfig) -> Result<()> {
             mptable::MAX_CPUS
         )));
     }
+    for (i, net) in config.nets.iter().enumerate() {
+        if config.nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(Error::Config(format!(
+                "--net: TAP interface '{}' is given twice",
+                net.tap
+            )));
+        }
+    }
     Ok(())
+}
+
+/// The guest kernel command line a VM built from `config` gets, computed as
+/// the run computes it (kiln's defaults, the host profile's words, one word
+/// per device, the user's words), without building anything: `kiln run
+/// --print-cmdline` prints it.
+pub fn kernel_cmdline(config: &VmConfig) -> Result<String> {
+    validate(config)?;
+    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
+    let slots = virtio_slots(config, rootfs.as_ref());
+    let cmdline = build_cmdline(config, &slots, HostProfile::detect())?;
+    Ok(cmdline_text(&cmdline))
+}
+
+fn cmdline_text(cmdline: &Cmdline) -> String {
+    let text = cmdline.as_cstring().map(CString::into_bytes);
+    String::from_utf8_lossy(&text.unwrap_or_default()).into_owned()
+}
+
+/// The command line for a VM with these virtio devices.
+fn build_cmdline(
+    config: &VmConfig,
+    slots: &[VirtioSlot<'_>],
+    profile: HostProfile,
+) -> Result<Cmdline> {
+    let mut device_words = Vec::with_capacity(slots.len());
+    for (index, slot) in slots.iter().enumerate() {
+        device_words.push(device_manager::virtio_mmio_word(index)?);
+        device_words.extend(slot.cmdline_word());
+    }
+    let cmdline = boot::cmdline::build(&CmdlineParts {
+        verbose: config.verbose,
+        host_additions: profile.kernel_cmdline_additions(),
+        devices: device_words,
+        user: config.extra_cmdline.as_deref(),
+    })?;
+    log::info!("kernel command line: {}", cmdline_text(&cmdline));
+    Ok(cmdline)
 }
 
 /// A reset right after a panic message is the panic itself.
@@ -283,98 +321,115 @@ fn finalize_outcome(outcome: Option<VmOutcome>, panic_watch: &PanicWatch) -> VmO
     }
 }
 
-/// Creates the virtio devices the configuration asks for, in a stable order
-/// (the guest names them in this order: the first disk is vda). An image
-/// root comes first, so it is always vda and `--disk`s follow it.
-fn attach_virtio_devices(
-    config: &VmConfig,
-    rootfs: Option<&Rootfs>,
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    event_loop: &mut EventLoop,
-    devices: &mut DeviceManager,
-) -> Result<()> {
-    if let Some(Rootfs::Image(path)) = rootfs {
-        // Unnamed: closing it (when the VM ends, whatever way) deletes it.
-        let copy = rootfs::scratch_copy(path).map_err(|source| RootfsError::Copy {
-            path: path.clone(),
-            source,
-        })?;
-        let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
-            .map_err(|e| Error::Config(format!("--rootfs: {e}")))?;
-        let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
-        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
-        let word = format!("{}={}", kiln_init::ROOT_PARAM, rootfs::IMAGE_DEVICE);
-        devices.cmdline_words.push(word);
-    }
-    for disk in &config.disks {
-        let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())
-            .map_err(|e| Error::Config(format!("--disk: {e}")))?;
-        let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
-        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
-    }
-    if config.rng {
-        let rng = Rng::new().map_err(Error::io("creating the virtio-rng device"))?;
-        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(rng)))?;
-    }
-    if let Some(v) = &config.vsock {
-        let vsock =
-            Vsock::new(v.cid, &v.socket).map_err(|e| Error::Config(format!("--vsock: {e}")))?;
-        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(vsock)))?;
-    }
-    attach_net_devices(config, vm, mem, event_loop, devices)?;
-    Ok(())
+/// One virtio device of a VM; its place in [`virtio_slots`] is its MMIO
+/// window and IRQ, and the guest's name for it.
+enum VirtioSlot<'a> {
+    RootImage(&'a Path),
+    Disk(&'a DiskConfig),
+    Rng,
+    Vsock(&'a VsockConfig),
+    Net(usize, &'a NetConfig),
+    Console,
 }
 
-/// One virtio-net device per `--net`, on its TAP.
-fn attach_net_devices(
-    config: &VmConfig,
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    event_loop: &mut EventLoop,
-    devices: &mut DeviceManager,
-) -> Result<()> {
-    use kiln_devices::virtio::net::{MacAddr, Net};
-    for (i, net) in config.nets.iter().enumerate() {
-        if config.nets[..i].iter().any(|n| n.tap == net.tap) {
-            return Err(Error::Config(format!(
-                "--net: TAP interface '{}' is given twice",
-                net.tap
-            )));
+/// The virtio devices `config` asks for, in a stable order (the guest names
+/// them in this order: the first disk is vda). An image root comes first,
+/// so it is always vda and `--disk`s follow it. Both the command line and
+/// the attaching walk this list, so they cannot disagree.
+fn virtio_slots<'a>(config: &'a VmConfig, rootfs: Option<&'a Rootfs>) -> Vec<VirtioSlot<'a>> {
+    let mut slots = Vec::new();
+    if let Some(Rootfs::Image(path)) = rootfs {
+        slots.push(VirtioSlot::RootImage(path));
+    }
+    slots.extend(config.disks.iter().map(VirtioSlot::Disk));
+    if config.rng {
+        slots.push(VirtioSlot::Rng);
+    }
+    slots.extend(config.vsock.iter().map(VirtioSlot::Vsock));
+    slots.extend(
+        config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| VirtioSlot::Net(i, n)),
+    );
+    if config.console == ConsoleKind::Virtio {
+        slots.push(VirtioSlot::Console);
+    }
+    slots
+}
+
+impl VirtioSlot<'_> {
+    /// A command-line word the device needs besides its `virtio_mmio.device=`.
+    fn cmdline_word(&self) -> Option<String> {
+        match self {
+            Self::RootImage(_) => Some(format!(
+                "{}={}",
+                kiln_init::ROOT_PARAM,
+                rootfs::IMAGE_DEVICE
+            )),
+            // After the default console=ttyS0: the last console= is /dev/console.
+            Self::Console => Some("console=hvc0".into()),
+            _ => None,
         }
     }
-    for (i, net) in config.nets.iter().enumerate() {
-        let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))
-            .map_err(|e| Error::Device(e.to_string()))?;
-        log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
-        devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(dev)))?;
-    }
-    Ok(())
 }
 
-/// With `--console virtio`, a virtio console on kiln's input and output
-/// becomes the guest's /dev/console (hvc0) and the UART gets no input.
-/// Returns the input the UART should read.
-fn attach_console(
-    config: &VmConfig,
+/// Creates and attaches the devices of `slots`, in order. With a virtio
+/// console, kiln's input and output become the guest's /dev/console (hvc0)
+/// and the UART gets no input. Returns the input the UART should read.
+fn attach_virtio_devices(
+    slots: &[VirtioSlot<'_>],
     vm: &Vm,
     mem: &GuestMemoryMmap,
     event_loop: &mut EventLoop,
     devices: &mut DeviceManager,
     output: SharedWriter,
-    input: Option<File>,
+    mut input: Option<File>,
 ) -> Result<Option<File>> {
-    match config.console {
-        ConsoleKind::Serial => Ok(input),
-        ConsoleKind::Virtio => {
-            let console = VirtioConsole::new(Box::new(output), input)
-                .map_err(|e| Error::Device(format!("virtio console: {e}")))?;
-            devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(console)))?;
-            // After the default console=ttyS0: the last console= is /dev/console.
-            devices.cmdline_words.push("console=hvc0".into());
-            Ok(None)
+    use kiln_devices::virtio::net::{MacAddr, Net};
+    for slot in slots {
+        match *slot {
+            VirtioSlot::RootImage(path) => {
+                // Unnamed: closing it (when the VM ends, whatever way) deletes it.
+                let copy = rootfs::scratch_copy(path).map_err(|source| RootfsError::Copy {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
+                    .map_err(|e| Error::Config(format!("--rootfs: {e}")))?;
+                let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
+            }
+            VirtioSlot::Disk(disk) => {
+                let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())
+                    .map_err(|e| Error::Config(format!("--disk: {e}")))?;
+                let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
+            }
+            VirtioSlot::Rng => {
+                let rng = Rng::new().map_err(Error::io("creating the virtio-rng device"))?;
+                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(rng)))?;
+            }
+            VirtioSlot::Vsock(v) => {
+                let vsock = Vsock::new(v.cid, &v.socket)
+                    .map_err(|e| Error::Config(format!("--vsock: {e}")))?;
+                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(vsock)))?;
+            }
+            VirtioSlot::Net(i, net) => {
+                let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))
+                    .map_err(|e| Error::Device(e.to_string()))?;
+                log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
+                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(dev)))?;
+            }
+            VirtioSlot::Console => {
+                let console = VirtioConsole::new(Box::new(output.clone()), input.take())
+                    .map_err(|e| Error::Device(format!("virtio console: {e}")))?;
+                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(console)))?;
+            }
         }
     }
+    Ok(input)
 }
 
 /// Puts the kernel and the initramfs into guest memory. A kernel that is
@@ -417,26 +472,6 @@ fn load_kernel_and_initramfs(
     initramfs.extend_from_slice(&kiln_archive);
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, Some(initrd)))
-}
-
-/// Writes the command line, boot parameters and CPU tables the kernel reads at entry.
-fn write_boot_info(
-    config: &VmConfig,
-    mem: &GuestMemoryMmap,
-    profile: HostProfile,
-    kernel: &LoadedKernel,
-    initrd: Option<InitrdPlacement>,
-    device_words: &[String],
-) -> Result<()> {
-    let cmdline = boot::cmdline::build(&CmdlineParts {
-        verbose: config.verbose,
-        host_additions: profile.kernel_cmdline_additions(),
-        devices: device_words.to_vec(),
-        user: config.extra_cmdline.as_deref(),
-    })?;
-    boot::params::write_boot_info(mem, kernel, &cmdline, initrd, config.mem_bytes)?;
-    boot::cpu_state::write_boot_tables(mem, kernel.entry)?;
-    mptable::setup_mptable(mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))
 }
 
 fn exec_spec(config: &VmConfig) -> Result<ExecSpec> {
