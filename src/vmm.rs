@@ -20,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_COMMAND};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, DeviceManager};
 use crate::error::{Error, Result};
@@ -51,9 +51,6 @@ pub struct RunReport {
     pub userspace_started: Option<(Duration, Duration)>,
     pub exits: ExitCounts,
 }
-
-/// The default command when none is given.
-const DEFAULT_COMMAND: &str = "/bin/sh";
 
 /// Boots the VM described by `config`, runs it until its command finishes
 /// (or it fails or times out) and tears everything down.

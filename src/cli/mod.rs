@@ -1,4 +1,9 @@
-//! The `kiln` command line.
+//! The `kiln` command line: its arguments (here), `kiln run` ([`run`]) and
+//! what the run needs of kiln's own process ([`signals`], [`terminal`]).
+
+pub mod run;
+pub mod signals;
+pub mod terminal;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -9,6 +14,7 @@ use clap::{Parser, Subcommand};
 use crate::config::{
     parse_duration, parse_size, ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig,
 };
+use crate::outcome::STATUS_KILN_ERROR;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -181,6 +187,34 @@ pub struct CommandArgs {
     /// The command kiln's init runs in the guest (default: /bin/sh).
     #[arg(last = true, value_name = "CMD")]
     pub argv: Vec<OsString>,
+}
+
+/// Reports a command line clap refused, as kiln reports every error before
+/// a run: one line, status 125. `--help` and `--version` print and give 0.
+pub fn report_usage_error(e: &clap::Error) -> i32 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return 0;
+    }
+    // clap's first line, plus the next when it ends in ':'.
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut msg = lines.next().unwrap_or("invalid arguments").to_string();
+    if msg.ends_with(':') {
+        msg = format!("{msg} {}", lines.next().unwrap_or_default());
+    }
+    eprintln!("kiln: {}", msg.trim_start_matches("error: "));
+    STATUS_KILN_ERROR
+}
+
+/// kiln's log on stderr: warnings, or with -v information too; `KILN_LOG`
+/// overrides (env_logger syntax).
+pub fn init_logging(verbose: bool) {
+    let default = if verbose { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("KILN_LOG", default))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use option_parser::OptionSyntax;
 
+/// The command kiln's init runs when none is given.
+pub const DEFAULT_COMMAND: &str = "/bin/sh";
+
 /// Default guest memory: 256 MiB.
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
 
@@ -35,7 +38,7 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Wall-clock limit for the whole VM.
     pub timeout: Option<Duration>,
-    /// Command for kiln's init; empty means `/bin/sh`.
+    /// Command for kiln's init; empty means [`DEFAULT_COMMAND`].
     pub command: Vec<OsString>,
     /// Show the guest kernel's log on the console.
     pub verbose: bool,
