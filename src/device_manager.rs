@@ -1,8 +1,10 @@
 //! Places devices on the VM: legacy devices on fixed ports, virtio devices in
 //! consecutive MMIO windows with their own IRQ line, ioeventfds for queue
-//! notifications, an irqfd for interrupts, and a `virtio_mmio.device=` entry
-//! on the kernel command line so the guest finds them without probing.
+//! notifications, an irqfd for interrupts, and their host-side work on the
+//! event loop. The manager borrows the VM, guest memory and the event loop
+//! once, so attaching a device takes only the device.
 
+use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
@@ -18,8 +20,9 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::console::PanicWatch;
 use crate::error::{Error, Result};
-use crate::event_loop::{EventLoop, Subscriber};
+use crate::event_loop::{EventLoop, SerialInput, Subscriber, VmEvents};
 use crate::layout::{
     CONTROL_PAGE_START, DEBUG_PORT, I8042_DATA_PORT, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT_BASE,
     SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
@@ -27,11 +30,20 @@ use crate::layout::{
 use crate::lifecycle::{ControlReports, Lifecycle};
 use crate::vm::Vm;
 
-pub struct DeviceManager {
+/// The buses the vCPU threads dispatch guest accesses to.
+pub struct Buses {
     pub pio: Bus,
     pub mmio: Bus,
-    pub serial: Arc<Mutex<SerialDevice>>,
-    pub reset_evt: EventFd,
+}
+
+/// Puts devices on one VM; [`DeviceManager::into_buses`] ends the placing.
+pub struct DeviceManager<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    event_loop: &'a mut EventLoop,
+    buses: Buses,
+    serial: Arc<Mutex<SerialDevice>>,
+    reset_evt: EventFd,
     next_virtio_slot: usize,
 }
 
@@ -43,9 +55,16 @@ fn bus_err(e: BusError) -> Error {
     Error::Device(e.to_string())
 }
 
-impl DeviceManager {
-    /// Creates the devices every kiln VM has: UART, i8042, debug port, control page.
-    pub fn new(vm: &Vm, life: &Arc<Lifecycle>, console: Box<dyn Write + Send>) -> Result<Self> {
+impl<'a> DeviceManager<'a> {
+    /// Creates the devices every kiln VM has: UART (printing to `console`),
+    /// i8042, debug port, control page (reporting to `life`).
+    pub fn new(
+        vm: &'a Vm,
+        mem: &'a GuestMemoryMmap,
+        event_loop: &'a mut EventLoop,
+        life: &Arc<Lifecycle>,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self> {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
@@ -68,46 +87,73 @@ impl DeviceManager {
         mmio.insert(control, CONTROL_PAGE_START, CONTROL_PAGE_SIZE)
             .map_err(bus_err)?;
         Ok(Self {
-            pio,
-            mmio,
+            vm,
+            mem,
+            event_loop,
+            buses: Buses { pio, mmio },
             serial,
             reset_evt,
             next_virtio_slot: 0,
         })
     }
 
-    /// Attaches a virtio device: next MMIO window and IRQ (see
-    /// [`virtio_window`]), ioeventfd per
-    /// queue, irqfd for its interrupt, its event handling on `event_loop`.
-    pub fn attach_virtio<D>(
-        &mut self,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        event_loop: &mut EventLoop,
-        device: Arc<Mutex<D>>,
-    ) -> Result<()>
+    /// Attaches a virtio device in the next MMIO window and IRQ (see
+    /// [`virtio_window`]): an ioeventfd per queue, an irqfd for its
+    /// interrupt, its host-side work on the event loop.
+    pub fn attach_virtio<D>(&mut self, device: D) -> Result<()>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
         let (base, irq) = virtio_window(self.next_virtio_slot)?;
         let line = IrqLine::new().map_err(device_err("virtio IRQ"))?;
-        vm.register_irq(line.eventfd(), irq)?;
-        {
-            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
-            let notify = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
-            for (index, evt) in dev.queue_events().iter().enumerate() {
-                vm.fd()
-                    .register_ioevent(evt, &notify, index as u32)
-                    .map_err(Error::kvm("KVM_IOEVENTFD"))?;
-            }
+        self.vm.register_irq(line.eventfd(), irq)?;
+        let notify = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
+        for (index, evt) in device.queue_events().iter().enumerate() {
+            self.vm
+                .fd()
+                .register_ioevent(evt, &notify, index as u32)
+                .map_err(Error::kvm("KVM_IOEVENTFD"))?;
         }
-        let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(line));
-        self.mmio
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(device.clone(), self.mem.clone(), Interrupt::new(line));
+        self.buses
+            .mmio
             .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
             .map_err(bus_err)?;
-        event_loop.add(Box::new(device) as Subscriber);
+        self.event_loop.add(Box::new(device) as Subscriber);
         self.next_virtio_slot += 1;
         Ok(())
+    }
+
+    /// Feeds `input` (kiln's stdin) into the UART.
+    pub fn attach_serial_input(&mut self, input: File) -> Result<()> {
+        let input = SerialInput::new(input, self.serial.clone())?;
+        self.event_loop.add(Box::new(input));
+        Ok(())
+    }
+
+    /// Ends the VM on a guest reset (through the i8042) or when `life` says
+    /// so; a reset right after a panic message is the panic.
+    pub fn watch_vm_events(
+        &mut self,
+        life: &Arc<Lifecycle>,
+        panic_watch: PanicWatch,
+    ) -> Result<()> {
+        let reset_evt = self
+            .reset_evt
+            .try_clone()
+            .map_err(Error::io("duplicating the reset eventfd"))?;
+        self.event_loop.add(Box::new(VmEvents {
+            life: life.clone(),
+            reset_evt,
+            panic_watch,
+        }));
+        Ok(())
+    }
+
+    /// The buses, with every device placed.
+    pub fn into_buses(self) -> Buses {
+        self.buses
     }
 }
 

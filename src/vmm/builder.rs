@@ -1,162 +1,51 @@
-//! Assembles a VM from a `VmConfig` and runs it to its end: memory, kernel,
-//! initramfs, devices, vCPU threads and the event loop.
+//! Builds a VM from a [`VmConfig`]: the one place where a configuration
+//! becomes guest memory, a loaded kernel and initramfs, devices, boot
+//! parameters and vCPUs, in that order. The VM is then ready to run.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use kiln_devices::virtio::block::{Block, DiskImage};
 use kiln_devices::virtio::console::{SharedWriter, VirtioConsole};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_init::spec::ExecSpec;
+use kvm_ioctls::VcpuFd;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestMemoryMmap;
 
+use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
 use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_COMMAND};
 use crate::console::{ConsoleOutput, PanicWatch};
-use crate::device_manager::{self, DeviceManager};
+use crate::device_manager::{self, Buses, DeviceManager};
 use crate::error::{Error, Result};
-use crate::event_loop::{EventLoop, SerialInput, VmEvents};
+use crate::event_loop::EventLoop;
 use crate::host_profile::HostProfile;
 use crate::lifecycle::Lifecycle;
-use crate::outcome::VmOutcome;
 use crate::rootfs::{self, Rootfs, RootfsError};
-use crate::vcpu::{install_kick_handler, ExitCounts, VcpuThread};
+use crate::vcpu::install_kick_handler;
 use crate::vm::Vm;
 use crate::{initramfs, memory};
 
-/// Where the guest console goes and where its input comes from.
-pub struct ConsoleIo {
-    /// Receives every byte the guest writes to its serial console.
-    pub output: Box<dyn Write + Send>,
-    /// Forwarded to the guest's serial console (e.g. stdin); None for no input.
-    pub input: Option<File>,
+/// A VM ready for its first KVM_RUN.
+pub(crate) struct BuiltVm {
+    pub vm: Vm,
+    /// Guest RAM: must outlive every vCPU.
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<VcpuFd>,
+    pub buses: Buses,
+    /// Every device's host-side work and the VM's own events.
+    pub event_loop: EventLoop,
+    pub panic_watch: PanicWatch,
 }
 
-/// What a finished run reports.
-#[derive(Clone, Debug)]
-pub struct RunReport {
-    pub outcome: VmOutcome,
-    /// Monitor start to first KVM_RUN.
-    pub startup: Option<Duration>,
-    /// (since monitor start, since first KVM_RUN) when guest user space began.
-    pub userspace_started: Option<(Duration, Duration)>,
-    pub exits: ExitCounts,
-}
-
-/// Boots the VM described by `config`, runs it until its command finishes
-/// (or it fails or times out) and tears everything down.
-///
-/// `started` is when the caller began (the CLI passes process start) and is
-/// the origin of the reported times.
-pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunReport> {
-    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
-    run_with(config, io, life)
-}
-
-/// Starts the VM on its own thread and returns at once; the handle can stop
-/// it from anywhere and collects the report.
-pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHandle> {
-    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
-    let vm_life = life.clone();
-    let (finished, finished_tx) = finished_pipe()?;
-    let thread = std::thread::Builder::new()
-        .name("kiln-vmm".into())
-        .spawn(move || {
-            let _finished = finished_tx; // closed when the thread ends
-            run_with(&config, io, vm_life)
-        })
-        .map_err(Error::io("spawning the VM thread"))?;
-    Ok(VmHandle {
-        life,
-        thread: Some(thread),
-        finished,
-    })
-}
-
-/// A pipe whose write end the VM thread holds: the read end reports hang-up
-/// as soon as the thread has ended, so a waiter can poll(2) for it next to
-/// other descriptors instead of checking on a timer.
-fn finished_pipe() -> Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::io("creating the VM thread's pipe")(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    // SAFETY: pipe2 succeeded: both descriptors are open and owned by no one else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// A VM running on its own thread. Dropping the handle stops the VM and
-/// waits for all of its threads.
-pub struct VmHandle {
-    life: Arc<Lifecycle>,
-    thread: Option<std::thread::JoinHandle<Result<RunReport>>>,
-    /// Read end of `finished_pipe`.
-    finished: OwnedFd,
-}
-
-/// Stops a VM from any thread (cheap to clone).
-#[derive(Clone)]
-pub struct VmStopper(Arc<Lifecycle>);
-
-impl VmStopper {
-    /// Ends the VM with `outcome` unless it has already ended.
-    pub fn stop(&self, outcome: VmOutcome) {
-        self.0.finish(outcome);
-    }
-}
-
-impl VmHandle {
-    pub fn stopper(&self) -> VmStopper {
-        VmStopper(self.life.clone())
-    }
-
-    /// Asks the VM to stop (outcome `Stopped`); `wait` collects the report.
-    pub fn stop(&self) {
-        self.life.finish(VmOutcome::Stopped);
-    }
-
-    /// Reports hang-up (POLLHUP) once the VM thread has ended: for waiting
-    /// on the VM with poll(2) next to other descriptors.
-    pub fn finished_fd(&self) -> BorrowedFd<'_> {
-        self.finished.as_fd()
-    }
-
-    /// True once the VM has ended and its threads are gone.
-    pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
-    }
-
-    /// Waits for the VM to end.
-    pub fn wait(mut self) -> Result<RunReport> {
-        let thread = self.thread.take().expect("joined only here or in drop");
-        thread
-            .join()
-            .unwrap_or_else(|_| Err(Error::Device("the VM thread panicked".into())))
-    }
-}
-
-impl Drop for VmHandle {
-    fn drop(&mut self) {
-        if let Some(thread) = self.thread.take() {
-            self.life.finish(VmOutcome::Stopped);
-            let _ = thread.join();
-        }
-    }
-}
-
-fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<RunReport> {
+/// Builds the VM `config` describes, reporting to `life`.
+pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> Result<BuiltVm> {
     validate(config)?;
     let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
     let profile = HostProfile::detect();
@@ -181,73 +70,29 @@ fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<Ru
     // The UART and a virtio console print to the same output.
     let output = SharedWriter::new(Box::new(output));
     let mut event_loop = EventLoop::new()?;
-    let mut devices = DeviceManager::new(&vm, &life, Box::new(output.clone()))?;
-    let serial_input = attach_virtio_devices(
-        &slots,
-        &vm,
-        &mem,
-        &mut event_loop,
-        &mut devices,
-        output,
-        io.input,
-    )?;
+    let mut devices =
+        DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
+    if let Some(input) = attach_virtio_devices(&slots, &mut devices, &output, io.input)? {
+        devices.attach_serial_input(input)?;
+    }
+    devices.watch_vm_events(life, panic_watch.clone())?;
+    let buses = devices.into_buses();
+
     boot::params::write_boot_info(&mem, &kernel, &cmdline, initrd, config.mem_bytes)?;
     boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
     mptable::setup_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
     let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
-
-    event_loop.add(Box::new(VmEvents {
-        life: life.clone(),
-        reset_evt: devices
-            .reset_evt
-            .try_clone()
-            .map_err(Error::io("duplicating the reset eventfd"))?,
-        panic_watch: panic_watch.clone(),
-    }));
-    if let Some(input) = serial_input {
-        event_loop.add(Box::new(SerialInput::new(input, devices.serial.clone())?));
-    }
-
-    let deadline = config.timeout.map(|t| Instant::now() + t);
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for (id, fd) in vcpus.into_iter().enumerate() {
-        match VcpuThread::spawn(
-            id as u8,
-            fd,
-            devices.pio.clone(),
-            devices.mmio.clone(),
-            life.clone(),
-        ) {
-            Ok(t) => threads.push(t),
-            Err(e) => {
-                life.finish(VmOutcome::KvmFailure(e.to_string()));
-                break;
-            }
-        }
-    }
-    let loop_result = event_loop.run(&life, deadline);
-    if loop_result.is_err() {
-        life.finish(VmOutcome::KvmFailure("event loop failed".into()));
-    }
-    let mut exits = ExitCounts::default();
-    for t in threads {
-        exits += t.stop_and_join();
-    }
-    loop_result?;
-    // Keep guest memory alive until every vCPU has stopped using it.
-    drop(vm);
-    drop(mem);
-
-    let outcome = finalize_outcome(life.outcome(), &panic_watch);
-    Ok(RunReport {
-        outcome,
-        startup: life.startup_time(),
-        userspace_started: life.userspace_times(),
-        exits,
+    Ok(BuiltVm {
+        vm,
+        mem,
+        vcpus,
+        buses,
+        event_loop,
+        panic_watch,
     })
 }
 
-fn validate(config: &VmConfig) -> Result<()> {
+pub(crate) fn validate(config: &VmConfig) -> Result<()> {
     memory::validate_size(config.mem_bytes, memory::host_ram_bytes())?;
     if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
         return Err(Error::Config(format!(
@@ -303,19 +148,6 @@ fn build_cmdline(
     })?;
     log::info!("kernel command line: {}", cmdline_text(&cmdline));
     Ok(cmdline)
-}
-
-/// A reset right after a panic message is the panic itself.
-fn finalize_outcome(outcome: Option<VmOutcome>, panic_watch: &PanicWatch) -> VmOutcome {
-    match outcome {
-        Some(VmOutcome::GuestReset) | Some(VmOutcome::TripleFault) | None => {
-            match panic_watch.panic_message() {
-                Some(msg) => VmOutcome::KernelPanic(Some(msg)),
-                None => outcome.unwrap_or(VmOutcome::GuestReset),
-            }
-        }
-        Some(other) => other,
-    }
 }
 
 /// One virtio device of a VM; its place in [`virtio_slots`] is its MMIO
@@ -377,11 +209,8 @@ impl VirtioSlot<'_> {
 /// and the UART gets no input. Returns the input the UART should read.
 fn attach_virtio_devices(
     slots: &[VirtioSlot<'_>],
-    vm: &Vm,
-    mem: &GuestMemoryMmap,
-    event_loop: &mut EventLoop,
-    devices: &mut DeviceManager,
-    output: SharedWriter,
+    devices: &mut DeviceManager<'_>,
+    output: &SharedWriter,
     mut input: Option<File>,
 ) -> Result<Option<File>> {
     use kiln_devices::virtio::net::{MacAddr, Net};
@@ -396,33 +225,33 @@ fn attach_virtio_devices(
                 let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
                     .map_err(|e| Error::Config(format!("--rootfs: {e}")))?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
-                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
+                devices.attach_virtio(block)?;
             }
             VirtioSlot::Disk(disk) => {
                 let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())
                     .map_err(|e| Error::Config(format!("--disk: {e}")))?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
-                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(block)))?;
+                devices.attach_virtio(block)?;
             }
             VirtioSlot::Rng => {
                 let rng = Rng::new().map_err(Error::io("creating the virtio-rng device"))?;
-                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(rng)))?;
+                devices.attach_virtio(rng)?;
             }
             VirtioSlot::Vsock(v) => {
                 let vsock = Vsock::new(v.cid, &v.socket)
                     .map_err(|e| Error::Config(format!("--vsock: {e}")))?;
-                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(vsock)))?;
+                devices.attach_virtio(vsock)?;
             }
             VirtioSlot::Net(i, net) => {
                 let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))
                     .map_err(|e| Error::Device(e.to_string()))?;
                 log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
-                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(dev)))?;
+                devices.attach_virtio(dev)?;
             }
             VirtioSlot::Console => {
                 let console = VirtioConsole::new(Box::new(output.clone()), input.take())
                     .map_err(|e| Error::Device(format!("virtio console: {e}")))?;
-                devices.attach_virtio(vm, mem, event_loop, Arc::new(Mutex::new(console)))?;
+                devices.attach_virtio(console)?;
             }
         }
     }
