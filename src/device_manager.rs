@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
-use kiln_devices::bus::{Bus, BusError};
+use kiln_devices::bus::Bus;
 use kiln_devices::control::{ControlPage, CONTROL_PAGE_SIZE};
 use kiln_devices::i8042::{NullDevice, I8042};
 use kiln_devices::irq::IrqLine;
@@ -47,14 +47,6 @@ pub struct DeviceManager<'a> {
     next_virtio_slot: usize,
 }
 
-fn device_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::Device(format!("{what}: {e}"))
-}
-
-fn bus_err(e: BusError) -> Error {
-    Error::Device(e.to_string())
-}
-
 impl<'a> DeviceManager<'a> {
     /// Creates the devices every kiln VM has: UART (printing to `console`),
     /// i8042, debug port, control page (reporting to `life`).
@@ -68,24 +60,23 @@ impl<'a> DeviceManager<'a> {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
-        let irq = IrqLine::new().map_err(device_err("serial IRQ"))?;
+        let irq = IrqLine::new().map_err(Error::device_io("serial IRQ"))?;
         vm.register_irq(irq.eventfd(), SERIAL_IRQ)?;
-        let serial = SerialDevice::new(irq, console).map_err(device_err("serial"))?;
+        let serial = SerialDevice::new(irq, console).map_err(Error::device_io("serial"))?;
         let serial = Arc::new(Mutex::new(serial));
         let (base, len) = (u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_SIZE));
-        pio.insert(serial.clone(), base, len).map_err(bus_err)?;
+        pio.insert(serial.clone(), base, len)?;
 
-        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(device_err("reset eventfd"))?;
-        let reset_dup = reset_evt.try_clone().map_err(device_err("reset eventfd"))?;
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::device_io("reset eventfd"))?;
+        let reset_dup = reset_evt
+            .try_clone()
+            .map_err(Error::device_io("reset eventfd"))?;
         let i8042 = Arc::new(Mutex::new(I8042::new(reset_dup)));
-        pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)
-            .map_err(bus_err)?;
-        pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)
-            .map_err(bus_err)?;
+        pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)?;
+        pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)?;
 
         let control = Arc::new(Mutex::new(ControlPage::new(ControlReports(life.clone()))));
-        mmio.insert(control, CONTROL_PAGE_START, CONTROL_PAGE_SIZE)
-            .map_err(bus_err)?;
+        mmio.insert(control, CONTROL_PAGE_START, CONTROL_PAGE_SIZE)?;
         Ok(Self {
             vm,
             mem,
@@ -105,7 +96,7 @@ impl<'a> DeviceManager<'a> {
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
         let (base, irq) = virtio_window(self.next_virtio_slot)?;
-        let line = IrqLine::new().map_err(device_err("virtio IRQ"))?;
+        let line = IrqLine::new().map_err(Error::device_io("virtio IRQ"))?;
         self.vm.register_irq(line.eventfd(), irq)?;
         let notify = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
         for (index, evt) in device.queue_events().iter().enumerate() {
@@ -118,8 +109,7 @@ impl<'a> DeviceManager<'a> {
         let transport = MmioTransport::new(device.clone(), self.mem.clone(), Interrupt::new(line));
         self.buses
             .mmio
-            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
-            .map_err(bus_err)?;
+            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
         self.event_loop.add(Box::new(device) as Subscriber);
         self.next_virtio_slot += 1;
         Ok(())

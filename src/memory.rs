@@ -61,7 +61,7 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))
+    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
 }
 
 // The MP table sits in the reserved EBDA area below the legacy hole.

@@ -80,7 +80,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
 
     boot::params::write_boot_info(&mem, &kernel, &cmdline, initrd, config.mem_bytes)?;
     boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
-    mptable::setup_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
+    mptable::setup_mptable(&mem, config.vcpus)?;
     let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
     Ok(BuiltVm {
         vm,
@@ -223,13 +223,12 @@ fn attach_virtio_devices(
                     source,
                 })?;
                 let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
-                    .map_err(|e| Error::Config(format!("--rootfs: {e}")))?;
+                    .map_err(Error::RootfsImage)?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
                 devices.attach_virtio(block)?;
             }
             VirtioSlot::Disk(disk) => {
-                let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())
-                    .map_err(|e| Error::Config(format!("--disk: {e}")))?;
+                let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
                 devices.attach_virtio(block)?;
             }
@@ -238,19 +237,17 @@ fn attach_virtio_devices(
                 devices.attach_virtio(rng)?;
             }
             VirtioSlot::Vsock(v) => {
-                let vsock = Vsock::new(v.cid, &v.socket)
-                    .map_err(|e| Error::Config(format!("--vsock: {e}")))?;
+                let vsock = Vsock::new(v.cid, &v.socket)?;
                 devices.attach_virtio(vsock)?;
             }
             VirtioSlot::Net(i, net) => {
-                let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))
-                    .map_err(|e| Error::Device(e.to_string()))?;
+                let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))?;
                 log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
                 devices.attach_virtio(dev)?;
             }
             VirtioSlot::Console => {
                 let console = VirtioConsole::new(Box::new(output.clone()), input.take())
-                    .map_err(|e| Error::Device(format!("virtio console: {e}")))?;
+                    .map_err(Error::device_io("virtio console"))?;
                 devices.attach_virtio(console)?;
             }
         }
@@ -293,8 +290,7 @@ fn load_kernel_and_initramfs(
     }
     initramfs.resize(initramfs.len().next_multiple_of(4), 0);
     let limit = usize::try_from(config.mem_bytes).unwrap_or(usize::MAX);
-    let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)
-        .map_err(|e| Error::Initramfs(e.to_string()))?;
+    let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)?;
     initramfs.extend_from_slice(&kiln_archive);
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, Some(initrd)))

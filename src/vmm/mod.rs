@@ -130,7 +130,7 @@ impl VmHandle {
         let thread = self.thread.take().expect("joined only here or in drop");
         thread
             .join()
-            .unwrap_or_else(|_| Err(Error::Device("the VM thread panicked".into())))
+            .unwrap_or(Err(Error::VmThreadPanicked))
     }
 }
 
