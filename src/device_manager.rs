@@ -24,8 +24,8 @@ use crate::console::PanicWatch;
 use crate::error::{Error, Result};
 use crate::event_loop::{EventLoop, SerialInput, Subscriber, VmEvents};
 use crate::layout::{
-    CONTROL_PAGE_START, DEBUG_PORT, I8042_DATA_PORT, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT_BASE,
-    SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    CONTROL_PAGE_START, DEBUG_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, IRQ_MAX, SERIAL_IRQ,
+    SERIAL_PORT_BASE, SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::lifecycle::{ControlReports, Lifecycle};
 use crate::vm::Vm;
@@ -72,7 +72,8 @@ impl<'a> DeviceManager<'a> {
             .try_clone()
             .map_err(Error::device_io("reset eventfd"))?;
         let i8042 = Arc::new(Mutex::new(I8042::new(reset_dup)));
-        pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)?;
+        let i8042_ports = I8042_COMMAND_PORT - I8042_DATA_PORT + 1;
+        pio.insert(i8042, u64::from(I8042_DATA_PORT), u64::from(i8042_ports))?;
         pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)?;
 
         let control = Arc::new(Mutex::new(ControlPage::new(ControlReports(life.clone()))));
@@ -89,7 +90,7 @@ impl<'a> DeviceManager<'a> {
     }
 
     /// Attaches a virtio device in the next MMIO window and IRQ (see
-    /// [`virtio_window`]): an ioeventfd per queue, an irqfd for its
+    /// `virtio_window`): an ioeventfd per queue, an irqfd for its
     /// interrupt, its host-side work on the event loop.
     pub fn attach_virtio<D>(&mut self, device: D) -> Result<()>
     where
@@ -149,7 +150,7 @@ impl<'a> DeviceManager<'a> {
 
 /// The MMIO window base and IRQ of the virtio device in `slot` (0 for the
 /// first device attached).
-pub fn virtio_window(slot: usize) -> Result<(u64, u32)> {
+fn virtio_window(slot: usize) -> Result<(u64, u32)> {
     let max = (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize;
     if slot >= max {
         return Err(Error::Config(format!(

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 // The causes, re-exported so that a match needs no other crate.
 pub use crate::boot::mptable::MptableError;
 pub use crate::boot::BootError;
+pub use crate::cpio::CpioError;
 pub use crate::initramfs::InitramfsError;
 pub use crate::rootfs::RootfsError;
 pub use kiln_devices::bus::BusError;

@@ -11,7 +11,7 @@ pub const MIN_MEM_BYTES: u64 = 16 << 20;
 
 /// The RAM ranges `(start, length)` for `mem_bytes` of guest memory: one range
 /// below the 32-bit MMIO hole, and the remainder above 4 GiB.
-pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= MMIO_HOLE_START {
         vec![(0, mem_bytes)]
     } else {
@@ -69,7 +69,7 @@ const _: () = assert!(MPTABLE_START < EBDA_END);
 
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
-pub const E820_RESERVED: u32 = 2;
+const E820_RESERVED: u32 = 2;
 
 /// The memory map handed to the guest: low RAM below the MP table, the
 /// conventional BIOS hole reserved, then RAM from 1 MiB (and above 4 GiB).

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use common::{have_kvm, require, test_guest, Scratch};
 use kiln::config::{DiskConfig, VsockConfig};
-use kiln::error::{DiskError, InitramfsError, MptableError, RootfsError, VsockError};
+use kiln::error::{CpioError, DiskError, InitramfsError, MptableError, RootfsError, VsockError};
 use kiln::sandbox::{Sandbox, SandboxError};
 use kiln::{ConsoleIo, Error, VmConfig};
 
@@ -58,7 +58,7 @@ fn root_file_system_causes_are_matchable() {
     config.rootfs = Some(root.clone());
     let e = run(&config).expect_err("the root cannot fit");
     match &e {
-        Error::Initramfs(InitramfsError::OverLimit { path, limit }) => {
+        Error::Initramfs(InitramfsError::Cpio(CpioError::OverLimit { path, limit })) => {
             assert_eq!((path, *limit), (&root.join("big"), 32 << 20));
         }
         other => panic!("expected an initramfs size error, got {other:?}"),

@@ -2,7 +2,7 @@
 //!
 //! The command runs through kiln's guest agent (the sandbox API) unless the
 //! agent cannot be used; then it runs the classic way, with the guest
-//! console as its stdio (see [`uses_agent`]).
+//! console as its stdio (see `uses_agent`).
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -41,7 +41,7 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
 /// (the device is the user's) or with an initrd started by its own init
 /// (`rdinit=`: kiln's init never runs, so the guest gets no vsock device it
 /// would only probe).
-pub fn uses_agent(config: &VmConfig) -> bool {
+fn uses_agent(config: &VmConfig) -> bool {
     config.vsock.is_none() && config.own_init().is_none()
 }
 
@@ -212,7 +212,7 @@ impl CommandArgs {
     }
 
     /// The command as the sandbox runs it.
-    pub fn to_sandbox_command(&self) -> sandbox::Command {
+    fn to_sandbox_command(&self) -> sandbox::Command {
         let argv = self.argv();
         let mut cmd = sandbox::Command::new(&argv[0]).args(&argv[1..]);
         for (k, v) in &self.env {

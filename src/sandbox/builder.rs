@@ -15,7 +15,7 @@ use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use crate::{ConsoleIo, VmHandle};
 
 /// The vsock port the agent connects to on the host.
-pub const AGENT_PORT: u32 = 1024;
+const AGENT_PORT: u32 = 1024;
 /// The guest's CID (any valid one: the device is private to the VM).
 const GUEST_CID: u64 = 3;
 /// Console bytes kept for error messages.

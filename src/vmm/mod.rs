@@ -128,9 +128,7 @@ impl VmHandle {
     /// Waits for the VM to end.
     pub fn wait(mut self) -> Result<RunReport> {
         let thread = self.thread.take().expect("joined only here or in drop");
-        thread
-            .join()
-            .unwrap_or(Err(Error::VmThreadPanicked))
+        thread.join().unwrap_or(Err(Error::VmThreadPanicked))
     }
 }
 
