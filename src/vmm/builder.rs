@@ -92,7 +92,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     })
 }
 
-pub(crate) fn validate(config: &VmConfig) -> Result<()> {
+fn validate(config: &VmConfig) -> Result<()> {
     memory::validate_size(config.mem_bytes, memory::host_ram_bytes())?;
     if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
         return Err(Error::Config(format!(
