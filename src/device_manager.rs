@@ -1,13 +1,15 @@
 //! Places devices on the VM: legacy devices on fixed ports, virtio devices in
 //! consecutive MMIO windows with their own IRQ line, ioeventfds for queue
-//! notifications, an irqfd for interrupts, and a `virtio_mmio.device=` entry
-//! on the kernel command line so the guest finds them without probing.
+//! notifications, an irqfd for interrupts, and their host-side work on the
+//! event loop. The manager borrows the VM, guest memory and the event loop
+//! once, so attaching a device takes only the device.
 
+use std::fs::File;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
-use kiln_devices::bus::{Bus, BusError};
+use kiln_devices::bus::Bus;
 use kiln_devices::control::{ControlPage, CONTROL_PAGE_SIZE};
 use kiln_devices::i8042::{NullDevice, I8042};
 use kiln_devices::irq::IrqLine;
@@ -18,110 +20,153 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::console::PanicWatch;
 use crate::error::{Error, Result};
-use crate::event_loop::{EventLoop, Subscriber};
+use crate::event_loop::{EventLoop, SerialInput, Subscriber, VmEvents};
 use crate::layout::{
-    CONTROL_PAGE_START, DEBUG_PORT, I8042_DATA_PORT, IRQ_MAX, SERIAL_IRQ, SERIAL_PORT_BASE,
-    SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    CONTROL_PAGE_START, DEBUG_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, IRQ_MAX, SERIAL_IRQ,
+    SERIAL_PORT_BASE, SERIAL_PORT_SIZE, VIRTIO_IRQ_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::lifecycle::{ControlReports, Lifecycle};
 use crate::vm::Vm;
 
-pub struct DeviceManager {
+/// The buses the vCPU threads dispatch guest accesses to.
+pub struct Buses {
     pub pio: Bus,
     pub mmio: Bus,
-    pub serial: Arc<Mutex<SerialDevice>>,
-    pub reset_evt: EventFd,
-    /// `virtio_mmio.device=` words for the kernel command line.
-    pub cmdline_words: Vec<String>,
-    next_virtio_slot: u64,
 }
 
-fn device_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
-    move |e| Error::Device(format!("{what}: {e}"))
+/// Puts devices on one VM; [`DeviceManager::into_buses`] ends the placing.
+pub struct DeviceManager<'a> {
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    event_loop: &'a mut EventLoop,
+    buses: Buses,
+    serial: Arc<Mutex<SerialDevice>>,
+    reset_evt: EventFd,
+    next_virtio_slot: usize,
 }
 
-fn bus_err(e: BusError) -> Error {
-    Error::Device(e.to_string())
-}
-
-impl DeviceManager {
-    /// Creates the devices every kiln VM has: UART, i8042, debug port, control page.
-    pub fn new(vm: &Vm, life: &Arc<Lifecycle>, console: Box<dyn Write + Send>) -> Result<Self> {
+impl<'a> DeviceManager<'a> {
+    /// Creates the devices every kiln VM has: UART (printing to `console`),
+    /// i8042, debug port, control page (reporting to `life`).
+    pub fn new(
+        vm: &'a Vm,
+        mem: &'a GuestMemoryMmap,
+        event_loop: &'a mut EventLoop,
+        life: &Arc<Lifecycle>,
+        console: Box<dyn Write + Send>,
+    ) -> Result<Self> {
         let mut pio = Bus::new();
         let mut mmio = Bus::new();
 
-        let irq = IrqLine::new().map_err(device_err("serial IRQ"))?;
+        let irq = IrqLine::new().map_err(Error::device_io("serial IRQ"))?;
         vm.register_irq(irq.eventfd(), SERIAL_IRQ)?;
-        let serial = SerialDevice::new(irq, console).map_err(device_err("serial"))?;
+        let serial = SerialDevice::new(irq, console).map_err(Error::device_io("serial"))?;
         let serial = Arc::new(Mutex::new(serial));
         let (base, len) = (u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_SIZE));
-        pio.insert(serial.clone(), base, len).map_err(bus_err)?;
+        pio.insert(serial.clone(), base, len)?;
 
-        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(device_err("reset eventfd"))?;
-        let reset_dup = reset_evt.try_clone().map_err(device_err("reset eventfd"))?;
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::device_io("reset eventfd"))?;
+        let reset_dup = reset_evt
+            .try_clone()
+            .map_err(Error::device_io("reset eventfd"))?;
         let i8042 = Arc::new(Mutex::new(I8042::new(reset_dup)));
-        pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)
-            .map_err(bus_err)?;
-        pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)
-            .map_err(bus_err)?;
+        let i8042_ports = I8042_COMMAND_PORT - I8042_DATA_PORT + 1;
+        pio.insert(i8042, u64::from(I8042_DATA_PORT), u64::from(i8042_ports))?;
+        pio.insert(Arc::new(Mutex::new(NullDevice)), u64::from(DEBUG_PORT), 1)?;
 
         let control = Arc::new(Mutex::new(ControlPage::new(ControlReports(life.clone()))));
-        mmio.insert(control, CONTROL_PAGE_START, CONTROL_PAGE_SIZE)
-            .map_err(bus_err)?;
+        mmio.insert(control, CONTROL_PAGE_START, CONTROL_PAGE_SIZE)?;
         Ok(Self {
-            pio,
-            mmio,
+            vm,
+            mem,
+            event_loop,
+            buses: Buses { pio, mmio },
             serial,
             reset_evt,
-            cmdline_words: Vec::new(),
             next_virtio_slot: 0,
         })
     }
 
-    /// Attaches a virtio device: next MMIO window and IRQ, ioeventfd per
-    /// queue, irqfd for its interrupt, its event handling on `event_loop`.
-    pub fn attach_virtio<D>(
-        &mut self,
-        vm: &Vm,
-        mem: &GuestMemoryMmap,
-        event_loop: &mut EventLoop,
-        device: Arc<Mutex<D>>,
-    ) -> Result<()>
+    /// Attaches a virtio device in the next MMIO window and IRQ (see
+    /// `virtio_window`): an ioeventfd per queue, an irqfd for its
+    /// interrupt, its host-side work on the event loop.
+    pub fn attach_virtio<D>(&mut self, device: D) -> Result<()>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let slot = self.next_virtio_slot;
-        let irq = VIRTIO_IRQ_BASE + slot as u32;
-        if irq > IRQ_MAX {
-            return Err(Error::Config(format!(
-                "too many virtio devices (at most {})",
-                IRQ_MAX - VIRTIO_IRQ_BASE + 1
-            )));
+        let (base, irq) = virtio_window(self.next_virtio_slot)?;
+        let line = IrqLine::new().map_err(Error::device_io("virtio IRQ"))?;
+        self.vm.register_irq(line.eventfd(), irq)?;
+        let notify = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
+        for (index, evt) in device.queue_events().iter().enumerate() {
+            self.vm
+                .fd()
+                .register_ioevent(evt, &notify, index as u32)
+                .map_err(Error::kvm("KVM_IOEVENTFD"))?;
         }
-        let base = VIRTIO_MMIO_START + slot * VIRTIO_MMIO_SIZE;
-
-        let line = IrqLine::new().map_err(device_err("virtio IRQ"))?;
-        vm.register_irq(line.eventfd(), irq)?;
-        {
-            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
-            let notify = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
-            for (index, evt) in dev.queue_events().iter().enumerate() {
-                vm.fd()
-                    .register_ioevent(evt, &notify, index as u32)
-                    .map_err(Error::kvm("KVM_IOEVENTFD"))?;
-            }
-        }
-        let transport = MmioTransport::new(device.clone(), mem.clone(), Interrupt::new(line));
-        self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)
-            .map_err(bus_err)?;
-        event_loop.add(Box::new(device) as Subscriber);
-        self.cmdline_words.push(format!(
-            "virtio_mmio.device={}K@{base:#x}:{irq}",
-            VIRTIO_MMIO_SIZE >> 10
-        ));
+        let device = Arc::new(Mutex::new(device));
+        let transport = MmioTransport::new(device.clone(), self.mem.clone(), Interrupt::new(line));
+        self.buses
+            .mmio
+            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        self.event_loop.add(Box::new(device) as Subscriber);
         self.next_virtio_slot += 1;
         Ok(())
     }
+
+    /// Feeds `input` (kiln's stdin) into the UART.
+    pub fn attach_serial_input(&mut self, input: File) -> Result<()> {
+        let input = SerialInput::new(input, self.serial.clone())?;
+        self.event_loop.add(Box::new(input));
+        Ok(())
+    }
+
+    /// Ends the VM on a guest reset (through the i8042) or when `life` says
+    /// so; a reset right after a panic message is the panic.
+    pub fn watch_vm_events(
+        &mut self,
+        life: &Arc<Lifecycle>,
+        panic_watch: PanicWatch,
+    ) -> Result<()> {
+        let reset_evt = self
+            .reset_evt
+            .try_clone()
+            .map_err(Error::io("duplicating the reset eventfd"))?;
+        self.event_loop.add(Box::new(VmEvents {
+            life: life.clone(),
+            reset_evt,
+            panic_watch,
+        }));
+        Ok(())
+    }
+
+    /// The buses, with every device placed.
+    pub fn into_buses(self) -> Buses {
+        self.buses
+    }
+}
+
+/// The MMIO window base and IRQ of the virtio device in `slot` (0 for the
+/// first device attached).
+fn virtio_window(slot: usize) -> Result<(u64, u32)> {
+    let max = (IRQ_MAX - VIRTIO_IRQ_BASE + 1) as usize;
+    if slot >= max {
+        return Err(Error::Config(format!(
+            "too many virtio devices (at most {max})"
+        )));
+    }
+    let base = VIRTIO_MMIO_START + slot as u64 * VIRTIO_MMIO_SIZE;
+    Ok((base, VIRTIO_IRQ_BASE + slot as u32))
+}
+
+/// The kernel command-line word that tells the guest where the virtio
+/// device in `slot` is, so it finds it without probing.
+pub fn virtio_mmio_word(slot: usize) -> Result<String> {
+    let (base, irq) = virtio_window(slot)?;
+    Ok(format!(
+        "virtio_mmio.device={}K@{base:#x}:{irq}",
+        VIRTIO_MMIO_SIZE >> 10
+    ))
 }

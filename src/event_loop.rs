@@ -25,8 +25,7 @@ pub struct EventLoop {
 
 impl EventLoop {
     pub fn new() -> Result<Self> {
-        let manager =
-            EventManager::new().map_err(|e| Error::Device(format!("event loop: {e:?}")))?;
+        let manager = EventManager::new().map_err(Error::EventLoop)?;
         Ok(Self { manager })
     }
 
@@ -51,7 +50,7 @@ impl EventLoop {
             };
             self.manager
                 .run_with_timeout(timeout_ms)
-                .map_err(|e| Error::Device(format!("event loop: {e:?}")))?;
+                .map_err(Error::EventLoop)?;
         }
         Ok(())
     }

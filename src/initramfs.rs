@@ -1,442 +1,22 @@
-//! Initramfs images: a newc ("070701") cpio writer and the archives kiln
-//! boots with (its init, the exec spec and the device nodes init needs).
-//!
-//! Archives are uncompressed: on hosts where the guest kernel is emulated,
-//! decompressing costs far more than copying.
+//! The initramfs kiln boots with: its init, the exec spec (or the agent's
+//! port) and the device nodes init needs, plus a directory or tar root,
+//! written as one cpio archive (see [`crate::cpio`]).
 
-use crate::rootfs::Rootfs;
 use kiln_init::spec::{ExecSpec, SpecError};
-use std::collections::HashMap;
-use std::fs;
-use std::io::{self, Read};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
 
-/// kiln's guest init, a static binary built by build.rs.
-static INIT_BINARY: &[u8] = include_bytes!(env!("KILN_INIT_PATH"));
+use crate::cpio::{CpioBuilder, CpioError};
+use crate::rootfs::Rootfs;
 
-const S_IFDIR: u32 = libc::S_IFDIR;
-const S_IFREG: u32 = libc::S_IFREG;
-const S_IFLNK: u32 = libc::S_IFLNK;
-const S_IFCHR: u32 = libc::S_IFCHR;
-const S_IFBLK: u32 = libc::S_IFBLK;
-const S_IFMT: u32 = libc::S_IFMT;
-/// Offsets of the header fields kiln patches after writing a header.
-const NLINK_FIELD: usize = 6 + 8 * 4;
-const FILESIZE_FIELD: usize = 6 + 8 * 6;
+/// kiln's guest init, a static x86-64 ELF binary built by build.rs.
+pub(crate) static INIT_BINARY: &[u8] = include_bytes!(env!("KILN_INIT_PATH"));
 
+/// Why kiln's initramfs cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
     #[error("invalid exec spec: {0}")]
     Spec(#[from] SpecError),
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{}: too large for a cpio archive (4 GiB per file)", .0.display())]
-    TooLarge(PathBuf),
-    #[error(
-        "{}: the root file system does not fit in guest memory ({} MiB; raise --mem or use an ext4 image)",
-        path.display(),
-        limit >> 20
-    )]
-    OverLimit { path: PathBuf, limit: usize },
-    #[error("{}: {reason}", path.display())]
-    BadArchive { path: PathBuf, reason: String },
-}
-
-fn io_error(path: &Path) -> impl FnOnce(io::Error) -> InitramfsError + '_ {
-    move |source| InitramfsError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// What an entry is besides its name and data: file type and permission
-/// bits (`st_mode`), owner, modification time and, for a device, its number.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Meta {
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: u32,
-    pub rdev: (u32, u32),
-}
-
-impl Meta {
-    /// Owned by root, mtime 0.
-    fn root(mode: u32) -> Self {
-        Self {
-            mode,
-            ..Self::default()
-        }
-    }
-}
-
-/// An in-memory newc cpio archive. Names are relative ("dev/console"; a
-/// leading '/' is dropped); missing parent directories are added (0755)
-/// before their children. Entries are owned by root unless a caller gives
-/// a [`Meta`] of its own.
-#[derive(Debug)]
-pub struct CpioBuilder {
-    out: Vec<u8>,
-    next_ino: u32,
-    /// Names written so far, and the file type (`S_IFMT` bits) of each.
-    names: HashMap<Vec<u8>, u32>,
-    /// Host (dev, ino) of hard-linked files already written -> cpio inode.
-    links: HashMap<(u64, u64), u32>,
-    /// Host file data stops being added once the archive reaches this size.
-    limit: usize,
-}
-
-impl Default for CpioBuilder {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl CpioBuilder {
-    pub fn new() -> Self {
-        Self {
-            out: Vec::new(),
-            next_ino: 1,
-            names: HashMap::new(),
-            links: HashMap::new(),
-            limit: usize::MAX,
-        }
-    }
-
-    /// An archive that refuses host data (`tree`, tar entries) past `limit`
-    /// bytes in total, so a root that cannot fit in guest memory fails early
-    /// instead of filling the host's.
-    pub fn with_limit(limit: usize) -> Self {
-        Self {
-            limit,
-            ..Self::new()
-        }
-    }
-
-    /// Whether `name` is already in the archive.
-    pub fn contains(&self, name: impl AsRef<[u8]>) -> bool {
-        self.names.contains_key(normalize(name.as_ref()))
-    }
-
-    /// The file type (`S_IFMT` bits) of `name`, if it is in the archive.
-    pub fn file_type(&self, name: impl AsRef<[u8]>) -> Option<u32> {
-        self.names.get(normalize(name.as_ref())).copied()
-    }
-
-    /// The most host data the archive takes (see [`CpioBuilder::with_limit`]).
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
-    /// Every name in the archive so far (normalized), in no order.
-    pub fn names(&self) -> impl Iterator<Item = &[u8]> {
-        self.names.keys().map(Vec::as_slice)
-    }
-
-    /// The archive's size so far.
-    pub fn len(&self) -> usize {
-        self.out.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.out.is_empty()
-    }
-
-    /// A fresh inode number, for [`CpioBuilder::entry_from_reader`].
-    pub fn new_ino(&mut self) -> u32 {
-        self.ino()
-    }
-
-    /// Adds an entry whose data is read from `data` until its end (for a
-    /// directory, symlink target or device: whatever `data` yields, usually
-    /// nothing). `origin` names the data in errors. Returns the offset of the
-    /// entry's header, for [`CpioBuilder::mark_linked`] (None for the root,
-    /// which gets no entry).
-    pub fn entry_from_reader(
-        &mut self,
-        name: &[u8],
-        ino: u32,
-        meta: Meta,
-        nlink: u32,
-        data: &mut dyn io::Read,
-        origin: &Path,
-    ) -> Result<Option<usize>, InitramfsError> {
-        let Some(offset) = self.entry_start(name, ino, meta, nlink, 0) else {
-            return Ok(None);
-        };
-        let start = self.out.len();
-        // One byte more than may be kept, to tell "exactly at" from "past".
-        let room = self.limit.saturating_sub(start).min(u32::MAX as usize);
-        let read = io::Read::take(&mut *data, room as u64 + 1)
-            .read_to_end(&mut self.out)
-            .map_err(io_error(origin));
-        let size = self.out.len() - start;
-        if read.is_err() || size > room {
-            self.out.truncate(offset);
-            self.names.remove(normalize(name));
-            read?;
-            return Err(match start + size > self.limit {
-                true => InitramfsError::OverLimit {
-                    path: origin.to_owned(),
-                    limit: self.limit,
-                },
-                false => InitramfsError::TooLarge(origin.to_owned()),
-            });
-        }
-        let field = offset + FILESIZE_FIELD;
-        self.out[field..field + 8].copy_from_slice(format!("{size:08x}").as_bytes());
-        self.pad();
-        Ok(Some(offset))
-    }
-
-    /// Raises the link count of the entry whose header is at `offset` (a
-    /// regular file) to at least 2, so the kernel links later entries with
-    /// the same inode number to it.
-    pub fn mark_linked(&mut self, offset: usize) {
-        let field = offset + NLINK_FIELD;
-        if let Some(f) = self.out.get_mut(field..field + 8) {
-            if f == b"00000001" {
-                f.copy_from_slice(b"00000002");
-            }
-        }
-    }
-
-    /// Adds a directory; a no-op if it already exists.
-    pub fn dir(&mut self, name: impl AsRef<[u8]>, mode: u32) {
-        self.dir_at(name.as_ref(), mode, 0);
-    }
-
-    /// Adds a regular file (a later file of the same name replaces it when
-    /// the kernel unpacks the archive). Panics if `data` is 4 GiB or more.
-    pub fn file(&mut self, name: impl AsRef<[u8]>, mode: u32, data: &[u8]) {
-        let ino = self.ino();
-        let meta = Meta::root(S_IFREG | (mode & 0o7777));
-        self.entry(name.as_ref(), ino, meta, 1, data);
-    }
-
-    pub fn symlink(&mut self, name: impl AsRef<[u8]>, target: impl AsRef<[u8]>) {
-        let ino = self.ino();
-        let meta = Meta::root(S_IFLNK | 0o777);
-        self.entry(name.as_ref(), ino, meta, 1, target.as_ref());
-    }
-
-    pub fn char_dev(&mut self, name: impl AsRef<[u8]>, mode: u32, major: u32, minor: u32) {
-        let ino = self.ino();
-        let meta = Meta {
-            rdev: (major, minor),
-            ..Meta::root(S_IFCHR | (mode & 0o7777))
-        };
-        self.entry(name.as_ref(), ino, meta, 1, &[]);
-    }
-
-    /// Copies a host directory tree into the archive root: directories,
-    /// regular files (hard links kept), symlinks and device nodes, with their
-    /// permission bits and mtimes. Sockets and fifos are skipped. Names the
-    /// archive already has win: host entries colliding with them are skipped
-    /// (a host directory still contributes its children if the existing
-    /// entry is a directory too).
-    pub fn tree(&mut self, host_dir: &Path) -> Result<(), InitramfsError> {
-        self.walk(host_dir, &[])
-    }
-
-    /// Appends the trailer and returns the archive (its length is a multiple of 4).
-    pub fn finish(mut self) -> Vec<u8> {
-        self.header(b"TRAILER!!!", 0, Meta::default(), 1, 0);
-        self.out
-    }
-
-    fn walk(&mut self, dir: &Path, prefix: &[u8]) -> Result<(), InitramfsError> {
-        let mut entries = fs::read_dir(dir)
-            .and_then(|d| d.collect::<io::Result<Vec<_>>>())
-            .map_err(io_error(dir))?;
-        // Sorted, so the same tree always gives the same archive.
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
-            let path = entry.path();
-            let mut name = prefix.to_vec();
-            if !name.is_empty() {
-                name.push(b'/');
-            }
-            name.extend_from_slice(entry.file_name().as_bytes());
-            let meta = fs::symlink_metadata(&path).map_err(io_error(&path))?;
-            let (kind, perm) = (meta.file_type(), meta.mode() & 0o7777);
-            let mtime = u32::try_from(meta.mtime()).unwrap_or(0);
-            match self.names.get(&name) {
-                Some(&S_IFDIR) if kind.is_dir() => {
-                    self.walk(&path, &name)?;
-                    continue;
-                }
-                Some(_) => {
-                    log::debug!(
-                        "initramfs: {} is shadowed by kiln's /{}",
-                        path.display(),
-                        name.escape_ascii()
-                    );
-                    continue;
-                }
-                None => {}
-            }
-            if kind.is_dir() {
-                self.dir_at(&name, perm, mtime);
-                self.walk(&path, &name)?;
-            } else if kind.is_file() {
-                let size = u32::try_from(meta.len())
-                    .map_err(|_| InitramfsError::TooLarge(path.clone()))?;
-                if self.out.len().saturating_add(size as usize) > self.limit {
-                    return Err(InitramfsError::OverLimit {
-                        path,
-                        limit: self.limit,
-                    });
-                }
-                let key = (meta.dev(), meta.ino());
-                let nlink = if meta.nlink() > 1 {
-                    meta.nlink() as u32
-                } else {
-                    1
-                };
-                // Later names of a hard-linked file carry no data: the kernel
-                // links them to the first one (same inode number, nlink > 1).
-                if let Some(&ino) = self.links.get(&key).filter(|_| nlink > 1) {
-                    let meta = Meta {
-                        mtime,
-                        ..Meta::root(S_IFREG | perm)
-                    };
-                    self.entry(&name, ino, meta, nlink, &[]);
-                    continue;
-                }
-                let data = fs::read(&path).map_err(io_error(&path))?;
-                if data.len() != size as usize {
-                    let e = io::Error::other("file changed size while being read");
-                    return Err(io_error(&path)(e));
-                }
-                let ino = self.ino();
-                if nlink > 1 {
-                    self.links.insert(key, ino);
-                }
-                let meta = Meta {
-                    mtime,
-                    ..Meta::root(S_IFREG | perm)
-                };
-                self.entry(&name, ino, meta, nlink, &data);
-            } else if kind.is_symlink() {
-                let target = fs::read_link(&path).map_err(io_error(&path))?;
-                let ino = self.ino();
-                let meta = Meta {
-                    mtime,
-                    ..Meta::root(S_IFLNK | 0o777)
-                };
-                self.entry(&name, ino, meta, 1, target.as_os_str().as_bytes());
-            } else if kind.is_char_device() || kind.is_block_device() {
-                let fmt = if kind.is_char_device() {
-                    S_IFCHR
-                } else {
-                    S_IFBLK
-                };
-                let rdev = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-                let ino = self.ino();
-                let meta = Meta {
-                    mtime,
-                    rdev,
-                    ..Meta::root(fmt | perm)
-                };
-                self.entry(&name, ino, meta, 1, &[]);
-            } else {
-                log::debug!("initramfs: skipping {} (socket or fifo)", path.display());
-            }
-        }
-        Ok(())
-    }
-
-    fn ino(&mut self) -> u32 {
-        self.next_ino += 1;
-        self.next_ino - 1
-    }
-
-    fn dir_at(&mut self, name: &[u8], mode: u32, mtime: u32) {
-        if !self.contains(name) {
-            let ino = self.ino();
-            let meta = Meta {
-                mtime,
-                ..Meta::root(S_IFDIR | (mode & 0o7777))
-            };
-            self.entry(name, ino, meta, 2, &[]);
-        }
-    }
-
-    fn entry(&mut self, name: &[u8], ino: u32, meta: Meta, nlink: u32, data: &[u8]) {
-        // Callers check sizes of host files; kiln's own entries are small.
-        let size = u32::try_from(data.len()).expect("cpio entry over 4 GiB");
-        if self.entry_start(name, ino, meta, nlink, size).is_some() {
-            self.out.extend_from_slice(data);
-            self.pad();
-        }
-    }
-
-    /// Writes the parents, the header and the name of an entry; its data
-    /// follows. Returns the header's offset, or None for the root (which
-    /// always exists and gets no entry).
-    fn entry_start(
-        &mut self,
-        name: &[u8],
-        ino: u32,
-        meta: Meta,
-        nlink: u32,
-        size: u32,
-    ) -> Option<usize> {
-        let name = normalize(name);
-        if name.is_empty() {
-            return None;
-        }
-        // Parents first: the kernel does not create missing directories.
-        for (i, _) in name.iter().enumerate().filter(|&(_, &b)| b == b'/') {
-            self.dir_at(&name[..i], 0o755, 0);
-        }
-        self.names.insert(name.to_vec(), meta.mode & S_IFMT);
-        let offset = self.out.len();
-        self.header(name, ino, meta, nlink, size);
-        Some(offset)
-    }
-
-    /// Writes a newc header and the name; the data follows 4-byte aligned.
-    fn header(&mut self, name: &[u8], ino: u32, meta: Meta, nlink: u32, size: u32) {
-        let namesize = name.len() as u32 + 1;
-        let (rmajor, rminor) = meta.rdev;
-        // ino mode uid gid nlink mtime filesize devmajor devminor rdevmajor rdevminor namesize check
-        let fields = [
-            ino, meta.mode, meta.uid, meta.gid, nlink, meta.mtime, size, 0, 0, rmajor, rminor,
-            namesize, 0,
-        ];
-        self.out.extend_from_slice(b"070701");
-        for field in fields {
-            self.out
-                .extend_from_slice(format!("{field:08x}").as_bytes());
-        }
-        self.out.extend_from_slice(name);
-        self.out.push(0);
-        self.pad();
-    }
-
-    /// The header (110 bytes) plus name, and the data, each end on a 4-byte
-    /// boundary counted from the start of the archive.
-    fn pad(&mut self) {
-        self.out.resize(self.out.len().next_multiple_of(4), 0);
-    }
-}
-
-fn normalize(name: &[u8]) -> &[u8] {
-    let start = name.iter().position(|&b| b != b'/').unwrap_or(name.len());
-    let end = name
-        .iter()
-        .rposition(|&b| b != b'/')
-        .map_or(start, |i| i + 1);
-    &name[start..end]
-}
-
-/// The guest init embedded in kiln (a static x86-64 ELF binary).
-pub fn init_binary() -> &'static [u8] {
-    INIT_BINARY
+    #[error(transparent)]
+    Cpio(#[from] CpioError),
 }
 
 /// kiln's own entries: mount points, /dev/console (the kernel opens it for
@@ -454,14 +34,6 @@ fn add_kiln_entries(cpio: &mut CpioBuilder, spec: &ExecSpec) -> Result<(), Initr
     // Root-only: the environment may carry secrets.
     cpio.file(kiln_init::SPEC_PATH, 0o400, &spec);
     Ok(())
-}
-
-/// The complete initramfs: kiln's entries plus, if given, a host directory
-/// copied to the guest's `/` (kiln's entries win on name collisions).
-/// Boot it with `rdinit=/kiln/init` (`kiln_init::INIT_PATH`).
-pub fn kiln_initramfs(spec: &ExecSpec, rootfs: Option<&Path>) -> Result<Vec<u8>, InitramfsError> {
-    let root = rootfs.map(|dir| Rootfs::Directory(dir.to_owned()));
-    kiln_initramfs_with(spec, None, root.as_ref(), usize::MAX)
 }
 
 /// kiln's entries (with `/kiln/agent` asking init for agent mode when
@@ -487,174 +59,19 @@ pub fn kiln_initramfs_with(
     Ok(cpio.finish())
 }
 
-/// Just kiln's entries, as a cpio archive to append to a user's initrd (the
-/// kernel unpacks concatenated archives, later regular files replacing
-/// earlier ones). It must start at a 4-byte aligned offset: see
-/// [`append_overlay`].
-pub fn kiln_overlay(spec: &ExecSpec) -> Result<Vec<u8>, InitramfsError> {
-    let mut cpio = CpioBuilder::new();
-    add_kiln_entries(&mut cpio, spec)?;
-    Ok(cpio.finish())
-}
-
-/// Appends kiln's overlay to a user's initrd (compressed or not), first
-/// zero-padding it to the 4-byte alignment the kernel requires of an archive
-/// start.
-pub fn append_overlay(initrd: &mut Vec<u8>, spec: &ExecSpec) -> Result<(), InitramfsError> {
-    let overlay = kiln_overlay(spec)?;
-    initrd.resize(initrd.len().next_multiple_of(4), 0);
-    initrd.extend_from_slice(&overlay);
-    Ok(())
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::os::unix::fs::{symlink, PermissionsExt};
+    use crate::cpio::tests::{find, parse, sample_tree, TempDir};
+    use std::fs;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
     use std::process::{Command, Stdio};
 
-    #[derive(Debug, Clone, PartialEq)]
-    pub(crate) struct Entry {
-        /// Lossy UTF-8; `raw_name` has the bytes.
-        pub name: String,
-        pub raw_name: Vec<u8>,
-        pub ino: u32,
-        pub mode: u32,
-        pub uid: u32,
-        pub gid: u32,
-        pub nlink: u32,
-        pub mtime: u32,
-        pub rdev: (u32, u32),
-        pub data: Vec<u8>,
-    }
-
-    /// A strict newc reader: checks magic, alignment, zero padding, NUL
-    /// terminators and that the trailer ends the archive.
-    pub(crate) fn parse(buf: &[u8]) -> Vec<Entry> {
-        let mut entries = Vec::new();
-        let mut pos = 0;
-        let pad = |p: usize| p.next_multiple_of(4);
-        loop {
-            assert_eq!(pos % 4, 0, "header at unaligned offset {pos}");
-            let h = &buf[pos..pos + 110];
-            assert_eq!(&h[..6], b"070701", "bad magic at {pos}");
-            let f = |i: usize| {
-                let s = std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap();
-                u32::from_str_radix(s, 16).unwrap()
-            };
-            let (size, namesize) = (f(6) as usize, f(11) as usize);
-            assert_eq!((f(7), f(8), f(12)), (0, 0, 0), "devmajor, devminor, check");
-            let name = &buf[pos + 110..pos + 110 + namesize];
-            assert_eq!(name.last(), Some(&0), "name not NUL-terminated");
-            let raw_name = name[..namesize - 1].to_vec();
-            assert!(!raw_name.contains(&0), "NUL inside a name");
-            let name = String::from_utf8_lossy(&raw_name).into_owned();
-            let data_start = pad(pos + 110 + namesize);
-            assert!(buf[pos + 110 + namesize..data_start]
-                .iter()
-                .all(|&b| b == 0));
-            let data = buf[data_start..data_start + size].to_vec();
-            let next = pad(data_start + size);
-            assert!(buf[data_start + size..next].iter().all(|&b| b == 0));
-            pos = next;
-            if name == "TRAILER!!!" {
-                assert_eq!(pos, buf.len(), "bytes after the trailer");
-                return entries;
-            }
-            let e = Entry {
-                name,
-                raw_name,
-                ino: f(0),
-                mode: f(1),
-                uid: f(2),
-                gid: f(3),
-                nlink: f(4),
-                mtime: f(5),
-                rdev: (f(9), f(10)),
-                data,
-            };
-            entries.push(e);
-        }
-    }
-
-    pub(crate) fn find<'a>(entries: &'a [Entry], name: &str) -> &'a Entry {
-        entries
-            .iter()
-            .find(|e| e.name == name)
-            .unwrap_or_else(|| panic!("{name} missing"))
-    }
-
-    /// A scratch directory removed on drop.
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("kiln-initramfs-{tag}-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// A host tree with the awkward cases: nesting, modes, links, a fifo
-    /// and names that collide with kiln's.
-    fn sample_tree(tag: &str) -> TempDir {
-        let t = TempDir::new(tag);
-        let p = |s: &str| t.0.join(s);
-        fs::create_dir_all(p("usr/bin")).unwrap();
-        fs::create_dir_all(p("tmp/sub")).unwrap();
-        fs::create_dir(p("kiln")).unwrap();
-        fs::write(p("usr/bin/tool"), b"#!/bin/sh\necho tool\n").unwrap();
-        fs::set_permissions(p("usr/bin/tool"), fs::Permissions::from_mode(0o4755)).unwrap();
-        fs::write(p("tmp/sub/a b"), b"x").unwrap();
-        fs::write(p("empty"), b"").unwrap();
-        fs::hard_link(p("usr/bin/tool"), p("usr/bin/tool2")).unwrap();
-        symlink("usr/bin", p("bin")).unwrap();
-        symlink("/nowhere", p("dev")).unwrap(); // kiln's /dev must win
-        fs::write(p("kiln/init"), b"not kiln's init").unwrap();
-        fs::write(p("kiln/extra"), b"kept").unwrap();
-        let fifo = std::ffi::CString::new(p("fifo").as_os_str().as_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
-        t
-    }
-
-    #[test]
-    fn writes_aligned_entries_with_parents_first() {
-        let mut cpio = CpioBuilder::new();
-        // Every name and data length mod 4, to exercise each padding case.
-        for n in 1..=8 {
-            cpio.file(format!("d/{}", "n".repeat(n)), 0o644, &vec![b'x'; n - 1]);
-        }
-        cpio.symlink("/a/b/link", "../target");
-        cpio.char_dev("dev/null", 0o666, 1, 3);
-        cpio.dir("/a/", 0o700); // already created as a parent: ignored
-        let archive = cpio.finish();
-        assert_eq!(archive.len() % 4, 0);
-        let entries = parse(&archive);
-        let names: Vec<_> = entries.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(&names[..2], ["d", "d/n"]);
-        assert_eq!(&names[9..], ["a", "a/b", "a/b/link", "dev", "dev/null"]);
-        let mut inos: Vec<_> = entries.iter().map(|e| e.ino).collect();
-        inos.dedup();
-        assert_eq!(inos.len(), entries.len(), "inode numbers must be unique");
-        assert_eq!(find(&entries, "d/nnnnn").data, b"xxxx");
-        assert_eq!(find(&entries, "a").mode, 0o40755);
-        let link = find(&entries, "a/b/link");
-        assert_eq!(
-            (link.mode, link.data.as_slice()),
-            (0o120777, &b"../target"[..])
-        );
-        let null = find(&entries, "dev/null");
-        assert_eq!(
-            (null.mode, null.rdev, null.data.len()),
-            (0o20666, (1, 3), 0)
-        );
+    /// kiln's initramfs with a directory root, as `kiln run --rootfs DIR` builds it.
+    fn kiln_initramfs(spec: &ExecSpec, root: Option<&Path>) -> Result<Vec<u8>, InitramfsError> {
+        let root = root.map(|dir| Rootfs::Directory(dir.to_owned()));
+        kiln_initramfs_with(spec, None, root.as_ref(), usize::MAX)
     }
 
     #[test]
@@ -681,13 +98,13 @@ pub(crate) mod tests {
             entries.iter().all(|e| (e.uid, e.gid) == (0, 0)),
             "root-owned"
         );
-        assert_eq!(find(&entries, "kiln/init").data, init_binary());
+        assert_eq!(find(&entries, "kiln/init").data, INIT_BINARY);
         assert_eq!(
             ExecSpec::decode(&find(&entries, "kiln/exec").data).unwrap(),
             spec
         );
         // A static ELF executable, not a placeholder.
-        let init = init_binary();
+        let init = INIT_BINARY;
         assert_eq!(&init[..4], b"\x7fELF");
         assert_eq!(
             u16::from_le_bytes([init[16], init[17]]),
@@ -700,7 +117,6 @@ pub(crate) mod tests {
             kiln_initramfs(&bad, None),
             Err(InitramfsError::Spec(_))
         ));
-        assert!(matches!(kiln_overlay(&bad), Err(InitramfsError::Spec(_))));
     }
 
     #[test]
@@ -721,7 +137,7 @@ pub(crate) mod tests {
             0o40755,
             "kiln's /dev beats the host symlink"
         );
-        assert_eq!(find(&entries, "kiln/init").data, init_binary());
+        assert_eq!(find(&entries, "kiln/init").data, INIT_BINARY);
         assert_eq!(find(&entries, "kiln/extra").data, b"kept");
         assert_eq!(find(&entries, "tmp/sub/a b").data, b"x");
         assert_eq!(find(&entries, "empty").data, b"");
@@ -742,21 +158,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_tree_past_the_limit_is_refused() {
-        let tree = sample_tree("limit");
-        fs::write(tree.0.join("usr/big"), vec![0u8; 64 << 10]).unwrap();
-        let mut cpio = CpioBuilder::with_limit(32 << 10);
-        let err = cpio.tree(&tree.0).unwrap_err();
-        assert!(
-            matches!(&err, InitramfsError::OverLimit { path, .. } if path.ends_with("usr/big")),
-            "{err}"
-        );
-        assert_eq!(err.to_string().lines().count(), 1);
-        let mut cpio = CpioBuilder::with_limit(1 << 20);
-        cpio.tree(&tree.0).unwrap();
-    }
-
-    #[test]
     fn io_errors_name_the_path() {
         let missing = Path::new("/nonexistent/kiln-rootfs");
         let err = kiln_initramfs(&ExecSpec::new(["true"]), Some(missing)).unwrap_err();
@@ -764,31 +165,6 @@ pub(crate) mod tests {
             err.to_string().starts_with("/nonexistent/kiln-rootfs: "),
             "{err}"
         );
-    }
-
-    #[test]
-    fn overlay_appends_at_an_aligned_offset() {
-        let spec = ExecSpec::new(["true"]);
-        let mut initrd = b"123456".to_vec();
-        append_overlay(&mut initrd, &spec).unwrap();
-        assert_eq!(&initrd[..8], b"123456\0\0");
-        assert_eq!(initrd[8..], kiln_overlay(&spec).unwrap());
-        assert_eq!(parse(&initrd[8..]).len(), 8);
-    }
-
-    #[test]
-    fn control_page_abi_matches_the_monitor() {
-        use kiln_devices::control as dev;
-        use kiln_init::control as guest;
-        assert_eq!(guest::PAGE_ADDR, crate::layout::CONTROL_PAGE_START);
-        assert_eq!(guest::PAGE_SIZE as u64, dev::CONTROL_PAGE_SIZE);
-        assert_eq!(guest::MAGIC, dev::MAGIC);
-        assert_eq!(guest::REG_MAGIC as u64, dev::REG_MAGIC);
-        assert_eq!(guest::REG_BOOT_TIMER as u64, dev::REG_BOOT_TIMER);
-        assert_eq!(guest::REG_EXIT as u64, dev::REG_EXIT);
-        assert_eq!(guest::STAGE_USERSPACE, dev::STAGE_USERSPACE);
-        assert_eq!(guest::EXIT_KIND_CODE, dev::EXIT_KIND_CODE);
-        assert_eq!(guest::EXIT_KIND_SIGNAL, dev::EXIT_KIND_SIGNAL);
     }
 
     fn cpio_tool() -> bool {

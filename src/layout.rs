@@ -62,3 +62,23 @@ pub const DEBUG_PORT: u16 = 0x80;
 pub const VIRTIO_IRQ_BASE: u32 = 5;
 /// IOAPIC pins available to devices.
 pub const IRQ_MAX: u32 = 23;
+
+#[cfg(test)]
+mod tests {
+    /// kiln's init (in the guest) and the control page device (in the
+    /// monitor) agree on where the page is and what it holds.
+    #[test]
+    fn control_page_abi_matches_the_monitor() {
+        use kiln_devices::control as dev;
+        use kiln_init::control as guest;
+        assert_eq!(guest::PAGE_ADDR, crate::layout::CONTROL_PAGE_START);
+        assert_eq!(guest::PAGE_SIZE as u64, dev::CONTROL_PAGE_SIZE);
+        assert_eq!(guest::MAGIC, dev::MAGIC);
+        assert_eq!(guest::REG_MAGIC as u64, dev::REG_MAGIC);
+        assert_eq!(guest::REG_BOOT_TIMER as u64, dev::REG_BOOT_TIMER);
+        assert_eq!(guest::REG_EXIT as u64, dev::REG_EXIT);
+        assert_eq!(guest::STAGE_USERSPACE, dev::STAGE_USERSPACE);
+        assert_eq!(guest::EXIT_KIND_CODE, dev::EXIT_KIND_CODE);
+        assert_eq!(guest::EXIT_KIND_SIGNAL, dev::EXIT_KIND_SIGNAL);
+    }
+}

@@ -7,6 +7,7 @@ pub mod boot;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod cpio;
 pub mod device_manager;
 pub mod error;
 pub mod event_loop;

@@ -11,7 +11,7 @@ pub const MIN_MEM_BYTES: u64 = 16 << 20;
 
 /// The RAM ranges `(start, length)` for `mem_bytes` of guest memory: one range
 /// below the 32-bit MMIO hole, and the remainder above 4 GiB.
-pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
+fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {
     if mem_bytes <= MMIO_HOLE_START {
         vec![(0, mem_bytes)]
     } else {
@@ -61,7 +61,7 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))
+    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
 }
 
 // The MP table sits in the reserved EBDA area below the legacy hole.
@@ -69,7 +69,7 @@ const _: () = assert!(MPTABLE_START < EBDA_END);
 
 /// e820 entry types.
 pub const E820_RAM: u32 = 1;
-pub const E820_RESERVED: u32 = 2;
+const E820_RESERVED: u32 = 2;
 
 /// The memory map handed to the guest: low RAM below the MP table, the
 /// conventional BIOS hole reserved, then RAM from 1 MiB (and above 4 GiB).

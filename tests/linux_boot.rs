@@ -137,7 +137,7 @@ fn own_init_from_an_initrd_runs_instead_of_kilns() {
         return;
     }
     let scratch = common::Scratch::new("own-init");
-    let mut cpio = kiln::initramfs::CpioBuilder::new();
+    let mut cpio = kiln::cpio::CpioBuilder::new();
     cpio.dir("bin", 0o755);
     cpio.dir("dev", 0o755);
     cpio.file(

@@ -6,6 +6,7 @@ use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::kernel::BootEntry;
+use super::BootError;
 use crate::error::{Error, Result};
 use crate::layout::{
     BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDPT_START, PD_COUNT, PD_START, PML4_START,
@@ -76,8 +77,11 @@ fn gdt_table() -> [u64; GDT_ENTRIES] {
 }
 
 /// Writes the GDT, an empty IDT and (for the 64-bit entry) identity page tables.
-pub fn write_boot_tables(mem: &GuestMemoryMmap, entry: BootEntry) -> Result<()> {
-    let err = |e: vm_memory::GuestMemoryError| Error::Boot(format!("writing boot tables: {e}"));
+pub fn write_boot_tables(
+    mem: &GuestMemoryMmap,
+    entry: BootEntry,
+) -> std::result::Result<(), BootError> {
+    let err = BootError::WriteTables;
     for (i, e) in gdt_table().iter().enumerate() {
         mem.write_obj(*e, GuestAddress(BOOT_GDT_START + 8 * i as u64))
             .map_err(err)?;
@@ -200,7 +204,7 @@ fn set_boot_msrs(vcpu: &VcpuFd) -> Result<()> {
         ..Default::default()
     })
     .collect();
-    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::Boot(format!("MSR list: {e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(BootError::MsrList)?;
     let set = vcpu.set_msrs(&msrs).map_err(Error::kvm("KVM_SET_MSRS"))?;
     if set != entries.len() {
         // KVM stops at the first MSR it rejects; say which one.

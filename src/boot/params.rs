@@ -10,7 +10,7 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::kernel::{BootEntry, LoadedKernel};
-use crate::error::{Error, Result};
+use super::BootError;
 use crate::layout::{CMDLINE_START, PVH_INFO_START, ZERO_PAGE_START};
 use crate::memory::{e820_map, low_ram_end};
 
@@ -36,7 +36,7 @@ pub fn load_initrd(
     kernel: &LoadedKernel,
     mem_bytes: u64,
     data: &[u8],
-) -> Result<InitrdPlacement> {
+) -> Result<InitrdPlacement, BootError> {
     let size = data.len() as u64;
     let addr_max = kernel
         .setup_header
@@ -48,15 +48,9 @@ pub fn load_initrd(
         .checked_sub(size)
         .map(|a| a & !0xfff)
         .filter(|&a| a >= kernel.end)
-        .ok_or_else(|| {
-            Error::Initramfs(format!(
-                "initramfs of {} KiB does not fit in guest memory above the kernel \
-                 (raise --mem)",
-                size >> 10
-            ))
-        })?;
+        .ok_or(BootError::InitrdTooLarge { size })?;
     mem.write_slice(data, GuestAddress(addr))
-        .map_err(|e| Error::Initramfs(format!("cannot copy into guest memory: {e}")))?;
+        .map_err(BootError::WriteInitrd)?;
     Ok(InitrdPlacement { addr, size })
 }
 
@@ -67,13 +61,11 @@ pub fn write_boot_info(
     cmdline: &Cmdline,
     initrd: Option<InitrdPlacement>,
     mem_bytes: u64,
-) -> Result<()> {
-    let cmdline = cmdline
-        .as_cstring()
-        .map_err(|e| Error::Boot(format!("kernel command line: {e}")))?;
+) -> Result<(), BootError> {
+    let cmdline = cmdline.as_cstring().map_err(BootError::Cmdline)?;
     let cmdline = cmdline.as_bytes_with_nul();
     mem.write_slice(cmdline, GuestAddress(CMDLINE_START))
-        .map_err(|e| Error::Boot(format!("writing the command line: {e}")))?;
+        .map_err(BootError::WriteCmdline)?;
     match kernel.entry {
         BootEntry::Linux64 { .. } => {
             let zp = zero_page(kernel, cmdline.len() - 1, initrd, mem_bytes)?;
@@ -81,7 +73,7 @@ pub fn write_boot_info(
         }
         BootEntry::Pvh { .. } => write_pvh_info(mem, initrd, mem_bytes),
     }
-    .map_err(|e| Error::Boot(format!("writing boot parameters: {e}")))
+    .map_err(BootError::WriteParams)
 }
 
 fn zero_page(
@@ -89,7 +81,7 @@ fn zero_page(
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
     mem_bytes: u64,
-) -> Result<boot_params> {
+) -> Result<boot_params, BootError> {
     let mut zp = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
         zp.hdr = hdr;
@@ -105,7 +97,7 @@ fn zero_page(
     }
     let map = e820_map(mem_bytes);
     if map.len() > zp.e820_table.len() {
-        return Err(Error::Boot("e820 map too long".into()));
+        return Err(BootError::E820TooLong);
     }
     for (slot, &(addr, size, type_)) in zp.e820_table.iter_mut().zip(&map) {
         *slot = boot_e820_entry {

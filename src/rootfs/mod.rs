@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use crate::initramfs::{CpioBuilder, InitramfsError};
+use crate::cpio::{CpioBuilder, CpioError};
 
 pub use scratch::scratch_copy;
 pub use tar::{append_tar, TarStats};
@@ -116,11 +116,11 @@ impl Rootfs {
 
     /// Adds a directory or tar root to `cpio` (an image adds nothing: it
     /// is a disk). Names already in `cpio` are kiln's and win.
-    pub fn pack(&self, cpio: &mut CpioBuilder) -> Result<(), InitramfsError> {
+    pub fn pack(&self, cpio: &mut CpioBuilder) -> Result<(), CpioError> {
         match self {
             Self::Directory(dir) => cpio.tree(dir),
             Self::Tar { path, gzip } => {
-                let file = File::open(path).map_err(|source| InitramfsError::Io {
+                let file = File::open(path).map_err(|source| CpioError::Io {
                     path: path.clone(),
                     source,
                 })?;
@@ -191,7 +191,7 @@ impl<R: Read> Read for Budget<R> {
 /// Whether `block` starts with a tar header: the ustar magic (POSIX
 /// "ustar\0" or GNU "ustar ") or, for old v7 archives without one, a
 /// header checksum that adds up.
-pub fn is_tar_header(block: &[u8]) -> bool {
+fn is_tar_header(block: &[u8]) -> bool {
     let Some(block) = block.get(..TAR_BLOCK) else {
         return false;
     };

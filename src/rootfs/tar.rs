@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use ::tar::EntryType;
 
-use crate::initramfs::{CpioBuilder, InitramfsError, Meta};
+use crate::cpio::{CpioBuilder, CpioError, Meta};
 
 /// The kernel's PATH_MAX: the unpacker ignores longer names.
 const PATH_MAX: usize = 4096;
@@ -54,14 +54,14 @@ pub fn append_tar(
     cpio: &mut CpioBuilder,
     archive: impl Read,
     path: &Path,
-) -> Result<TarStats, InitramfsError> {
+) -> Result<TarStats, CpioError> {
     let reserved: HashSet<Vec<u8>> = cpio.names().map(<[u8]>::to_vec).collect();
     let mut linkable: HashMap<Vec<u8>, Linkable> = HashMap::new();
     let mut stats = TarStats::default();
     // The first refused entry and why, for the warning.
     let mut first_skipped: Option<String> = None;
     let mut last_name = Vec::new();
-    let bad = |reason: String| InitramfsError::BadArchive {
+    let bad = |reason: String| CpioError::BadArchive {
         path: path.to_owned(),
         reason,
     };

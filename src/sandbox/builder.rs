@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_MEM_BYTES};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use crate::{ConsoleIo, VmHandle};
 
 /// The vsock port the agent connects to on the host.
-pub const AGENT_PORT: u32 = 1024;
+const AGENT_PORT: u32 = 1024;
 /// The guest's CID (any valid one: the device is private to the VM).
 const GUEST_CID: u64 = 3;
 /// Console bytes kept for error messages.
@@ -23,29 +23,34 @@ const CONSOLE_KEEP: usize = 64 << 10;
 /// Without a VM timeout, how long the agent may take to connect.
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Builds a [`Sandbox`]: `Sandbox::builder().kernel(..).build()`.
+/// Builds a [`Sandbox`]: `Sandbox::builder().kernel(..).build()`, or from a
+/// whole [`VmConfig`] (`SandboxBuilder::from(config)`). The VM options are the
+/// config's; the builder adds only what a sandbox needs: the agent's vsock
+/// device and port, how long to wait for the agent, the console copy, the
+/// default output limit and an interrupt flag.
 #[derive(Default)]
 pub struct SandboxBuilder {
-    kernel: Option<PathBuf>,
-    rootfs: Option<PathBuf>,
-    initrd: Option<PathBuf>,
-    memory: Option<u64>,
-    vcpus: Option<u8>,
-    timeout: Option<Duration>,
+    config: VmConfig,
     boot_timeout: Option<Duration>,
-    cmdline: Option<String>,
-    verbose: bool,
     console: Option<Box<dyn Write + Send>>,
     output_limit: Option<usize>,
     interrupt: Option<Arc<AtomicI32>>,
-    no_pvh: bool,
-    disks: Vec<DiskConfig>,
-    nets: Vec<NetConfig>,
-    rng: bool,
-    console_kind: ConsoleKind,
+}
+
+impl From<VmConfig> for SandboxBuilder {
+    fn from(config: VmConfig) -> Self {
+        Self::default().config(config)
+    }
 }
 
 impl SandboxBuilder {
+    /// Takes every VM option from `config` (replacing those set so far). It
+    /// must have no vsock device or agent port: the sandbox adds its own.
+    pub fn config(mut self, config: VmConfig) -> Self {
+        self.config = config;
+        self
+    }
+
     /// While booting, a nonzero value (a signal number) in `flag` stops the
     /// VM (outcome `Interrupted`) and `build` fails with `BootFailed`.
     pub fn interrupt_flag(mut self, flag: Arc<AtomicI32>) -> Self {
@@ -56,31 +61,31 @@ impl SandboxBuilder {
     /// Adds a virtio-blk disk (the first is /dev/vda, or /dev/vdb after an
     /// image root).
     pub fn disk(mut self, disk: DiskConfig) -> Self {
-        self.disks.push(disk);
+        self.config.disks.push(disk);
         self
     }
 
     /// Adds a virtio-net card on a host TAP (network is off without one).
     pub fn net(mut self, net: NetConfig) -> Self {
-        self.nets.push(net);
+        self.config.nets.push(net);
         self
     }
 
     /// Adds a virtio-rng device.
     pub fn rng(mut self, on: bool) -> Self {
-        self.rng = on;
+        self.config.rng = on;
         self
     }
 
     /// Which device is the guest's console (its output goes to the console ring).
     pub fn console_kind(mut self, kind: ConsoleKind) -> Self {
-        self.console_kind = kind;
+        self.config.console = kind;
         self
     }
 
     /// The guest kernel (vmlinux or bzImage); required.
     pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
-        self.kernel = Some(path.into());
+        self.config.kernel = path.into();
         self
     }
 
@@ -91,31 +96,31 @@ impl SandboxBuilder {
     /// original is never written, the copy vanishes with the VM) and every
     /// command runs inside it. See [`crate::rootfs`].
     pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
-        self.rootfs = Some(path.into());
+        self.config.rootfs = Some(path.into());
         self
     }
 
     /// A user initramfs under kiln's init.
     pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
-        self.initrd = Some(path.into());
+        self.config.initrd = Some(path.into());
         self
     }
 
     /// Guest memory in bytes (default 256 MiB).
     pub fn memory(mut self, bytes: u64) -> Self {
-        self.memory = Some(bytes);
+        self.config.mem_bytes = bytes;
         self
     }
 
     pub fn vcpus(mut self, n: u8) -> Self {
-        self.vcpus = Some(n);
+        self.config.vcpus = n;
         self
     }
 
     /// Wall-clock limit for the whole VM (boot included): when it expires
     /// the VM is stopped and every call fails with the VM's outcome.
     pub fn timeout(mut self, limit: Duration) -> Self {
-        self.timeout = Some(limit);
+        self.config.timeout = Some(limit);
         self
     }
 
@@ -127,19 +132,19 @@ impl SandboxBuilder {
 
     /// Extra kernel command-line words.
     pub fn cmdline(mut self, words: impl Into<String>) -> Self {
-        self.cmdline = Some(words.into());
+        self.config.extra_cmdline = Some(words.into());
         self
     }
 
     /// Enter a vmlinux through its PVH note when it has one (default true).
     pub fn use_pvh(mut self, on: bool) -> Self {
-        self.no_pvh = !on;
+        self.config.use_pvh = on;
         self
     }
 
     /// Let the guest kernel log to the console.
     pub fn verbose(mut self, on: bool) -> Self {
-        self.verbose = on;
+        self.config.verbose = on;
         self
     }
 
@@ -156,15 +161,44 @@ impl SandboxBuilder {
         self
     }
 
+    /// The kernel command line `build` would give the guest (the agent's
+    /// vsock device included), without booting anything.
+    pub fn kernel_cmdline(&self) -> Result<String> {
+        // The socket's path never reaches the guest.
+        let config = self.vm_config(PathBuf::from("vsock.sock"))?;
+        Ok(crate::vmm::kernel_cmdline(&config)?)
+    }
+
+    /// The VM a sandbox boots: the caller's config plus the agent's vsock
+    /// device (on `socket`) and port.
+    pub(crate) fn vm_config(&self, socket: PathBuf) -> Result<VmConfig> {
+        if self.config.kernel.as_os_str().is_empty() {
+            return Err(SandboxError::Config(
+                "no kernel given (.kernel(path))".into(),
+            ));
+        }
+        if self.config.vsock.is_some() || self.config.agent_port.is_some() {
+            return Err(SandboxError::Config(
+                "the sandbox adds its own vsock device and agent port; the config must have neither"
+                    .into(),
+            ));
+        }
+        let mut config = self.config.clone();
+        config.vsock = Some(VsockConfig {
+            cid: GUEST_CID,
+            socket,
+        });
+        config.agent_port = Some(AGENT_PORT);
+        Ok(config)
+    }
+
     /// Boots the VM and waits for its agent.
     pub fn build(self) -> Result<Sandbox> {
         let started = Instant::now();
-        let kernel = self
-            .kernel
-            .ok_or_else(|| SandboxError::Config("no kernel given (.kernel(path))".into()))?;
         let dir = TempDir::new()?;
         let socket = dir.path().join("vsock.sock");
-        let mut agent_path = socket.clone().into_os_string();
+        let config = self.vm_config(socket.clone())?;
+        let mut agent_path = socket.into_os_string();
         agent_path.push(format!("_{AGENT_PORT}"));
         // Listening before boot: the agent connects as soon as it starts.
         let listener = UnixListener::bind(&agent_path)
@@ -173,38 +207,19 @@ impl SandboxBuilder {
             .set_nonblocking(true)
             .map_err(SandboxError::io("agent socket"))?;
 
-        let mut config = VmConfig::new(kernel);
-        config.rootfs = self.rootfs;
-        config.initrd = self.initrd;
-        config.mem_bytes = self.memory.unwrap_or(DEFAULT_MEM_BYTES);
-        config.vcpus = self.vcpus.unwrap_or(1);
-        config.timeout = self.timeout;
-        config.extra_cmdline = self.cmdline;
-        config.verbose = self.verbose;
-        config.use_pvh = !self.no_pvh;
-        config.disks = self.disks;
-        config.nets = self.nets;
-        config.rng = self.rng;
-        config.console = self.console_kind;
-        config.vsock = Some(VsockConfig {
-            cid: GUEST_CID,
-            socket,
-        });
-        config.agent_port = Some(AGENT_PORT);
         let console = ConsoleRing::new(self.console);
         let io = ConsoleIo {
             output: Box::new(console.clone()),
             input: None,
         };
-        let vm = crate::spawn(config, io, started)?;
-
         // With a VM timeout and no boot timeout, the VM's own timeout ends
         // the wait (reported as the VM's outcome).
-        let limit = match (self.boot_timeout, self.timeout) {
+        let limit = match (self.boot_timeout, config.timeout) {
             (Some(b), _) => b,
             (None, Some(t)) => t + Duration::from_secs(5),
             (None, None) => DEFAULT_BOOT_TIMEOUT,
         };
+        let vm = crate::spawn(config, io, started)?;
         let deadline = started + limit;
         let stream = loop {
             match listener.accept() {

@@ -1,6 +1,6 @@
 use super::*;
-use crate::initramfs::tests::{find, parse, Entry};
-use crate::initramfs::{init_binary, kiln_initramfs_with};
+use crate::cpio::tests::{find, parse, Entry};
+use crate::initramfs::{kiln_initramfs_with, INIT_BINARY};
 use crate::rootfs::tests::TempDir;
 use crate::rootfs::{Budget, Rootfs};
 use kiln_init::spec::ExecSpec;
@@ -81,11 +81,11 @@ impl Raw {
 
 /// Converts `archive` after kiln-like entries (a "dev" and "tmp"
 /// directory, a "kiln" directory with "init" in it).
-fn convert(archive: &[u8]) -> (Result<TarStats, InitramfsError>, Vec<Entry>) {
+fn convert(archive: &[u8]) -> (Result<TarStats, CpioError>, Vec<Entry>) {
     convert_with(archive, usize::MAX)
 }
 
-fn convert_with(archive: &[u8], limit: usize) -> (Result<TarStats, InitramfsError>, Vec<Entry>) {
+fn convert_with(archive: &[u8], limit: usize) -> (Result<TarStats, CpioError>, Vec<Entry>) {
     let mut cpio = CpioBuilder::with_limit(limit);
     cpio.dir("dev", 0o755);
     cpio.dir("tmp", 0o1777);
@@ -248,7 +248,7 @@ fn the_real_initramfs_keeps_kilns_init() {
     );
     let spec = ExecSpec::new(["true"]);
     let entries = parse(&kiln_initramfs_with(&spec, Some(1024), Some(&root), 64 << 20).unwrap());
-    assert_eq!(find(&entries, "kiln/init").data, init_binary());
+    assert_eq!(find(&entries, "kiln/init").data, INIT_BINARY);
     // The agent request is kiln's too: a root cannot shadow or replace it.
     assert_eq!(find(&entries, "kiln/agent").data, b"1024");
     assert_eq!(count(&entries, "kiln/agent"), 1);
@@ -391,7 +391,7 @@ fn limits_stop_archives_that_cannot_fit() {
     let (result, _) = convert_with(&big, 256 << 10);
     let e = result.unwrap_err();
     assert!(
-        matches!(e, InitramfsError::OverLimit { limit, .. } if limit == 256 << 10),
+        matches!(e, CpioError::OverLimit { limit, .. } if limit == 256 << 10),
         "{e}"
     );
     assert!(e.to_string().contains("root.tar: big: "), "{e}");

@@ -1,4 +1,9 @@
-//! The `kiln` command line.
+//! The `kiln` command line: its arguments (here), `kiln run` ([`run`]) and
+//! what the run needs of kiln's own process ([`signals`], [`terminal`]).
+
+pub mod run;
+pub mod signals;
+pub mod terminal;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -7,9 +12,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    parse_console_kind, parse_disk, parse_duration, parse_net, parse_size, parse_vsock,
-    ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig,
+    parse_duration, parse_size, ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig,
 };
+use crate::outcome::STATUS_KILN_ERROR;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,8 +43,23 @@ Exit status: the command's own status (128+N if killed by signal N), or:
   124  --timeout expired
   125  kiln itself failed (bad option, unreadable kernel or --rootfs, no /dev/kvm, ...)";
 
+/// `kiln run`: the VM, the command, and what to do with them.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    #[command(flatten)]
+    pub command: CommandArgs,
+    /// Print the guest kernel command line this run would give the guest,
+    /// on one line, and exit without running the guest.
+    #[arg(long)]
+    pub print_cmdline: bool,
+}
+
+/// The VM options of `kiln run`: each becomes the [`VmConfig`] field of the
+/// same name (see `From<VmArgs> for VmConfig`), whichever way the VM runs.
+#[derive(Clone, Debug, clap::Args)]
+pub struct VmArgs {
     /// Guest kernel: ELF vmlinux (booted through its PVH entry when present) or bzImage.
     #[arg(long, value_name = "PATH")]
     pub kernel: PathBuf,
@@ -54,19 +74,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
     /// Extra kernel command-line words, appended after kiln's defaults.
-    #[arg(long, value_name = "STR")]
-    pub cmdline: Option<String>,
+    #[arg(long = "cmdline", value_name = "STR")]
+    pub extra_cmdline: Option<String>,
     /// Guest memory (K/M/G suffixes).
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
-    pub mem: u64,
+    #[arg(long = "mem", value_name = "SIZE", default_value = "256M", value_parser = parse_size)]
+    pub mem_bytes: u64,
     /// Number of vCPUs.
     #[arg(
-        long,
+        long = "cpus",
         value_name = "N",
         default_value_t = 1,
         allow_negative_numbers = true
     )]
-    pub cpus: u8,
+    pub vcpus: u8,
     /// Stop the VM after this long (e.g. 30s, 2m, 500ms); exit status 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
@@ -75,24 +95,24 @@ pub struct RunArgs {
     pub verbose: bool,
     /// Enter a vmlinux through its 64-bit entry even when it has a PVH note
     /// (for comparing boot paths).
-    #[arg(long)]
-    pub no_pvh: bool,
+    #[arg(long = "no-pvh", action = clap::ArgAction::SetFalse)]
+    pub use_pvh: bool,
     /// The guest console: `serial` (ttyS0) or `virtio` (hvc0, a virtio console:
     /// far fewer VM exits for bulk output). kiln's stdin and stdout are the
     /// console's input and output either way.
-    #[arg(long, value_name = "serial|virtio", default_value = "serial", value_parser = parse_console_kind)]
+    #[arg(long, value_name = "serial|virtio", default_value = "serial")]
     pub console: ConsoleKind,
     /// Add a virtio-vsock device with guest CID N (3 or more). Host programs
     /// connect to the Unix socket PATH and send `CONNECT <port>\n` to reach a
     /// guest port (kiln answers `OK <host port>\n`); guest connections to host
     /// port P go to the Unix socket PATH_P.
-    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    #[arg(long, value_name = "cid=N,socket=PATH")]
     pub vsock: Option<VsockConfig>,
     /// A raw disk image as a virtio-blk disk: PATH[,ro][,id=NAME]. Repeatable;
     /// the first is /dev/vda (/dev/vdb with an image --rootfs). ro opens the
     /// file read-only; id sets the serial (default: the file name, cut to 20
     /// bytes).
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]", value_parser = parse_disk)]
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
@@ -102,8 +122,56 @@ pub struct RunArgs {
     /// exist is created (needs root/CAP_NET_ADMIN), comes up with no address
     /// and disappears when kiln exits. MAC defaults to a stable locally
     /// administered address derived from NAME.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     pub nets: Vec<NetConfig>,
+}
+
+impl From<VmArgs> for VmConfig {
+    /// Field by field, without `..`: an option added to `VmArgs` does not
+    /// compile until it reaches the config.
+    fn from(args: VmArgs) -> Self {
+        let VmArgs {
+            kernel,
+            initrd,
+            rootfs,
+            extra_cmdline,
+            mem_bytes,
+            vcpus,
+            timeout,
+            verbose,
+            use_pvh,
+            console,
+            vsock,
+            disks,
+            rng,
+            nets,
+        } = args;
+        VmConfig {
+            kernel,
+            initrd,
+            rootfs,
+            extra_cmdline,
+            mem_bytes,
+            vcpus,
+            timeout,
+            verbose,
+            use_pvh,
+            console,
+            vsock,
+            disks,
+            rng,
+            nets,
+            // Not VM options: the command comes from `CommandArgs`, the
+            // agent's port from the sandbox.
+            command: Vec::new(),
+            agent_port: None,
+        }
+    }
+}
+
+/// What `kiln run` runs in the VM (not how the VM is built).
+#[derive(Clone, Debug, clap::Args)]
+pub struct CommandArgs {
     /// Set an environment variable for the command (repeatable).
     #[arg(short = 'e', long = "env", value_name = "KEY=VAL", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -118,30 +186,35 @@ pub struct RunArgs {
     pub user: Option<(u32, Option<u32>)>,
     /// The command kiln's init runs in the guest (default: /bin/sh).
     #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<OsString>,
+    pub argv: Vec<OsString>,
 }
 
-impl RunArgs {
-    pub fn to_config(&self) -> VmConfig {
-        VmConfig {
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            rootfs: self.rootfs.clone(),
-            extra_cmdline: self.cmdline.clone(),
-            mem_bytes: self.mem,
-            vcpus: self.cpus,
-            timeout: self.timeout,
-            command: self.command.clone(),
-            verbose: self.verbose,
-            use_pvh: !self.no_pvh,
-            console: self.console,
-            vsock: self.vsock.clone(),
-            disks: self.disks.clone(),
-            rng: self.rng,
-            nets: self.nets.clone(),
-            agent_port: None,
-        }
+/// Reports a command line clap refused, as kiln reports every error before
+/// a run: one line, status 125. `--help` and `--version` print and give 0.
+pub fn report_usage_error(e: &clap::Error) -> i32 {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return 0;
     }
+    // clap's first line, plus the next when it ends in ':'.
+    let text = e.to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut msg = lines.next().unwrap_or("invalid arguments").to_string();
+    if msg.ends_with(':') {
+        msg = format!("{msg} {}", lines.next().unwrap_or_default());
+    }
+    eprintln!("kiln: {}", msg.trim_start_matches("error: "));
+    STATUS_KILN_ERROR
+}
+
+/// kiln's log on stderr: warnings, or with -v information too; `KILN_LOG`
+/// overrides (env_logger syntax).
+pub fn init_logging(verbose: bool) {
+    let default = if verbose { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("KILN_LOG", default))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
 }
 
 fn parse_env(text: &str) -> Result<(String, String), String> {
@@ -166,6 +239,7 @@ fn parse_user(text: &str) -> Result<(u32, Option<u32>), String> {
 mod tests {
     use super::*;
     use crate::config::DEFAULT_MEM_BYTES;
+    use crate::sandbox::SandboxBuilder;
 
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let full = ["kiln", "run"].iter().chain(args).copied();
@@ -177,13 +251,78 @@ mod tests {
     #[test]
     fn defaults_and_command_after_double_dash() {
         let r = parse(&["--kernel", "vmlinux", "--", "sh", "-c", "echo 'a b'"]).unwrap();
-        let c = r.to_config();
+        assert_eq!(r.command.argv, ["sh", "-c", "echo 'a b'"]);
+        assert!(!r.print_cmdline);
+        let c = VmConfig::from(r.vm);
         assert_eq!(c.mem_bytes, DEFAULT_MEM_BYTES);
         assert_eq!(
             (c.vcpus, c.timeout, c.use_pvh, c.verbose),
             (1, None, true, false)
         );
-        assert_eq!(c.command, ["sh", "-c", "echo 'a b'"]);
+        assert_eq!(
+            c,
+            VmConfig::new("vmlinux"),
+            "the CLI's defaults are the library's"
+        );
+    }
+
+    /// Every VM option of `kiln run`, each away from its default.
+    const EVERY_VM_OPTION: &[&str] = &[
+        "--kernel=k",
+        "--initrd=i",
+        "--rootfs=r",
+        "--cmdline=ip=1",
+        "--mem=1G",
+        "--cpus=2",
+        "--timeout=30s",
+        "-v",
+        "--no-pvh",
+        "--console=virtio",
+        "--vsock=cid=3,socket=/s",
+        "--disk=d.img",
+        "--rng",
+        "--net=tap=t0",
+    ];
+
+    /// A VM option reaches its own `VmConfig` field, and the sandbox path
+    /// boots that config whole (adding only its agent device): a field
+    /// that no option sets, or that the sandbox drops, fails here.
+    #[test]
+    fn every_vm_option_reaches_the_config_both_paths_boot() {
+        let config = VmConfig::from(parse(EVERY_VM_OPTION).unwrap().vm);
+        let json = |c: &VmConfig| serde_json::to_value(c).unwrap();
+        let (set, default) = (json(&config), json(&VmConfig::default()));
+        // What `kiln run` sets apart from its VM options.
+        let not_vm_options = ["command", "agent_port"];
+        for (field, value) in default.as_object().unwrap() {
+            assert_eq!(
+                set[field] != *value,
+                !not_vm_options.contains(&field.as_str()),
+                "VmConfig::{field}: give it a `kiln run` option (VmArgs) and set it in EVERY_VM_OPTION"
+            );
+        }
+        // The sandbox path: `--vsock` is the user's device, which sends a
+        // run down the classic path instead.
+        let agent_config = VmConfig {
+            vsock: None,
+            ..config
+        };
+        let booted = SandboxBuilder::from(agent_config.clone())
+            .vm_config("/dir/vsock.sock".into())
+            .unwrap();
+        assert!(booted.agent_port.is_some());
+        assert_eq!(
+            booted.vsock.as_ref().map(|v| v.socket.as_path()),
+            Some(std::path::Path::new("/dir/vsock.sock"))
+        );
+        assert_eq!(
+            VmConfig {
+                vsock: None,
+                agent_port: None,
+                ..booted
+            },
+            agent_config
+        );
     }
 
     #[test]
@@ -207,16 +346,17 @@ mod tests {
             "--no-pvh",
         ])
         .unwrap();
-        let c = r.to_config();
+        assert!(r.command.argv.is_empty());
+        let c = VmConfig::from(r.vm);
         assert_eq!((c.mem_bytes, c.vcpus), (1 << 30, 2));
         assert_eq!(c.timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.extra_cmdline.as_deref(), Some("ip=1"));
-        assert!(c.verbose && !c.use_pvh && c.command.is_empty());
+        assert!(c.verbose && !c.use_pvh);
     }
 
     #[test]
     fn disks_and_rng() {
-        let c = parse(&[
+        let c: VmConfig = parse(&[
             "--kernel",
             "k",
             "--disk",
@@ -226,11 +366,12 @@ mod tests {
             "--rng",
         ])
         .unwrap()
-        .to_config();
+        .vm
+        .into();
         assert_eq!(c.disks.len(), 2);
         assert_eq!(c.disks[0].path, PathBuf::from("a.img"));
         assert!(c.disks[1].read_only && c.rng);
-        let c = parse(&["--kernel", "k"]).unwrap().to_config();
+        let c: VmConfig = parse(&["--kernel", "k"]).unwrap().vm.into();
         assert!(c.disks.is_empty() && !c.rng);
         let e = parse(&["--kernel", "k", "--disk", "x,bogus=1"]).unwrap_err();
         assert!(e.to_string().contains("unknown option 'bogus=1'"), "{e}");
@@ -254,13 +395,17 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            r.env,
+            r.command.env,
             [("A".into(), "1".into()), ("B".into(), "x=y".into())]
         );
-        assert_eq!((r.workdir.as_deref(), r.interactive), (Some("/tmp"), true));
-        assert_eq!(r.user, Some((1000, Some(5))));
+        let c = &r.command;
+        assert_eq!((c.workdir.as_deref(), c.interactive), (Some("/tmp"), true));
+        assert_eq!(c.user, Some((1000, Some(5))));
         assert_eq!(
-            parse(&["--kernel", "k", "--user", "7"]).unwrap().user,
+            parse(&["--kernel", "k", "--user", "7"])
+                .unwrap()
+                .command
+                .user,
             Some((7, None))
         );
         assert!(parse(&["--kernel", "k", "-e", "NOVALUE"]).is_err());
@@ -269,9 +414,9 @@ mod tests {
 
     #[test]
     fn console_and_vsock_options() {
-        let c = parse(&["--kernel", "k"]).unwrap().to_config();
+        let c: VmConfig = parse(&["--kernel", "k"]).unwrap().vm.into();
         assert_eq!((c.console, c.vsock), (ConsoleKind::Serial, None));
-        let c = parse(&[
+        let c: VmConfig = parse(&[
             "--kernel",
             "k",
             "--console",
@@ -280,7 +425,8 @@ mod tests {
             "cid=7,socket=/tmp/k.sock",
         ])
         .unwrap()
-        .to_config();
+        .vm
+        .into();
         assert_eq!(c.console, ConsoleKind::Virtio);
         assert_eq!(
             c.vsock,
@@ -302,7 +448,7 @@ mod tests {
             "tap=tap1,mac=02:00:00:00:00:01",
         ])
         .unwrap();
-        let c = r.to_config();
+        let c = VmConfig::from(r.vm);
         assert_eq!(c.nets.len(), 2);
         assert_eq!((c.nets[0].tap.as_str(), c.nets[0].mac), ("tap0", None));
         assert_eq!(c.nets[1].mac, Some([2, 0, 0, 0, 0, 1]));

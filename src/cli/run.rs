@@ -1,0 +1,235 @@
+//! `kiln run`: boot a fresh VM, run one command in it, exit with its status.
+//!
+//! The command runs through kiln's guest agent (the sandbox API) unless the
+//! agent cannot be used; then it runs the classic way, with the guest
+//! console as its stdio (see `uses_agent`).
+
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::signals::StopSignals;
+use super::terminal::{stdio_console, BootConsole, RawTerminal};
+use super::{CommandArgs, RunArgs};
+use crate::config::DEFAULT_COMMAND;
+use crate::outcome::{STATUS_KILN_ERROR, STATUS_TIMEOUT};
+use crate::sandbox::{self, ExitStatus, SandboxBuilder, SandboxError};
+use crate::{VmConfig, VmOutcome, VmStopper};
+
+/// Runs `kiln run` and returns kiln's exit status. `started` is when kiln
+/// started (the origin of the times it logs).
+pub fn run(args: RunArgs, started: Instant) -> i32 {
+    super::init_logging(args.vm.verbose);
+    let mut config = VmConfig::from(args.vm);
+    let agent = uses_agent(&config);
+    if args.print_cmdline {
+        return print_cmdline(config, agent);
+    }
+    if agent {
+        return run_with_agent(config, &args.command);
+    }
+    config.command = args.command.argv;
+    run_classic(config, started).unwrap_or_else(|e| {
+        eprintln!("kiln: {e}");
+        STATUS_KILN_ERROR
+    })
+}
+
+/// Whether the command runs through kiln's agent. It cannot with --vsock
+/// (the device is the user's) or with an initrd started by its own init
+/// (`rdinit=`: kiln's init never runs, so the guest gets no vsock device it
+/// would only probe).
+fn uses_agent(config: &VmConfig) -> bool {
+    config.vsock.is_none() && config.own_init().is_none()
+}
+
+/// Prints the kernel command line the run would give the guest, computed by
+/// the run's own code for the path it would take.
+fn print_cmdline(config: VmConfig, agent: bool) -> i32 {
+    let line = match agent {
+        true => SandboxBuilder::from(config)
+            .kernel_cmdline()
+            .map_err(|e| e.to_string()),
+        false => crate::vmm::kernel_cmdline(&config).map_err(|e| e.to_string()),
+    };
+    match line {
+        Ok(line) => {
+            println!("{line}");
+            0
+        }
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            STATUS_KILN_ERROR
+        }
+    }
+}
+
+/// The classic path: the guest console is kiln's stdin and stdout (a
+/// terminal in raw mode), the guest's own report is the status.
+fn run_classic(config: VmConfig, started: Instant) -> crate::Result<i32> {
+    let _raw = RawTerminal::enter();
+    let io = stdio_console()?;
+    // Before any thread starts, so that every thread inherits the mask.
+    let signals = StopSignals::block();
+    let vm = crate::spawn(config, io, started)?;
+    let stopper = vm.stopper();
+    signals
+        .on_signal(move |sig| stopper.stop(VmOutcome::Interrupted(sig as u8)))
+        .map_err(crate::Error::io("spawning the signal thread"))?;
+    let report = vm.wait()?;
+    if !report.outcome.is_command_exit() {
+        eprintln!("kiln: {}", report.outcome);
+    } else if let VmOutcome::Signaled(_) = report.outcome {
+        log::info!("{}", report.outcome);
+    }
+    Ok(report.outcome.exit_status())
+}
+
+/// The agent path: the command's stdout and stderr are kiln's, its stdin is
+/// kiln's with -i (else empty). The guest console goes to stderr with -v;
+/// without -v it goes to stdout until the agent is up, and is dropped after.
+fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
+    let signals = StopSignals::block();
+    // A signal stops the VM: during boot through the flag the builder
+    // watches, after it through the sandbox's stopper.
+    let interrupted = Arc::new(AtomicI32::new(0));
+    let stopper: Arc<Mutex<Option<VmStopper>>> = Arc::default();
+    let (flag, slot) = (interrupted.clone(), stopper.clone());
+    let watching = signals.on_signal(move |sig| {
+        flag.store(sig, Ordering::SeqCst);
+        if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            s.stop(VmOutcome::Interrupted(sig as u8));
+        }
+    });
+    if let Err(e) = watching {
+        eprintln!("kiln: spawning the signal thread: {e}");
+        return STATUS_KILN_ERROR;
+    }
+
+    let boot_console = BootConsole::default();
+    let console: Box<dyn Write + Send> = match config.verbose {
+        true => Box::new(io::stderr()),
+        false => Box::new(boot_console.clone()),
+    };
+    let builder = SandboxBuilder::from(config)
+        .console_output(console)
+        .interrupt_flag(interrupted.clone());
+    let sandbox = match builder.build() {
+        Ok(sandbox) => sandbox,
+        Err(SandboxError::BootFailed { outcome, .. }) => {
+            // The console has already gone to stdout (or stderr with -v).
+            if !outcome.is_command_exit() {
+                eprintln!("kiln: {outcome}");
+            }
+            return outcome.exit_status();
+        }
+        Err(e) => {
+            eprintln!("kiln: {e}");
+            return match e {
+                SandboxError::BootTimeout { .. } => STATUS_TIMEOUT,
+                _ => STATUS_KILN_ERROR,
+            };
+        }
+    };
+    boot_console.agent_up();
+    *stopper.lock().unwrap_or_else(|e| e.into_inner()) = sandbox.stopper();
+    // A signal that came between the end of boot and the line above.
+    let sig = interrupted.load(Ordering::SeqCst);
+    if let (true, Some(s)) = (sig != 0, sandbox.stopper()) {
+        s.stop(VmOutcome::Interrupted(sig as u8));
+    }
+
+    let result = sandbox
+        .spawn(command.to_sandbox_command())
+        .and_then(forward_stdio);
+    let outcome = sandbox.shutdown();
+    let sig = interrupted.load(Ordering::SeqCst);
+    match result {
+        _ if sig != 0 => {
+            eprintln!("kiln: {}", VmOutcome::Interrupted(sig as u8));
+            128 + sig
+        }
+        Ok(ExitStatus::Code(c)) => c & 0xff,
+        Ok(ExitStatus::Signal(s)) => {
+            log::info!("command killed by signal {s}");
+            128 + s
+        }
+        // The command's end was not reported: the VM's outcome says why.
+        Err(e) => match outcome {
+            Ok(Some(o)) if !o.is_command_exit() || o == VmOutcome::Exited(0) => {
+                let o = match o {
+                    VmOutcome::Exited(0) => VmOutcome::GuestReset,
+                    o => o,
+                };
+                eprintln!("kiln: {o}");
+                o.exit_status()
+            }
+            _ => {
+                eprintln!("kiln: {e}");
+                STATUS_KILN_ERROR
+            }
+        },
+    }
+}
+
+/// Copies kiln's stdin to the command (with -i) and its stdout and stderr
+/// to kiln's, until it ends.
+fn forward_stdio(mut process: sandbox::Process) -> sandbox::Result<ExitStatus> {
+    if let Some(mut stdin) = process.stdin() {
+        // Not joined: it may sit in read(0) after the command ended.
+        let _ = std::thread::Builder::new()
+            .name("kiln-stdin".into())
+            .spawn(move || copy(&mut io::stdin().lock(), &mut stdin));
+    }
+    let mut out = process.stdout().expect("taken once");
+    let mut err = process.stderr().expect("taken once");
+    let stdout = std::thread::spawn(move || copy(&mut out, &mut io::stdout()));
+    let stderr = std::thread::spawn(move || copy(&mut err, &mut io::stderr()));
+    let status = process.wait();
+    let _ = (stdout.join(), stderr.join());
+    status
+}
+
+/// Copies until end of file or an error on either side, flushing each piece.
+fn copy(from: &mut impl Read, to: &mut impl Write) {
+    let mut buf = vec![0u8; 32 << 10];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+            break;
+        }
+    }
+}
+
+impl CommandArgs {
+    /// The command's argv: CMD, or /bin/sh.
+    pub fn argv(&self) -> Vec<OsString> {
+        match self.argv.is_empty() {
+            true => vec![DEFAULT_COMMAND.into()],
+            false => self.argv.clone(),
+        }
+    }
+
+    /// The command as the sandbox runs it.
+    fn to_sandbox_command(&self) -> sandbox::Command {
+        let argv = self.argv();
+        let mut cmd = sandbox::Command::new(&argv[0]).args(&argv[1..]);
+        for (k, v) in &self.env {
+            cmd = cmd.env(k, v);
+        }
+        if let Some(w) = &self.workdir {
+            cmd = cmd.current_dir(w);
+        }
+        if let Some((uid, gid)) = self.user {
+            cmd = cmd.uid(uid);
+            if let Some(gid) = gid {
+                cmd = cmd.gid(gid);
+            }
+        }
+        if self.interactive {
+            cmd = cmd.stdin_piped();
+        }
+        cmd
+    }
+}

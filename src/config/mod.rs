@@ -1,0 +1,486 @@
+//! What a VM run is made of: [`VmConfig`], plain data that every front end
+//! (`kiln run`, the sandbox API, later a JSON file or a snapshot) produces
+//! and the VM assembly reads; the device option strings; and the parsing of
+//! human-friendly sizes and durations shared by the CLI and the library.
+
+mod option_parser;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use option_parser::OptionSyntax;
+
+/// The command kiln's init runs when none is given.
+pub const DEFAULT_COMMAND: &str = "/bin/sh";
+
+/// Default guest memory: 256 MiB.
+pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
+
+/// Everything needed to boot one VM and run one command in it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    /// ELF vmlinux (PVH entry used when present) or bzImage.
+    pub kernel: PathBuf,
+    /// A user initramfs; kiln's init is appended to it as a second archive.
+    pub initrd: Option<PathBuf>,
+    /// The root file system (see `crate::rootfs`): a directory or tar
+    /// archive packed into the initramfs next to kiln's init, or an ext2/3/4
+    /// image attached (as a scratch copy) as the first disk and switched to.
+    pub rootfs: Option<PathBuf>,
+    /// Appended to kiln's default kernel command line.
+    pub extra_cmdline: Option<String>,
+    pub mem_bytes: u64,
+    pub vcpus: u8,
+    /// Wall-clock limit for the whole VM.
+    pub timeout: Option<Duration>,
+    /// Command for kiln's init; empty means [`DEFAULT_COMMAND`].
+    pub command: Vec<OsString>,
+    /// Show the guest kernel's log on the console.
+    pub verbose: bool,
+    /// Enter a vmlinux through its PVH note when it has one (the fast path).
+    pub use_pvh: bool,
+    /// Which device is the guest's console.
+    pub console: ConsoleKind,
+    /// A virtio-vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-blk disks, in guest order (the first is vda, or vdb after an
+    /// image root).
+    pub disks: Vec<DiskConfig>,
+    /// Attach a virtio-rng device.
+    pub rng: bool,
+    /// virtio-net devices, in guest order (eth0 first).
+    pub nets: Vec<NetConfig>,
+    /// Run kiln's guest agent instead of `command`: it connects to this host
+    /// vsock port (needs `vsock`) and serves the sandbox protocol.
+    pub agent_port: Option<u32>,
+}
+
+impl Default for VmConfig {
+    /// No kernel yet; 256 MiB, one vCPU, serial console, no devices.
+    fn default() -> Self {
+        Self {
+            kernel: PathBuf::new(),
+            initrd: None,
+            rootfs: None,
+            extra_cmdline: None,
+            mem_bytes: DEFAULT_MEM_BYTES,
+            vcpus: 1,
+            timeout: None,
+            command: Vec::new(),
+            verbose: false,
+            use_pvh: true,
+            console: ConsoleKind::Serial,
+            vsock: None,
+            disks: Vec::new(),
+            rng: false,
+            nets: Vec::new(),
+            agent_port: None,
+        }
+    }
+}
+
+impl VmConfig {
+    /// The defaults with this kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The user's own init when the guest is a user initrd started by it
+    /// (`--initrd` with `--cmdline rdinit=PATH`, no `--rootfs`): kiln's init
+    /// and agent then never run, so kiln adds neither.
+    pub fn own_init(&self) -> Option<&str> {
+        if self.initrd.is_none() || self.rootfs.is_some() {
+            return None;
+        }
+        crate::boot::cmdline::user_rdinit(self.extra_cmdline.as_deref())
+    }
+}
+
+/// One `--disk PATH[,ro][,id=NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// A raw image file (or block device).
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// Serial number the guest sees (at most 20 bytes); default: the file name.
+    pub id: Option<String>,
+}
+
+/// Longest disk id virtio-blk can report.
+pub const DISK_ID_MAX: usize = 20;
+
+static DISK_SYNTAX: OptionSyntax = OptionSyntax {
+    usage: "PATH[,ro][,id=NAME]",
+    leading_value: true,
+    values: &["id"],
+    flags: &["ro"],
+};
+
+/// Parses `PATH[,ro][,id=NAME]` (options in any order; PATH cannot contain ',').
+impl FromStr for DiskConfig {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let options = DISK_SYNTAX.parse(text)?;
+        let id = match options.value("id") {
+            None => None,
+            Some(id) if id.is_empty() || id.len() > DISK_ID_MAX => {
+                return Err("id must be 1 to 20 bytes".to_string())
+            }
+            Some(id) if !id.bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err("id must be printable ASCII without spaces".to_string())
+            }
+            Some(id) => Some(id.to_string()),
+        };
+        Ok(DiskConfig {
+            path: PathBuf::from(options.leading()),
+            read_only: options.flag("ro"),
+            id,
+        })
+    }
+}
+
+/// A virtio-net device on a host TAP interface: `tap=NAME[,mac=MAC]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetConfig {
+    /// The TAP interface (in kiln's network namespace). A name that does not
+    /// exist is created (needs CAP_NET_ADMIN) and vanishes when kiln exits.
+    pub tap: String,
+    /// The guest's MAC address; None derives a stable, locally administered
+    /// one from the TAP name.
+    pub mac: Option<[u8; 6]>,
+}
+
+static NET_SYNTAX: OptionSyntax = OptionSyntax {
+    usage: "tap=NAME[,mac=MAC]",
+    leading_value: false,
+    values: &["tap", "mac"],
+    flags: &[],
+};
+
+/// Parses `tap=NAME[,mac=MAC]`.
+impl FromStr for NetConfig {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let options = NET_SYNTAX.parse(text)?;
+        let tap = options.required("tap")?;
+        kiln_devices::tap::validate_ifname(tap).map_err(|e| e.to_string())?;
+        let mac = options
+            .value("mac")
+            .map(|m| kiln_devices::virtio::net::MacAddr::parse(m).map(|m| m.0))
+            .transpose()?;
+        Ok(NetConfig {
+            tap: tap.to_string(),
+            mac,
+        })
+    }
+}
+
+/// The guest's console (/dev/console): the UART (ttyS0) or a virtio console
+/// (hvc0). The UART is present either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleKind {
+    #[default]
+    Serial,
+    Virtio,
+}
+
+/// Parses `serial` or `virtio`.
+impl FromStr for ConsoleKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "serial" => Ok(ConsoleKind::Serial),
+            "virtio" => Ok(ConsoleKind::Virtio),
+            other => Err(format!("'{other}': the console is 'serial' or 'virtio'")),
+        }
+    }
+}
+
+/// A virtio-vsock device: the guest's CID and the host Unix socket that host
+/// programs connect to (guest connections to port P go to `socket_P`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub socket: PathBuf,
+}
+
+static VSOCK_SYNTAX: OptionSyntax = OptionSyntax {
+    usage: "cid=N,socket=PATH",
+    leading_value: false,
+    values: &["cid", "socket"],
+    flags: &[],
+};
+
+/// Parses `cid=N,socket=PATH` (either order; N from 3 to 4294967294).
+impl FromStr for VsockConfig {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let options = VSOCK_SYNTAX.parse(text)?;
+        let (cid, socket) = (options.required("cid")?, options.required("socket")?);
+        let cid: u64 = cid
+            .trim()
+            .parse()
+            .map_err(|_| format!("cid '{cid}' is not a number"))?;
+        if !(3..=u64::from(u32::MAX) - 1).contains(&cid) {
+            return Err(format!(
+                "cid {cid} is reserved or too large (use 3 to {})",
+                u32::MAX - 1
+            ));
+        }
+        if socket.is_empty() {
+            return Err("socket path is empty".into());
+        }
+        Ok(VsockConfig {
+            cid,
+            socket: PathBuf::from(socket),
+        })
+    }
+}
+
+/// Parses `256M`, `1G`, `512K`, `1048576` (bytes), case-insensitive, with an
+/// optional `iB`/`B` suffix.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let lower = t.to_ascii_lowercase();
+    let stripped = lower
+        .strip_suffix("ib")
+        .or_else(|| lower.strip_suffix('b'))
+        .unwrap_or(&lower);
+    let (digits, shift) = match stripped.chars().last() {
+        Some('k') => (&stripped[..stripped.len() - 1], 10),
+        Some('m') => (&stripped[..stripped.len() - 1], 20),
+        Some('g') => (&stripped[..stripped.len() - 1], 30),
+        Some('t') => (&stripped[..stripped.len() - 1], 40),
+        _ => (stripped, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{t}' is not a size (examples: 256M, 1G, 1048576)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{t}' is too large"))
+}
+
+/// Parses `30s`, `500ms`, `2m`, `1h`, or plain seconds (`10`, `1.5`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let value: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{t}' is not a duration (examples: 30s, 500ms, 2m)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("'{t}': unknown unit '{unit}' (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs <= 0.0 || secs > 1e9 {
+        return Err(format!("'{t}' must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn own_init_needs_an_initrd_its_rdinit_and_no_rootfs() {
+        let mut c = VmConfig::new("k");
+        c.extra_cmdline = Some("rdinit=/init".into());
+        assert_eq!(c.own_init(), None, "no initrd: kiln's initramfs");
+        c.initrd = Some("i.cpio".into());
+        assert_eq!(c.own_init(), Some("/init"));
+        c.rootfs = Some("root".into());
+        assert_eq!(c.own_init(), None, "a rootfs is packed with kiln's init");
+        c.rootfs = None;
+        c.extra_cmdline = Some("quiet".into());
+        assert_eq!(c.own_init(), None);
+    }
+
+    /// The same value can be written out (a snapshot, a JSON file) and read
+    /// back whole.
+    #[test]
+    fn a_config_round_trips_through_json() {
+        let mut c = VmConfig::new("/k/vmlinux");
+        c.initrd = Some("i.cpio".into());
+        c.rootfs = Some("root.tar".into());
+        c.extra_cmdline = Some("ip=dhcp".into());
+        c.mem_bytes = 1 << 30;
+        c.vcpus = 2;
+        c.timeout = Some(Duration::from_millis(1500));
+        c.command = vec![
+            "sh".into(),
+            OsString::from(std::ffi::OsStr::from_bytes(b"\xff")),
+        ];
+        c.verbose = true;
+        c.use_pvh = false;
+        c.console = ConsoleKind::Virtio;
+        c.vsock = Some("cid=9,socket=/tmp/v".parse().unwrap());
+        c.disks = vec!["a.img,ro,id=x".parse().unwrap(), "b.img".parse().unwrap()];
+        c.rng = true;
+        c.nets = vec!["tap=t0,mac=02:00:00:00:00:01".parse().unwrap()];
+        c.agent_port = Some(1024);
+        let json = serde_json::to_string(&c).unwrap();
+        let back: VmConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, c, "{json}");
+        assert_ne!(back, VmConfig::new("/k/vmlinux"));
+
+        // A file names only what differs from the defaults; typos are refused.
+        let c: VmConfig = serde_json::from_str(r#"{"kernel": "k", "vcpus": 2}"#).unwrap();
+        assert_eq!(
+            c,
+            VmConfig {
+                vcpus: 2,
+                ..VmConfig::new("k")
+            }
+        );
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel": "k", "vcpu": 2}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `vcpu`"), "{e}");
+    }
+
+    /// --disk, --net and --vsock share one parser: the same mistake reads
+    /// the same way for each.
+    #[test]
+    fn device_options_fail_in_one_style() {
+        let unknown = [
+            DiskConfig::from_str("x,speed=1").unwrap_err(),
+            NetConfig::from_str("tap=t,speed=1").unwrap_err(),
+            VsockConfig::from_str("cid=3,socket=/s,speed=1").unwrap_err(),
+        ];
+        for (e, usage) in unknown.iter().zip([
+            "PATH[,ro][,id=NAME]",
+            "tap=NAME[,mac=MAC]",
+            "cid=N,socket=PATH",
+        ]) {
+            assert_eq!(e, &format!("unknown option 'speed=1' (expected {usage})"));
+        }
+        assert_eq!(
+            NetConfig::from_str("tap=t,tap=u").unwrap_err(),
+            "option 'tap' given twice (expected tap=NAME[,mac=MAC])"
+        );
+        assert_eq!(
+            VsockConfig::from_str("cid=3").unwrap_err(),
+            "missing socket= (expected cid=N,socket=PATH)"
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = DiskConfig::from_str("a.img").unwrap();
+        assert_eq!((d.path, d.read_only, d.id), ("a.img".into(), false, None));
+        let d = DiskConfig::from_str("/x/b.img,ro,id=roserial").unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("roserial"));
+        let d = DiskConfig::from_str("c,id=s1,ro").unwrap();
+        assert!(d.read_only && d.id.as_deref() == Some("s1"));
+        for bad in [
+            "",
+            ",ro",
+            "x,bogus=1",
+            "x,rw",
+            "x,ro=1",
+            "x,id=",
+            "x,",
+            "x,id=a b",
+        ] {
+            let e = DiskConfig::from_str(bad).unwrap_err();
+            assert_eq!(e.lines().count(), 1, "{bad}: {e}");
+        }
+        assert!(DiskConfig::from_str("x,bogus=1")
+            .unwrap_err()
+            .contains("bogus=1"));
+        assert!(DiskConfig::from_str(&format!("x,id={}", "s".repeat(21))).is_err());
+        assert!(DiskConfig::from_str(&format!("x,id={}", "s".repeat(20))).is_ok());
+    }
+
+    #[test]
+    fn net_options() {
+        let n = NetConfig::from_str("tap=tap0").unwrap();
+        assert_eq!((n.tap.as_str(), n.mac), ("tap0", None));
+        let n = NetConfig::from_str("tap=kiln1,mac=02:00:00:00:00:07").unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 7]));
+        for bad in [
+            "",
+            "tap0",
+            "mac=02:00:00:00:00:07",
+            "tap=",
+            "tap=a/b",
+            "tap=waytoolonginterfacename",
+            "tap=t,mac=zz",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,tap=u",
+            "tap=t,speed=10",
+        ] {
+            assert!(NetConfig::from_str(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("NaNs").is_err());
+    }
+
+    #[test]
+    fn vsock_and_console_options() {
+        let v = VsockConfig::from_str("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!((v.cid, v.socket), (3, PathBuf::from("/tmp/v.sock")));
+        let v = VsockConfig::from_str("socket=/a/b,cid=4294967294").unwrap();
+        assert_eq!(v.cid, 4294967294);
+        for bad in [
+            "cid=2,socket=/s",
+            "cid=0,socket=/s",
+            "cid=4294967295,socket=/s",
+            "cid=x,socket=/s",
+            "cid=3",
+            "socket=/s",
+            "cid=3,socket=",
+            "cid=3,cid=4,socket=/s",
+            "cid=3,socket=/s,port=1",
+            "3,/s",
+        ] {
+            assert!(VsockConfig::from_str(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ConsoleKind::from_str("virtio"), Ok(ConsoleKind::Virtio));
+        assert_eq!(ConsoleKind::from_str("serial"), Ok(ConsoleKind::Serial));
+        assert!(ConsoleKind::from_str("hvc").is_err());
+    }
+}

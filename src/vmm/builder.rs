@@ -1,0 +1,336 @@
+//! Builds a VM from a [`VmConfig`]: the one place where a configuration
+//! becomes guest memory, a loaded kernel and initramfs, devices, boot
+//! parameters and vCPUs, in that order. The VM is then ready to run.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_devices::virtio::block::{Block, DiskImage};
+use kiln_devices::virtio::console::{SharedWriter, VirtioConsole};
+use kiln_devices::virtio::rng::Rng;
+use kiln_devices::virtio::vsock::Vsock;
+use kiln_init::spec::ExecSpec;
+use kvm_ioctls::VcpuFd;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestMemoryMmap;
+
+use super::ConsoleIo;
+use crate::boot::params::InitrdPlacement;
+use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_COMMAND};
+use crate::console::{ConsoleOutput, PanicWatch};
+use crate::device_manager::{self, Buses, DeviceManager};
+use crate::error::{Error, Result};
+use crate::event_loop::EventLoop;
+use crate::host_profile::HostProfile;
+use crate::lifecycle::Lifecycle;
+use crate::rootfs::{self, Rootfs, RootfsError};
+use crate::vcpu::install_kick_handler;
+use crate::vm::Vm;
+use crate::{initramfs, memory};
+
+/// A VM ready for its first KVM_RUN.
+pub(crate) struct BuiltVm {
+    pub vm: Vm,
+    /// Guest RAM: must outlive every vCPU.
+    pub mem: GuestMemoryMmap,
+    pub vcpus: Vec<VcpuFd>,
+    pub buses: Buses,
+    /// Every device's host-side work and the VM's own events.
+    pub event_loop: EventLoop,
+    pub panic_watch: PanicWatch,
+}
+
+/// Builds the VM `config` describes, reporting to `life`.
+pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> Result<BuiltVm> {
+    validate(config)?;
+    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
+    let profile = HostProfile::detect();
+    let slots = virtio_slots(config, rootfs.as_ref());
+    let cmdline = build_cmdline(config, &slots, profile)?;
+    install_kick_handler()?;
+
+    // Load the guest before opening /dev/kvm, so a bad kernel, initrd or
+    // root is reported as such even on a host without KVM.
+    let mem = memory::create_guest_memory(config.mem_bytes)?;
+    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref())?;
+    let vm = Vm::new(&mem)?;
+    if usize::from(config.vcpus) > vm.max_vcpus() {
+        return Err(Error::Config(format!(
+            "--cpus {} is more than this host's KVM allows ({})",
+            config.vcpus,
+            vm.max_vcpus()
+        )));
+    }
+
+    let (output, panic_watch) = ConsoleOutput::new(io.output);
+    // The UART and a virtio console print to the same output.
+    let output = SharedWriter::new(Box::new(output));
+    let mut event_loop = EventLoop::new()?;
+    let mut devices =
+        DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
+    if let Some(input) = attach_virtio_devices(&slots, &mut devices, &output, io.input)? {
+        devices.attach_serial_input(input)?;
+    }
+    devices.watch_vm_events(life, panic_watch.clone())?;
+    let buses = devices.into_buses();
+
+    boot::params::write_boot_info(&mem, &kernel, &cmdline, initrd, config.mem_bytes)?;
+    boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
+    mptable::setup_mptable(&mem, config.vcpus)?;
+    let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
+    Ok(BuiltVm {
+        vm,
+        mem,
+        vcpus,
+        buses,
+        event_loop,
+        panic_watch,
+    })
+}
+
+fn validate(config: &VmConfig) -> Result<()> {
+    memory::validate_size(config.mem_bytes, memory::host_ram_bytes())?;
+    if config.vcpus == 0 || config.vcpus > mptable::MAX_CPUS {
+        return Err(Error::Config(format!(
+            "--cpus {} is out of range (1 to {})",
+            config.vcpus,
+            mptable::MAX_CPUS
+        )));
+    }
+    for (i, net) in config.nets.iter().enumerate() {
+        if config.nets[..i].iter().any(|n| n.tap == net.tap) {
+            return Err(Error::Config(format!(
+                "--net: TAP interface '{}' is given twice",
+                net.tap
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The guest kernel command line a VM built from `config` gets, computed as
+/// the run computes it (kiln's defaults, the host profile's words, one word
+/// per device, the user's words), without building anything: `kiln run
+/// --print-cmdline` prints it.
+pub fn kernel_cmdline(config: &VmConfig) -> Result<String> {
+    validate(config)?;
+    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
+    let slots = virtio_slots(config, rootfs.as_ref());
+    let cmdline = build_cmdline(config, &slots, HostProfile::detect())?;
+    Ok(cmdline_text(&cmdline))
+}
+
+fn cmdline_text(cmdline: &Cmdline) -> String {
+    let text = cmdline.as_cstring().map(CString::into_bytes);
+    String::from_utf8_lossy(&text.unwrap_or_default()).into_owned()
+}
+
+/// The command line for a VM with these virtio devices.
+fn build_cmdline(
+    config: &VmConfig,
+    slots: &[VirtioSlot<'_>],
+    profile: HostProfile,
+) -> Result<Cmdline> {
+    let mut device_words = Vec::with_capacity(slots.len());
+    for (index, slot) in slots.iter().enumerate() {
+        device_words.push(device_manager::virtio_mmio_word(index)?);
+        device_words.extend(slot.cmdline_word());
+    }
+    let cmdline = boot::cmdline::build(&CmdlineParts {
+        verbose: config.verbose,
+        host_additions: profile.kernel_cmdline_additions(),
+        devices: device_words,
+        user: config.extra_cmdline.as_deref(),
+    })?;
+    log::info!("kernel command line: {}", cmdline_text(&cmdline));
+    Ok(cmdline)
+}
+
+/// One virtio device of a VM; its place in [`virtio_slots`] is its MMIO
+/// window and IRQ, and the guest's name for it.
+enum VirtioSlot<'a> {
+    RootImage(&'a Path),
+    Disk(&'a DiskConfig),
+    Rng,
+    Vsock(&'a VsockConfig),
+    Net(usize, &'a NetConfig),
+    Console,
+}
+
+/// The virtio devices `config` asks for, in a stable order (the guest names
+/// them in this order: the first disk is vda). An image root comes first,
+/// so it is always vda and `--disk`s follow it. Both the command line and
+/// the attaching walk this list, so they cannot disagree.
+fn virtio_slots<'a>(config: &'a VmConfig, rootfs: Option<&'a Rootfs>) -> Vec<VirtioSlot<'a>> {
+    let mut slots = Vec::new();
+    if let Some(Rootfs::Image(path)) = rootfs {
+        slots.push(VirtioSlot::RootImage(path));
+    }
+    slots.extend(config.disks.iter().map(VirtioSlot::Disk));
+    if config.rng {
+        slots.push(VirtioSlot::Rng);
+    }
+    slots.extend(config.vsock.iter().map(VirtioSlot::Vsock));
+    slots.extend(
+        config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| VirtioSlot::Net(i, n)),
+    );
+    if config.console == ConsoleKind::Virtio {
+        slots.push(VirtioSlot::Console);
+    }
+    slots
+}
+
+impl VirtioSlot<'_> {
+    /// A command-line word the device needs besides its `virtio_mmio.device=`.
+    fn cmdline_word(&self) -> Option<String> {
+        match self {
+            Self::RootImage(_) => Some(format!(
+                "{}={}",
+                kiln_init::ROOT_PARAM,
+                rootfs::IMAGE_DEVICE
+            )),
+            // After the default console=ttyS0: the last console= is /dev/console.
+            Self::Console => Some("console=hvc0".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Creates and attaches the devices of `slots`, in order. With a virtio
+/// console, kiln's input and output become the guest's /dev/console (hvc0)
+/// and the UART gets no input. Returns the input the UART should read.
+fn attach_virtio_devices(
+    slots: &[VirtioSlot<'_>],
+    devices: &mut DeviceManager<'_>,
+    output: &SharedWriter,
+    mut input: Option<File>,
+) -> Result<Option<File>> {
+    use kiln_devices::virtio::net::{MacAddr, Net};
+    for slot in slots {
+        match *slot {
+            VirtioSlot::RootImage(path) => {
+                // Unnamed: closing it (when the VM ends, whatever way) deletes it.
+                let copy = rootfs::scratch_copy(path).map_err(|source| RootfsError::Copy {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
+                    .map_err(Error::RootfsImage)?;
+                let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+                devices.attach_virtio(block)?;
+            }
+            VirtioSlot::Disk(disk) => {
+                let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())?;
+                let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+                devices.attach_virtio(block)?;
+            }
+            VirtioSlot::Rng => {
+                let rng = Rng::new().map_err(Error::io("creating the virtio-rng device"))?;
+                devices.attach_virtio(rng)?;
+            }
+            VirtioSlot::Vsock(v) => {
+                let vsock = Vsock::new(v.cid, &v.socket)?;
+                devices.attach_virtio(vsock)?;
+            }
+            VirtioSlot::Net(i, net) => {
+                let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))?;
+                log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
+                devices.attach_virtio(dev)?;
+            }
+            VirtioSlot::Console => {
+                let console = VirtioConsole::new(Box::new(output.clone()), input.take())
+                    .map_err(Error::device_io("virtio console"))?;
+                devices.attach_virtio(console)?;
+            }
+        }
+    }
+    Ok(input)
+}
+
+/// Puts the kernel and the initramfs into guest memory. A kernel that is
+/// not Linux (a tiny test guest) gets no initramfs unless one was asked for:
+/// building and copying kiln's 1 MB init archive is most of kiln's own
+/// start-up work.
+fn load_kernel_and_initramfs(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    rootfs: Option<&Rootfs>,
+) -> Result<(LoadedKernel, Option<InitrdPlacement>)> {
+    let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
+    log::debug!("kernel entry {:?}", kernel.entry);
+    if !kernel.is_linux && config.initrd.is_none() && config.rootfs.is_none() {
+        return Ok((kernel, None));
+    }
+
+    let spec = exec_spec(config)?;
+    // The kernel unpacks concatenated archives: a user initrd first, then
+    // kiln's (its entries and a directory or tar root), starting 4-aligned.
+    let mut initramfs = match &config.initrd {
+        Some(path) => std::fs::read(path).map_err(|source| Error::ReadFile {
+            what: "initrd",
+            path: path.clone(),
+            source,
+        })?,
+        None => Vec::new(),
+    };
+    // A user initrd started by its own init (`--cmdline rdinit=...`) never
+    // runs kiln's: the guest is spared unpacking kiln's 1 MB archive.
+    if let Some(init) = config.own_init() {
+        log::info!("initrd started by its own init {init}: kiln's init not added");
+        let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
+        return Ok((kernel, Some(initrd)));
+    }
+    initramfs.resize(initramfs.len().next_multiple_of(4), 0);
+    let limit = usize::try_from(config.mem_bytes).unwrap_or(usize::MAX);
+    let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)?;
+    initramfs.extend_from_slice(&kiln_archive);
+    let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
+    Ok((kernel, Some(initrd)))
+}
+
+fn exec_spec(config: &VmConfig) -> Result<ExecSpec> {
+    let argv: Vec<Vec<u8>> = if config.command.is_empty() {
+        vec![DEFAULT_COMMAND.into()]
+    } else {
+        config
+            .command
+            .iter()
+            .map(|a| a.as_bytes().to_vec())
+            .collect()
+    };
+    let spec = ExecSpec::new(argv);
+    spec.validate()
+        .map_err(|e| Error::Config(format!("command: {e}")))?;
+    Ok(spec)
+}
+
+fn create_vcpus(
+    config: &VmConfig,
+    vm: &Vm,
+    profile: HostProfile,
+    entry: boot::BootEntry,
+) -> Result<Vec<kvm_ioctls::VcpuFd>> {
+    let supported = vm.supported_cpuid()?;
+    (0..config.vcpus)
+        .map(|id| {
+            let fd = vm.create_vcpu(id)?;
+            let mut cpuid = supported.clone();
+            boot::cpuid::configure_vcpu_cpuid(&mut cpuid, id, config.vcpus, profile);
+            fd.set_cpuid2(&cpuid)
+                .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+            boot::cpu_state::setup_common_vcpu(&fd)?;
+            if id == 0 {
+                boot::cpu_state::setup_boot_vcpu(&fd, entry)?;
+            }
+            Ok(fd)
+        })
+        .collect()
+}
