@@ -450,43 +450,31 @@ fn qemu_guest(row: &str, argv: &[String]) -> (Guest, String) {
             "-append" => line = value,
             "-serial" if value == "stdio" => guest.devices.push("serial ttyS0 on stdio".into()),
             "-drive" => {
-                let props = properties(&value);
-                for (k, v) in &props {
-                    let known = match k.as_str() {
-                        "file" | "id" => true,
-                        // kiln's disks are raw files, through the host page
-                        // cache (buffered I/O); QEMU's are the same.
-                        "format" => v == "raw",
-                        "if" => v == "none",
-                        "cache" => v == "writeback",
-                        "aio" => v == "threads",
-                        _ => false,
-                    };
-                    assert!(
-                        known,
-                        "{row}: QEMU -drive property {k}={v} has no kiln counterpart"
-                    );
-                }
+                // kiln's disks are raw files it reads and writes through the
+                // host page cache (buffered I/O); QEMU's the same.
+                let props = checked_properties(row, "-drive", &value, |k, v| {
+                    matches!(
+                        (k, v),
+                        ("file" | "id", _)
+                            | ("format", "raw")
+                            | ("if", "none")
+                            | ("cache", "writeback")
+                            | ("aio", "threads")
+                    )
+                });
                 drives.insert(props["id"].clone(), props["file"].clone());
             }
             "-netdev" => {
                 let (kind, rest) = value.split_once(',').unwrap_or((&value, ""));
                 assert_eq!(kind, "tap", "{row}: QEMU -netdev {value}");
-                let props = properties(rest);
-                for (k, v) in &props {
-                    let known = match k.as_str() {
-                        "id" | "ifname" => true,
-                        // kiln opens the TAP itself, and its virtio-net
-                        // backend is in user space (no vhost-net).
-                        "script" | "downscript" => v == "no",
-                        "vhost" => v == "off",
-                        _ => false,
-                    };
-                    assert!(
-                        known,
-                        "{row}: QEMU -netdev property {k}={v} has no kiln counterpart"
-                    );
-                }
+                // kiln opens the TAP itself, and its virtio-net backend is in
+                // user space (no vhost-net).
+                let props = checked_properties(row, "-netdev", rest, |k, v| {
+                    matches!(
+                        (k, v),
+                        ("id" | "ifname", _) | ("script" | "downscript", "no") | ("vhost", "off")
+                    )
+                });
                 netdevs.insert(props["id"].clone(), props["ifname"].clone());
             }
             "-device" => {
@@ -532,6 +520,23 @@ fn check_options(row: &str, opt: &str, value: &str, base: &str, named: &[(&str, 
             assert!(given.contains(n), "{row}: QEMU {opt} lacks {n} ({why})");
         }
     }
+}
+
+/// `k=v,k=v` as a map, each property checked with `known`.
+fn checked_properties(
+    row: &str,
+    opt: &str,
+    text: &str,
+    known: fn(&str, &str) -> bool,
+) -> BTreeMap<String, String> {
+    let props = properties(text);
+    for (k, v) in &props {
+        assert!(
+            known(k, v),
+            "{row}: QEMU {opt} property {k}={v} has no kiln counterpart"
+        );
+    }
+    props
 }
 
 /// `k=v,k=v` as a map.

@@ -656,12 +656,18 @@ dry_run_rows() {
         echo "qemu argv: $(printf '%q ' "${qemu_cmd[@]}")"
         [ ${#row_prefix[@]} -eq 0 ] || echo "both run under: ${row_prefix[*]}"
         echo "kiln cmdline (--print-cmdline): $kiln_line"
-        capture "$row" kiln || echo "kiln cpuid: not captured"
-        capture "$row" qemu || echo "qemu cpuid: not captured"
+        local captured=1 mon
+        for mon in kiln qemu; do
+            capture "$row" $mon && continue
+            captured=0
+            echo "$mon cpuid: not captured: $(head -c 300 "$work/capture-$row-$mon.err")"
+        done
         echo "kiln cmdline (logged by its run): $(logged_kiln_line "$row")"
         echo "qemu cmdline: $qemu_line"
-        echo "kvm features (cpuid 0x40000001.0 eax): kiln=$(cpuid_reg "$work/cpuid-$row-kiln.txt" 0x40000001.0 eax) qemu=$(cpuid_reg "$work/cpuid-$row-qemu.txt" 0x40000001.0 eax)"
-        cpuid_diff "$work/cpuid-$row-kiln.txt" "$work/cpuid-$row-qemu.txt" | sed 's/^/cpuid differs: /'
+        if [ "$captured" = 1 ]; then
+            echo "kvm features (cpuid 0x40000001.0 eax): kiln=$(cpuid_reg "$work/cpuid-$row-kiln.txt" 0x40000001.0 eax) qemu=$(cpuid_reg "$work/cpuid-$row-qemu.txt" 0x40000001.0 eax)"
+            cpuid_diff "$work/cpuid-$row-kiln.txt" "$work/cpuid-$row-qemu.txt" | sed 's/^/cpuid differs: /'
+        fi
         [ "$row" = net ] && net_ns_down
     done
     return 0
