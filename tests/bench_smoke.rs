@@ -204,7 +204,6 @@ const KVM_PV_HIDDEN_BITS: [u32; 3] = [7, 11, 13];
 
 #[test]
 fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
-    let kernel = guest_kernel("vmlinux");
     if !(require(have_kvm(), "/dev/kvm not accessible")
         && require(
             have_program("gcc"),
@@ -219,7 +218,7 @@ fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
             "busybox or cpio missing (resources/setup.sh installs them)",
         )
         && require(
-            kernel.is_some(),
+            guest_kernel("vmlinux").is_some(),
             "guest kernel missing (run resources/setup.sh)",
         )
         && require(
