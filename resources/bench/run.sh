@@ -212,8 +212,11 @@ words_minus() {
 # on hardware KVM): kiln's line minus the line it gives with the hardware
 # profile. The conventional QEMU boot (command section) needs them too, and
 # kiln adds them exactly when it also hides KVM paravirt features (PVM).
-host_words=$(words_minus "$(print_cmdline "$kiln" run --kernel "$tiny")" \
-                         "$(print_cmdline env KILN_HOST_PROFILE=hardware "$kiln" run --kernel "$tiny")")
+# (Two assignments of their own: a failure inside a nested $(...) would pass
+# unseen.)
+line_here=$(print_cmdline "$kiln" run --kernel "$tiny")
+line_hardware=$(print_cmdline env KILN_HOST_PROFILE=hardware "$kiln" run --kernel "$tiny")
+host_words=$(words_minus "$line_here" "$line_hardware")
 
 # ------------------------------------------------------------------- helpers
 # record METRIC MONITOR VALUE: one sample.
