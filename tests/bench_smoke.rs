@@ -1,15 +1,20 @@
-//! Smoke test of the benchmark driver: `resources/bench/run.sh --quick --only
-//! exits,startup` (the parts that need no Linux guest) runs to the end and
-//! writes BENCHMARKS.md and BENCHMARKS.json with numbers in them. It makes no
-//! assertion about the numbers themselves: timings depend on the host.
+//! Smoke tests of the benchmark driver, resources/bench/run.sh:
+//! - `--quick --only exits,startup` (the parts that need no Linux guest) runs
+//!   to the end and writes BENCHMARKS.md and BENCHMARKS.json with numbers in
+//!   them. No assertion about the numbers themselves: timings depend on the host.
+//! - `--dry-run`: in the identical-input rows (boot, disk, net) kiln and QEMU
+//!   get the same guest: kernel, initramfs, memory, vCPUs, devices, kernel
+//!   command line word for word, and the KVM paravirt features kiln hides.
+//!   Every difference between the two invocations is named below with why.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::{have_kvm, have_program, require};
+use common::{guest_kernel, have_kvm, have_program, is_root, require, Scratch};
 
 /// Metrics of the two quick sections that kiln must have a number for.
 const KILN_METRICS: [&str; 7] = [
@@ -120,4 +125,485 @@ fn kiln_median(json: &str, id: &str) -> Option<f64> {
         .take_while(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | 'e' | 'E' | '+'))
         .collect();
     number.parse().ok()
+}
+
+/// The rows whose two sides must match.
+const IDENTICAL_ROWS: [&str; 3] = ["boot", "disk", "net"];
+
+/// QEMU microvm options the identical-input rows may use, each with why (none
+/// of them changes what the guest is given besides what kiln has too).
+const QEMU_MACHINE_OPTIONS: [(&str, &str); 6] = [
+    (
+        "x-option-roms=off",
+        "no firmware option ROMs: kiln loads the kernel itself",
+    ),
+    ("rtc=off", "kiln has no RTC"),
+    (
+        "acpi=off",
+        "no ACPI in kiln; microvm then writes an MP table, as kiln does",
+    ),
+    ("ioapic2=off", "one IO-APIC, as kiln has"),
+    (
+        "kernel-irqchip=on",
+        "PIC, IO-APIC and PIT in KVM, as kiln creates them",
+    ),
+    (
+        "auto-kernel-cmdline=off",
+        "the command line is kiln's, word for word",
+    ),
+];
+
+/// `-cpu` properties QEMU may get, each with why: together they make QEMU's
+/// CPUID kiln's where QEMU can express it.
+const QEMU_CPU_OPTIONS: [(&str, &str); 10] = [
+    ("host", "kiln passes KVM's supported CPUID"),
+    (
+        "migratable=off",
+        "features QEMU holds back for migration, which kiln passes",
+    ),
+    (
+        "host-cache-info=on",
+        "the host's cache leaves, as kiln passes them",
+    ),
+    (
+        "vmware-cpuid-freq=off",
+        "no TSC frequency leaf: kiln adds none",
+    ),
+    (
+        "model-id=",
+        "the empty brand string KVM reports and kiln passes",
+    ),
+    (
+        "+topoext",
+        "extended topology bit, which kiln passes where the host has it",
+    ),
+    (
+        "-arch-capabilities",
+        "PVM: QEMU aborts setting MSR 0x10a otherwise",
+    ),
+    ("kvm-pv-unhalt=off", "kiln's PVM profile hides PV_UNHALT"),
+    ("kvm-pv-ipi=off", "kiln's PVM profile hides PV_SEND_IPI"),
+    (
+        "kvm-pv-sched-yield=off",
+        "kiln's PVM profile hides PV_SCHED_YIELD",
+    ),
+];
+
+/// QEMU options that add nothing to the guest: no device, no firmware, no UI.
+/// `-name ...,debug-threads=on` names QEMU's vCPU thread for the idle-CPU split.
+const QEMU_NEUTRAL_FLAGS: [&str; 3] = ["-enable-kvm", "-nodefaults", "-no-user-config"];
+const QEMU_NEUTRAL_OPTIONS: [(&str, &str); 3] = [
+    ("-display", "none"),
+    ("-monitor", "none"),
+    ("-name", "kilnbench,debug-threads=on"),
+];
+
+/// KVM paravirt feature bits (CPUID 0x4000_0001 EAX) kiln's PVM profile
+/// hides: PV_UNHALT, PV_SEND_IPI, PV_SCHED_YIELD.
+const KVM_PV_HIDDEN_BITS: [u32; 3] = [7, 11, 13];
+
+#[test]
+fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
+    if !(require(have_kvm(), "/dev/kvm not accessible")
+        && require(
+            have_program("gcc"),
+            "gcc missing (resources/setup.sh installs it)",
+        )
+        && require(
+            have_program("qemu-system-x86_64"),
+            "qemu-system-x86_64 missing (resources/setup.sh installs it)",
+        )
+        && require(
+            have_program("busybox") && have_program("cpio"),
+            "busybox or cpio missing (resources/setup.sh installs them)",
+        )
+        && require(
+            guest_kernel("vmlinux").is_some(),
+            "guest kernel missing (run resources/setup.sh)",
+        )
+        && require(
+            is_root() && have_program("ip"),
+            "the net row needs root and ip (a network namespace)",
+        ))
+    {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let scratch = Scratch::new("bench-dry");
+    let result = Command::new("bash")
+        .arg(root.join("resources/bench/run.sh"))
+        .args(["--dry-run", "--only", "boot,disk,net"])
+        .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
+        .env("KILN_BENCH_WORK", scratch.path("work"))
+        .output()
+        .expect("running resources/bench/run.sh --dry-run");
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        result.status.success(),
+        "run.sh --dry-run failed ({}):\n{stdout}\n{stderr}",
+        result.status
+    );
+    eprintln!("{stdout}");
+    let rows = parse_dry_run(&stdout);
+    for name in IDENTICAL_ROWS {
+        let row = rows
+            .get(name)
+            .unwrap_or_else(|| panic!("no '{name}' row in the dry run:\n{stdout}"));
+        check_row(name, row);
+    }
+}
+
+/// One row of the dry run: its `key: value` lines (repeated keys in order).
+type Row = BTreeMap<String, Vec<String>>;
+
+fn parse_dry_run(text: &str) -> BTreeMap<String, Row> {
+    let mut rows = BTreeMap::new();
+    let mut current: Option<(String, Row)> = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("== ") {
+            rows.extend(current.take());
+            current = Some((name.trim().to_string(), Row::new()));
+        } else if let (Some((_, row)), Some((key, value))) =
+            (current.as_mut(), line.split_once(": "))
+        {
+            row.entry(key.to_string())
+                .or_default()
+                .push(value.to_string());
+        }
+    }
+    rows.extend(current);
+    rows
+}
+
+fn one<'a>(row_name: &str, row: &'a Row, key: &str) -> &'a str {
+    match row.get(key).map(Vec::as_slice) {
+        Some([value]) => value,
+        other => panic!("{row_name}: expected one '{key}' line, got {other:?}"),
+    }
+}
+
+/// What a monitor's invocation gives the guest.
+#[derive(Debug, Default, PartialEq)]
+struct Guest {
+    kernel: String,
+    initrd: String,
+    mem: String,
+    cpus: String,
+    /// In the order the guest finds them (the virtio transports' order).
+    devices: Vec<String>,
+}
+
+fn check_row(name: &str, row: &Row) {
+    let kiln_argv = shell_words(one(name, row, "kiln argv"));
+    let qemu_argv = shell_words(one(name, row, "qemu argv"));
+    let (kiln, user_words) = kiln_guest(name, &kiln_argv);
+    let (qemu, qemu_line) = qemu_guest(name, &qemu_argv);
+    assert_eq!(
+        kiln, qemu,
+        "{name}: kiln's guest (left) and QEMU's (right) differ"
+    );
+
+    // kiln runs the guest the classic way (console on stdio, nothing of its
+    // own added) only for an initrd started by its own init.
+    assert!(
+        !kiln.initrd.is_empty()
+            && user_words
+                .split_whitespace()
+                .any(|w| w.starts_with("rdinit=")),
+        "{name}: kiln's initrd must start its own init (--initrd and --cmdline rdinit=...)"
+    );
+
+    // kiln's command line: what --print-cmdline said is what its run logged.
+    let printed = one(name, row, "kiln cmdline (--print-cmdline)");
+    let logged = one(name, row, "kiln cmdline (logged by its run)");
+    assert_eq!(
+        printed, logged,
+        "{name}: kiln --print-cmdline vs the line its run logged"
+    );
+    assert_eq!(
+        qemu_line,
+        one(name, row, "qemu cmdline"),
+        "{name}: QEMU's -append"
+    );
+    let kiln_words: Vec<&str> = printed.split_whitespace().collect();
+    let qemu_words: Vec<&str> = qemu_line.split_whitespace().collect();
+    assert_eq!(
+        kiln_words.len(),
+        qemu_words.len(),
+        "{name}: command lines differ in length:\nkiln: {printed}\nqemu: {qemu_line}"
+    );
+    for (k, q) in kiln_words.iter().zip(&qemu_words) {
+        // The one difference allowed: where each monitor put a virtio device.
+        let both_virtio =
+            k.starts_with("virtio_mmio.device=") && q.starts_with("virtio_mmio.device=");
+        assert!(
+            k == q || both_virtio,
+            "{name}: kiln's word '{k}' vs QEMU's '{q}':\nkiln: {printed}\nqemu: {qemu_line}"
+        );
+    }
+    let virtio_devices = kiln
+        .devices
+        .iter()
+        .filter(|d| d.starts_with("virtio-"))
+        .count();
+    let virtio_words = kiln_words
+        .iter()
+        .filter(|w| w.starts_with("virtio_mmio.device="))
+        .count();
+    assert_eq!(
+        virtio_words, virtio_devices,
+        "{name}: kiln's command line names {virtio_words} virtio devices, its options ask for {virtio_devices}"
+    );
+    assert!(
+        kiln_words.ends_with(&user_words.split_whitespace().collect::<Vec<_>>()),
+        "{name}: kiln's --cmdline words must end its command line"
+    );
+
+    // CPUID: the KVM paravirt features kiln hides, QEMU hides too.
+    let features = one(name, row, "kvm features (cpuid 0x40000001.0 eax)");
+    let value = |side: &str| -> u32 {
+        let text = features
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{side}=")))
+            .unwrap_or_else(|| panic!("{name}: no {side} value in '{features}'"));
+        u32::from_str_radix(text.trim_start_matches("0x"), 16)
+            .unwrap_or_else(|e| panic!("{name}: {side} CPUID value '{text}': {e}"))
+    };
+    let (kiln_eax, qemu_eax) = (value("kiln"), value("qemu"));
+    for bit in KVM_PV_HIDDEN_BITS {
+        assert_eq!(
+            kiln_eax >> bit & 1,
+            qemu_eax >> bit & 1,
+            "{name}: KVM paravirt feature bit {bit} (CPUID 0x40000001 EAX): kiln {kiln_eax:#x}, QEMU {qemu_eax:#x}"
+        );
+    }
+}
+
+/// kiln's guest from `kiln run ...`, and its `--cmdline` words.
+fn kiln_guest(row: &str, argv: &[String]) -> (Guest, String) {
+    assert_eq!(
+        argv.get(1).map(String::as_str),
+        Some("run"),
+        "{row}: {argv:?}"
+    );
+    // kiln's UART is always there as ttyS0; for an initrd started by its own
+    // init (checked by the caller) it is kiln's stdin and stdout.
+    let mut guest = Guest {
+        cpus: "1".into(),
+        devices: vec!["serial ttyS0 on stdio".into()],
+        ..Default::default()
+    };
+    let mut user = String::new();
+    let mut args = argv[2..].iter();
+    while let Some(opt) = args.next() {
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| panic!("{row}: kiln {opt} without a value"))
+                .clone()
+        };
+        match opt.as_str() {
+            "--kernel" => guest.kernel = value(),
+            "--initrd" => guest.initrd = value(),
+            "--mem" => guest.mem = value(),
+            "--cpus" => guest.cpus = value(),
+            "--cmdline" => user = value(),
+            "--disk" => guest.devices.push(format!("virtio-blk {}", value())),
+            "--net" => guest.devices.push(format!("virtio-net {}", value())),
+            other => panic!(
+                "{row}: kiln option '{other}' has no QEMU counterpart in this check; name one here"
+            ),
+        }
+    }
+    (guest, user)
+}
+
+/// QEMU's guest from its invocation, and its `-append` line. Every option
+/// is either part of the guest (compared with kiln's) or named above.
+fn qemu_guest(row: &str, argv: &[String]) -> (Guest, String) {
+    let mut guest = Guest {
+        cpus: "1".into(),
+        ..Default::default()
+    };
+    let mut line = String::new();
+    let mut drives = BTreeMap::new();
+    let mut netdevs = BTreeMap::new();
+    let mut args = argv[1..].iter();
+    while let Some(opt) = args.next() {
+        if QEMU_NEUTRAL_FLAGS.contains(&opt.as_str()) {
+            continue;
+        }
+        let value = args
+            .next()
+            .unwrap_or_else(|| panic!("{row}: QEMU {opt} without a value"))
+            .clone();
+        match opt.as_str() {
+            "-M" | "-machine" => {
+                check_options(row, "-M", &value, "microvm", &QEMU_MACHINE_OPTIONS, true)
+            }
+            "-cpu" => check_options(row, "-cpu", &value, "host", &QEMU_CPU_OPTIONS, false),
+            "-kernel" => guest.kernel = value,
+            "-initrd" => guest.initrd = value,
+            "-m" => guest.mem = value,
+            "-smp" => guest.cpus = value,
+            "-append" => line = value,
+            "-serial" if value == "stdio" => guest.devices.push("serial ttyS0 on stdio".into()),
+            "-drive" => {
+                // kiln's disks are raw files it reads and writes through the
+                // host page cache (buffered I/O); QEMU's the same.
+                let props = checked_properties(row, "-drive", &value, |k, v| {
+                    matches!(
+                        (k, v),
+                        ("file" | "id", _)
+                            | ("format", "raw")
+                            | ("if", "none")
+                            | ("cache", "writeback")
+                            | ("aio", "threads")
+                    )
+                });
+                drives.insert(props["id"].clone(), props["file"].clone());
+            }
+            "-netdev" => {
+                let (kind, rest) = value.split_once(',').unwrap_or((&value, ""));
+                assert_eq!(kind, "tap", "{row}: QEMU -netdev {value}");
+                // kiln opens the TAP itself, and its virtio-net backend is in
+                // user space (no vhost-net).
+                let props = checked_properties(row, "-netdev", rest, |k, v| {
+                    matches!(
+                        (k, v),
+                        ("id" | "ifname", _) | ("script" | "downscript", "no") | ("vhost", "off")
+                    )
+                });
+                netdevs.insert(props["id"].clone(), props["ifname"].clone());
+            }
+            "-device" => {
+                let (kind, rest) = value.split_once(',').unwrap_or((&value, ""));
+                let props = properties(rest);
+                let device = match (kind, props.len()) {
+                    ("virtio-blk-device", 1) => format!("virtio-blk {}", drives[&props["drive"]]),
+                    ("virtio-net-device", 1) => {
+                        format!("virtio-net tap={}", netdevs[&props["netdev"]])
+                    }
+                    _ => {
+                        panic!("{row}: QEMU -device {value} has no kiln counterpart in this check")
+                    }
+                };
+                guest.devices.push(device);
+            }
+            other => {
+                let neutral = QEMU_NEUTRAL_OPTIONS.contains(&(other, value.as_str()));
+                assert!(
+                    neutral,
+                    "{row}: QEMU option '{other} {value}' is not named in this check"
+                );
+            }
+        }
+    }
+    (guest, line)
+}
+
+/// Checks `value` (`BASE,opt,opt...`) against the named options: each must be
+/// one of them, and with `all` every one of them must be there.
+fn check_options(row: &str, opt: &str, value: &str, base: &str, named: &[(&str, &str)], all: bool) {
+    let mut words = value.split(',');
+    assert_eq!(words.next(), Some(base), "{row}: QEMU {opt} {value}");
+    let given: Vec<&str> = words.collect();
+    for word in &given {
+        assert!(
+            named.iter().any(|(n, _)| n == word),
+            "{row}: QEMU {opt} ...,{word} is not named in this check (QEMU {opt} {value})"
+        );
+    }
+    if all {
+        for (n, why) in named {
+            assert!(given.contains(n), "{row}: QEMU {opt} lacks {n} ({why})");
+        }
+    }
+}
+
+/// `k=v,k=v` as a map, each property checked with `known`.
+fn checked_properties(
+    row: &str,
+    opt: &str,
+    text: &str,
+    known: fn(&str, &str) -> bool,
+) -> BTreeMap<String, String> {
+    let props = properties(text);
+    for (k, v) in &props {
+        assert!(
+            known(k, v),
+            "{row}: QEMU {opt} property {k}={v} has no kiln counterpart"
+        );
+    }
+    props
+}
+
+/// `k=v,k=v` as a map.
+fn properties(text: &str) -> BTreeMap<String, String> {
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// Splits a line of words quoted by bash's `printf %q`: backslash escapes
+/// and single quotes (run.sh's words hold no control characters, which %q
+/// would write as $'...').
+fn shell_words(line: &str) -> Vec<String> {
+    assert!(
+        !line.contains("$'"),
+        "$'...' quoting is not handled: {line}"
+    );
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                word.extend(chars.next());
+                in_word = true;
+            }
+            '\'' => {
+                word.extend(chars.by_ref().take_while(|&c| c != '\''));
+                in_word = true;
+            }
+            c if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            c => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+#[test]
+fn shell_words_undoes_printf_q() {
+    let words =
+        shell_words(r"/a/b run --cmdline rdinit=/init\ bench_idle=1 -M microvm\,rtc=off '' a\'b");
+    assert_eq!(
+        words,
+        [
+            "/a/b",
+            "run",
+            "--cmdline",
+            "rdinit=/init bench_idle=1",
+            "-M",
+            "microvm,rtc=off",
+            "",
+            "a'b"
+        ]
+    );
 }

@@ -1,9 +1,17 @@
 /*
- * first-run.so: an LD_PRELOAD shim for resources/bench/benchrun. On the
- * first ioctl(KVM_RUN) of the process it writes CLOCK_MONOTONIC (seconds) to
- * the file named by BENCH_FIRST_RUN_FILE, so benchrun can time "process start
- * to first KVM_RUN" the same way for kiln, QEMU and kvm-floor. Every call is
- * then passed to libc's ioctl unchanged.
+ * first-run.so: an LD_PRELOAD shim for resources/bench: it watches a
+ * monitor's KVM calls up to its first ioctl(KVM_RUN). Every call is passed to
+ * libc's ioctl unchanged, except the first KVM_RUN with BENCH_STOP_AT_FIRST_RUN.
+ *
+ *   BENCH_FIRST_RUN_FILE=PATH   write CLOCK_MONOTONIC (seconds) at the first
+ *                               KVM_RUN (benchrun times "process start to first
+ *                               KVM_RUN" the same way for kiln, QEMU, kvm-floor)
+ *   BENCH_CPUID_FILE=PATH       write each KVM_SET_CPUID2 table (the last one
+ *                               wins), one entry a line: "FUNCTION.INDEX eax=..
+ *                               ebx=.. ecx=.. edx=.." in hex
+ *   BENCH_STOP_AT_FIRST_RUN=1   end the process (status 0) at the first
+ *                               KVM_RUN, before any guest instruction runs:
+ *                               the VM is built exactly as for a run, not run
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -19,12 +27,48 @@
 static int (*real_ioctl)(int, unsigned long, void *);
 static int seen;
 
+/* Writes the whole buffer to PATH (created or truncated); errors are
+ * silent: benchrun reports first_run=none, run.sh a missing CPUID table. */
+static void write_file(const char *path, const char *buf, size_t len)
+{
+	int out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (out < 0)
+		return;
+	while (len > 0) {
+		ssize_t n = write(out, buf, len);
+		if (n <= 0)
+			break;
+		buf += n;
+		len -= (size_t)n;
+	}
+	close(out);
+}
+
+static void dump_cpuid(const struct kvm_cpuid2 *cpuid)
+{
+	const char *path = getenv("BENCH_CPUID_FILE");
+	if (!path || !cpuid)
+		return;
+	/* One line is at most 80 bytes; KVM allows 256 entries. */
+	static char buf[256 * 96];
+	size_t len = 0;
+	for (unsigned i = 0; i < cpuid->nent && i < 256; i++) {
+		const struct kvm_cpuid_entry2 *e = &cpuid->entries[i];
+		len += (size_t)snprintf(buf + len, sizeof(buf) - len,
+					"%#x.%u eax=%#x ebx=%#x ecx=%#x edx=%#x\n", e->function, e->index,
+					e->eax, e->ebx, e->ecx, e->edx);
+	}
+	write_file(path, buf, len);
+}
+
 int ioctl(int fd, unsigned long request, ...)
 {
 	va_list ap;
 	va_start(ap, request);
 	void *arg = va_arg(ap, void *);
 	va_end(ap);
+	if (request == KVM_SET_CPUID2)
+		dump_cpuid(arg);
 	if (request == KVM_RUN && !__atomic_exchange_n(&seen, 1, __ATOMIC_SEQ_CST)) {
 		struct timespec ts;
 		clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -32,14 +76,11 @@ int ioctl(int fd, unsigned long request, ...)
 		if (path) {
 			char buf[64];
 			int n = snprintf(buf, sizeof(buf), "%lld.%09ld\n", (long long)ts.tv_sec, ts.tv_nsec);
-			int out = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
-			if (out >= 0) {
-				if (write(out, buf, n) != n) {
-					/* Nothing to do: benchrun reports first_run=none. */
-				}
-				close(out);
-			}
+			write_file(path, buf, (size_t)n);
 		}
+		const char *stop = getenv("BENCH_STOP_AT_FIRST_RUN");
+		if (stop && strcmp(stop, "1") == 0)
+			_exit(0);
 	}
 	if (!real_ioctl)
 		real_ioctl = (int (*)(int, unsigned long, void *))dlsym(RTLD_NEXT, "ioctl");

@@ -11,6 +11,10 @@
 #   qemu<X     kiln median / QEMU median < X    (qemu<=X likewise)
 #   qemu>=X    kiln median / QEMU median >= X   (metrics where higher is better)
 #   abs<=X     kiln median <= X
+# Clauses are judged on medians; when kiln's min–max range overlaps that of
+# the baseline a clause names, the result says the comparison is within noise.
+# Against QEMU, overlapping ranges are a tie, never "ahead" or "behind". A
+# cell, comparison or goal resting on a single sample says so.
 # Metrics named bootpath_* (kiln alone, one boot-path choice changed at a
 # time) go to a table of their own, as ratios to their baseline metric.
 
@@ -68,8 +72,21 @@ function fmt(x) {
 function cell(id, mon,    k) {
     k = id SUBSEP mon
     if (!(k in N)) return "—"
-    if (N[k] == 1) return fmt(MED[k])
+    if (N[k] == 1) return fmt(MED[k]) " (1 sample)"
     return fmt(MED[k]) " (" fmt(MIN[k]) "–" fmt(MAX[k]) ")"
+}
+
+# True when kiln or a baseline named in the goal clauses c[1..n] has a
+# single sample: no noise estimate.
+function single_sample(id, c, n,    i, name, kb) {
+    if (N[id SUBSEP "kiln"] == 1) return 1
+    for (i = 1; i <= n; i++) {
+        name = c[i]; sub(/[<>=].*/, "", name)
+        if (name == "abs") continue
+        kb = id SUBSEP name
+        if ((kb in N) && N[kb] == 1) return 1
+    }
+    return 0
 }
 
 function has(id, mon) { return (id SUBSEP mon) in N }
@@ -80,7 +97,7 @@ function ratio(id, mon) {
 }
 
 # "goal met" / "goal NOT met (...)" / "" when the metric has no goal.
-function goal_status(id,    n, c, i, parts, op, lim, val, ok, all, why, name) {
+function goal_status(id,    n, c, i, parts, op, lim, val, ok, all, why, name, noise) {
     if (GOAL[id] == "-" || GOAL[id] == "") return ""
     if (!has(id, "kiln")) return "goal not measured"
     n = split(GOAL[id], c, " ")
@@ -98,11 +115,12 @@ function goal_status(id,    n, c, i, parts, op, lim, val, ok, all, why, name) {
         }
     }
     sub(/;$/, "", why)
-    if (noise_overlap(id, c, n)) why = why " (kiln's min–max overlaps the baseline's: within noise)"
-    if (all && why == "") return "goal met"
-    if (all && why ~ /^ \(kiln/) return "goal met" why
-    if (all) return "goal partly measured:" why
-    return "**goal NOT met**:" why
+    noise = ""
+    if (noise_overlap(id, c, n)) noise = " (on medians; kiln's min–max overlaps the baseline's: within noise)"
+    else if (single_sample(id, c, n)) noise = " (single sample: no noise estimate)"
+    if (all && why == "") return "goal met" noise
+    if (all) return "goal partly measured:" why noise
+    return "**goal NOT met**:" why noise
 }
 
 function goal_text(g, unit,    n, c, i, out, t) {
@@ -137,12 +155,18 @@ function noise_overlap(id, c, n,    i, name, kk, kb) {
     return 0
 }
 
-# Compared with QEMU, in the metric's direction.
-function vs_qemu(id,    r) {
+# Compared with QEMU, in the metric's direction: a tie when the min–max
+# ranges overlap (both measured more than once) or the medians are equal.
+function vs_qemu(id,    r, kk, kq, single, ahead) {
     r = ratio(id, "qemu")
     if (r == "") return ""
-    if (BETTER[id] == "higher") return (r >= 1) ? "kiln ahead of QEMU" : "**kiln behind QEMU**"
-    return (r <= 1) ? "kiln ahead of QEMU" : "**kiln behind QEMU**"
+    kk = id SUBSEP "kiln"; kq = id SUBSEP "qemu"
+    single = (N[kk] < 2 || N[kq] < 2) ? " (single sample: no noise estimate)" : ""
+    if (single == "" && MIN[kk] <= MAX[kq] && MIN[kq] <= MAX[kk])
+        return "tie with QEMU (min–max ranges overlap)"
+    if (r == 1) return "tie with QEMU (equal medians)" single
+    ahead = (BETTER[id] == "higher") ? (r > 1) : (r < 1)
+    return (ahead ? "kiln ahead of QEMU" : "**kiln behind QEMU**") single
 }
 
 function jesc(s) {

@@ -3,6 +3,7 @@
 # side in one run, with repetitions; writes BENCHMARKS.md and BENCHMARKS.json.
 #
 # Usage: resources/bench/run.sh [--quick] [--only LIST] [--out DIR]
+#        resources/bench/run.sh --dry-run [--only boot,disk,net]
 #
 #   --quick      1 repetition, 10 000 exits instead of 100 000, shorter idle
 #                and rate windows: a smoke check, not a measurement
@@ -22,6 +23,10 @@
 #   --reps N, --reps-boot N   override the repetitions (default 5, and 3 for
 #                anything that boots Linux; --quick: 1 and 1)
 #   --reps-bootpath N  repetitions of the bootpath section (default: --reps-boot)
+#   --dry-run    boot nothing and write no report: for each identical-input
+#                row (boot, disk, net) print both monitors' invocations, kernel
+#                command lines and the CPUID their vCPU gets (each monitor is
+#                stopped at its first KVM_RUN); tests/bench_smoke.rs checks it
 #
 # Environment: KILN_BIN (a kiln binary to use instead of building
 # target/release/kiln), KILN_BENCH_WORK (scratch root, default target/bench).
@@ -41,6 +46,7 @@ log() { echo "$prog: $*" >&2; }
 
 # ---------------------------------------------------------------- options
 quick=0
+dry_run=0
 reps_override=""
 reps_boot_override=""
 reps_bootpath_override=""
@@ -56,7 +62,8 @@ while [ $# -gt 0 ]; do
         --reps) [ $# -ge 2 ] || die "--reps needs a number"; reps_override=$2; shift ;;
         --reps-boot) [ $# -ge 2 ] || die "--reps-boot needs a number"; reps_boot_override=$2; shift ;;
         --reps-bootpath) [ $# -ge 2 ] || die "--reps-bootpath needs a number"; reps_bootpath_override=$2; shift ;;
-        -h|--help) sed -n '2,29s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        --dry-run) dry_run=1 ;;
+        -h|--help) sed -n '2,35s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -71,6 +78,11 @@ for s in "${sections[@]}"; do
     esac
 done
 wants() { [ -n "${want[$1]:-}" ]; }
+if [ "$dry_run" = 1 ]; then
+    # Only the identical-input rows have two sides to compare.
+    for s in exits startup bootpath command; do unset "want[$s]"; done
+    [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk and net sections only"
+fi
 
 if [ "$quick" = 1 ]; then
     reps_boot=1; reps=1; exit_n=10000; rate_secs=1; idle_secs=3; settle_secs=1
@@ -97,10 +109,13 @@ notes="$work/notes.txt"
 log "scratch directory $work (logs of every run)"
 
 # ------------------------------------------------------------ prerequisites
-[ -r /dev/kvm ] && [ -w /dev/kvm ] || die "no read/write access to /dev/kvm"
+if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then die "no read/write access to /dev/kvm"; fi
 command -v gcc >/dev/null || die "gcc missing (resources/setup.sh installs build-essential)"
 qemu=$(command -v qemu-system-x86_64 || true)
-[ -n "$qemu" ] || log "qemu-system-x86_64 missing: QEMU columns stay empty (resources/setup.sh installs qemu-system-x86)"
+if [ -z "$qemu" ]; then
+    [ "$dry_run" = 0 ] || die "qemu-system-x86_64 missing (resources/setup.sh installs qemu-system-x86)"
+    log "qemu-system-x86_64 missing: QEMU columns stay empty (resources/setup.sh installs qemu-system-x86)"
+fi
 have_strace=0
 command -v strace >/dev/null && have_strace=1
 
@@ -142,7 +157,7 @@ if [ "$need_kernel" = 1 ]; then
         vmlinux=$(printf '%s\n' "$kout" | sed -n 's/^vmlinux=//p')
         bzimage=$(printf '%s\n' "$kout" | sed -n 's/^bzimage=//p')
     fi
-    [ -f "$vmlinux" ] && [ -f "$bzimage" ] || die "guest kernel files missing ($vmlinux, $bzimage)"
+    if [ ! -f "$vmlinux" ] || [ ! -f "$bzimage" ]; then die "guest kernel files missing ($vmlinux, $bzimage)"; fi
     command -v cpio >/dev/null || die "cpio missing (resources/setup.sh installs it)"
     busybox=$(command -v busybox || true)
     # ldd fails on a static executable.
@@ -155,13 +170,13 @@ fi
 if [ -d /sys/module/kvm_pvm ]; then
     kvm_flavour="PVM"
     kvm_detail="PVM (kvm_pvm: guest kernel-mode code is emulated)"
-    host_cmdline="noxsave clearcpuid=smap,popcnt nofsgsbase rcupdate.rcu_cpu_stall_suppress=1 GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX_Fast_Unaligned_Load"
 elif [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; then
     kvm_flavour="hardware"
-    kvm_detail="hardware ($(basename "$(ls -d /sys/module/kvm_intel /sys/module/kvm_amd 2>/dev/null | head -1)"))"
-    host_cmdline=""
+    kvm_module=kvm_amd
+    [ -d /sys/module/kvm_intel ] && kvm_module=kvm_intel
+    kvm_detail="hardware ($kvm_module)"
 else
-    kvm_flavour="unknown"; kvm_detail="unknown"; host_cmdline=""
+    kvm_flavour="unknown"; kvm_detail="unknown"
 fi
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 cpu_count=$(nproc)
@@ -172,6 +187,36 @@ if [ -n "$(git -C "$root" status --porcelain -- src devices resources/init Cargo
 fi
 qemu_version=$([ -n "$qemu" ] && "$qemu" --version | head -1 || echo "not installed")
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ------------------------------------------------- kiln's command line
+# print_cmdline CMD...: the kernel command line the kiln invocation CMD
+# (`[prefix...] kiln run ...`) gives its guest, as kiln itself prints it: the
+# benchmark keeps no copy of kiln's words.
+print_cmdline() {
+    "$@" --print-cmdline ||
+        die "'$* --print-cmdline' failed: $kiln cannot print its kernel command line"
+}
+
+# words_minus A B: the words of A that B lacks, in A's order.
+words_minus() {
+    local a b w kept=()
+    local -A in_b=()
+    read -r -a a <<< "$1"
+    read -r -a b <<< "$2"
+    for w in "${b[@]}"; do in_b[$w]=1; done
+    for w in "${a[@]}"; do [ -n "${in_b[$w]:-}" ] || kept+=("$w"); done
+    echo "${kept[*]}"
+}
+
+# The words kiln's host profile adds on this host (src/host_profile.rs; none
+# on hardware KVM): kiln's line minus the line it gives with the hardware
+# profile. The conventional QEMU boot (command section) needs them too, and
+# kiln adds them exactly when it also hides KVM paravirt features (PVM).
+# (Two assignments of their own: a failure inside a nested $(...) would pass
+# unseen.)
+line_here=$(print_cmdline "$kiln" run --kernel "$tiny")
+line_hardware=$(print_cmdline env KILN_HOST_PROFILE=hardware "$kiln" run --kernel "$tiny")
+host_words=$(words_minus "$line_here" "$line_hardware")
 
 # ------------------------------------------------------------------- helpers
 # record METRIC MONITOR VALUE: one sample.
@@ -192,8 +237,24 @@ fail_note() { log "FAILED: $*"; note "FAILED: $*"; }
 
 ms() { awk -v s="$1" 'BEGIN { printf "%.3f", s * 1000 }'; }
 
+# QEMU's vCPU gets kiln's CPUID where QEMU can express it. kiln gives its
+# vCPU what KVM supports (KVM_GET_SUPPORTED_CPUID) with few changes
+# (src/boot/cpuid.rs): migratable=off passes QEMU the features it would
+# otherwise hold back (invariant TSC, ...), host-cache-info=on the host's
+# cache leaves, topoext the extended topology bit where the host has it, and
+# model-id= the empty brand string KVM reports; vmware-cpuid-freq=off keeps
+# out the TSC frequency leaf kiln does not add. kiln's PVM profile hides the
+# KVM paravirt features PV_UNHALT, PV_SEND_IPI and PV_SCHED_YIELD
+# (src/host_profile.rs), so QEMU's guest loses them too. On PVM plain
+# `-cpu host` aborts (failed to set MSR 0x10a), so QEMU's guest lacks
+# IA32_ARCH_CAPABILITIES, which kiln's has. The CPUID each monitor really
+# sets is compared by --dry-run and noted by the boot, disk and net sections.
+qemu_cpu=host,migratable=off,host-cache-info=on,vmware-cpuid-freq=off,model-id=
+grep -qw topoext /proc/cpuinfo && qemu_cpu+=",+topoext"
+[ "$kvm_flavour" = PVM ] && qemu_cpu+=",-arch-capabilities"
+[ -n "$host_words" ] && qemu_cpu+=",kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off"
 # debug-threads=on names QEMU's vCPU threads "CPU 0/KVM" (the idle CPU split).
-qemu_base=(-name kilnbench,debug-threads=on -enable-kvm -cpu host,-arch-capabilities -smp 1
+qemu_base=(-name kilnbench,debug-threads=on -enable-kvm -cpu "$qemu_cpu" -smp 1
            -nodefaults -no-user-config -display none -monitor none)
 # The tiny guest under QEMU: no firmware option ROMs, no RTC, no serial; the
 # guest ends QEMU through isa-debug-exit (status 1 = the guest wrote 0).
@@ -409,38 +470,227 @@ EOF
     note "conventional initramfs: $(find "$stage" -type l | wc -l) busybox links, $(stat -c %s "$work/conventional-initramfs.cpio.gz") bytes gzip"
 }
 
-# kiln's own kernel command line (src/boot/cmdline.rs: BASE + QUIET + host
-# profile), so QEMU gets exactly the same words in the "boot" section.
-kiln_cmdline="console=ttyS0 reboot=k panic=-1 rdinit=/kiln/init tsc=reliable no_timer_check i8042.noaux quiet loglevel=1${host_cmdline:+ $host_cmdline}"
+# ---------------------------------------------- identical-input rows
+# The boot, disk and net rows give kiln and QEMU the same guest: the same
+# vmlinux, initramfs, memory, vCPU count, virtio devices and kernel command
+# line. QEMU's command line is kiln's own (`kiln run ... --print-cmdline` with
+# the row's options), with one kind of word changed: a virtio_mmio.device=
+# word says where the monitor put a device, and each monitor has its own
+# windows. `--dry-run` prints both sides of each row; tests/bench_smoke.rs
+# checks that they match and names every difference it allows.
+#
+# QEMU's machine: acpi=off because the recipe kernel has no ACPI, and only
+# without ACPI does microvm's firmware write an MP table; without one the
+# guest sees no IO-APIC (kiln writes an MP table) and a virtio device's
+# interrupt never arrives. kernel-irqchip=on: PIC, IO-APIC and PIT in KVM, as
+# kiln has them (microvm's default "split" keeps all three in QEMU's user
+# space). ioapic2=off: the one IO-APIC kiln's guest has too, and 8 virtio
+# transports on it (see qemu_line_from). No option ROMs, no RTC: kiln has
+# neither. Without option ROMs microvm's auto-kernel-cmdline never reaches a
+# PVH kernel, so QEMU's devices are named on the command line, as kiln does.
+qemu_machine=(-M microvm,x-option-roms=off,rtc=off,acpi=off,ioapic2=off,kernel-irqchip=on,auto-kernel-cmdline=off)
 
-# acpi=off: the recipe kernel has no ACPI, and only without ACPI does
-# microvm's firmware write an MP table; without one the guest sees no IO-APIC
-# (kiln writes an MP table), and a virtio device's interrupt never arrives.
-qemu_boot_machine=(-M microvm,x-option-roms=off,rtc=off,acpi=off,auto-kernel-cmdline=off)
-# QEMU with one virtio-mmio device. Without option ROMs, microvm's own
-# "auto-kernel-cmdline" does not reach a PVH kernel, so the device is named on
-# the command line as kiln does: with ioapic2=off microvm has 8 transports at
-# 0xfeb00000 + 0x200 * i on IRQ 5 + i, and the first device takes the last.
-qemu_dev_machine=(-M microvm,x-option-roms=off,rtc=off,acpi=off,ioapic2=off,auto-kernel-cmdline=off)
-qemu_dev_cmdline="virtio_mmio.device=512@0xfeb00e00:12"
+# qemu_line_from LINE: kiln's kernel command line with each
+# virtio_mmio.device= word pointing at QEMU's transport instead of kiln's
+# window. With ioapic2=off microvm has 8 transports of 512 bytes at
+# 0xfeb00000 + 0x200 * i on IRQ 5 + i, and its n-th device (from 0) takes
+# transport 7 - n.
+qemu_line_from() {
+    local words w n=0 line=()
+    read -r -a words <<< "$1"
+    for w in "${words[@]}"; do
+        if [[ $w == virtio_mmio.device=* ]]; then
+            w=$(printf 'virtio_mmio.device=512@%#x:%d' $((0xfeb00000 + 0x200 * (7 - n))) $((12 - n)))
+            n=$((n + 1))
+        fi
+        line+=("$w")
+    done
+    echo "${line[*]}"
+}
+
+# The disk row's image and sizes; the net row's namespace, TAP and addresses.
+disk_img="$work/disk.img"
+if [ "$quick" = 1 ]; then disk_mib=16; disk_reads=200; net_count=5
+else disk_mib=64; disk_reads=2000; net_count=20; fi
+net_ns="kilnbench$$"; net_tap=kbtap0; net_host=10.213.0.1; net_guest=10.213.0.2
+
+# row_inputs ROW (boot, disk or net): sets kiln_cmd and qemu_cmd (the two
+# invocations), kiln_line and qemu_line (the kernel command lines they give)
+# and row_prefix (what both run under: the net row's namespace).
+row_inputs() {
+    local row=$1 extra kiln_dev=() qemu_dev=()
+    row_prefix=()
+    case $row in
+        boot) extra="rdinit=/init bench_idle=1" ;;
+        disk) extra="rdinit=/init bench_disk=$disk_mib bench_randread=$disk_reads"
+              kiln_dev=(--disk "$disk_img")
+              qemu_dev=(-drive "file=$disk_img,format=raw,if=none,id=d0,cache=writeback,aio=threads"
+                        -device virtio-blk-device,drive=d0) ;;
+        net) extra="rdinit=/init bench_net=$net_guest/$net_host bench_net_count=$net_count"
+             kiln_dev=(--net "tap=$net_tap")
+             qemu_dev=(-netdev "tap,id=n0,ifname=$net_tap,script=no,downscript=no,vhost=off"
+                       -device virtio-net-device,netdev=n0)
+             row_prefix=(ip netns exec "$net_ns") ;;
+        *) die "row_inputs: unknown row $row" ;;
+    esac
+    kiln_cmd=("$kiln" run --kernel "$vmlinux" --initrd "$work/bench-initramfs.cpio"
+              --mem "${guest_mem_mib}M" --cpus 1 "${kiln_dev[@]}" --cmdline "$extra")
+    kiln_line=$(print_cmdline "${row_prefix[@]}" "${kiln_cmd[@]}")
+    qemu_line=$(qemu_line_from "$kiln_line")
+    qemu_cmd=("$qemu" "${qemu_machine[@]}" "${qemu_base[@]}" -serial stdio
+              -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
+              "${qemu_dev[@]}" -append "$qemu_line")
+}
+
+# capture ROW MON: builds MON's VM of the row (the invocation row_inputs set)
+# and ends it at its first KVM_RUN, before any guest instruction: the CPUID
+# table it gave its vCPU lands in $work/cpuid-ROW-MON.txt. kiln runs with
+# KILN_LOG=info, so $work/capture-ROW-kiln.err holds the command line its
+# run path logged.
+capture() {
+    local row=$1 mon=$2 cmd=()
+    case $mon in
+        kiln) cmd=("${kiln_cmd[@]}") ;;
+        qemu) cmd=("${qemu_cmd[@]}") ;;
+    esac
+    rm -f "$work/cpuid-$row-$mon.txt"
+    "${row_prefix[@]}" env LD_PRELOAD="$shim" BENCH_CPUID_FILE="$work/cpuid-$row-$mon.txt" \
+        BENCH_STOP_AT_FIRST_RUN=1 KILN_LOG=info "${cmd[@]}" \
+        </dev/null >"$work/capture-$row-$mon.out" 2>"$work/capture-$row-$mon.err" || true
+    [ -s "$work/cpuid-$row-$mon.txt" ]
+}
+
+# The command line kiln's run path logged in capture (empty if none).
+logged_kiln_line() {
+    sed -n 's/.*kernel command line: //p' "$work/capture-$1-kiln.err" | head -1
+}
+
+# cpuid_diff KILN QEMU: one line "LEAF.SUBLEAF REG kiln=X qemu=Y" per register
+# that differs. An all-zero entry counts as absent, and an absent one as
+# zeros: that is what the guest reads either way.
+cpuid_diff() {
+    awk '
+        FNR == 1 { side++ }
+        $2 == "eax=0" && $3 == "ebx=0" && $4 == "ecx=0" && $5 == "edx=0" { next }
+        {
+            if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 }
+            for (i = 2; i <= 5; i++) { split($i, kv, "="); v[side, $1, kv[1]] = kv[2] }
+        }
+        END {
+            split("eax ebx ecx edx", regs, " ")
+            for (k = 1; k <= n; k++)
+                for (r = 1; r <= 4; r++) {
+                    a = v[1, order[k], regs[r]]; b = v[2, order[k], regs[r]]
+                    if (a == "") a = "0"
+                    if (b == "") b = "0"
+                    if (a != b) printf "%s %s kiln=%s qemu=%s\n", order[k], regs[r], a, b
+                }
+        }' "$1" "$2"
+}
+
+# The value of REG in leaf KEY (e.g. 0x40000001.0 eax) of a captured table.
+cpuid_reg() {
+    awk -v key="$2" -v reg="$3" '$1 == key { for (i = 2; i <= 5; i++) { split($i, kv, "="); if (kv[1] == reg) print kv[2] } }' "$1"
+}
+
+# The disk row's image: written once with data, so reads are not of holes
+# (the guest's write pass then overwrites the first disk_mib MiB); a dry run
+# only needs the file.
+make_disk_image() {
+    if [ "${1:-}" = dry ]; then
+        truncate -s "$((disk_mib + 1))M" "$disk_img"
+    else
+        dd if=/dev/urandom of="$disk_img" bs=1M count="$((disk_mib + 1))" status=none
+    fi
+}
+
+# The net row's namespace: the TAP, its address and the monitor all live in
+# it; the guest pings the TAP's address (answered by the namespace's own
+# stack) and nothing leaves it.
+net_ns_up() {
+    ip netns add "$net_ns"
+    trap 'ip netns del '"$net_ns"' 2>/dev/null || true' EXIT
+    ip -n "$net_ns" link set lo up
+}
+net_tap_up() {
+    ip -n "$net_ns" tuntap add dev "$net_tap" mode tap
+    ip -n "$net_ns" addr add "$net_host/24" dev "$net_tap"
+    ip -n "$net_ns" link set "$net_tap" up
+}
+net_tap_down() { ip -n "$net_ns" link del "$net_tap" 2>/dev/null || true; }
+net_ns_down() { ip netns del "$net_ns" 2>/dev/null || true; trap - EXIT; }
+net_usable() {
+    grep -q -- '--net' <<< "$kiln_help" && command -v ip >/dev/null
+}
+
+# The CPUID comparison of a row, as a note: both tables captured from the
+# row's own invocations.
+note_cpuid() {
+    local row=$1 diff
+    if capture "$row" kiln && capture "$row" qemu; then
+        diff=$(cpuid_diff "$work/cpuid-$row-kiln.txt" "$work/cpuid-$row-qemu.txt" | paste -sd ';' | sed 's/;/; /g')
+        note "$row: CPUID of the vCPU (KVM_SET_CPUID2; all-zero leaves as absent) differs from kiln's to QEMU's in: ${diff:-nothing}"
+    else
+        fail_note "$row: CPUID not captured (see $work/capture-$row-*.err)"
+    fi
+    local logged
+    logged=$(logged_kiln_line "$row")
+    [ "$logged" = "$kiln_line" ] ||
+        fail_note "$row: kiln's run logged the command line '$logged', --print-cmdline said '$kiln_line'"
+}
+
+# ------------------------------------------------------------ dry run
+# For each identical-input row: both invocations (shell-quoted), kiln's
+# command line as --print-cmdline says and as its run path logs it, QEMU's,
+# and the CPUID leaves that differ between the two vCPUs.
+dry_run_rows() {
+    local row
+    make_bench_initramfs
+    for row in boot disk net; do
+        wants $row || continue
+        case $row in
+            disk) make_disk_image dry ;;
+            net) if ! net_usable; then echo "== $row: skipped (no --net in kiln run --help, or no ip)"; continue; fi
+                 net_ns_up; net_tap_up ;;
+        esac
+        row_inputs "$row"
+        echo "== $row"
+        echo "kiln argv: $(printf '%q ' "${kiln_cmd[@]}")"
+        echo "qemu argv: $(printf '%q ' "${qemu_cmd[@]}")"
+        [ ${#row_prefix[@]} -eq 0 ] || echo "both run under: ${row_prefix[*]}"
+        echo "kiln cmdline (--print-cmdline): $kiln_line"
+        local captured=1 mon
+        for mon in kiln qemu; do
+            capture "$row" $mon && continue
+            captured=0
+            echo "$mon cpuid: not captured: $(head -c 300 "$work/capture-$row-$mon.err")"
+        done
+        echo "kiln cmdline (logged by its run): $(logged_kiln_line "$row")"
+        echo "qemu cmdline: $qemu_line"
+        if [ "$captured" = 1 ]; then
+            echo "kvm features (cpuid 0x40000001.0 eax): kiln=$(cpuid_reg "$work/cpuid-$row-kiln.txt" 0x40000001.0 eax) qemu=$(cpuid_reg "$work/cpuid-$row-qemu.txt" 0x40000001.0 eax)"
+            cpuid_diff "$work/cpuid-$row-kiln.txt" "$work/cpuid-$row-qemu.txt" | sed 's/^/cpuid differs: /'
+        fi
+        [ "$row" = net ] && net_ns_down
+    done
+    return 0
+}
 
 # ---------------------------------------------------- 2a, 4, 6. boot to init
 run_boot() {
     make_bench_initramfs
     local mem_bytes=$((guest_mem_mib << 20)) rep mon
-    local extra="rdinit=/init bench_idle=1"
-    note "boot section command line (kiln and QEMU): $kiln_cmdline $extra"
+    row_inputs boot
+    note "boot section command line (kiln's, from kiln run --print-cmdline; QEMU's is the same): $kiln_line"
+    note_cpuid boot
     log "boot to init, memory, idle CPU: $reps_boot repetitions (each boot takes tens of seconds here)"
     for rep in $(seq "$reps_boot"); do
         for mon in kiln qemu; do
             [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
             local cmd=()
             case $mon in
-                kiln) cmd=("$kiln" run --kernel "$vmlinux" --initrd "$work/bench-initramfs.cpio"
-                           --mem "${guest_mem_mib}M" --cmdline "$extra") ;;
-                qemu) cmd=("$qemu" "${qemu_boot_machine[@]}" "${qemu_base[@]}" -serial stdio
-                           -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
-                           -append "$kiln_cmdline $extra") ;;
+                kiln) cmd=("${kiln_cmd[@]}") ;;
+                qemu) cmd=("${qemu_cmd[@]}") ;;
             esac
             local base="$work/boot-$mon-$rep"
             log "  boot $mon $rep/$reps_boot"
@@ -532,7 +782,7 @@ run_command() {
                 kiln) cmd=("$kiln" run --kernel "$vmlinux" --rootfs "$rootfs" -- echo hi) ;;
                 qemu) cmd=("$qemu" -M microvm "${qemu_base[@]}" -serial stdio -m 256M
                            -kernel "$bzimage" -initrd "$work/conventional-initramfs.cpio.gz"
-                           -append "console=ttyS0 reboot=k panic=-1${host_cmdline:+ $host_cmdline}")
+                           -append "console=ttyS0 reboot=k panic=-1${host_words:+ $host_words}")
                       kill_flag=(-k) ;;
             esac
             log "  command $mon $rep/$reps_boot"
@@ -558,24 +808,18 @@ run_disk() {
         return 0
     fi
     make_bench_initramfs
-    local img="$work/disk.img" mib=64 reads=2000 rep mon
-    [ "$quick" = 1 ] && { mib=16; reads=200; }
-    # Written once with data, so reads are not of holes; the guest's write
-    # pass then overwrites the first MIB MiB.
-    dd if=/dev/urandom of="$img" bs=1M count="$((mib + 1))" status=none
-    local extra="rdinit=/init bench_disk=$mib bench_randread=$reads"
-    note "disk: raw image of $((mib + 1)) MiB on the host file system ($(df -T "$work" | awk 'NR == 2 { print $2 }')); host page cache for both monitors (kiln: buffered file I/O; QEMU: cache=writeback, aio=threads); guest dd with O_DIRECT, 1 MiB blocks; $reads random 4 KiB O_DIRECT reads"
+    make_disk_image
+    local rep mon
+    row_inputs disk
+    note_cpuid disk
+    note "disk: raw image of $((disk_mib + 1)) MiB on the host file system ($(df -T "$work" | awk 'NR == 2 { print $2 }')); host page cache for both monitors (kiln: buffered file I/O; QEMU: cache=writeback, aio=threads); guest dd with O_DIRECT, 1 MiB blocks; $disk_reads random 4 KiB O_DIRECT reads"
     for rep in $(seq "$reps_boot"); do
         for mon in kiln qemu; do
             [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
             local cmd=() base="$work/disk-$mon-$rep"
             case $mon in
-                kiln) cmd=("$kiln" run --kernel "$vmlinux" --initrd "$work/bench-initramfs.cpio"
-                           --mem "${guest_mem_mib}M" --disk "$img" --cmdline "$extra") ;;
-                qemu) cmd=("$qemu" "${qemu_dev_machine[@]}" "${qemu_base[@]}" -serial stdio
-                           -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
-                           -drive "file=$img,format=raw,if=none,id=d0,cache=writeback,aio=threads"
-                           -device virtio-blk-device,drive=d0 -append "$kiln_cmdline $extra $qemu_dev_cmdline") ;;
+                kiln) cmd=("${kiln_cmd[@]}") ;;
+                qemu) cmd=("${qemu_cmd[@]}") ;;
             esac
             brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m KILN-BENCH-DONE -k -- "${cmd[@]}" ||
                 { fail_note "disk: $mon: benchrun failed"; continue; }
@@ -584,8 +828,8 @@ run_disk() {
             local secs r w b
             secs=$(tr -d '\r' < "$base.out" | awk '/^real/ { m = $2; sub(/m$/, "", m); s = $3; sub(/s$/, "", s); print m * 60 + s }')
             b=$(sed -n 1p <<< "$secs"); r=$(sed -n 2p <<< "$secs"); w=$(sed -n 3p <<< "$secs")
-            [ -n "$r" ] && record disk_read_mbs "$mon" "$(awk -v s="$r" -v b="$b" -v m="$mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.1f", m * 1.048576 / d }')"
-            [ -n "$w" ] && record disk_write_mbs "$mon" "$(awk -v s="$w" -v b="$b" -v m="$mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.1f", m * 1.048576 / d }')"
+            [ -n "$r" ] && record disk_read_mbs "$mon" "$(awk -v s="$r" -v b="$b" -v m="$disk_mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.1f", m * 1.048576 / d }')"
+            [ -n "$w" ] && record disk_write_mbs "$mon" "$(awk -v s="$w" -v b="$b" -v m="$disk_mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.1f", m * 1.048576 / d }')"
             local rr
             rr=$(tr -d '\r' < "$base.out" | sed -n 's/^KILN-RANDREAD reads=\([0-9]*\) secs=\([0-9.]*\).*/\1 \2/p' | head -1)
             [ -n "$rr" ] && record disk_randread_iops "$mon" "$(awk -v r="$rr" 'BEGIN { split(r, a, " "); printf "%.0f", a[1] / a[2] }')"
@@ -601,35 +845,24 @@ run_net() {
     fi
     command -v ip >/dev/null || { note "net: skipped (ip from iproute2 missing)"; record_na net_ping_ms; return 0; }
     make_bench_initramfs
-    # Everything lives in a namespace made here: the TAP, its address, the
-    # monitor. The guest pings the TAP's address (answered by the namespace's
-    # own stack); nothing leaves the namespace.
-    local ns="kilnbench$$" tap=kbtap0 rep mon
-    ip netns add "$ns"
-    trap 'ip netns del '"$ns"' 2>/dev/null || true' EXIT
-    ip -n "$ns" link set lo up
-    local extra="rdinit=/init bench_net=10.213.0.2/10.213.0.1"
-    local count=20
-    [ "$quick" = 1 ] && count=5
-    extra="$extra bench_net_count=$count"
+    net_ns_up
+    local rep mon
+    net_tap_up
+    row_inputs net
+    note_cpuid net
+    net_tap_down
     for rep in $(seq "$reps_boot"); do
         for mon in kiln qemu; do
             [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
-            ip -n "$ns" tuntap add dev "$tap" mode tap
-            ip -n "$ns" addr add 10.213.0.1/24 dev "$tap"
-            ip -n "$ns" link set "$tap" up
+            net_tap_up
             local cmd=() base="$work/net-$mon-$rep"
             case $mon in
-                kiln) cmd=("$kiln" run --kernel "$vmlinux" --initrd "$work/bench-initramfs.cpio"
-                           --mem "${guest_mem_mib}M" --net "tap=$tap" --cmdline "$extra") ;;
-                qemu) cmd=("$qemu" "${qemu_dev_machine[@]}" "${qemu_base[@]}" -serial stdio
-                           -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
-                           -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no,vhost=off"
-                           -device virtio-net-device,netdev=n0 -append "$kiln_cmdline $extra $qemu_dev_cmdline") ;;
+                kiln) cmd=("${kiln_cmd[@]}") ;;
+                qemu) cmd=("${qemu_cmd[@]}") ;;
             esac
             brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m KILN-BENCH-DONE -k -- \
-                 ip netns exec "$ns" "${cmd[@]}" || fail_note "net: $mon: benchrun failed"
-            ip -n "$ns" link del "$tap" 2>/dev/null || true
+                 "${row_prefix[@]}" "${cmd[@]}" || fail_note "net: $mon: benchrun failed"
+            net_tap_down
             [ "${R[marker]:-none}" != none ] || { fail_note "net: $mon run $rep: no result (see $base.out)"; continue; }
             # busybox ping: "round-trip min/avg/max = a/b/c ms"
             local avg
@@ -637,13 +870,16 @@ run_net() {
             [ -n "$avg" ] && record net_ping_ms "$mon" "$avg"
         done
     done
-    ip netns del "$ns" 2>/dev/null || true
-    trap - EXIT
+    net_ns_down
 }
 
 record_na() { printf '%s\tna\t\n' "$1" >> "$samples"; }
 
 # ------------------------------------------------------------------- run all
+if [ "$dry_run" = 1 ]; then
+    dry_run_rows
+    exit 0
+fi
 started=$(date +%s)
 wants exits && run_exits
 wants startup && run_startup
