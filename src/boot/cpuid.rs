@@ -13,6 +13,7 @@ const LEAF_CACHE: u32 = 4;
 const LEAF_TOPOLOGY: u32 = 0xb;
 const LEAF_TOPOLOGY_V2: u32 = 0x1f;
 const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+const LEAF_AMD_SIZES: u32 = 0x8000_0008;
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
@@ -34,6 +35,7 @@ pub fn configure_vcpu_cpuid(cpuid: &mut CpuId, vcpu_id: u8, num_vcpus: u8, profi
             LEAF_CACHE => fix_cache(entry, num_vcpus),
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => topology_leaves.push(entry.function),
             LEAF_KVM_FEATURES => entry.eax &= !hidden,
+            LEAF_AMD_SIZES => fix_amd_core_count(entry, num_vcpus),
             _ => {}
         }
     }
@@ -67,6 +69,15 @@ fn fix_cache(entry: &mut kvm_cpuid_entry2, num_vcpus: u8) {
     let level = (entry.eax >> 5) & 0x7;
     let sharing = if level >= 3 { cores } else { 0 };
     entry.eax = (entry.eax & 0x3fff) | cores.min(0x3f) << 26 | sharing.min(0xfff) << 14;
+}
+
+/// AMD's core count (ECX[7:0], cores - 1) and APIC id core bits (ECX[15:12])
+/// must describe the VM: KVM passes the host's (a 1-vCPU guest was told of
+/// the host's two threads). Zero core bits means "use the count" (AMD APM).
+fn fix_amd_core_count(entry: &mut kvm_cpuid_entry2, num_vcpus: u8) {
+    let cores = u32::from(num_vcpus.max(1));
+    let core_bits = cores.next_power_of_two().trailing_zeros();
+    entry.ecx = (entry.ecx & !0xf0ff) | core_bits << 12 | (cores - 1);
 }
 
 /// Replaces every subleaf of `leaf` with SMT (1 thread per core), Core
@@ -142,6 +153,7 @@ mod tests {
                 [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d],
             ),
             entry(0x4000_0001, 0, [0xffff_ffff, 0, 0, 0]),
+            entry(0x8000_0008, 0, [0x3030, 0, 0x0003_7001, 0]),
         ])
         .unwrap()
     }
@@ -207,6 +219,22 @@ mod tests {
                     assert_eq!(e.flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn amd_core_count_describes_the_vm() {
+        for (vcpus, ecx) in [
+            (1u8, 0x0003_0000),
+            (2, 0x0003_1001),
+            (3, 0x0003_2002),
+            (4, 0x0003_2003),
+        ] {
+            let mut cpuid = synthetic();
+            configure_vcpu_cpuid(&mut cpuid, 0, vcpus, HostProfile::HardwareKvm);
+            let leaf = find(&cpuid, 0x8000_0008, 0);
+            assert_eq!(leaf.ecx, ecx, "{vcpus} vCPUs");
+            assert_eq!(leaf.eax, 0x3030, "address sizes kept");
         }
     }
 
