@@ -12,7 +12,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    parse_duration, parse_size, ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig,
+    parse_duration, parse_size, ConsoleKind, DiskConfig, GuestCommand, NetConfig, VmConfig,
+    VsockConfig,
 };
 use crate::outcome::STATUS_KILN_ERROR;
 
@@ -163,7 +164,7 @@ impl From<VmArgs> for VmConfig {
             nets,
             // Not VM options: the command comes from `CommandArgs`, the
             // agent's port from the sandbox.
-            command: Vec::new(),
+            command: GuestCommand::default(),
             agent_port: None,
         }
     }
@@ -410,6 +411,35 @@ mod tests {
         );
         assert!(parse(&["--kernel", "k", "-e", "NOVALUE"]).is_err());
         assert!(parse(&["--kernel", "k", "--user", "root"]).is_err());
+    }
+
+    /// Both paths run the command the options describe: the agent path as a
+    /// sandbox command, the classic path through kiln's init's exec spec.
+    #[test]
+    fn command_options_reach_the_exec_spec() {
+        let r = parse(&[
+            "--kernel", "k", "-e", "A=1", "-e", "A=2", "-w", "/w", "--user", "7:8", "--", "id",
+            "-u",
+        ])
+        .unwrap();
+        let spec = r.command.guest_command().to_exec_spec();
+        assert_eq!(spec.argv, [b"id".to_vec(), b"-u".to_vec()]);
+        assert_eq!(
+            spec.env,
+            [(b"A".to_vec(), b"2".to_vec())],
+            "the last -e wins"
+        );
+        assert_eq!(spec.cwd.as_deref(), Some(&b"/w"[..]));
+        assert_eq!((spec.uid, spec.gid), (Some(7), Some(8)));
+        let plain = parse(&["--kernel", "k"]).unwrap().command.guest_command();
+        assert_eq!(
+            plain.to_exec_spec().argv,
+            [crate::config::DEFAULT_COMMAND.as_bytes()]
+        );
+        assert!(!plain.has_options());
+        let user_only = parse(&["--kernel", "k", "--user", "9"]).unwrap();
+        let spec = user_only.command.guest_command().to_exec_spec();
+        assert_eq!((spec.uid, spec.gid), (Some(9), None));
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! agent cannot be used; then it runs the classic way, with the guest
 //! console as its stdio (see `uses_agent`).
 
-use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +12,7 @@ use std::time::Instant;
 use super::signals::StopSignals;
 use super::terminal::{stdio_console, BootConsole, RawTerminal};
 use super::{CommandArgs, RunArgs};
-use crate::config::DEFAULT_COMMAND;
+use crate::config::GuestCommand;
 use crate::outcome::{STATUS_KILN_ERROR, STATUS_TIMEOUT};
 use crate::sandbox::{self, ExitStatus, SandboxBuilder, SandboxError};
 use crate::{VmConfig, VmOutcome, VmStopper};
@@ -30,7 +29,17 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
     if agent {
         return run_with_agent(config, &args.command);
     }
-    config.command = args.command.argv;
+    // Classic: kiln's stdin is the guest console, so -i changes nothing.
+    config.command = args.command.guest_command();
+    if let Some(init) = config.own_init() {
+        let command = &config.command;
+        if !command.argv.is_empty() || command.has_options() {
+            eprintln!(
+                "kiln: a command, -e, -w or --user needs kiln's init, which the initrd's own init {init} (rdinit=) replaces"
+            );
+            return STATUS_KILN_ERROR;
+        }
+    }
     run_classic(config, started).unwrap_or_else(|e| {
         eprintln!("kiln: {e}");
         STATUS_KILN_ERROR
@@ -203,33 +212,27 @@ fn copy(from: &mut impl Read, to: &mut impl Write) {
 }
 
 impl CommandArgs {
-    /// The command's argv: CMD, or /bin/sh.
-    pub fn argv(&self) -> Vec<OsString> {
-        match self.argv.is_empty() {
-            true => vec![DEFAULT_COMMAND.into()],
-            false => self.argv.clone(),
+    /// The command, the same on both paths.
+    pub fn guest_command(&self) -> GuestCommand {
+        let (uid, gid) = match self.user {
+            Some((uid, gid)) => (Some(uid), gid),
+            None => (None, None),
+        };
+        GuestCommand {
+            argv: self.argv.clone(),
+            env: self.env.clone(),
+            workdir: self.workdir.clone(),
+            uid,
+            gid,
         }
     }
 
     /// The command as the sandbox runs it.
     fn to_sandbox_command(&self) -> sandbox::Command {
-        let argv = self.argv();
-        let mut cmd = sandbox::Command::new(&argv[0]).args(&argv[1..]);
-        for (k, v) in &self.env {
-            cmd = cmd.env(k, v);
+        let cmd = sandbox::Command::from(&self.guest_command());
+        match self.interactive {
+            true => cmd.stdin_piped(),
+            false => cmd,
         }
-        if let Some(w) = &self.workdir {
-            cmd = cmd.current_dir(w);
-        }
-        if let Some((uid, gid)) = self.user {
-            cmd = cmd.uid(uid);
-            if let Some(gid) = gid {
-                cmd = cmd.gid(gid);
-            }
-        }
-        if self.interactive {
-            cmd = cmd.stdin_piped();
-        }
-        cmd
     }
 }

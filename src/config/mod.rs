@@ -6,10 +6,12 @@
 mod option_parser;
 
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use kiln_init::spec::ExecSpec;
 use serde::{Deserialize, Serialize};
 
 use option_parser::OptionSyntax;
@@ -38,8 +40,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Wall-clock limit for the whole VM.
     pub timeout: Option<Duration>,
-    /// Command for kiln's init; empty means [`DEFAULT_COMMAND`].
-    pub command: Vec<OsString>,
+    /// What kiln's init runs when there is no agent (`agent_port` unset).
+    pub command: GuestCommand,
     /// Show the guest kernel's log on the console.
     pub verbose: bool,
     /// Enter a vmlinux through its PVH note when it has one (the fast path).
@@ -71,7 +73,7 @@ impl Default for VmConfig {
             mem_bytes: DEFAULT_MEM_BYTES,
             vcpus: 1,
             timeout: None,
-            command: Vec::new(),
+            command: GuestCommand::default(),
             verbose: false,
             use_pvh: true,
             console: ConsoleKind::Serial,
@@ -101,6 +103,51 @@ impl VmConfig {
             return None;
         }
         crate::boot::cmdline::user_rdinit(self.extra_cmdline.as_deref())
+    }
+}
+
+/// The command kiln's init runs in a VM without the agent, and how.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestCommand {
+    /// Program and arguments, byte for byte; empty means [`DEFAULT_COMMAND`].
+    pub argv: Vec<OsString>,
+    /// Environment variables set for it (on top of init's defaults).
+    pub env: Vec<(String, String)>,
+    /// Its working directory in the guest.
+    pub workdir: Option<String>,
+    /// The user and group it runs as (default: root).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl GuestCommand {
+    /// The argv kiln's init runs: `argv`, or [`DEFAULT_COMMAND`].
+    pub fn argv_or_default(&self) -> Vec<OsString> {
+        match self.argv.is_empty() {
+            true => vec![DEFAULT_COMMAND.into()],
+            false => self.argv.clone(),
+        }
+    }
+
+    /// Whether anything besides the program was asked for.
+    pub fn has_options(&self) -> bool {
+        !self.env.is_empty() || self.workdir.is_some() || self.uid.is_some() || self.gid.is_some()
+    }
+
+    /// The exec spec kiln's init (or its agent) runs; a variable given twice
+    /// keeps its last value.
+    pub fn to_exec_spec(&self) -> ExecSpec {
+        let mut spec = ExecSpec::new(self.argv_or_default().iter().map(|a| a.as_bytes()));
+        for (key, value) in &self.env {
+            spec.env.retain(|(k, _)| k != key.as_bytes());
+            spec.env
+                .push((key.as_bytes().to_vec(), value.as_bytes().to_vec()));
+        }
+        spec.cwd = self.workdir.as_ref().map(|w| w.as_bytes().to_vec());
+        spec.uid = self.uid;
+        spec.gid = self.gid;
+        spec
     }
 }
 
@@ -327,10 +374,16 @@ mod tests {
         c.mem_bytes = 1 << 30;
         c.vcpus = 2;
         c.timeout = Some(Duration::from_millis(1500));
-        c.command = vec![
-            "sh".into(),
-            OsString::from(std::ffi::OsStr::from_bytes(b"\xff")),
-        ];
+        c.command = GuestCommand {
+            argv: vec![
+                "sh".into(),
+                OsString::from(std::ffi::OsStr::from_bytes(b"\xff")),
+            ],
+            env: vec![("A".into(), "1=2".into())],
+            workdir: Some("/tmp".into()),
+            uid: Some(1000),
+            gid: Some(5),
+        };
         c.verbose = true;
         c.use_pvh = false;
         c.console = ConsoleKind::Virtio;

@@ -26,6 +26,19 @@ pub struct Command {
     pub(crate) output_limit: Option<usize>,
 }
 
+impl From<&crate::config::GuestCommand> for Command {
+    /// The command `kiln run` would give kiln's init (program, environment,
+    /// working directory, user), with no stdin, timeout or output limit.
+    fn from(command: &crate::config::GuestCommand) -> Self {
+        Self {
+            spec: command.to_exec_spec(),
+            stdin: StdinMode::Null,
+            timeout: None,
+            output_limit: None,
+        }
+    }
+}
+
 impl Command {
     /// Runs `program` (searched in the guest's `PATH` unless it has a `/`)
     /// with an empty environment apart from a default `PATH`.

@@ -4,7 +4,6 @@
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ use vm_memory::GuestMemoryMmap;
 use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig, DEFAULT_COMMAND};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, Buses, DeviceManager};
 use crate::error::{Error, Result};
@@ -297,16 +296,7 @@ fn load_kernel_and_initramfs(
 }
 
 fn exec_spec(config: &VmConfig) -> Result<ExecSpec> {
-    let argv: Vec<Vec<u8>> = if config.command.is_empty() {
-        vec![DEFAULT_COMMAND.into()]
-    } else {
-        config
-            .command
-            .iter()
-            .map(|a| a.as_bytes().to_vec())
-            .collect()
-    };
-    let spec = ExecSpec::new(argv);
+    let spec = config.command.to_exec_spec();
     spec.validate()
         .map_err(|e| Error::Config(format!("command: {e}")))?;
     Ok(spec)
