@@ -51,7 +51,6 @@ pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 64;
-pub const STATUS_FAILED: u32 = 128;
 
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,

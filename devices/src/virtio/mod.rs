@@ -52,13 +52,6 @@ pub struct Activation {
     pub features: u64,
 }
 
-impl Activation {
-    /// The driver accepted feature bit `bit`.
-    pub fn has_feature(&self, bit: u32) -> bool {
-        bit < 64 && self.features & (1 << bit) != 0
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
     #[error("queue {0} is not usable (bad size or addresses outside guest memory)")]
@@ -155,9 +148,5 @@ impl Interrupt {
 
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
-    }
-
-    pub fn line(&self) -> &IrqLine {
-        &self.line
     }
 }

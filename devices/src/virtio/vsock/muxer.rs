@@ -185,10 +185,6 @@ impl Muxer {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
