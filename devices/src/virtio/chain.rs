@@ -606,6 +606,9 @@ mod tests {
             }
             vq.avail().ring().ref_at(0).unwrap().store(head);
             vq.avail().idx().store(1);
+            // Buffers may cover the rings too: compare with memory as it is now.
+            let mut pattern = vec![0u8; MEM as usize];
+            m.read_slice(&mut pattern, GuestAddress(0)).unwrap();
             let mut q: Queue = vq.create_queue().unwrap();
             let chain = q.iter(&m).unwrap().next().unwrap();
             let limits = Limits { max_descriptors, max_bytes };
