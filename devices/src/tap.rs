@@ -149,10 +149,6 @@ impl Tap {
         Ok(tap)
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The interface's MTU (SIOCGIFMTU).
     pub fn mtu(&self) -> Result<u32, TapError> {
         // SAFETY: creating a socket has no memory-safety preconditions.

@@ -17,11 +17,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::chain::{Layout, Limits};
+use super::common::VirtioCommon;
+use super::counters::device_counters;
+use super::queue::{Served, Stop};
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 
 pub const VIRTIO_ID_CONSOLE: u32 = 3;
 
@@ -42,6 +44,34 @@ const WRITE_CHUNK: usize = 64 * 1024;
 const DRAIN_STALL_LIMIT: Duration = Duration::from_secs(5);
 /// Input bytes per receive buffer.
 const INPUT_CHUNK: usize = 4096;
+/// Chains served per event, each way, before yielding to other devices.
+const CHAINS_PER_EVENT: usize = 64;
+/// Buffers in either direction (a transmit chain's writable ones and a
+/// receive chain's readable ones are ignored), at most a ring long.
+const CHAIN_SHAPE: (Layout, Limits) = (
+    Layout::ReadThenWrite,
+    Limits::descriptors(QUEUE_SIZES[0] as usize),
+);
+
+device_counters! {
+    /// virtio-console counters.
+    pub struct ConsoleCounters {
+        /// Receive buffers filled with host input.
+        rx_requests,
+        /// Input bytes given to the guest.
+        rx_bytes,
+        /// Transmit chains taken.
+        tx_requests,
+        /// Output bytes taken from the guest.
+        tx_bytes,
+        /// Output bytes dropped: past `MAX_CHAIN_OUTPUT` in one chain.
+        tx_dropped_bytes,
+        /// Chains that broke a rule (returned unused).
+        bad_chains,
+        /// Writes to the host output that failed (their bytes are lost).
+        output_errors,
+    }
+}
 
 /// A writer several devices can share (the serial and the virtio console
 /// both print to kiln's stdout).
@@ -97,7 +127,7 @@ fn lock_state(m: &Mutex<OutState>) -> MutexGuard<'_, OutState> {
 }
 
 impl Output {
-    fn new(mut out: Box<dyn Write + Send>) -> io::Result<Self> {
+    fn new(mut out: Box<dyn Write + Send>, counters: Arc<ConsoleCounters>) -> io::Result<Self> {
         let shared = Arc::new((Mutex::new(OutState::default()), Condvar::new()));
         let room = EventFd::new(EFD_NONBLOCK)?;
         let thread_shared = shared.clone();
@@ -123,6 +153,7 @@ impl Output {
                     // A closed or failing output drops the bytes; the guest goes on.
                     if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
                         log::debug!("virtio-console: output dropped: {e}");
+                        counters.output_errors.inc();
                     }
                     let mut st = lock_state(lock);
                     st.written += chunk.len() as u64;
@@ -192,15 +223,11 @@ impl Drop for Output {
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Interrupt,
-}
-
 pub struct VirtioConsole {
-    queue_evts: Vec<EventFd>,
-    active: Option<Active>,
+    /// Features, the queues while running, counters.
+    virtio: VirtioCommon,
+    counters: Arc<ConsoleCounters>,
+    /// The host side: kiln's input and output.
     input: Option<File>,
     /// The input is in the poll set.
     input_polled: bool,
@@ -213,57 +240,50 @@ impl VirtioConsole {
     /// `output` receives the guest's console output; `input` (e.g. stdin)
     /// feeds the guest's console input.
     pub fn new(output: Box<dyn Write + Send>, input: Option<File>) -> io::Result<Self> {
-        let queue_evts = QUEUE_SIZES
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()?;
+        let counters = Arc::new(ConsoleCounters::default());
         Ok(Self {
-            queue_evts,
-            active: None,
+            virtio: VirtioCommon::new(
+                "console".into(),
+                VIRTIO_ID_CONSOLE,
+                &QUEUE_SIZES,
+                // No F_SIZE, no MULTIPORT, no EMERG_WRITE: the config space is unused.
+                VIRTIO_F_VERSION_1,
+                Vec::new(),
+                counters.clone(),
+            )?,
+            output: Output::new(output, counters.clone())?,
+            counters,
             input_closed: input.is_none(),
             input,
             input_polled: false,
-            output: Output::new(output)?,
         })
-    }
-
-    fn signal(a: &mut Active, q: usize) {
-        if a.queues[q].needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.signal_used_queue();
-        }
     }
 
     /// Moves guest output into the host output buffer while it has room.
     fn process_tx(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mut used = false;
+        let (output, counters) = (&self.output, &*self.counters);
         let mut data = Vec::new();
-        while self.output.has_room() {
-            let Some(chain) = a.queues[TXQ].pop_descriptor_chain(&a.mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            match Reader::new(&a.mem, chain) {
-                Ok(mut reader) => {
-                    let n = reader.available_bytes().min(MAX_CHAIN_OUTPUT);
-                    data.resize(n, 0);
-                    match reader.read_exact(&mut data) {
-                        Ok(()) => self.output.push(&data),
-                        Err(e) => log::debug!("virtio-console: tx chain: {e}"),
-                    }
+        self.virtio
+            .serve(TXQ, CHAINS_PER_EVENT, CHAIN_SHAPE, |mem, chain| {
+                if !output.has_room() {
+                    return Served::Later;
                 }
-                Err(e) => log::debug!("virtio-console: unreadable tx chain: {e}"),
-            }
-            if let Err(e) = a.queues[TXQ].add_used(&a.mem, head, 0) {
-                log::warn!("virtio-console: tx used ring: {e}");
-            }
-            used = true;
-        }
-        if used {
-            Self::signal(a, TXQ);
-        }
+                if let Err(e) = chain.check() {
+                    log::debug!("virtio-console: bad tx chain: {e}");
+                    counters.bad_chains.inc();
+                    return Served::Used(0);
+                }
+                let len = chain.readable_len();
+                let n = len.min(MAX_CHAIN_OUTPUT as u64) as usize;
+                data.resize(n, 0);
+                if chain.reader().read_exact(mem, &mut data).is_ok() {
+                    output.push(&data);
+                    counters.tx_requests.inc();
+                    counters.tx_bytes.add(n as u64);
+                    counters.tx_dropped_bytes.add(len - n as u64);
+                }
+                Served::Used(0)
+            });
     }
 
     fn set_input_polled(&mut self, ops: &mut EventOps, want: bool) {
@@ -287,117 +307,76 @@ impl VirtioConsole {
         self.input_polled = want;
     }
 
-    /// Host input is readable: move one chunk into a receive buffer, or stop
-    /// polling the input until the guest posts buffers.
+    /// Host input is readable: move one chunk into a receive buffer (the
+    /// input may be a blocking fd: one read per readiness), or stop polling
+    /// the input until the guest posts buffers.
     fn process_input(&mut self, ops: &mut EventOps) {
-        let (Some(a), Some(input)) = (self.active.as_mut(), self.input.as_mut()) else {
-            self.set_input_polled(ops, false);
+        let Some(input) = self.input.as_mut() else {
             return;
         };
-        let Some(chain) = a.queues[RXQ].pop_descriptor_chain(&a.mem) else {
-            self.set_input_polled(ops, false);
-            return;
-        };
-        let head = chain.head_index();
-        let mut writer = match Writer::new(&a.mem, chain) {
-            Ok(w) if w.available_bytes() > 0 => w,
-            _ => {
-                // Unusable buffer: return it empty.
-                let _ = a.queues[RXQ].add_used(&a.mem, head, 0);
-                Self::signal(a, RXQ);
-                return;
-            }
-        };
-        let mut buf = [0u8; INPUT_CHUNK];
-        let n = writer.available_bytes().min(INPUT_CHUNK);
-        match input.read(&mut buf[..n]) {
-            Ok(0) => {
-                a.queues[RXQ].go_to_previous_position();
-                self.set_input_polled(ops, false);
-                self.input_closed = true;
-            }
-            Ok(k) => {
-                let len = match writer.write_all(&buf[..k]) {
-                    Ok(()) => k as u32,
-                    Err(_) => 0,
-                };
-                if let Err(e) = a.queues[RXQ].add_used(&a.mem, head, len) {
-                    log::warn!("virtio-console: rx used ring: {e}");
+        let counters = &*self.counters;
+        let (mut ended, mut read) = (false, false);
+        let turn = self
+            .virtio
+            .serve(RXQ, CHAINS_PER_EVENT, CHAIN_SHAPE, |mem, chain| {
+                if read {
+                    return Served::Later;
                 }
-                Self::signal(a, RXQ);
-            }
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                a.queues[RXQ].go_to_previous_position();
-            }
-            Err(e) => {
-                log::debug!("virtio-console: input closed: {e}");
-                a.queues[RXQ].go_to_previous_position();
-                self.set_input_polled(ops, false);
-                self.input_closed = true;
-            }
+                let room = chain.writable_len().min(INPUT_CHUNK as u64) as usize;
+                if chain.check().is_err() || room == 0 {
+                    // Unusable buffer: return it empty.
+                    counters.bad_chains.inc();
+                    return Served::Used(0);
+                }
+                let mut buf = [0u8; INPUT_CHUNK];
+                read = true;
+                match input.read(&mut buf[..room]) {
+                    Ok(0) => {
+                        ended = true;
+                        Served::Later
+                    }
+                    Ok(n) => {
+                        let written = chain.writer().write(mem, &buf[..n]);
+                        counters.rx_requests.inc();
+                        counters.rx_bytes.add(written as u64);
+                        Served::Used(written as u32)
+                    }
+                    Err(e)
+                        if e.kind() == io::ErrorKind::WouldBlock
+                            || e.kind() == io::ErrorKind::Interrupted =>
+                    {
+                        Served::Later
+                    }
+                    Err(e) => {
+                        log::debug!("virtio-console: input closed: {e}");
+                        ended = true;
+                        Served::Later
+                    }
+                }
+            });
+        if ended {
+            self.set_input_polled(ops, false);
+            self.input_closed = true;
+        } else if turn.is_none_or(|t| t.stop == Stop::Empty) {
+            // No receive buffers (or not running): wait for the guest's kick.
+            self.set_input_polled(ops, false);
         }
     }
 }
 
 impl VirtioDevice for VirtioConsole {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_CONSOLE
+    fn virtio(&self) -> &VirtioCommon {
+        &self.virtio
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn features(&self) -> u64 {
-        // No F_SIZE, no MULTIPORT, no EMERG_WRITE: the config space is unused.
-        VIRTIO_F_VERSION_1
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if activation.queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::Device(format!(
-                "console needs {} queues, got {}",
-                QUEUE_SIZES.len(),
-                activation.queues.len()
-            )));
-        }
-        if let Some(i) = activation.queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::BadQueue(i));
-        }
-        self.active = Some(Active {
-            mem: activation.mem,
-            queues: activation.queues,
-            interrupt: activation.interrupt,
-        });
-        // The event thread starts polling the input (and takes any output).
-        let _ = self.queue_evts[RXQ].write(1);
-        let _ = self.queue_evts[TXQ].write(1);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
+    fn virtio_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.virtio
     }
 }
 
 impl MutEventSubscriber for VirtioConsole {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                log::error!("virtio-console: cannot watch queue {i}: {e:?}");
-            }
-        }
+        self.virtio.watch_kicks(ops);
         if let Err(e) = ops.add(Events::with_data(
             &self.output.room,
             TOKEN_DRAINED,
@@ -408,23 +387,19 @@ impl MutEventSubscriber for VirtioConsole {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            d if d as usize == RXQ => {
-                let _ = self.queue_evts[RXQ].read();
+        match self.virtio.take_kick(&events) {
+            Some(RXQ) => {
                 // New receive buffers: input may flow again.
-                let active = self.active.is_some();
+                let active = self.virtio.is_active();
                 self.set_input_polled(ops, active);
             }
-            d if d as usize == TXQ => {
-                let _ = self.queue_evts[TXQ].read();
-                self.process_tx();
-            }
-            TOKEN_DRAINED => {
+            Some(_) => self.process_tx(),
+            None if events.data() == TOKEN_DRAINED => {
                 let _ = self.output.room.read();
                 self.process_tx();
             }
-            TOKEN_INPUT => self.process_input(ops),
-            other => log::debug!("virtio-console: unexpected event {other}"),
+            None if events.data() == TOKEN_INPUT => self.process_input(ops),
+            None => log::debug!("virtio-console: unexpected event {}", events.data()),
         }
     }
 }
@@ -433,9 +408,11 @@ impl MutEventSubscriber for VirtioConsole {
 mod tests {
     use super::*;
     use crate::irq::IrqLine;
-    use crate::virtio::vsock::test_queue::{self, DriverQueue};
+    use crate::virtio::test_queue::{self, DriverQueue};
+    use crate::virtio::{Activation, Interrupt};
     use event_manager::{EventManager, SubscriberOps};
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::GuestMemoryMmap;
     use vm_memory::{Bytes, GuestAddress};
 
     const MEM_SIZE: usize = 16 << 20;
@@ -560,7 +537,7 @@ mod tests {
         }
 
         fn kick(&self, q: usize) {
-            self.dev.lock().unwrap().queue_evts[q].write(1).unwrap();
+            self.dev.lock().unwrap().queue_events()[q].write(1).unwrap();
         }
 
         fn post_rx(&mut self, n: usize) -> Vec<u64> {
@@ -653,6 +630,41 @@ mod tests {
         h.assert_idle();
     }
 
+    #[test]
+    fn rings_of_bad_chains_are_served_a_budget_per_event() {
+        // A guest that keeps its avail indices a whole ring ahead over bad
+        // chains: each event returns one budget of them and re-kicks the
+        // queue for the rest.
+        let (reader, mut writer) = pipe();
+        let mut h = Harness::new(Some(reader));
+        h.activate();
+        let ring = usize::from(test_queue::RING_SIZE);
+        for _ in 0..ring {
+            h.tx.add(&[(MEM_SIZE as u64 - 8, 4096, 0)]);
+        }
+        h.kick(TXQ);
+        assert_eq!(h.em.run_with_timeout(0).unwrap(), 1);
+        assert_eq!(h.tx.used().len(), CHAINS_PER_EVENT);
+        h.pump();
+        assert_eq!(h.tx.used().len(), ring - CHAINS_PER_EVENT);
+        // Device-readable receive buffers while input waits.
+        for _ in 0..ring {
+            h.rx.add(&[(BUFS, 64, 0)]);
+        }
+        // The input has been polled since activation: it becomes readable.
+        writer.write_all(b"x").unwrap();
+        assert_eq!(h.em.run_with_timeout(0).unwrap(), 1);
+        let used = h.rx.used();
+        assert_eq!(used.len(), CHAINS_PER_EVENT);
+        h.pump();
+        let rest = h.rx.used();
+        assert_eq!(used.len() + rest.len(), ring);
+        assert!(used.iter().chain(&rest).all(|&(_, len)| len == 0));
+        let c = &h.dev.lock().unwrap().counters;
+        assert_eq!(c.bad_chains.get(), 2 * ring as u64);
+        assert_eq!((c.rx_bytes.get(), c.tx_bytes.get()), (0, 0));
+    }
+
     fn pipe() -> (File, File) {
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills the two-int array.
@@ -702,7 +714,7 @@ mod tests {
     #[test]
     fn teardown_writes_out_pending_output() {
         let out = GatedOut::default();
-        let output = Output::new(Box::new(out.clone())).unwrap();
+        let output = Output::new(Box::new(out.clone()), Arc::default()).unwrap();
         out.set_blocked(true);
         output.push(b"pending bytes");
         let unblock = out.clone();

@@ -51,7 +51,6 @@ pub const STATUS_DRIVER: u32 = 2;
 pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 64;
-pub const STATUS_FAILED: u32 = 128;
 
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
@@ -327,34 +326,23 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::irq::IrqLine;
+    use crate::virtio::common::VirtioCommon;
+    use crate::virtio::counters::NoCounters;
     use crate::virtio::ActivateError;
     use vm_memory::GuestAddress;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     struct Dummy {
-        evts: Vec<EventFd>,
+        virtio: VirtioCommon,
         activations: usize,
         resets: usize,
-        config: [u8; 8],
     }
 
     impl VirtioDevice for Dummy {
-        fn device_type(&self) -> u32 {
-            42
+        fn virtio(&self) -> &VirtioCommon {
+            &self.virtio
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[16, 16]
-        }
-        fn features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | 1
-        }
-        fn queue_events(&self) -> &[EventFd] {
-            &self.evts
-        }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
-            }
+        fn virtio_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.virtio
         }
         fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
             assert_eq!(a.queues.len(), 2);
@@ -367,13 +355,19 @@ mod tests {
     }
 
     fn setup() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let virtio = VirtioCommon::new(
+            "dummy".into(),
+            42,
+            &[16, 16],
+            VIRTIO_F_VERSION_1 | 1,
+            b"cfgbytes".to_vec(),
+            Arc::new(NoCounters),
+        )
+        .unwrap();
         let dev = Arc::new(Mutex::new(Dummy {
-            evts: (0..2)
-                .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
-                .collect(),
+            virtio,
             activations: 0,
             resets: 0,
-            config: *b"cfgbytes",
         }));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let t = MmioTransport::new(dev.clone(), mem, Interrupt::new(IrqLine::new().unwrap()));
@@ -502,6 +496,6 @@ mod tests {
     fn notify_without_ioeventfd_reaches_the_queue_eventfd() {
         let (mut t, dev) = setup();
         w(&mut t, REG_QUEUE_NOTIFY, 1);
-        assert_eq!(dev.lock().unwrap().evts[1].read().unwrap(), 1);
+        assert_eq!(dev.lock().unwrap().queue_events()[1].read().unwrap(), 1);
     }
 }

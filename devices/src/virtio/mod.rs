@@ -7,20 +7,29 @@
 //! through `Interrupt` (a KVM irqfd). The vCPU threads only touch registers.
 
 pub mod block;
+pub mod chain;
+pub mod common;
 pub mod console;
+pub mod counters;
 pub mod mmio;
 pub mod net;
+pub mod queue;
 pub mod rng;
 pub mod vsock;
+
+#[cfg(test)]
+pub(crate) mod test_queue;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::IrqLine;
+use common::VirtioCommon;
+use counters::Counters;
 
 /// Feature bit every modern device offers and kiln requires.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -31,7 +40,9 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
-/// What a device gets when the driver sets DRIVER_OK.
+/// What a device gets when the driver sets DRIVER_OK, and keeps until reset:
+/// the negotiated features and the queues (guest-visible state), guest memory
+/// and the interrupt (host handles).
 pub struct Activation {
     pub mem: GuestMemoryMmap,
     /// One per queue, configured and ready (in queue-index order).
@@ -49,27 +60,55 @@ pub enum ActivateError {
     Device(String),
 }
 
-/// A virtio device model, independent of the transport.
+/// A virtio device model, independent of the transport. A device keeps what
+/// every device has in a `VirtioCommon`; the methods answer from it unless
+/// the device has more to do.
 pub trait VirtioDevice: Send {
+    /// Identity, features, config space, queues, counters and kicks.
+    fn virtio(&self) -> &VirtioCommon;
+    fn virtio_mut(&mut self) -> &mut VirtioCommon;
     /// Virtio device ID (2 = block, 1 = net, 3 = console, 4 = rng, 19 = vsock).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.virtio().device_type()
+    }
     /// Largest size of each queue; the number of entries is the queue count.
-    fn queue_max_sizes(&self) -> &[u16];
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.virtio().queue_max_sizes()
+    }
     /// Offered features, including `VIRTIO_F_VERSION_1`.
-    fn features(&self) -> u64;
+    fn features(&self) -> u64 {
+        self.virtio().avail_features()
+    }
     /// One eventfd per queue, signalled when the driver notifies that queue.
-    fn queue_events(&self) -> &[EventFd];
+    fn queue_events(&self) -> &[EventFd] {
+        self.virtio().queue_events()
+    }
     /// Reads the device-specific configuration space.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.virtio().read_config(offset, data);
+    }
     /// Writes the device-specific configuration space (ignored by default).
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let _ = (offset, data);
     }
-    /// Starts serving the queues.
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Starts serving the queues; each is looked at once, for chains the
+    /// driver queued before DRIVER_OK.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        self.virtio_mut().activate(activation)?;
+        for queue in 0..self.queue_max_sizes().len() {
+            self.virtio().kick(queue);
+        }
+        Ok(())
+    }
     /// Stops serving and forgets the queues (driver reset). In-flight requests
     /// are dropped: the driver has abandoned them.
-    fn reset(&mut self);
+    fn reset(&mut self) {
+        self.virtio_mut().reset();
+    }
+    /// The device's counters, readable while it runs (logged at exit).
+    fn counters(&self) -> Arc<dyn Counters> {
+        self.virtio().counters()
+    }
 }
 
 /// A device's interrupt: sets the status bits the driver reads, then raises
@@ -110,57 +149,4 @@ impl Interrupt {
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
-
-    pub fn line(&self) -> &IrqLine {
-        &self.line
-    }
-}
-
-/// Serves a request queue: pops each available chain, hands it to `serve`
-/// (which returns the number of bytes written to the chain) and returns it
-/// as used, until the queue is empty or `budget` chains were served; then
-/// interrupts the driver if it wants to be told. Returns true when the
-/// budget ran out with work left: the caller re-kicks itself so other event
-/// sources get a turn. An avail index that yields nothing (garbage) ends the
-/// loop instead of spinning.
-pub fn serve_queue<F>(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &Interrupt,
-    budget: usize,
-    mut serve: F,
-) -> bool
-where
-    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
-{
-    let mut served = 0;
-    let mut more = false;
-    'outer: loop {
-        if queue.disable_notification(mem).is_err() {
-            break;
-        }
-        let before = served;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = serve(chain);
-            if queue.add_used(mem, head, len).is_err() {
-                // A head index past the ring: the chain cannot be returned.
-                log::debug!("virtio: cannot return chain {head}");
-            }
-            served += 1;
-            if served >= budget {
-                more = true;
-                break 'outer;
-            }
-        }
-        match queue.enable_notification(mem) {
-            // More arrived while notifications were off.
-            Ok(true) if served > before => continue,
-            _ => break,
-        }
-    }
-    if served > 0 && queue.needs_notification(mem).unwrap_or(true) {
-        interrupt.signal_used_queue();
-    }
-    more
 }

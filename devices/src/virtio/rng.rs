@@ -2,31 +2,52 @@
 //! getrandom(2).
 //!
 //! Each chain gets at most `MAX_BYTES_PER_CHAIN` bytes, written into its
-//! device-writable descriptors in order; device-readable descriptors are
-//! skipped, and a descriptor outside guest memory ends the chain's filling.
-//! The used length is the number of bytes actually written.
+//! device-writable buffers in order; device-readable buffers ahead of them
+//! are skipped, and a chain that breaks a rule (a buffer outside guest
+//! memory, a loop) is filled up to the fault. The used length is the number
+//! of bytes actually written.
 
-use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vm_memory::GuestMemoryMmap;
 
-use super::{
-    ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-};
+use super::chain::{Chain, Layout, Limits};
+use super::common::VirtioCommon;
+use super::counters::device_counters;
+use super::queue::Served;
+use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// virtio device id of an entropy source.
 pub const DEVICE_ID_RNG: u32 = 4;
 pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Bytes of entropy handed out per chain, whatever the chain's size.
 pub const MAX_BYTES_PER_CHAIN: usize = 64 << 10;
 /// Chains served per event before yielding to other devices.
 const CHAINS_PER_EVENT: usize = 64;
+/// Buffers to fill, then nothing: a chain is at most a ring long.
+const CHAIN_SHAPE: (Layout, Limits) = (
+    Layout::ReadThenWrite,
+    Limits::descriptors(QUEUE_SIZE as usize),
+);
+
+device_counters! {
+    /// virtio-rng counters.
+    pub struct RngCounters {
+        /// Chains filled and returned.
+        requests,
+        /// Random bytes handed to the guest.
+        bytes,
+        /// getrandom(2) failures (the chain got fewer bytes).
+        errors,
+        /// Chains that broke a rule (filled up to the fault).
+        bad_chains,
+    }
+}
 
 /// Fills `buf` from getrandom(2); returns how many bytes it got.
-fn host_random(buf: &mut [u8]) -> usize {
+fn host_random(buf: &mut [u8], counters: &RngCounters) -> usize {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
@@ -41,6 +62,7 @@ fn host_random(buf: &mut [u8]) -> usize {
                 "virtio-rng: getrandom failed: {}",
                 std::io::Error::last_os_error()
             );
+            counters.errors.inc();
             break;
         }
         done += n as usize;
@@ -48,135 +70,82 @@ fn host_random(buf: &mut [u8]) -> usize {
     done
 }
 
-/// Fills the chain's writable buffers (up to the cap); returns the used length.
-pub fn fill_chain<M>(mem: &GuestMemoryMmap, chain: DescriptorChain<M>, scratch: &mut [u8]) -> u32
-where
-    M: std::ops::Deref,
-    M::Target: GuestMemory,
-{
-    let cap = scratch.len();
-    let mut written = 0usize;
-    // The iterator is bounded by the descriptor table size (loops end there).
-    for desc in chain.writable() {
-        if written >= cap {
-            break;
-        }
-        let n = (desc.len() as usize).min(cap - written);
-        if n == 0 {
-            continue;
-        }
-        if !mem.check_range(desc.addr(), n, Permissions::Write) {
-            break;
-        }
-        let buf = &mut scratch[..n];
-        let got = host_random(buf);
-        if mem.write_slice(&buf[..got], desc.addr()).is_err() {
-            break;
-        }
-        written += got;
-        if got < n {
-            break;
-        }
+/// Fills the chain's writable buffers (up to the size of `scratch`);
+/// returns the used length.
+fn fill_chain(
+    mem: &GuestMemoryMmap,
+    chain: &Chain,
+    scratch: &mut [u8],
+    counters: &RngCounters,
+) -> u32 {
+    if chain.fault().is_some() {
+        counters.bad_chains.inc();
     }
+    let want = chain.writable_len().min(scratch.len() as u64) as usize;
+    let got = host_random(&mut scratch[..want], counters);
+    let written = chain.writer().write(mem, &scratch[..got]);
+    counters.requests.inc();
+    counters.bytes.add(written as u64);
     written as u32
-}
-
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Interrupt,
 }
 
 /// The entropy device: one request queue served on the event loop.
 pub struct Rng {
-    queue_evts: [EventFd; 1],
-    active: Option<Active>,
+    /// Features, the queue while running, counters.
+    virtio: VirtioCommon,
+    counters: Arc<RngCounters>,
     scratch: Vec<u8>,
 }
 
 impl Rng {
     pub fn new() -> std::io::Result<Self> {
+        let counters = Arc::new(RngCounters::default());
         Ok(Self {
-            queue_evts: [EventFd::new(EFD_NONBLOCK)?],
-            active: None,
+            virtio: VirtioCommon::new(
+                "rng".into(),
+                DEVICE_ID_RNG,
+                &QUEUE_SIZES,
+                VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+                // virtio-rng has no configuration space.
+                Vec::new(),
+                counters.clone(),
+            )?,
+            counters,
             scratch: vec![0; MAX_BYTES_PER_CHAIN],
         })
     }
 
     pub fn is_active(&self) -> bool {
-        self.active.is_some()
+        self.virtio.is_active()
     }
 
     /// Serves the available chains (up to a budget; the rest on the next turn).
     pub fn process_queue(&mut self) {
-        let Some(Active {
-            mem,
-            queue,
-            interrupt,
-        }) = self.active.as_mut()
-        else {
-            return;
-        };
-        let scratch = &mut self.scratch;
-        let more = super::serve_queue(queue, mem, interrupt, CHAINS_PER_EVENT, |chain| {
-            fill_chain(mem, chain, scratch)
-        });
-        if more {
-            let _ = self.queue_evts[0].write(1);
-        }
+        let (scratch, counters) = (&mut self.scratch, &*self.counters);
+        self.virtio
+            .serve(0, CHAINS_PER_EVENT, CHAIN_SHAPE, |mem, chain| {
+                Served::Used(fill_chain(mem, chain, scratch, counters))
+            });
     }
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        DEVICE_ID_RNG
+    fn virtio(&self) -> &VirtioCommon {
+        &self.virtio
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
-    }
-
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        // virtio-rng has no configuration space.
-        data.fill(0);
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        let Some(queue) = activation.queues.into_iter().next() else {
-            return Err(ActivateError::BadQueue(0));
-        };
-        self.active = Some(Active {
-            mem: activation.mem,
-            queue,
-            interrupt: activation.interrupt,
-        });
-        let _ = self.queue_evts[0].write(1);
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
+    fn virtio_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.virtio
     }
 }
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.queue_evts[0], EventSet::IN)) {
-            log::error!("virtio-rng: cannot watch the queue eventfd: {e:?}");
-        }
+        self.virtio.watch_kicks(ops);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.queue_evts[0].as_raw_fd() {
-            let _ = self.queue_evts[0].read();
+        if self.virtio.take_kick(&events).is_some() {
             self.process_queue();
         }
     }
@@ -186,9 +155,13 @@ impl MutEventSubscriber for Rng {
 mod tests {
     use super::*;
     use crate::irq::IrqLine;
+    use crate::virtio::test_queue::{DriverQueue, RING_SIZE};
+    use crate::virtio::{Activation, Interrupt};
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress};
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -318,5 +291,39 @@ mod tests {
         q.avail().idx().store(1000);
         rng.process_queue();
         assert_eq!(q.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn a_ring_of_bad_chains_is_served_a_budget_per_turn() {
+        // A guest that keeps its avail index a whole ring ahead over chains
+        // whose buffer lies outside guest memory: each call returns one
+        // budget of them and re-kicks itself for the rest.
+        let mem: &'static GuestMemoryMmap = Box::leak(Box::new(memory()));
+        let mut driver = DriverQueue::new(mem, 0x1_0000);
+        let mut rng = Rng::new().unwrap();
+        rng.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![driver.queue()],
+            interrupt: Interrupt::new(IrqLine::new().unwrap()),
+            features: VIRTIO_F_VERSION_1,
+        })
+        .unwrap();
+        let _ = rng.queue_events()[0].read();
+        for _ in 0..RING_SIZE {
+            driver.add(&[(0xffff_0000, 64, VRING_DESC_F_WRITE)]);
+        }
+        rng.process_queue();
+        assert_eq!(driver.used().len(), CHAINS_PER_EVENT);
+        let mut used = CHAINS_PER_EVENT;
+        while rng.queue_events()[0].read().is_ok() {
+            rng.process_queue();
+            let more = driver.used();
+            assert!(more.len() <= CHAINS_PER_EVENT);
+            assert!(more.iter().all(|&(_, len)| len == 0));
+            used += more.len();
+        }
+        assert_eq!(used, usize::from(RING_SIZE));
+        assert_eq!(rng.counters.bad_chains.get(), u64::from(RING_SIZE));
+        assert_eq!(rng.counters.bytes.get(), 0);
     }
 }

@@ -2,12 +2,16 @@
 //! requests, hostile chains, image checks, and a property test over random
 //! descriptor tables.
 
+use super::request::parse_chain;
 use super::*;
 use crate::irq::IrqLine;
+use crate::virtio::{Activation, Interrupt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -698,7 +702,7 @@ fn many_chains_are_served_in_turns() {
         features: blk.features(),
     })
     .unwrap();
-    let _ = blk.queue_evts[0].read();
+    let _ = blk.queue_events()[0].read();
     let used_idx = || mem.read_obj::<u16>(GuestAddress(used_ring + 2)).unwrap();
     mem.write_slice(&header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(HDR))
         .unwrap();
@@ -722,18 +726,20 @@ fn many_chains_are_served_in_turns() {
     }
 }
 
-#[test]
-fn a_turn_has_a_budget_and_rearms_its_kick() {
-    // 512 chains available at once: one turn serves CHAINS_PER_EVENT of them
-    // and signals its own queue eventfd to come back for the rest.
-    const BIG: u16 = 512;
-    let img = TempImage::new("budget.img", 4096);
-    let mem = memory();
-    let q = MockSplitQueue::new(&mem, BIG);
-    let used_ring = 0x40000u64;
+/// Entries in a ring larger than one turn's budget.
+const BIG: u16 = 512;
+/// Where `big_ring` puts the used ring (the mock's overlaps its avail ring).
+const BIG_USED_RING: u64 = 0x40000;
+
+/// A running device on a `BIG`-entry queue, its activation kick taken.
+fn big_ring<'a>(
+    mem: &'a GuestMemoryMmap,
+    img: &TempImage,
+) -> (MockSplitQueue<'a, GuestMemoryMmap>, Block) {
+    let q = MockSplitQueue::new(mem, BIG);
     let mut queue: Queue = q.create_queue().unwrap();
-    queue.set_used_ring_address(Some(used_ring as u32), Some(0));
-    let mut blk = block(&img, false);
+    queue.set_used_ring_address(Some(BIG_USED_RING as u32), Some(0));
+    let mut blk = block(img, false);
     blk.activate(Activation {
         mem: mem.clone(),
         queues: vec![queue],
@@ -741,8 +747,21 @@ fn a_turn_has_a_budget_and_rearms_its_kick() {
         features: blk.features(),
     })
     .unwrap();
-    let _ = blk.queue_evts[0].read();
-    let used_idx = || mem.read_obj::<u16>(GuestAddress(used_ring + 2)).unwrap();
+    let _ = blk.queue_events()[0].read();
+    (q, blk)
+}
+
+#[test]
+fn a_turn_has_a_budget_and_rearms_its_kick() {
+    // 512 chains available at once: one turn serves CHAINS_PER_EVENT of them
+    // and signals its own queue eventfd to come back for the rest.
+    let img = TempImage::new("budget.img", 4096);
+    let mem = memory();
+    let (q, mut blk) = big_ring(&mem, &img);
+    let used_idx = || {
+        mem.read_obj::<u16>(GuestAddress(BIG_USED_RING + 2))
+            .unwrap()
+    };
     mem.write_slice(&header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(HDR))
         .unwrap();
     for i in 0..BIG / 2 {
@@ -765,15 +784,49 @@ fn a_turn_has_a_budget_and_rearms_its_kick() {
     q.avail().idx().store(BIG);
     blk.process_queue();
     assert_eq!(usize::from(used_idx()), CHAINS_PER_EVENT);
-    assert_eq!(blk.queue_evts[0].read().unwrap(), 1);
+    assert_eq!(blk.queue_events()[0].read().unwrap(), 1);
     blk.process_queue();
     assert_eq!(used_idx(), BIG);
     // At most one more (empty) turn, then quiet.
-    if blk.queue_evts[0].read().is_ok() {
+    if blk.queue_events()[0].read().is_ok() {
         blk.process_queue();
     }
     assert_eq!(used_idx(), BIG);
-    assert!(blk.queue_evts[0].read().is_err());
+    assert!(blk.queue_events()[0].read().is_err());
+}
+
+#[test]
+fn a_ring_of_bad_chains_is_served_a_budget_per_turn() {
+    // A guest that keeps its avail index a whole (512-entry) ring ahead over
+    // chains without a status byte: each call returns one budget of them,
+    // re-kicks itself for the rest, and counts them.
+    let img = TempImage::new("bad-budget.img", 4096);
+    let mem = memory();
+    let (q, mut blk) = big_ring(&mem, &img);
+    let used_idx = || {
+        mem.read_obj::<u16>(GuestAddress(BIG_USED_RING + 2))
+            .unwrap()
+    };
+    // One device-readable descriptor: no status byte.
+    let d = SplitDesc::new(HDR, 16, 0, 0);
+    q.desc_table().store(0, RawDescriptor::from(d)).unwrap();
+    for i in 0..BIG {
+        q.avail().ring().ref_at(i as usize).unwrap().store(0);
+    }
+    q.avail().idx().store(BIG);
+    blk.process_queue();
+    assert_eq!(usize::from(used_idx()), CHAINS_PER_EVENT);
+    assert_eq!(blk.queue_events()[0].read().unwrap(), 1, "re-kicked");
+    blk.process_queue();
+    assert_eq!(used_idx(), BIG);
+    // Returned with length 0 (the first element's len field).
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(BIG_USED_RING + 8))
+            .unwrap(),
+        0
+    );
+    assert_eq!(blk.counters.bad_chains.get(), u64::from(BIG));
+    assert_eq!(blk.counters.requests.get(), 0);
 }
 
 mod prop {
@@ -862,7 +915,7 @@ mod prop {
                     if let Parsed::WithStatus { status, request } = parse_chain(&mem, chain) {
                         prop_assert!(mem.check_range(status, 1, Permissions::Write));
                         if let Ok(req) = request {
-                            for s in req.readable.iter().chain(&req.writable) {
+                            for s in &req.data {
                                 prop_assert!(s.len > 0);
                                 prop_assert!(mem.check_range(s.addr, s.len as usize, Permissions::Read));
                             }

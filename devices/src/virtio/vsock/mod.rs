@@ -11,13 +11,15 @@ pub mod packet;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::Path;
+use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::chain::{Layout, Limits};
+use super::common::VirtioCommon;
+use super::counters::device_counters;
+use super::queue::Stop;
+use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use muxer::{Muxer, Poller, LISTENER_TOKEN};
 
 /// Virtio device ID of a socket device.
@@ -30,8 +32,36 @@ pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
+/// Chains taken from one queue per turn before yielding to other devices.
+const CHAINS_PER_TURN: usize = 64;
 /// Rounds of tx/rx processing per event before yielding to other devices.
 const MAX_ROUNDS: usize = 16;
+/// Packets in either direction (a tx chain's writable buffers and an rx
+/// chain's readable ones are ignored), at most a ring long.
+const CHAIN_SHAPE: (Layout, Limits) = (
+    Layout::ReadThenWrite,
+    Limits::descriptors(QUEUE_SIZES[0] as usize),
+);
+
+device_counters! {
+    /// virtio-vsock counters ("tx" is guest to host, "rx" host to guest).
+    pub struct VsockCounters {
+        /// Packets taken from the guest.
+        tx_packets,
+        /// Stream bytes taken from the guest.
+        tx_bytes,
+        /// Guest packets dropped unanswered (no header, another source CID).
+        tx_dropped,
+        /// Packets given to the guest.
+        rx_packets,
+        /// Stream bytes given to the guest.
+        rx_bytes,
+        /// Connection resets sent to the guest.
+        resets,
+        /// Chains that broke a rule or were too small (returned unused).
+        bad_chains,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -43,16 +73,11 @@ pub enum VsockError {
     EventFd(io::Error),
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Interrupt,
-}
-
 pub struct Vsock {
-    cid: u64,
-    queue_evts: Vec<EventFd>,
-    active: Option<Active>,
+    /// Features, config space (the guest CID), the queues while running,
+    /// counters.
+    virtio: VirtioCommon,
+    /// The host side: the Unix sockets and the connections over them.
     muxer: Muxer,
 }
 
@@ -70,113 +95,69 @@ impl Vsock {
     /// file there is replaced; any other file is an error).
     pub fn new(cid: u64, path: &Path) -> Result<Self, VsockError> {
         check_cid(cid)?;
-        let muxer = Muxer::new(cid, path).map_err(|source| VsockError::Socket {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let queue_evts = QUEUE_SIZES
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(VsockError::EventFd)?;
-        Ok(Self {
-            cid,
-            queue_evts,
-            active: None,
-            muxer,
-        })
-    }
-
-    pub fn cid(&self) -> u64 {
-        self.cid
+        let counters = Arc::new(VsockCounters::default());
+        let muxer =
+            Muxer::new(cid, path, counters.clone()).map_err(|source| VsockError::Socket {
+                path: path.display().to_string(),
+                source,
+            })?;
+        // struct virtio_vsock_config { le64 guest_cid; }
+        let config = cid.to_le_bytes().to_vec();
+        let virtio = VirtioCommon::new(
+            format!("vsock cid {cid}"),
+            VIRTIO_ID_VSOCK,
+            &QUEUE_SIZES,
+            VIRTIO_F_VERSION_1,
+            config,
+            counters,
+        )
+        .map_err(VsockError::EventFd)?;
+        Ok(Self { virtio, muxer })
     }
 
     /// Moves data both ways until nothing more can move right now.
     fn run_queues(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let (mut rx_used, mut tx_used) = (false, false);
+        let muxer = &mut self.muxer;
         for round in 0.. {
-            let tx = self.muxer.process_tx(&a.mem, &mut a.queues[TXQ]);
-            tx_used |= tx.used;
-            rx_used |= self.muxer.process_rx(&a.mem, &mut a.queues[RXQ]);
+            let tx = self
+                .virtio
+                .serve(TXQ, CHAINS_PER_TURN, CHAIN_SHAPE, |mem, chain| {
+                    muxer.tx_chain(mem, chain)
+                });
+            let Some(tx) = tx else {
+                return;
+            };
+            self.virtio
+                .serve(RXQ, CHAINS_PER_TURN, CHAIN_SHAPE, |mem, chain| {
+                    muxer.rx_chain(mem, chain)
+                });
             // More tx work only if it stopped for want of control room that rx made.
-            if !tx.stalled || !self.muxer.control_has_room() {
+            if tx.stop != Stop::Later || !muxer.control_has_room() {
                 break;
             }
             if round + 1 >= MAX_ROUNDS {
                 // Come back later instead of starving the other devices.
-                let _ = self.queue_evts[TXQ].write(1);
+                self.virtio.kick(TXQ);
                 break;
             }
         }
-        for (q, used) in [(RXQ, rx_used), (TXQ, tx_used)] {
-            if used && a.queues[q].needs_notification(&a.mem).unwrap_or(true) {
-                a.interrupt.signal_used_queue();
-            }
-        }
-    }
-
-    /// Makes the event thread run (it does the housekeeping that needs the poll set).
-    fn kick(&self) {
-        let _ = self.queue_evts[RXQ].write(1);
     }
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
+    fn virtio(&self) -> &VirtioCommon {
+        &self.virtio
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_vsock_config { le64 guest_cid; }
-        let config = self.cid.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| config.get(o)).copied().unwrap_or(0);
-        }
-    }
-
-    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
-        if activation.queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::Device(format!(
-                "vsock needs {} queues, got {}",
-                QUEUE_SIZES.len(),
-                activation.queues.len()
-            )));
-        }
-        if let Some(i) = activation.queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::BadQueue(i));
-        }
-        self.active = Some(Active {
-            mem: activation.mem,
-            queues: activation.queues,
-            interrupt: activation.interrupt,
-        });
-        // Host connections may already be waiting for the guest.
-        self.kick();
-        Ok(())
+    fn virtio_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.virtio
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.virtio.reset();
         self.muxer.reset();
-        self.kick();
+        // The event thread takes the closed streams out of the poll set.
+        self.virtio.kick(RXQ);
     }
 }
 
@@ -200,30 +181,23 @@ impl Poller for EventOps<'_> {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        for (i, evt) in self.queue_evts.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
-                log::error!("vsock: cannot watch queue {i}: {e:?}");
-            }
-        }
+        self.virtio.watch_kicks(ops);
         self.muxer.sync(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            // Queue kicks (the event queue's buffers are only held: kiln
-            // has no transport events to report).
-            d if (d as usize) < self.queue_evts.len() => {
-                let _ = self.queue_evts[d as usize].read();
+        // A queue kick needs no more than the run below (the event queue's
+        // buffers are only held: kiln has no transport events to report).
+        if self.virtio.take_kick(&events).is_none() {
+            match events.data() {
+                LISTENER_TOKEN => self.muxer.accept(),
+                token => self.muxer.conn_event(token, events.event_set()),
             }
-            LISTENER_TOKEN => self.muxer.accept(),
-            token => self.muxer.conn_event(token, events.event_set()),
         }
         self.run_queues();
         self.muxer.sync(ops);
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_queue;
 #[cfg(test)]
 mod tests;

@@ -21,9 +21,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use event_manager::EventSet;
-use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 
 use super::conn::{
@@ -35,6 +35,9 @@ use super::packet::{
     OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
     SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
+use super::VsockCounters;
+use crate::virtio::chain::{Chain, Cursor};
+use crate::virtio::queue::Served;
 
 /// Most connections (in any state) at once.
 pub const MAX_CONNS: usize = 128;
@@ -48,9 +51,6 @@ pub const FIRST_CONN_TOKEN: u32 = 16;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Room for `_4294967295` after the main socket path inside `sun_path`.
 const PORT_SUFFIX_MAX: usize = 11;
-/// Defensive bound on rx iterations per call (each normally fills a buffer
-/// or changes a connection's state).
-const RX_LOOP_LIMIT: usize = 1 << 16;
 
 /// The epoll operations the muxer needs (the event loop's `EventOps` in the
 /// monitor, a recorder in tests).
@@ -58,15 +58,6 @@ pub trait Poller {
     fn add(&mut self, fd: RawFd, data: u32, set: EventSet) -> io::Result<()>;
     fn modify(&mut self, fd: RawFd, data: u32, set: EventSet) -> io::Result<()>;
     fn remove(&mut self, fd: RawFd);
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct TxResult {
-    /// Chains were returned to the guest.
-    pub used: bool,
-    /// Stopped with packets left because too many control packets are
-    /// waiting for rx buffers.
-    pub stalled: bool,
 }
 
 enum RxWork {
@@ -100,6 +91,8 @@ pub struct Muxer {
     next_token: u32,
     next_local_port: u32,
     scratch: Vec<u8>,
+    /// Shared with the device (which logs them at exit).
+    pub(super) counters: Arc<VsockCounters>,
 }
 
 /// Binds the main socket, replacing a stale socket file but nothing else.
@@ -172,7 +165,7 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 }
 
 impl Muxer {
-    pub fn new(cid: u64, path: &Path) -> io::Result<Self> {
+    pub fn new(cid: u64, path: &Path, counters: Arc<VsockCounters>) -> io::Result<Self> {
         let listener = bind_listener(path)?;
         Ok(Self {
             cid,
@@ -188,11 +181,8 @@ impl Muxer {
             next_token: FIRST_CONN_TOKEN,
             next_local_port: FIRST_LOCAL_PORT,
             scratch: vec![0; MAX_PKT_PAYLOAD],
+            counters,
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn connection_count(&self) -> usize {
@@ -244,6 +234,7 @@ impl Muxer {
         if to.op == OP_RST {
             return;
         }
+        self.counters.resets.inc();
         self.control.push_back(Header {
             src_cid: to.dst_cid,
             dst_cid: self.cid,
@@ -289,6 +280,7 @@ impl Muxer {
         if guest_knows {
             let h = self.header_for(conn, OP_RST);
             self.control.push_back(h);
+            self.counters.resets.inc();
         }
         self.close_conn(token);
     }
@@ -458,11 +450,12 @@ impl Muxer {
     }
 
     /// Handles one packet from the guest's tx queue.
-    fn handle_guest_packet(&mut self, reader: &mut Reader<'_>) {
-        let hdr = match read_header(reader) {
+    fn handle_guest_packet(&mut self, mem: &GuestMemoryMmap, reader: &mut Cursor<'_>) {
+        let hdr = match read_header(mem, reader) {
             Ok(h) => h,
             Err(e) => {
                 log::debug!("vsock: tx packet dropped: {e}");
+                self.counters.tx_dropped.inc();
                 return;
             }
         };
@@ -478,8 +471,10 @@ impl Muxer {
         );
         if hdr.src_cid != self.cid {
             log::debug!("vsock: tx packet from CID {} dropped", hdr.src_cid);
+            self.counters.tx_dropped.inc();
             return;
         }
+        self.counters.tx_packets.inc();
         let key = (hdr.dst_port, hdr.src_port);
         let token = self.by_key.get(&key).copied();
         if hdr.type_ != TYPE_STREAM || hdr.dst_cid != HOST_CID {
@@ -489,7 +484,8 @@ impl Muxer {
             }
             return;
         }
-        let len = match checked_payload_len(&hdr, reader.available_bytes()) {
+        let avail = usize::try_from(reader.remaining()).unwrap_or(usize::MAX);
+        let len = match checked_payload_len(&hdr, avail) {
             Ok(len) => len,
             Err(e) => {
                 log::debug!("vsock: bad packet on port {}: {e}", hdr.dst_port);
@@ -516,7 +512,7 @@ impl Muxer {
                 if let Some(conn) = self.conns.get_mut(&token) {
                     conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt);
                 }
-                self.handle_conn_op(token, op, &hdr, len, reader);
+                self.handle_conn_op(token, op, &hdr, len, (mem, reader));
             }
         }
     }
@@ -527,7 +523,7 @@ impl Muxer {
         op: u16,
         hdr: &Header,
         len: usize,
-        reader: &mut Reader<'_>,
+        (mem, reader): (&GuestMemoryMmap, &mut Cursor<'_>),
     ) {
         let Some(conn) = self.conns.get_mut(&token) else {
             return;
@@ -560,10 +556,11 @@ impl Muxer {
                     return;
                 }
                 let data = &mut self.scratch[..len];
-                if reader.read_exact(data).is_err() {
+                if reader.read_exact(mem, data).is_err() {
                     self.reset_conn(token);
                     return;
                 }
+                self.counters.tx_bytes.add(len as u64);
                 if conn.host_gone {
                     conn.credit.forwarded(len as u32);
                 } else {
@@ -589,28 +586,20 @@ impl Muxer {
         self.after_change(token);
     }
 
-    /// Takes packets from the guest's tx queue.
-    pub fn process_tx(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> TxResult {
-        let mut result = TxResult::default();
-        loop {
-            if !self.control_has_room() {
-                result.stalled = true;
-                break;
-            }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            match Reader::new(mem, chain) {
-                Ok(mut reader) => self.handle_guest_packet(&mut reader),
-                Err(e) => log::debug!("vsock: unreadable tx chain: {e}"),
-            }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                log::warn!("vsock: tx used ring: {e}");
-            }
-            result.used = true;
+    /// Takes one packet from the guest's tx queue; `Later` while too many
+    /// control packets wait for rx buffers (each packet could add one).
+    pub fn tx_chain(&mut self, mem: &GuestMemoryMmap, chain: &Chain) -> Served {
+        if !self.control_has_room() {
+            return Served::Later;
         }
-        result
+        match chain.check() {
+            Ok(()) => self.handle_guest_packet(mem, &mut chain.reader()),
+            Err(e) => {
+                log::debug!("vsock: unreadable tx chain: {e}");
+                self.counters.bad_chains.inc();
+            }
+        }
+        Served::Used(0)
     }
 
     fn next_rx_work(&mut self) -> Option<RxWork> {
@@ -628,59 +617,54 @@ impl Muxer {
         None
     }
 
-    /// Fills the guest's rx buffers with control packets and host data.
-    /// Returns whether any buffer was used.
-    pub fn process_rx(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
-        let mut used = false;
-        for _ in 0..RX_LOOP_LIMIT {
-            let Some(work) = self.next_rx_work() else {
-                break;
-            };
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let writer = Writer::new(mem, chain)
-                .ok()
-                .filter(|w| w.available_bytes() >= HDR_SIZE);
-            let fill = match writer {
-                // Unusable buffer (read-only, outside memory or too small): return it empty.
-                None => Fill::Sent(0),
-                Some(mut w) => match work {
-                    RxWork::Control => {
-                        let h = self.control.pop_front().expect("control queue not empty");
-                        match w.write_all(&h.to_bytes()) {
-                            Ok(()) => Fill::Sent(HDR_SIZE as u32),
-                            Err(_) => Fill::Sent(0),
-                        }
-                    }
-                    RxWork::Conn(token) => {
-                        self.rx_queue.pop_front();
-                        let fill = self.fill_from_conn(token, &mut w);
-                        if let Some(c) = self.conns.get_mut(&token) {
-                            c.queued_rx = false;
-                        }
-                        // Round-robin: back of the line if it has more.
-                        self.after_change(token);
-                        fill
-                    }
-                },
-            };
-            match fill {
-                Fill::Sent(len) => {
-                    if let Err(e) = queue.add_used(mem, head, len) {
-                        log::warn!("vsock: rx used ring: {e}");
-                    }
-                    used = true;
-                }
-                Fill::Nothing => queue.go_to_previous_position(),
-            }
+    /// Fills one of the guest's rx buffers with a control packet or host
+    /// data; `Later` when nothing is waiting for the guest.
+    pub fn rx_chain(&mut self, mem: &GuestMemoryMmap, chain: &Chain) -> Served {
+        let Some(work) = self.next_rx_work() else {
+            return Served::Later;
+        };
+        if chain.check().is_err() || chain.writable_len() < HDR_SIZE as u64 {
+            // Unusable buffer (read-only, outside memory or too small): return it empty.
+            self.counters.bad_chains.inc();
+            return Served::Used(0);
         }
-        used
+        let mut w = chain.writer();
+        let fill = match work {
+            RxWork::Control => {
+                let h = self.control.pop_front().expect("control queue not empty");
+                match w.write_all(mem, &h.to_bytes()) {
+                    Ok(()) => Fill::Sent(HDR_SIZE as u32),
+                    Err(_) => Fill::Sent(0),
+                }
+            }
+            RxWork::Conn(token) => {
+                self.rx_queue.pop_front();
+                let fill = self.fill_from_conn(token, mem, &mut w);
+                if let Some(c) = self.conns.get_mut(&token) {
+                    c.queued_rx = false;
+                }
+                // Round-robin: back of the line if it has more.
+                self.after_change(token);
+                fill
+            }
+        };
+        match fill {
+            Fill::Sent(len) => {
+                if len > 0 {
+                    self.counters.rx_packets.inc();
+                    self.counters
+                        .rx_bytes
+                        .add(u64::from(len).saturating_sub(HDR_SIZE as u64));
+                }
+                Served::Used(len)
+            }
+            // The state changed under the work item: the buffer may serve another.
+            Fill::Nothing => Served::Again,
+        }
     }
 
     /// Writes the next packet connection `token` owes the guest.
-    fn fill_from_conn(&mut self, token: u32, w: &mut Writer<'_>) -> Fill {
+    fn fill_from_conn(&mut self, token: u32, mem: &GuestMemoryMmap, w: &mut Cursor<'_>) -> Fill {
         let Some(conn) = self.conns.get(&token) else {
             return Fill::Nothing;
         };
@@ -694,7 +678,7 @@ impl Muxer {
             conn.pending &= !PENDING_RESPONSE;
             hdr.op = OP_RESPONSE;
         } else if conn.can_send_data() {
-            let room = w.available_bytes() - HDR_SIZE;
+            let room = usize::try_from(w.remaining()).unwrap_or(usize::MAX) - HDR_SIZE;
             let max = room
                 .min(conn.credit.peer_credit() as usize)
                 .min(MAX_PKT_PAYLOAD);
@@ -752,8 +736,8 @@ impl Muxer {
             conn.credit.peer_credit()
         );
         conn.pending &= !PENDING_CREDIT_UPDATE;
-        let ok =
-            w.write_all(&hdr.to_bytes()).is_ok() && w.write_all(&self.scratch[..payload]).is_ok();
+        let ok = w.write_all(mem, &hdr.to_bytes()).is_ok()
+            && w.write_all(mem, &self.scratch[..payload]).is_ok();
         if !ok {
             // Cannot happen with the room checked above; never leave the
             // guest with a half-written packet on a live connection.

@@ -5,9 +5,9 @@
 //! length is compared against what the descriptor chain really holds and
 //! against the largest packet kiln accepts, before any byte is copied.
 
-use std::io::Read;
+use vm_memory::GuestMemoryMmap;
 
-use virtio_queue::Reader;
+use crate::virtio::chain::Cursor;
 
 /// Size of `struct virtio_vsock_hdr`.
 pub const HDR_SIZE: usize = 44;
@@ -119,17 +119,15 @@ pub fn checked_payload_len(hdr: &Header, avail_after_header: usize) -> Result<us
 
 /// Reads the header of a guest tx packet; the reader is left at the payload,
 /// whose length the caller checks with `checked_payload_len` against
-/// `reader.available_bytes()`.
-pub fn read_header<B: vm_memory::bitmap::BitmapSlice>(
-    reader: &mut Reader<'_, B>,
-) -> Result<Header, PacketError> {
-    let avail = reader.available_bytes();
+/// `reader.remaining()`.
+pub fn read_header(mem: &GuestMemoryMmap, reader: &mut Cursor<'_>) -> Result<Header, PacketError> {
+    let avail = usize::try_from(reader.remaining()).unwrap_or(usize::MAX);
     if avail < HDR_SIZE {
         return Err(PacketError::Short(avail));
     }
     let mut raw = [0u8; HDR_SIZE];
     reader
-        .read_exact(&mut raw)
+        .read_exact(mem, &mut raw)
         .map_err(|_| PacketError::BadChain)?;
     Ok(Header::from_bytes(&raw))
 }

@@ -15,9 +15,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::conn::CONN_BUF_ALLOC;
 use super::packet::*;
-use super::test_queue::{self, DriverQueue, RING_SIZE};
 use super::*;
 use crate::irq::IrqLine;
+use crate::virtio::test_queue::{self, DriverQueue, RING_SIZE};
+use crate::virtio::{Activation, Interrupt};
 
 const CID: u64 = 3;
 const MEM_SIZE: usize = 32 << 20;
@@ -614,6 +615,41 @@ fn hostile_tx_packets_are_returned_and_ignored() {
     h.send(h.guest_hdr(99, 12, hport2), b"");
     assert_eq!(h.recv()[0].0.op, OP_RST);
     assert_eq!(h.conns(), 0);
+    h.assert_idle();
+}
+
+#[test]
+fn rings_of_bad_chains_are_served_a_budget_per_turn() {
+    // A guest that keeps its avail indices a whole ring ahead over bad
+    // chains: each turn returns one budget of them and re-kicks for the rest.
+    let mut h = Harness::activated();
+    let ring = usize::from(RING_SIZE);
+    for _ in 0..ring {
+        h.tx.add(&[(MEM_SIZE as u64 + 0x1000, 64, 0)]);
+    }
+    h.dev.lock().unwrap().run_queues();
+    assert_eq!(h.tx.used().len(), CHAINS_PER_TURN);
+    h.pump();
+    assert_eq!(h.tx.used().len(), ring - CHAINS_PER_TURN);
+    // Device-readable rx buffers while a reset waits for the guest.
+    for _ in 0..ring {
+        h.rx.add(&[(RX_BUFS, 4096, 0)]);
+    }
+    let mut to_nobody = h.guest_hdr(OP_RW, 1, 2).to_bytes();
+    to_nobody[24..28].copy_from_slice(&0u32.to_le_bytes());
+    h.add_tx_raw(&to_nobody);
+    h.dev.lock().unwrap().run_queues();
+    assert_eq!(h.tx.used().len(), 1);
+    let used = h.rx.used();
+    assert_eq!(used.len(), CHAINS_PER_TURN);
+    h.pump();
+    let rest = h.rx.used();
+    assert_eq!(used.len() + rest.len(), ring);
+    assert!(used.iter().chain(&rest).all(|&(_, len)| len == 0));
+    let c = h.dev.lock().unwrap().muxer.counters.clone();
+    assert_eq!(c.bad_chains.get(), 2 * ring as u64);
+    assert_eq!((c.tx_packets.get(), c.resets.get()), (1, 1));
+    assert_eq!(c.rx_packets.get(), 0, "the reset still waits");
     h.assert_idle();
 }
 

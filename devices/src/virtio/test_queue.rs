@@ -81,6 +81,26 @@ impl DriverQueue {
         head
     }
 
+    /// Sets the avail index directly (a driver that lies about it).
+    pub(crate) fn set_avail_idx(&self, idx: u16) {
+        self.mem
+            .write_obj(idx, GuestAddress(self.avail_addr() + 2))
+            .unwrap();
+    }
+
+    /// Sets the avail ring's flags (VRING_AVAIL_F_NO_INTERRUPT).
+    pub(crate) fn set_avail_flags(&self, flags: u16) {
+        self.mem
+            .write_obj(flags, GuestAddress(self.avail_addr()))
+            .unwrap();
+    }
+
+    /// Sets used_event (after the avail ring), read when EVENT_IDX is on.
+    pub(crate) fn set_used_event(&self, idx: u16) {
+        let at = self.avail_addr() + 4 + 2 * u64::from(RING_SIZE);
+        self.mem.write_obj(idx, GuestAddress(at)).unwrap();
+    }
+
     pub(crate) fn publish(&mut self, head: u16) {
         let slot = u64::from(self.avail_idx % RING_SIZE);
         self.mem
