@@ -18,12 +18,26 @@ pub trait BusDevice: Send {
 /// A shared handle to a device on a bus.
 pub type SharedDevice = Arc<Mutex<dyn BusDevice>>;
 
+/// Why a device cannot be placed on a bus (a monitor bug: its layout is
+/// fixed).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
+    /// The window is empty or runs past the end of the address space.
     #[error("bus window {base:#x}+{len:#x} is empty or wraps around")]
-    BadWindow { base: u64, len: u64 },
+    BadWindow {
+        /// First address of the window.
+        base: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// The window overlaps one already on the bus.
     #[error("bus window {base:#x}+{len:#x} overlaps an existing device")]
-    Overlap { base: u64, len: u64 },
+    Overlap {
+        /// First address of the window.
+        base: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
 }
 
 /// Outcome of dispatching one access.
@@ -43,6 +57,7 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// An empty bus: every access is [`Access::Unclaimed`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -71,6 +86,9 @@ impl Bus {
         (end <= *len).then_some((offset, dev))
     }
 
+    /// Reads `data.len()` bytes at `addr` from the device whose window
+    /// holds the whole access, under that device's lock. An access no
+    /// window holds reads all ones (`0xff` bytes).
     pub fn read(&self, addr: u64, data: &mut [u8]) -> Access {
         match self.lookup(addr, data.len()) {
             Some((offset, dev)) => {
@@ -84,6 +102,9 @@ impl Bus {
         }
     }
 
+    /// Writes `data` at `addr` to the device whose window holds the whole
+    /// access, under that device's lock; an access no window holds is
+    /// dropped.
     pub fn write(&self, addr: u64, data: &[u8]) -> Access {
         match self.lookup(addr, data.len()) {
             Some((offset, dev)) => {

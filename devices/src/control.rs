@@ -16,17 +16,23 @@
 
 /// Value read at `REG_MAGIC`: "kiln" in little-endian ASCII.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"kiln");
+/// Offset of the magic register (read-only).
 pub const REG_MAGIC: u64 = 0x00;
+/// Offset of the boot-timer register: the guest writes the stage it reached.
 pub const REG_BOOT_TIMER: u64 = 0x04;
+/// Offset of the exit-report register: the guest writes how its command ended.
 pub const REG_EXIT: u64 = 0x08;
+/// Offset of the scratch register: writes are accepted and ignored (the
+/// exit-cost benchmarks time them).
 pub const REG_SCRATCH: u64 = 0x0c;
 /// Size of the MMIO window.
 pub const CONTROL_PAGE_SIZE: u64 = 0x1000;
 /// Boot-timer stage written by init once user space runs.
 pub const STAGE_USERSPACE: u32 = 1;
 
-/// Exit kinds carried in bits 8..16 of the exit report.
+/// Exit kind (bits 8..16 of the exit report): exited with the code in bits 0..8.
 pub const EXIT_KIND_CODE: u32 = 0;
+/// Exit kind: killed by the signal in bits 0..8.
 pub const EXIT_KIND_SIGNAL: u32 = 1;
 
 use crate::bus::BusDevice;
@@ -51,6 +57,7 @@ impl GuestExit {
         }
     }
 
+    /// The register value that reports `self` (what kiln's init writes).
     pub fn encode(self) -> u32 {
         match self {
             Self::Code(c) => (EXIT_KIND_CODE << 8) | u32::from(c),
@@ -74,6 +81,7 @@ pub struct ControlPage<E: ControlEvents> {
 }
 
 impl<E: ControlEvents> ControlPage<E> {
+    /// A page that reports to `events`; no exit reported yet.
     pub fn new(events: E) -> Self {
         Self {
             events,

@@ -7,7 +7,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::BusDevice;
 
 /// Fires an eventfd when the guest asks for a CPU reset.
-pub struct ResetSignal(pub EventFd);
+pub(crate) struct ResetSignal(pub EventFd);
 
 impl vm_superio::Trigger for ResetSignal {
     type E = std::io::Error;
@@ -22,6 +22,8 @@ pub struct I8042 {
 }
 
 impl I8042 {
+    /// A controller that writes to `reset` when the guest asks for a CPU
+    /// reset (the monitor then ends the VM).
     pub fn new(reset: EventFd) -> Self {
         Self {
             inner: I8042Device::new(ResetSignal(reset)),

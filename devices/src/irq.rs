@@ -9,6 +9,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub struct IrqLine(EventFd);
 
 impl IrqLine {
+    /// A new line (a non-blocking eventfd); fails only when the host is out
+    /// of file descriptors.
     pub fn new() -> io::Result<Self> {
         Ok(Self(EventFd::new(EFD_NONBLOCK)?))
     }
@@ -18,11 +20,14 @@ impl IrqLine {
         &self.0
     }
 
-    pub fn try_clone(&self) -> io::Result<Self> {
+    /// Another handle on the same line (the tests watch it).
+    #[cfg(test)]
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
         Ok(Self(self.0.try_clone()?))
     }
 
-    pub fn raise(&self) -> io::Result<()> {
+    /// Injects the interrupt (edge): one eventfd write.
+    pub(crate) fn raise(&self) -> io::Result<()> {
         self.0.write(1)
     }
 }

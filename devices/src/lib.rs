@@ -1,7 +1,38 @@
 //! Device models for the kiln micro-VM monitor.
 //!
-//! Every model is plain Rust state behind the `BusDevice` trait, so it can be
-//! tested without a VM; the monitor places them on its PIO and MMIO buses.
+//! Every model is plain Rust state behind the [`bus::BusDevice`] trait, so it
+//! can be tested without a VM; the monitor places them on its PIO and MMIO
+//! buses. The crate holds:
+//!
+//! - [`bus`]: the address buses a vCPU exit is dispatched through;
+//! - [`serial`] (the 16550 UART, ttyS0), [`i8042`] (just the reset line)
+//!   and [`control`] (kiln's control page: the boot timer and the guest
+//!   command's exit report, the only way a status reaches the monitor);
+//! - [`virtio`]: the virtio-mmio transport and the block, net, console, rng
+//!   and vsock devices, with what they share (one descriptor-chain cursor,
+//!   one queue loop with a budget and one interrupt policy, one config-space
+//!   helper, per-device counters);
+//! - [`irq`] (interrupt lines, KVM irqfds) and [`tap`] (the TAP backend of
+//!   virtio-net).
+//!
+//! How the monitor (the `kiln` crate) uses it: its device manager puts the
+//! UART, the i8042 and the control page on the buses, wraps each virtio
+//! device in an [`virtio::mmio::MmioTransport`] on the MMIO bus, registers
+//! the device's queue eventfds as KVM ioeventfds and its [`irq::IrqLine`] as
+//! a KVM irqfd, and adds the device to its event loop (each device is an
+//! `event_manager` subscriber). vCPU threads only touch registers; queues
+//! are served on the event thread.
+//!
+//! Devices never import the monitor: what they need from it comes in as
+//! values (guest memory, an interrupt, an eventfd, a writer, a
+//! [`control::ControlEvents`] implementation). Everything here treats the
+//! guest as hostile: a malformed chain or an out-of-range address is refused
+//! and counted, and must never panic the monitor, make it touch memory
+//! outside the guest's or allocate without bound.
+//!
+//! The monitor is this crate's only user: what it does not use is private.
+
+#![warn(missing_docs)]
 
 pub mod bus;
 pub mod control;

@@ -14,7 +14,7 @@ use crate::bus::BusDevice;
 use crate::irq::IrqLine;
 
 /// Signals the event loop when the receive FIFO has room again.
-pub struct InputReady(EventFd);
+pub(crate) struct InputReady(EventFd);
 
 impl SerialEvents for InputReady {
     fn buffer_read(&self) {}
@@ -28,11 +28,17 @@ impl SerialEvents for InputReady {
     }
 }
 
+/// The guest's ttyS0 on the PIO bus (8 ports at 0x3f8 in the monitor's
+/// layout). Every register access is a VM exit, so bulk output is slow; the
+/// virtio console is the fast alternative.
 pub struct SerialDevice {
     uart: Serial<IrqLine, InputReady, Box<dyn Write + Send>>,
 }
 
 impl SerialDevice {
+    /// A UART that raises `irq` and writes the guest's output to `out` (on
+    /// the vCPU thread that made the access: a slow writer holds the guest
+    /// up). Fails only when the host is out of file descriptors.
     pub fn new(irq: IrqLine, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let ready = InputReady(EventFd::new(EFD_NONBLOCK)?);
         Ok(Self {

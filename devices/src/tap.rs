@@ -15,10 +15,10 @@ use std::os::unix::fs::OpenOptionsExt;
 
 /// The size of `struct virtio_net_hdr_v1` (with `num_buffers`), which is
 /// what the virtio 1.x header always is.
-pub const VNET_HDR_LEN: usize = 12;
+pub(crate) const VNET_HDR_LEN: usize = 12;
 
 /// Longest interface name the kernel accepts (IFNAMSIZ - 1).
-pub const MAX_IFNAME_LEN: usize = 15;
+pub(crate) const MAX_IFNAME_LEN: usize = 15;
 
 const TUN_PATH: &str = "/dev/net/tun";
 
@@ -30,26 +30,41 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// Why a TAP interface cannot be used. Each message is one line naming the
+/// interface.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
+    /// The name is not one the kernel accepts (see [`validate_ifname`]).
     #[error("invalid TAP interface name '{0}' (1 to 15 characters, no '/', ':' or whitespace)")]
     InvalidName(String),
+    /// `/dev/net/tun` cannot be opened (no tun module, no device node).
     #[error("cannot open {TUN_PATH} for TAP interface '{name}': {source}")]
     OpenTun {
+        /// The interface.
         name: String,
+        /// Why the open failed.
         #[source]
         source: io::Error,
     },
+    /// Creating the interface, or attaching to one this user does not own,
+    /// needs CAP_NET_ADMIN.
     #[error("no permission to use TAP interface '{0}' (needs CAP_NET_ADMIN, or a persistent TAP owned by this user)")]
     Permission(String),
+    /// Another process has the TAP open.
     #[error("TAP interface '{0}' is busy (another process has it open)")]
     Busy(String),
+    /// An interface of that name exists but cannot be attached as a
+    /// single-queue TAP with a virtio-net header.
     #[error("interface '{0}' exists but is not a TAP usable with these flags (a TUN, a multi-queue TAP or another kind of device)")]
     NotATap(String),
+    /// Another TAP ioctl (or the device's eventfd) failed.
     #[error("TAP interface '{name}': {what} failed: {source}")]
     Ioctl {
+        /// The interface.
         name: String,
+        /// The call, e.g. `TUNSETIFF`.
         what: &'static str,
+        /// Why it failed.
         #[source]
         source: io::Error,
     },
@@ -73,7 +88,7 @@ pub fn validate_ifname(name: &str) -> Result<(), TapError> {
 
 /// Whether a network interface with this name exists in the caller's
 /// network namespace.
-pub fn interface_exists(name: &str) -> bool {
+pub(crate) fn interface_exists(name: &str) -> bool {
     let Ok(c) = CString::new(name) else {
         return false;
     };
@@ -90,7 +105,7 @@ pub struct Tap {
 
 impl Tap {
     /// Attaches to (or, with CAP_NET_ADMIN, creates) the TAP interface `name`.
-    pub fn open(name: &str) -> Result<Self, TapError> {
+    pub(crate) fn open(name: &str) -> Result<Self, TapError> {
         validate_ifname(name)?;
         let existed = interface_exists(name);
         let file = OpenOptions::new()
@@ -150,7 +165,7 @@ impl Tap {
     }
 
     /// The interface's MTU (SIOCGIFMTU).
-    pub fn mtu(&self) -> Result<u32, TapError> {
+    pub(crate) fn mtu(&self) -> Result<u32, TapError> {
         // SAFETY: creating a socket has no memory-safety preconditions.
         let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
         if sock < 0 {
@@ -176,7 +191,7 @@ impl Tap {
     /// Tells the kernel which offloads the reader (the guest) accepts:
     /// `TUN_F_*` flags. Without TUN_F_CSUM the kernel hands over only frames
     /// with complete checksums; without TUN_F_TSO* no GSO frames.
-    pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+    pub(crate) fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         self.ioctl_val(
             "TUNSETOFFLOAD",
             libc::TUNSETOFFLOAD as _,

@@ -20,6 +20,9 @@ use super::counters::Counters;
 use super::queue::{needs_interrupt, serve_queue, Served, Stop, Turn};
 use super::{ActivateError, Activation};
 
+/// The state every virtio device keeps (see the module docs); a device
+/// model holds one and [`VirtioDevice`](super::VirtioDevice) answers from
+/// it. Only this crate's devices build and drive one.
 pub struct VirtioCommon {
     label: String,
     device_type: u32,
@@ -35,7 +38,7 @@ pub struct VirtioCommon {
 
 impl VirtioCommon {
     /// `label` names the device in log lines (`net tap0`, `block disk.img`).
-    pub fn new(
+    pub(crate) fn new(
         label: String,
         device_type: u32,
         queue_max_sizes: &'static [u16],
@@ -59,54 +62,54 @@ impl VirtioCommon {
         })
     }
 
-    pub fn label(&self) -> &str {
+    pub(crate) fn label(&self) -> &str {
         &self.label
     }
 
-    pub fn device_type(&self) -> u32 {
+    pub(crate) fn device_type(&self) -> u32 {
         self.device_type
     }
 
-    pub fn queue_max_sizes(&self) -> &[u16] {
+    pub(crate) fn queue_max_sizes(&self) -> &[u16] {
         self.queue_max_sizes
     }
 
-    pub fn avail_features(&self) -> u64 {
+    pub(crate) fn avail_features(&self) -> u64 {
         self.avail_features
     }
 
     /// Changes what is offered (before the driver reads it).
-    pub fn set_avail_features(&mut self, features: u64) {
+    pub(crate) fn set_avail_features(&mut self, features: u64) {
         self.avail_features = features;
     }
 
     /// Replaces the config space (before the driver reads it).
-    pub fn set_config(&mut self, config: Vec<u8>) {
+    pub(crate) fn set_config(&mut self, config: Vec<u8>) {
         self.config = config;
     }
 
     /// Copies `config[offset..]` into `data`; bytes past the end read as zero.
-    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+    pub(crate) fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
     }
 
-    pub fn queue_events(&self) -> &[EventFd] {
+    pub(crate) fn queue_events(&self) -> &[EventFd] {
         &self.queue_evts
     }
 
-    pub fn counters(&self) -> Arc<dyn Counters> {
+    pub(crate) fn counters(&self) -> Arc<dyn Counters> {
         self.counters.clone()
     }
 
     /// Takes over the queues the driver set up (see `check_activation`).
-    pub fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+    pub(crate) fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
         self.check_activation(&activation)?;
         self.active = Some(activation);
         Ok(())
     }
 
     /// The driver set up one queue per queue the device offers, each ready.
-    pub fn check_activation(&self, activation: &Activation) -> Result<(), ActivateError> {
+    pub(crate) fn check_activation(&self, activation: &Activation) -> Result<(), ActivateError> {
         let (want, got) = (self.queue_max_sizes.len(), activation.queues.len());
         if want != got {
             return Err(ActivateError::Device(format!(
@@ -121,25 +124,25 @@ impl VirtioCommon {
     }
 
     /// Forgets the queues (driver reset).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.active = None;
     }
 
-    pub fn is_active(&self) -> bool {
+    pub(crate) fn is_active(&self) -> bool {
         self.active.is_some()
     }
 
-    pub fn active(&self) -> Option<&Activation> {
+    pub(crate) fn active(&self) -> Option<&Activation> {
         self.active.as_ref()
     }
 
-    pub fn active_mut(&mut self) -> Option<&mut Activation> {
+    pub(crate) fn active_mut(&mut self) -> Option<&mut Activation> {
         self.active.as_mut()
     }
 
     /// Makes the event loop serve `queue` again (work left after a budget,
     /// or chains queued before DRIVER_OK).
-    pub fn kick(&self, queue: usize) {
+    pub(crate) fn kick(&self, queue: usize) {
         if let Some(evt) = self.queue_evts.get(queue) {
             let _ = evt.write(1);
         }
@@ -148,7 +151,7 @@ impl VirtioCommon {
     /// Puts the kick eventfds in the event loop's poll set, each with its
     /// queue index as the event data (devices number their other event
     /// sources from the queue count up).
-    pub fn watch_kicks(&self, ops: &mut EventOps) {
+    pub(crate) fn watch_kicks(&self, ops: &mut EventOps) {
         for (i, evt) in self.queue_evts.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(evt, i as u32, EventSet::IN)) {
                 log::error!("{}: cannot watch the kicks of queue {i}: {e:?}", self.label);
@@ -158,7 +161,7 @@ impl VirtioCommon {
 
     /// If `events` is a queue's kick: drains it (kicks before DRIVER_OK are
     /// dropped) and returns the queue.
-    pub fn take_kick(&self, events: &Events) -> Option<usize> {
+    pub(crate) fn take_kick(&self, events: &Events) -> Option<usize> {
         let queue = usize::try_from(events.data()).ok()?;
         let _ = self.queue_evts.get(queue)?.read();
         Some(queue)
@@ -167,7 +170,7 @@ impl VirtioCommon {
     /// Serves `queue` with `serve_queue` (see there); when the budget runs
     /// out, kicks the queue so the rest waits for the other event sources.
     /// None while the device is not running.
-    pub fn serve<F>(
+    pub(crate) fn serve<F>(
         &mut self,
         queue: usize,
         budget: usize,
@@ -188,7 +191,7 @@ impl VirtioCommon {
 
     /// Interrupts the driver for the chains a device returned on `queue`
     /// itself (outside `serve`), if the driver wants to be told.
-    pub fn signal_used(&mut self, queue: usize) {
+    pub(crate) fn signal_used(&mut self, queue: usize) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -208,7 +211,7 @@ impl Drop for VirtioCommon {
 }
 
 /// Copies `config[offset..]` into `data`; bytes past the end read as zero.
-pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
     let Ok(start) = usize::try_from(offset) else {
         return;

@@ -25,7 +25,7 @@ use super::counters::device_counters;
 use super::queue::{Served, Stop};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 
-pub const VIRTIO_ID_CONSOLE: u32 = 3;
+pub(crate) const VIRTIO_ID_CONSOLE: u32 = 3;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -34,10 +34,10 @@ const QUEUE_SIZES: [u16; 2] = [64, 64];
 const TOKEN_INPUT: u32 = 2;
 const TOKEN_DRAINED: u32 = 3;
 /// Output queued for the host above which no more tx buffers are taken.
-pub const OUTPUT_HIGH: usize = 64 * 1024;
+pub(crate) const OUTPUT_HIGH: usize = 64 * 1024;
 /// Most bytes taken from one tx chain (Linux sends at most a page); the
 /// rest of a larger, hostile chain is dropped.
-pub const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
+pub(crate) const MAX_CHAIN_OUTPUT: usize = 64 * 1024;
 /// Largest piece the writer thread takes out of the buffer at once.
 const WRITE_CHUNK: usize = 64 * 1024;
 /// How long teardown waits for a host output that makes no progress.
@@ -55,7 +55,7 @@ const CHAIN_SHAPE: (Layout, Limits) = (
 
 device_counters! {
     /// virtio-console counters.
-    pub struct ConsoleCounters {
+    pub(crate) struct ConsoleCounters {
         /// Receive buffers filled with host input.
         rx_requests,
         /// Input bytes given to the guest.
@@ -79,6 +79,8 @@ device_counters! {
 pub struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
 
 impl SharedWriter {
+    /// Shares `out`; each write holds its lock, so writes from two devices
+    /// never interleave within one call.
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self(Arc::new(Mutex::new(out)))
     }
@@ -223,6 +225,9 @@ impl Drop for Output {
     }
 }
 
+/// The virtio console device (the guest's hvc0). Its output goes through
+/// a 64 KiB buffer and a writer thread of its own (`kiln-console-out`), so a
+/// slow host output stalls the guest's console, never the event loop.
 pub struct VirtioConsole {
     /// Features, the queues while running, counters.
     virtio: VirtioCommon,
@@ -238,7 +243,8 @@ pub struct VirtioConsole {
 
 impl VirtioConsole {
     /// `output` receives the guest's console output; `input` (e.g. stdin)
-    /// feeds the guest's console input.
+    /// feeds the guest's console input (a file that cannot be polled gives
+    /// no input). Fails when the writer thread or an eventfd cannot be made.
     pub fn new(output: Box<dyn Write + Send>, input: Option<File>) -> io::Result<Self> {
         let counters = Arc::new(ConsoleCounters::default());
         Ok(Self {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// One counter. Relaxed ordering: each value is a statistic on its own.
 #[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+pub(crate) struct Counter(AtomicU64);
 
 impl Counter {
     pub fn add(&self, n: u64) {
@@ -79,8 +79,10 @@ macro_rules! device_counters {
 pub(crate) use device_counters;
 
 /// A device without counters of its own (test doubles).
-pub struct NoCounters;
+#[cfg(test)]
+pub(crate) struct NoCounters;
 
+#[cfg(test)]
 impl Counters for NoCounters {
     fn visit(&self, _f: &mut dyn FnMut(&'static str, u64)) {}
 }

@@ -46,12 +46,19 @@ const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const CONFIG_SPACE: u64 = 0x100;
 
 // Device status bits.
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_NEEDS_RESET: u32 = 64;
+#[cfg(test)] // the driver sets it; the device never looks
+pub(crate) const STATUS_ACKNOWLEDGE: u32 = 1;
+pub(crate) const STATUS_DRIVER: u32 = 2;
+pub(crate) const STATUS_DRIVER_OK: u32 = 4;
+pub(crate) const STATUS_FEATURES_OK: u32 = 8;
+pub(crate) const STATUS_NEEDS_RESET: u32 = 64;
 
+/// The virtio-mmio (version 2) register window of one device, on the MMIO
+/// bus: feature negotiation, queue setup, status, interrupt status and the
+/// config space. It activates the device at DRIVER_OK and resets it when
+/// the driver writes 0 to the status. Queue notifications do not pass
+/// through here: the monitor registers the device's queue eventfds as KVM
+/// ioeventfds on [`REG_QUEUE_NOTIFY`].
 pub struct MmioTransport {
     device: Arc<Mutex<dyn VirtioDevice>>,
     mem: GuestMemoryMmap,
@@ -68,6 +75,8 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
+    /// The window of `device`, whose queues live in `mem` and whose
+    /// interrupts go through `interrupt`.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemoryMmap,

@@ -7,13 +7,13 @@
 //! through `Interrupt` (a KVM irqfd). The vCPU threads only touch registers.
 
 pub mod block;
-pub mod chain;
+pub(crate) mod chain;
 pub mod common;
 pub mod console;
 pub mod counters;
 pub mod mmio;
 pub mod net;
-pub mod queue;
+pub(crate) mod queue;
 pub mod rng;
 pub mod vsock;
 
@@ -32,30 +32,38 @@ use common::VirtioCommon;
 use counters::Counters;
 
 /// Feature bit every modern device offers and kiln requires.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub(crate) const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Used/available event index notification suppression.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub(crate) const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Interrupt status bits (InterruptStatus register).
-pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG_CHANGE: u32 = 2;
+pub(crate) const INT_USED_RING: u32 = 1;
+pub(crate) const INT_CONFIG_CHANGE: u32 = 2;
 
 /// What a device gets when the driver sets DRIVER_OK, and keeps until reset:
 /// the negotiated features and the queues (guest-visible state), guest memory
 /// and the interrupt (host handles).
 pub struct Activation {
+    /// Guest memory, where the queues and every buffer live.
     pub mem: GuestMemoryMmap,
     /// One per queue, configured and ready (in queue-index order).
     pub queues: Vec<Queue>,
+    /// How the device tells the driver it used buffers.
     pub interrupt: Interrupt,
     /// Features the driver accepted.
     pub features: u64,
 }
 
+/// Why a device refused to start. The transport then sets
+/// DEVICE_NEEDS_RESET and tells the driver; the VM goes on.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// The driver set up this queue badly: a size the device does not take,
+    /// or rings outside guest memory.
     #[error("queue {0} is not usable (bad size or addresses outside guest memory)")]
     BadQueue(usize),
+    /// The device's host side cannot serve the negotiated features (e.g. the
+    /// TAP refused its offloads); the reason.
     #[error("device cannot start: {0}")]
     Device(String),
 }
@@ -66,6 +74,7 @@ pub enum ActivateError {
 pub trait VirtioDevice: Send {
     /// Identity, features, config space, queues, counters and kicks.
     fn virtio(&self) -> &VirtioCommon;
+    /// The same, to change (activation, reset).
     fn virtio_mut(&mut self) -> &mut VirtioCommon;
     /// Virtio device ID (2 = block, 1 = net, 3 = console, 4 = rng, 19 = vsock).
     fn device_type(&self) -> u32 {
@@ -120,6 +129,7 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt on `line` with no status bits set.
     pub fn new(line: IrqLine) -> Self {
         Self {
             status: Arc::new(AtomicU32::new(0)),
@@ -127,11 +137,11 @@ impl Interrupt {
         }
     }
 
-    pub fn signal_used_queue(&self) {
+    pub(crate) fn signal_used_queue(&self) {
         self.raise(INT_USED_RING);
     }
 
-    pub fn signal_config_change(&self) {
+    pub(crate) fn signal_config_change(&self) {
         self.raise(INT_CONFIG_CHANGE);
     }
 
@@ -142,11 +152,11 @@ impl Interrupt {
         }
     }
 
-    pub fn status(&self) -> u32 {
+    pub(crate) fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
     }
 
-    pub fn ack(&self, bits: u32) {
+    pub(crate) fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 }

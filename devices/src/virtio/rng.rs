@@ -19,11 +19,11 @@ use super::queue::Served;
 use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// virtio device id of an entropy source.
-pub const DEVICE_ID_RNG: u32 = 4;
-pub const QUEUE_SIZE: u16 = 256;
+pub(crate) const DEVICE_ID_RNG: u32 = 4;
+pub(crate) const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 /// Bytes of entropy handed out per chain, whatever the chain's size.
-pub const MAX_BYTES_PER_CHAIN: usize = 64 << 10;
+pub(crate) const MAX_BYTES_PER_CHAIN: usize = 64 << 10;
 /// Chains served per event before yielding to other devices.
 const CHAINS_PER_EVENT: usize = 64;
 /// Buffers to fill, then nothing: a chain is at most a ring long.
@@ -34,7 +34,7 @@ const CHAIN_SHAPE: (Layout, Limits) = (
 
 device_counters! {
     /// virtio-rng counters.
-    pub struct RngCounters {
+    pub(crate) struct RngCounters {
         /// Chains filled and returned.
         requests,
         /// Random bytes handed to the guest.
@@ -98,6 +98,9 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// An entropy device fed from the host's getrandom(2), at most 64 KiB
+    /// per request (its scratch buffer). Fails only when the host is out of
+    /// file descriptors.
     pub fn new() -> std::io::Result<Self> {
         let counters = Arc::new(RngCounters::default());
         Ok(Self {
@@ -115,12 +118,14 @@ impl Rng {
         })
     }
 
-    pub fn is_active(&self) -> bool {
+    // Only the tests ask.
+    #[cfg(test)]
+    pub(crate) fn is_active(&self) -> bool {
         self.virtio.is_active()
     }
 
     /// Serves the available chains (up to a budget; the rest on the next turn).
-    pub fn process_queue(&mut self) {
+    pub(crate) fn process_queue(&mut self) {
         let (scratch, counters) = (&mut self.scratch, &*self.counters);
         self.virtio
             .serve(0, CHAINS_PER_EVENT, CHAIN_SHAPE, |mem, chain| {

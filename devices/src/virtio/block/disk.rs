@@ -12,29 +12,45 @@ use std::path::{Path, PathBuf};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
 /// virtio-blk's sector: every offset and length the guest gives is in these.
-pub const SECTOR_SIZE: u64 = 512;
+pub(crate) const SECTOR_SIZE: u64 = 512;
 /// Length of the id string GET_ID returns (not NUL-terminated at 20 bytes).
-pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+pub(crate) const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 
 /// Why a disk image cannot be used; each message is one line naming the path.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
+    /// Nothing at the path.
     #[error("disk image {0} does not exist")]
     NotFound(PathBuf),
+    /// The image cannot be opened or examined (e.g. no permission to write
+    /// it when it is not read-only).
     #[error("cannot open disk image {path}: {source}")]
     Open {
+        /// The image.
         path: PathBuf,
+        /// Why it cannot be opened.
         #[source]
         source: std::io::Error,
     },
+    /// The path is a directory.
     #[error("disk image {0} is a directory, not a file")]
     Directory(PathBuf),
+    /// The path is a FIFO, socket or character device.
     #[error("disk image {0} is neither a regular file nor a block device")]
     NotAFile(PathBuf),
+    /// The size is not a whole number of 512-byte sectors.
     #[error("disk image {path} is {size} bytes, not a multiple of 512")]
-    BadSize { path: PathBuf, size: u64 },
+    BadSize {
+        /// The image.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// Another process holds a conflicting lock (`flock`): a writer
+    /// excludes everyone, a reader excludes writers.
     #[error("disk image {0} is in use by another process (locked)")]
     Locked(PathBuf),
+    /// The serial is longer than virtio-blk can report.
     #[error("disk id '{0}' is longer than 20 bytes")]
     IdTooLong(String),
 }
@@ -145,57 +161,57 @@ impl DiskImage {
         })
     }
 
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
-    pub fn read_only(&self) -> bool {
+    pub(crate) fn read_only(&self) -> bool {
         self.read_only
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// The GET_ID string (zero-padded).
-    pub fn id(&self) -> &[u8; ID_BYTES] {
+    pub(crate) fn id(&self) -> &[u8; ID_BYTES] {
         &self.id
     }
 
     /// DISCARD and WRITE_ZEROES are offered (writable image, hole punching works).
-    pub fn supports_discard(&self) -> bool {
+    pub(crate) fn supports_discard(&self) -> bool {
         self.punch_hole
     }
 
     /// The byte offset of `[sector * 512, + len)`, if that range is inside
     /// the image.
-    pub fn range(&self, sector: u64, len: u64) -> Option<u64> {
+    pub(crate) fn range(&self, sector: u64, len: u64) -> Option<u64> {
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
         (end <= self.size).then_some(offset)
     }
 
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, offset)
     }
 
-    pub fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
         self.file.write_all_at(buf, offset)
     }
 
     /// Makes written data durable (`fdatasync`).
-    pub fn sync(&self) -> std::io::Result<()> {
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
     }
 
     /// Deallocates a range: it reads back as zeroes.
-    pub fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+    pub(crate) fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
         fallocate(&self.file, PUNCH_HOLE_MODE, offset, len)
     }
 
     /// Zeroes a range in place where the file system can; elsewhere punches
     /// a hole, which reads back as zeroes too.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+    pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
         match fallocate(&self.file, ZERO_RANGE_MODE, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.punch_hole(offset, len),
             other => other,

@@ -9,8 +9,8 @@
 //! are `fallocate` (PUNCH_HOLE / ZERO_RANGE) where the host file system has
 //! them.
 
-pub mod disk;
-pub mod request;
+mod disk;
+mod request;
 
 use std::sync::Arc;
 
@@ -27,12 +27,13 @@ use super::common::VirtioCommon;
 use super::counters::device_counters;
 use super::queue::Served;
 use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-pub use disk::{DiskError, DiskImage, ID_BYTES, SECTOR_SIZE};
+pub use disk::{DiskError, DiskImage};
+pub(crate) use disk::{ID_BYTES, SECTOR_SIZE};
 
 /// virtio device id of a block device.
-pub const DEVICE_ID_BLOCK: u32 = 2;
+pub(crate) const DEVICE_ID_BLOCK: u32 = 2;
 /// Largest single data segment.
-pub const SIZE_MAX: u32 = 1 << 20;
+pub(crate) const SIZE_MAX: u32 = 1 << 20;
 /// Discard granularity in sectors (4 KiB, the usual host block size).
 const DISCARD_ALIGNMENT_SECTORS: u32 = 8;
 const SECTOR_SHIFT: u32 = 9;
@@ -46,7 +47,7 @@ const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 
 device_counters! {
     /// virtio-blk counters.
-    pub struct BlockCounters {
+    pub(crate) struct BlockCounters {
         /// Well-formed requests executed.
         requests,
         /// Bytes read from the image into the guest (IN).
@@ -284,6 +285,10 @@ pub struct Block {
 const CONFIG_LEN: usize = 60;
 
 impl Block {
+    /// A device serving `disk` (read-only when the image is). It offers
+    /// DISCARD and WRITE_ZEROES only where the host file system can punch
+    /// holes, and allocates a bounce buffer of up to 1 MiB when it first
+    /// moves data. Fails only when the host is out of file descriptors.
     pub fn new(disk: DiskImage) -> std::io::Result<Self> {
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_RING_F_EVENT_IDX
@@ -331,16 +336,20 @@ impl Block {
         })
     }
 
-    pub fn disk(&self) -> &DiskImage {
+    // Only the tests ask.
+    #[cfg(test)]
+    pub(crate) fn disk(&self) -> &DiskImage {
         &self.disk
     }
 
-    pub fn is_active(&self) -> bool {
+    // Only the tests ask.
+    #[cfg(test)]
+    pub(crate) fn is_active(&self) -> bool {
         self.virtio.is_active()
     }
 
     /// Serves the available chains (up to a budget; the rest on the next turn).
-    pub fn process_queue(&mut self) {
+    pub(crate) fn process_queue(&mut self) {
         let features = self.virtio.active().map_or(0, |a| a.features);
         let (disk, bounce, counters) = (&self.disk, &mut self.bounce, &*self.counters);
         self.virtio

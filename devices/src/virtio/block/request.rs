@@ -4,9 +4,11 @@
 //! must lie inside guest memory, and the status byte is the last byte of the
 //! last descriptor, which must be device-writable.
 
+#[cfg(test)]
 use std::ops::Deref;
 
 use virtio_bindings::virtio_blk::*;
+#[cfg(test)]
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
@@ -114,6 +116,7 @@ pub enum Parsed {
 }
 
 /// Walks a chain from the ring and parses it (see `parse`).
+#[cfg(test)] // the device walks chains through `VirtioCommon::serve`
 pub fn parse_chain<M>(mem: &GuestMemoryMmap, descriptors: DescriptorChain<M>) -> Parsed
 where
     M: Deref,

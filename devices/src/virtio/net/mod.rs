@@ -30,19 +30,19 @@ use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::tap::{Tap, TapError, VNET_HDR_LEN};
 
 /// Virtio device ID of a network card.
-pub const DEVICE_ID_NET: u32 = 1;
+pub(crate) const DEVICE_ID_NET: u32 = 1;
 /// Queue size offered for both queues.
-pub const QUEUE_SIZE: u16 = 256;
+pub(crate) const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 /// Largest Ethernet frame (without the virtio header) in either direction:
 /// a 64 KiB GSO packet plus Ethernet and VLAN headers.
-pub const MAX_FRAME_LEN: usize = 65536 + 14 + 4 + 8;
+pub(crate) const MAX_FRAME_LEN: usize = 65536 + 14 + 4 + 8;
 /// Largest MTU the device offers (MTU + Ethernet + VLAN headers fit in
 /// `MAX_FRAME_LEN`).
-pub const MAX_MTU: u16 = u16::MAX;
+pub(crate) const MAX_MTU: u16 = u16::MAX;
 const _: () = assert!(MAX_MTU as usize + 18 <= MAX_FRAME_LEN);
 /// Largest TX chain: header plus frame.
-pub const MAX_TX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+pub(crate) const MAX_TX_CHAIN_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// Shortest frame a TAP accepts: an Ethernet header.
 const MIN_FRAME_LEN: usize = 14;
 
@@ -55,7 +55,7 @@ const fn bit(n: u32) -> u64 {
 
 /// Offered features: checksum offload and TCP segmentation offload in both
 /// directions, mergeable RX buffers, MAC and link status.
-pub const NET_FEATURES: u64 = VIRTIO_F_VERSION_1
+pub(crate) const NET_FEATURES: u64 = VIRTIO_F_VERSION_1
     | VIRTIO_RING_F_EVENT_IDX
     | bit(vn::VIRTIO_NET_F_CSUM)
     | bit(vn::VIRTIO_NET_F_GUEST_CSUM)
@@ -121,7 +121,7 @@ impl MacAddr {
 
     /// A locally administered unicast address derived from `seed` (the TAP
     /// name): stable across runs, different for different interfaces.
-    pub fn derived(seed: &str) -> Self {
+    pub(crate) fn derived(seed: &str) -> Self {
         // FNV-1a, 64 bit.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in seed.bytes() {
@@ -146,7 +146,7 @@ impl std::fmt::Display for MacAddr {
 
 device_counters! {
     /// virtio-net counters: nothing is dropped without being counted here.
-    pub struct NetCounters {
+    pub(crate) struct NetCounters {
         rx_frames,
         rx_bytes,
         /// RX frames that were GSO (TSO) packets.
@@ -179,6 +179,9 @@ device_counters! {
     }
 }
 
+/// The virtio-net device: one receive and one transmit queue served on the
+/// event loop, frames to and from a backend (a [`Tap`] in kiln). Holds two
+/// frame buffers of about 64 KiB each.
 pub struct Net<B: NetBackend> {
     /// Guest-visible: features, config space (MAC, link, MTU), the queues
     /// while running, counters.
@@ -202,7 +205,9 @@ pub struct Net<B: NetBackend> {
 }
 
 impl Net<Tap> {
-    /// A virtio-net device on the TAP interface `tap_name`.
+    /// A virtio-net device on the TAP interface `tap_name`, which is opened
+    /// (or created, with CAP_NET_ADMIN) now; the MAC defaults to one derived
+    /// from the name, the MTU offered is the TAP's.
     pub fn with_tap(tap_name: &str, mac: Option<MacAddr>) -> Result<Self, TapError> {
         let tap = Tap::open(tap_name)?;
         let mac = mac.unwrap_or_else(|| MacAddr::derived(tap_name));
@@ -229,7 +234,7 @@ fn config_space(mac: MacAddr, mtu: Option<u16>) -> Vec<u8> {
 
 impl<B: NetBackend> Net<B> {
     /// A device on `backend`; `label` names it in log lines (`net LABEL`).
-    pub fn new(backend: B, label: &str, mac: MacAddr) -> io::Result<Self> {
+    pub(crate) fn new(backend: B, label: &str, mac: MacAddr) -> io::Result<Self> {
         let counters = Arc::new(NetCounters::default());
         Ok(Self {
             virtio: VirtioCommon::new(
@@ -254,7 +259,7 @@ impl<B: NetBackend> Net<B> {
     }
 
     /// Offers `mtu` (at least 68, at most `MAX_MTU`) to the driver.
-    pub fn with_mtu(mut self, mtu: u16) -> Self {
+    pub(crate) fn with_mtu(mut self, mtu: u16) -> Self {
         let mtu = mtu.clamp(68, MAX_MTU);
         self.mtu = Some(mtu);
         self.virtio
@@ -263,6 +268,7 @@ impl<B: NetBackend> Net<B> {
         self
     }
 
+    /// The guest's MAC address.
     pub fn mac(&self) -> MacAddr {
         self.mac
     }

@@ -187,6 +187,8 @@ impl Conn {
         }
     }
 
+    // Only the tests ask.
+    #[cfg(test)]
     pub fn to_host_len(&self) -> usize {
         self.to_host.len()
     }

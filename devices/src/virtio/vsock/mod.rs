@@ -4,9 +4,9 @@
 //! Three queues: rx (device to guest), tx (guest to device) and event (only
 //! filled by the driver; kiln never needs to report transport events).
 
-pub mod conn;
-pub mod muxer;
-pub mod packet;
+pub(crate) mod conn;
+pub(crate) mod muxer;
+pub(crate) mod packet;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -23,11 +23,11 @@ use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use muxer::{Muxer, Poller, LISTENER_TOKEN};
 
 /// Virtio device ID of a socket device.
-pub const VIRTIO_ID_VSOCK: u32 = 19;
+pub(crate) const VIRTIO_ID_VSOCK: u32 = 19;
 /// Lowest CID a guest may have (0-2 are reserved: hypervisor, local, host).
-pub const MIN_GUEST_CID: u64 = 3;
+pub(crate) const MIN_GUEST_CID: u64 = 3;
 /// Highest usable CID (`u32::MAX` means "any").
-pub const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
+pub(crate) const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
@@ -45,7 +45,7 @@ const CHAIN_SHAPE: (Layout, Limits) = (
 
 device_counters! {
     /// virtio-vsock counters ("tx" is guest to host, "rx" host to guest).
-    pub struct VsockCounters {
+    pub(crate) struct VsockCounters {
         /// Packets taken from the guest.
         tx_packets,
         /// Stream bytes taken from the guest.
@@ -63,16 +63,32 @@ device_counters! {
     }
 }
 
+/// Why the vsock device cannot be created.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// The guest CID is reserved (0-2) or does not fit in 32 bits.
     #[error("guest CID {0} is out of range ({MIN_GUEST_CID} to {MAX_GUEST_CID})")]
     InvalidCid(u64),
+    /// The host socket cannot be bound: a path too long, a file there that
+    /// is not a socket, no permission.
     #[error("socket {path}: {source}")]
-    Socket { path: String, source: io::Error },
+    Socket {
+        /// The socket path.
+        path: String,
+        /// Why it cannot be bound.
+        source: io::Error,
+    },
+    /// An eventfd cannot be created (the host is out of file descriptors).
     #[error("eventfd: {0}")]
     EventFd(io::Error),
 }
 
+/// The virtio-vsock device: stream connections between the guest and host
+/// programs over Unix sockets. A host program connects to the device's
+/// socket and sends `CONNECT <port>\n` to reach a guest port; a guest
+/// connection to host port P goes to the socket `<path>_P`. At most 128
+/// connections, each buffering at most 256 KiB of guest data the host has
+/// not read.
 pub struct Vsock {
     /// Features, config space (the guest CID), the queues while running,
     /// counters.
@@ -82,7 +98,7 @@ pub struct Vsock {
 }
 
 /// Validates a guest CID.
-pub fn check_cid(cid: u64) -> Result<(), VsockError> {
+pub(crate) fn check_cid(cid: u64) -> Result<(), VsockError> {
     if (MIN_GUEST_CID..=MAX_GUEST_CID).contains(&cid) {
         Ok(())
     } else {

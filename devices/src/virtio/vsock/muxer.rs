@@ -185,6 +185,8 @@ impl Muxer {
         })
     }
 
+    // Only the tests ask.
+    #[cfg(test)]
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
