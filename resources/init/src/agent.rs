@@ -54,14 +54,19 @@ pub struct AgentConfig {
 /// Why `serve` returned normally.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Ended {
+    /// The host sent SHUTDOWN.
     Shutdown,
     /// The host closed the connection.
     HostClosed,
 }
 
+/// Why `serve` gave up on the connection (every command was still killed
+/// and reaped).
 #[derive(Debug)]
 pub enum AgentError {
+    /// Reading or writing the connection failed.
     Io(io::Error),
+    /// The host sent a frame that breaks the protocol.
     Protocol(ProtocolError),
     /// The host broke the flow-control rules.
     Violation(&'static str),

@@ -1,6 +1,25 @@
 //! kiln's guest init, and what it shares with the monitor: the exec spec
 //! format, the paths kiln puts in the initramfs and the exit codes init
 //! reports on its own behalf.
+//!
+//! The crate builds two things:
+//!
+//! - the `kiln-init` binary, PID 1 in every guest kiln boots: the monitor's
+//!   build script compiles it as a small static executable and embeds it
+//!   into each initramfs at [`INIT_PATH`]. It mounts `/proc`, `/sys`, `/dev`
+//!   and `/tmp`, switches root into an image root ([`ROOT_PARAM`]), then
+//!   either runs the one command in [`SPEC_PATH`] or, when the initramfs asks
+//!   for it ([`agent::AGENT_PATH`]), serves the sandbox protocol; it reports
+//!   the status on kiln's [`control`] page and reboots;
+//! - this library, which both ends share so they cannot disagree: the exec
+//!   spec ([`spec`]), the sandbox protocol ([`protocol`]), the agent
+//!   ([`agent`], also run on the host by kiln's tests) and the control-page
+//!   ABI as the guest sees it.
+//!
+//! It depends on nothing of the monitor's (not even `kiln-devices`), so the
+//! guest binary stays small.
+
+#![warn(missing_docs)]
 
 pub mod agent;
 pub mod protocol;
@@ -30,12 +49,20 @@ pub const EXIT_NOT_FOUND: u32 = 127;
 pub mod control {
     /// Guest physical address of the page.
     pub const PAGE_ADDR: u64 = 0xd000_0000;
+    /// Size of the page (what init maps).
     pub const PAGE_SIZE: usize = 0x1000;
+    /// What `REG_MAGIC` reads: "kiln", little-endian.
     pub const MAGIC: u32 = u32::from_le_bytes(*b"kiln");
+    /// Offset of the magic register (read).
     pub const REG_MAGIC: usize = 0x00;
+    /// Offset of the boot-timer register (write the stage reached).
     pub const REG_BOOT_TIMER: usize = 0x04;
+    /// Offset of the exit-report register (write `(kind << 8) | code`).
     pub const REG_EXIT: usize = 0x08;
+    /// Boot-timer stage: user space (init) started.
     pub const STAGE_USERSPACE: u32 = 1;
+    /// Exit kind: the command exited with `code`.
     pub const EXIT_KIND_CODE: u32 = 0;
+    /// Exit kind: the command was killed by signal `code`.
     pub const EXIT_KIND_SIGNAL: u32 = 1;
 }

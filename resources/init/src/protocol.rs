@@ -44,26 +44,41 @@ pub const OUTPUT_WINDOW: u32 = 256 << 10;
 /// Most execs an agent runs at once; more are refused with `EXEC_FAILED`.
 pub const MAX_EXECS: usize = 256;
 
-// Host to guest.
+// Frame kinds (the `kind` byte), host to guest; each is a `Msg` variant.
+/// Frame kind of [`Msg::Exec`].
 pub const K_EXEC: u8 = 0x01;
+/// Frame kind of [`Msg::Stdin`].
 pub const K_STDIN: u8 = 0x02;
+/// Frame kind of [`Msg::StdinEof`].
 pub const K_STDIN_EOF: u8 = 0x03;
+/// Frame kind of [`Msg::Signal`].
 pub const K_SIGNAL: u8 = 0x04;
+/// Frame kind of [`Msg::Shutdown`].
 pub const K_SHUTDOWN: u8 = 0x05;
+/// Frame kind of [`Msg::Credit`].
 pub const K_CREDIT: u8 = 0x06;
-// Guest to host.
+// Guest to host: the high bit is set.
+/// Frame kind of [`Msg::Hello`].
 pub const K_HELLO: u8 = 0x81;
+/// Frame kind of [`Msg::Started`].
 pub const K_STARTED: u8 = 0x82;
+/// Frame kind of [`Msg::Stdout`].
 pub const K_STDOUT: u8 = 0x83;
+/// Frame kind of [`Msg::Stderr`].
 pub const K_STDERR: u8 = 0x84;
+/// Frame kind of [`Msg::Exited`].
 pub const K_EXITED: u8 = 0x85;
+/// Frame kind of [`Msg::ExecFailed`].
 pub const K_EXEC_FAILED: u8 = 0x86;
+/// Frame kind of [`Msg::StdinCredit`].
 pub const K_STDIN_CREDIT: u8 = 0x87;
 
 /// Which output stream a `CREDIT` is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stream {
+    /// The command's stdout (byte 1 on the wire).
     Stdout,
+    /// The command's stderr (byte 2 on the wire).
     Stderr,
 }
 
@@ -79,7 +94,9 @@ pub struct ExecOptions {
 /// How an exec ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitStatus {
+    /// It exited with this code.
     Code(i32),
+    /// A signal with this number killed it.
     Signal(i32),
 }
 
@@ -92,73 +109,126 @@ pub enum ExitReason {
     TimedOut,
 }
 
-/// One decoded message, either direction.
+/// One decoded message, either direction. `id` names the exec a message is
+/// about: the host picks it in `EXEC` and every later frame of that command
+/// carries it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg {
+    /// Host: start a command. Answered with `STARTED` or `EXEC_FAILED`.
     Exec {
+        /// The new exec's id (not in use).
         id: u32,
+        /// Stdin and timeout.
         opts: ExecOptions,
+        /// What to run.
         spec: ExecSpec,
     },
+    /// Host: bytes for the command's stdin, within its [`STDIN_WINDOW`].
     Stdin {
+        /// The exec.
         id: u32,
+        /// At most [`MAX_DATA`] bytes.
         data: Vec<u8>,
     },
+    /// Host: end of the command's stdin (its pipe is closed once drained).
     StdinEof {
+        /// The exec.
         id: u32,
     },
+    /// Host: send this signal to the command's process group.
     Signal {
+        /// The exec.
         id: u32,
+        /// The signal number.
         signal: i32,
     },
+    /// Host: kill every command and end the session (the agent's init then
+    /// reboots the guest).
     Shutdown,
+    /// Host: it consumed this many output bytes; the agent may send that
+    /// many more of the stream.
     Credit {
+        /// The exec.
         id: u32,
+        /// Which output stream.
         stream: Stream,
+        /// Bytes returned to the window.
         bytes: u32,
     },
+    /// Agent, first frame: the protocol version it speaks.
     Hello {
+        /// [`VERSION`] of the agent's build.
         version: u32,
     },
+    /// Agent: the command is running.
     Started {
+        /// The exec.
         id: u32,
+        /// Its process id in the guest.
         pid: u32,
     },
+    /// Agent: bytes the command wrote to stdout, within [`OUTPUT_WINDOW`].
     Stdout {
+        /// The exec.
         id: u32,
+        /// At most [`MAX_DATA`] bytes.
         data: Vec<u8>,
     },
+    /// Agent: bytes the command wrote to stderr, within [`OUTPUT_WINDOW`].
     Stderr {
+        /// The exec.
         id: u32,
+        /// At most [`MAX_DATA`] bytes.
         data: Vec<u8>,
     },
+    /// Agent: the command ended; sent after its last output.
     Exited {
+        /// The exec.
         id: u32,
+        /// Its exit code or signal.
         status: ExitStatus,
+        /// Whether the agent's timeout killed it.
         reason: ExitReason,
     },
+    /// Agent: the command could not be started (not found, not executable,
+    /// too many execs at once).
     ExecFailed {
+        /// The exec.
         id: u32,
-        /// The status a shell would give: 127 not found, 126 cannot execute.
+        /// The status a shell would give: 127 not found, 126 cannot execute;
+        /// 125 when the agent refused it (a bad working directory, too many
+        /// execs, an id in use).
         code: i32,
+        /// Why, as a shell prints it (at most [`MAX_MESSAGE`] bytes).
         message: String,
     },
+    /// Agent: it wrote (or dropped) this many stdin bytes; the host may send
+    /// that many more.
     StdinCredit {
+        /// The exec.
         id: u32,
+        /// Bytes returned to the window.
         bytes: u32,
     },
 }
 
+/// A frame that breaks the protocol. The receiver drops the connection; it
+/// never panics or allocates what a bad frame claims.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProtocolError {
     /// The peer claims a payload longer than the kind allows.
     Oversize {
+        /// The frame's kind byte.
         kind: u8,
+        /// The length it claims.
         len: usize,
     },
+    /// A kind byte no message has.
     UnknownKind(u8),
     /// A payload that does not parse for its kind.
     BadPayload(&'static str),
+    /// An `EXEC` whose spec does not decode, or (when encoding) a spec that
+    /// cannot be encoded.
     BadSpec(SpecError),
     /// The stream ended inside a frame.
     Truncated,
@@ -390,10 +460,13 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// A decoder with nothing buffered.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Appends bytes read from the stream; [`next_msg`](Self::next_msg)
+    /// takes the messages out.
     pub fn feed(&mut self, data: &[u8]) {
         if self.start > 0 && self.start == self.buf.len() {
             self.buf.clear();

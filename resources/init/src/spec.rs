@@ -20,7 +20,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// `PATH` for commands whose spec does not set one (also where argv[0] is searched).
+/// `PATH` for commands whose spec does not set one (also where `argv[0]` is searched).
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The one variable init passes on from its own environment to every
@@ -52,8 +52,11 @@ pub struct ExecSpec {
     pub argv: Vec<Vec<u8>>,
     /// The complete environment, in order; init adds a default `PATH` if absent.
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The working directory (default: the one init runs in).
     pub cwd: Option<Vec<u8>>,
+    /// The user id to run as (default: root).
     pub uid: Option<u32>,
+    /// The group id to run as (default: root).
     pub gid: Option<u32>,
     /// Guest hostname; init uses "kiln" if unset.
     pub hostname: Option<Vec<u8>>,
@@ -62,14 +65,19 @@ pub struct ExecSpec {
 /// Why a spec cannot be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpecError {
+    /// The input does not start with the spec's magic bytes.
     BadMagic,
+    /// A format version this build does not read.
     UnsupportedVersion(u8),
     /// The input ends inside a record.
     Truncated,
+    /// A record tag this build does not know.
     UnknownTag(u8),
+    /// A field that may appear once appears twice (its name).
     Duplicate(&'static str),
     /// A fixed-size field (uid, gid) has the wrong payload length.
     BadLength(&'static str),
+    /// No program: `argv` is empty.
     EmptyArgv,
     /// A NUL byte, which no C string (argv, environ, path) can carry.
     Nul(&'static str),
@@ -77,6 +85,7 @@ pub enum SpecError {
     BadEnvName(Vec<u8>),
     /// Empty or longer than 64 bytes.
     BadHostname,
+    /// An empty working directory.
     EmptyCwd,
     /// A field longer than the format's u32 length.
     TooLong(&'static str),
