@@ -24,18 +24,40 @@ const FILESIZE_FIELD: usize = 6 + 8 * 6;
 /// Why an entry cannot go into the archive; each message names the host
 /// file or archive at fault.
 pub enum CpioError {
+    /// A host file, directory or archive cannot be read.
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: io::Error,
+    },
+    /// A file of 4 GiB or more, which newc cannot describe.
     #[error("{}: too large for a cpio archive (4 GiB per file)", .0.display())]
     TooLarge(PathBuf),
+    /// The root would make the initramfs larger than its limit (the
+    /// guest's memory).
     #[error(
         "{}: the root file system does not fit in guest memory ({} MiB; raise --mem or use an ext4 image)",
         path.display(),
         limit >> 20
     )]
-    OverLimit { path: PathBuf, limit: usize },
+    OverLimit {
+        /// The root being packed.
+        path: PathBuf,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// A broken tar archive: a bad header checksum, data cut short, a bad
+    /// numeric field, or more data than kiln reads for the limit (twice it
+    /// plus 64 MiB: e.g. a gzip bomb).
     #[error("{}: {reason}", path.display())]
-    BadArchive { path: PathBuf, reason: String },
+    BadArchive {
+        /// The archive.
+        path: PathBuf,
+        /// What is wrong, naming the entry.
+        reason: String,
+    },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> CpioError + '_ {
@@ -49,10 +71,15 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> CpioError + '_ {
 /// bits (`st_mode`), owner, modification time and, for a device, its number.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
+    /// File type and permission bits, as `st_mode`.
     pub mode: u32,
+    /// Owner.
     pub uid: u32,
+    /// Group.
     pub gid: u32,
+    /// Modification time, seconds since the epoch.
     pub mtime: u32,
+    /// Device number (major, minor) of a device node.
     pub rdev: (u32, u32),
 }
 
@@ -89,6 +116,7 @@ impl Default for CpioBuilder {
 }
 
 impl CpioBuilder {
+    /// An empty archive without a size limit.
     pub fn new() -> Self {
         Self {
             out: Vec::new(),
@@ -201,12 +229,14 @@ impl CpioBuilder {
         self.entry(name.as_ref(), ino, meta, 1, data);
     }
 
+    /// Adds a symbolic link to `target`.
     pub fn symlink(&mut self, name: impl AsRef<[u8]>, target: impl AsRef<[u8]>) {
         let ino = self.ino();
         let meta = Meta::root(S_IFLNK | 0o777);
         self.entry(name.as_ref(), ino, meta, 1, target.as_ref());
     }
 
+    /// Adds a character device node `major:minor`.
     pub fn char_dev(&mut self, name: impl AsRef<[u8]>, mode: u32, major: u32, minor: u32) {
         let ino = self.ino();
         let meta = Meta {

@@ -13,8 +13,13 @@ pub(crate) static INIT_BINARY: &[u8] = include_bytes!(env!("KILN_INIT_PATH"));
 /// Why kiln's initramfs cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
+    /// The command cannot be written for kiln's init: an empty program, a
+    /// NUL byte in an argument, variable or directory, a variable name that
+    /// is empty or holds `=`.
     #[error("invalid exec spec: {0}")]
     Spec(#[from] SpecError),
+    /// A directory or tar root cannot be read, is broken, or does not fit
+    /// in guest memory.
     #[error(transparent)]
     Cpio(#[from] CpioError),
 }

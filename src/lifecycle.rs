@@ -62,10 +62,6 @@ impl Lifecycle {
         &self.exit_evt
     }
 
-    pub fn started(&self) -> Instant {
-        self.started
-    }
-
     /// Called by each vCPU before its first KVM_RUN; the first call counts.
     pub fn mark_first_run(&self) {
         self.first_run.get_or_init(Instant::now);

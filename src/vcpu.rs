@@ -13,13 +13,19 @@ use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
 
-/// How often each kind of exit happened on one vCPU.
+/// How often each kind of VM exit happened (per vCPU, summed over all of
+/// them in [`RunReport::exits`](crate::RunReport::exits)). Each exit costs
+/// a round trip through the host kernel, so these say where the guest
+/// spends monitor time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExitCounts {
+    /// Port I/O exits (the UART, the i8042, port 0x80, ...).
     pub pio: u64,
+    /// MMIO exits (virtio-mmio registers, kiln's control page).
     pub mmio: u64,
     /// Accesses no device claimed (reads saw all ones, writes were dropped).
     pub unclaimed: u64,
+    /// Any other exit (halt, shutdown, a KVM failure, ...).
     pub other: u64,
 }
 

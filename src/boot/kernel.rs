@@ -25,13 +25,21 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BootEntry {
     /// 64-bit long mode at `rip`, `rsi` = zero page.
-    Linux64 { rip: u64 },
+    Linux64 {
+        /// The entry address.
+        rip: u64,
+    },
     /// PVH: 32-bit protected mode at `rip`, `rbx` = `hvm_start_info`.
-    Pvh { rip: u64 },
+    Pvh {
+        /// The entry address.
+        rip: u64,
+    },
 }
 
+/// A kernel loaded into guest memory.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadedKernel {
+    /// Where and how the boot vCPU enters it.
     pub entry: BootEntry,
     /// First byte after the loaded image.
     pub end: u64,
@@ -42,6 +50,9 @@ pub struct LoadedKernel {
     pub is_linux: bool,
 }
 
+/// Loads the kernel at `path` into `mem` (above 1 MiB) and picks its entry:
+/// PVH when `use_pvh` and the ELF has a PVH note. Fails with
+/// [`Error::ReadFile`], [`Error::NotAKernel`] or [`Error::KernelLoad`].
 pub fn load(mem: &GuestMemoryMmap, path: &Path, use_pvh: bool) -> Result<LoadedKernel> {
     let open = || {
         File::open(path).map_err(|source| Error::ReadFile {

@@ -2,12 +2,12 @@
 //! loading the image, boot parameters, the command line, the CPU tables
 //! and the initial vCPU state.
 
-pub mod cmdline;
-pub mod cpu_state;
-pub mod cpuid;
+pub(crate) mod cmdline;
+pub(crate) mod cpu_state;
+pub(crate) mod cpuid;
 pub mod kernel;
-pub mod mptable;
-pub mod params;
+pub(crate) mod mptable;
+pub(crate) mod params;
 
 pub use kernel::{BootEntry, LoadedKernel};
 
@@ -17,23 +17,36 @@ use vm_memory::GuestMemoryError;
 /// message is one line and says which part failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// The initramfs (kiln's init, a directory or tar root, a user initrd)
+    /// does not fit in guest memory above the kernel: raise the memory or
+    /// use an image root.
     #[error(
         "initramfs: initramfs of {} KiB does not fit in guest memory above the kernel (raise --mem)",
         size >> 10
     )]
-    InitrdTooLarge { size: u64 },
+    InitrdTooLarge {
+        /// The initramfs size in bytes.
+        size: u64,
+    },
+    /// Copying the initramfs into guest memory failed.
     #[error("initramfs: cannot copy into guest memory: {0}")]
     WriteInitrd(#[source] GuestMemoryError),
+    /// The kernel command line cannot be put into the boot parameters.
     #[error("boot setup: kernel command line: {0}")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// Writing the command line into guest memory failed.
     #[error("boot setup: writing the command line: {0}")]
     WriteCmdline(#[source] GuestMemoryError),
+    /// The memory map has more entries than the zero page holds.
     #[error("boot setup: e820 map too long")]
     E820TooLong,
+    /// Writing the zero page or the PVH start info failed.
     #[error("boot setup: writing boot parameters: {0}")]
     WriteParams(#[source] GuestMemoryError),
+    /// Writing the boot GDT, IDT or page tables failed.
     #[error("boot setup: writing boot tables: {0}")]
     WriteTables(#[source] GuestMemoryError),
+    /// The vCPU's initial MSR list cannot be built.
     #[error("boot setup: MSR list: {0:?}")]
     MsrList(vmm_sys_util::fam::Error),
 }

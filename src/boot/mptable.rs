@@ -13,8 +13,10 @@ use crate::layout::{APIC_START, EBDA_END, IOAPIC_START, IRQ_MAX, MPTABLE_START};
 /// Errors writing the MP table.
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
+    /// No vCPU, or more than the table holds.
     #[error("unsupported vCPU count {0} for the MP table (1..={MAX_CPUS})")]
     CpuCount(u8),
+    /// Writing the table into guest memory failed.
     #[error("cannot write the MP table to guest memory: {0}")]
     Write(#[source] GuestMemoryError),
 }

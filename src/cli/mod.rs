@@ -109,7 +109,7 @@ pub struct VmArgs {
     /// port P go to the Unix socket PATH_P.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     pub vsock: Option<VsockConfig>,
-    /// A raw disk image as a virtio-blk disk: PATH[,ro][,id=NAME]. Repeatable;
+    /// A raw disk image as a virtio-blk disk: `PATH[,ro][,id=NAME]`. Repeatable;
     /// the first is /dev/vda (/dev/vdb with an image --rootfs). ro opens the
     /// file read-only; id sets the serial (default: the file name, cut to 20
     /// bytes).

@@ -23,6 +23,28 @@ pub const DEFAULT_COMMAND: &str = "/bin/sh";
 pub const DEFAULT_MEM_BYTES: u64 = 256 << 20;
 
 /// Everything needed to boot one VM and run one command in it.
+///
+/// Plain data: build it with [`VmConfig::new`] and set fields, or read it
+/// with serde (unknown fields are refused, missing ones take the
+/// [`Default`]). Nothing is checked until it is used:
+/// [`run`](crate::run), [`spawn`](crate::spawn) and
+/// [`kernel_cmdline`](crate::kernel_cmdline) refuse a bad value with
+/// [`Error::Config`](crate::Error::Config) or the error of the part at
+/// fault, before the guest starts.
+///
+/// ```
+/// use kiln::config::{DiskConfig, VmConfig};
+///
+/// let mut config = VmConfig::new("target/guest/vmlinux");
+/// config.mem_bytes = 512 << 20;
+/// config.disks.push("data.img,ro,id=data".parse::<DiskConfig>()?); // as `--disk` takes it
+///
+/// // The same value as JSON (e.g. serde_json), fields left out take the defaults.
+/// let json = r#"{"kernel": "target/guest/vmlinux", "mem_bytes": 536870912,
+///                "disks": [{"path": "data.img", "read_only": true, "id": "data"}]}"#;
+/// assert_eq!(serde_json::from_str::<VmConfig>(json)?, config);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VmConfig {
@@ -30,13 +52,21 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// A user initramfs; kiln's init is appended to it as a second archive.
     pub initrd: Option<PathBuf>,
-    /// The root file system (see `crate::rootfs`): a directory or tar
-    /// archive packed into the initramfs next to kiln's init, or an ext2/3/4
-    /// image attached (as a scratch copy) as the first disk and switched to.
+    /// The root file system, told apart by content (the README's "Root file
+    /// systems"): a directory or tar archive (plain or gzip) packed into the
+    /// initramfs next to kiln's init, or an ext2/3/4 image attached (as a
+    /// scratch copy: the original is never written) as the first disk and
+    /// switched to. A directory or archive root lives in guest RAM and is
+    /// refused if it does not fit.
     pub rootfs: Option<PathBuf>,
     /// Appended to kiln's default kernel command line.
     pub extra_cmdline: Option<String>,
+    /// Guest RAM in bytes (default 256 MiB): at least 16 MiB, a multiple of
+    /// 4 KiB and at most the host's RAM. Mapped up front, backed by host
+    /// memory only as the guest touches it.
     pub mem_bytes: u64,
+    /// Number of vCPUs (default 1), each a host thread: at least 1, at most
+    /// what kiln's MP table holds and the host's KVM allows.
     pub vcpus: u8,
     /// Wall-clock limit for the whole VM.
     pub timeout: Option<Duration>,
@@ -98,7 +128,7 @@ impl VmConfig {
     /// The user's own init when the guest is a user initrd started by it
     /// (`--initrd` with `--cmdline rdinit=PATH`, no `--rootfs`): kiln's init
     /// and agent then never run, so kiln adds neither.
-    pub fn own_init(&self) -> Option<&str> {
+    pub(crate) fn own_init(&self) -> Option<&str> {
         if self.initrd.is_none() || self.rootfs.is_some() {
             return None;
         }
@@ -116,8 +146,9 @@ pub struct GuestCommand {
     pub env: Vec<(String, String)>,
     /// Its working directory in the guest.
     pub workdir: Option<String>,
-    /// The user and group it runs as (default: root).
+    /// The user it runs as (default: root).
     pub uid: Option<u32>,
+    /// The group it runs as (default: root).
     pub gid: Option<u32>,
 }
 
@@ -131,13 +162,13 @@ impl GuestCommand {
     }
 
     /// Whether anything besides the program was asked for.
-    pub fn has_options(&self) -> bool {
+    pub(crate) fn has_options(&self) -> bool {
         !self.env.is_empty() || self.workdir.is_some() || self.uid.is_some() || self.gid.is_some()
     }
 
     /// The exec spec kiln's init (or its agent) runs; a variable given twice
     /// keeps its last value.
-    pub fn to_exec_spec(&self) -> ExecSpec {
+    pub(crate) fn to_exec_spec(&self) -> ExecSpec {
         let mut spec = ExecSpec::new(self.argv_or_default().iter().map(|a| a.as_bytes()));
         for (key, value) in &self.env {
             spec.env.retain(|(k, _)| k != key.as_bytes());
@@ -154,8 +185,10 @@ impl GuestCommand {
 /// One `--disk PATH[,ro][,id=NAME]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
-    /// A raw image file (or block device).
+    /// A raw image file (or block device), at most one writer at a time:
+    /// kiln locks it (shared when read-only, exclusive otherwise).
     pub path: PathBuf,
+    /// Open the image read-only; the guest sees a read-only disk.
     pub read_only: bool,
     /// Serial number the guest sees (at most 20 bytes); default: the file name.
     pub id: Option<String>,
@@ -236,8 +269,10 @@ impl FromStr for NetConfig {
 /// (hvc0). The UART is present either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConsoleKind {
+    /// The 16550 UART, `ttyS0` (the default): one VM exit per byte.
     #[default]
     Serial,
+    /// A virtio console, `hvc0`: far fewer exits for bulk output.
     Virtio,
 }
 
@@ -258,7 +293,11 @@ impl FromStr for ConsoleKind {
 /// programs connect to (guest connections to port P go to `socket_P`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VsockConfig {
+    /// The guest's context id: 3 to 4294967294 (0-2 are reserved).
     pub cid: u64,
+    /// The host Unix socket kiln listens on. A socket already there is
+    /// replaced, any other file is refused; the path must leave room for a
+    /// `_PORT` suffix within the 107 bytes a socket path may have.
     pub socket: PathBuf,
 }
 

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use crate::cpio::{CpioBuilder, CpioError};
 
 pub use scratch::scratch_copy;
-pub use tar::{append_tar, TarStats};
+pub use tar::append_tar;
 
 /// The virtio-blk serial of an image root.
 pub const IMAGE_DISK_ID: &str = "kiln-rootfs";
@@ -45,24 +45,35 @@ pub enum Rootfs {
     Image(PathBuf),
 }
 
+/// Why a `rootfs` cannot be used. Each message names the path.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
+    /// The path cannot be opened or read (missing, no permission, ...).
     #[error("rootfs {}: {source}", path.display())]
     Read {
+        /// The root as configured.
         path: PathBuf,
+        /// Why it cannot be read.
         #[source]
         source: io::Error,
     },
+    /// Neither a directory, a tar archive (plain or gzip) nor an ext2/3/4
+    /// image, judged by its content.
     #[error(
         "rootfs {}: not a directory, a tar archive (plain or gzip) or an ext2/3/4 image",
         .0.display()
     )]
     Unknown(PathBuf),
+    /// Gzip-compressed, but what it holds is not a tar archive.
     #[error("rootfs {}: gzip data, but not a gzip-compressed tar archive", .0.display())]
     GzipNotTar(PathBuf),
+    /// The private scratch copy of an image root cannot be made (no room in
+    /// `$TMPDIR`, or the image is locked by a kiln that writes it).
     #[error("rootfs {}: cannot make a scratch copy: {source}", path.display())]
     Copy {
+        /// The image as configured.
         path: PathBuf,
+        /// Why the copy failed.
         #[source]
         source: io::Error,
     },
@@ -135,12 +146,6 @@ impl Rootfs {
                 Ok(())
             }
             Self::Image(_) => Ok(()),
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        match self {
-            Self::Directory(p) | Self::Tar { path: p, .. } | Self::Image(p) => p,
         }
     }
 }

@@ -94,7 +94,8 @@ impl SandboxBuilder {
     /// by content. Directories and archives are packed into the initramfs;
     /// an image is attached as /dev/vda through a private scratch copy (the
     /// original is never written, the copy vanishes with the VM) and every
-    /// command runs inside it. See [`crate::rootfs`].
+    /// command runs inside it. See [`VmConfig::rootfs`] and the README's
+    /// "Root file systems".
     pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.rootfs = Some(path.into());
         self
@@ -112,6 +113,7 @@ impl SandboxBuilder {
         self
     }
 
+    /// Number of vCPUs (default 1), each a host thread.
     pub fn vcpus(mut self, n: u8) -> Self {
         self.config.vcpus = n;
         self
@@ -162,7 +164,8 @@ impl SandboxBuilder {
     }
 
     /// The kernel command line `build` would give the guest (the agent's
-    /// vsock device included), without booting anything.
+    /// vsock device included), without booting anything. Fails as `build`
+    /// would on the same configuration.
     pub fn kernel_cmdline(&self) -> Result<String> {
         // The socket's path never reaches the guest.
         let config = self.vm_config(PathBuf::from("vsock.sock"))?;
@@ -192,7 +195,12 @@ impl SandboxBuilder {
         Ok(config)
     }
 
-    /// Boots the VM and waits for its agent.
+    /// Boots the VM and waits for its agent. Fails with
+    /// [`SandboxError::Config`] for a builder that cannot make a sandbox,
+    /// [`SandboxError::Vm`] when kiln cannot build or start the VM,
+    /// [`SandboxError::BootFailed`] when the VM ended before the agent
+    /// connected and [`SandboxError::BootTimeout`] when the agent took too
+    /// long; the VM is stopped in every case.
     pub fn build(self) -> Result<Sandbox> {
         let started = Instant::now();
         let dir = TempDir::new()?;

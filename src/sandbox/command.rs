@@ -18,6 +18,10 @@ pub(crate) enum StdinMode {
     Piped,
 }
 
+/// A command for [`Sandbox::exec`](super::Sandbox::exec) or
+/// [`Sandbox::spawn`](super::Sandbox::spawn): program, arguments,
+/// environment, working directory, user, stdin, timeout and output limit.
+/// Arguments and variables reach the guest byte for byte (no shell).
 #[derive(Clone, Debug)]
 pub struct Command {
     pub(crate) spec: ExecSpec,
@@ -51,11 +55,13 @@ impl Command {
         }
     }
 
+    /// Adds an argument.
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
         self.spec.argv.push(arg.as_ref().as_bytes().to_vec());
         self
     }
 
+    /// Adds arguments, in order.
     pub fn args<I, S>(mut self, args: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -67,6 +73,8 @@ impl Command {
         self
     }
 
+    /// Sets an environment variable (the last value given wins). The
+    /// environment is otherwise empty, apart from a default `PATH`.
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         let key = key.as_ref().as_bytes().to_vec();
         self.spec.env.retain(|(k, _)| *k != key);
@@ -76,16 +84,21 @@ impl Command {
         self
     }
 
+    /// The working directory in the guest; one that is not a directory
+    /// there makes the command fail to start (status 125, the reason on
+    /// stderr).
     pub fn current_dir(mut self, dir: impl AsRef<OsStr>) -> Self {
         self.spec.cwd = Some(dir.as_ref().as_bytes().to_vec());
         self
     }
 
+    /// Runs the command as this user id (default root).
     pub fn uid(mut self, uid: u32) -> Self {
         self.spec.uid = Some(uid);
         self
     }
 
+    /// Runs the command with this group id (default root).
     pub fn gid(mut self, gid: u32) -> Self {
         self.spec.gid = Some(gid);
         self

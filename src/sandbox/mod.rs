@@ -65,15 +65,18 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// True for exit code 0.
     pub fn success(&self) -> bool {
         *self == Self::Code(0)
     }
+    /// The exit code, or `None` if a signal killed the command.
     pub fn code(&self) -> Option<i32> {
         match self {
             Self::Code(c) => Some(*c),
             Self::Signal(_) => None,
         }
     }
+    /// The signal that killed the command, or `None` if it exited.
     pub fn signal(&self) -> Option<i32> {
         match self {
             Self::Signal(s) => Some(*s),
@@ -91,11 +94,17 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
-/// What `exec` returns.
+/// What [`Sandbox::exec`] returns: a command that ran to its end.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Output {
+    /// How it ended: 127 (not found), 126 (cannot execute) or 125 (a bad
+    /// working directory, too many commands at once) when it could not be
+    /// started.
     pub status: ExitStatus,
+    /// Everything it wrote to stdout.
     pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr (with kiln's reason when it could not
+    /// be started).
     pub stderr: Vec<u8>,
 }
 
@@ -171,6 +180,11 @@ impl Shared {
 
 /// A booted VM running kiln's guest agent. `Sync`: commands can be started
 /// from several threads at once.
+///
+/// Besides the VM's own threads, a sandbox has one reader thread and a
+/// private directory for the agent's socket (under `$TMPDIR`), both gone
+/// when it is shut down or dropped. Dropping it is
+/// [`shutdown`](Self::shutdown) without the outcome.
 pub struct Sandbox {
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
@@ -181,12 +195,17 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// A builder with kiln's defaults (256 MiB, one vCPU, no devices);
+    /// set at least [`kernel`](SandboxBuilder::kernel), then
+    /// [`build`](SandboxBuilder::build).
     pub fn builder() -> SandboxBuilder {
         SandboxBuilder::default()
     }
 
     /// A sandbox over an already connected agent stream (no VM): used with
-    /// an agent run on the host, e.g. in tests. Waits for HELLO.
+    /// an agent run on the host, e.g. in tests. Waits up to `hello_timeout`
+    /// for the agent's HELLO: fails with [`SandboxError::Disconnected`]
+    /// without it, [`SandboxError::Version`] for another protocol version.
     pub fn connect(stream: UnixStream, hello_timeout: Duration) -> Result<Self> {
         Self::start(stream, hello_timeout, ConsoleRing::new(None), None, None)
     }
@@ -280,7 +299,10 @@ impl Sandbox {
     }
 
     /// Starts `cmd`; its stdout and stderr must be read (or the handles
-    /// dropped) for it to make progress past the flow-control windows.
+    /// dropped) for it to make progress past the flow-control windows
+    /// (256 KiB per stream). Returns once the agent has the command, before
+    /// it runs. Fails with [`SandboxError::Command`] for a command the agent
+    /// cannot take and [`SandboxError::Disconnected`] when the VM is gone.
     pub fn spawn(&self, cmd: Command) -> Result<Process> {
         cmd.spec.validate()?;
         let (id, stdin_bytes) = self.start_exec(&cmd)?;
@@ -302,7 +324,13 @@ impl Sandbox {
 
     /// Runs `cmd` to its end and collects its output (up to the output
     /// limit). A command that cannot be started is reported like a shell
-    /// does: status 127 (not found) or 126, with the reason on stderr.
+    /// does: status 127 (not found) or 126, with the reason on stderr (125
+    /// when the agent refused it: a bad working directory, too many
+    /// commands at once).
+    ///
+    /// Fails as [`spawn`](Self::spawn) does, and with
+    /// [`SandboxError::Timeout`] or [`SandboxError::OutputLimit`] when the
+    /// command ran past its timeout or output limit (it was killed).
     pub fn exec(&self, cmd: Command) -> Result<Output> {
         let limit = cmd.output_limit.unwrap_or(self.output_limit);
         let mut process = self.spawn(cmd)?;
@@ -348,8 +376,10 @@ impl Sandbox {
     }
 
     /// Ends the VM: asks the agent to shut down (it kills every command and
-    /// reboots), stops the VM if it has not ended after a grace period, and
-    /// joins every thread. Returns the VM's outcome when there is a VM.
+    /// reboots), stops the VM if it has not ended after a grace period
+    /// (10 s), and joins every thread. Returns the VM's outcome when there
+    /// is a VM (`None` for [`connect`](Self::connect)), or
+    /// [`SandboxError::Vm`] if the VM failed.
     pub fn shutdown(mut self) -> Result<Option<crate::VmOutcome>> {
         self.close()
     }

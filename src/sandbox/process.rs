@@ -77,7 +77,9 @@ impl Process {
         self.stderr.take()
     }
 
-    /// Sends `signal` to the command's process group.
+    /// Sends `signal` to the command's process group. Fails with
+    /// [`SandboxError::Disconnected`] when the VM is gone; a command that
+    /// has already ended is not an error.
     pub fn signal(&self, signal: i32) -> Result<()> {
         self.shared.signal(self.id, signal)
     }
@@ -88,7 +90,9 @@ impl Process {
     }
 
     /// Waits for the command to end. Closes its stdin if still held here
-    /// and discards output whose handle was not taken.
+    /// and discards output whose handle was not taken. Fails with
+    /// [`SandboxError::Timeout`] when its timeout expired and
+    /// [`SandboxError::Disconnected`] when the VM is gone.
     pub fn wait(&mut self) -> Result<ExitStatus> {
         if let Some(s) = self.status {
             return Ok(s);

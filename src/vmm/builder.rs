@@ -115,6 +115,22 @@ fn validate(config: &VmConfig) -> Result<()> {
 /// the run computes it (kiln's defaults, the host profile's words, one word
 /// per device, the user's words), without building anything: `kiln run
 /// --print-cmdline` prints it.
+///
+/// Fails as the run would, with the same [`Error`], on a configuration the
+/// run refuses: memory or vCPUs out of range, a TAP given twice, an unusable
+/// `rootfs` (only its first bytes are read), a line the kernel would cut.
+/// The kernel itself is not read, and no KVM is needed:
+///
+/// ```
+/// let mut config = kiln::VmConfig::new("vmlinux");
+/// config.extra_cmdline = Some("ip=dhcp".into());
+/// let line = kiln::kernel_cmdline(&config)?;
+/// assert!(line.starts_with("console=ttyS0 ") && line.ends_with(" ip=dhcp"));
+///
+/// config.vcpus = 0;
+/// assert!(matches!(kiln::kernel_cmdline(&config), Err(kiln::Error::Config(_))));
+/// # Ok::<(), kiln::Error>(())
+/// ```
 pub fn kernel_cmdline(config: &VmConfig) -> Result<String> {
     validate(config)?;
     let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;

@@ -22,20 +22,30 @@ use builder::BuiltVm;
 
 /// Where the guest console goes and where its input comes from.
 pub struct ConsoleIo {
-    /// Receives every byte the guest writes to its serial console.
+    /// Receives every byte the guest writes to its console (the UART, and
+    /// the virtio console when there is one). Written from the VM's threads
+    /// while they serve the guest: a writer that blocks holds the guest up.
     pub output: Box<dyn Write + Send>,
-    /// Forwarded to the guest's serial console (e.g. stdin); None for no input.
+    /// Forwarded to the guest's console input (e.g. kiln's stdin), no faster
+    /// than the guest reads it; `None` for no input. It must be pollable (a
+    /// pipe, a terminal, a socket): a regular file gives the guest no input.
     pub input: Option<File>,
 }
 
 /// What a finished run reports.
 #[derive(Clone, Debug)]
 pub struct RunReport {
+    /// How the VM ended (and with [`VmOutcome::exit_status`], the status
+    /// `kiln run` exits with).
     pub outcome: VmOutcome,
-    /// Monitor start to first KVM_RUN.
+    /// Monitor start (the `started` given to [`run`] or [`spawn`]) to the
+    /// first KVM_RUN; `None` if no vCPU ran.
     pub startup: Option<Duration>,
-    /// (since monitor start, since first KVM_RUN) when guest user space began.
+    /// When kiln's init reported that guest user space started, measured
+    /// (since monitor start, since the first KVM_RUN); `None` without the
+    /// report (a guest without kiln's init, or one that died first).
     pub userspace_started: Option<(Duration, Duration)>,
+    /// VM exits of every vCPU, by kind.
     pub exits: ExitCounts,
 }
 
@@ -44,6 +54,13 @@ pub struct RunReport {
 ///
 /// `started` is when the caller began (the CLI passes process start) and is
 /// the origin of the reported times.
+///
+/// Blocks the calling thread, which runs the VM's event loop; each vCPU
+/// gets a thread of its own. A guest that ends in any way, including a
+/// panic or the timeout, is `Ok` with its [`RunReport::outcome`]; an
+/// [`Error`] means the VM could not be built or run (nothing is left
+/// running). Without a [`timeout`](VmConfig::timeout), a guest that never
+/// ends keeps this call waiting: use [`spawn`] to stop it from elsewhere.
 pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunReport> {
     let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
     run_with(config, io, life)
@@ -51,6 +68,10 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
 
 /// Starts the VM on its own thread and returns at once; the handle can stop
 /// it from anywhere and collects the report.
+///
+/// As [`run`], on one more thread (`kiln-vmm`). Errors found while the VM
+/// is built (a bad kernel, no `/dev/kvm`, ...) come from
+/// [`VmHandle::wait`]; this call fails only if the thread cannot start.
 pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHandle> {
     let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
     let vm_life = life.clone();
@@ -84,8 +105,8 @@ fn finished_pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// A VM running on its own thread. Dropping the handle stops the VM and
-/// waits for all of its threads.
+/// A VM running on its own thread ([`spawn`]). Dropping the handle stops
+/// the VM (outcome [`VmOutcome::Stopped`]) and waits for all of its threads.
 pub struct VmHandle {
     life: Arc<Lifecycle>,
     thread: Option<std::thread::JoinHandle<Result<RunReport>>>,
@@ -93,18 +114,22 @@ pub struct VmHandle {
     finished: OwnedFd,
 }
 
-/// Stops a VM from any thread (cheap to clone).
+/// Stops a VM from any thread (cheap to clone), e.g. from a signal
+/// thread; it keeps nothing of the VM alive but its shared state.
 #[derive(Clone)]
 pub struct VmStopper(Arc<Lifecycle>);
 
 impl VmStopper {
-    /// Ends the VM with `outcome` unless it has already ended.
+    /// Ends the VM with `outcome` unless it has already ended (the first
+    /// outcome wins). Returns at once; the VM's threads wind down and the
+    /// run returns.
     pub fn stop(&self, outcome: VmOutcome) {
         self.0.finish(outcome);
     }
 }
 
 impl VmHandle {
+    /// A [`VmStopper`] for this VM, to stop it from another thread.
     pub fn stopper(&self) -> VmStopper {
         VmStopper(self.life.clone())
     }
@@ -125,7 +150,9 @@ impl VmHandle {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Waits for the VM to end.
+    /// Waits for the VM to end and returns its report, or the [`Error`]
+    /// that kept it from running ([`Error::VmThreadPanicked`] if its
+    /// thread panicked).
     pub fn wait(mut self) -> Result<RunReport> {
         let thread = self.thread.take().expect("joined only here or in drop");
         thread.join().unwrap_or(Err(Error::VmThreadPanicked))
