@@ -792,15 +792,10 @@ pub(crate) mod tests {
     }
 
     fn cpio_tool() -> bool {
-        let found = Command::new("cpio")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            eprintln!("skipping: the cpio tool is not installed");
-        }
-        found
+        kiln_prereq::require(
+            kiln_prereq::have_program("cpio"),
+            "the cpio tool (Debian package cpio)",
+        )
     }
 
     fn run_cpio(args: &[&str], dir: &Path, input: &[u8]) -> String {

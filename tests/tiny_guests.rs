@@ -108,6 +108,25 @@ fn idle_secondary_vcpus_do_not_hold_up_the_exit() {
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
 
+// 1a. The loader tells a Linux kernel (its ELF "Linux" note) from other ELF
+// guests, which get no initramfs from kiln. Loading needs no KVM.
+#[test]
+fn kernel_loader_tells_linux_from_a_tiny_guest() {
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)]).unwrap();
+    let tiny = kiln::boot::kernel::load(&mem, &test_guest("hello"), true).unwrap();
+    assert!(!tiny.is_linux, "a tiny test guest is not Linux");
+    let vmlinux = common::guest_kernel("vmlinux");
+    if !require(
+        vmlinux.is_some(),
+        "the recipe guest kernel (run resources/setup.sh)",
+    ) {
+        return;
+    }
+    let linux = kiln::boot::kernel::load(&mem, &vmlinux.unwrap(), true).unwrap();
+    assert!(linux.is_linux, "the recipe vmlinux carries a Linux note");
+}
+
 // 1b. String port I/O (`rep outsb`) may reach the monitor as one exit that
 // carries several bytes: none of them may be lost.
 #[test]

@@ -121,55 +121,9 @@ fn modified(path: &Path) -> io::Result<SystemTime> {
     fs::metadata(path)?.modified()
 }
 
-/// Whether a test may go on: true when `cond` holds. Otherwise prints
-/// `SKIP: <test>: <what>` and returns false, or panics when the environment
-/// has `KILN_NO_SKIP=1` (CI sets it, so a green run means the tests ran).
-#[track_caller]
-pub fn require(cond: bool, what: &str) -> bool {
-    if cond {
-        return true;
-    }
-    // libtest names each test's thread after the test; a single-threaded run
-    // uses the main thread, so fall back to the caller's location.
-    let thread = std::thread::current();
-    let test = match thread.name() {
-        Some(name) if name != "main" => name.to_string(),
-        _ => std::panic::Location::caller().to_string(),
-    };
-    if std::env::var_os("KILN_NO_SKIP").is_some_and(|v| v == "1") {
-        panic!("{test}: prerequisite missing: {what} (KILN_NO_SKIP=1 forbids skipping)");
-    }
-    // Straight to stderr, not eprintln!: libtest would capture (and hide)
-    // the line for a test that passes.
-    let _ = io::stderr().write_all(format!("SKIP: {test}: {what}\n").as_bytes());
-    false
-}
-
-/// True when this process can open /dev/kvm for reading and writing.
-pub fn have_kvm() -> bool {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// True when `program` is found on PATH as an executable file.
-pub fn have_program(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            fs::metadata(dir.join(program)).is_ok_and(|m| {
-                m.is_file()
-                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-            })
-        })
-    })
-}
+// The one skip-or-fail decision for every kiln test (KILN_NO_SKIP), with
+// the prerequisite checks the integration tests share.
+pub use kiln_prereq::{have_kvm, have_program, is_root, require};
 
 /// A config for a tiny test guest: 32 MiB, 1 vCPU, 5 s timeout.
 pub fn guest_config(name: &str) -> VmConfig {
