@@ -551,6 +551,7 @@ fn an_agent_that_ignores_credit_cannot_grow_host_memory() {
     use kiln_init::protocol::{encode_data, ExitReason, K_STDOUT, MAX_DATA, VERSION};
     let (host, mut guest) = UnixStream::pair().unwrap();
     let flood = 4usize << 20;
+    let mut from_host = guest.try_clone().unwrap();
     let fake = std::thread::spawn(move || {
         let (mut decoder, mut buf) = (Decoder::new(), vec![0u8; 64 << 10]);
         let mut frames = Vec::new();
@@ -563,7 +564,7 @@ fn an_agent_that_ignores_credit_cannot_grow_host_memory() {
                 }
                 continue;
             }
-            match guest.read(&mut buf) {
+            match from_host.read(&mut buf) {
                 Ok(0) | Err(_) => return None,
                 Ok(n) => decoder.feed(&buf[..n]),
             }

@@ -24,8 +24,11 @@ impl Scratch {
         Self::new_in(Path::new(env!("CARGO_TARGET_TMPDIR")), tag)
     }
 
+    /// `base/kiln-TAG-PID-N`: unique per process and per call.
     pub fn new_in(base: &Path, tag: &str) -> Self {
-        let dir = base.join(format!("kiln-{tag}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("kiln-{tag}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("creating a scratch directory");
         Self(dir)
@@ -122,7 +125,9 @@ fn modified(path: &Path) -> io::Result<SystemTime> {
 }
 
 // The one skip-or-fail decision for every kiln test (KILN_NO_SKIP), with
-// the prerequisite checks the integration tests share.
+// the prerequisite checks the integration tests share (each test binary
+// uses its own subset).
+#[allow(unused_imports)]
 pub use kiln_prereq::{have_kvm, have_program, is_root, require};
 
 /// A config for a tiny test guest: 32 MiB, 1 vCPU, 5 s timeout.
@@ -223,6 +228,53 @@ pub fn run_guest(config: &VmConfig, input: Option<&[u8]>) -> (RunReport, Vec<u8>
     };
     let report = kiln::run(config, io, Instant::now())
         .unwrap_or_else(|e| panic!("kiln::run({}) failed: {e}", config.kernel.display()));
+    (report, capture.bytes())
+}
+
+/// How long a run that should end by itself may go on before the test
+/// stops it and fails. It only turns a hang into a failure: no test asserts
+/// how fast anything is (timing goals belong to the benchmark).
+pub const HANG_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits until the VM of `vm` has ended (its finished pipe hangs up), at
+/// most `HANG_LIMIT`; false if it is still running then.
+pub fn wait_finished(vm: &kiln::VmHandle) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: vm.finished_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = Instant::now() + HANG_LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 || left.is_zero() {
+            return false;
+        }
+    }
+}
+
+/// Runs `config` on its own thread and waits for it to end by itself:
+/// a VM still running after `HANG_LIMIT` is stopped and fails the test.
+/// Returns the report and the console output.
+pub fn run_to_end(config: &VmConfig) -> (RunReport, Vec<u8>) {
+    let capture = Capture::default();
+    let io = ConsoleIo {
+        output: Box::new(capture.clone()),
+        input: None,
+    };
+    let vm = kiln::spawn(config.clone(), io, Instant::now())
+        .unwrap_or_else(|e| panic!("kiln::spawn({}) failed: {e}", config.kernel.display()));
+    assert!(
+        wait_finished(&vm),
+        "the VM did not end by itself within {HANG_LIMIT:?}"
+    );
+    let report = vm.wait().expect("the VM's report");
     (report, capture.bytes())
 }
 
