@@ -492,7 +492,10 @@ fn spawned_vm_stops_on_request_and_on_drop() {
     let vm = running(&common::Capture::default());
     assert!(!vm.is_finished(), "a waiting guest keeps running");
     vm.stop();
-    assert!(common::wait_finished(&vm), "stop() did not end the VM");
+    if !common::wait_finished(&vm) {
+        std::mem::forget(vm);
+        panic!("stop() did not end the VM");
+    }
     let report = vm.wait().unwrap();
     assert_eq!(report.outcome, VmOutcome::Stopped);
 
