@@ -636,6 +636,137 @@ mod tests {
     }
 
     #[test]
+    fn windows_and_limits_are_the_documented_ones() {
+        // README: 256 KiB output windows per stream; the stdin window too.
+        assert_eq!(OUTPUT_WINDOW, 262_144);
+        assert_eq!(STDIN_WINDOW, 262_144);
+        assert_eq!(MAX_DATA, 32_768);
+        // EXEC_FAILED: a u32 code and at most MAX_MESSAGE bytes of text.
+        let failed = |len| Msg::decode(K_EXEC_FAILED, 1, &vec![b'x'; len]);
+        assert!(failed(4 + MAX_MESSAGE).is_ok());
+        assert_eq!(
+            failed(4 + MAX_MESSAGE + 1),
+            Err(ProtocolError::Oversize {
+                kind: K_EXEC_FAILED,
+                len: 4 + MAX_MESSAGE + 1
+            })
+        );
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        // Three-byte characters, so the cut at MAX_MESSAGE falls inside one.
+        let message = "✓".repeat(MAX_MESSAGE);
+        let mut out = Vec::new();
+        Msg::ExecFailed {
+            id: 1,
+            code: 126,
+            message,
+        }
+        .encode(&mut out)
+        .unwrap();
+        let text = &out[HEADER_LEN + 4..];
+        let keep = MAX_MESSAGE / 3 * 3;
+        assert_eq!(text.len(), keep);
+        assert_eq!(std::str::from_utf8(text).unwrap(), "✓".repeat(keep / 3));
+    }
+
+    #[test]
+    fn edge_payloads_round_trip() {
+        for msg in [
+            Msg::Exec {
+                id: 1,
+                opts: ExecOptions::default(),
+                spec: ExecSpec::new(["true"]),
+            },
+            Msg::ExecFailed {
+                id: 2,
+                code: 127,
+                message: String::new(),
+            },
+        ] {
+            let mut out = Vec::new();
+            msg.encode(&mut out).unwrap();
+            let mut d = Decoder::new();
+            d.feed(&out);
+            assert_eq!(d.next_msg(), Ok(Some(msg)));
+        }
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        for (e, text) in [
+            (
+                ProtocolError::Oversize { kind: 0x83, len: 5 },
+                "frame of kind 0x83 claims 5 bytes (over the limit)",
+            ),
+            (ProtocolError::UnknownKind(0x42), "unknown frame kind 0x42"),
+            (
+                ProtocolError::BadPayload("CREDIT"),
+                "malformed CREDIT frame",
+            ),
+            (
+                ProtocolError::BadSpec(SpecError::EmptyArgv),
+                "bad exec spec: no command given",
+            ),
+            (ProtocolError::Truncated, "connection ended inside a frame"),
+        ] {
+            assert_eq!(e.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn pending_counts_bytes_of_an_unfinished_frame() {
+        let bytes = stream();
+        let mut d = Decoder::new();
+        d.feed(&bytes[..HEADER_LEN + 3]);
+        assert_eq!(d.next_msg(), Ok(None));
+        assert_eq!(d.pending(), HEADER_LEN + 3);
+        assert_eq!(d.finish(), Err(ProtocolError::Truncated));
+    }
+
+    /// The decoder keeps only what it has not returned yet: a long stream
+    /// fed in pieces that cut frames anywhere never piles up in it.
+    #[test]
+    fn the_decoder_holds_at_most_a_frame_and_a_feed() {
+        let mut bytes = Vec::new();
+        for i in 0..20_000u32 {
+            Msg::Stdout {
+                id: i,
+                data: vec![i as u8; 1 + i as usize % 200],
+            }
+            .encode(&mut bytes)
+            .unwrap();
+        }
+        for piece in [1000, 4096, 109] {
+            let mut d = Decoder::new();
+            let mut got = 0;
+            for chunk in bytes.chunks(piece) {
+                d.feed(chunk);
+                while let Some(_msg) = d.next_msg().unwrap() {
+                    got += 1;
+                }
+                assert!(
+                    d.buf.len() <= (64 << 10) + 2 * (piece + HEADER_LEN + 200),
+                    "{} bytes held (pieces of {piece})",
+                    d.buf.len()
+                );
+            }
+            assert_eq!(got, 20_000);
+            // Frames fed whole, one at a time: nothing at all is left over.
+            let mut d = Decoder::new();
+            let mut one = Vec::new();
+            for i in 0..1000 {
+                one.clear();
+                Msg::StdinEof { id: i }.encode(&mut one).unwrap();
+                d.feed(&one);
+                assert!(d.next_msg().unwrap().is_some());
+                assert!(d.buf.len() <= HEADER_LEN, "{} bytes held", d.buf.len());
+            }
+        }
+    }
+
+    #[test]
     fn round_trips_every_message_in_any_chunking() {
         let bytes = stream();
         for chunk in [1, 2, 3, 9, 10, 1000, bytes.len()] {
