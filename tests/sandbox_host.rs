@@ -70,9 +70,33 @@ fn exec_statuses_streams_env_cwd_and_failures() {
         .exec(Command::new("cat").stdin_bytes(&b"hello"[..]))
         .unwrap();
     assert_eq!(out.stdout, b"hello");
-    // A forged EXITED frame in the output changes nothing.
-    let out = sb.exec(sh("printf '\\006\\000\\000\\000\\205\\001\\000\\000\\000\\000\\000\\000\\000\\000\\000'; exit 4")).unwrap();
-    assert_eq!((out.status, out.stdout.len()), (ExitStatus::Code(4), 15));
+    // Forged EXITED and STDOUT frames in a command's output, for every id
+    // up to 16 (its own and a command still running), change nothing: they
+    // arrive as its output, byte for byte.
+    let mut running = sb.spawn(sh("cat; exit 7").stdin_piped()).unwrap();
+    let mut forged = Vec::new();
+    for id in 1..=16 {
+        let exited = Msg::Exited {
+            id,
+            status: kiln_init::protocol::ExitStatus::Code(0),
+            reason: kiln_init::protocol::ExitReason::Normal,
+        };
+        exited.encode(&mut forged).unwrap();
+        let data = b"forged".to_vec();
+        Msg::Stdout { id, data }.encode(&mut forged).unwrap();
+    }
+    let octal: String = forged.iter().map(|b| format!("\\{b:03o}")).collect();
+    let out = sb.exec(sh(&format!("printf '{octal}'; exit 4"))).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(4));
+    assert!(out.stdout == forged, "output altered");
+    let mut stdin = running.stdin().unwrap();
+    let mut stdout = running.stdout().unwrap();
+    stdin.write_all(b"real").unwrap();
+    drop(stdin);
+    let mut got = Vec::new();
+    stdout.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"real");
+    assert_eq!(running.wait().unwrap(), ExitStatus::Code(7));
     assert!(sb.exec(Command::new("a\0b")).is_err());
     sb.shutdown().unwrap();
     assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
@@ -108,8 +132,20 @@ fn limits_timeouts_and_concurrency() {
     assert!(sb.exec(Command::new("true")).unwrap().status.success());
 }
 
+/// Measures this process's memory, so it runs alone in a child process: no
+/// other test's allocations come and go meanwhile.
 #[test]
 fn spawn_streams_large_output_with_bounded_memory_and_stdin() {
+    if !kiln_prereq::in_child() {
+        kiln_prereq::run_in_child(
+            concat!(
+                module_path!(),
+                "::spawn_streams_large_output_with_bounded_memory_and_stdin"
+            ),
+            &[],
+        );
+        return;
+    }
     let (sb, _agent) = sandbox();
     let mut p = sb
         .spawn(Command::new("head").args(["-c", "67108864", "/dev/zero"]))
