@@ -288,6 +288,36 @@ mod tests {
     }
 
     #[test]
+    fn every_unit_and_the_duration_bound() {
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("3tib"), Ok(3 << 40));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        // At most 10^9 seconds.
+        assert_eq!(
+            parse_duration("1000000000"),
+            Ok(Duration::from_secs(1_000_000_000))
+        );
+        assert!(parse_duration("1000000001").is_err());
+    }
+
+    #[test]
+    fn repeated_net_and_vsock_keys_are_refused() {
+        let twice = parse_net("tap=t,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02").unwrap_err();
+        assert!(
+            twice.contains("repeated 'mac=02:00:00:00:00:02'"),
+            "{twice}"
+        );
+        assert_eq!(
+            parse_vsock("cid=3,socket=/a,socket=/b").unwrap_err(),
+            "'socket' given twice"
+        );
+        assert_eq!(
+            parse_vsock("cid=3,cid=4,socket=/a").unwrap_err(),
+            "'cid' given twice"
+        );
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("256M"), Ok(256 << 20));
         assert_eq!(parse_size("1g"), Ok(1 << 30));
