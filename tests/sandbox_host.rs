@@ -216,8 +216,11 @@ fn sandboxes_leave_no_fds_threads_or_processes_behind() {
         );
         return;
     }
-    // Warm up lazily created process-wide state.
-    drop(sandbox());
+    // Warm up lazily created process-wide state (and wait for that agent
+    // thread to end, as the rounds below do).
+    let (sb, agent) = sandbox();
+    drop(sb);
+    agent.join().unwrap().unwrap();
     let before = (count("/proc/self/fd"), count("/proc/self/task"), children());
     for _ in 0..20 {
         let (sb, agent) = sandbox();
@@ -417,6 +420,16 @@ impl Tap {
         });
     }
 
+    /// Waits until the command `name` has sent a full output window, and
+    /// returns its exec id.
+    fn full_window_of(&self, name: &str) -> u32 {
+        self.wait_until(&format!("EXEC of {name}"), |t| t.id_of(name).is_some());
+        let id = self.tally().id_of(name).unwrap();
+        let window = OUTPUT_WINDOW as usize;
+        self.wait_until("a full window of output", |t| t.stdout(id) >= window);
+        id
+    }
+
     /// Waits until `cond` holds for the tally. The bound only turns a hang
     /// into a failure; it is no timing goal.
     fn wait_until(&self, what: &str, cond: impl Fn(&Tally) -> bool) {
@@ -472,12 +485,8 @@ fn credit_is_returned_only_for_what_the_reader_read() {
     let want = seq_output(500_000);
     let mut p = sb.spawn(Command::new("seq").args(["1", "500000"])).unwrap();
     let mut out = p.stdout().unwrap();
-    let id = {
-        tap.wait_until("EXEC of seq", |t| t.id_of("seq").is_some());
-        tap.tally().id_of("seq").unwrap()
-    };
+    let id = tap.full_window_of("seq");
     let window = OUTPUT_WINDOW as usize;
-    tap.wait_until("a full window of output", |t| t.stdout(id) >= window);
     settle(&sb);
     {
         let t = tap.tally();
@@ -527,12 +536,8 @@ fn a_stopped_reader_bounds_memory_and_stalls_no_other_command() {
     let (sb, tap, agent) = tapped_sandbox();
     let mut endless = sb.spawn(Command::new("yes")).unwrap();
     let mut endless_out = endless.stdout().unwrap();
-    let id = {
-        tap.wait_until("EXEC of yes", |t| t.id_of("yes").is_some());
-        tap.tally().id_of("yes").unwrap()
-    };
+    let id = tap.full_window_of("yes");
     let window = OUTPUT_WINDOW as usize;
-    tap.wait_until("a full window of output", |t| t.stdout(id) >= window);
     // Others run meanwhile: each bounded by a timeout, so a stall fails the
     // test instead of hanging it.
     let limit = Duration::from_secs(120);
