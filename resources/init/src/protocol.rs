@@ -672,6 +672,19 @@ mod tests {
     }
 
     #[test]
+    fn exec_options_come_before_the_spec() {
+        // Options present, spec missing: the spec is what is wrong.
+        assert_eq!(
+            Msg::decode(K_EXEC, 1, &[0; 9]),
+            Err(ProtocolError::BadSpec(SpecError::BadMagic))
+        );
+        assert_eq!(
+            Msg::decode(K_EXEC, 1, &[0; 8]),
+            Err(ProtocolError::BadPayload("EXEC"))
+        );
+    }
+
+    #[test]
     fn edge_payloads_round_trip() {
         for msg in [
             Msg::Exec {
