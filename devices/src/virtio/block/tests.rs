@@ -542,6 +542,35 @@ fn descriptor_loops_and_overlong_chains_end() {
 }
 
 #[test]
+fn a_chain_of_the_most_descriptors_is_served_and_one_more_is_not() {
+    let img = TempImage::new("limit.img", 4096);
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &img, false);
+    mem.write_slice(&header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(HDR))
+        .unwrap();
+    // A flush: the header, empty writable descriptors (they carry nothing
+    // but count), the status byte; in an indirect table of `total` entries.
+    let table = 0x100000u64;
+    for (total, status) in [(MAX_CHAIN_DESCRIPTORS, 0), (MAX_CHAIN_DESCRIPTORS + 1, 1)] {
+        let n = total as u16;
+        for i in 0..n {
+            let (addr, len, flags) = match i {
+                0 => (HDR, 16, 0),
+                i if i == n - 1 => (STATUS, 1, F_WRITE),
+                _ => (DATA, 0, F_WRITE),
+            };
+            let next = if i + 1 < n { F_NEXT } else { 0 };
+            let d = RawDescriptor::from(SplitDesc::new(addr, len, flags | next, i + 1));
+            mem.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+                .unwrap();
+        }
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let got = rig.raw(&[(table, u32::from(n) * 16, F_INDIRECT)]);
+        assert_eq!(got, (status, 1), "{total} descriptors");
+    }
+}
+
+#[test]
 fn indirect_requests_work() {
     let img = TempImage::new("ind.img", 64 << 10);
     let mem = memory();
