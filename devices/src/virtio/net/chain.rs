@@ -273,6 +273,10 @@ mod tests {
             vq.avail().ring().ref_at(0).unwrap().store(head);
             vq.avail().idx().store(1);
             let mut q: Queue = vq.create_queue().unwrap();
+            // What memory holds now: the queue's own rings sit inside it,
+            // and a buffer may overlap them.
+            let mut pattern = vec![0u8; MEM as usize];
+            m.read_slice(&mut pattern, GuestAddress(0)).unwrap();
             let chain = q.iter(&m).unwrap().next().unwrap();
             let dir = if writable { Direction::Writable } else { Direction::Readable };
             let mut segs = Vec::new();
