@@ -742,6 +742,57 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_builder_reports_its_limit_size_and_fresh_inodes() {
+        assert_eq!(CpioBuilder::new().limit(), usize::MAX);
+        let mut cpio = CpioBuilder::with_limit(1 << 20);
+        assert_eq!(cpio.limit(), 1 << 20);
+        assert!(cpio.is_empty());
+        assert_eq!(cpio.len(), 0);
+        let (a, b) = (cpio.new_ino(), cpio.new_ino());
+        assert_ne!(a, b, "inode numbers are fresh");
+        cpio.symlink("lnk", "target");
+        assert!(!cpio.is_empty());
+        // The size so far is where the trailer entry will start.
+        let n = cpio.len();
+        let archive = cpio.finish();
+        assert_eq!(&archive[n..n + 6], b"070701");
+        assert_eq!(&archive[n + 110..n + 120], b"TRAILER!!!");
+    }
+
+    #[test]
+    fn reader_data_exactly_at_the_limit_fits() {
+        let meta = Meta {
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            rdev: (0, 0),
+        };
+        let origin = Path::new("data");
+        // Where the data starts: the size of the header and name.
+        let mut probe = CpioBuilder::new();
+        let ino = probe.new_ino();
+        probe
+            .entry_from_reader(b"f", ino, meta, 1, &mut &b""[..], origin)
+            .unwrap();
+        let start = probe.len();
+        for (size, fits) in [(100, true), (101, false)] {
+            let mut cpio = CpioBuilder::with_limit(start + 100);
+            let ino = cpio.new_ino();
+            let data = vec![b'x'; size];
+            let added = cpio.entry_from_reader(b"f", ino, meta, 1, &mut &data[..], origin);
+            match fits {
+                true => assert!(added.is_ok(), "{size} bytes: {:?}", added.err()),
+                false => assert!(
+                    matches!(added, Err(InitramfsError::OverLimit { .. })),
+                    "{size} bytes: {:?}",
+                    added
+                ),
+            }
+        }
+    }
+
+    #[test]
     fn a_tree_past_the_limit_is_refused() {
         let tree = sample_tree("limit");
         fs::write(tree.0.join("usr/big"), vec![0u8; 64 << 10]).unwrap();
