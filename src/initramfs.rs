@@ -774,7 +774,14 @@ pub(crate) mod tests {
             unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o640, libc::makedev(1, 3)) };
         assert_eq!(made, 0, "mknod: {}", io::Error::last_os_error());
         let entries = parse(&kiln_initramfs(&ExecSpec::new(["true"]), Some(&tree.0)).unwrap());
-        for name in ["usr/bin/tool", "usr/bin/tool2", "bin", "null"] {
+        for name in [
+            "usr",
+            "usr/bin",
+            "usr/bin/tool",
+            "usr/bin/tool2",
+            "bin",
+            "null",
+        ] {
             let host = fs::symlink_metadata(tree.0.join(name)).unwrap();
             let e = find(&entries, name);
             assert_eq!(
