@@ -611,4 +611,33 @@ pub(crate) mod tests {
         let mut cpio = CpioBuilder::with_limit(1 << 20);
         cpio.tree(&tree.0).unwrap();
     }
+
+    #[test]
+    fn reader_data_exactly_at_the_limit_fits() {
+        let meta = Meta {
+            mode: 0o100644,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            rdev: (0, 0),
+        };
+        let origin = Path::new("data");
+        // Where the data starts: the newc header (110 bytes) and the name
+        // "f\0", padded to 4.
+        let start = 112;
+        for (size, fits) in [(100, true), (101, false)] {
+            let mut cpio = CpioBuilder::with_limit(start + 100);
+            let ino = cpio.new_ino();
+            let data = vec![b'x'; size];
+            let added = cpio.entry_from_reader(b"f", ino, meta, 1, &mut &data[..], origin);
+            match fits {
+                true => assert!(added.is_ok(), "{size} bytes: {:?}", added.err()),
+                false => assert!(
+                    matches!(added, Err(CpioError::OverLimit { .. })),
+                    "{size} bytes: {:?}",
+                    added
+                ),
+            }
+        }
+    }
 }

@@ -171,9 +171,26 @@ mod tests {
         assert_eq!(pvm.hidden_kvm_features(), (1 << 7) | (1 << 11) | (1 << 13));
     }
 
+    /// `detect` reads the override and this host's module: each run in a
+    /// child process of its own, so the environment is the test's alone.
+    /// With and without an override that disagrees with the host, so a
+    /// `detect` that ignored either input fails on any host.
     #[test]
-    fn detect_is_consistent() {
-        // Both calls see the same host and environment.
-        assert_eq!(HostProfile::detect(), HostProfile::detect());
+    fn detect_follows_the_override_then_the_host() {
+        if kiln_prereq::in_child() {
+            let env = std::env::var(HOST_PROFILE_ENV).ok();
+            let pvm_loaded = Path::new("/sys/module/kvm_pvm").exists();
+            assert_eq!(HostProfile::detect(), choose(env.as_deref(), pvm_loaded).0);
+            return;
+        }
+        for value in [None, Some("pvm"), Some("hardware"), Some("bogus")] {
+            kiln_prereq::run_in_child(
+                concat!(
+                    module_path!(),
+                    "::detect_follows_the_override_then_the_host"
+                ),
+                &[(HOST_PROFILE_ENV, value)],
+            );
+        }
     }
 }

@@ -69,6 +69,7 @@ mod tests {
     use super::*;
     use crate::cpio::tests::{find, parse, sample_tree, TempDir};
     use std::fs;
+    use std::io;
     use std::os::unix::fs::MetadataExt;
     use std::path::Path;
     use std::process::{Command, Stdio};
@@ -163,6 +164,45 @@ mod tests {
     }
 
     #[test]
+    fn host_times_and_device_numbers_are_kept() {
+        if !kiln_prereq::require(kiln_prereq::is_root(), "root, to make a device node") {
+            return;
+        }
+        let tree = sample_tree("times");
+        // A character device like /dev/null (1:3).
+        let node = tree.0.join("null");
+        let path = std::ffi::CString::new(node.clone().into_os_string().into_encoded_bytes());
+        let path = path.unwrap();
+        // SAFETY: a valid NUL-terminated path; mknod only creates the node.
+        let made =
+            unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o640, libc::makedev(1, 3)) };
+        assert_eq!(made, 0, "mknod: {}", io::Error::last_os_error());
+        let entries = parse(&kiln_initramfs(&ExecSpec::new(["true"]), Some(&tree.0)).unwrap());
+        for name in [
+            "usr",
+            "usr/bin",
+            "usr/bin/tool",
+            "usr/bin/tool2",
+            "bin",
+            "null",
+        ] {
+            let host = fs::symlink_metadata(tree.0.join(name)).unwrap();
+            let e = find(&entries, name);
+            assert_eq!(
+                (e.mtime, host.mtime() > 0),
+                (host.mtime() as u32, true),
+                "{name}"
+            );
+        }
+        let null = find(&entries, "null");
+        assert_eq!(null.rdev, (1, 3));
+        assert_eq!(
+            null.mode,
+            0o20000 | (fs::metadata(&node).unwrap().mode() & 0o7777)
+        );
+    }
+
+    #[test]
     fn io_errors_name_the_path() {
         let missing = Path::new("/nonexistent/kiln-rootfs");
         let err = kiln_initramfs(&ExecSpec::new(["true"]), Some(missing)).unwrap_err();
@@ -173,15 +213,10 @@ mod tests {
     }
 
     fn cpio_tool() -> bool {
-        let found = Command::new("cpio")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            eprintln!("skipping: the cpio tool is not installed");
-        }
-        found
+        kiln_prereq::require(
+            kiln_prereq::have_program("cpio"),
+            "the cpio tool (Debian package cpio)",
+        )
     }
 
     fn run_cpio(args: &[&str], dir: &Path, input: &[u8]) -> String {

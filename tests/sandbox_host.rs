@@ -1,18 +1,30 @@
 //! The sandbox API against kiln's guest agent run on the host (a thread
 //! serving a Unix socket pair): everything but the VM, in seconds.
 
+mod common;
+
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln::sandbox::{Command, ExitStatus, Sandbox, SandboxError};
 use kiln_init::agent::{serve, AgentConfig, AgentError, Ended};
+use kiln_init::protocol::{Decoder, Msg, Stream, OUTPUT_WINDOW};
 
-fn sandbox() -> (Sandbox, JoinHandle<Result<Ended, AgentError>>) {
+type Agent = JoinHandle<Result<Ended, AgentError>>;
+
+/// kiln's agent on a thread, serving `guest` (one end of a socket pair).
+fn agent_on(guest: UnixStream) -> Agent {
+    std::thread::spawn(move || serve(OwnedFd::from(guest), AgentConfig::default()))
+}
+
+fn sandbox() -> (Sandbox, Agent) {
     let (host, guest) = UnixStream::pair().unwrap();
-    let agent = std::thread::spawn(move || serve(OwnedFd::from(guest), AgentConfig::default()));
+    let agent = agent_on(guest);
     (
         Sandbox::connect(host, Duration::from_secs(10)).unwrap(),
         agent,
@@ -58,9 +70,33 @@ fn exec_statuses_streams_env_cwd_and_failures() {
         .exec(Command::new("cat").stdin_bytes(&b"hello"[..]))
         .unwrap();
     assert_eq!(out.stdout, b"hello");
-    // A forged EXITED frame in the output changes nothing.
-    let out = sb.exec(sh("printf '\\006\\000\\000\\000\\205\\001\\000\\000\\000\\000\\000\\000\\000\\000\\000'; exit 4")).unwrap();
-    assert_eq!((out.status, out.stdout.len()), (ExitStatus::Code(4), 15));
+    // Forged EXITED and STDOUT frames in a command's output, for every id
+    // up to 16 (its own and a command still running), change nothing: they
+    // arrive as its output, byte for byte.
+    let mut running = sb.spawn(sh("cat; exit 7").stdin_piped()).unwrap();
+    let mut forged = Vec::new();
+    for id in 1..=16 {
+        let exited = Msg::Exited {
+            id,
+            status: kiln_init::protocol::ExitStatus::Code(0),
+            reason: kiln_init::protocol::ExitReason::Normal,
+        };
+        exited.encode(&mut forged).unwrap();
+        let data = b"forged".to_vec();
+        Msg::Stdout { id, data }.encode(&mut forged).unwrap();
+    }
+    let octal: String = forged.iter().map(|b| format!("\\{b:03o}")).collect();
+    let out = sb.exec(sh(&format!("printf '{octal}'; exit 4"))).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(4));
+    assert!(out.stdout == forged, "output altered");
+    let mut stdin = running.stdin().unwrap();
+    let mut stdout = running.stdout().unwrap();
+    stdin.write_all(b"real").unwrap();
+    drop(stdin);
+    let mut got = Vec::new();
+    stdout.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"real");
+    assert_eq!(running.wait().unwrap(), ExitStatus::Code(7));
     assert!(sb.exec(Command::new("a\0b")).is_err());
     sb.shutdown().unwrap();
     assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
@@ -69,12 +105,10 @@ fn exec_statuses_streams_env_cwd_and_failures() {
 #[test]
 fn limits_timeouts_and_concurrency() {
     let (sb, _agent) = sandbox();
-    let t = Instant::now();
     let e = sb
         .exec(sh("sleep 100").timeout(Duration::from_millis(300)))
         .unwrap_err();
     assert!(matches!(e, SandboxError::Timeout { .. }), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(5));
     let e = sb
         .exec(Command::new("yes").output_limit(1 << 20))
         .unwrap_err();
@@ -98,8 +132,20 @@ fn limits_timeouts_and_concurrency() {
     assert!(sb.exec(Command::new("true")).unwrap().status.success());
 }
 
+/// Measures this process's memory, so it runs alone in a child process: no
+/// other test's allocations come and go meanwhile.
 #[test]
 fn spawn_streams_large_output_with_bounded_memory_and_stdin() {
+    if !kiln_prereq::in_child() {
+        kiln_prereq::run_in_child(
+            concat!(
+                module_path!(),
+                "::spawn_streams_large_output_with_bounded_memory_and_stdin"
+            ),
+            &[],
+        );
+        return;
+    }
     let (sb, _agent) = sandbox();
     let mut p = sb
         .spawn(Command::new("head").args(["-c", "67108864", "/dev/zero"]))
@@ -147,11 +193,35 @@ fn spawn_streams_large_output_with_bounded_memory_and_stdin() {
     assert_eq!(got.as_bytes(), want.wait_with_output().unwrap().stdout);
 }
 
+/// This process's children (every thread's), for leak checks.
+fn children() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .map(|c| c.split_whitespace().count())
+        .sum()
+}
+
+/// Exact counts, so the test runs alone in a child process of its own: no
+/// other test's threads, descriptors or commands come and go meanwhile.
 #[test]
-fn sandboxes_leave_no_fds_or_threads_behind() {
-    // Warm up lazily created process-wide state.
-    drop(sandbox());
-    let (fds, threads) = (count("/proc/self/fd"), count("/proc/self/task"));
+fn sandboxes_leave_no_fds_threads_or_processes_behind() {
+    if !kiln_prereq::in_child() {
+        kiln_prereq::run_in_child(
+            concat!(
+                module_path!(),
+                "::sandboxes_leave_no_fds_threads_or_processes_behind"
+            ),
+            &[],
+        );
+        return;
+    }
+    // Warm up lazily created process-wide state (and wait for that agent
+    // thread to end, as the rounds below do).
+    let (sb, agent) = sandbox();
+    drop(sb);
+    agent.join().unwrap().unwrap();
+    let before = (count("/proc/self/fd"), count("/proc/self/task"), children());
     for _ in 0..20 {
         let (sb, agent) = sandbox();
         let mut p = sb.spawn(sh("echo hi; sleep 100")).unwrap();
@@ -163,10 +233,8 @@ fn sandboxes_leave_no_fds_or_threads_behind() {
         drop(sb);
         agent.join().unwrap().unwrap();
     }
-    // Other tests run in parallel threads: allow for them, but not 20x leaks.
-    let (fds2, threads2) = (count("/proc/self/fd"), count("/proc/self/task"));
-    assert!(fds2 <= fds + 12, "fds {fds} -> {fds2}");
-    assert!(threads2 <= threads + 8, "threads {threads} -> {threads2}");
+    let after = (count("/proc/self/fd"), count("/proc/self/task"), children());
+    assert_eq!(after, before, "(fds, threads, child processes)");
 }
 
 /// Forwards `from` to `to` in small, varying chunks (1..=4096 bytes, now and
@@ -202,7 +270,7 @@ fn relay(mut from: UnixStream, mut to: UnixStream, seed: u32) -> JoinHandle<()> 
 }
 
 /// A sandbox whose agent sees the connection through chunking relays.
-fn chunked_sandbox() -> (Sandbox, JoinHandle<Result<Ended, AgentError>>) {
+fn chunked_sandbox() -> (Sandbox, Agent) {
     let (host, relay_host) = UnixStream::pair().unwrap();
     let (relay_guest, guest) = UnixStream::pair().unwrap();
     relay(
@@ -211,7 +279,7 @@ fn chunked_sandbox() -> (Sandbox, JoinHandle<Result<Ended, AgentError>>) {
         0x1234_5678,
     );
     relay(relay_guest, relay_host, 0x9abc_def0);
-    let agent = std::thread::spawn(move || serve(OwnedFd::from(guest), AgentConfig::default()));
+    let agent = agent_on(guest);
     (
         Sandbox::connect(host, Duration::from_secs(10)).unwrap(),
         agent,
@@ -240,8 +308,8 @@ fn stdin_survives_short_reads_and_a_slow_consumer() {
     let slow = "sleep 0.3; while :; do \
                 n=$(dd bs=4096 count=1 2>/dev/null | tee -a \"$T\" | wc -c); \
                 [ \"$n\" -gt 0 ] || break; done; sha256sum < \"$T\"; rm -f \"$T\"";
-    let tmp = std::env::temp_dir().join(format!("kiln-slow-stdin-{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    let scratch = common::Scratch::new("slow-stdin");
+    let tmp = scratch.path("copy");
     let out = sb
         .exec(
             sh(slow)
@@ -276,4 +344,303 @@ fn stdin_survives_short_reads_and_a_slow_consumer() {
     assert!(out.stdout.iter().all(|&b| b == 0));
     sb.shutdown().unwrap();
     assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
+/// What crossed between a sandbox and its agent, per exec id: the argv[0]
+/// of each EXEC, the stdout bytes the agent sent and the stdout credit the
+/// host granted.
+#[derive(Default)]
+struct Tally {
+    argv0: HashMap<u32, Vec<u8>>,
+    stdout: HashMap<u32, usize>,
+    credit: HashMap<u32, usize>,
+}
+
+impl Tally {
+    fn count(&mut self, msg: Msg) {
+        match msg {
+            Msg::Exec { id, spec, .. } => {
+                self.argv0.insert(id, spec.argv[0].clone());
+            }
+            Msg::Stdout { id, data } => *self.stdout.entry(id).or_default() += data.len(),
+            Msg::Credit {
+                id,
+                stream: Stream::Stdout,
+                bytes,
+            } => *self.credit.entry(id).or_default() += bytes as usize,
+            _ => {}
+        }
+    }
+
+    /// The id of the exec whose argv[0] is `name`.
+    fn id_of(&self, name: &str) -> Option<u32> {
+        let found = self
+            .argv0
+            .iter()
+            .find(|(_, a)| a.as_slice() == name.as_bytes());
+        found.map(|(&id, _)| id)
+    }
+
+    fn stdout(&self, id: u32) -> usize {
+        self.stdout.get(&id).copied().unwrap_or(0)
+    }
+
+    fn credit(&self, id: u32) -> usize {
+        self.credit.get(&id).copied().unwrap_or(0)
+    }
+}
+
+/// A protocol tap between a sandbox and its agent: forwards every byte both
+/// ways unchanged and tallies each frame before forwarding its last byte.
+#[derive(Clone, Default)]
+struct Tap(Arc<(Mutex<Tally>, Condvar)>);
+
+impl Tap {
+    fn tally(&self) -> MutexGuard<'_, Tally> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn relay(&self, mut from: UnixStream, mut to: UnixStream) {
+        let tap = self.clone();
+        std::thread::spawn(move || {
+            let (mut decoder, mut buf) = (Decoder::new(), vec![0u8; 64 << 10]);
+            while let Ok(n @ 1..) = from.read(&mut buf) {
+                decoder.feed(&buf[..n]);
+                let mut tally = tap.tally();
+                while let Some(msg) = decoder.next_msg().expect("well-formed frames") {
+                    tally.count(msg);
+                }
+                drop(tally);
+                tap.0 .1.notify_all();
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        });
+    }
+
+    /// Waits until the command `name` has sent a full output window, and
+    /// returns its exec id.
+    fn full_window_of(&self, name: &str) -> u32 {
+        self.wait_until(&format!("EXEC of {name}"), |t| t.id_of(name).is_some());
+        let id = self.tally().id_of(name).unwrap();
+        let window = OUTPUT_WINDOW as usize;
+        self.wait_until("a full window of output", |t| t.stdout(id) >= window);
+        id
+    }
+
+    /// Waits until `cond` holds for the tally. The bound only turns a hang
+    /// into a failure; it is no timing goal.
+    fn wait_until(&self, what: &str, cond: impl Fn(&Tally) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut tally = self.tally();
+        while !cond(&tally) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "never happened: {what}");
+            tally = self.0 .1.wait_timeout(tally, left).unwrap().0;
+        }
+    }
+}
+
+/// A sandbox whose connection to its agent runs through a [`Tap`].
+fn tapped_sandbox() -> (Sandbox, Tap, Agent) {
+    let (host, tap_host) = UnixStream::pair().unwrap();
+    let (tap_guest, guest) = UnixStream::pair().unwrap();
+    let tap = Tap::default();
+    tap.relay(
+        tap_host.try_clone().unwrap(),
+        tap_guest.try_clone().unwrap(),
+    );
+    tap.relay(tap_guest, tap_host);
+    let agent = agent_on(guest);
+    let sb = Sandbox::connect(host, Duration::from_secs(10)).unwrap();
+    (sb, tap, agent)
+}
+
+/// Once this returns, every frame the agent sent before it and every frame
+/// the host sent in answer has crossed the tap: the agent's frames are
+/// dispatched in order before the first exec's EXITED (so any credit the
+/// host sends for them is written before the second EXEC), and the second
+/// EXEC reaches the agent only after the tap has counted that credit.
+fn settle(sb: &Sandbox) {
+    for _ in 0..2 {
+        assert!(sb.exec(Command::new("true")).unwrap().status.success());
+    }
+}
+
+/// `seq 1 N` as it prints it.
+fn seq_output(n: u32) -> Vec<u8> {
+    (1..=n)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect()
+}
+
+/// README: the host returns output credit only as the consumer reads, so a
+/// stopped reader holds the command back after one window, and the host
+/// buffers no more than that window for it.
+#[test]
+fn credit_is_returned_only_for_what_the_reader_read() {
+    let (sb, tap, agent) = tapped_sandbox();
+    let want = seq_output(500_000);
+    let mut p = sb.spawn(Command::new("seq").args(["1", "500000"])).unwrap();
+    let mut out = p.stdout().unwrap();
+    let id = tap.full_window_of("seq");
+    let window = OUTPUT_WINDOW as usize;
+    settle(&sb);
+    {
+        let t = tap.tally();
+        assert_eq!(t.credit(id), 0, "credit granted before anything was read");
+        assert_eq!(t.stdout(id), window, "output beyond the window");
+    }
+    // Read a part: credit follows what was read, never more.
+    let mut part = vec![0u8; 100_000];
+    out.read_exact(&mut part).unwrap();
+    settle(&sb);
+    {
+        let t = tap.tally();
+        assert!(
+            (1..=part.len()).contains(&t.credit(id)),
+            "credit {} after reading {}",
+            t.credit(id),
+            part.len()
+        );
+        assert!(
+            t.stdout(id) <= window + t.credit(id),
+            "agent beyond its window"
+        );
+    }
+    // The rest arrives whole and in order: nothing was dropped on the way.
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
+    part.extend(rest);
+    assert!(
+        part == want,
+        "{} bytes of {} arrived intact",
+        part.len(),
+        want.len()
+    );
+    assert!(p.wait().unwrap().success());
+    settle(&sb);
+    assert!(tap.tally().credit(id) <= want.len());
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
+/// README: "memory stays bounded whatever commands print, and a slow reader
+/// of one command never stalls another". A command that prints without end
+/// to a reader that has stopped holds one window on the host, while other
+/// commands stream megabytes and take stdin.
+#[test]
+fn a_stopped_reader_bounds_memory_and_stalls_no_other_command() {
+    let (sb, tap, agent) = tapped_sandbox();
+    let mut endless = sb.spawn(Command::new("yes")).unwrap();
+    let mut endless_out = endless.stdout().unwrap();
+    let id = tap.full_window_of("yes");
+    let window = OUTPUT_WINDOW as usize;
+    // Others run meanwhile: each bounded by a timeout, so a stall fails the
+    // test instead of hanging it.
+    let limit = Duration::from_secs(120);
+    let big = sb
+        .exec(
+            Command::new("head")
+                .args(["-c", "8388608", "/dev/zero"])
+                .timeout(limit),
+        )
+        .unwrap();
+    assert_eq!(big.stdout.len(), 8 << 20);
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i * 31 + i / 4093) as u8).collect();
+    let sum = sb
+        .exec(
+            Command::new("sha256sum")
+                .stdin_bytes(data.clone())
+                .timeout(limit),
+        )
+        .unwrap();
+    assert_eq!(sum.stdout, host_sha256(&data));
+    std::thread::scope(|s| {
+        for n in 0..3 {
+            let sb = &sb;
+            s.spawn(move || {
+                let cmd = sh(&format!("seq 1 {}", 100_000 * (n + 1))).timeout(limit);
+                let out = sb.exec(cmd).unwrap();
+                assert!(out.stdout == seq_output(100_000 * (n + 1)), "seq {n}");
+            });
+        }
+    });
+    settle(&sb);
+    {
+        // All the while, the stopped command's output held on the host
+        // (sent, never read) stayed one window.
+        let t = tap.tally();
+        assert_eq!((t.stdout(id), t.credit(id)), (window, 0));
+    }
+    // The stopped command is still intact: its first bytes are `yes` lines.
+    let mut head = [0u8; 8];
+    endless_out.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"y\ny\ny\ny\n");
+    drop(endless_out);
+    drop(endless);
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
+/// Guest input is hostile: an agent that ignores credit and floods one
+/// command's stdout gets no more than one window of host memory for it.
+#[test]
+fn an_agent_that_ignores_credit_cannot_grow_host_memory() {
+    use kiln_init::protocol::{encode_data, ExitReason, K_STDOUT, MAX_DATA, VERSION};
+    let (host, mut guest) = UnixStream::pair().unwrap();
+    let flood = 4usize << 20;
+    let mut from_host = guest.try_clone().unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut decoder, mut buf) = (Decoder::new(), vec![0u8; 64 << 10]);
+        let mut frames = Vec::new();
+        Msg::Hello { version: VERSION }.encode(&mut frames).unwrap();
+        guest.write_all(&frames).unwrap();
+        let mut next_exec = || loop {
+            if let Some(msg) = decoder.next_msg().unwrap() {
+                if let Msg::Exec { id, .. } = msg {
+                    return Some(id);
+                }
+                continue;
+            }
+            match from_host.read(&mut buf) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => decoder.feed(&buf[..n]),
+            }
+        };
+        let exited = |id| Msg::Exited {
+            id,
+            status: kiln_init::protocol::ExitStatus::Code(0),
+            reason: ExitReason::Normal,
+        };
+        let mut frames = Vec::new();
+        let flooded = next_exec().unwrap();
+        for _ in 0..flood / MAX_DATA {
+            encode_data(&mut frames, K_STDOUT, flooded, &[b'x'; MAX_DATA]);
+        }
+        exited(flooded).encode(&mut frames).unwrap();
+        // Every later exec just ends.
+        while let Some(id) = next_exec() {
+            exited(id).encode(&mut frames).unwrap();
+            if guest.write_all(&frames).is_err() {
+                break;
+            }
+            frames.clear();
+        }
+    });
+    let sb = Sandbox::connect(host, Duration::from_secs(10)).unwrap();
+    let mut p = sb.spawn(Command::new("flood")).unwrap();
+    let mut out = p.stdout().unwrap();
+    // The flood and its EXITED are written before the second exec's EXITED,
+    // so once that exec returns the host has taken in every frame.
+    assert!(sb.exec(Command::new("barrier")).unwrap().status.success());
+    let mut got = Vec::new();
+    out.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), OUTPUT_WINDOW as usize, "of {flood} bytes sent");
+    drop(out);
+    drop(p);
+    drop(sb);
+    fake.join().unwrap();
 }

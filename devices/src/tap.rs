@@ -294,14 +294,10 @@ mod tests {
     /// disappears with the thread): creation, EBUSY, not-a-TAP, offloads.
     #[test]
     fn real_tap_errors_name_the_interface() {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root || !std::path::Path::new(TUN_PATH).exists() {
-            assert!(
-                std::env::var_os("KILN_NO_SKIP").is_none(),
-                "needs root and {TUN_PATH}"
-            );
-            eprintln!("SKIP: needs root and {TUN_PATH}");
+        if !kiln_prereq::require(
+            kiln_prereq::is_root() && std::path::Path::new(TUN_PATH).exists(),
+            &format!("needs root and {TUN_PATH}"),
+        ) {
             return;
         }
         std::thread::spawn(|| {

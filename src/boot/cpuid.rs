@@ -262,20 +262,13 @@ mod tests {
         assert_eq!(find(&cpuid, 0x4000_0000, 0).ebx, 0x4b4d_564b);
     }
 
-    /// The fixups on the CPUID this host's KVM really reports. Skips without
-    /// /dev/kvm unless KILN_NO_SKIP=1.
+    /// The fixups on the CPUID this host's KVM really reports (needs /dev/kvm).
     #[test]
     fn real_kvm_supported_cpuid() {
-        let kvm = match kvm_ioctls::Kvm::new() {
-            Ok(kvm) => kvm,
-            Err(e) if std::env::var("KILN_NO_SKIP").as_deref() == Ok("1") => {
-                panic!("KILN_NO_SKIP=1 but /dev/kvm cannot be opened: {e}")
-            }
-            Err(e) => {
-                eprintln!("skipping real_kvm_supported_cpuid: /dev/kvm not accessible ({e})");
-                return;
-            }
-        };
+        if !kiln_prereq::require(kiln_prereq::have_kvm(), "/dev/kvm not accessible") {
+            return;
+        }
+        let kvm = kvm_ioctls::Kvm::new().expect("opening /dev/kvm");
         let mut cpuid = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .expect("KVM_GET_SUPPORTED_CPUID");

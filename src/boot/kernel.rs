@@ -222,18 +222,4 @@ mod tests {
         assert!(!notes_name_linux(&[1, 2, 3]));
         assert!(!notes_name_linux(b"Linux\0"));
     }
-
-    #[test]
-    fn the_recipe_vmlinux_is_linux_and_a_tiny_guest_is_not() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        // Only where they exist (resources/setup.sh, the tiny-guest tests).
-        for (path, linux) in [
-            (root.join("target/guest/vmlinux"), true),
-            (root.join("target/tmp/test-guests/hello.elf"), false),
-        ] {
-            if let Ok(mut f) = File::open(&path) {
-                assert_eq!(has_linux_note(&mut f), linux, "{}", path.display());
-            }
-        }
-    }
 }

@@ -390,6 +390,15 @@ mod tests {
     }
 
     #[test]
+    fn env_needs_a_name() {
+        let e = parse(&["--kernel", "k", "-e", "=v"]).unwrap_err();
+        assert!(e.to_string().contains("'=v' is not KEY=VALUE"), "{e}");
+        assert!(parse(&["--kernel", "k", "-e", "novalue"]).is_err());
+        let r = parse(&["--kernel", "k", "-e", "EMPTY="]).unwrap();
+        assert_eq!(r.command.env, [("EMPTY".into(), String::new())]);
+    }
+
+    #[test]
     fn sandbox_options() {
         let r = parse(&[
             "--kernel", "k", "-e", "A=1", "-e", "B=x=y", "-w", "/tmp", "-i", "--user", "1000:5",

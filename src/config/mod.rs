@@ -476,6 +476,39 @@ mod tests {
     }
 
     #[test]
+    fn every_unit_and_the_duration_bound() {
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("3tib"), Ok(3 << 40));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        // At most 10^9 seconds.
+        assert_eq!(
+            parse_duration("1000000000"),
+            Ok(Duration::from_secs(1_000_000_000))
+        );
+        assert!(parse_duration("1000000001").is_err());
+    }
+
+    #[test]
+    fn repeated_net_and_vsock_keys_are_refused() {
+        let twice = "tap=t,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02"
+            .parse::<NetConfig>()
+            .unwrap_err();
+        assert_eq!(
+            twice,
+            "option 'mac' given twice (expected tap=NAME[,mac=MAC])"
+        );
+        for (text, key) in [
+            ("cid=3,socket=/a,socket=/b", "socket"),
+            ("cid=3,cid=4,socket=/a", "cid"),
+        ] {
+            assert_eq!(
+                text.parse::<VsockConfig>().unwrap_err(),
+                format!("option '{key}' given twice (expected cid=N,socket=PATH)")
+            );
+        }
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("256M"), Ok(256 << 20));
         assert_eq!(parse_size("1g"), Ok(1 << 30));

@@ -24,8 +24,11 @@ impl Scratch {
         Self::new_in(Path::new(env!("CARGO_TARGET_TMPDIR")), tag)
     }
 
+    /// `base/kiln-TAG-PID-N`: unique per process and per call.
     pub fn new_in(base: &Path, tag: &str) -> Self {
-        let dir = base.join(format!("kiln-{tag}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = base.join(format!("kiln-{tag}-{}-{n}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("creating a scratch directory");
         Self(dir)
@@ -121,55 +124,11 @@ fn modified(path: &Path) -> io::Result<SystemTime> {
     fs::metadata(path)?.modified()
 }
 
-/// Whether a test may go on: true when `cond` holds. Otherwise prints
-/// `SKIP: <test>: <what>` and returns false, or panics when the environment
-/// has `KILN_NO_SKIP=1` (CI sets it, so a green run means the tests ran).
-#[track_caller]
-pub fn require(cond: bool, what: &str) -> bool {
-    if cond {
-        return true;
-    }
-    // libtest names each test's thread after the test; a single-threaded run
-    // uses the main thread, so fall back to the caller's location.
-    let thread = std::thread::current();
-    let test = match thread.name() {
-        Some(name) if name != "main" => name.to_string(),
-        _ => std::panic::Location::caller().to_string(),
-    };
-    if std::env::var_os("KILN_NO_SKIP").is_some_and(|v| v == "1") {
-        panic!("{test}: prerequisite missing: {what} (KILN_NO_SKIP=1 forbids skipping)");
-    }
-    // Straight to stderr, not eprintln!: libtest would capture (and hide)
-    // the line for a test that passes.
-    let _ = io::stderr().write_all(format!("SKIP: {test}: {what}\n").as_bytes());
-    false
-}
-
-/// True when this process can open /dev/kvm for reading and writing.
-pub fn have_kvm() -> bool {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// True when `program` is found on PATH as an executable file.
-pub fn have_program(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| {
-            fs::metadata(dir.join(program)).is_ok_and(|m| {
-                m.is_file()
-                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
-            })
-        })
-    })
-}
+// The one skip-or-fail decision for every kiln test (KILN_NO_SKIP), with
+// the prerequisite checks the integration tests share (each test binary
+// uses its own subset).
+#[allow(unused_imports)]
+pub use kiln_prereq::{have_kvm, have_program, is_root, require};
 
 /// A config for a tiny test guest: 32 MiB, 1 vCPU, 5 s timeout.
 pub fn guest_config(name: &str) -> VmConfig {
@@ -269,6 +228,54 @@ pub fn run_guest(config: &VmConfig, input: Option<&[u8]>) -> (RunReport, Vec<u8>
     };
     let report = kiln::run(config, io, Instant::now())
         .unwrap_or_else(|e| panic!("kiln::run({}) failed: {e}", config.kernel.display()));
+    (report, capture.bytes())
+}
+
+/// How long a run that should end by itself may go on before the test
+/// stops it and fails. It only turns a hang into a failure: no test asserts
+/// how fast anything is (timing goals belong to the benchmark).
+pub const HANG_LIMIT: Duration = Duration::from_secs(120);
+
+/// Waits until the VM of `vm` has ended (its finished pipe hangs up), at
+/// most `HANG_LIMIT`; false if it is still running then.
+pub fn wait_finished(vm: &kiln::VmHandle) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: vm.finished_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = Instant::now() + HANG_LIMIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 || left.is_zero() {
+            return false;
+        }
+    }
+}
+
+/// Runs `config` on its own thread and waits for it to end by itself:
+/// a VM still running after `HANG_LIMIT` is stopped and fails the test.
+/// Returns the report and the console output.
+pub fn run_to_end(config: &VmConfig) -> (RunReport, Vec<u8>) {
+    let capture = Capture::default();
+    let io = ConsoleIo {
+        output: Box::new(capture.clone()),
+        input: None,
+    };
+    let vm = kiln::spawn(config.clone(), io, Instant::now())
+        .unwrap_or_else(|e| panic!("kiln::spawn({}) failed: {e}", config.kernel.display()));
+    if !wait_finished(&vm) {
+        // Not dropped: stopping a VM that does not stop would hang the test.
+        std::mem::forget(vm);
+        panic!("the VM did not end by itself within {HANG_LIMIT:?}");
+    }
+    let report = vm.wait().expect("the VM's report");
     (report, capture.bytes())
 }
 

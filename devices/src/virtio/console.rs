@@ -631,8 +631,21 @@ mod tests {
         h.pump();
         assert_eq!(h.tx.used().len(), 3);
         assert!(h.out.wait_len(MAX_CHAIN_OUTPUT));
-        std::thread::sleep(Duration::from_millis(50));
-        assert_eq!(h.out.bytes().len(), MAX_CHAIN_OUTPUT);
+        // A last, well-formed chain: output is written in order, so once its
+        // bytes are out, everything the hostile chains produced is too. (It
+        // is taken once the host has drained the queued output; the bound
+        // only turns a hang into a failure.)
+        h.write_guest(b"done");
+        h.kick(TXQ);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while h.tx.used().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "never taken");
+            h.em.run_with_timeout(100).unwrap();
+        }
+        assert!(h.out.wait_len(MAX_CHAIN_OUTPUT + 4));
+        let out = h.out.bytes();
+        assert_eq!(out.len(), MAX_CHAIN_OUTPUT + 4, "the huge chain is cut");
+        assert!(out.ends_with(b"done"));
         h.assert_idle();
     }
 
@@ -724,8 +737,16 @@ mod tests {
         out.set_blocked(true);
         output.push(b"pending bytes");
         let unblock = out.clone();
+        // The output unblocks only once drop has begun (it marks the state
+        // closing), so drop must wait for the pending bytes.
+        let shared = output.shared.clone();
         let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
+            let (lock, cond) = &*shared;
+            let mut st = lock_state(lock);
+            while !st.closing {
+                st = cond.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            drop(st);
             unblock.set_blocked(false);
         });
         drop(output);

@@ -582,6 +582,276 @@ mod tests {
         out
     }
 
+    /// The wire format README documents, pinned byte by byte: every frame
+    /// is `len u32 LE | kind u8 | exec id u32 LE | payload`, and each kind's
+    /// code and payload layout is fixed (host and guest are built apart).
+    #[test]
+    fn frames_have_the_documented_byte_layout() {
+        let mut spec = ExecSpec::new(["ls"]);
+        spec.uid = Some(0x0102_0304);
+        let frames: Vec<(Msg, Vec<u8>)> = vec![
+            (
+                Msg::Exec {
+                    id: 0x0a0b_0c0d,
+                    opts: ExecOptions {
+                        stdin: true,
+                        timeout_ms: 0x1122_3344_5566_7788,
+                    },
+                    spec,
+                },
+                [
+                    &[30, 0, 0, 0, 0x01, 0x0d, 0x0c, 0x0b, 0x0a][..],
+                    // stdin flag, timeout in ms u64 LE
+                    &[1, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11],
+                    // the exec spec: "KXSP", version 1, then tag u8 | len u32 LE | bytes
+                    b"KXSP\x01",
+                    &[1, 2, 0, 0, 0, b'l', b's'],
+                    &[4, 4, 0, 0, 0, 4, 3, 2, 1],
+                ]
+                .concat(),
+            ),
+            (
+                Msg::Stdin {
+                    id: 1,
+                    data: b"abc".to_vec(),
+                },
+                vec![3, 0, 0, 0, 0x02, 1, 0, 0, 0, b'a', b'b', b'c'],
+            ),
+            (Msg::StdinEof { id: 2 }, vec![0, 0, 0, 0, 0x03, 2, 0, 0, 0]),
+            (
+                Msg::Signal { id: 3, signal: 15 },
+                vec![4, 0, 0, 0, 0x04, 3, 0, 0, 0, 15, 0, 0, 0],
+            ),
+            (Msg::Shutdown, vec![0, 0, 0, 0, 0x05, 0, 0, 0, 0]),
+            (
+                Msg::Credit {
+                    id: 4,
+                    stream: Stream::Stdout,
+                    bytes: 0x0001_0000,
+                },
+                vec![5, 0, 0, 0, 0x06, 4, 0, 0, 0, 1, 0, 0, 1, 0],
+            ),
+            (
+                Msg::Credit {
+                    id: 4,
+                    stream: Stream::Stderr,
+                    bytes: 7,
+                },
+                vec![5, 0, 0, 0, 0x06, 4, 0, 0, 0, 2, 7, 0, 0, 0],
+            ),
+            (
+                Msg::Hello { version: 1 },
+                vec![4, 0, 0, 0, 0x81, 0, 0, 0, 0, 1, 0, 0, 0],
+            ),
+            (
+                Msg::Started { id: 5, pid: 0x1234 },
+                vec![4, 0, 0, 0, 0x82, 5, 0, 0, 0, 0x34, 0x12, 0, 0],
+            ),
+            (
+                Msg::Stdout {
+                    id: 0x0100_0000,
+                    data: b"hi\n".to_vec(),
+                },
+                vec![3, 0, 0, 0, 0x83, 0, 0, 0, 1, b'h', b'i', b'\n'],
+            ),
+            (
+                Msg::Stderr {
+                    id: 6,
+                    data: b"e".to_vec(),
+                },
+                vec![1, 0, 0, 0, 0x84, 6, 0, 0, 0, b'e'],
+            ),
+            (
+                Msg::Exited {
+                    id: 7,
+                    status: ExitStatus::Code(3),
+                    reason: ExitReason::Normal,
+                },
+                vec![6, 0, 0, 0, 0x85, 7, 0, 0, 0, 0, 3, 0, 0, 0, 0],
+            ),
+            (
+                Msg::Exited {
+                    id: 7,
+                    status: ExitStatus::Signal(9),
+                    reason: ExitReason::TimedOut,
+                },
+                vec![6, 0, 0, 0, 0x85, 7, 0, 0, 0, 1, 9, 0, 0, 0, 1],
+            ),
+            (
+                Msg::ExecFailed {
+                    id: 8,
+                    code: 127,
+                    message: "no".into(),
+                },
+                vec![6, 0, 0, 0, 0x86, 8, 0, 0, 0, 127, 0, 0, 0, b'n', b'o'],
+            ),
+            (
+                Msg::StdinCredit { id: 9, bytes: 300 },
+                vec![4, 0, 0, 0, 0x87, 9, 0, 0, 0, 0x2c, 0x01, 0, 0],
+            ),
+        ];
+        for (msg, bytes) in frames {
+            let mut out = Vec::new();
+            msg.encode(&mut out).unwrap();
+            assert_eq!(out, bytes, "encoding {msg:?}");
+            let mut d = Decoder::new();
+            d.feed(&bytes);
+            assert_eq!(d.next_msg(), Ok(Some(msg.clone())), "decoding {bytes:?}");
+            assert_eq!(d.pending(), 0);
+            if let Msg::Stdout { id, data } = &msg {
+                let mut raw = Vec::new();
+                encode_data(&mut raw, K_STDOUT, *id, data);
+                assert_eq!(raw, bytes, "encode_data");
+            }
+        }
+        assert_eq!(HEADER_LEN, 9);
+        assert_eq!(VERSION, 1);
+    }
+
+    #[test]
+    fn windows_and_limits_are_the_documented_ones() {
+        // README: 256 KiB output windows per stream; the stdin window too.
+        assert_eq!(OUTPUT_WINDOW, 262_144);
+        assert_eq!(STDIN_WINDOW, 262_144);
+        assert_eq!(MAX_DATA, 32_768);
+        // EXEC_FAILED: a u32 code and at most MAX_MESSAGE bytes of text.
+        let failed = |len| Msg::decode(K_EXEC_FAILED, 1, &vec![b'x'; len]);
+        assert!(failed(4 + MAX_MESSAGE).is_ok());
+        assert_eq!(
+            failed(4 + MAX_MESSAGE + 1),
+            Err(ProtocolError::Oversize {
+                kind: K_EXEC_FAILED,
+                len: 4 + MAX_MESSAGE + 1
+            })
+        );
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_character_boundary() {
+        // Three-byte characters, so the cut at MAX_MESSAGE falls inside one.
+        let message = "✓".repeat(MAX_MESSAGE);
+        let mut out = Vec::new();
+        Msg::ExecFailed {
+            id: 1,
+            code: 126,
+            message,
+        }
+        .encode(&mut out)
+        .unwrap();
+        let text = &out[HEADER_LEN + 4..];
+        let keep = MAX_MESSAGE / 3 * 3;
+        assert_eq!(text.len(), keep);
+        assert_eq!(std::str::from_utf8(text).unwrap(), "✓".repeat(keep / 3));
+    }
+
+    #[test]
+    fn exec_options_come_before_the_spec() {
+        // Options present, spec missing: the spec is what is wrong.
+        assert_eq!(
+            Msg::decode(K_EXEC, 1, &[0; 9]),
+            Err(ProtocolError::BadSpec(SpecError::BadMagic))
+        );
+        assert_eq!(
+            Msg::decode(K_EXEC, 1, &[0; 8]),
+            Err(ProtocolError::BadPayload("EXEC"))
+        );
+    }
+
+    #[test]
+    fn edge_payloads_round_trip() {
+        for msg in [
+            Msg::Exec {
+                id: 1,
+                opts: ExecOptions::default(),
+                spec: ExecSpec::new(["true"]),
+            },
+            Msg::ExecFailed {
+                id: 2,
+                code: 127,
+                message: String::new(),
+            },
+        ] {
+            let mut out = Vec::new();
+            msg.encode(&mut out).unwrap();
+            let mut d = Decoder::new();
+            d.feed(&out);
+            assert_eq!(d.next_msg(), Ok(Some(msg)));
+        }
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        for (e, text) in [
+            (
+                ProtocolError::Oversize { kind: 0x83, len: 5 },
+                "frame of kind 0x83 claims 5 bytes (over the limit)",
+            ),
+            (ProtocolError::UnknownKind(0x42), "unknown frame kind 0x42"),
+            (
+                ProtocolError::BadPayload("CREDIT"),
+                "malformed CREDIT frame",
+            ),
+            (
+                ProtocolError::BadSpec(SpecError::EmptyArgv),
+                "bad exec spec: no command given",
+            ),
+            (ProtocolError::Truncated, "connection ended inside a frame"),
+        ] {
+            assert_eq!(e.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn pending_counts_bytes_of_an_unfinished_frame() {
+        let bytes = stream();
+        let mut d = Decoder::new();
+        d.feed(&bytes[..HEADER_LEN + 3]);
+        assert_eq!(d.next_msg(), Ok(None));
+        assert_eq!(d.pending(), HEADER_LEN + 3);
+        assert_eq!(d.finish(), Err(ProtocolError::Truncated));
+    }
+
+    /// The decoder keeps only what it has not returned yet: a long stream
+    /// fed in pieces that cut frames anywhere never piles up in it.
+    #[test]
+    fn the_decoder_holds_at_most_a_frame_and_a_feed() {
+        let mut bytes = Vec::new();
+        for i in 0..20_000u32 {
+            Msg::Stdout {
+                id: i,
+                data: vec![i as u8; 1 + i as usize % 200],
+            }
+            .encode(&mut bytes)
+            .unwrap();
+        }
+        for piece in [1000, 4096, 109] {
+            let mut d = Decoder::new();
+            let mut got = 0;
+            for chunk in bytes.chunks(piece) {
+                d.feed(chunk);
+                while let Some(_msg) = d.next_msg().unwrap() {
+                    got += 1;
+                }
+                assert!(
+                    d.buf.len() <= (64 << 10) + 2 * (piece + HEADER_LEN + 200),
+                    "{} bytes held (pieces of {piece})",
+                    d.buf.len()
+                );
+            }
+            assert_eq!(got, 20_000);
+            // Frames fed whole, one at a time: nothing at all is left over.
+            let mut d = Decoder::new();
+            let mut one = Vec::new();
+            for i in 0..1000 {
+                one.clear();
+                Msg::StdinEof { id: i }.encode(&mut one).unwrap();
+                d.feed(&one);
+                assert!(d.next_msg().unwrap().is_some());
+                assert!(d.buf.len() <= HEADER_LEN, "{} bytes held", d.buf.len());
+            }
+        }
+    }
+
     #[test]
     fn round_trips_every_message_in_any_chunking() {
         let bytes = stream();

@@ -355,6 +355,69 @@ mod tests {
     }
 
     #[test]
+    fn path_defaults_unless_the_spec_sets_it() {
+        let plain = ExecSpec::new(["prog"]);
+        let path = |cmd: &Command| env_of(cmd, "PATH").flatten();
+        assert_eq!(
+            path(&plain.to_command_with(None)),
+            Some(OsStr::from_bytes(DEFAULT_PATH).to_owned())
+        );
+        let mut own = ExecSpec::new(["prog"]);
+        own.env.push((b"PATH".to_vec(), b"/opt/bin".to_vec()));
+        assert_eq!(path(&own.to_command_with(None)), Some("/opt/bin".into()));
+    }
+
+    #[test]
+    fn hostnames_are_1_to_64_bytes() {
+        let with = |h: &[u8]| {
+            let mut spec = ExecSpec::new(["prog"]);
+            spec.hostname = Some(h.to_vec());
+            spec.validate()
+        };
+        assert_eq!(with(&[b'h'; 64]), Ok(()));
+        assert_eq!(with(&[b'h'; 65]), Err(SpecError::BadHostname));
+        assert_eq!(with(b""), Err(SpecError::BadHostname));
+        assert_eq!(
+            SpecError::BadHostname.to_string(),
+            "hostname must be 1 to 64 bytes"
+        );
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        for (e, text) in [
+            (SpecError::BadMagic, "not an exec spec (bad magic)"),
+            (
+                SpecError::UnsupportedVersion(9),
+                "unsupported exec spec version 9",
+            ),
+            (SpecError::Truncated, "exec spec is truncated"),
+            (SpecError::UnknownTag(7), "unknown exec spec field tag 7"),
+            (
+                SpecError::Duplicate("cwd"),
+                "exec spec field 'cwd' given twice",
+            ),
+            (
+                SpecError::BadLength("uid"),
+                "exec spec field 'uid' has a bad length",
+            ),
+            (SpecError::EmptyArgv, "no command given"),
+            (
+                SpecError::Nul("an argument"),
+                "an argument contains a NUL byte",
+            ),
+            (
+                SpecError::BadEnvName(b"A=B".to_vec()),
+                "invalid environment variable name 'A=B'",
+            ),
+            (SpecError::EmptyCwd, "working directory is empty"),
+            (SpecError::TooLong("an argument"), "an argument is too long"),
+        ] {
+            assert_eq!(e.to_string(), text);
+        }
+    }
+
+    #[test]
     fn round_trips_awkward_arguments() {
         let spec = awkward();
         assert_eq!(ExecSpec::decode(&spec.encode().unwrap()).unwrap(), spec);

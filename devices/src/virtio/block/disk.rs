@@ -64,7 +64,7 @@ pub struct DiskImage {
     read_only: bool,
     id: [u8; ID_BYTES],
     /// fallocate(PUNCH_HOLE) works on this file.
-    punch_hole: bool,
+    pub(super) punch_hole: bool,
 }
 
 impl DiskImage {
@@ -230,10 +230,16 @@ fn lock(file: &File, shared: bool) -> std::io::Result<()> {
     }
 }
 
-const PUNCH_HOLE_MODE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+pub(super) const PUNCH_HOLE_MODE: libc::c_int =
+    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE_MODE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+pub(super) fn fallocate(
+    file: &File,
+    mode: libc::c_int,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
     let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     };

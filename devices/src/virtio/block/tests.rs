@@ -2,7 +2,8 @@
 //! requests, hostile chains, image checks, and a property test over random
 //! descriptor tables.
 
-use super::request::parse_chain;
+use super::disk::{fallocate, PUNCH_HOLE_MODE};
+use super::request::{parse_chain, CHAIN_SHAPE};
 use super::*;
 use crate::irq::IrqLine;
 use crate::virtio::{Activation, Interrupt};
@@ -24,8 +25,12 @@ struct TempImage(PathBuf);
 
 impl TempImage {
     fn new(name: &str, size: u64) -> Self {
+        Self::new_in(&std::env::temp_dir(), name, size)
+    }
+
+    fn new_in(base: &Path, name: &str, size: u64) -> Self {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
+        let dir = base.join(format!(
             "kiln-blk-test-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, AtomicOrdering::SeqCst)
@@ -542,6 +547,36 @@ fn descriptor_loops_and_overlong_chains_end() {
 }
 
 #[test]
+fn a_chain_of_the_most_descriptors_is_served_and_one_more_is_not() {
+    let img = TempImage::new("limit.img", 4096);
+    let mem = memory();
+    let mut rig = Rig::new(&mem, &img, false);
+    mem.write_slice(&header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(HDR))
+        .unwrap();
+    // A flush: the header, empty writable descriptors (they carry nothing
+    // but count), the status byte; in an indirect table of `total` entries.
+    let table = 0x100000u64;
+    let most = CHAIN_SHAPE.1.max_descriptors;
+    for (total, status) in [(most, 0), (most + 1, 1)] {
+        let n = total as u16;
+        for i in 0..n {
+            let (addr, len, flags) = match i {
+                0 => (HDR, 16, 0),
+                i if i == n - 1 => (STATUS, 1, F_WRITE),
+                _ => (DATA, 0, F_WRITE),
+            };
+            let next = if i + 1 < n { F_NEXT } else { 0 };
+            let d = RawDescriptor::from(SplitDesc::new(addr, len, flags | next, i + 1));
+            mem.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+                .unwrap();
+        }
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let got = rig.raw(&[(table, u32::from(n) * 16, F_INDIRECT)]);
+        assert_eq!(got, (status, 1), "{total} descriptors");
+    }
+}
+
+#[test]
 fn indirect_requests_work() {
     let img = TempImage::new("ind.img", 64 << 10);
     let mem = memory();
@@ -566,9 +601,67 @@ fn indirect_requests_work() {
     assert!(data[512..].iter().all(|&b| b == 3 ^ 0x5a));
 }
 
+/// 512-byte units the file system has allocated for `img`.
+fn allocated_sectors(img: &TempImage) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(&img.0).unwrap().blocks()
+}
+
+/// Whether punching a 4 KiB hole into a file under `dir` frees its blocks.
+fn punches_holes(dir: &Path) -> bool {
+    let probe = TempImage::new_in(dir, "probe.img", 64 << 10);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&probe.0)
+        .unwrap();
+    file.sync_all().unwrap();
+    let before = allocated_sectors(&probe);
+    fallocate(&file, PUNCH_HOLE_MODE, 4096, 4096).is_ok() && allocated_sectors(&probe) + 8 <= before
+}
+
+/// A directory whose file system punches holes: the temp directory, else
+/// /dev/shm (tmpfs punches holes on every Linux since 3.5).
+fn hole_punching_dir() -> Option<PathBuf> {
+    [std::env::temp_dir(), PathBuf::from("/dev/shm")]
+        .into_iter()
+        .find(|dir| dir.is_dir() && punches_holes(dir))
+}
+
+#[test]
+fn discard_without_hole_punching_is_unsupported() {
+    let img = TempImage::new("no-discard.img", 64 << 10);
+    let mem = memory();
+    let mut disk = DiskImage::open(&img.0, false, None).unwrap();
+    // As the disk of a file system that cannot punch holes.
+    disk.punch_hole = false;
+    let mut blk = Block::new(disk).unwrap();
+    assert_eq!(blk.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    assert_eq!(blk.features() & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    let q = MockSplitQueue::new(&mem, QSIZE);
+    activate(&mut blk, &mem, &q);
+    let mut rig = Rig { mem: &mem, q, blk };
+    let mut seg = [0u8; 16];
+    seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+    mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+    for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        assert_eq!(rig.request(kind, 0, Some((16, false))).0, 2);
+    }
+    assert_eq!(
+        img.bytes(),
+        TempImage::new("no-discard-ref.img", 64 << 10).bytes()
+    );
+}
+
 #[test]
 fn discard_and_write_zeroes() {
-    let img = TempImage::new("discard.img", 64 << 10);
+    let dir = hole_punching_dir();
+    if !kiln_prereq::require(
+        dir.is_some(),
+        "a file system that punches holes (the temp directory or /dev/shm)",
+    ) {
+        return;
+    }
+    let img = TempImage::new_in(&dir.unwrap(), "discard.img", 64 << 10);
     let mem = memory();
     let mut rig = Rig::new(&mem, &img, false);
     let seg = |sector: u64, n: u32, flags: u32| {
@@ -578,12 +671,11 @@ fn discard_and_write_zeroes() {
         s[12..16].copy_from_slice(&flags.to_le_bytes());
         s
     };
-    if !rig.blk.disk().supports_discard() {
-        eprintln!("SKIP: the temp directory's file system cannot punch holes");
-        mem.write_slice(&seg(0, 8, 0), GuestAddress(DATA)).unwrap();
-        assert_eq!(rig.request(VIRTIO_BLK_T_DISCARD, 0, Some((16, false))).0, 2);
-        return;
-    }
+    assert!(rig.blk.disk().supports_discard());
+    assert_ne!(rig.blk.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    assert_ne!(rig.blk.features() & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    std::fs::File::open(&img.0).unwrap().sync_all().unwrap();
+    let allocated = allocated_sectors(&img);
     // Two segments in one request: sectors 8..16 discarded, 32..40 zeroed.
     mem.write_slice(&seg(8, 8, 0), GuestAddress(DATA)).unwrap();
     mem.write_slice(&seg(32, 8, 0), GuestAddress(DATA + 16))
@@ -592,15 +684,28 @@ fn discard_and_write_zeroes() {
         rig.request(VIRTIO_BLK_T_DISCARD, 0, Some((32, false))),
         (0, 1)
     );
+    // Holes: the file system freed both ranges (16 sectors).
+    let after_discard = allocated_sectors(&img);
+    assert!(
+        after_discard + 16 <= allocated,
+        "discard freed nothing: {allocated} -> {after_discard} sectors"
+    );
     mem.write_slice(&seg(64, 8, 0), GuestAddress(DATA)).unwrap();
     assert_eq!(
         rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, false))),
         (0, 1)
     );
+    let before_unmap = allocated_sectors(&img);
     mem.write_slice(&seg(80, 8, 1), GuestAddress(DATA)).unwrap();
     assert_eq!(
         rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, false))),
         (0, 1)
+    );
+    // Write-zeroes with "unmap" punches a hole too.
+    let after_unmap = allocated_sectors(&img);
+    assert!(
+        after_unmap + 8 <= before_unmap,
+        "write-zeroes with unmap freed nothing: {before_unmap} -> {after_unmap} sectors"
     );
     let file = img.bytes();
     assert_eq!(file.len(), 64 << 10);

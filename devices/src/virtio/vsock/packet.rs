@@ -157,6 +157,52 @@ mod tests {
         assert_eq!(Header::from_bytes(&b), h);
     }
 
+    /// Reads the header from a one-descriptor chain of `len` bytes holding
+    /// `bytes` (then zeroes); returns the result and what is left to read.
+    fn read_chain(bytes: &[u8], len: u32) -> (Result<Header, PacketError>, usize) {
+        use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use virtio_queue::QueueOwnedT;
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(bytes, GuestAddress(0x1000)).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x8_0000), 16);
+        let desc = Descriptor::new(0x1000, len, 0, 0);
+        vq.desc_table().store(0, RawDescriptor::from(desc)).unwrap();
+        vq.avail().ring().ref_at(0).unwrap().store(0);
+        vq.avail().idx().store(1);
+        let mut q: virtio_queue::Queue = vq.create_queue().unwrap();
+        let descriptors = q.iter(&mem).unwrap().next().unwrap();
+        let chain = crate::virtio::chain::Chain::parsed(
+            &mem,
+            descriptors,
+            crate::virtio::chain::Layout::ReadOnly,
+            crate::virtio::chain::Limits::descriptors(16),
+        );
+        let mut reader = chain.reader();
+        let header = read_header(&mem, &mut reader);
+        (header, reader.remaining() as usize)
+    }
+
+    #[test]
+    fn headers_are_read_from_the_chain_and_short_chains_refused() {
+        let h = Header {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            len: 5,
+            op: OP_RW,
+            ..Default::default()
+        };
+        let mut packet = h.to_bytes().to_vec();
+        packet.extend_from_slice(b"hello");
+        assert_eq!(read_chain(&packet, packet.len() as u32), (Ok(h), 5));
+        assert_eq!(read_chain(&packet, HDR_SIZE as u32), (Ok(h), 0));
+        assert_eq!(
+            read_chain(&packet, HDR_SIZE as u32 - 1).0,
+            Err(PacketError::Short(HDR_SIZE - 1))
+        );
+    }
+
     #[test]
     fn hostile_lengths_are_refused() {
         let mut h = Header {
