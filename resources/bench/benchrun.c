@@ -26,6 +26,8 @@
  *       -m MARKER  watch stdout for a line equal to MARKER (a trailing \r is
  *                  ignored)
  *       -k         kill CMD (SIGKILL) once the marker (and -i/-g work) is done
+ *       -T SIG     send signal number SIG once the marker is seen and print
+ *                  stop=S, the time from that signal to CMD's exit
  *       -s SECS    after the marker, wait SECS before sampling (default 2)
  *       -i SECS    after the marker, measure CPU time over SECS
  *       -g BYTES   after the marker, read smaps; the guest RAM mapping is the
@@ -268,13 +270,14 @@ static int cmd_time(int argc, char **argv)
 	const char *out_path = NULL, *err_path = "/dev/null", *marker = NULL, *shim = NULL;
 	double settle = 2, idle = -1, timeout = 600;
 	long long guest_bytes = -1;
-	int kill_after = 0, opt;
-	while ((opt = getopt(argc, argv, "+o:e:m:ks:i:g:p:t:")) != -1) {
+	int kill_after = 0, stop_sig = 0, opt;
+	while ((opt = getopt(argc, argv, "+o:e:m:kT:s:i:g:p:t:")) != -1) {
 		switch (opt) {
 		case 'o': out_path = optarg; break;
 		case 'e': err_path = optarg; break;
 		case 'm': marker = optarg; break;
 		case 'k': kill_after = 1; break;
+		case 'T': stop_sig = atoi(optarg); break;
 		case 's': settle = atof(optarg); break;
 		case 'i': idle = atof(optarg); break;
 		case 'g': guest_bytes = atoll(optarg); break;
@@ -387,7 +390,11 @@ static int cmd_time(int argc, char **argv)
 			priv = -1;
 	}
 
-	double t_end = 0;
+	double t_end = 0, t_signal = -1;
+	if (stop_sig > 0 && t_marker >= 0 && !timed_out) {
+		t_signal = now();
+		kill(pid, stop_sig);
+	}
 	if (timed_out || (kill_after && t_marker >= 0)) {
 		t_end = now();
 		kill(pid, SIGKILL);
@@ -422,6 +429,8 @@ static int cmd_time(int argc, char **argv)
 		fclose(out);
 
 	printf("wall=%.6f\n", t_end - t0);
+	if (t_signal >= 0)
+		printf("stop=%.6f\n", t_end - t_signal);
 	printf("cpu=%.6f\n", ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 +
 				      ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
 	printf("minflt=%ld\n", ru.ru_minflt);

@@ -101,8 +101,8 @@ fn run_classic(config: VmConfig, started: Instant) -> crate::Result<i32> {
 /// without -v it goes to stdout until the agent is up, and is dropped after.
 fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
     let signals = StopSignals::block();
-    // A signal stops the VM: during boot through the flag the builder
-    // watches, after it through the sandbox's stopper.
+    // A signal stops the VM through its stopper, which the builder hands
+    // over as soon as the VM runs; one that came earlier is seen then.
     let interrupted = Arc::new(AtomicI32::new(0));
     let stopper: Arc<Mutex<Option<VmStopper>>> = Arc::default();
     let (flag, slot) = (interrupted.clone(), stopper.clone());
@@ -122,9 +122,17 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
         true => Box::new(io::stderr()),
         false => Box::new(boot_console.clone()),
     };
+    let (flag, slot) = (interrupted.clone(), stopper.clone());
     let builder = SandboxBuilder::from(config)
         .console_output(console)
-        .interrupt_flag(interrupted.clone());
+        .on_vm_started(move |vm| {
+            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            let sig = flag.load(Ordering::SeqCst);
+            if sig != 0 {
+                vm.stop(VmOutcome::Interrupted(sig as u8));
+            }
+            *slot = Some(vm);
+        });
     let sandbox = match builder.build() {
         Ok(sandbox) => sandbox,
         Err(SandboxError::BootFailed { outcome, .. }) => {
@@ -143,12 +151,6 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
         }
     };
     boot_console.agent_up();
-    *stopper.lock().unwrap_or_else(|e| e.into_inner()) = sandbox.stopper();
-    // A signal that came between the end of boot and the line above.
-    let sig = interrupted.load(Ordering::SeqCst);
-    if let (true, Some(s)) = (sig != 0, sandbox.stopper()) {
-        s.stop(VmOutcome::Interrupted(sig as u8));
-    }
 
     let result = sandbox
         .spawn(command.to_sandbox_command())

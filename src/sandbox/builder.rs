@@ -6,13 +6,13 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
 use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
-use crate::{ConsoleIo, VmHandle};
+use crate::{ConsoleIo, VmHandle, VmStopper};
 
 /// The vsock port the agent connects to on the host.
 const AGENT_PORT: u32 = 1024;
@@ -27,14 +27,14 @@ const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// whole [`VmConfig`] (`SandboxBuilder::from(config)`). The VM options are the
 /// config's; the builder adds only what a sandbox needs: the agent's vsock
 /// device and port, how long to wait for the agent, the console copy, the
-/// default output limit and an interrupt flag.
+/// default output limit and a hook that gets the VM's stopper at start.
 #[derive(Default)]
 pub struct SandboxBuilder {
     config: VmConfig,
     boot_timeout: Option<Duration>,
     console: Option<Box<dyn Write + Send>>,
     output_limit: Option<usize>,
-    interrupt: Option<Arc<AtomicI32>>,
+    on_vm_started: Option<Box<dyn FnOnce(VmStopper) + Send>>,
 }
 
 impl From<VmConfig> for SandboxBuilder {
@@ -51,10 +51,12 @@ impl SandboxBuilder {
         self
     }
 
-    /// While booting, a nonzero value (a signal number) in `flag` stops the
-    /// VM (outcome `Interrupted`) and `build` fails with `BootFailed`.
-    pub fn interrupt_flag(mut self, flag: Arc<AtomicI32>) -> Self {
-        self.interrupt = Some(flag);
+    /// Calls `hook` as soon as the VM runs (before the agent answers) with a
+    /// stopper that ends the VM from any thread: a VM stopped while `build`
+    /// waits makes `build` fail at once with `BootFailed` and the stopper's
+    /// outcome (the CLI stops it with `Interrupted` on a signal).
+    pub fn on_vm_started(mut self, hook: impl FnOnce(VmStopper) + Send + 'static) -> Self {
+        self.on_vm_started = Some(Box::new(hook));
         self
     }
 
@@ -228,17 +230,15 @@ impl SandboxBuilder {
             (None, None) => DEFAULT_BOOT_TIMEOUT,
         };
         let vm = crate::spawn(config, io, started)?;
+        if let Some(hook) = self.on_vm_started {
+            hook(vm.stopper());
+        }
         let deadline = started + limit;
         let stream = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(SandboxError::io("accepting the agent")(e)),
-            }
-            if let Some(sig) = self.interrupt.as_ref().map(|f| f.load(Ordering::SeqCst)) {
-                if sig != 0 {
-                    vm.stopper().stop(crate::VmOutcome::Interrupted(sig as u8));
-                }
             }
             if vm.is_finished() {
                 return Err(vm_ended(vm, &console));
@@ -250,12 +250,13 @@ impl SandboxBuilder {
                     console: console.tail(),
                 });
             }
-            // The agent's connection and the VM's end wake this at once; the
-            // timer only serves the interrupt flag and the deadline.
-            let nap = deadline
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(100));
-            wait_readable(&listener, vm.finished_fd(), nap);
+            // The agent's connection and the VM's end (a stop included) wake
+            // this at once; the timer only serves the deadline.
+            wait_readable(
+                &listener,
+                vm.finished_fd(),
+                deadline.saturating_duration_since(Instant::now()),
+            );
         };
         drop(listener);
         stream
@@ -272,17 +273,18 @@ impl SandboxBuilder {
 }
 
 /// Sleeps until `listener` has a connection waiting, the VM has ended
-/// (`vm_finished` hangs up) or `max` has passed (for the interrupt flag and
-/// the deadline): the agent's connection, or the VM's end, is seen at once.
+/// (`vm_finished` hangs up) or `max` has passed (the deadline): the agent's
+/// connection, or the VM's end, is seen at once.
 fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Duration) {
     let mut fds = [listener.as_raw_fd(), vm_finished.as_raw_fd()].map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     });
+    let millis = max.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
     // SAFETY: `fds` is a valid array of two pollfds for the duration of the
     // call, and both descriptors stay open (borrowed from their owners).
-    unsafe { libc::poll(fds.as_mut_ptr(), 2, max.as_millis() as libc::c_int) };
+    unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
 }
 
 fn vm_ended(vm: VmHandle, console: &ConsoleRing) -> SandboxError {

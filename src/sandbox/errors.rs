@@ -37,7 +37,7 @@ pub enum SandboxError {
     },
     /// The VM ended before kiln's guest agent connected: the kernel
     /// panicked, the root has no usable init, the VM timeout expired, or
-    /// the build was interrupted (`interrupt_flag`).
+    /// the VM was stopped through the stopper `on_vm_started` handed out.
     #[error(
         "the VM ended before its guest agent connected: {outcome}{}",
         tail(console)
