@@ -1,24 +1,28 @@
 //! virtio-net with a real Linux guest (ONE boot): the test makes its own
 //! network namespace with a TAP in it, runs `kiln` inside that namespace,
 //! and exchanges 16 MiB each way over TCP with a peer that also lives in
-//! the namespace (threads of this test that joined it with setns). Nothing
-//! outside the namespace sees a packet; the namespace is deleted on exit.
+//! the namespace (threads of this test that joined it with setns). The same
+//! boot has a second `--net` card on a TAP kiln creates itself, with the
+//! default MAC. Nothing outside the namespace sees a packet; the namespace
+//! is deleted on exit. `--net` errors (busy TAP, not a TAP) are checked with
+//! tiny guests, no kernel boot.
 //!
 //! Needs root (namespaces, TAP), /dev/kvm and the recipe guest kernel.
 
 mod common;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{guest_kernel, have_kvm, have_program, is_root, require};
+use common::{
+    guest_kernel, have_kvm, have_program, is_root, require, sha256_hex, test_guest, Netns, Scratch,
+};
 
 const SIZE: usize = 16 << 20;
 const HOST_IP: &str = "10.0.2.1";
@@ -32,90 +36,8 @@ const TSO_SIZE: usize = 512 << 10;
 /// The TAP's MTU, which the guest takes over.
 const JUMBO_MTU: u32 = 65520;
 const GUEST_MAC: &str = "02:6b:69:6c:6e:01";
-
-/// A network namespace that is deleted when dropped (also on panic).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn create() -> Self {
-        let name = format!("kiln-test-{}", std::process::id());
-        // A leftover from a crashed run with a recycled pid.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        for args in [
-            "ip link set lo up",
-            "ip tuntap add dev tap0 mode tap",
-            "ip addr add 10.0.2.1/24 dev tap0",
-            "ip link set tap0 mtu 65520 up",
-        ] {
-            run_ok(&mut ns.exec(args.split(' ')));
-        }
-        ns
-    }
-
-    fn exec<'a>(&self, args: impl IntoIterator<Item = &'a str>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).args(args);
-        cmd
-    }
-
-    /// Runs `f` on a thread that joined this namespace: sockets it creates
-    /// live in the namespace whichever thread uses them afterwards.
-    fn on_thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        thread::spawn(move || {
-            let ns = File::open(&path).expect("opening the namespace");
-            // SAFETY: setns on a valid namespace fd; it changes only this
-            // thread's network namespace, and the thread ends right after.
-            let ret = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().expect("running a command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    let mut stdin = child.stdin.take().unwrap();
-    let data = data.to_vec();
-    let writer = thread::spawn(move || stdin.write_all(&data));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
+/// The second card's TAP: it does not exist, so kiln creates it.
+const SECOND_TAP: &str = "tap1";
 
 /// Seeds of the two directions' data (the guest helper uses the second).
 const SEED_TO_GUEST: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -135,17 +57,15 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// A guest root: the host's static busybox with all its applet links plus
-/// the static `net-helper` built from tests/net_helper.c.
-fn rootfs() -> Result<PathBuf, String> {
+/// A guest root in `scratch`: the host's static busybox with all its applet
+/// links plus the static `net-helper` built from tests/net_helper.c.
+fn rootfs(scratch: &Scratch) -> Result<PathBuf, String> {
     let busybox = ["/usr/bin/busybox", "/bin/busybox"]
         .into_iter()
         .map(Path::new)
         .find(|p| p.is_file())
         .ok_or("no static busybox (apt-get install busybox-static)")?;
-    let dir =
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("net-rootfs-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
+    let dir = scratch.path("rootfs");
     fs::create_dir_all(dir.join("bin")).map_err(|e| e.to_string())?;
     fs::copy(busybox, dir.join("bin/busybox")).map_err(|e| e.to_string())?;
     let list = Command::new(busybox)
@@ -221,6 +141,143 @@ fn key_value(text: &str, key: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// `kiln run` of a tiny test guest (resources/test-guests/GUEST.S) inside
+/// `ns`: no kernel boot, quiet unless the caller sets KILN_LOG.
+fn tiny_kiln(ns: &Netns, guest: &str, timeout: &str, extra: &[&str]) -> Command {
+    let mut cmd = ns.exec([env!("CARGO_BIN_EXE_kiln"), "run", "--kernel"]);
+    cmd.arg(test_guest(guest))
+        .args(["--mem", "32M", "--timeout", timeout])
+        .args(extra)
+        .env_remove("KILN_LOG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// The MAC kiln logs (KILN_LOG=info: "net: ethN on TAP 'NAME', MAC M") for
+/// the card on TAP `tap`.
+fn logged_mac(stderr: &str, tap: &str) -> Option<String> {
+    let needle = format!(" on TAP '{tap}', MAC ");
+    stderr
+        .lines()
+        .find_map(|l| Some(l.split_once(&needle)?.1.trim().to_ascii_lowercase()))
+}
+
+/// The second card (`--net tap=tap1`, no `mac=`, a TAP that did not exist):
+/// its MAC is unicast and locally administered and is the one kiln logs;
+/// kiln created the TAP and it went away with kiln. The MAC is derived from
+/// the name: another kiln process gives a card on tap1 (there eth0, not
+/// eth1) the same MAC, and a card on another name a different one.
+fn check_default_mac(ns: &Netns, guest_mac: &str, stderr: &str) {
+    let octets: Vec<u8> = guest_mac
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("eth1 MAC {guest_mac:?}")))
+        .collect();
+    assert_eq!(octets.len(), 6, "eth1 MAC {guest_mac:?}");
+    assert_eq!(
+        octets[0] & 0b11,
+        0b10,
+        "unicast and locally administered: {guest_mac}"
+    );
+    assert_eq!(
+        logged_mac(stderr, SECOND_TAP).as_deref(),
+        Some(guest_mac),
+        "kiln logs the MAC the guest sees"
+    );
+    let link = ns
+        .exec(["ip", "link", "show", SECOND_TAP])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("running ip");
+    assert!(!link.success(), "the TAP kiln created outlived it");
+
+    let again = tiny_kiln(
+        ns,
+        "hello",
+        "10s",
+        &[
+            "--net",
+            &format!("tap={SECOND_TAP}"),
+            "--net",
+            "tap=kilnother",
+        ],
+    )
+    .env("KILN_LOG", "info")
+    .output()
+    .expect("running kiln");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(again.status.code(), Some(42), "tiny guest's status: {err}");
+    assert_eq!(
+        logged_mac(&err, SECOND_TAP).as_deref(),
+        Some(guest_mac),
+        "same TAP name, another run and position: same MAC\n{err}"
+    );
+    let other = logged_mac(&err, "kilnother").unwrap_or_else(|| panic!("no MAC logged: {err}"));
+    assert_ne!(other, guest_mac, "another TAP name, another MAC");
+}
+
+/// `--net` on a TAP another kiln holds (busy), on a veth and on a TUN (not
+/// TAPs): kiln stops with one line naming the interface and status 125,
+/// before the guest runs. Tiny guests only: no kernel boot.
+#[test]
+fn net_errors_are_one_line_naming_the_interface() {
+    if !require(is_root(), "needs root (network namespace, TAP)")
+        || !require(have_kvm(), "/dev/kvm not accessible")
+        || !require(have_program("ip"), "iproute2 'ip' not installed")
+        || !require(
+            Path::new("/dev/net/tun").exists(),
+            "/dev/net/tun does not exist",
+        )
+    {
+        return;
+    }
+    let ns = Netns::create(
+        "net-errors",
+        &[
+            "ip link add kilnveth type veth peer name kilnpeer",
+            "ip tuntap add dev kilntun mode tun",
+        ],
+    );
+    // The holder: a halted tiny guest on kilnbusy (kiln creates it). It
+    // holds the TAP once it has logged the card.
+    let mut holder = tiny_kiln(&ns, "halt", "300s", &["--net", "tap=kilnbusy"])
+        .env("KILN_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting the holder");
+    let mut holder_log = std::io::BufReader::new(holder.stderr.take().expect("piped"));
+    let mut seen = String::new();
+    while !seen.contains("on TAP 'kilnbusy'") {
+        let n = std::io::BufRead::read_line(&mut holder_log, &mut seen).expect("holder's log");
+        if n == 0 {
+            let _ = holder.kill();
+            panic!("the holder ended before attaching kilnbusy: {seen}");
+        }
+    }
+
+    for (tap, reason) in [
+        ("kilnbusy", "is busy"),
+        ("kilnveth", "is not a TAP"),
+        ("kilntun", "is not a TAP"),
+    ] {
+        let out = tiny_kiln(&ns, "hello", "10s", &["--net", &format!("tap={tap}")])
+            .output()
+            .expect("running kiln");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "--net tap={tap}: {err}");
+        assert_eq!(err.lines().count(), 1, "--net tap={tap}: {err:?}");
+        assert!(
+            err.contains(&format!("'{tap}'")) && err.contains(reason),
+            "--net tap={tap}: {err:?}"
+        );
+        assert!(out.stdout.is_empty(), "the guest ran: {:?}", out.stdout);
+    }
+    holder.kill().expect("stopping the holder");
+    holder.wait().expect("reaping the holder");
+}
+
 #[test]
 fn guest_exchanges_16_mib_each_way_over_a_tap() {
     if !require(is_root(), "needs root (network namespace, TAP)")
@@ -242,7 +299,8 @@ fn guest_exchanges_16_mib_each_way_over_a_tap() {
         require(false, "guest kernel not built (run resources/setup.sh)");
         return;
     };
-    let root = match rootfs() {
+    let scratch = Scratch::new("net");
+    let root = match rootfs(&scratch) {
         Ok(root) => root,
         Err(e) => {
             require(false, &format!("cannot build the guest root: {e}"));
@@ -250,7 +308,14 @@ fn guest_exchanges_16_mib_each_way_over_a_tap() {
         }
     };
 
-    let ns = Netns::create();
+    let ns = Netns::create(
+        "net",
+        &[
+            "ip tuntap add dev tap0 mode tap",
+            "ip addr add 10.0.2.1/24 dev tap0",
+            "ip link set tap0 mtu 65520 up",
+        ],
+    );
     let listeners: Vec<TcpListener> = ns.on_thread(|| {
         [
             TO_GUEST_PORT,
@@ -278,6 +343,7 @@ fn guest_exchanges_16_mib_each_way_over_a_tap() {
     // sides' TCP segments through TSO/GSO: a smaller exchange.
     let script = format!(
         "echo mac=$(cat /sys/class/net/eth0/address)
+echo mac1=$(cat /sys/class/net/eth1/address)
 echo carrier=$(cat /sys/class/net/eth0/carrier)
 echo mtu=$(cat /sys/class/net/eth0/mtu)
 net-helper recv {HOST_IP} {TO_GUEST_PORT} | sed 's/^/rx_/'
@@ -296,6 +362,7 @@ echo done=1"
         .arg(&root)
         .args(["--timeout", "1200s", "--net"])
         .arg(format!("tap=tap0,mac={GUEST_MAC}"))
+        .args(["--net", &format!("tap={SECOND_TAP}")])
         .arg("--cmdline")
         .arg(format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"))
         .args(["--", "sh", "-c", &script])
@@ -310,16 +377,10 @@ echo done=1"
         "kiln exited {:?} after {wall:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status.code()
     );
-    if root
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with("net-rootfs-"))
-    {
-        let _ = fs::remove_dir_all(&root);
-    }
-
     let value = |key: &str| key_value(&stdout, key).unwrap_or_default();
     assert_eq!(out.status.code(), Some(0), "guest script status");
     assert_eq!(value("mac"), GUEST_MAC);
+    check_default_mac(&ns, &value("mac1"), &stderr);
     assert_eq!(value("carrier"), "1", "link is up");
     assert_eq!(value("mtu"), JUMBO_MTU.to_string(), "MTU from the TAP");
 

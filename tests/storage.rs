@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 use common::{
-    guest_kernel, guest_rootfs, have_kvm, have_program, is_root, kiln_cli, require, Scratch,
+    guest_kernel, guest_rootfs, have_kvm, have_program, is_root, kiln_cli, require, run_checked,
+    sha256_hex, Scratch,
 };
 
 const BOOT_TIMEOUT: &str = "1200s";
@@ -34,34 +35,6 @@ fn prerequisites(programs: &[&str]) -> bool {
         && programs
             .iter()
             .all(|p| require(have_program(p), &format!("{p} not installed (e2fsprogs)")))
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    let mut child = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    child.stdin.take().unwrap().write_all(data).unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// The bytes of `seq 1 200000 | head -c 1048576`.
@@ -168,7 +141,7 @@ fn guest_uses_disks_and_rng() {
 
     // vda: 128 MiB file, ext4 in its first 64 MiB, a marker in the tail.
     fs::File::create(&vda).unwrap().set_len(VDA_FILE).unwrap();
-    run_ok(
+    run_checked(
         Command::new("mkfs.ext4")
             .args(["-q", "-F"])
             .arg(&vda)
@@ -182,7 +155,7 @@ fn guest_uses_disks_and_rng() {
     let content = scratch.path("vdb-content");
     fs::create_dir_all(&content).unwrap();
     fs::write(content.join("hello.txt"), "kiln-read-only-disk\n").unwrap();
-    run_ok(
+    run_checked(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
             .arg(&content)
@@ -229,7 +202,7 @@ fn guest_uses_disks_and_rng() {
     assert_eq!(get("guest_sha"), expected, "sha256 in the guest");
     assert_eq!(get("umount_vda"), "ok");
     assert_eq!(get("reread_sha"), expected, "sha256 after remount");
-    let host_copy = run_ok(
+    let host_copy = run_checked(
         Command::new("debugfs")
             .args(["-R", "cat /pattern.bin"])
             .arg(&vda)

@@ -363,3 +363,117 @@ pub fn guest_rootfs() -> PathBuf {
     })
     .clone()
 }
+
+// ---- Helpers for the real-kernel tests (dev-claims): one network
+// namespace type, one host-side sha256, one VM at a time per test binary.
+
+/// A network namespace of the test's own, deleted on drop (also on panic).
+/// Every TAP and peer a network test uses lives in it.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `kiln-TAG-PID` and runs each of `setup` (an `ip ...` command
+    /// line, split on spaces) inside it; `lo` is brought up first.
+    pub fn create(tag: &str, setup: &[&str]) -> Self {
+        let name = format!("kiln-{tag}-{}", std::process::id());
+        // A leftover from a crashed run with a recycled pid.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        run_checked(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Self { name };
+        for line in std::iter::once(&"ip link set lo up").chain(setup) {
+            run_checked(&mut ns.exec(line.split(' ')));
+        }
+        ns
+    }
+
+    /// `args` run inside the namespace (`ip netns exec NAME ARGS...`).
+    pub fn exec<'a>(&self, args: impl IntoIterator<Item = &'a str>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).args(args);
+        cmd
+    }
+
+    /// Runs `f` on a thread that joined this namespace: sockets, TAPs and
+    /// threads it creates live in the namespace whoever uses them later.
+    pub fn on_thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = File::open(&path).expect("opening the namespace");
+            // SAFETY: setns on a valid namespace fd; it changes only this
+            // thread's network namespace, and the thread ends right after.
+            let ret =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(ret, 0, "setns: {}", io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs `cmd`, panicking with its stderr unless it succeeds.
+pub fn run_checked(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// sha256 of `data` in hex, by the host's sha256sum (fed from a thread, so
+/// any size works).
+pub fn sha256_hex(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running sha256sum");
+    let mut stdin = child.stdin.take().expect("piped");
+    let data = data.to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("sha256sum output");
+    writer
+        .join()
+        .expect("sha256sum feeder")
+        .expect("feeding sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// One real VM at a time within a test binary: libtest runs tests in
+/// parallel, and two emulated guest kernels on a small host only slow each
+/// other down (and stretch every in-test timeout).
+pub fn one_vm() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_VM: Mutex<()> = Mutex::new(());
+    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A busybox root built by resources/guest/build-rootfs.sh in `dir`.
+pub fn build_busybox_root(dir: &Path) {
+    run_checked(
+        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/build-rootfs.sh"))
+            .arg(dir)
+            .stdout(Stdio::null()),
+    );
+}
