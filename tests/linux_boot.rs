@@ -1,15 +1,19 @@
 //! Real Linux guests booted through the `kiln run` command line: the recipe
 //! kernel (resources/guest) as PVH vmlinux and as bzImage, kiln's own init,
-//! exit statuses, exact argument passing, SMP and memory size.
+//! exit statuses (the command's, 128+N for a signal), exact argument
+//! passing, `-e`/`-w`/`--user`/`-i`, `-v`, SMP, memory size and a plain tar
+//! root.
 //!
 //! Each boot costs tens of seconds on an emulating host, so every test
 //! checks several things in one boot.
 
 mod common;
 
-use std::process::Output;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Output, Stdio};
 
-use common::{guest_kernel, guest_rootfs, have_kvm, kiln_cli, require};
+use common::{guest_kernel, guest_rootfs, have_kvm, kiln_cli, require, sha256_hex, Scratch};
 
 const BOOT_TIMEOUT: &str = "600s";
 
@@ -21,21 +25,33 @@ fn prerequisites() -> bool {
         )
 }
 
-fn kiln_run(kernel: &str, extra: &[&str], command: &[&str]) -> Output {
+/// `kiln run --kernel KERNEL --rootfs ROOT EXTRA -- COMMAND` with `stdin`
+/// on kiln's stdin (written by a thread, then closed).
+fn kiln_run(kernel: &str, root: &Path, extra: &[&str], command: &[&str], stdin: &[u8]) -> Output {
     let kernel = guest_kernel(kernel).expect("checked by prerequisites");
-    let rootfs = guest_rootfs();
-    let out = kiln_cli()
+    let mut child = kiln_cli()
         .arg("run")
         .arg("--kernel")
         .arg(kernel)
         .arg("--rootfs")
-        .arg(rootfs)
+        .arg(root)
         .args(["--timeout", BOOT_TIMEOUT])
         .args(extra)
         .arg("--")
         .args(command)
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("running kiln");
+    let mut input = child.stdin.take().expect("piped");
+    let data = stdin.to_vec();
+    // kiln may never read it (without -i): a write error is not the test's.
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child.wait_with_output().expect("waiting for kiln");
+    feeder.join().expect("stdin feeder");
     eprintln!(
         "kiln exited {:?}\nstdout: {}\nstderr: {}",
         out.status.code(),
@@ -46,43 +62,130 @@ fn kiln_run(kernel: &str, extra: &[&str], command: &[&str]) -> Output {
 }
 
 /// PVH vmlinux: output arrives, an awkward argument arrives byte-exact,
-/// kiln's init set up the guest, and the command's status 3 is kiln's.
+/// kiln's init (PID 1) set up the guest, and the command's status 3 is
+/// kiln's. `-e` (values with spaces, `=` and empty), `-w`, `--user UID:GID`
+/// reach the command, `-i` forwards kiln's stdin byte for byte (every byte
+/// value), and without `--net` the guest has no network card.
 #[test]
 fn vmlinux_runs_command_with_exact_arguments_and_status() {
     if !prerequisites() {
         return;
     }
     let awkward = "a  b \"c\" 'd' $HOME \\n tab\there; end";
-    let script = r#"echo "arg=[$1]"; echo "host=$(hostname)"; grep -c ' /proc proc' /proc/mounts | sed 's/^/proc=/'; echo "pid1=$(cat /proc/1/comm)"; exit 3"#;
-    let out = kiln_run("vmlinux", &[], &["/bin/sh", "-c", script, "sh", awkward]);
+    let script = r#"echo "arg=[$1]"; echo "host=$(hostname)"; grep -c ' /proc proc' /proc/mounts | sed 's/^/proc=/'; echo "pid1=$(cat /proc/1/comm)"; echo "self=$$"; echo "env=[$SPACED|$EQUALS|${EMPTY-unset}]"; echo "cwd=$(pwd)"; echo "ids=$(id -u):$(id -g)"; echo "nics=$(ls /sys/class/net | tr '\n' ' ')"; echo "stdin=$(sha256sum | cut -c1-64)"; exit 3"#;
+    // 64 KiB: every byte value, \r, \n, ^C, ^D and NUL included, in a
+    // pattern that is not periodic on a power of two.
+    let input: Vec<u8> = (0..64u32 << 10)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8 ^ (i % 251) as u8)
+        .collect();
+    assert!((0..=255u8).all(|b| input.contains(&b)));
+    let flags = [
+        "-e",
+        "SPACED=x  y",
+        "-e",
+        "EQUALS=a=b",
+        "-e",
+        "EMPTY=",
+        "-w",
+        "/tmp",
+        "--user",
+        "1000:1001",
+        "-i",
+    ];
+    let out = kiln_run(
+        "vmlinux",
+        &guest_rootfs(),
+        &flags,
+        &["/bin/sh", "-c", script, "sh", awkward],
+        &input,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(3), "status of the guest command");
-    assert!(
-        stdout.contains(&format!("arg=[{awkward}]\n")),
-        "argument arrives intact: {stdout:?}"
+    let has = |line: &str| stdout.lines().any(|l| l == line);
+    assert_all(
+        &[
+            ("status 3", out.status.code() == Some(3)),
+            ("argument intact", has(&format!("arg=[{awkward}]"))),
+            ("hostname", has("host=kiln")),
+            ("/proc mounted", has("proc=1")),
+            ("kiln's init is PID 1", has("pid1=init")),
+            ("the command is not PID 1", !has("self=1")),
+            ("-e", has("env=[x  y|a=b|]")),
+            ("-w", has("cwd=/tmp")),
+            ("--user", has("ids=1000:1001")),
+            ("no card without --net", has("nics=lo ")),
+            (
+                "-i: stdin byte for byte",
+                has(&format!("stdin={}", sha256_hex(&input))),
+            ),
+            ("raw console (no CR added)", !stdout.contains('\r')),
+            ("no kiln message for a command exit", out.stderr.is_empty()),
+        ],
+        &out,
     );
-    assert!(stdout.contains("host=kiln\n"), "{stdout:?}");
-    assert!(stdout.contains("proc=1\n"), "/proc is mounted: {stdout:?}");
+}
+
+/// Fails listing every check that does not hold, so that one boot (and
+/// one local break) shows all that went wrong.
+fn assert_all(checks: &[(&str, bool)], out: &Output) {
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|(_, holds)| !holds)
+        .map(|(what, _)| *what)
+        .collect();
     assert!(
-        !stdout.contains('\r'),
-        "console output is raw (no CR added): {stdout:?}"
+        failed.is_empty(),
+        "failed: {failed:?}\nstatus {:?}\nstdout: {:?}\nstderr: {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.stderr.is_empty(), "no kiln message for a command exit");
 }
 
 /// bzImage through the 64-bit boot protocol; status 0. On a PVM host the
 /// guest kernel took the host profile's words: it does not use FSGSBASE
 /// (an NMI in kernel mode would otherwise kill the VM) and is not SMAP-aware.
+/// `-v` puts the guest kernel's log and kiln's boot-timer line on stderr
+/// (stdout keeps only the command's output); without `-i` the command's
+/// stdin is empty although kiln's is not.
 #[test]
 fn bzimage_boots_and_exits_zero() {
     if !prerequisites() || !require(guest_kernel("bzImage").is_some(), "bzImage not built") {
         return;
     }
-    let script = "echo bzimage-ok; grep -m1 '^flags' /proc/cpuinfo; cat /proc/cmdline";
-    let out = kiln_run("bzImage", &[], &["sh", "-c", script]);
-    assert_eq!(out.status.code(), Some(0));
+    let script = "echo bzimage-ok; echo stdin_bytes=$(wc -c); grep -m1 '^flags' /proc/cpuinfo; cat /proc/cmdline";
+    let out = kiln_run(
+        "bzImage",
+        &guest_rootfs(),
+        &["-v"],
+        &["sh", "-c", script],
+        b"not for the command\n",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("bzimage-ok\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let timer = stderr
+        .lines()
+        .find(|l| l.contains("guest user space started "))
+        .unwrap_or_default();
+    assert_all(
+        &[
+            ("status 0", out.status.code() == Some(0)),
+            ("output", stdout.contains("bzimage-ok\n")),
+            ("empty stdin without -i", stdout.contains("stdin_bytes=0\n")),
+            (
+                "-v: kernel log on stderr",
+                stderr.contains("Linux version "),
+            ),
+            (
+                "-v: kernel log not on stdout",
+                !stdout.contains("Linux version "),
+            ),
+            (
+                "-v: boot-timer line",
+                timer.contains(" ms after monitor start"),
+            ),
+        ],
+        &out,
+    );
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         let flags = stdout
             .lines()
@@ -97,23 +200,46 @@ fn bzimage_boots_and_exits_zero() {
 }
 
 /// --cpus 2 brings up two CPUs (MP table, per-vCPU CPUID); --mem 1G is
-/// what the guest sees.
+/// what the guest sees. The root is a plain tar archive (named without a
+/// tar suffix: kiln tells roots apart by content). The command kills itself
+/// with SIGUSR1: kiln exits with 128+10 and says nothing.
 #[test]
 fn two_cpus_and_one_gib() {
-    if !prerequisites() {
+    if !prerequisites() || !require(common::have_program("tar"), "tar not installed") {
         return;
     }
+    let scratch = Scratch::new("linux-boot-tar");
+    let archive = scratch.path("root.img");
+    common::run_checked(
+        std::process::Command::new("tar")
+            .arg("-C")
+            .arg(guest_rootfs())
+            .args(["--numeric-owner", "-cf"])
+            .arg(&archive)
+            .arg("."),
+    );
     let out = kiln_run(
         "vmlinux",
+        &archive,
         &["--cpus", "2", "--mem", "1G"],
         &[
             "sh",
             "-c",
-            "echo cpus=$(nproc); grep MemTotal /proc/meminfo",
+            "echo cpus=$(nproc); grep MemTotal /proc/meminfo; \
+             echo root=$(awk '$2 == \"/\" { print $3 }' /proc/mounts); kill -USR1 $$",
         ],
+        b"",
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(128 + 10), "killed by SIGUSR1");
+    assert!(
+        out.stderr.is_empty(),
+        "no kiln message for a command's signal"
+    );
+    assert!(
+        stdout.contains("root=rootfs\n"),
+        "the tar root is the initramfs: {stdout:?}"
+    );
     assert!(stdout.contains("cpus=2\n"), "{stdout:?}");
     let kib: u64 = stdout
         .lines()
