@@ -18,11 +18,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #ifndef AF_VSOCK
 #define AF_VSOCK 40
 #endif
+/* <linux/vm_sockets.h>: the timeval form (64-bit time_t). */
+#define SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD 6
 
 struct sockaddr_vm_compat {
     unsigned short svm_family;
@@ -120,6 +123,12 @@ int main(int argc, char **argv)
     } else if (argc == 4 && strcmp(argv[1], "connect") == 0) {
         addr.svm_cid = (unsigned)strtoul(argv[2], NULL, 10);
         addr.svm_port = (unsigned)strtoul(argv[3], NULL, 10);
+        /* Linux gives up on a connect after 2 s of guest time, which a
+         * busy (emulating) host can take to answer: wait up to 2 minutes. */
+        struct timeval patience = {.tv_sec = 120};
+        if (setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD, &patience,
+                       sizeof patience) < 0)
+            die("setsockopt(SO_VM_SOCKETS_CONNECT_TIMEOUT)");
         if (connect(s, (struct sockaddr *)&addr, sizeof addr) < 0)
             die("connect");
         fd = s;
