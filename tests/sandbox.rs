@@ -1,14 +1,92 @@
 //! The sandbox API with a real guest: ONE boot of the recipe kernel, many
-//! commands through kiln's guest agent over virtio-vsock.
+//! commands through kiln's guest agent over virtio-vsock. The VM also has a
+//! network card (`.net()`) on a TAP in a network namespace of the test's own
+//! and a virtio-rng device (`.rng()`), and it ends with a command that
+//! resets the guest: the error it gets carries the guest console's tail.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{guest_kernel, have_kvm, require};
+use common::{guest_kernel, have_kvm, have_program, is_root, require, sha256_hex, Netns, Scratch};
+use kiln::config::NetConfig;
 use kiln::sandbox::{Command, ExitStatus, Sandbox, SandboxError};
+use kiln::VmOutcome;
+use kiln_init::protocol::{self, ExitReason, Msg};
+
+/// Every heap allocation of this test process (the sandbox's host side
+/// included; guest RAM is a mapping of its own, not heap) is counted, so
+/// the test can bound what the host holds while a command prints.
+struct CountingHeap;
+
+static HEAP_IN_USE: AtomicUsize = AtomicUsize::new(0);
+static HEAP_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn heap_grew(bytes: usize) {
+    let now = HEAP_IN_USE.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    HEAP_PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+fn heap_shrank(bytes: usize) {
+    HEAP_IN_USE.fetch_sub(bytes, Ordering::Relaxed);
+}
+
+// SAFETY: every method forwards to the system allocator with the caller's
+// arguments unchanged (so System's guarantees are GlobalAlloc's), and only
+// updates two counters besides.
+unsafe impl GlobalAlloc for CountingHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds alloc's contract for `layout`.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            heap_grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for alloc.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            heap_grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller passes a block this allocator (System) gave out
+        // with this layout.
+        unsafe { System.dealloc(ptr, layout) };
+        heap_shrank(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller upholds realloc's contract for this block.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size >= layout.size() {
+                heap_grew(new_size - layout.size());
+            } else {
+                heap_shrank(layout.size() - new_size);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static HEAP: CountingHeap = CountingHeap;
+
+/// The heap in use now; the peak restarts from here.
+fn heap_restart_peak() -> usize {
+    let now = HEAP_IN_USE.load(Ordering::Relaxed);
+    HEAP_PEAK.store(now, Ordering::Relaxed);
+    now
+}
 
 /// Bulk sizes (the brief's 64 MiB out, 16 MiB in); overridable because
 /// guest kernel code is emulated on PVM hosts and bulk I/O is slow there.
@@ -19,85 +97,84 @@ fn size_env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// A busybox root (sh and the applets the tests use).
-fn rootfs() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sandbox-rootfs");
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    for d in ["dev", "proc", "sys", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("static /bin/busybox");
-    for a in [
-        "sh",
-        "cat",
-        "head",
-        "yes",
-        "sleep",
-        "kill",
-        "id",
-        "pwd",
-        "printf",
-        "echo",
-        "sha256sum",
-        "true",
-        "false",
-        "env",
-        "wc",
-        "dd",
-        "seq",
-    ] {
-        let link = bin.join(a);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink("busybox", &link).unwrap();
-        }
-    }
-    dir
-}
+/// What the host may hold while one command prints: its two 256 KiB
+/// flow-control windows, the reader's and the device's buffers, with room
+/// to spare. The bulk output below is 8 times this.
+const HEAP_ALLOWANCE: usize = 1 << 20;
+
+/// The network of the `.net()` check (inside the test's own namespace).
+const HOST_IP: &str = "10.0.3.1";
+const GUEST_IP: &str = "10.0.3.2";
+const GUEST_MAC: [u8; 6] = [0x02, 0x6b, 0x69, 0x6c, 0x6e, 0x07];
 
 fn sh(script: &str) -> Command {
     Command::new("sh").arg("-c").arg(script)
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
-fn host_sha256(data: &[u8]) -> String {
-    let mut c = std::process::Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(data).unwrap();
-    let out = c.wait_with_output().unwrap().stdout;
-    String::from_utf8_lossy(&out)[..64].to_string()
-}
-
 fn prerequisites() -> bool {
     require(have_kvm(), "/dev/kvm not accessible")
         && require(guest_kernel("vmlinux").is_some(), "guest kernel not built")
-        && require(
-            std::path::Path::new("/bin/busybox").is_file(),
-            "no /bin/busybox",
-        )
+        && require(Path::new("/bin/busybox").is_file(), "no /bin/busybox")
 }
 
-fn boot() -> Sandbox {
-    Sandbox::builder()
+/// Boots the sandbox: 256 MiB, one vCPU, virtio-rng, and with `net` a card
+/// on the namespace's tap0 (built on a thread inside the namespace, where
+/// kiln opens the TAP).
+fn boot(root: PathBuf, net: Option<&Netns>) -> Sandbox {
+    let builder = Sandbox::builder()
         .kernel(guest_kernel("vmlinux").unwrap())
-        .rootfs(rootfs())
+        .rootfs(root)
         .memory(256 << 20)
         .vcpus(1)
         .timeout(Duration::from_secs(1200))
         .boot_timeout(Duration::from_secs(400))
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"))
+        .rng(true);
+    let built = match net {
+        None => builder.build(),
+        Some(ns) => {
+            let builder = builder
+                .net(NetConfig {
+                    tap: "tap0".into(),
+                    mac: Some(GUEST_MAC),
+                })
+                .cmdline(format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"));
+            ns.on_thread(move || builder.build())
+        }
+    };
+    built.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Frames as the agent sends them (`len u32 | kind u8 | exec id u32 |
+/// payload`), for every exec id from 0 to 255: output, an exit and a
+/// failed start each. The host numbers execs 1, 2, 3, ...: this covers every
+/// command this sandbox has started so far.
+fn forged_frames() -> Vec<u8> {
+    let mut frames = Vec::new();
+    for id in 0..256 {
+        for msg in [
+            Msg::Stdout {
+                id,
+                data: b"FORGED-OUT".to_vec(),
+            },
+            Msg::Stderr {
+                id,
+                data: b"FORGED-ERR".to_vec(),
+            },
+            Msg::Exited {
+                id,
+                status: protocol::ExitStatus::Code(0),
+                reason: ExitReason::Normal,
+            },
+            Msg::ExecFailed {
+                id,
+                code: 127,
+                message: "FORGED".into(),
+            },
+        ] {
+            msg.encode(&mut frames).expect("encoding a frame");
+        }
+    }
+    frames
 }
 
 #[test]
@@ -105,8 +182,26 @@ fn one_vm_many_commands() {
     if !prerequisites() {
         return;
     }
+    let scratch = Scratch::new("sandbox");
+    let root = scratch.path("rootfs");
+    common::build_busybox_root(&root);
+    let ns = require(
+        is_root() && have_program("ip") && Path::new("/dev/net/tun").exists(),
+        "root, iproute2 and /dev/net/tun (the .net() check)",
+    )
+    .then(|| {
+        Netns::create(
+            "sandbox",
+            &[
+                "ip tuntap add dev tap0 mode tap",
+                &format!("ip addr add {HOST_IP}/24 dev tap0"),
+                "ip link set tap0 up",
+            ],
+        )
+    });
+
     let started = Instant::now();
-    let sb = boot();
+    let sb = boot(root, ns.as_ref());
     let out = sb.exec(Command::new("true")).unwrap();
     assert!(out.status.success());
     eprintln!("MEASURE start to first exec: {:?}", started.elapsed());
@@ -141,15 +236,42 @@ fn one_vm_many_commands() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "x y|/tmp|1000:1001\n");
     let out = sb.exec(Command::new("/no/such/cmd")).unwrap();
     assert_eq!(out.status, ExitStatus::Code(127));
-
-    // A signal-killed command; forged frame bytes and a fake exit marker.
     assert_eq!(
         sb.exec(sh("kill -9 $$")).unwrap().status,
         ExitStatus::Signal(9)
     );
-    let forged = "printf '\\006\\000\\000\\000\\205\\001\\000\\000\\000\\000\\000\\000\\000\\000\\000'; echo 'EXIT 0'; exit 6";
-    let out = sb.exec(sh(forged)).unwrap();
-    assert_eq!(out.status, ExitStatus::Code(6));
+
+    // A command prints frames forged for every exec id, the running one's
+    // included, on stdout and stderr: they reach it as its own output, and
+    // the running command's output and status are untouched.
+    let mut live = sb
+        .spawn(
+            sh("read line; echo \"live:$line\"; echo live-err >&2; exit 4")
+                .stdin_piped()
+                .timeout(Duration::from_secs(300)),
+        )
+        .unwrap();
+    let forged = forged_frames();
+    let out = sb
+        .exec(
+            sh("cat > /tmp/forged; cat /tmp/forged; cat /tmp/forged >&2; exit 6")
+                .stdin_bytes(forged.clone()),
+        )
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(6), "the forger's own status");
+    assert!(out.stdout == forged, "the forger's stdout is its bytes");
+    assert!(out.stderr == forged, "the forger's stderr is its bytes");
+    let mut live_in = live.stdin().unwrap();
+    live_in.write_all(b"ok\n").unwrap();
+    drop(live_in);
+    let (mut live_out, mut live_err) = (Vec::new(), Vec::new());
+    live.stdout().unwrap().read_to_end(&mut live_out).unwrap();
+    live.stderr().unwrap().read_to_end(&mut live_err).unwrap();
+    assert_eq!(
+        (live.wait().unwrap(), &live_out[..], &live_err[..]),
+        (ExitStatus::Code(4), &b"live:ok\n"[..], &b"live-err\n"[..]),
+        "the running command's output and status"
+    );
 
     // 20 commands, 4 at a time.
     let t = Instant::now();
@@ -170,14 +292,108 @@ fn one_vm_many_commands() {
     });
     eprintln!("MEASURE 20 execs 4 at a time: {:?}", t.elapsed());
 
-    // Bulk output through spawn, read incrementally, RSS bounded, content
-    // checked (a repeating 63-byte line, not zeros: zeroed bytes are how
-    // lost guest register state showed). 64 MiB through the same code is
-    // checked host-side (tests/sandbox_host.rs); here the emulated guest
-    // kernel moves ~70 KiB/s, so a VM run uses 8 MiB.
+    // .rng(true): /dev/hwrng is kiln's virtio-rng. .net(): eth0 has the
+    // MAC asked for and reaches the host's end of the TAP.
+    let out = sb
+        .exec(sh(
+            "cat /sys/class/misc/hw_random/rng_current; head -c 4096 /dev/hwrng | wc -c",
+        ))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.starts_with("virtio_rng."), "{text:?}");
+    assert!(text.ends_with("\n4096\n"), "{text:?}");
+    if ns.is_some() {
+        let out = sb
+            .exec(
+                sh(&format!(
+                    "cat /sys/class/net/eth0/address; ping -c 1 -W 60 {HOST_IP} >/dev/null && echo pong"
+                ))
+                .timeout(Duration::from_secs(300)),
+            )
+            .unwrap();
+        let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
+        assert_eq!(
+            (
+                out.status,
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            ),
+            (ExitStatus::Code(0), format!("{mac}\npong\n")),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Process::kill() ends a running command with SIGKILL. (Its timeout
+    // only bounds the test if kill() does nothing.)
+    let mut p = sb
+        .spawn(
+            Command::new("sleep")
+                .arg("1000")
+                .timeout(Duration::from_secs(120)),
+        )
+        .unwrap();
+    p.kill().unwrap();
+    assert_eq!(p.wait().unwrap(), ExitStatus::Signal(9), "after kill()");
+
+    // A fork bomb is contained by its timeout: when it is reported, no
+    // process of its session is left (zombies aside), and the sandbox
+    // still serves commands.
+    let mut bomb = sb
+        .spawn(sh("echo $$; f() { f | f & }; f; sleep 1000").timeout(Duration::from_secs(10)))
+        .unwrap();
+    let mut session = String::new();
+    BufReader::new(bomb.stdout().unwrap())
+        .read_line(&mut session)
+        .unwrap();
+    let session = session.trim().to_string();
+    assert!(session.parse::<u32>().is_ok(), "bomb's session {session:?}");
+    let r = bomb.wait();
+    assert!(matches!(r, Err(SandboxError::Timeout { .. })), "{r:?}");
+    let survivors = format!(
+        "while :; do n=0; for s in /proc/[0-9]*/stat; do \
+           read -r _ _ state _ _ sid _ < $s 2>/dev/null || continue; \
+           [ \"$sid\" = {session} ] && [ \"$state\" != Z ] && n=$((n+1)); \
+         done; [ $n = 0 ] && break; done; echo contained"
+    );
+    let out = sb
+        .exec(sh(&survivors).timeout(Duration::from_secs(120)))
+        .unwrap_or_else(|e| panic!("processes of the bomb's session survived: {e}"));
+    assert_eq!(out.stdout, b"contained\n");
+
+    // When a command's main process exits, the rest of its process group is
+    // killed: a background sleep holding no pipe of the command's is gone
+    // (or a zombie) afterwards. The check waits for that; if the sleep
+    // lives on, its timeout fails the test.
+    let out = sb
+        .exec(sh("sleep 1000 </dev/null >/dev/null 2>&1 & echo $!"))
+        .unwrap();
+    let pid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(pid.parse::<u32>().is_ok(), "background pid {pid:?}");
+    let out = sb
+        .exec(
+            sh(&format!(
+                "while [ -e /proc/{pid}/stat ] && [ \"$(cut -d' ' -f3 /proc/{pid}/stat)\" != Z ]; do :; done; echo gone"
+            ))
+            .timeout(Duration::from_secs(120)),
+        )
+        .unwrap_or_else(|e| panic!("the command's background process outlived it: {e}"));
+    assert_eq!(out.stdout, b"gone\n");
+
+    // Bulk output through spawn, read incrementally, content checked (a
+    // repeating 63-byte line, not zeros: zeroed bytes are how lost guest
+    // register state showed), with the host's heap bounded: 8 MiB pass
+    // while the host never holds more than 1 MiB for them. 64 MiB through
+    // the same code is checked host-side (tests/sandbox_host.rs); here the
+    // emulated guest kernel moves ~70 KiB/s.
     let big = size_env("KILN_SANDBOX_OUT_BYTES", 8 << 20);
+    assert!(
+        big >= 8 * HEAP_ALLOWANCE,
+        "the output must dwarf the allowance"
+    );
     const LINE: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n";
     let t = Instant::now();
+    let mut buf = vec![0u8; 65536];
     let mut p = sb
         .spawn(sh(&format!(
             "yes {} | head -c {big}",
@@ -185,8 +401,8 @@ fn one_vm_many_commands() {
         )))
         .unwrap();
     let mut stdout = p.stdout().unwrap();
-    let before = rss_kib();
-    let (mut total, mut peak, mut buf) = (0usize, before, vec![0u8; 65536]);
+    let heap_before = heap_restart_peak();
+    let mut total = 0usize;
     loop {
         let n = stdout.read(&mut buf).unwrap();
         if n == 0 {
@@ -197,20 +413,24 @@ fn one_vm_many_commands() {
             assert_eq!(b, LINE[at % LINE.len()], "output byte {at}");
         }
         total += n;
-        if total % (4 << 20) < n {
-            peak = peak.max(rss_kib());
-        }
     }
+    let heap_growth = HEAP_PEAK
+        .load(Ordering::Relaxed)
+        .saturating_sub(heap_before);
     assert_eq!(total, big);
     assert!(p.wait().unwrap().success());
     eprintln!(
-        "MEASURE {} MiB out in {:?}; RSS {} -> peak {} KiB",
+        "MEASURE {} MiB out in {:?}; heap peak {} KiB above the start",
         big >> 20,
         t.elapsed(),
-        before,
-        peak
+        heap_growth >> 10
     );
-    assert!(peak - before < 16 << 10, "RSS grew {} KiB", peak - before);
+    assert!(
+        heap_growth < HEAP_ALLOWANCE,
+        "the host held {} KiB at once for {} MiB of output",
+        heap_growth >> 10,
+        big >> 20
+    );
 
     // Bulk stdin, 16 MiB, checked by sha256 in the guest. Host-to-guest data
     // moves at only 50-90 KiB/s on a PVM host (the guest kernel is emulated:
@@ -231,7 +451,7 @@ fn one_vm_many_commands() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         String::from_utf8_lossy(&out.stdout[..64]),
-        host_sha256(&data),
+        sha256_hex(&data),
         "stdin arrived altered"
     );
 
@@ -241,7 +461,6 @@ fn one_vm_many_commands() {
         .unwrap_err();
     assert!(matches!(e, SandboxError::OutputLimit { .. }), "{e}");
     // A never-ending command is stopped by its timeout.
-    let t = Instant::now();
     let e = sb
         .exec(
             Command::new("sleep")
@@ -250,20 +469,28 @@ fn one_vm_many_commands() {
         )
         .unwrap_err();
     assert!(matches!(e, SandboxError::Timeout { .. }), "{e}");
-    assert!(t.elapsed() < Duration::from_secs(30));
-    // A fork bomb is contained by its timeout; the sandbox stays usable and
-    // the host responsive meanwhile.
-    let bomb = sb.spawn(sh("f() { f | f & }; f; sleep 1000").timeout(Duration::from_secs(10)));
-    let mut bomb = bomb.unwrap();
-    let t = Instant::now();
-    let _ = std::fs::read_to_string("/proc/self/status");
-    assert!(t.elapsed() < Duration::from_secs(1), "host responsive");
-    let r = bomb.wait();
-    assert!(matches!(r, Err(SandboxError::Timeout { .. })), "{r:?}");
-    let out = sb.exec(sh("echo still-alive")).unwrap();
-    assert_eq!(out.stdout, b"still-alive\n");
+    // console_tail(): what the guest kernel printed (a message at
+    // emergency level passes the quiet console).
+    let marker = format!("kiln-console-marker-{}", std::process::id());
+    let out = sb
+        .exec(sh(&format!("echo '<0>{marker}' > /dev/kmsg")))
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let tail = sb.console_tail();
+    assert!(tail.contains(&marker), "console_tail(): {tail:?}");
 
+    // A command that resets the guest: its error is the lost connection,
+    // with the console's last lines in it; the VM's outcome is the reset.
+    let e = sb.exec(Command::new("reboot").arg("-f")).unwrap_err();
+    assert!(matches!(e, SandboxError::Disconnected { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("guest console") && text.contains(&marker),
+        "the error carries the console tail: {text}"
+    );
     let t = Instant::now();
     let outcome = sb.shutdown().unwrap();
     eprintln!("MEASURE shutdown: {:?} ({outcome:?})", t.elapsed());
+    assert_eq!(outcome, Some(VmOutcome::GuestReset));
+    drop(ns);
 }
