@@ -336,7 +336,7 @@ fn virtio_console_carries_bulk_output_in_few_exits() {
     config.console = ConsoleKind::Virtio;
     config.timeout = Some(RUN_TIMEOUT);
     let script = format!("yes '{LINE}' | head -c {CONSOLE_BULK} > /tmp/bulk && cat /tmp/bulk");
-    config.command = ["sh", "-c", &script].map(Into::into).to_vec();
+    config.command.argv = ["sh", "-c", &script].map(Into::into).to_vec();
 
     let _vm = common::one_vm();
     let started = Instant::now();
