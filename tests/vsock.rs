@@ -203,8 +203,10 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
 
     // The guest connects out only once its listener listens, and the host
     // connects in only once the guest's connection has arrived: no retries.
+    // The classic path still runs the command with -e, -w and --user.
     let script = format!(
-        "echo \"active=$(cat /sys/class/tty/console/active)\"; \
+        "echo \"command-env=$KILN_CLASSIC cwd=$(pwd) ids=$(id -u):$(id -g)\"; \
+         echo \"active=$(cat /sys/class/tty/console/active)\"; \
          sed 's/^/consoles: /' /proc/consoles; \
          echo hvc-marker=$((6*7)); \
          vsock-helper listen {GUEST_PORT} > /tmp/listen.log 2>&1 & \
@@ -221,6 +223,7 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
         .args(["--console", "virtio", "--vsock"])
         .arg(format!("cid={CID},socket={}", path.display()))
         .args(["--timeout", &format!("{}s", RUN_TIMEOUT.as_secs())])
+        .args(["-e", "KILN_CLASSIC=set by -e", "-w", "/tmp", "--user", "1000:1001"])
         .args(["--", "sh", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -290,6 +293,11 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
             .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
             .map(str::to_string)
     };
+    assert_eq!(
+        value("command-env=").as_deref(),
+        Some("set by -e cwd=/tmp ids=1000:1001"),
+        "-e, -w and --user on the --vsock path"
+    );
     // hvc0 is /dev/console and what the command printed came through it.
     let active = value("active=").expect("console list");
     assert!(active.split_whitespace().any(|c| c == "hvc0"), "{active}");
