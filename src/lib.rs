@@ -65,7 +65,7 @@
 //!
 //! kiln's own tests (`tests/`) boot the recipe kernel. A test checks its
 //! prerequisites first and skips with a `SKIP:` line when one is missing,
-//! unless `KILN_NO_SKIP=1` (set in CI) makes that a failure; it captures the
+//! unless `KILN_NO_SKIP` (set to anything but `0`, as CI does) makes that a failure; it captures the
 //! console in memory and sets a VM timeout, so a guest that hangs fails the
 //! test instead of hanging it:
 //!
@@ -95,7 +95,7 @@
 //!     let kernel = Path::new("target/guest/vmlinux");
 //!     let kvm = std::fs::File::options().read(true).write(true).open("/dev/kvm");
 //!     if kvm.is_err() || !kernel.is_file() {
-//!         let no_skip = std::env::var_os("KILN_NO_SKIP").is_some_and(|v| v == "1");
+//!         let no_skip = std::env::var_os("KILN_NO_SKIP").is_some_and(|v| v != "0");
 //!         assert!(!no_skip, "no /dev/kvm or no guest kernel (run resources/setup.sh)");
 //!         eprintln!("SKIP: no /dev/kvm or no guest kernel");
 //!         return;

@@ -28,12 +28,25 @@ fn prerequisites() -> bool {
 /// `kiln run --kernel KERNEL --rootfs ROOT EXTRA -- COMMAND` with `stdin`
 /// on kiln's stdin (written by a thread, then closed).
 fn kiln_run(kernel: &str, root: &Path, extra: &[&str], command: &[&str], stdin: &[u8]) -> Output {
+    kiln_run_with(kernel, "--rootfs", root, extra, command, stdin)
+}
+
+/// As [`kiln_run`], with the root given by `root_flag` (`--rootfs` or
+/// `--initrd`).
+fn kiln_run_with(
+    kernel: &str,
+    root_flag: &str,
+    root: &Path,
+    extra: &[&str],
+    command: &[&str],
+    stdin: &[u8],
+) -> Output {
     let kernel = guest_kernel(kernel).expect("checked by prerequisites");
     let mut child = kiln_cli()
         .arg("run")
         .arg("--kernel")
         .arg(kernel)
-        .arg("--rootfs")
+        .arg(root_flag)
         .arg(root)
         .args(["--timeout", BOOT_TIMEOUT])
         .args(extra)
@@ -65,14 +78,16 @@ fn kiln_run(kernel: &str, root: &Path, extra: &[&str], command: &[&str], stdin: 
 /// kiln's init (PID 1) set up the guest, and the command's status 3 is
 /// kiln's. `-e` (values with spaces, `=` and empty), `-w`, `--user UID:GID`
 /// reach the command, `-i` forwards kiln's stdin byte for byte (every byte
-/// value), and without `--net` the guest has no network card.
+/// value), the command's stderr is kiln's (and kiln adds nothing to it),
+/// the command sees GLIBC_TUNABLES exactly when the host profile is PVM,
+/// and without `--net` the guest has no network card.
 #[test]
 fn vmlinux_runs_command_with_exact_arguments_and_status() {
     if !prerequisites() {
         return;
     }
     let awkward = "a  b \"c\" 'd' $HOME \\n tab\there; end";
-    let script = r#"echo "arg=[$1]"; echo "host=$(hostname)"; grep -c ' /proc proc' /proc/mounts | sed 's/^/proc=/'; echo "pid1=$(cat /proc/1/comm)"; echo "self=$$"; echo "env=[$SPACED|$EQUALS|${EMPTY-unset}]"; echo "cwd=$(pwd)"; echo "ids=$(id -u):$(id -g)"; echo "nics=$(ls /sys/class/net | tr '\n' ' ')"; echo "stdin=$(sha256sum | cut -c1-64)"; exit 3"#;
+    let script = r#"echo "arg=[$1]"; echo "host=$(hostname)"; grep -c ' /proc proc' /proc/mounts | sed 's/^/proc=/'; echo "pid1=$(cat /proc/1/comm)"; echo "self=$$"; echo "env=[$SPACED|$EQUALS|${EMPTY-unset}]"; echo "cwd=$(pwd)"; echo "ids=$(id -u):$(id -g)"; echo "nics=$(ls /sys/class/net | tr '\n' ' ')"; echo "stdin=$(sha256sum | cut -c1-64)"; echo "tunables=${GLIBC_TUNABLES-unset}"; echo to-stderr >&2; exit 3"#;
     // 64 KiB: every byte value, \r, \n, ^C, ^D and NUL included, in a
     // pattern that is not periodic on a power of two.
     let input: Vec<u8> = (0..64u32 << 10)
@@ -101,6 +116,15 @@ fn vmlinux_runs_command_with_exact_arguments_and_status() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let has = |line: &str| stdout.lines().any(|l| l == line);
+    // On a PVM host the guest kernel cannot keep AVX state: the command
+    // gets kiln's GLIBC_TUNABLES; on hardware KVM it gets none.
+    let tunables_ok = if on_pvm() {
+        stdout
+            .lines()
+            .any(|l| l.starts_with("tunables=glibc.cpu.hwcaps=-AVX,-AVX2"))
+    } else {
+        has("tunables=unset")
+    };
     assert_all(
         &[
             ("status 3", out.status.code() == Some(3)),
@@ -118,11 +142,27 @@ fn vmlinux_runs_command_with_exact_arguments_and_status() {
                 has(&format!("stdin={}", sha256_hex(&input))),
             ),
             ("raw console (no CR added)", !stdout.contains('\r')),
-            ("no kiln message for a command exit", out.stderr.is_empty()),
+            ("GLIBC_TUNABLES as the host profile says", tunables_ok),
+            (
+                "the command's stderr is kiln's, and kiln adds nothing",
+                out.stderr == b"to-stderr\n",
+            ),
         ],
         &out,
     );
 }
+
+/// Whether this host's KVM is PVM (kiln's host profile then applies).
+fn on_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The boot loader type the guest kernel recorded (`type_of_loader`, byte
+/// 0x210 of its boot parameters), as `/sys/kernel/boot_params/data` shows
+/// it: Linux's PVH entry records 0xb0 when not under Xen (0x90 under Xen;
+/// arch/x86/platform/pvh/enlighten.c), kiln's 64-bit entry 0xff.
+const LOADER_TYPE: &str =
+    "echo loader=$(od -A n -t x1 -j 528 -N 1 /sys/kernel/boot_params/data | tr -d ' ')";
 
 /// Fails listing every check that does not hold, so that one boot (and
 /// one local break) shows all that went wrong.
@@ -141,7 +181,10 @@ fn assert_all(checks: &[(&str, bool)], out: &Output) {
     );
 }
 
-/// bzImage through the 64-bit boot protocol; status 0. On a PVM host the
+/// bzImage through the 64-bit boot protocol; status 0. The root is the
+/// user's own `--initrd` (the busybox root and a marker, two archives made
+/// by the host's cpio, no `rdinit=`): kiln appends its init and the command
+/// runs on top of that root, with kiln's init as PID 1. On a PVM host the
 /// guest kernel took the host profile's words: it does not use FSGSBASE
 /// (an NMI in kernel mode would otherwise kill the VM) and is not SMAP-aware.
 /// `-v` puts the guest kernel's log and kiln's boot-timer line on stderr
@@ -149,15 +192,36 @@ fn assert_all(checks: &[(&str, bool)], out: &Output) {
 /// stdin is empty although kiln's is not.
 #[test]
 fn bzimage_boots_and_exits_zero() {
-    if !prerequisites() || !require(guest_kernel("bzImage").is_some(), "bzImage not built") {
+    if !prerequisites()
+        || !require(guest_kernel("bzImage").is_some(), "bzImage not built")
+        || !require(common::have_program("cpio"), "cpio not installed")
+    {
         return;
     }
-    let script = "echo bzimage-ok; echo stdin_bytes=$(wc -c); grep -m1 '^flags' /proc/cpuinfo; cat /proc/cmdline";
-    let out = kiln_run(
+    let scratch = Scratch::new("linux-boot-initrd");
+    let marker = scratch.path("marker");
+    std::fs::create_dir_all(marker.join("etc")).unwrap();
+    std::fs::write(marker.join("etc/user-initrd"), "from the user's initrd\n").unwrap();
+    let initrd = scratch.path("user.cpio");
+    common::run_checked(
+        std::process::Command::new("sh")
+            .args([
+                "-c",
+                "(cd \"$1\" && find . | cpio -o -H newc -R 0:0 --quiet) > \"$3\" && \
+                 (cd \"$2\" && find . | cpio -o -H newc -R 0:0 --quiet) >> \"$3\"",
+                "sh",
+            ])
+            .arg(guest_rootfs())
+            .arg(&marker)
+            .arg(&initrd),
+    );
+    let script = format!("echo bzimage-ok; echo stdin_bytes=$(wc -c); grep -m1 '^flags' /proc/cpuinfo; cat /proc/cmdline; {LOADER_TYPE}; cat /etc/user-initrd; echo \"pid1=$(cat /proc/1/comm)\"");
+    let out = kiln_run_with(
         "bzImage",
-        &guest_rootfs(),
+        "--initrd",
+        &initrd,
         &["-v"],
-        &["sh", "-c", script],
+        &["sh", "-c", &script],
         b"not for the command\n",
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -171,6 +235,12 @@ fn bzimage_boots_and_exits_zero() {
             ("status 0", out.status.code() == Some(0)),
             ("output", stdout.contains("bzimage-ok\n")),
             ("empty stdin without -i", stdout.contains("stdin_bytes=0\n")),
+            ("64-bit boot protocol entry", stdout.contains("loader=ff\n")),
+            (
+                "the command runs on the user's initrd",
+                stdout.contains("from the user's initrd\n"),
+            ),
+            ("kiln's init is PID 1", stdout.contains("pid1=init\n")),
             (
                 "-v: kernel log on stderr",
                 stderr.contains("Linux version "),
@@ -186,7 +256,7 @@ fn bzimage_boots_and_exits_zero() {
         ],
         &out,
     );
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+    if on_pvm() {
         let flags = stdout
             .lines()
             .find(|l| l.starts_with("flags"))
@@ -199,7 +269,9 @@ fn bzimage_boots_and_exits_zero() {
     }
 }
 
-/// --cpus 2 brings up two CPUs (MP table, per-vCPU CPUID); --mem 1G is
+/// The recipe vmlinux is entered through its PVH note (the guest kernel
+/// records the PVH entry's loader type). --cpus 2 brings up two CPUs (MP table,
+/// per-vCPU CPUID); --mem 1G is
 /// what the guest sees. The root is a plain tar archive (named without a
 /// tar suffix: kiln tells roots apart by content). The command kills itself
 /// with SIGUSR1: kiln exits with 128+10 and says nothing.
@@ -225,8 +297,10 @@ fn two_cpus_and_one_gib() {
         &[
             "sh",
             "-c",
-            "echo cpus=$(nproc); grep MemTotal /proc/meminfo; \
-             echo root=$(awk '$2 == \"/\" { print $3 }' /proc/mounts); kill -USR1 $$",
+            &format!(
+                "echo cpus=$(nproc); grep MemTotal /proc/meminfo; \
+                 echo root=$(awk '$2 == \"/\" {{ print $3 }}' /proc/mounts); {LOADER_TYPE}; kill -USR1 $$"
+            ),
         ],
         b"",
     );
@@ -241,6 +315,10 @@ fn two_cpus_and_one_gib() {
         "the tar root is the initramfs: {stdout:?}"
     );
     assert!(stdout.contains("cpus=2\n"), "{stdout:?}");
+    assert!(
+        stdout.contains("loader=b0\n"),
+        "the recipe vmlinux is entered through its PVH note: {stdout:?}"
+    );
     let kib: u64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))
