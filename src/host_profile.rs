@@ -193,4 +193,45 @@ mod tests {
             );
         }
     }
+
+    /// Collects every log record's level and text.
+    struct Collect(std::sync::Mutex<Vec<(log::Level, String)>>);
+
+    impl log::Log for Collect {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            let line = (record.level(), record.args().to_string());
+            self.0.lock().unwrap().push(line);
+        }
+        fn flush(&self) {}
+    }
+
+    /// README: the profile is logged once at start (at info), however often
+    /// kiln asks for it. In a child process: its logger is this test's.
+    #[test]
+    fn the_profile_is_logged_once() {
+        if !kiln_prereq::in_child() {
+            kiln_prereq::run_in_child(
+                concat!(module_path!(), "::the_profile_is_logged_once"),
+                &[(HOST_PROFILE_ENV, Some("pvm"))],
+            );
+            return;
+        }
+        let logger: &'static Collect = Box::leak(Box::new(Collect(Default::default())));
+        log::set_logger(logger).unwrap();
+        log::set_max_level(log::LevelFilter::Trace);
+        for _ in 0..3 {
+            assert_eq!(HostProfile::detect(), HostProfile::Pvm);
+        }
+        let lines = logger.0.lock().unwrap().clone();
+        assert_eq!(
+            lines,
+            [(
+                log::Level::Info,
+                "host profile: Pvm (KILN_HOST_PROFILE=pvm)".to_string()
+            )]
+        );
+    }
 }
