@@ -111,6 +111,65 @@ fn idle_secondary_vcpus_do_not_hold_up_the_exit() {
     assert_eq!(out, b"hello from a tiny kiln guest\n");
 }
 
+/// README: one host thread per vCPU (crate docs: plus the event loop, on a
+/// thread of its own for `spawn`). `ap_start` has vCPU 0 start vCPU 1,
+/// which prints "ap": once that line is out, both vCPU threads run and the
+/// VM has every thread it will have. Exact counts, so in a child process.
+#[test]
+fn each_vcpu_is_one_host_thread_next_to_the_event_loop() {
+    require_kvm!();
+    if !kiln_prereq::in_child() {
+        kiln_prereq::run_in_child(
+            concat!(
+                module_path!(),
+                "::each_vcpu_is_one_host_thread_next_to_the_event_loop"
+            ),
+            &[],
+        );
+        return;
+    }
+    // KVM's own worker (`kvm-nx-lpage-recovery`, a kernel task that newer
+    // kernels list among the VM owner's tasks) is no host thread of kiln's.
+    let threads = || -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim_end().to_string())
+            .filter(|name| !name.starts_with("kvm-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = threads();
+    let mut config = guest_config("ap_start");
+    config.vcpus = 2;
+    config.timeout = None;
+    let capture = common::Capture::default();
+    let io = kiln::ConsoleIo {
+        output: Box::new(capture.clone()),
+        input: None,
+    };
+    let vm = kiln::spawn(config, io, Instant::now()).unwrap();
+    let started = capture.wait_for(b"ap\n", common::HANG_LIMIT);
+    let during = threads();
+    vm.stop();
+    let report = vm.wait().unwrap();
+    assert!(
+        started,
+        "vCPU 1 never ran: {:?}",
+        String::from_utf8_lossy(&capture.bytes())
+    );
+    assert_eq!(report.outcome, VmOutcome::Stopped);
+    let kiln: Vec<&str> = during
+        .iter()
+        .map(String::as_str)
+        .filter(|n| n.starts_with("kiln-"))
+        .collect();
+    assert_eq!(kiln, ["kiln-vcpu0", "kiln-vcpu1", "kiln-vmm"]);
+    assert_eq!(during.len(), before.len() + 3, "{before:?} -> {during:?}");
+    assert_eq!(threads(), before, "the VM's threads are gone");
+}
+
 // 1a. The loader tells a Linux kernel (its ELF "Linux" note) from other ELF
 // guests, which get no initramfs from kiln. Loading needs no KVM.
 #[test]
