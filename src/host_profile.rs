@@ -194,20 +194,6 @@ mod tests {
         }
     }
 
-    /// Collects every log record's level and text.
-    struct Collect(std::sync::Mutex<Vec<(log::Level, String)>>);
-
-    impl log::Log for Collect {
-        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-            true
-        }
-        fn log(&self, record: &log::Record<'_>) {
-            let line = (record.level(), record.args().to_string());
-            self.0.lock().unwrap().push(line);
-        }
-        fn flush(&self) {}
-    }
-
     /// README: the profile is logged once at start (at info), however often
     /// kiln asks for it. In a child process: its logger is this test's.
     #[test]
@@ -219,19 +205,16 @@ mod tests {
             );
             return;
         }
-        let logger: &'static Collect = Box::leak(Box::new(Collect(Default::default())));
-        log::set_logger(logger).unwrap();
-        log::set_max_level(log::LevelFilter::Trace);
+        let records = crate::test_log::install();
         for _ in 0..3 {
             assert_eq!(HostProfile::detect(), HostProfile::Pvm);
         }
-        let lines = logger.0.lock().unwrap().clone();
         assert_eq!(
-            lines,
-            [(
-                log::Level::Info,
-                "host profile: Pvm (KILN_HOST_PROFILE=pvm)".to_string()
-            )]
+            records.at(log::Level::Info),
+            ["host profile: Pvm (KILN_HOST_PROFILE=pvm)"]
         );
+        for level in [log::Level::Error, log::Level::Warn, log::Level::Debug] {
+            assert!(records.at(level).is_empty(), "{level}");
+        }
     }
 }
