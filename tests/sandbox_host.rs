@@ -824,3 +824,84 @@ fn the_host_keeps_within_the_stdin_credit_window() {
     drop(sb);
     fake.join().unwrap();
 }
+
+/// README: a command that cannot be executed is 126, with the reason on its
+/// stderr, as a shell reports it (and 127 for one that is not found).
+#[test]
+fn a_file_that_cannot_be_executed_is_status_126() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = common::Scratch::new("not-executable");
+    let script = scratch.path("script");
+    std::fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (sb, agent) = sandbox();
+    let out = sb.exec(Command::new(&script)).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(126));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("kiln: ") && stderr.contains(script.to_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ermission denied"), "{stderr}");
+    // The same file made executable runs.
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = sb.exec(Command::new(&script)).unwrap();
+    assert_eq!(
+        (out.status, &out.stdout[..]),
+        (ExitStatus::Code(0), &b"ran\n"[..])
+    );
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
+/// Waits until process `pid` has ended (its pidfd turns readable); false if
+/// it still runs after `common::HANG_LIMIT`. A pid already gone is ended.
+fn ended(pid: i32) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = common::HANG_LIMIT.as_millis() as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    ready == 1
+}
+
+/// README: exceeding `output_limit` kills the command: its process group
+/// is gone, a background process of it included, not only its output.
+#[test]
+fn exceeding_the_output_limit_kills_the_command_and_its_group() {
+    let scratch = common::Scratch::new("output-limit-kill");
+    let pids = scratch.path("pids");
+    let (sb, agent) = sandbox();
+    let script = "yes > /dev/null & echo $$ $! > \"$P\"; exec yes";
+    let e = sb
+        .exec(
+            sh(script)
+                .env("P", pids.to_str().unwrap())
+                .output_limit(1 << 20),
+        )
+        .unwrap_err();
+    assert!(matches!(e, SandboxError::OutputLimit { .. }), "{e}");
+    // Written before the first byte of output, so before the limit.
+    let text = std::fs::read_to_string(&pids).unwrap();
+    let pids: Vec<i32> = text
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{text:?}");
+    for pid in pids {
+        assert!(ended(pid), "process {pid} of the command still runs");
+    }
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
