@@ -606,3 +606,50 @@ fn cli_stops_the_vm_on_sigterm() {
     assert_eq!(out.status.code(), Some(143));
     assert_one_line(&out, "interrupted by signal 15");
 }
+
+/// README: on the classic path (`--vsock`: no agent) kiln's stdin is the
+/// guest console, and `-i` changes nothing. `serial_irq` prints "ready",
+/// then exits with the first byte it receives on its UART.
+#[test]
+fn classic_path_stdin_is_the_guest_console_with_or_without_i() {
+    use std::io::Write;
+    use std::process::Stdio;
+    require_kvm!();
+    let scratch = Scratch::new("classic-stdin");
+    let guest = test_guest("serial_irq");
+    let socket = scratch.path("v.sock");
+    let vsock = format!("cid=3,socket={}", socket.display());
+    for (byte, interactive) in [(b'A', false), (b'Z', true)] {
+        let mut args = vec!["run", "--kernel", path_str(&guest), "--mem", "32M"];
+        args.extend(["--timeout", "120s", "--vsock", &vsock]);
+        if interactive {
+            args.push("-i");
+        }
+        let mut child = common::kiln_cli()
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut ready = [0u8; 6];
+        stdout
+            .read_exact(&mut ready)
+            .expect("the guest's first line");
+        assert_eq!(&ready, b"ready\n");
+        // The byte, then end of input.
+        child.stdin.take().unwrap().write_all(&[byte]).unwrap();
+        let mut out = child.wait_with_output().unwrap();
+        stdout.read_to_end(&mut out.stdout).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(byte)),
+            "-i {interactive}: {}",
+            stderr_of(&out)
+        );
+        assert_eq!(out.stdout, b"", "nothing after the guest's line");
+        assert!(out.stderr.is_empty(), "{}", stderr_of(&out));
+        let _ = fs::remove_file(&socket);
+    }
+}
