@@ -185,8 +185,22 @@ fn kernel_loader_tells_linux_from_a_tiny_guest() {
     ) {
         return;
     }
-    let linux = kiln::boot::kernel::load(&mem, &vmlinux.unwrap(), true).unwrap();
+    let vmlinux = vmlinux.unwrap();
+    let linux = kiln::boot::kernel::load(&mem, &vmlinux, true).unwrap();
     assert!(linux.is_linux, "the recipe vmlinux carries a Linux note");
+    // README: "PVH entry preferred": the recipe kernel carries the PVH note
+    // and kiln enters it there, unless told not to.
+    assert!(
+        matches!(linux.entry, kiln::boot::kernel::BootEntry::Pvh { .. }),
+        "{:?}",
+        linux.entry
+    );
+    let no_pvh = kiln::boot::kernel::load(&mem, &vmlinux, false).unwrap();
+    assert!(
+        matches!(no_pvh.entry, kiln::boot::kernel::BootEntry::Linux64 { .. }),
+        "{:?}",
+        no_pvh.entry
+    );
 }
 
 // 1b. String port I/O (`rep outsb`) may reach the monitor as one exit that
