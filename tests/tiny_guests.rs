@@ -701,3 +701,68 @@ fn every_virtio_device_logs_its_counters_at_exit() {
         }
     }
 }
+
+/// README: the sandbox builder's `.memory()`, `.vcpus()` and `.timeout()`
+/// reach the VM (not only a whole `VmConfig`). Tiny guests never start the
+/// agent, so each build ends in the error that shows the setting.
+#[test]
+fn sandbox_builder_memory_vcpus_and_timeout_reach_the_vm() {
+    use kiln::sandbox::{Sandbox, SandboxError};
+    require_kvm!();
+    // .memory(): 15 MiB is refused as `--mem` is (a default 256 MiB would boot).
+    let e = Sandbox::builder()
+        .kernel(test_guest("hello"))
+        .memory(15 << 20)
+        .build()
+        .err()
+        .expect("15 MiB is refused");
+    assert!(
+        matches!(&e, SandboxError::Vm(kiln::Error::Config(m)) if m.contains("15728640 bytes is too small")),
+        "{e}"
+    );
+    // .timeout(): a spinning guest ends with the VM's Timeout, not the
+    // (longer) boot timeout.
+    let e = Sandbox::builder()
+        .kernel(test_guest("spin"))
+        .memory(32 << 20)
+        .timeout(Duration::from_millis(300))
+        .boot_timeout(common::HANG_LIMIT)
+        .build()
+        .err()
+        .expect("the VM times out");
+    assert!(
+        matches!(
+            e,
+            SandboxError::BootFailed {
+                outcome: VmOutcome::Timeout,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // .vcpus(2): vCPU 1 exists and prints (with one vCPU `ap_start` would
+    // wait for it for ever); then the test stops the VM.
+    let capture = common::Capture::default();
+    let (stopper_tx, stopper) = std::sync::mpsc::channel();
+    let builder = Sandbox::builder()
+        .kernel(test_guest("ap_start"))
+        .memory(32 << 20)
+        .vcpus(2)
+        .boot_timeout(common::HANG_LIMIT)
+        .console_output(Box::new(capture.clone()))
+        .on_vm_started(move |s| stopper_tx.send(s).unwrap());
+    let booting = std::thread::spawn(move || builder.build().err());
+    let stopper = stopper.recv().expect("the VM starts");
+    let started = capture.wait_for(b"ap\n", common::HANG_LIMIT);
+    stopper.stop(VmOutcome::Stopped);
+    let e = booting.join().unwrap().expect("no agent in a tiny guest");
+    assert!(started, "vCPU 1 never ran: {e}");
+    match e {
+        SandboxError::BootFailed {
+            outcome: VmOutcome::Stopped,
+            output,
+            ..
+        } => assert!(output.windows(3).any(|w| w == b"ap\n"), "{output:?}"),
+        other => panic!("{other}"),
+    }
+}
