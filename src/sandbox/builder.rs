@@ -414,4 +414,21 @@ mod tests {
         // The console is shared: a clone sees the same bytes.
         assert_eq!(ring.clone().raw().len(), 64 << 10);
     }
+
+    /// README: `.console_kind(..)` on the builder picks the guest's console:
+    /// with `Virtio` the VM gets one more virtio device and the kernel's
+    /// console is hvc0 (no boot: the line `build` would use).
+    #[test]
+    fn console_kind_reaches_the_vm() {
+        let line = |kind| {
+            let builder = SandboxBuilder::default().kernel("vmlinux");
+            builder.console_kind(kind).kernel_cmdline().unwrap()
+        };
+        let devices = |line: &str| line.matches(" virtio_mmio.device=").count();
+        let (serial, virtio) = (line(ConsoleKind::Serial), line(ConsoleKind::Virtio));
+        assert!(serial.starts_with("console=ttyS0 "), "{serial}");
+        assert!(!serial.contains("console=hvc0"), "{serial}");
+        assert!(virtio.ends_with(" console=hvc0"), "{virtio}");
+        assert_eq!(devices(&virtio), devices(&serial) + 1, "{virtio}");
+    }
 }
