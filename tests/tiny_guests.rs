@@ -585,25 +585,19 @@ fn spawned_vm_stops_on_request_and_on_drop() {
     );
 }
 
-/// SIGTERM to the CLI stops the VM cleanly: status 143 and one line on stderr.
-#[test]
-fn cli_stops_the_vm_on_sigterm() {
-    require_kvm!();
-    // `serial_irq` prints "ready" once it runs, then waits for input that
-    // never comes: the signal arrives while the guest is running.
+/// Starts `kiln run` with the `serial_irq` guest (plus `extra` options),
+/// its stdio piped, and reads the guest's first line, "ready": from then on
+/// the guest waits for input in `hlt`. Returns the child and its stdout.
+fn serial_irq_through_kiln(extra: &[&str]) -> (std::process::Child, std::process::ChildStdout) {
+    use std::process::Stdio;
     let guest = test_guest("serial_irq");
     let mut child = common::kiln_cli()
-        .args([
-            "run",
-            "--kernel",
-            path_str(&guest),
-            "--mem",
-            "32M",
-            "--timeout",
-            "120s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+        .args(["--timeout", "120s"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
@@ -612,6 +606,16 @@ fn cli_stops_the_vm_on_sigterm() {
         .read_exact(&mut ready)
         .expect("the guest's first line");
     assert_eq!(&ready, b"ready\n");
+    (child, stdout)
+}
+
+/// SIGTERM to the CLI stops the VM cleanly: status 143 and one line on stderr.
+#[test]
+fn cli_stops_the_vm_on_sigterm() {
+    require_kvm!();
+    // `serial_irq` prints "ready" once it runs, then waits for input that
+    // never comes: the signal arrives while the guest is running.
+    let (child, mut stdout) = serial_irq_through_kiln(&[]);
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let mut out = child.wait_with_output().unwrap();
@@ -627,31 +631,16 @@ fn cli_stops_the_vm_on_sigterm() {
 #[test]
 fn classic_path_stdin_is_the_guest_console_with_or_without_i() {
     use std::io::Write;
-    use std::process::Stdio;
     require_kvm!();
     let scratch = Scratch::new("classic-stdin");
-    let guest = test_guest("serial_irq");
     let socket = scratch.path("v.sock");
     let vsock = format!("cid=3,socket={}", socket.display());
     for (byte, interactive) in [(b'A', false), (b'Z', true)] {
-        let mut args = vec!["run", "--kernel", path_str(&guest), "--mem", "32M"];
-        args.extend(["--timeout", "120s", "--vsock", &vsock]);
+        let mut args = vec!["--vsock", &vsock];
         if interactive {
             args.push("-i");
         }
-        let mut child = common::kiln_cli()
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let mut ready = [0u8; 6];
-        stdout
-            .read_exact(&mut ready)
-            .expect("the guest's first line");
-        assert_eq!(&ready, b"ready\n");
+        let (mut child, mut stdout) = serial_irq_through_kiln(&args);
         // The byte, then end of input.
         child.stdin.take().unwrap().write_all(&[byte]).unwrap();
         let mut out = child.wait_with_output().unwrap();

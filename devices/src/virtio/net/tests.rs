@@ -321,17 +321,20 @@ fn identity_config_space_and_mac() {
     );
 }
 
-#[test]
-fn mtu_is_offered_when_known() {
-    let h = Harness::new();
+/// A device on a socket of its own that offers `mtu`.
+fn device_with_mtu(mtu: u16) -> Net<SockBackend> {
     let (a, _b) = UnixDatagram::pair().unwrap();
     let backend = SockBackend {
         sock: a,
-        offload: h.offload.clone(),
+        offload: Arc::default(),
     };
-    let net = Net::new(backend, "m", MacAddr::derived("m"))
-        .unwrap()
-        .with_mtu(9000);
+    let net = Net::new(backend, "m", MacAddr::derived("m")).unwrap();
+    net.with_mtu(mtu)
+}
+
+#[test]
+fn mtu_is_offered_when_known() {
+    let net = device_with_mtu(9000);
     assert_ne!(net.features() & bit(vn::VIRTIO_NET_F_MTU), 0);
     let mut cfg = [0u8; 2];
     net.read_config(10, &mut cfg);
@@ -868,15 +871,7 @@ fn offered_features_are_the_documented_ones() {
     let h = Harness::new();
     assert_eq!(h.net.lock().unwrap().features(), documented);
     // MTU (3) only when the TAP's MTU is known.
-    let (a, _b) = UnixDatagram::pair().unwrap();
-    let backend = SockBackend {
-        sock: a,
-        offload: h.offload.clone(),
-    };
-    let net = Net::new(backend, "m", MacAddr::derived("m"))
-        .unwrap()
-        .with_mtu(1500);
-    assert_eq!(net.features(), documented | 1 << 3);
+    assert_eq!(device_with_mtu(1500).features(), documented | 1 << 3);
 }
 
 /// IPv6 TSO both ways: a TCPv6 segment (gso_type 4 in the virtio header)
@@ -891,28 +886,26 @@ fn tcpv6_segments_pass_both_ways_with_negotiated_tso6() {
     segment[4..6].copy_from_slice(&1440u16.to_le_bytes()); // gso_size
     segment.extend_from_slice(&frame(60_000, 6));
 
+    // The guest transmits the segment with `features` negotiated.
+    let transmit = |features: u64| {
+        let mut h = Harness::new();
+        h.activate(features);
+        h.mem
+            .write_slice(&segment, GuestAddress(0x10_0000))
+            .unwrap();
+        h.tx.add_chain(&h.mem, &[(0x10_0000, segment.len() as u32)], false);
+        h.kick_tx();
+        h.run();
+        h
+    };
     // TX with everything offered: the segment reaches the TAP unchanged.
-    let mut h = Harness::new();
-    h.activate(ALL);
-    h.mem
-        .write_slice(&segment, GuestAddress(0x10_0000))
-        .unwrap();
-    h.tx.add_chain(&h.mem, &[(0x10_0000, segment.len() as u32)], false);
-    h.kick_tx();
-    h.run();
+    let h = transmit(ALL);
     let sent = h.peer_recv();
     assert!(sent.as_deref() == Some(&segment[..]), "the segment changed");
     let s = h.stats();
     assert_eq!((s.tx_gso.get(), s.tx_csum.get()), (1, 1));
     // TX without HOST_TSO6 (IPv4 TSO still on): malformed, never sent.
-    let mut h = Harness::new();
-    h.activate(ALL & !(1 << 12));
-    h.mem
-        .write_slice(&segment, GuestAddress(0x10_0000))
-        .unwrap();
-    h.tx.add_chain(&h.mem, &[(0x10_0000, segment.len() as u32)], false);
-    h.kick_tx();
-    h.run();
+    let h = transmit(ALL & !(1 << 12));
     assert!(h.peer_recv().is_none(), "sent without HOST_TSO6");
     assert_eq!(h.stats().tx_malformed.get(), 1);
 
