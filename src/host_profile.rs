@@ -193,4 +193,28 @@ mod tests {
             );
         }
     }
+
+    /// README: the profile is logged once at start (at info), however often
+    /// kiln asks for it. In a child process: its logger is this test's.
+    #[test]
+    fn the_profile_is_logged_once() {
+        if !kiln_prereq::in_child() {
+            kiln_prereq::run_in_child(
+                concat!(module_path!(), "::the_profile_is_logged_once"),
+                &[(HOST_PROFILE_ENV, Some("pvm"))],
+            );
+            return;
+        }
+        let records = crate::test_log::install();
+        for _ in 0..3 {
+            assert_eq!(HostProfile::detect(), HostProfile::Pvm);
+        }
+        assert_eq!(
+            records.at(log::Level::Info),
+            ["host profile: Pvm (KILN_HOST_PROFILE=pvm)"]
+        );
+        for level in [log::Level::Error, log::Level::Warn, log::Level::Debug] {
+            assert!(records.at(level).is_empty(), "{level}");
+        }
+    }
 }

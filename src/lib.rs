@@ -202,6 +202,8 @@ mod layout;
 mod lifecycle;
 mod memory;
 mod rootfs;
+#[cfg(test)]
+mod test_log;
 mod vcpu;
 mod vm;
 mod vmm;

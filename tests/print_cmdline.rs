@@ -175,3 +175,40 @@ fn print_cmdline_runs_nothing_and_refuses_what_the_run_refuses() {
         "{stderr}"
     );
 }
+
+/// README: only the agent path adds a vsock device for kiln's agent; with
+/// `--vsock` the only vsock device is the user's, and an initrd started by
+/// its own init (`rdinit=`) gets none. One `virtio_mmio.device=` word per
+/// device (what the guest gets: `printed_cmdline_is_what_the_guest_gets`).
+/// Printing reads no kernel and needs no KVM.
+#[test]
+fn only_the_agent_path_adds_a_vsock_device() {
+    let scratch = Scratch::new("print-cmdline-devices");
+    let guest = test_guest("hello").display().to_string();
+    let initrd = scratch.path("own.cpio");
+    fs::write(&initrd, b"a user's own initramfs").unwrap();
+    let initrd = initrd.display().to_string();
+    let vsock = format!("cid=3,socket={}", scratch.path("v.sock").display());
+    let devices = |extra: &[&str]| -> usize {
+        let args: Vec<String> = ["--kernel", &guest, "--mem", "32M"]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        let line = printed(&args, "hardware");
+        line.split(' ')
+            .filter(|w| w.starts_with("virtio_mmio.device="))
+            .count()
+    };
+    assert_eq!(devices(&[]), 1, "the agent's vsock device");
+    assert_eq!(devices(&["--rng"]), 2, "rng and the agent's vsock");
+    assert_eq!(devices(&["--vsock", &vsock]), 1, "the user's vsock only");
+    assert_eq!(devices(&["--vsock", &vsock, "--rng"]), 2, "no agent device");
+    let own_init = ["--initrd", initrd.as_str(), "--cmdline", "rdinit=/init"];
+    assert_eq!(devices(&own_init), 0, "an own init gets no agent device");
+    let mut own_init_rng = own_init.to_vec();
+    own_init_rng.push("--rng");
+    assert_eq!(devices(&own_init_rng), 1, "only the rng");
+    // An initrd without rdinit= runs kiln's init on top: the agent path.
+    assert_eq!(devices(&["--initrd", &initrd]), 1, "kiln's agent");
+}

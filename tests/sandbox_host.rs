@@ -644,3 +644,264 @@ fn an_agent_that_ignores_credit_cannot_grow_host_memory() {
     drop(sb);
     fake.join().unwrap();
 }
+
+/// README: `exec` collects at most 64 MiB by default (stdout plus stderr);
+/// one byte more kills the command with `SandboxError::OutputLimit`.
+#[test]
+fn exec_keeps_64_mib_by_default() {
+    let (sb, agent) = sandbox();
+    let out = sb
+        .exec(Command::new("head").args(["-c", "67108864", "/dev/zero"]))
+        .unwrap();
+    assert_eq!(out.status, ExitStatus::Code(0));
+    assert_eq!(out.stdout.len(), 64 << 20);
+    let e = sb
+        .exec(Command::new("head").args(["-c", "67108865", "/dev/zero"]))
+        .unwrap_err();
+    assert!(
+        matches!(e, SandboxError::OutputLimit { limit, .. } if limit == 64 << 20),
+        "{e}"
+    );
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
+/// README: `stdin()`, `stdout()` and `stderr()` are taken once: a second
+/// call is `None`, and so is `stdin()` of a command without `stdin_piped`.
+#[test]
+fn stdio_handles_are_taken_once() {
+    let (sb, agent) = sandbox();
+    let mut p = sb.spawn(sh("cat; echo err >&2").stdin_piped()).unwrap();
+    let mut stdin = p.stdin().expect("first take");
+    let mut stdout = p.stdout().expect("first take");
+    let mut stderr = p.stderr().expect("first take");
+    assert!(p.stdin().is_none(), "stdin taken twice");
+    assert!(p.stdout().is_none(), "stdout taken twice");
+    assert!(p.stderr().is_none(), "stderr taken twice");
+    // The handles taken first are the command's.
+    stdin.write_all(b"in").unwrap();
+    drop(stdin);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    stdout.read_to_end(&mut out).unwrap();
+    stderr.read_to_end(&mut err).unwrap();
+    assert_eq!((&out[..], &err[..]), (&b"in"[..], &b"err\n"[..]));
+    assert_eq!(p.wait().unwrap(), ExitStatus::Code(0));
+    for cmd in [sh("true"), sh("cat").stdin_bytes(&b"x"[..])] {
+        let mut p = sb.spawn(cmd).unwrap();
+        assert!(p.stdin().is_none(), "no stdin unless piped");
+        assert!(p.wait().unwrap().success());
+    }
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
+/// A fake agent on `guest`: says HELLO with `version`, then hands every
+/// frame the host sends to `serve` (with the guest's end to answer on)
+/// until `serve` returns false or the host hangs up.
+fn fake_agent(
+    mut guest: UnixStream,
+    version: u32,
+    mut serve: impl FnMut(Msg, &mut UnixStream) -> bool + Send + 'static,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut hello = Vec::new();
+        Msg::Hello { version }.encode(&mut hello).unwrap();
+        if guest.write_all(&hello).is_err() {
+            return;
+        }
+        let mut from_host = guest.try_clone().unwrap();
+        let (mut decoder, mut buf) = (Decoder::new(), vec![0u8; 64 << 10]);
+        loop {
+            while let Some(msg) = decoder.next_msg().expect("well-formed frames") {
+                if !serve(msg, &mut guest) {
+                    return;
+                }
+            }
+            match from_host.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => decoder.feed(&buf[..n]),
+            }
+        }
+    })
+}
+
+fn send(to: &mut UnixStream, msg: Msg) {
+    let mut frame = Vec::new();
+    msg.encode(&mut frame).unwrap();
+    let _ = to.write_all(&frame);
+}
+
+/// README: the version is in HELLO; a host refuses an agent of another
+/// protocol version with `SandboxError::Version` (one line, both numbers).
+#[test]
+fn an_agent_of_another_protocol_version_is_refused() {
+    use kiln_init::protocol::VERSION;
+    for version in [VERSION + 1, VERSION - 1, u32::MAX] {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let fake = fake_agent(guest, version, |_, _| false);
+        let e = Sandbox::connect(host, Duration::from_secs(10))
+            .err()
+            .expect("another version is refused");
+        assert!(
+            matches!(e, SandboxError::Version(v, ours) if v == version && ours == VERSION),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(&format!("version {version}, this kiln speaks {VERSION}")),
+            "{text}"
+        );
+        fake.join().unwrap();
+    }
+}
+
+/// README: stdin has a credit window too. A fake agent that grants no
+/// credit of its own until the host has sent the whole window, then grants
+/// 1000 bytes, then ends the command: the host's writes stop at the window
+/// plus the credit (the write after them waits for credit and fails when
+/// the command ends), and the agent receives exactly that many bytes.
+#[test]
+fn the_host_keeps_within_the_stdin_credit_window() {
+    use kiln_init::protocol::{ExitReason, STDIN_WINDOW, VERSION};
+    let window = STDIN_WINDOW as usize;
+    let (host, guest) = UnixStream::pair().unwrap();
+    let (count_tx, counted) = std::sync::mpsc::channel();
+    let (mut exec, mut received, mut granted, mut exited) = (None, 0usize, 0usize, false);
+    let fake = fake_agent(guest, VERSION, move |msg, to| {
+        match msg {
+            Msg::Exec { id, opts, .. } => {
+                assert!(opts.stdin, "a piped stdin");
+                exec = Some(id);
+            }
+            Msg::Stdin { id, data } => {
+                assert_eq!(Some(id), exec);
+                received += data.len();
+                if received == window && granted == 0 {
+                    granted = 1000;
+                    send(to, Msg::StdinCredit { id, bytes: 1000 });
+                } else if received >= window + granted && !exited {
+                    // Ends the command: the host's next write fails.
+                    exited = true;
+                    let status = kiln_init::protocol::ExitStatus::Code(0);
+                    let reason = ExitReason::Normal;
+                    send(to, Msg::Exited { id, status, reason });
+                }
+            }
+            Msg::StdinEof { .. } => {
+                count_tx.send(received).unwrap();
+                return false;
+            }
+            _ => {}
+        }
+        true
+    });
+    let sb = Sandbox::connect(host, Duration::from_secs(10)).unwrap();
+    let mut p = sb.spawn(Command::new("sink").stdin_piped()).unwrap();
+    let mut stdin = p.stdin().unwrap();
+    // Writes until the host refuses: 4 windows offered, a few bytes each
+    // time so that a host sending past its credit shows at once.
+    let data = vec![b'x'; 4 * window];
+    let mut written = 0;
+    while written < data.len() {
+        let end = (written + 3000).min(data.len());
+        match stdin.write(&data[written..end]) {
+            Ok(n) => written += n,
+            Err(e) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+                break;
+            }
+        }
+    }
+    drop(stdin); // STDIN_EOF: the agent reports what it received
+    let received = counted
+        .recv_timeout(common::HANG_LIMIT)
+        .expect("the fake agent's count");
+    assert_eq!(written, window + 1000, "bytes the host took");
+    assert_eq!(received, window + 1000, "bytes the agent received");
+    assert_eq!(p.wait().unwrap(), ExitStatus::Code(0));
+    drop(p);
+    drop(sb);
+    fake.join().unwrap();
+}
+
+/// README: a command that cannot be executed is 126, with the reason on its
+/// stderr, as a shell reports it (and 127 for one that is not found).
+#[test]
+fn a_file_that_cannot_be_executed_is_status_126() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = common::Scratch::new("not-executable");
+    let script = scratch.path("script");
+    std::fs::write(&script, "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (sb, agent) = sandbox();
+    let out = sb.exec(Command::new(&script)).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(126));
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("kiln: ") && stderr.contains(script.to_str().unwrap()),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ermission denied"), "{stderr}");
+    // The same file made executable runs.
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = sb.exec(Command::new(&script)).unwrap();
+    assert_eq!(
+        (out.status, &out.stdout[..]),
+        (ExitStatus::Code(0), &b"ran\n"[..])
+    );
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
+/// Waits until process `pid` has ended (its pidfd turns readable); false if
+/// it still runs after `common::HANG_LIMIT`. A pid already gone is ended.
+fn ended(pid: i32) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = common::HANG_LIMIT.as_millis() as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    ready == 1
+}
+
+/// README: exceeding `output_limit` kills the command: its process group
+/// is gone, a background process of it included, not only its output.
+#[test]
+fn exceeding_the_output_limit_kills_the_command_and_its_group() {
+    let scratch = common::Scratch::new("output-limit-kill");
+    let pids = scratch.path("pids");
+    let (sb, agent) = sandbox();
+    let script = "yes > /dev/null & echo $$ $! > \"$P\"; exec yes";
+    let e = sb
+        .exec(
+            sh(script)
+                .env("P", pids.to_str().unwrap())
+                .output_limit(1 << 20),
+        )
+        .unwrap_err();
+    assert!(matches!(e, SandboxError::OutputLimit { .. }), "{e}");
+    // Written before the first byte of output, so before the limit.
+    let text = std::fs::read_to_string(&pids).unwrap();
+    let pids: Vec<i32> = text
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "{text:?}");
+    for pid in pids {
+        assert!(ended(pid), "process {pid} of the command still runs");
+    }
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}

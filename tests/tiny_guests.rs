@@ -111,6 +111,65 @@ fn idle_secondary_vcpus_do_not_hold_up_the_exit() {
     assert_eq!(out, b"hello from a tiny kiln guest\n");
 }
 
+/// README: one host thread per vCPU (crate docs: plus the event loop, on a
+/// thread of its own for `spawn`). `ap_start` has vCPU 0 start vCPU 1,
+/// which prints "ap": once that line is out, both vCPU threads run and the
+/// VM has every thread it will have. Exact counts, so in a child process.
+#[test]
+fn each_vcpu_is_one_host_thread_next_to_the_event_loop() {
+    require_kvm!();
+    if !kiln_prereq::in_child() {
+        kiln_prereq::run_in_child(
+            concat!(
+                module_path!(),
+                "::each_vcpu_is_one_host_thread_next_to_the_event_loop"
+            ),
+            &[],
+        );
+        return;
+    }
+    // KVM's own worker (`kvm-nx-lpage-recovery`, a kernel task that newer
+    // kernels list among the VM owner's tasks) is no host thread of kiln's.
+    let threads = || -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|c| c.trim_end().to_string())
+            .filter(|name| !name.starts_with("kvm-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = threads();
+    let mut config = guest_config("ap_start");
+    config.vcpus = 2;
+    config.timeout = None;
+    let capture = common::Capture::default();
+    let io = kiln::ConsoleIo {
+        output: Box::new(capture.clone()),
+        input: None,
+    };
+    let vm = kiln::spawn(config, io, Instant::now()).unwrap();
+    let started = capture.wait_for(b"ap\n", common::HANG_LIMIT);
+    let during = threads();
+    vm.stop();
+    let report = vm.wait().unwrap();
+    assert!(
+        started,
+        "vCPU 1 never ran: {:?}",
+        String::from_utf8_lossy(&capture.bytes())
+    );
+    assert_eq!(report.outcome, VmOutcome::Stopped);
+    let kiln: Vec<&str> = during
+        .iter()
+        .map(String::as_str)
+        .filter(|n| n.starts_with("kiln-"))
+        .collect();
+    assert_eq!(kiln, ["kiln-vcpu0", "kiln-vcpu1", "kiln-vmm"]);
+    assert_eq!(during.len(), before.len() + 3, "{before:?} -> {during:?}");
+    assert_eq!(threads(), before, "the VM's threads are gone");
+}
+
 // 1a. The loader tells a Linux kernel (its ELF "Linux" note) from other ELF
 // guests, which get no initramfs from kiln. Loading needs no KVM.
 #[test]
@@ -126,8 +185,22 @@ fn kernel_loader_tells_linux_from_a_tiny_guest() {
     ) {
         return;
     }
-    let linux = kiln::boot::kernel::load(&mem, &vmlinux.unwrap(), true).unwrap();
+    let vmlinux = vmlinux.unwrap();
+    let linux = kiln::boot::kernel::load(&mem, &vmlinux, true).unwrap();
     assert!(linux.is_linux, "the recipe vmlinux carries a Linux note");
+    // README: "PVH entry preferred": the recipe kernel carries the PVH note
+    // and kiln enters it there, unless told not to.
+    assert!(
+        matches!(linux.entry, kiln::boot::kernel::BootEntry::Pvh { .. }),
+        "{:?}",
+        linux.entry
+    );
+    let no_pvh = kiln::boot::kernel::load(&mem, &vmlinux, false).unwrap();
+    assert!(
+        matches!(no_pvh.entry, kiln::boot::kernel::BootEntry::Linux64 { .. }),
+        "{:?}",
+        no_pvh.entry
+    );
 }
 
 // 1b. String port I/O (`rep outsb`) may reach the monitor as one exit that
@@ -512,25 +585,19 @@ fn spawned_vm_stops_on_request_and_on_drop() {
     );
 }
 
-/// SIGTERM to the CLI stops the VM cleanly: status 143 and one line on stderr.
-#[test]
-fn cli_stops_the_vm_on_sigterm() {
-    require_kvm!();
-    // `serial_irq` prints "ready" once it runs, then waits for input that
-    // never comes: the signal arrives while the guest is running.
+/// Starts `kiln run` with the `serial_irq` guest (plus `extra` options),
+/// its stdio piped, and reads the guest's first line, "ready": from then on
+/// the guest waits for input in `hlt`. Returns the child and its stdout.
+fn serial_irq_through_kiln(extra: &[&str]) -> (std::process::Child, std::process::ChildStdout) {
+    use std::process::Stdio;
     let guest = test_guest("serial_irq");
     let mut child = common::kiln_cli()
-        .args([
-            "run",
-            "--kernel",
-            path_str(&guest),
-            "--mem",
-            "32M",
-            "--timeout",
-            "120s",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+        .args(["--timeout", "120s"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
@@ -539,6 +606,16 @@ fn cli_stops_the_vm_on_sigterm() {
         .read_exact(&mut ready)
         .expect("the guest's first line");
     assert_eq!(&ready, b"ready\n");
+    (child, stdout)
+}
+
+/// SIGTERM to the CLI stops the VM cleanly: status 143 and one line on stderr.
+#[test]
+fn cli_stops_the_vm_on_sigterm() {
+    require_kvm!();
+    // `serial_irq` prints "ready" once it runs, then waits for input that
+    // never comes: the signal arrives while the guest is running.
+    let (child, mut stdout) = serial_irq_through_kiln(&[]);
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let mut out = child.wait_with_output().unwrap();
@@ -546,4 +623,135 @@ fn cli_stops_the_vm_on_sigterm() {
     assert_eq!(out.stdout, b"", "nothing after the guest's line");
     assert_eq!(out.status.code(), Some(143));
     assert_one_line(&out, "interrupted by signal 15");
+}
+
+/// README: on the classic path (`--vsock`: no agent) kiln's stdin is the
+/// guest console, and `-i` changes nothing. `serial_irq` prints "ready",
+/// then exits with the first byte it receives on its UART.
+#[test]
+fn classic_path_stdin_is_the_guest_console_with_or_without_i() {
+    use std::io::Write;
+    require_kvm!();
+    let scratch = Scratch::new("classic-stdin");
+    let socket = scratch.path("v.sock");
+    let vsock = format!("cid=3,socket={}", socket.display());
+    for (byte, interactive) in [(b'A', false), (b'Z', true)] {
+        let mut args = vec!["--vsock", &vsock];
+        if interactive {
+            args.push("-i");
+        }
+        let (mut child, mut stdout) = serial_irq_through_kiln(&args);
+        // The byte, then end of input.
+        child.stdin.take().unwrap().write_all(&[byte]).unwrap();
+        let mut out = child.wait_with_output().unwrap();
+        stdout.read_to_end(&mut out.stdout).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(i32::from(byte)),
+            "-i {interactive}: {}",
+            stderr_of(&out)
+        );
+        assert_eq!(out.stdout, b"", "nothing after the guest's line");
+        assert!(out.stderr.is_empty(), "{}", stderr_of(&out));
+        let _ = fs::remove_file(&socket);
+    }
+}
+
+/// README: with `KILN_LOG=info` every virtio device logs one line of
+/// counters (`name=value` words) when kiln exits: block (named by its
+/// file), rng, the console and the agent path's vsock device. A tiny guest
+/// drives none of them, so the values are zeros here.
+#[test]
+fn every_virtio_device_logs_its_counters_at_exit() {
+    require_kvm!();
+    let scratch = Scratch::new("device-counters");
+    let disk = scratch.path("data.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let guest = test_guest("hello");
+    let out = common::kiln_cli()
+        .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+        .args(["--disk", path_str(&disk), "--rng", "--console", "virtio"])
+        .env("KILN_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(42), "{}", stderr_of(&out));
+    let stderr = stderr_of(&out);
+    for device in ["block data.img", "rng", "vsock cid 3", "console"] {
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter_map(|l| l.split_once(&format!("] {device}: ")).map(|(_, c)| c))
+            .collect();
+        assert_eq!(lines.len(), 1, "{device}: {stderr}");
+        let words: Vec<&str> = lines[0].split(' ').collect();
+        assert!(words.len() >= 3, "{device}: {}", lines[0]);
+        for word in words {
+            let value = word.split_once('=').map(|(_, v)| v.parse::<u64>());
+            assert!(matches!(value, Some(Ok(0))), "{device}: {word}");
+        }
+    }
+}
+
+/// README: the sandbox builder's `.memory()`, `.vcpus()` and `.timeout()`
+/// reach the VM (not only a whole `VmConfig`). Tiny guests never start the
+/// agent, so each build ends in the error that shows the setting.
+#[test]
+fn sandbox_builder_memory_vcpus_and_timeout_reach_the_vm() {
+    use kiln::sandbox::{Sandbox, SandboxError};
+    require_kvm!();
+    // .memory(): 15 MiB is refused as `--mem` is (a default 256 MiB would boot).
+    let e = Sandbox::builder()
+        .kernel(test_guest("hello"))
+        .memory(15 << 20)
+        .build()
+        .err()
+        .expect("15 MiB is refused");
+    assert!(
+        matches!(&e, SandboxError::Vm(kiln::Error::Config(m)) if m.contains("15728640 bytes is too small")),
+        "{e}"
+    );
+    // .timeout(): a spinning guest ends with the VM's Timeout, not the
+    // (longer) boot timeout.
+    let e = Sandbox::builder()
+        .kernel(test_guest("spin"))
+        .memory(32 << 20)
+        .timeout(Duration::from_millis(300))
+        .boot_timeout(common::HANG_LIMIT)
+        .build()
+        .err()
+        .expect("the VM times out");
+    assert!(
+        matches!(
+            e,
+            SandboxError::BootFailed {
+                outcome: VmOutcome::Timeout,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // .vcpus(2): vCPU 1 exists and prints (with one vCPU `ap_start` would
+    // wait for it for ever); then the test stops the VM.
+    let capture = common::Capture::default();
+    let (stopper_tx, stopper) = std::sync::mpsc::channel();
+    let builder = Sandbox::builder()
+        .kernel(test_guest("ap_start"))
+        .memory(32 << 20)
+        .vcpus(2)
+        .boot_timeout(common::HANG_LIMIT)
+        .console_output(Box::new(capture.clone()))
+        .on_vm_started(move |s| stopper_tx.send(s).unwrap());
+    let booting = std::thread::spawn(move || builder.build().err());
+    let stopper = stopper.recv().expect("the VM starts");
+    let started = capture.wait_for(b"ap\n", common::HANG_LIMIT);
+    stopper.stop(VmOutcome::Stopped);
+    let e = booting.join().unwrap().expect("no agent in a tiny guest");
+    assert!(started, "vCPU 1 never ran: {e}");
+    match e {
+        SandboxError::BootFailed {
+            outcome: VmOutcome::Stopped,
+            output,
+            ..
+        } => assert!(output.windows(3).any(|w| w == b"ap\n"), "{output:?}"),
+        other => panic!("{other}"),
+    }
 }

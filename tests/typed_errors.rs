@@ -127,3 +127,59 @@ fn boot_table_causes_keep_their_type() {
     assert!(matches!(e, Error::Mptable(MptableError::CpuCount(0))));
     assert!(one_line(&e).starts_with("boot setup: "));
 }
+
+/// README: kiln stops reading an archive root that expands past twice
+/// `--mem` plus 64 MiB (a gzip bomb). A small .tar.gz whose one entry (a
+/// name kiln skips, so nothing reaches the initramfs and its limit) claims
+/// 8 GiB of zeros: with 16 MiB of guest memory the run stops at 96 MiB.
+/// Caught before KVM is touched.
+#[test]
+fn an_archive_root_is_read_up_to_twice_memory_plus_64_mib() {
+    use std::io::Write;
+    let scratch = Scratch::new("typed-errors-bomb");
+    // A ustar header: `../escape`, a regular file of 8 GiB - 1 bytes.
+    let mut header = [0u8; 512];
+    header[..9].copy_from_slice(b"../escape");
+    header[100..108].copy_from_slice(b"0000644\0");
+    header[108..116].copy_from_slice(b"0000000\0");
+    header[116..124].copy_from_slice(b"0000000\0");
+    header[124..136].copy_from_slice(b"77777777777\0");
+    header[136..148].copy_from_slice(b"00000000000\0");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    header[148..156].fill(b' ');
+    let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+    header[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+    let gzip = |data: &[u8]| {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    };
+    // gzip members concatenate: the header, then 112 members of 1 MiB of
+    // zeros each (about 1 KiB apiece on disk).
+    let mut bomb = gzip(&header);
+    let zeros = gzip(&vec![0u8; 1 << 20]);
+    for _ in 0..112 {
+        bomb.extend_from_slice(&zeros);
+    }
+    let path = scratch.path("bomb.tar.gz");
+    fs::write(&path, &bomb).unwrap();
+    assert!(bomb.len() < 256 << 10, "{} bytes on disk", bomb.len());
+
+    let mut config = VmConfig::new(test_guest("hello"));
+    config.mem_bytes = 16 << 20;
+    config.rootfs = Some(path.clone());
+    let e = run(&config).expect_err("the archive expands past the budget");
+    match &e {
+        Error::Initramfs(InitramfsError::Cpio(CpioError::BadArchive { path: p, reason })) => {
+            assert_eq!(p, &path);
+            assert!(
+                reason.contains("the archive holds more than 96 MiB"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected the archive's read budget, got {other:?}"),
+    }
+    one_line(&e);
+}

@@ -239,7 +239,6 @@ fn parse_user(text: &str) -> Result<(u32, Option<u32>), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_MEM_BYTES;
     use crate::sandbox::SandboxBuilder;
 
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
@@ -255,7 +254,9 @@ mod tests {
         assert_eq!(r.command.argv, ["sh", "-c", "echo 'a b'"]);
         assert!(!r.print_cmdline);
         let c = VmConfig::from(r.vm);
-        assert_eq!(c.mem_bytes, DEFAULT_MEM_BYTES);
+        // README: `--mem` defaults to 256M (a literal, not the code's constant).
+        assert_eq!(c.mem_bytes, 256 << 20);
+        assert_eq!(VmConfig::new("vmlinux").mem_bytes, 256 << 20);
         assert_eq!(
             (c.vcpus, c.timeout, c.use_pvh, c.verbose),
             (1, None, true, false)
@@ -441,10 +442,10 @@ mod tests {
         assert_eq!(spec.cwd.as_deref(), Some(&b"/w"[..]));
         assert_eq!((spec.uid, spec.gid), (Some(7), Some(8)));
         let plain = parse(&["--kernel", "k"]).unwrap().command.guest_command();
-        assert_eq!(
-            plain.to_exec_spec().argv,
-            [crate::config::DEFAULT_COMMAND.as_bytes()]
-        );
+        // README: without `-- CMD` kiln's init runs `/bin/sh` (a literal).
+        assert_eq!(plain.to_exec_spec().argv, [b"/bin/sh".to_vec()]);
+        let agent = crate::sandbox::Command::from(&plain);
+        assert_eq!(agent.spec.argv, [b"/bin/sh".to_vec()], "the agent path too");
         assert!(!plain.has_options());
         let user_only = parse(&["--kernel", "k", "--user", "9"]).unwrap();
         let spec = user_only.command.guest_command().to_exec_spec();

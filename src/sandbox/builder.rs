@@ -371,3 +371,64 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose bytes the test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// README: the console is kept in a bounded ring (64 KiB), whatever the
+    /// guest prints; the copy (`.console_output(w)`) still gets every byte.
+    #[test]
+    fn the_console_ring_keeps_the_last_64_kib() {
+        let copy = Shared::default();
+        let mut ring = ConsoleRing::new(Some(Box::new(copy.clone())));
+        // 200 KiB in writes of odd sizes, some larger than the ring.
+        let all: Vec<u8> = (0..200u32 << 10).map(|i| b'!' + (i % 90) as u8).collect();
+        let mut at = 0;
+        for size in [1, 4095, 70_000, 3, 65_536, 1000].iter().cycle() {
+            let end = (at + size).min(all.len());
+            ring.write_all(&all[at..end]).unwrap();
+            at = end;
+            if at == all.len() {
+                break;
+            }
+            assert!(ring.raw().len() <= 64 << 10, "the ring grew past 64 KiB");
+        }
+        assert_eq!(ring.raw(), &all[all.len() - (64 << 10)..]);
+        assert_eq!(*copy.0.lock().unwrap(), all, "the copy gets every byte");
+        assert_eq!(ring.tail().as_bytes(), &all[all.len() - 2048..]);
+        // The console is shared: a clone sees the same bytes.
+        assert_eq!(ring.clone().raw().len(), 64 << 10);
+    }
+
+    /// README: `.console_kind(..)` on the builder picks the guest's console:
+    /// with `Virtio` the VM gets one more virtio device and the kernel's
+    /// console is hvc0 (no boot: the line `build` would use).
+    #[test]
+    fn console_kind_reaches_the_vm() {
+        let line = |kind| {
+            let builder = SandboxBuilder::default().kernel("vmlinux");
+            builder.console_kind(kind).kernel_cmdline().unwrap()
+        };
+        let devices = |line: &str| line.matches(" virtio_mmio.device=").count();
+        let (serial, virtio) = (line(ConsoleKind::Serial), line(ConsoleKind::Virtio));
+        assert!(serial.starts_with("console=ttyS0 "), "{serial}");
+        assert!(!serial.contains("console=hvc0"), "{serial}");
+        assert!(virtio.ends_with(" console=hvc0"), "{virtio}");
+        assert_eq!(devices(&virtio), devices(&serial) + 1, "{virtio}");
+    }
+}

@@ -459,3 +459,39 @@ fn the_system_tar_reads_like_docker_export() {
     assert_eq!(find(&entries, "fifo").mode, 0o10640);
     assert!(!names(&entries).contains(&""));
 }
+
+/// README: skipped entries give one warning with their count and the first
+/// of them (and no warning when nothing is skipped). In a child process:
+/// its logger is this test's.
+#[test]
+fn skipped_entries_give_one_warning_naming_the_first() {
+    if !kiln_prereq::in_child() {
+        kiln_prereq::run_in_child(
+            concat!(
+                module_path!(),
+                "::skipped_entries_give_one_warning_naming_the_first"
+            ),
+            &[],
+        );
+        return;
+    }
+    let records = crate::test_log::install();
+    let clean = Raw::default().dir("etc").file("etc/ok", b"fine").end();
+    assert_eq!(convert(&clean).0.unwrap().skipped, 0);
+    assert!(records.at(log::Level::Warn).is_empty());
+    let archive = Raw::default()
+        .dir("etc")
+        .file("etc/ok", b"fine")
+        .file("../escape", b"out")
+        .hardlink("etc/link", "no/such/file")
+        .file("etc/../../up", b"up")
+        .end();
+    let (result, entries) = convert(&archive);
+    assert_eq!(result.unwrap().skipped, 3);
+    assert_eq!(
+        records.at(log::Level::Warn),
+        ["rootfs root.tar: skipped 3 unsafe or unsupported entries \
+          (first '../escape': '..' in the name)"]
+    );
+    assert_eq!(find(&entries, "etc/ok").data, b"fine");
+}
