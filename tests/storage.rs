@@ -177,6 +177,7 @@ fn guest_uses_disks_and_rng() {
         .arg("--disk")
         .arg(format!("{},ro,id=roserial", vdb.display()))
         .arg("--rng")
+        .env("KILN_LOG", "info")
         .args(["--", "sh", "-c"])
         .arg(
             GUEST_SCRIPT
@@ -254,6 +255,38 @@ fn guest_uses_disks_and_rng() {
         )
         .as_bytes(),
     );
+
+    // Every device's counters, logged when kiln exits (KILN_LOG=info): the
+    // guest wrote the 1 MiB pattern to vda, read vdb, and took `rng` bytes.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let counters = |label: &str| -> HashMap<String, u64> {
+        let line = stderr
+            .lines()
+            .find_map(|l| l.split_once(&format!("{label}: ")).map(|(_, c)| c))
+            .unwrap_or_else(|| panic!("no '{label}:' counter line on stderr"));
+        line.split_whitespace()
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let vda_counts = counters("block kiln-vda.img");
+    assert!(
+        vda_counts["write_bytes"] >= PATTERN_LEN as u64,
+        "{vda_counts:?}"
+    );
+    assert!(
+        vda_counts["requests"] > 0 && vda_counts["read_bytes"] > 0,
+        "{vda_counts:?}"
+    );
+    assert_eq!(vda_counts["bad_chains"], 0, "{vda_counts:?}");
+    let vdb_counts = counters("block roserial");
+    assert_eq!(vdb_counts["write_bytes"], 0, "{vdb_counts:?}");
+    assert!(vdb_counts["read_bytes"] > 0, "{vdb_counts:?}");
+    let rng_counts = counters("rng");
+    assert!(rng_counts["bytes"] >= rng, "{rng_counts:?}");
+    assert_eq!(rng_counts["errors"], 0, "{rng_counts:?}");
 
     // Throughput. The write side copies vda's first MiBs into its tail with
     // O_DIRECT on both ends (reading /dev/zero would measure the guest

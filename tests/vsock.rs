@@ -223,7 +223,14 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
         .args(["--console", "virtio", "--vsock"])
         .arg(format!("cid={CID},socket={}", path.display()))
         .args(["--timeout", &format!("{}s", RUN_TIMEOUT.as_secs())])
-        .args(["-e", "KILN_CLASSIC=set by -e", "-w", "/tmp", "--user", "1000:1001"])
+        .args([
+            "-e",
+            "KILN_CLASSIC=set by -e",
+            "-w",
+            "/tmp",
+            "--user",
+            "1000:1001",
+        ])
         .args(["--", "sh", "-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
