@@ -234,8 +234,14 @@ fn one_vm_many_commands() {
         )
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "x y|/tmp|1000:1001\n");
+    // A command that cannot start is reported as a shell does: 127 when
+    // it is not found, 126 when it cannot be executed; the reason on stderr.
     let out = sb.exec(Command::new("/no/such/cmd")).unwrap();
     assert_eq!(out.status, ExitStatus::Code(127));
+    assert!(!out.stderr.is_empty(), "127 without a reason");
+    let out = sb.exec(Command::new("/proc/version")).unwrap();
+    assert_eq!(out.status, ExitStatus::Code(126), "{out:?}");
+    assert!(!out.stderr.is_empty(), "126 without a reason");
     assert_eq!(
         sb.exec(sh("kill -9 $$")).unwrap().status,
         ExitStatus::Signal(9)
@@ -460,6 +466,17 @@ fn one_vm_many_commands() {
         .exec(Command::new("yes").output_limit(1 << 20))
         .unwrap_err();
     assert!(matches!(e, SandboxError::OutputLimit { .. }), "{e}");
+    // ... and the command was killed: no `yes` runs any more.
+    let out = sb
+        .exec(sh(
+            "for c in /proc/[0-9]*/comm; do read n < $c && [ \"$n\" = yes ] && echo alive; done; echo checked",
+        ))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "checked\n",
+        "the command over its output limit still runs"
+    );
     // A never-ending command is stopped by its timeout.
     let e = sb
         .exec(
