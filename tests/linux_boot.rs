@@ -164,6 +164,9 @@ fn on_pvm() -> bool {
 const LOADER_TYPE: &str =
     "echo loader=$(od -A n -t x1 -j 528 -N 1 /sys/kernel/boot_params/data | tr -d ' ')";
 
+/// A kernel message the two-CPU boot's command logs.
+const CONSOLE_MARKER: &str = "kiln-console-after-agent";
+
 /// Fails listing every check that does not hold, so that one boot (and
 /// one local break) shows all that went wrong.
 fn assert_all(checks: &[(&str, bool)], out: &Output) {
@@ -274,7 +277,8 @@ fn bzimage_boots_and_exits_zero() {
 /// per-vCPU CPUID); --mem 1G is
 /// what the guest sees. The root is a plain tar archive (named without a
 /// tar suffix: kiln tells roots apart by content). The command kills itself
-/// with SIGUSR1: kiln exits with 128+10 and says nothing.
+/// with SIGUSR1: kiln exits with 128+10 and says nothing. A kernel message
+/// logged by the command reaches neither stdout nor stderr (no `-v`).
 #[test]
 fn two_cpus_and_one_gib() {
     if !prerequisites() || !require(common::have_program("tar"), "tar not installed") {
@@ -299,7 +303,8 @@ fn two_cpus_and_one_gib() {
             "-c",
             &format!(
                 "echo cpus=$(nproc); grep MemTotal /proc/meminfo; \
-                 echo root=$(awk '$2 == \"/\" {{ print $3 }}' /proc/mounts); {LOADER_TYPE}; kill -USR1 $$"
+                 echo root=$(awk '$2 == \"/\" {{ print $3 }}' /proc/mounts); {LOADER_TYPE}; \
+                 echo '<0>{CONSOLE_MARKER}' > /dev/kmsg; kill -USR1 $$"
             ),
         ],
         b"",
@@ -315,6 +320,13 @@ fn two_cpus_and_one_gib() {
         "the tar root is the initramfs: {stdout:?}"
     );
     assert!(stdout.contains("cpus=2\n"), "{stdout:?}");
+    // Without -v the console is dropped once the agent is up: a kernel
+    // message at emergency level (which passes `quiet`) is seen nowhere.
+    assert!(
+        !stdout.contains(CONSOLE_MARKER)
+            && !String::from_utf8_lossy(&out.stderr).contains(CONSOLE_MARKER),
+        "the console after the agent is up reached kiln's output"
+    );
     assert!(
         stdout.contains("loader=b0\n"),
         "the recipe vmlinux is entered through its PVH note: {stdout:?}"

@@ -93,7 +93,8 @@ fn assert_common(out: &str, is_image: bool, owners: bool) {
 }
 
 /// `kiln run --rootfs root.tar.gz` (a gzip tar with numeric owners, as
-/// Alpine's minirootfs comes): output, status, and the archive unchanged.
+/// Alpine's minirootfs comes): output, status, and the archive unchanged;
+/// `kiln.root=` words on the command line: the last (empty) one wins.
 #[test]
 fn tar_gz_root_through_kiln_run() {
     if !prerequisites(&["tar", "gzip", "mkfifo"]) {
@@ -127,6 +128,10 @@ fn tar_gz_root_through_kiln_run() {
         .arg(guest_kernel("vmlinux").unwrap())
         .arg("--rootfs")
         .arg(&tarball)
+        // The last kiln.root= wins, and an empty one switches nowhere: with
+        // the first, kiln's init would look for a root device that is not
+        // there and the command would never run.
+        .args(["--cmdline", "kiln.root=/dev/vdz kiln.root="])
         .args(["--timeout", "400s", "--", "sh", "-c"])
         .arg(format!("{CHECK_SCRIPT}\nexit 7"))
         .output()
@@ -218,6 +223,12 @@ fn ext4_root_through_the_sandbox_api() {
     // exec's working directory and the hostname are as on any root.
     let (_, out) = sh("cd /etc && pwd; hostname");
     assert_eq!(out, "/etc\nkiln\n");
+    // kiln's init moved its mounts into the image root: /dev, /proc, /sys
+    // and a tmpfs /tmp.
+    let (_, out) = sh(
+        "for m in /dev /proc /sys /tmp; do awk -v m=$m '$2 == m { print m \" \" $3 }' /proc/mounts; done",
+    );
+    assert_eq!(out, "/dev devtmpfs\n/proc proc\n/sys sysfs\n/tmp tmpfs\n");
 
     let outcome = sandbox.shutdown().expect("shutdown");
     eprintln!("MEASURE ext4 root total: {:?} ({outcome:?})", t.elapsed());
