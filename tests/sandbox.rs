@@ -200,8 +200,9 @@ fn one_vm_many_commands() {
         )
     });
 
+    let root_before = common::tree_listing(&root);
     let started = Instant::now();
-    let sb = boot(root, ns.as_ref());
+    let sb = boot(root.clone(), ns.as_ref());
     let out = sb.exec(Command::new("true")).unwrap();
     assert!(out.status.success());
     eprintln!("MEASURE start to first exec: {:?}", started.elapsed());
@@ -509,5 +510,10 @@ fn one_vm_many_commands() {
     let outcome = sb.shutdown().unwrap();
     eprintln!("MEASURE shutdown: {:?} ({outcome:?})", t.elapsed());
     assert_eq!(outcome, Some(VmOutcome::GuestReset));
+    // A directory root is only read.
+    assert!(
+        common::tree_listing(&root) == root_before,
+        "the directory root changed"
+    );
     drop(ns);
 }

@@ -461,6 +461,44 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .to_string()
 }
 
+/// Everything a reader of `dir` can see, one line per entry in path order:
+/// type, mode, owner, size, mtime (ns), link target or content hash. Two
+/// equal listings mean the tree was left as it was.
+#[allow(dead_code)] // not every test binary compares trees
+pub fn tree_listing(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let mut lines = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        let meta =
+            fs::symlink_metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let what = if meta.is_dir() {
+            for entry in fs::read_dir(&path).unwrap() {
+                pending.push(entry.unwrap().path());
+            }
+            String::new()
+        } else if meta.file_type().is_symlink() {
+            fs::read_link(&path).unwrap().display().to_string()
+        } else if meta.is_file() {
+            sha256_hex(&fs::read(&path).unwrap())
+        } else {
+            format!("rdev {}", meta.rdev())
+        };
+        lines.push(format!(
+            "{} {:o} {}:{} {} {}.{} {what}",
+            path.strip_prefix(dir).unwrap().display(),
+            meta.mode(),
+            meta.uid(),
+            meta.gid(),
+            meta.size(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ));
+    }
+    lines.sort();
+    lines.join("\n")
+}
+
 /// One real VM at a time within a test binary: libtest runs tests in
 /// parallel, and two emulated guest kernels on a small host only slow each
 /// other down (and stretch every in-test timeout).
