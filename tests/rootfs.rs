@@ -18,7 +18,7 @@ use common::{
     guest_kernel, have_kvm, have_program, is_root, kiln_cli, one_vm, require, run_checked, Scratch,
 };
 use kiln::config::DiskConfig;
-use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox};
+use kiln::sandbox::{Command as SbCommand, ExitStatus, Sandbox, SandboxError};
 
 const OS_RELEASE: &str =
     "PRETTY_NAME=\"Kiln Test Linux 1.0\"\nNAME=\"Kiln Test Linux\"\nID=kilntest\nVERSION_ID=1.0\n";
@@ -148,6 +148,9 @@ fn tar_gz_root_through_kiln_run() {
     assert_eq!(fs::metadata(&tarball).unwrap().mtime(), mtime);
 }
 
+/// The ext4 sandbox's `.output_limit()`: the default of its execs.
+const OUTPUT_LIMIT: usize = 1 << 20;
+
 /// `Sandbox::builder().rootfs(root.ext4)` next to a read-only user disk:
 /// several execs see the image (and each other's writes), the user disk is
 /// vdb, and the image is unchanged and its scratch copy gone afterwards.
@@ -186,6 +189,7 @@ fn ext4_root_through_the_sandbox_api() {
         .memory(256 << 20)
         .timeout(Duration::from_secs(600))
         .boot_timeout(Duration::from_secs(400))
+        .output_limit(OUTPUT_LIMIT)
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("MEASURE ext4 root boot to agent: {:?}", t.elapsed());
@@ -229,6 +233,25 @@ fn ext4_root_through_the_sandbox_api() {
         "for m in /dev /proc /sys /tmp; do awk -v m=$m '$2 == m { print m \" \" $3 }' /proc/mounts; done",
     );
     assert_eq!(out, "/dev devtmpfs\n/proc proc\n/sys sysfs\n/tmp tmpfs\n");
+
+    // The builder's output limit is every exec's default.
+    let at_limit = sandbox
+        .exec(SbCommand::new("head").args(["-c", &OUTPUT_LIMIT.to_string(), "/dev/zero"]))
+        .expect("output at the limit");
+    assert_eq!(at_limit.stdout.len(), OUTPUT_LIMIT);
+    let over = sandbox
+        .exec(SbCommand::new("head").args(["-c", &(OUTPUT_LIMIT + 1).to_string(), "/dev/zero"]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            over,
+            SandboxError::OutputLimit {
+                limit: OUTPUT_LIMIT,
+                ..
+            }
+        ),
+        "{over}"
+    );
 
     let outcome = sandbox.shutdown().expect("shutdown");
     eprintln!("MEASURE ext4 root total: {:?} ({outcome:?})", t.elapsed());
