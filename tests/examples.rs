@@ -48,7 +48,9 @@ fn sandbox_example_runs_its_checks() {
     assert!(stdout.starts_with("sandbox ready in "), "{stdout}");
     for check in ["echo", "status", "env", "cwd", "stdin", "signal"] {
         assert!(
-            stdout.lines().any(|l| l.starts_with(&format!("ok   {check} ("))),
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("ok   {check} ("))),
             "check {check} did not pass: {stdout}"
         );
     }

@@ -219,7 +219,8 @@ fn check_default_mac(ns: &Netns, guest_mac: &str, stderr: &str) {
 
 /// `--net` on a TAP another kiln holds (busy), on a veth and on a TUN (not
 /// TAPs): kiln stops with one line naming the interface and status 125,
-/// before the guest runs. Tiny guests only: no kernel boot.
+/// before the guest runs. The TAP the holder's kiln created is down and
+/// has no address. Tiny guests only: no kernel boot.
 #[test]
 fn net_errors_are_one_line_naming_the_interface() {
     if !require(is_root(), "needs root (network namespace, TAP)")
@@ -256,6 +257,25 @@ fn net_errors_are_one_line_naming_the_interface() {
             panic!("the holder ended before attaching kilnbusy: {seen}");
         }
     }
+
+    // The TAP kiln created is down and has no address (kiln does not
+    // configure the host side).
+    let link = String::from_utf8_lossy(
+        &common::run_checked(&mut ns.exec(["ip", "-o", "link", "show", "kilnbusy"])).stdout,
+    )
+    .into_owned();
+    let flags = link
+        .split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .map(|(flags, _)| flags.split(',').collect::<Vec<_>>())
+        .unwrap_or_else(|| panic!("no flags in {link:?}"));
+    assert!(!flags.contains(&"UP"), "kilnbusy is up: {link}");
+    let addrs = common::run_checked(&mut ns.exec(["ip", "-o", "addr", "show", "dev", "kilnbusy"]));
+    assert!(
+        !String::from_utf8_lossy(&addrs.stdout).contains("inet"),
+        "kilnbusy has an address: {}",
+        String::from_utf8_lossy(&addrs.stdout)
+    );
 
     for (tap, reason) in [
         ("kilnbusy", "is busy"),
