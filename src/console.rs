@@ -73,6 +73,7 @@ pub struct ConsoleOutput {
 }
 
 impl ConsoleOutput {
+    /// Forwards to `out`; the watch reports a kernel panic seen in it.
     pub fn new(out: Box<dyn Write + Send>) -> (Self, PanicWatch) {
         let watch = PanicWatch::default();
         (

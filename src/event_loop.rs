@@ -101,6 +101,7 @@ pub struct SerialInput {
 }
 
 impl SerialInput {
+    /// Forwards `input` into `serial` (stops watching at EOF).
     pub fn new(input: File, serial: Arc<Mutex<SerialDevice>>) -> Result<Self> {
         let ready = serial
             .lock()

@@ -40,6 +40,7 @@ pub const FOUR_GIB: u64 = 0x1_0000_0000;
 pub const CONTROL_PAGE_START: u64 = 0xd000_0000;
 /// First virtio-mmio device window; each device takes `VIRTIO_MMIO_SIZE`.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_1000;
+/// Size of one virtio-mmio device window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// IOAPIC and local APIC windows (served by KVM's in-kernel irqchip).
 pub const IOAPIC_START: u64 = 0xfec0_0000;
@@ -51,10 +52,12 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Legacy port I/O.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;
+/// Ports the UART decodes from `SERIAL_PORT_BASE`.
 pub const SERIAL_PORT_SIZE: u16 = 8;
 pub const SERIAL_IRQ: u32 = 4;
 /// i8042 keyboard controller data and command ports (reset goes through 0x64).
 pub const I8042_DATA_PORT: u16 = 0x60;
+/// See `I8042_DATA_PORT`.
 pub const I8042_COMMAND_PORT: u16 = 0x64;
 /// POST/debug port: Linux's `outb_p` delays hit it; kiln serves it as a no-op.
 pub const DEBUG_PORT: u16 = 0x80;

@@ -192,6 +192,21 @@ pub mod cli;
 pub mod boot;
 #[doc(hidden)]
 pub mod cpio;
+// Public only for kiln's fuzz targets (fuzz/, the kiln-fuzz crate): the
+// internals a guest or a root file system reaches. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::boot::params::{load_initrd, write_boot_info};
+    pub use crate::console::ConsoleOutput;
+    pub use crate::event_loop::SerialInput;
+    pub use crate::initramfs::kiln_initramfs_with;
+    pub use crate::layout::{
+        CONTROL_PAGE_START, DEBUG_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT_BASE,
+        SERIAL_PORT_SIZE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    };
+    pub use crate::lifecycle::{ControlReports, Lifecycle};
+    pub use crate::rootfs::Rootfs;
+}
 
 mod console;
 mod device_manager;

@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::outcome::VmOutcome;
 
+/// How the VM is doing: whether it is stopping, and why.
 pub struct Lifecycle {
     stopping: AtomicBool,
     outcome: Mutex<Option<VmOutcome>>,
@@ -23,6 +24,7 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
+    /// A running VM's state; `started` is when the monitor started.
     pub fn new(started: Instant) -> std::io::Result<Self> {
         Ok(Self {
             stopping: AtomicBool::new(false),
@@ -47,10 +49,12 @@ impl Lifecycle {
         let _ = self.exit_evt.write(1);
     }
 
+    /// Whether an outcome is recorded and everyone should wind down.
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
     }
 
+    /// How the VM ended, once it has.
     pub fn outcome(&self) -> Option<VmOutcome> {
         self.outcome
             .lock()
@@ -58,6 +62,7 @@ impl Lifecycle {
             .clone()
     }
 
+    /// Written once the outcome is set.
     pub fn exit_evt(&self) -> &EventFd {
         &self.exit_evt
     }

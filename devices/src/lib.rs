@@ -41,3 +41,7 @@ pub mod irq;
 pub mod serial;
 pub mod tap;
 pub mod virtio;
+
+// Public only for kiln's fuzz targets (fuzz/); not part of the API.
+#[doc(hidden)]
+pub mod fuzzing;

@@ -40,7 +40,12 @@ pub enum Rootfs {
     /// A host directory, packed into the initramfs.
     Directory(PathBuf),
     /// A tar archive, converted into initramfs entries.
-    Tar { path: PathBuf, gzip: bool },
+    Tar {
+        /// The archive.
+        path: PathBuf,
+        /// Whether it is gzip-compressed.
+        gzip: bool,
+    },
     /// An ext2/3/4 file system image, attached as a disk (a scratch copy).
     Image(PathBuf),
 }

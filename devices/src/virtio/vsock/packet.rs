@@ -21,10 +21,14 @@ pub const HOST_CID: u64 = 2;
 pub const TYPE_STREAM: u16 = 1;
 
 // Operations.
+/// Operation: open a connection.
 pub const OP_REQUEST: u16 = 1;
+/// Operation: accept a connection.
 pub const OP_RESPONSE: u16 = 2;
 pub const OP_RST: u16 = 3;
+/// Operation: half- or fully close a connection (flags `SHUTDOWN_*`).
 pub const OP_SHUTDOWN: u16 = 4;
+/// Operation: stream data.
 pub const OP_RW: u16 = 5;
 pub const OP_CREDIT_UPDATE: u16 = 6;
 pub const OP_CREDIT_REQUEST: u16 = 7;
@@ -36,19 +40,30 @@ pub const SHUTDOWN_SEND: u32 = 2;
 /// `struct virtio_vsock_hdr`, decoded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Header {
+    /// Sender's CID.
     pub src_cid: u64,
+    /// Receiver's CID.
     pub dst_cid: u64,
+    /// Sender's port.
     pub src_port: u32,
+    /// Receiver's port.
     pub dst_port: u32,
+    /// Payload bytes after the header.
     pub len: u32,
+    /// Socket type (`TYPE_STREAM`).
     pub type_: u16,
+    /// Operation (`OP_*`).
     pub op: u16,
+    /// Operation flags (`SHUTDOWN_*` for `OP_SHUTDOWN`).
     pub flags: u32,
+    /// Sender's receive buffer size (credit).
     pub buf_alloc: u32,
+    /// Bytes the sender has consumed from this connection (credit).
     pub fwd_cnt: u32,
 }
 
 impl Header {
+    /// Decodes a header from its wire bytes.
     pub fn from_bytes(b: &[u8; HDR_SIZE]) -> Self {
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
@@ -67,6 +82,7 @@ impl Header {
         }
     }
 
+    /// Encodes the header to its wire bytes.
     pub fn to_bytes(self) -> [u8; HDR_SIZE] {
         let mut b = [0u8; HDR_SIZE];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
