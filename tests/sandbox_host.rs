@@ -237,6 +237,43 @@ fn sandboxes_leave_no_fds_threads_or_processes_behind() {
     assert_eq!(after, before, "(fds, threads, child processes)");
 }
 
+/// An agent that stops reading (hung or hostile): once a frame cannot go
+/// out within the send timeout, the connection is given up, and every call
+/// returns, a wait for a command that never reported its end included. The
+/// timeout (seconds) is shortened on the test's own handle of the socket.
+#[test]
+fn an_agent_that_stops_reading_ends_the_connection() {
+    let (host, mut agent) = UnixStream::pair().unwrap();
+    let mut hello = Vec::new();
+    let version = kiln_init::protocol::VERSION;
+    kiln_init::protocol::Msg::Hello { version }
+        .encode(&mut hello)
+        .unwrap();
+    agent.write_all(&hello).unwrap();
+    let knob = host.try_clone().unwrap();
+    let sb = Sandbox::connect(host, Duration::from_secs(10)).unwrap();
+    assert!(
+        knob.write_timeout().unwrap().is_some(),
+        "sends have no timeout"
+    );
+    knob.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut p = sb.spawn(Command::new("cat").stdin_piped()).unwrap();
+    let mut stdin = p.stdin().unwrap();
+    // One-byte frames fill the socket long before the stdin window is used.
+    while stdin.write(b"x").is_ok() {}
+    match p.wait() {
+        Err(SandboxError::Disconnected { reason, .. }) => {
+            assert!(reason.contains("stopped reading"), "{reason}")
+        }
+        other => panic!("wait gave {other:?}"),
+    }
+    drop(stdin);
+    drop(p);
+    sb.shutdown().unwrap();
+    drop(agent);
+}
+
 /// Forwards `from` to `to` in small, varying chunks (1..=4096 bytes, now and
 /// then 1-7 bytes, with short sleeps), as the VM's vsock device delivers.
 fn relay(mut from: UnixStream, mut to: UnixStream, seed: u32) -> JoinHandle<()> {

@@ -54,6 +54,11 @@ pub const DEFAULT_OUTPUT_LIMIT: usize = 64 << 20;
 const HOST_TIMEOUT_SLACK: Duration = Duration::from_secs(10);
 /// How long `shutdown` lets the guest end by itself before stopping the VM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long one frame to the agent may take to go out. The agent reads its
+/// connection all the time; one that has taken nothing for this long has
+/// stopped (hung or hostile), and the connection is given up, so no call
+/// that sends (exec, stdin, kill, credit, shutdown, drop) waits forever.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a command ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +142,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     pub(crate) cond: Condvar,
     writer: Mutex<UnixStream>,
+    /// Set when the agent stopped reading and the connection was shut
+    /// down: the reader thread reports it as the end of the connection.
+    send_failure: Mutex<Option<String>>,
     console: ConsoleRing,
 }
 
@@ -149,8 +157,29 @@ impl Shared {
         let mut buf = Vec::new();
         msg.encode(&mut buf)?;
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        w.write_all(&buf)
-            .map_err(|e| self.disconnected(e.to_string()))
+        let Err(e) = w.write_all(&buf) else {
+            return Ok(());
+        };
+        // The frame may be cut short: nothing more can go out on this
+        // connection. Shutting it down ends the reader thread, which marks
+        // the sandbox dead (with this reason if the agent stopped reading)
+        // and wakes every waiter.
+        let stopped = matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        );
+        let reason = match stopped {
+            true => format!(
+                "the guest agent stopped reading (a frame could not be sent in {SEND_TIMEOUT:?})"
+            ),
+            false => e.to_string(),
+        };
+        if stopped {
+            let mut failure = self.send_failure.lock().unwrap_or_else(|e| e.into_inner());
+            failure.get_or_insert_with(|| reason.clone());
+        }
+        let _ = w.shutdown(Shutdown::Both);
+        Err(self.disconnected(reason))
     }
 
     /// The error for a lost connection (with the console tail).
@@ -262,10 +291,14 @@ impl Sandbox {
         let writer = stream
             .try_clone()
             .map_err(SandboxError::io("cloning the socket"))?;
+        writer
+            .set_write_timeout(Some(SEND_TIMEOUT))
+            .map_err(SandboxError::io("socket timeout"))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
             writer: Mutex::new(writer),
+            send_failure: Mutex::new(None),
             console,
         });
         let reader_shared = shared.clone();
@@ -433,6 +466,12 @@ fn reader_loop(mut read: UnixStream, mut decoder: Decoder, shared: &Shared) {
             Err(e) => break format!("reading from the guest agent: {e}"),
         }
     };
+    let failure = shared
+        .send_failure
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let reason = failure.clone().unwrap_or(reason);
+    drop(failure);
     let mut st = shared.lock();
     st.dead = Some(reason);
     drop(st);

@@ -43,6 +43,8 @@ pub const TARGET: Target = Target {
 };
 
 const MAX_PROCS: usize = 6;
+/// The host's send timeout while fuzzing (see `run`).
+const HOST_SEND_TIMEOUT: Duration = Duration::from_millis(20);
 /// How long the fake agent waits for room before it gives up writing (the
 /// host stopped reading: its reader thread is blocked sending to us).
 const AGENT_WRITE_TIMEOUT: Duration = Duration::from_millis(20);
@@ -215,9 +217,22 @@ fn run(data: &[u8]) {
     } else {
         agent.write(&frame(K_HELLO, 0, &VERSION.to_le_bytes()));
     }
+    // The host must give up on an agent that takes nothing for a while
+    // (its send timeout, seconds). The option belongs to the socket, so a
+    // handle of our own checks it is set and shortens it: such an input
+    // then takes milliseconds.
+    let knob = host.try_clone().expect("dup");
     let Ok(sandbox) = Sandbox::connect(host, Duration::from_secs(5)) else {
         return;
     };
+    let timeout = knob.write_timeout().expect("SO_SNDTIMEO");
+    assert!(
+        timeout.is_some_and(|t| t <= Duration::from_secs(60)),
+        "the sandbox sends to its agent without a timeout ({timeout:?})"
+    );
+    knob.set_write_timeout(Some(HOST_SEND_TIMEOUT))
+        .expect("timeout");
+    drop(knob);
     let mut rig = Rig {
         sandbox,
         agent,
