@@ -171,7 +171,7 @@ pub const OP_USED_EVENT: u8 = 9;
 pub struct Harness<D: VirtioDevice + MutEventSubscriber + 'static> {
     pub mem: GuestMemoryMmap,
     pub dev: Arc<Mutex<D>>,
-    em: EventManager<Arc<Mutex<D>>>,
+    em: EventManager<Traced<D>>,
     pub rings: Vec<Ring>,
     /// Features of the last activation.
     pub features: u64,
@@ -183,7 +183,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
         let queues = device.queue_max_sizes().len();
         let dev = Arc::new(Mutex::new(device));
         let mut em = EventManager::new().expect("epoll");
-        em.add_subscriber(dev.clone());
+        em.add_subscriber(Traced(dev.clone()));
         let rings = (0..queues)
             .map(|q| Ring::new(&mem, ring_base(0, q), 1))
             .collect();
@@ -288,10 +288,33 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Harness<D> {
 
 impl<D: VirtioDevice + MutEventSubscriber + 'static> Drop for Harness<D> {
     fn drop(&mut self) {
-        if std::env::var_os("KILN_FUZZ_DEBUG").is_some() {
+        if debug() {
             eprintln!("counters: {:?}", self.device().counters().values());
         }
     }
+}
+
+/// What the event loop serves: the device, with each event it gets logged
+/// when `KILN_FUZZ_DEBUG` is set (to see what keeps a device busy).
+pub struct Traced<D>(pub Arc<Mutex<D>>);
+
+impl<D: MutEventSubscriber> MutEventSubscriber for Traced<D> {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        self.0.init(ops);
+    }
+
+    fn process(&mut self, events: event_manager::Events, ops: &mut event_manager::EventOps) {
+        if debug() {
+            eprintln!("event: data {} set {:?}", events.data(), events.event_set());
+        }
+        self.0.process(events, ops);
+    }
+}
+
+/// `KILN_FUZZ_DEBUG` is set: targets print what they did.
+pub fn debug() -> bool {
+    static DEBUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DEBUG.get_or_init(|| std::env::var_os("KILN_FUZZ_DEBUG").is_some())
 }
 
 /// Runs `em` until no event is ready; panics if it keeps finding events

@@ -334,7 +334,7 @@ fn run(data: &[u8]) {
             _ => unreachable!(),
         }
     }
-    if std::env::var_os("KILN_FUZZ_DEBUG").is_some() {
+    if crate::virtio::debug() {
         eprintln!(
             "sandbox: procs {} ended {:?} dead {} stuck {} broken {}",
             rig.procs.len(),
