@@ -47,6 +47,9 @@ impl<B: NetBackend> Net<B> {
     /// empty, the guest has no buffers, or the budget is spent.
     pub(super) fn process_rx(&mut self, ops: &mut EventOps) {
         let used_before = self.virtio.active().map(|a| a.queues[RXQ].next_used());
+        // Whether the ring was looked at again after it ran dry, with no
+        // frame moved since.
+        let mut looked_again = false;
         for _ in 0..RX_BUDGET {
             if self.rx_frame_len == 0 {
                 match self.backend.read(&mut self.rx_frame) {
@@ -68,20 +71,28 @@ impl<B: NetBackend> Net<B> {
                 }
             }
             match self.deliver_rx_frame() {
-                Delivery::Delivered => self.rx_frame_len = 0,
+                Delivery::Delivered => {
+                    self.rx_frame_len = 0;
+                    looked_again = false;
+                }
                 Delivery::Dropped => {
                     self.counters.rx_dropped.inc();
                     self.rx_frame_len = 0;
+                    looked_again = false;
                 }
                 Delivery::NoBuffers => {
                     // Wait for the guest's RX kick. Ask for it first (event
-                    // index), then look again in case buffers arrived meanwhile.
-                    let retry = self
-                        .virtio
-                        .active_mut()
-                        .map(|a| a.queues[RXQ].enable_notification(&a.mem))
-                        .is_some_and(|r| r.unwrap_or(false));
+                    // index), then look again in case buffers arrived
+                    // meanwhile: once, as an avail index that yields nothing
+                    // (garbage) always claims more.
+                    let retry = !looked_again
+                        && self
+                            .virtio
+                            .active_mut()
+                            .map(|a| a.queues[RXQ].enable_notification(&a.mem))
+                            .is_some_and(|r| r.unwrap_or(false));
                     if retry {
+                        looked_again = true;
                         continue;
                     }
                     self.unwatch_backend(ops);

@@ -706,9 +706,13 @@ fn a_bogus_avail_index_does_not_spin() {
     h.kick_rx();
     let mut pkt = hdr(0, GSO_NONE).to_vec();
     pkt.extend_from_slice(&frame(100, 0));
+    // Two frames: the one waiting for a buffer, and one that keeps the
+    // backend readable.
+    h.peer.send(&pkt).unwrap();
     h.peer.send(&pkt).unwrap();
     h.run();
     assert_eq!(h.run(), 0);
+    assert!(!h.net.lock().unwrap().backend_watched);
 }
 
 #[test]
