@@ -105,7 +105,8 @@ pub struct CpioBuilder {
     names: HashMap<Vec<u8>, u32>,
     /// Host (dev, ino) of hard-linked files already written -> cpio inode.
     links: HashMap<(u64, u64), u32>,
-    /// Host file data stops being added once the archive reaches this size.
+    /// Host entries (data, headers and names) stop being added once the
+    /// archive reaches this size.
     limit: usize,
 }
 
@@ -127,9 +128,9 @@ impl CpioBuilder {
         }
     }
 
-    /// An archive that refuses host data (`tree`, tar entries) past `limit`
-    /// bytes in total, so a root that cannot fit in guest memory fails early
-    /// instead of filling the host's.
+    /// An archive that refuses host entries (`tree`, tar entries: data,
+    /// headers and names) past `limit` bytes in total, so a root that cannot
+    /// fit in guest memory fails early instead of filling the host's.
     pub fn with_limit(limit: usize) -> Self {
         Self {
             limit,
@@ -186,7 +187,9 @@ impl CpioBuilder {
             .read_to_end(&mut self.out)
             .map_err(io_error(origin));
         let size = self.out.len() - start;
-        if read.is_err() || size > room {
+        // Past the limit with the header alone counts too: an archive of
+        // empty entries with long names must not grow without bound.
+        if read.is_err() || size > room || start > self.limit {
             self.out.truncate(offset);
             self.names.remove(normalize(name));
             read?;
@@ -270,6 +273,13 @@ impl CpioBuilder {
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
+            // Headers and names count: a tree of empty entries has a size too.
+            if self.out.len() > self.limit {
+                return Err(CpioError::OverLimit {
+                    path,
+                    limit: self.limit,
+                });
+            }
             let mut name = prefix.to_vec();
             if !name.is_empty() {
                 name.push(b'/');
@@ -610,6 +620,14 @@ pub(crate) mod tests {
         assert_eq!(err.to_string().lines().count(), 1);
         let mut cpio = CpioBuilder::with_limit(1 << 20);
         cpio.tree(&tree.0).unwrap();
+        // No data at all, only names: they count too.
+        let dirs = TempDir::new("limit-dirs");
+        for i in 0..100 {
+            fs::create_dir(dirs.0.join(format!("{i:03}{}", "d".repeat(200)))).unwrap();
+        }
+        let mut cpio = CpioBuilder::with_limit(8 << 10);
+        let err = cpio.tree(&dirs.0).unwrap_err();
+        assert!(matches!(err, CpioError::OverLimit { .. }), "{err}");
     }
 
     #[test]

@@ -25,13 +25,18 @@ use crate::Target;
 /// The most the initramfs may hold (the guest's memory, in `kiln run`).
 const LIMIT: usize = 4 << 20;
 
+/// The most one tar entry can add to the initramfs besides its data: a
+/// name of up to PATH_MAX (4096) bytes makes up to 2047 parent directories
+/// whose names add up to PATH_MAX²/4, each with a header.
+const ENTRY_MAX: usize = 4096 * 4096 / 4 + 2048 * 128;
+
 pub const TARGET: Target = Target {
     name: "tar",
     run,
-    // The archive (twice while its vector grows), the tar reader's buffers
-    // and the gzip decoder's window; headers and names beyond the limit
-    // come from the input.
-    memory_cap: 3 * LIMIT + (1 << 20),
+    // The archive, up to the limit plus the entry that crosses it (three
+    // times that while its vector grows), and the names it holds (as much
+    // again); the tar reader's buffers and the gzip decoder's window.
+    memory_cap: 4 * (LIMIT + ENTRY_MAX) + (1 << 20),
     memory_per_input_byte: 32,
     seeds,
 };

@@ -395,6 +395,15 @@ fn limits_stop_archives_that_cannot_fit() {
         "{e}"
     );
     assert!(e.to_string().contains("root.tar: big: "), "{e}");
+    // Empty directories only: their headers and names count too (one tar
+    // entry with a deep name makes thousands of parents).
+    let mut dirs = Raw::default();
+    for i in 0..1000 {
+        dirs = dirs.dir(&format!("{i:04}/{}", "d".repeat(90)));
+    }
+    let (result, _) = convert_with(&dirs.end(), 64 << 10);
+    let e = result.unwrap_err();
+    assert!(matches!(e, CpioError::OverLimit { .. }), "{e}");
     // A GNU long name record that never ends (a "bomb"): the read budget
     // stops it.
     let mut bomb = header(b"././@LongLink", b'L', 0, b"").to_vec();
