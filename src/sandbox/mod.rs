@@ -499,7 +499,12 @@ fn dispatch(shared: &Shared, msg: Msg) {
         Msg::ExecFailed { id, code, message } => {
             if let Some(e) = st.execs.get_mut(&id) {
                 // As a shell reports it: the reason on stderr, 127 or 126.
-                e.out[1].extend(format!("kiln: {message}\n").as_bytes());
+                // Once, and within the output window: an agent repeating
+                // it must not grow the host's memory.
+                let line = format!("kiln: {message}\n");
+                if e.end.is_none() && e.out[1].len() + line.len() <= OUTPUT_WINDOW as usize {
+                    e.out[1].extend(line.as_bytes());
+                }
             }
             end(
                 &mut st,
