@@ -13,6 +13,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
 
+/// The modem control register and its loopback bit: in loopback the UART's
+/// receiver hears only its own transmitter, nothing from outside.
+const MCR_OFFSET: u8 = 4;
+const MCR_LOOP: u8 = 0x10;
+
 /// Signals the event loop when the receive FIFO has room again.
 pub(crate) struct InputReady(EventFd);
 
@@ -33,6 +38,9 @@ impl SerialEvents for InputReady {
 /// virtio console is the fast alternative.
 pub struct SerialDevice {
     uart: Serial<IrqLine, InputReady, Box<dyn Write + Send>>,
+    /// The guest put the UART in loopback: host input waits until it leaves
+    /// (the model would take it and drop it, as fast as the host sends).
+    loopback: bool,
 }
 
 impl SerialDevice {
@@ -43,17 +51,21 @@ impl SerialDevice {
         let ready = InputReady(EventFd::new(EFD_NONBLOCK)?);
         Ok(Self {
             uart: Serial::with_events(irq, ready, out),
+            loopback: false,
         })
     }
 
-    /// Fires when the guest has emptied the receive FIFO.
+    /// Fires when the guest has emptied the receive FIFO, or left loopback.
     pub fn input_ready_eventfd(&self) -> &EventFd {
         &self.uart.events().0
     }
 
-    /// Free room in the receive FIFO.
+    /// Free room in the receive FIFO (none in loopback).
     pub fn input_room(&self) -> usize {
-        self.uart.fifo_capacity()
+        match self.loopback {
+            true => 0,
+            false => self.uart.fifo_capacity(),
+        }
     }
 
     /// Queues host input for the guest; returns how many bytes were taken.
@@ -82,6 +94,14 @@ impl BusDevice for SerialDevice {
         if let Some(&value) = data.first() {
             if let Err(e) = self.uart.write(offset as u8, value) {
                 log::debug!("serial: write failed: {e:?}");
+            }
+            if offset as u8 == MCR_OFFSET {
+                let loopback = value & MCR_LOOP != 0;
+                if self.loopback && !loopback {
+                    // Host input waited for this: ask for it again.
+                    let _ = self.input_ready_eventfd().write(1);
+                }
+                self.loopback = loopback;
             }
         }
     }
@@ -124,6 +144,23 @@ mod tests {
         assert_eq!(b[0], b'x');
         // The FIFO is empty again: the event loop is told to feed more.
         assert_eq!(dev.input_ready_eventfd().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn loopback_takes_no_host_input_and_asks_again_when_it_ends() {
+        let mut dev = SerialDevice::new(IrqLine::new().unwrap(), Box::new(io::sink())).unwrap();
+        dev.write(u64::from(MCR_OFFSET), &[MCR_LOOP]);
+        assert_eq!(dev.input_room(), 0, "no host input in loopback");
+        // The guest talks to itself.
+        dev.write(0, b"l");
+        let mut b = [0u8; 1];
+        dev.read(0, &mut b);
+        assert_eq!(b[0], b'l');
+        let _ = dev.input_ready_eventfd().read();
+        dev.write(u64::from(MCR_OFFSET), &[0]);
+        assert_eq!(dev.input_ready_eventfd().read().unwrap(), 1);
+        assert!(dev.input_room() > 0);
+        assert_eq!(dev.enqueue_input(b"x"), 1);
     }
 
     #[test]
