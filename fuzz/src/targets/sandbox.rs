@@ -43,6 +43,9 @@ pub const TARGET: Target = Target {
 };
 
 const MAX_PROCS: usize = 6;
+/// The most one flood writes: more than the target's memory cap, so data
+/// the host keeps without bound shows; more only costs time.
+const FLOOD_BYTES: usize = 16 << 20;
 /// The host's send timeout while fuzzing (see `run`).
 const HOST_SEND_TIMEOUT: Duration = Duration::from_millis(20);
 /// How long the fake agent waits for room before it gives up writing (the
@@ -269,6 +272,7 @@ fn run(data: &[u8]) {
                 let len = usize::from(input.u16()) % (MAX_DATA + 16);
                 let fill = input.u8();
                 let one = frame(kind, id, &vec![fill; len]);
+                let count = usize::from(count).min(FLOOD_BYTES / one.len());
                 for _ in 0..count {
                     if !rig.agent.write(&one) {
                         break;
