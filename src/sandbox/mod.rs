@@ -25,6 +25,8 @@ mod builder;
 mod command;
 mod errors;
 mod process;
+#[cfg(test)]
+mod tests;
 
 pub use builder::SandboxBuilder;
 pub use command::Command;

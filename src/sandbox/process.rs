@@ -1,5 +1,6 @@
 //! A command running in the sandbox and its stdio handles.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -367,7 +368,9 @@ impl Drop for OutputReader {
         if let Some(e) = st.execs.get_mut(&self.id) {
             e.discard[self.stream] = true;
             n += e.out[self.stream].len();
-            e.out[self.stream].clear();
+            // Freed, not only emptied: a dropped process can stay known
+            // for as long as the agent does not report its end.
+            e.out[self.stream] = VecDeque::new();
         }
         drop(st);
         self.shared.credit(self.id, self.stream, n);

@@ -1,0 +1,77 @@
+//! The sandbox host's state against a fake agent written frame by frame.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use kiln_init::protocol::{self, encode_data, ExitReason, Msg, K_STDERR, K_STDOUT, MAX_DATA};
+
+use super::{Command, Sandbox, OUTPUT_WINDOW};
+
+/// A sandbox over a fake agent that has sent HELLO and never reads.
+fn sandbox() -> (Sandbox, UnixStream) {
+    let (host, mut agent) = UnixStream::pair().unwrap();
+    let mut hello = Vec::new();
+    Msg::Hello {
+        version: protocol::VERSION,
+    }
+    .encode(&mut hello)
+    .unwrap();
+    agent.write_all(&hello).unwrap();
+    (
+        Sandbox::connect(host, Duration::from_secs(10)).unwrap(),
+        agent,
+    )
+}
+
+fn exited(id: u32) -> Vec<u8> {
+    let mut frame = Vec::new();
+    Msg::Exited {
+        id,
+        status: protocol::ExitStatus::Code(0),
+        reason: ExitReason::Normal,
+    }
+    .encode(&mut frame)
+    .unwrap();
+    frame
+}
+
+/// Guest input is hostile: an agent that fills a command's windows and
+/// never reports its end must not make the host keep those bytes once the
+/// command's `Process` is dropped, however many commands that happens to.
+#[test]
+fn a_dropped_process_holds_no_output_while_its_end_is_unreported() {
+    let (sb, mut agent) = sandbox();
+    let window = [b'x'; MAX_DATA];
+    let mut dropped = Vec::new();
+    // The host numbers commands 1, 2, ... in the order they are spawned.
+    for id in (1..=8).step_by(2) {
+        let p = sb.spawn(Command::new("print")).unwrap();
+        for kind in [K_STDOUT, K_STDERR] {
+            let mut frames = Vec::new();
+            for _ in 0..OUTPUT_WINDOW as usize / MAX_DATA {
+                encode_data(&mut frames, kind, id, &window);
+            }
+            agent.write_all(&frames).unwrap();
+        }
+        // Frames are dispatched in order: once a later command's end is
+        // seen, both windows are on the host.
+        let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
+        agent.write_all(&exited(id + 1)).unwrap();
+        barrier.wait().unwrap();
+        {
+            let st = sb.shared.lock();
+            let held: Vec<usize> = st.execs[&id].out.iter().map(|q| q.len()).collect();
+            assert_eq!(held, [OUTPUT_WINDOW as usize; 2], "command {id}");
+        }
+        drop(p);
+        dropped.push(id);
+    }
+    let st = sb.shared.lock();
+    for id in dropped {
+        let e = &st.execs[&id];
+        assert!(e.orphaned && e.end.is_none(), "command {id} is still known");
+        let kept: Vec<usize> = e.out.iter().map(|q| q.capacity()).collect();
+        assert_eq!(kept, [0, 0], "bytes kept for dropped command {id}");
+    }
+}
