@@ -1,6 +1,6 @@
 //! The sandbox host's state against a fake agent written frame by frame.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -74,4 +74,31 @@ fn a_dropped_process_holds_no_output_while_its_end_is_unreported() {
         let kept: Vec<usize> = e.out.iter().map(|q| q.capacity()).collect();
         assert_eq!(kept, [0, 0], "bytes kept for dropped command {id}");
     }
+}
+
+/// Guest input is hostile: an agent that reports a command's failure to
+/// start again and again gets the reason kept once, not once per report.
+#[test]
+fn a_repeated_exec_failed_is_kept_once() {
+    let (sb, mut agent) = sandbox();
+    let mut p = sb.spawn(Command::new("missing")).unwrap();
+    let mut frames = Vec::new();
+    for _ in 0..3000 {
+        Msg::ExecFailed {
+            id: 1,
+            code: 127,
+            message: "missing: not found".into(),
+        }
+        .encode(&mut frames)
+        .unwrap();
+    }
+    agent.write_all(&frames).unwrap();
+    // Dispatched in order: once the barrier's end is seen, every report is.
+    let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
+    agent.write_all(&exited(2)).unwrap();
+    barrier.wait().unwrap();
+    let mut stderr = String::new();
+    p.stderr().unwrap().read_to_string(&mut stderr).unwrap();
+    assert_eq!(stderr, "kiln: missing: not found\n");
+    assert_eq!(p.wait().unwrap(), super::ExitStatus::Code(127));
 }
