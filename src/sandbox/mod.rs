@@ -535,10 +535,16 @@ fn push(
     let Some(e) = st.execs.get_mut(&id) else {
         return;
     };
+    let window = OUTPUT_WINDOW as usize;
+    let queue = &mut e.out[stream];
     if e.discard[stream] {
         *credit = Some((id, stream, data.len()));
-    } else if e.out[stream].len() + data.len() <= OUTPUT_WINDOW as usize {
-        e.out[stream].extend(data);
+    } else if queue.len() + data.len() <= window {
+        // Grown by doubling, as `extend` would, but never past the window:
+        // doubling alone can reach twice the window for some frame sizes.
+        let want = (queue.capacity() * 2).clamp(queue.len() + data.len(), window);
+        queue.reserve_exact(want - queue.len());
+        queue.extend(data);
     }
     // Beyond the window: a misbehaving agent; the bytes are dropped.
 }

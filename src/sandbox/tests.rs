@@ -102,3 +102,36 @@ fn a_repeated_exec_failed_is_kept_once() {
     assert_eq!(stderr, "kiln: missing: not found\n");
     assert_eq!(p.wait().unwrap(), super::ExitStatus::Code(127));
 }
+
+/// A command's output queue holds at most one window however the agent
+/// sizes its frames (doubling a queue grown by 32760-byte frames, then a
+/// small one, made it twice the window).
+#[test]
+fn output_queues_stay_within_the_window() {
+    let (sb, mut agent) = sandbox();
+    let p = sb.spawn(Command::new("print")).unwrap();
+    let mut frames = Vec::new();
+    for kind in [K_STDOUT, K_STDERR] {
+        let big = MAX_DATA - 8;
+        for _ in 0..OUTPUT_WINDOW as usize / big {
+            encode_data(&mut frames, kind, 1, &vec![b'x'; big]);
+        }
+        encode_data(&mut frames, kind, 1, &[b'y'; 64]);
+    }
+    agent.write_all(&frames).unwrap();
+    let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
+    agent.write_all(&exited(2)).unwrap();
+    barrier.wait().unwrap();
+    {
+        let st = sb.shared.lock();
+        for q in &st.execs[&1].out {
+            assert!(q.len() > OUTPUT_WINDOW as usize - 64, "{} queued", q.len());
+            assert!(
+                q.capacity() <= OUTPUT_WINDOW as usize,
+                "{} bytes held for a window of {OUTPUT_WINDOW}",
+                q.capacity()
+            );
+        }
+    }
+    drop(p);
+}
