@@ -10,12 +10,20 @@ use crate::Target;
 pub const TARGET: Target = Target {
     name: "exec_spec",
     run,
-    // The decoded strings (a copy of the input at most, twice while a
-    // vector grows), the re-encoding and its decoding.
+    // Per input byte, for the spec and its round trip: the smallest record
+    // (an env entry) decodes to one (name, value) pair, in a vector up to
+    // twice as large as it holds (the spec's), or three times while it
+    // grows (the round trip's: old and new buffers both live); the bytes
+    // copied out twice, and the re-encoding.
     memory_cap: 64 << 10,
-    memory_per_input_byte: 8,
+    memory_per_input_byte: 5 * ENV_ENTRY / MIN_ENV_RECORD + 3,
     seeds,
 };
+
+/// The smallest env record: a tag, a length and the `=` of `NAME=VALUE`.
+const MIN_ENV_RECORD: usize = 1 + 4 + 1;
+/// What one decodes to.
+const ENV_ENTRY: usize = std::mem::size_of::<(Vec<u8>, Vec<u8>)>();
 
 fn run(data: &[u8]) {
     let Ok(spec) = ExecSpec::decode(data) else {
