@@ -422,6 +422,62 @@ fn cli_rejects_bad_options_with_one_line() {
     }
 }
 
+/// A kernel or initrd that is not a regular file, or an initrd larger than
+/// guest memory: status 125, one line naming it, before anything is read
+/// (a FIFO used to block the open forever, and `--initrd /dev/zero` was
+/// read until the host ran out of memory). Runs under `timeout -s KILL` so
+/// that a regression fails instead of hanging the suite.
+#[test]
+fn cli_rejects_kernel_and_initrd_that_are_not_files() {
+    if !require(common::have_program("timeout"), "timeout (coreutils)") {
+        return;
+    }
+    let scratch = Scratch::new("bad-inputs");
+    let fifo = scratch.0.join("fifo");
+    let fifo_c = std::ffi::CString::new(path_str(&fifo)).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let big = scratch.0.join("big.cpio");
+    fs::File::create(&big).unwrap().set_len(64 << 20).unwrap();
+    let guest = test_guest("hello");
+    let guest = path_str(&guest);
+    let fifo = path_str(&fifo);
+    for (args, needle) in [
+        (vec!["--kernel", fifo], "not a regular file"),
+        (vec!["--kernel", "/dev/zero"], "not a regular file"),
+        (
+            vec!["--kernel", guest, "--initrd", fifo],
+            "not a regular file",
+        ),
+        (
+            vec!["--kernel", guest, "--initrd", "/dev/zero"],
+            "not a regular file",
+        ),
+        (
+            vec!["--kernel", guest, "--initrd", path_str(&big)],
+            "more than the guest's 32 MiB",
+        ),
+    ] {
+        let out = std::process::Command::new("timeout")
+            .args(["-s", "KILL", "60", env!("CARGO_BIN_EXE_kiln"), "run"])
+            .args(&args)
+            .args(["--mem", "32M"])
+            .output()
+            .expect("running kiln under timeout");
+        assert_eq!(
+            out.status.code(),
+            Some(STATUS_KILN_ERROR),
+            "{args:?}: stderr {}",
+            stderr_of(&out)
+        );
+        assert_one_line(&out, needle);
+        assert!(
+            stderr_of(&out).contains(args[args.len() - 1]),
+            "{args:?}: the path is named"
+        );
+    }
+}
+
 #[test]
 fn cli_rejects_bad_kernel_files_with_one_line() {
     // kiln opens /dev/kvm before it reads the kernel.

@@ -54,13 +54,7 @@ pub struct LoadedKernel {
 /// PVH when `use_pvh` and the ELF has a PVH note. Fails with
 /// [`Error::ReadFile`], [`Error::NotAKernel`] or [`Error::KernelLoad`].
 pub fn load(mem: &GuestMemoryMmap, path: &Path, use_pvh: bool) -> Result<LoadedKernel> {
-    let open = || {
-        File::open(path).map_err(|source| Error::ReadFile {
-            what: "kernel",
-            path: path.to_owned(),
-            source,
-        })
-    };
+    let open = || super::open_input("kernel", path, None);
     let mut file = open()?;
     let himem = Some(GuestAddress(HIMEM_START));
     match Elf::load(mem, None, &mut file, himem) {

@@ -11,7 +11,51 @@ pub(crate) mod params;
 
 pub use kernel::{BootEntry, LoadedKernel};
 
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
 use vm_memory::GuestMemoryError;
+
+use crate::error::{Error, Result};
+
+/// Opens the kernel or initrd file the user named (`what` says which):
+/// only a regular file, since opening a FIFO waits for a writer and a
+/// device such as /dev/zero never ends, and at most `max_len` bytes when
+/// given, so that nothing larger than guest memory is read into the host's.
+pub(crate) fn open_input(what: &'static str, path: &Path, max_len: Option<u64>) -> Result<File> {
+    let error = |source| Error::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    // O_NONBLOCK: a FIFO opens at once (and is then refused); reads of a
+    // regular file ignore the flag.
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(error)?;
+    let meta = file.metadata().map_err(error)?;
+    if !meta.is_file() {
+        return Err(error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
+    match max_len {
+        Some(max) if meta.len() > max => Err(error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} MiB, more than the guest's {} MiB of memory",
+                meta.len() >> 20,
+                max >> 20
+            ),
+        ))),
+        _ => Ok(file),
+    }
+}
 
 /// Why the boot information could not be put into guest memory. Each
 /// message is one line and says which part failed.

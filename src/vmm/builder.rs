@@ -289,11 +289,22 @@ fn load_kernel_and_initramfs(
     // The kernel unpacks concatenated archives: a user initrd first, then
     // kiln's (its entries and a directory or tar root), starting 4-aligned.
     let mut initramfs = match &config.initrd {
-        Some(path) => std::fs::read(path).map_err(|source| Error::ReadFile {
-            what: "initrd",
-            path: path.clone(),
-            source,
-        })?,
+        Some(path) => {
+            let file = boot::open_input("initrd", path, Some(config.mem_bytes))?;
+            let mut data = Vec::new();
+            // Bounded even if the file grows while it is read: what is past
+            // guest memory fails to load below, as a larger file would.
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(file, config.mem_bytes + 1),
+                &mut data,
+            )
+            .map_err(|source| Error::ReadFile {
+                what: "initrd",
+                path: path.clone(),
+                source,
+            })?;
+            data
+        }
         None => Vec::new(),
     };
     // A user initrd started by its own init (`--cmdline rdinit=...`) never
