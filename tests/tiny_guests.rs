@@ -60,6 +60,19 @@ fn assert_one_line(out: &Output, needle: &str) {
     );
 }
 
+/// kiln refused `args` before the guest ran: status 125, one stderr line
+/// holding `needle`, nothing on stdout.
+fn assert_refused(out: &Output, args: &[&str], needle: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(STATUS_KILN_ERROR),
+        "{args:?}: stderr {}",
+        stderr_of(out)
+    );
+    assert_one_line(out, needle);
+    assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+}
+
 // 1. Port I/O output and the MMIO exit report.
 #[test]
 fn serial_output_is_byte_exact_and_exit_status_arrives_over_mmio() {
@@ -410,15 +423,7 @@ fn cli_rejects_bad_options_with_one_line() {
     ] {
         let mut all = vec!["--kernel", guest];
         all.extend(&args);
-        let out = kiln(&all);
-        assert_eq!(
-            out.status.code(),
-            Some(STATUS_KILN_ERROR),
-            "{args:?}: stderr {}",
-            stderr_of(&out)
-        );
-        assert_one_line(&out, needle);
-        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        assert_refused(&kiln(&all), &args, needle);
     }
 }
 
@@ -464,13 +469,7 @@ fn cli_rejects_kernel_and_initrd_that_are_not_files() {
             .args(["--mem", "32M"])
             .output()
             .expect("running kiln under timeout");
-        assert_eq!(
-            out.status.code(),
-            Some(STATUS_KILN_ERROR),
-            "{args:?}: stderr {}",
-            stderr_of(&out)
-        );
-        assert_one_line(&out, needle);
+        assert_refused(&out, &args, needle);
         assert!(
             stderr_of(&out).contains(args[args.len() - 1]),
             "{args:?}: the path is named"
