@@ -232,13 +232,14 @@ impl List {
         for cmd in [libc::F_DUPFD_CLOEXEC, libc::F_GETFL, libc::F_SETFD] {
             self.allow_if(libc::SYS_fcntl, &[arg_eq(1, cmd as u64)]);
         }
-        self.allow_if(
-            libc::SYS_setsockopt,
-            &[
-                arg_eq(1, libc::SOL_SOCKET as u64),
-                arg_eq(2, libc::SO_RCVTIMEO as u64), // the wait for the agent's HELLO
-            ],
-        );
+        // The wait for the agent's HELLO, and the bound on each send to it.
+        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            let socket_level = arg_eq(1, libc::SOL_SOCKET as u64);
+            self.allow_if(
+                libc::SYS_setsockopt,
+                &[socket_level, arg_eq(2, option as u64)],
+            );
+        }
         self.allow_ioctls(&[
             libc::FIONBIO, // the agent's connection
             libc::TCSETS,  // the terminal restored (classic path)
