@@ -18,6 +18,7 @@ pub use crate::boot::BootError;
 pub use crate::cpio::CpioError;
 pub use crate::initramfs::InitramfsError;
 pub use crate::rootfs::RootfsError;
+pub use crate::seccomp::SeccompError;
 pub use kiln_devices::bus::BusError;
 pub use kiln_devices::tap::TapError;
 pub use kiln_devices::virtio::block::DiskError;
@@ -130,6 +131,10 @@ pub enum Error {
     /// ran; the VM was stopped.
     #[error("device setup: event loop: {0:?}")]
     EventLoop(event_manager::Error),
+    /// A thread's seccomp filter could not be installed (see
+    /// [`VmConfig::seccomp`](crate::VmConfig::seccomp)); the guest never ran.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The thread [`spawn`](crate::spawn) started panicked (a kiln bug);
     /// returned by [`VmHandle::wait`](crate::VmHandle::wait).
     #[error("device setup: the VM thread panicked")]

@@ -167,11 +167,17 @@
 //!
 //! # Costs
 //!
-//! A VM is one host thread per vCPU plus the event loop, which [`run`] runs
-//! on the caller's thread ([`spawn`] on a thread of its own), and guest
-//! memory mapped up front (`mem_bytes`, touched as the guest uses it). kiln
+//! A VM is one host thread per vCPU plus one for the event loop (both
+//! [`run`] and [`spawn`] start it; `run` waits for it), and guest memory
+//! mapped up front (`mem_bytes`, touched as the guest uses it). kiln
 //! installs an empty handler for `SIGRTMIN` once per process: it is the
 //! signal that stops a vCPU thread blocked in `KVM_RUN`.
+//!
+//! Every thread kiln creates runs under a seccomp filter of its own (see
+//! [`VmConfig::seccomp`] and the README's "Security"); the caller's threads
+//! are never filtered. With filters on, kiln installs a `SIGSYS` handler
+//! once per process (unless `SIGSYS` already has one): it prints the line
+//! naming a denied call before the process dies.
 
 #![warn(missing_docs)]
 
@@ -217,6 +223,7 @@ mod layout;
 mod lifecycle;
 mod memory;
 mod rootfs;
+mod seccomp;
 #[cfg(test)]
 mod test_log;
 mod vcpu;

@@ -2,6 +2,7 @@
 //! PIO and MMIO buses. Device work that is not a direct register access
 //! happens on the event-loop thread, never here.
 
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -9,9 +10,12 @@ use kiln_devices::bus::{Access, Bus};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use crate::config::SeccompMode;
+use crate::device_manager::Buses;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
+use crate::seccomp::{self, ThreadKind};
 
 /// How often each kind of VM exit happened (per vCPU, summed over all of
 /// them in [`RunReport::exits`](crate::RunReport::exits)). Each exit costs
@@ -65,15 +69,32 @@ pub struct VcpuThread {
 }
 
 impl VcpuThread {
-    pub fn spawn(id: u8, vcpu: VcpuFd, pio: Bus, mmio: Bus, life: Arc<Lifecycle>) -> Result<Self> {
+    /// Starts the thread of vCPU `id`, which installs its seccomp filter
+    /// and then waits for `start`: a message runs the guest, a hang-up ends
+    /// the thread without running it.
+    pub fn spawn(
+        id: u8,
+        vcpu: VcpuFd,
+        buses: &Buses,
+        life: Arc<Lifecycle>,
+        seccomp: SeccompMode,
+        start: Receiver<()>,
+    ) -> Result<Self> {
         let (finished_tx, finished) = std::sync::mpsc::channel::<()>();
-        let handle = std::thread::Builder::new()
-            .name(format!("kiln-vcpu{id}"))
-            .spawn(move || {
+        let (pio, mmio) = (buses.pio.clone(), buses.mmio.clone());
+        let handle = seccomp::spawn(
+            format!("kiln-vcpu{id}"),
+            ThreadKind::Vcpu,
+            seccomp,
+            move || {
                 let _finished = finished_tx; // dropped on return or unwind
-                run_loop(id, vcpu, &pio, &mmio, &life)
-            })
-            .map_err(Error::io("spawning a vCPU thread"))?;
+                match start.recv() {
+                    Ok(()) => run_loop(id, vcpu, &pio, &mmio, &life),
+                    Err(_) => ExitCounts::default(),
+                }
+            },
+        )
+        .map_err(Error::io("spawning a vCPU thread"))?;
         Ok(Self { handle, finished })
     }
 

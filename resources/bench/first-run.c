@@ -26,6 +26,9 @@
 
 static int (*real_ioctl)(int, unsigned long, void *);
 static int seen;
+/* BENCH_FIRST_RUN_FILE, opened at load: the first KVM_RUN comes from a
+ * vCPU thread whose seccomp filter (kiln's) allows write(2) but not open(2). */
+static int first_run_fd = -1;
 
 /* Writes the whole buffer to PATH (created or truncated); errors are
  * silent: benchrun reports first_run=none, run.sh a missing CPUID table. */
@@ -42,6 +45,13 @@ static void write_file(const char *path, const char *buf, size_t len)
 		len -= (size_t)n;
 	}
 	close(out);
+}
+
+__attribute__((constructor)) static void open_first_run_file(void)
+{
+	const char *path = getenv("BENCH_FIRST_RUN_FILE");
+	if (path)
+		first_run_fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 }
 
 static void dump_cpuid(const struct kvm_cpuid2 *cpuid)
@@ -72,11 +82,11 @@ int ioctl(int fd, unsigned long request, ...)
 	if (request == KVM_RUN && !__atomic_exchange_n(&seen, 1, __ATOMIC_SEQ_CST)) {
 		struct timespec ts;
 		clock_gettime(CLOCK_MONOTONIC, &ts);
-		const char *path = getenv("BENCH_FIRST_RUN_FILE");
-		if (path) {
+		if (first_run_fd >= 0) {
 			char buf[64];
 			int n = snprintf(buf, sizeof(buf), "%lld.%09ld\n", (long long)ts.tv_sec, ts.tv_nsec);
-			write_file(path, buf, (size_t)n);
+			/* One short line to a regular file: written whole or not at all. */
+			(void)!write(first_run_fd, buf, (size_t)n);
 		}
 		const char *stop = getenv("BENCH_STOP_AT_FIRST_RUN");
 		if (stop && strcmp(stop, "1") == 0)

@@ -12,8 +12,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    parse_duration, parse_size, ConsoleKind, DiskConfig, GuestCommand, NetConfig, VmConfig,
-    VsockConfig,
+    parse_duration, parse_size, ConsoleKind, DiskConfig, GuestCommand, NetConfig, SeccompMode,
+    VmConfig, VsockConfig,
 };
 use crate::outcome::STATUS_KILN_ERROR;
 
@@ -125,6 +125,11 @@ pub struct VmArgs {
     /// administered address derived from NAME.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
     pub nets: Vec<NetConfig>,
+    /// The seccomp filters on kiln's threads: `on` (a system call outside a
+    /// thread's list kills kiln with a line naming it), `log` (allowed, and
+    /// logged by the host kernel: dmesg), or `off` (for debugging only).
+    #[arg(long, value_name = "on|off|log", default_value = "on")]
+    pub seccomp: SeccompMode,
 }
 
 impl From<VmArgs> for VmConfig {
@@ -146,6 +151,7 @@ impl From<VmArgs> for VmConfig {
             disks,
             rng,
             nets,
+            seccomp,
         } = args;
         VmConfig {
             kernel,
@@ -162,6 +168,7 @@ impl From<VmArgs> for VmConfig {
             disks,
             rng,
             nets,
+            seccomp,
             // Not VM options: the command comes from `CommandArgs`, the
             // agent's port from the sandbox.
             command: GuestCommand::default(),
@@ -284,6 +291,7 @@ mod tests {
         "--disk=d.img",
         "--rng",
         "--net=tap=t0",
+        "--seccomp=off",
     ];
 
     /// A VM option reaches its own `VmConfig` field, and the sandbox path

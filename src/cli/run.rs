@@ -12,9 +12,10 @@ use std::time::Instant;
 use super::signals::StopSignals;
 use super::terminal::{stdio_console, BootConsole, RawTerminal};
 use super::{CommandArgs, RunArgs};
-use crate::config::GuestCommand;
+use crate::config::{GuestCommand, SeccompMode};
 use crate::outcome::{STATUS_KILN_ERROR, STATUS_TIMEOUT};
 use crate::sandbox::{self, ExitStatus, SandboxBuilder, SandboxError};
+use crate::seccomp::{self, ThreadKind};
 use crate::{VmConfig, VmOutcome, VmStopper};
 
 /// Runs `kiln run` and returns kiln's exit status. `started` is when kiln
@@ -80,13 +81,24 @@ fn print_cmdline(config: VmConfig, agent: bool) -> i32 {
 fn run_classic(config: VmConfig, started: Instant) -> crate::Result<i32> {
     let _raw = RawTerminal::enter();
     let io = stdio_console()?;
+    let mode = config.seccomp;
     // Before any thread starts, so that every thread inherits the mask.
     let signals = StopSignals::block();
-    let vm = crate::spawn(config, io, started)?;
+    let (vm, gate) = crate::vmm::spawn_gated(config, io, started)?;
     let stopper = vm.stopper();
-    signals
-        .on_signal(move |sig| stopper.stop(VmOutcome::Interrupted(sig as u8)))
-        .map_err(crate::Error::io("spawning the signal thread"))?;
+    // The guest starts once this thread is filtered too, after the threads
+    // that must not inherit its filter have started.
+    let filtered = signals
+        .on_signal(mode, move |sig| {
+            stopper.stop(VmOutcome::Interrupted(sig as u8))
+        })
+        .map_err(crate::Error::io("spawning the signal thread"))
+        .and_then(|()| Ok(seccomp::install(ThreadKind::CliMain, mode)?));
+    if let Err(e) = filtered {
+        drop(gate); // the VM ends without running the guest
+        return Err(e);
+    }
+    gate.open();
     let report = vm.wait()?;
     if !report.outcome.is_command_exit() {
         eprintln!("kiln: {}", report.outcome);
@@ -100,13 +112,14 @@ fn run_classic(config: VmConfig, started: Instant) -> crate::Result<i32> {
 /// kiln's with -i (else empty). The guest console goes to stderr with -v;
 /// without -v it goes to stdout until the agent is up, and is dropped after.
 fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
+    let mode = config.seccomp;
     let signals = StopSignals::block();
     // A signal stops the VM through its stopper, which the builder hands
     // over as soon as the VM runs; one that came earlier is seen then.
     let interrupted = Arc::new(AtomicI32::new(0));
     let stopper: Arc<Mutex<Option<VmStopper>>> = Arc::default();
     let (flag, slot) = (interrupted.clone(), stopper.clone());
-    let watching = signals.on_signal(move |sig| {
+    let watching = signals.on_signal(mode, move |sig| {
         flag.store(sig, Ordering::SeqCst);
         if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             s.stop(VmOutcome::Interrupted(sig as u8));
@@ -132,7 +145,10 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
                 vm.stop(VmOutcome::Interrupted(sig as u8));
             }
             *slot = Some(vm);
-        });
+        })
+        // This thread is filtered once the VM's thread has started (so that it
+        // does not inherit the filter) and before the guest starts.
+        .before_guest_starts(move || Ok(seccomp::install(ThreadKind::CliMain, mode)?));
     let sandbox = match builder.build() {
         Ok(sandbox) => sandbox,
         Err(SandboxError::BootFailed { outcome, .. }) => {
@@ -154,7 +170,7 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
 
     let result = sandbox
         .spawn(command.to_sandbox_command())
-        .and_then(forward_stdio);
+        .and_then(|process| forward_stdio(process, mode));
     let outcome = sandbox.shutdown();
     let sig = interrupted.load(Ordering::SeqCst);
     match result {
@@ -186,18 +202,29 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
 }
 
 /// Copies kiln's stdin to the command (with -i) and its stdout and stderr
-/// to kiln's, until it ends.
-fn forward_stdio(mut process: sandbox::Process) -> sandbox::Result<ExitStatus> {
+/// to kiln's, until it ends; each copier runs under its seccomp filter.
+fn forward_stdio(mut process: sandbox::Process, mode: SeccompMode) -> sandbox::Result<ExitStatus> {
+    let copier = |name: &str, body: Box<dyn FnOnce() + Send>| {
+        seccomp::spawn(name.into(), ThreadKind::CliStdio, mode, body)
+            .map_err(SandboxError::io("spawning a stdio thread"))
+    };
     if let Some(mut stdin) = process.stdin() {
         // Not joined: it may sit in read(0) after the command ended.
-        let _ = std::thread::Builder::new()
-            .name("kiln-stdin".into())
-            .spawn(move || copy(&mut io::stdin().lock(), &mut stdin));
+        copier(
+            "kiln-stdin",
+            Box::new(move || copy(&mut io::stdin().lock(), &mut stdin)),
+        )?;
     }
     let mut out = process.stdout().expect("taken once");
     let mut err = process.stderr().expect("taken once");
-    let stdout = std::thread::spawn(move || copy(&mut out, &mut io::stdout()));
-    let stderr = std::thread::spawn(move || copy(&mut err, &mut io::stderr()));
+    let stdout = copier(
+        "kiln-stdout",
+        Box::new(move || copy(&mut out, &mut io::stdout())),
+    )?;
+    let stderr = copier(
+        "kiln-stderr",
+        Box::new(move || copy(&mut err, &mut io::stderr())),
+    )?;
     let status = process.wait();
     let _ = (stdout.join(), stderr.join());
     status

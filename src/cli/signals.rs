@@ -3,6 +3,9 @@
 
 use std::io;
 
+use crate::config::SeccompMode;
+use crate::seccomp::{self, ThreadKind};
+
 /// The stop signals, blocked in every thread and taken by one.
 pub struct StopSignals(libc::sigset_t);
 
@@ -26,17 +29,20 @@ impl StopSignals {
     }
 
     /// Starts the thread that waits for the first stop signal and calls
-    /// `stop` with its number.
-    pub fn on_signal(self, stop: impl FnOnce(i32) + Send + 'static) -> io::Result<()> {
-        std::thread::Builder::new()
-            .name("kiln-signals".into())
-            .spawn(move || {
-                let mut sig = 0;
-                // SAFETY: the set is valid and initialised, `sig` a valid out pointer.
-                if unsafe { libc::sigwait(&self.0, &mut sig) } == 0 {
-                    stop(sig);
-                }
-            })
-            .map(drop)
+    /// `stop` with its number; it runs under its seccomp filter (`mode`)
+    /// from before this returns.
+    pub fn on_signal(
+        self,
+        mode: SeccompMode,
+        stop: impl FnOnce(i32) + Send + 'static,
+    ) -> io::Result<()> {
+        let wait = move || {
+            let mut sig = 0;
+            // SAFETY: the set is valid and initialised, `sig` a valid out pointer.
+            if unsafe { libc::sigwait(&self.0, &mut sig) } == 0 {
+                stop(sig);
+            }
+        };
+        seccomp::spawn("kiln-signals".into(), ThreadKind::CliSignals, mode, wait).map(drop)
     }
 }

@@ -90,6 +90,9 @@ pub struct VmConfig {
     /// Run kiln's guest agent instead of `command`: it connects to this host
     /// vsock port (needs `vsock`) and serves the sandbox protocol.
     pub agent_port: Option<u32>,
+    /// The seccomp filters on the threads kiln creates for this VM (on by
+    /// default; see [`SeccompMode`]).
+    pub seccomp: SeccompMode,
 }
 
 impl Default for VmConfig {
@@ -112,6 +115,7 @@ impl Default for VmConfig {
             rng: false,
             nets: Vec::new(),
             agent_port: None,
+            seccomp: SeccompMode::On,
         }
     }
 }
@@ -286,6 +290,50 @@ impl FromStr for ConsoleKind {
             "virtio" => Ok(ConsoleKind::Virtio),
             other => Err(format!("'{other}': the console is 'serial' or 'virtio'")),
         }
+    }
+}
+
+/// Whether the threads kiln creates run under their seccomp filters (one
+/// allow-list of system calls per kind of thread: vCPU, VM thread, console
+/// writer, the sandbox's host side, `kiln run`'s own; see the README's
+/// "Security").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SeccompMode {
+    /// Filters on (the default): a system call outside its thread's list
+    /// stops kiln at once with a line naming the thread and the call, and
+    /// the process dies by SIGSYS.
+    #[default]
+    On,
+    /// Filters on, but a call outside the list is allowed and logged by the
+    /// host kernel (`dmesg`: an audit line with the thread's name and the
+    /// call's number): for finding what a list lacks.
+    Log,
+    /// No filters (for debugging): a compromised device model can then make
+    /// any system call kiln's process may.
+    Off,
+}
+
+/// Parses `on`, `off` or `log`.
+impl FromStr for SeccompMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "on" => Ok(SeccompMode::On),
+            "off" => Ok(SeccompMode::Off),
+            "log" => Ok(SeccompMode::Log),
+            other => Err(format!("'{other}': seccomp is 'on', 'off' or 'log'")),
+        }
+    }
+}
+
+impl std::fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SeccompMode::On => "on",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        })
     }
 }
 

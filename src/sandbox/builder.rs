@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, SeccompMode, VmConfig, VsockConfig};
 use crate::{ConsoleIo, VmHandle, VmStopper};
 
 /// The vsock port the agent connects to on the host.
@@ -35,7 +35,11 @@ pub struct SandboxBuilder {
     console: Option<Box<dyn Write + Send>>,
     output_limit: Option<usize>,
     on_vm_started: Option<Box<dyn FnOnce(VmStopper) + Send>>,
+    before_guest: Option<BeforeGuest>,
 }
+
+/// Run by `build` on its own thread before the guest starts.
+type BeforeGuest = Box<dyn FnOnce() -> crate::Result<()> + Send>;
 
 impl From<VmConfig> for SandboxBuilder {
     fn from(config: VmConfig) -> Self {
@@ -76,6 +80,24 @@ impl SandboxBuilder {
     /// Adds a virtio-rng device.
     pub fn rng(mut self, on: bool) -> Self {
         self.config.rng = on;
+        self
+    }
+
+    /// The seccomp filters on the VM's threads and the sandbox's own
+    /// (default [`SeccompMode::On`]; see [`VmConfig::seccomp`]).
+    pub fn seccomp(mut self, mode: SeccompMode) -> Self {
+        self.config.seccomp = mode;
+        self
+    }
+
+    /// `build` runs `hook` on its calling thread once the VM's thread has
+    /// started and before the guest does: `kiln run` installs its main
+    /// thread's seccomp filter there (the VM's threads must not inherit it).
+    pub(crate) fn before_guest_starts(
+        mut self,
+        hook: impl FnOnce() -> crate::Result<()> + Send + 'static,
+    ) -> Self {
+        self.before_guest = Some(Box::new(hook));
         self
     }
 
@@ -203,7 +225,7 @@ impl SandboxBuilder {
     /// [`SandboxError::BootFailed`] when the VM ended before the agent
     /// connected and [`SandboxError::BootTimeout`] when the agent took too
     /// long; the VM is stopped in every case.
-    pub fn build(self) -> Result<Sandbox> {
+    pub fn build(mut self) -> Result<Sandbox> {
         let started = Instant::now();
         let dir = TempDir::new()?;
         let socket = dir.path().join("vsock.sock");
@@ -229,10 +251,19 @@ impl SandboxBuilder {
             (None, Some(t)) => t + Duration::from_secs(5),
             (None, None) => DEFAULT_BOOT_TIMEOUT,
         };
-        let vm = crate::spawn(config, io, started)?;
-        if let Some(hook) = self.on_vm_started {
+        let seccomp = config.seccomp;
+        let (vm, gate) = crate::vmm::spawn_gated(config, io, started)?;
+        if let Some(hook) = self.on_vm_started.take() {
             hook(vm.stopper());
         }
+        if let Some(hook) = self.before_guest.take() {
+            if let Err(e) = hook() {
+                drop(gate); // before the VM thread is joined: it waits for it
+                drop(vm);
+                return Err(e.into());
+            }
+        }
+        gate.open();
         let deadline = started + limit;
         let stream = loop {
             match listener.accept() {
@@ -265,7 +296,8 @@ impl SandboxBuilder {
         let hello_timeout = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(5));
-        let mut sandbox = Sandbox::start(stream, hello_timeout, console, Some(vm), Some(dir))?;
+        let mut sandbox =
+            Sandbox::start(stream, hello_timeout, console, Some(vm), Some(dir), seccomp)?;
         sandbox.set_output_limit(self.output_limit.unwrap_or(DEFAULT_OUTPUT_LIMIT));
         log::info!("sandbox ready in {:?}", started.elapsed());
         Ok(sandbox)

@@ -45,6 +45,8 @@ use kiln_init::protocol::{
     self, Decoder, ExecOptions, ExitReason, Msg, Stream, OUTPUT_WINDOW, STDIN_WINDOW,
 };
 
+use crate::config::SeccompMode;
+use crate::seccomp::{self, ThreadKind};
 use crate::VmHandle;
 use builder::{ConsoleRing, TempDir};
 use command::StdinMode;
@@ -222,6 +224,8 @@ pub struct Sandbox {
     stream: UnixStream,
     vm: Mutex<Option<VmHandle>>,
     output_limit: usize,
+    /// The filters of the sandbox's own threads.
+    seccomp: SeccompMode,
     _dir: Option<TempDir>,
 }
 
@@ -237,8 +241,10 @@ impl Sandbox {
     /// an agent run on the host, e.g. in tests. Waits up to `hello_timeout`
     /// for the agent's HELLO: fails with [`SandboxError::Disconnected`]
     /// without it, [`SandboxError::Version`] for another protocol version.
+    /// Its threads run under their seccomp filters ([`SeccompMode::On`]).
     pub fn connect(stream: UnixStream, hello_timeout: Duration) -> Result<Self> {
-        Self::start(stream, hello_timeout, ConsoleRing::new(None), None, None)
+        let console = ConsoleRing::new(None);
+        Self::start(stream, hello_timeout, console, None, None, SeccompMode::On)
     }
 
     pub(crate) fn start(
@@ -247,6 +253,7 @@ impl Sandbox {
         console: ConsoleRing,
         vm: Option<VmHandle>,
         dir: Option<TempDir>,
+        seccomp: SeccompMode,
     ) -> Result<Self> {
         let mut read = stream
             .try_clone()
@@ -304,16 +311,20 @@ impl Sandbox {
             console,
         });
         let reader_shared = shared.clone();
-        let reader = std::thread::Builder::new()
-            .name("kiln-sandbox".into())
-            .spawn(move || reader_loop(read, decoder, &reader_shared))
-            .map_err(SandboxError::io("spawning the sandbox reader thread"))?;
+        let reader = seccomp::spawn(
+            "kiln-sandbox".into(),
+            ThreadKind::SandboxHost,
+            seccomp,
+            move || reader_loop(read, decoder, &reader_shared),
+        )
+        .map_err(SandboxError::io("spawning the sandbox reader thread"))?;
         Ok(Self {
             shared,
             reader: Some(reader),
             stream,
             vm: Mutex::new(vm),
             output_limit: DEFAULT_OUTPUT_LIMIT,
+            seccomp,
             _dir: dir,
         })
     }
@@ -345,13 +356,17 @@ impl Sandbox {
         if let Some(bytes) = stdin_bytes {
             // Written by a helper thread so the caller can read meanwhile.
             let mut stdin = process.stdin().expect("piped");
+            let feed = move || {
+                let _ = stdin.write_all(&bytes);
+            };
             process.feeder = Some(
-                std::thread::Builder::new()
-                    .name("kiln-stdin".into())
-                    .spawn(move || {
-                        let _ = stdin.write_all(&bytes);
-                    })
-                    .map_err(SandboxError::io("spawning a stdin thread"))?,
+                seccomp::spawn(
+                    "kiln-stdin".into(),
+                    ThreadKind::SandboxHost,
+                    self.seccomp,
+                    feed,
+                )
+                .map_err(SandboxError::io("spawning a stdin thread"))?,
             );
         }
         Ok(process)

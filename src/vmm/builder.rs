@@ -4,6 +4,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, SeccompMode, VmConfig, VsockConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, Buses, DeviceManager};
 use crate::error::{Error, Result};
@@ -27,6 +28,7 @@ use crate::event_loop::EventLoop;
 use crate::host_profile::HostProfile;
 use crate::lifecycle::Lifecycle;
 use crate::rootfs::{self, Rootfs, RootfsError};
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::install_kick_handler;
 use crate::vm::Vm;
 use crate::{initramfs, memory};
@@ -71,7 +73,9 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     let mut event_loop = EventLoop::new()?;
     let mut devices =
         DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
-    if let Some(input) = attach_virtio_devices(&slots, &mut devices, &output, io.input)? {
+    if let Some(input) =
+        attach_virtio_devices(&slots, &mut devices, &output, io.input, config.seccomp)?
+    {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
@@ -227,6 +231,7 @@ fn attach_virtio_devices(
     devices: &mut DeviceManager<'_>,
     output: &SharedWriter,
     mut input: Option<File>,
+    seccomp: SeccompMode,
 ) -> Result<Option<File>> {
     use kiln_devices::virtio::net::{MacAddr, Net};
     for slot in slots {
@@ -261,8 +266,13 @@ fn attach_virtio_devices(
                 devices.attach_virtio(dev)?;
             }
             VirtioSlot::Console => {
-                let console = VirtioConsole::new(Box::new(output.clone()), input.take())
-                    .map_err(Error::device_io("virtio console"))?;
+                // Its writer thread filters itself before it writes anything.
+                let start = Box::new(move || {
+                    seccomp::install(ThreadKind::ConsoleOutput, seccomp).map_err(io::Error::other)
+                });
+                let console =
+                    VirtioConsole::with_writer_start(Box::new(output.clone()), input.take(), start)
+                        .map_err(Error::device_io("virtio console"))?;
                 devices.attach_virtio(console)?;
             }
         }

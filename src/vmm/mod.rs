@@ -9,6 +9,7 @@ pub use builder::kernel_cmdline;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use crate::console::PanicWatch;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
+use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{ExitCounts, VcpuThread};
 use builder::BuiltVm;
 
@@ -55,15 +57,16 @@ pub struct RunReport {
 /// `started` is when the caller began (the CLI passes process start) and is
 /// the origin of the reported times.
 ///
-/// Blocks the calling thread, which runs the VM's event loop; each vCPU
-/// gets a thread of its own. A guest that ends in any way, including a
-/// panic or the timeout, is `Ok` with its [`RunReport::outcome`]; an
-/// [`Error`] means the VM could not be built or run (nothing is left
-/// running). Without a [`timeout`](VmConfig::timeout), a guest that never
-/// ends keeps this call waiting: use [`spawn`] to stop it from elsewhere.
+/// Blocks the calling thread until the VM has ended; the VM runs on threads
+/// of its own, as with [`spawn`] (so that each runs under its seccomp
+/// filter, and the caller's thread under none). A guest that ends in any
+/// way, including a panic or the timeout, is `Ok` with its
+/// [`RunReport::outcome`]; an [`Error`] means the VM could not be built or
+/// run (nothing is left running). Without a
+/// [`timeout`](VmConfig::timeout), a guest that never ends keeps this call
+/// waiting: use [`spawn`] to stop it from elsewhere.
 pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunReport> {
-    let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
-    run_with(config, io, life)
+    spawn(config.clone(), io, started)?.wait()
 }
 
 /// Starts the VM on its own thread and returns at once; the handle can stop
@@ -73,21 +76,46 @@ pub fn run(config: &VmConfig, io: ConsoleIo, started: Instant) -> Result<RunRepo
 /// is built (a bad kernel, no `/dev/kvm`, ...) come from
 /// [`VmHandle::wait`]; this call fails only if the thread cannot start.
 pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHandle> {
+    let (vm, gate) = spawn_gated(config, io, started)?;
+    gate.open();
+    Ok(vm)
+}
+
+/// As [`spawn`], but the guest does not start before [`GuestGate::open`]:
+/// the caller can first install its own seccomp filter (which a thread
+/// started after it would inherit). The VM is built meanwhile.
+pub(crate) fn spawn_gated(
+    config: VmConfig,
+    io: ConsoleIo,
+    started: Instant,
+) -> Result<(VmHandle, GuestGate)> {
     let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
     let vm_life = life.clone();
     let (finished, finished_tx) = finished_pipe()?;
+    let (gate, gate_rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("kiln-vmm".into())
         .spawn(move || {
             let _finished = finished_tx; // closed when the thread ends
-            run_with(&config, io, vm_life)
+            run_with(&config, io, vm_life, gate_rx)
         })
         .map_err(Error::io("spawning the VM thread"))?;
-    Ok(VmHandle {
+    let vm = VmHandle {
         life,
         thread: Some(thread),
         finished,
-    })
+    };
+    Ok((vm, GuestGate(gate)))
+}
+
+/// Lets a VM from [`spawn_gated`] start its guest; dropped unopened, the
+/// VM ends (outcome [`VmOutcome::Stopped`]) without running it.
+pub(crate) struct GuestGate(SyncSender<()>);
+
+impl GuestGate {
+    pub(crate) fn open(self) {
+        let _ = self.0.send(());
+    }
 }
 
 /// A pipe whose write end the VM thread holds: the read end reports hang-up
@@ -167,7 +195,12 @@ impl Drop for VmHandle {
         }
     }
 }
-fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<RunReport> {
+fn run_with(
+    config: &VmConfig,
+    io: ConsoleIo,
+    life: Arc<Lifecycle>,
+    gate: Receiver<()>,
+) -> Result<RunReport> {
     let BuiltVm {
         vm,
         mem,
@@ -177,23 +210,45 @@ fn run_with(config: &VmConfig, io: ConsoleIo, life: Arc<Lifecycle>) -> Result<Ru
         panic_watch,
     } = builder::build(config, io, &life)?;
 
-    let deadline = config.timeout.map(|t| Instant::now() + t);
+    // Every thread filters itself before the guest's first instruction: the
+    // vCPU threads wait for their start until this one has its filter too.
     let mut threads = Vec::with_capacity(vcpus.len());
+    let mut starts = Vec::with_capacity(vcpus.len());
+    let mut filtered = Ok(());
     for (id, fd) in vcpus.into_iter().enumerate() {
-        match VcpuThread::spawn(
-            id as u8,
-            fd,
-            buses.pio.clone(),
-            buses.mmio.clone(),
-            life.clone(),
-        ) {
-            Ok(t) => threads.push(t),
+        let (start, start_rx) = std::sync::mpsc::channel();
+        match VcpuThread::spawn(id as u8, fd, &buses, life.clone(), config.seccomp, start_rx) {
+            Ok(t) => {
+                threads.push(t);
+                starts.push(start);
+            }
             Err(e) => {
-                life.finish(VmOutcome::KvmFailure(e.to_string()));
+                filtered = Err(e);
                 break;
             }
         }
     }
+    let filtered = filtered.and_then(|()| Ok(seccomp::install(ThreadKind::Vmm, config.seccomp)?));
+    if let Err(e) = filtered {
+        drop(starts); // the vCPU threads end without running the guest
+        for t in threads {
+            t.stop_and_join();
+        }
+        return Err(e);
+    }
+    match gate.recv() {
+        Ok(()) => {
+            // Logged before the vCPUs run, so that the line never lands in
+            // the middle of the guest's console output on stderr.
+            log::info!("guest started (seccomp {})", config.seccomp);
+            for start in starts {
+                let _ = start.send(());
+            }
+        }
+        Err(_) => life.finish(VmOutcome::Stopped),
+    }
+
+    let deadline = config.timeout.map(|t| Instant::now() + t);
     let loop_result = event_loop.run(&life, deadline);
     if loop_result.is_err() {
         life.finish(VmOutcome::KvmFailure("event loop failed".into()));

@@ -116,6 +116,9 @@ struct OutState {
     written: u64,
 }
 
+/// Run first by a thread the device starts, before it does its work.
+pub type ThreadStart = Box<dyn FnOnce() -> io::Result<()> + Send>;
+
 /// The bounded output buffer and the thread that writes it out.
 struct Output {
     shared: Arc<(Mutex<OutState>, Condvar)>,
@@ -129,14 +132,32 @@ fn lock_state(m: &Mutex<OutState>) -> MutexGuard<'_, OutState> {
 }
 
 impl Output {
-    fn new(mut out: Box<dyn Write + Send>, counters: Arc<ConsoleCounters>) -> io::Result<Self> {
+    #[cfg(test)]
+    fn new(out: Box<dyn Write + Send>, counters: Arc<ConsoleCounters>) -> io::Result<Self> {
+        Self::with_thread_start(out, counters, Box::new(|| Ok(())))
+    }
+
+    /// The writer thread runs `start` first and writes nothing if it fails;
+    /// this returns once `start` has run, with its error.
+    fn with_thread_start(
+        mut out: Box<dyn Write + Send>,
+        counters: Arc<ConsoleCounters>,
+        start: ThreadStart,
+    ) -> io::Result<Self> {
         let shared = Arc::new((Mutex::new(OutState::default()), Condvar::new()));
         let room = EventFd::new(EFD_NONBLOCK)?;
         let thread_shared = shared.clone();
         let thread_room = room.try_clone()?;
+        let (started_tx, started) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("kiln-console-out".into())
             .spawn(move || {
+                let result = start();
+                let ok = result.is_ok();
+                let _ = started_tx.send(result);
+                if !ok {
+                    return;
+                }
                 let (lock, cond) = &*thread_shared;
                 loop {
                     let chunk: Vec<u8> = {
@@ -166,6 +187,13 @@ impl Output {
                     cond.notify_all();
                 }
             })?;
+        let started = started
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the writer thread ended at its start")));
+        if let Err(e) = started {
+            let _ = thread.join();
+            return Err(e);
+        }
         Ok(Self {
             shared,
             room,
@@ -246,6 +274,17 @@ impl VirtioConsole {
     /// feeds the guest's console input (a file that cannot be polled gives
     /// no input). Fails when the writer thread or an eventfd cannot be made.
     pub fn new(output: Box<dyn Write + Send>, input: Option<File>) -> io::Result<Self> {
+        Self::with_writer_start(output, input, Box::new(|| Ok(())))
+    }
+
+    /// As [`new`](Self::new); the writer thread runs `start` before it
+    /// writes anything (the monitor installs the thread's seccomp filter
+    /// there), and its error is this call's.
+    pub fn with_writer_start(
+        output: Box<dyn Write + Send>,
+        input: Option<File>,
+        start: ThreadStart,
+    ) -> io::Result<Self> {
         let counters = Arc::new(ConsoleCounters::default());
         Ok(Self {
             virtio: VirtioCommon::new(
@@ -257,7 +296,7 @@ impl VirtioConsole {
                 Vec::new(),
                 counters.clone(),
             )?,
-            output: Output::new(output, counters.clone())?,
+            output: Output::with_thread_start(output, counters.clone(), start)?,
             counters,
             input_closed: input.is_none(),
             input,

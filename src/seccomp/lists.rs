@@ -1,0 +1,301 @@
+//! The allow-lists: for each kind of thread, the system calls it makes once
+//! its filter is on, with the arguments pinned where that is cheap and
+//! meaningful (ioctl requests, socket families, no executable memory,
+//! clone for threads only, futex and fcntl operations).
+//!
+//! Each list holds what a real run of that thread needs (found with
+//! `strace -f` and `--seccomp log` over kiln's test suite), and nothing
+//! for "maybe": a call a thread starts to need shows up as that thread's
+//! forbidden-call line the first time a test makes it.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+
+use super::ThreadKind;
+
+/// System call number -> the argument rules that allow it (any one of them;
+/// none means always allowed).
+pub(super) type Rules = BTreeMap<i64, Vec<SeccompRule>>;
+
+/// One argument test: (argument index, comparison, value), on the
+/// argument's low 32 bits (every argument tested here is an int).
+type Condition = (u8, SeccompCmpOp, u64);
+
+fn arg_eq(arg: u8, value: u64) -> Condition {
+    (arg, SeccompCmpOp::Eq, value)
+}
+
+/// The bits of `mask` in the argument equal `value`.
+fn arg_masked(arg: u8, mask: u64, value: u64) -> Condition {
+    (arg, SeccompCmpOp::MaskedEq(mask), value)
+}
+
+// KVM ioctls, computed as kvm-ioctls computes them.
+vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_REGS,
+    kvm_bindings::KVMIO,
+    0x81,
+    kvm_bindings::kvm_regs
+);
+
+/// The allow-list of `kind`.
+pub(super) fn rules(kind: ThreadKind) -> Rules {
+    let mut list = List::default();
+    list.thread_runtime();
+    match kind {
+        ThreadKind::Vcpu => list.vcpu(),
+        ThreadKind::Vmm => list.vmm(),
+        ThreadKind::ConsoleOutput => {} // writes and waits: the runtime's calls
+        ThreadKind::SandboxHost => list.sandbox_host(),
+        ThreadKind::CliMain => list.cli_main(),
+        ThreadKind::CliSignals => list.cli_signals(),
+        ThreadKind::CliStdio => list.cli_stdio(),
+    }
+    list.0
+        .into_iter()
+        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+        .collect()
+}
+
+/// Syscall -> `None` (always allowed) or the rules, one of which must hold.
+#[derive(Default)]
+struct List(BTreeMap<i64, Option<Vec<SeccompRule>>>);
+
+impl List {
+    fn allow(&mut self, nrs: &[i64]) {
+        for &nr in nrs {
+            self.0.insert(nr, None);
+        }
+    }
+
+    /// Allows `nr` when every condition holds (repeat for alternatives).
+    fn allow_if(&mut self, nr: i64, conditions: &[Condition]) {
+        let conditions = conditions
+            .iter()
+            .map(|(arg, op, value)| {
+                SeccompCondition::new(*arg, SeccompCmpArgLen::Dword, op.clone(), *value)
+                    .expect("argument index below 6")
+            })
+            .collect();
+        let rule = SeccompRule::new(conditions).expect("at least one condition");
+        // None: already allowed whatever the arguments.
+        if let Some(rules) = self.0.entry(nr).or_insert_with(|| Some(Vec::new())) {
+            rules.push(rule);
+        }
+    }
+
+    fn allow_ioctls(&mut self, requests: &[u64]) {
+        for &request in requests {
+            self.allow_if(libc::SYS_ioctl, &[arg_eq(1, request)]);
+        }
+    }
+
+    /// What every kiln thread does once it runs: memory (never executable),
+    /// locks, logging to stderr, closing what it drops, ending.
+    fn thread_runtime(&mut self) {
+        self.allow(&[
+            libc::SYS_write, // log lines on stderr (and this module's SIGSYS line)
+            libc::SYS_close,
+            libc::SYS_brk,
+            libc::SYS_munmap,
+            libc::SYS_mremap,
+            libc::SYS_sigaltstack, // Rust removes its alternate signal stack at thread exit
+            libc::SYS_rt_sigprocmask, // glibc blocks signals at thread exit
+            libc::SYS_rt_sigreturn, // returning from a signal handler (the vCPU kick)
+            libc::SYS_sched_yield, // std's channels back off with it
+            libc::SYS_clock_gettime, // Instant::now when the vDSO cannot serve it
+            libc::SYS_exit,
+            libc::SYS_exit_group,
+            // std::process::abort and a panic while panicking: raise SIGABRT.
+            libc::SYS_getpid,
+            libc::SYS_gettid,
+        ]);
+        let sigabrt = libc::SIGABRT as u64;
+        self.allow_if(libc::SYS_tgkill, &[arg_eq(2, sigabrt)]);
+        self.allow_if(libc::SYS_rt_sigaction, &[arg_eq(0, sigabrt)]);
+        // Anonymous private memory only (malloc, thread stacks), never
+        // executable: no new code can be mapped in.
+        let private_anonymous = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let map_kind = (libc::MAP_TYPE | libc::MAP_ANONYMOUS) as u64;
+        let exec = libc::PROT_EXEC as u64;
+        self.allow_if(
+            libc::SYS_mmap,
+            &[
+                arg_masked(2, exec, 0),
+                arg_masked(3, map_kind, private_anonymous),
+            ],
+        );
+        self.allow_if(libc::SYS_mprotect, &[arg_masked(2, exec, 0)]);
+        // glibc's free and thread exit give pages back.
+        self.allow_if(libc::SYS_madvise, &[arg_eq(2, libc::MADV_DONTNEED as u64)]);
+        // Waiting and waking only (std's locks, condvars, thread join),
+        // private or not, with any clock.
+        let op = !(libc::FUTEX_PRIVATE_FLAG | libc::FUTEX_CLOCK_REALTIME) as u32 as u64;
+        for cmd in [
+            libc::FUTEX_WAIT,
+            libc::FUTEX_WAKE,
+            libc::FUTEX_WAIT_BITSET,
+            libc::FUTEX_WAKE_BITSET,
+        ] {
+            self.allow_if(libc::SYS_futex, &[arg_masked(1, op, cmd as u64)]);
+        }
+        // std's debug builds check that a descriptor is open before closing it.
+        self.allow_if(libc::SYS_fcntl, &[arg_eq(1, libc::F_GETFD as u64)]);
+    }
+
+    /// KVM_RUN and the register accesses the buses turn into device calls
+    /// (eventfd writes for interrupts and the VM's end, console output).
+    fn vcpu(&mut self) {
+        self.allow_ioctls(&[
+            KVM_RUN() as u64,
+            KVM_GET_REGS() as u64, // the registers logged after a failure
+            // virtio-net: the guest's offloads, set when the driver starts
+            // the device (a status write, served on the vCPU thread).
+            libc::TUNSETOFFLOAD,
+        ]);
+    }
+
+    /// The VM thread once the VM is built: the event loop serving every
+    /// device's host side, stopping the vCPUs and tearing the VM down.
+    fn vmm(&mut self) {
+        self.allow(&[
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
+            libc::SYS_read,  // eventfds, the TAP, console input
+            libc::SYS_readv, // the TAP
+            libc::SYS_writev,
+            libc::SYS_pread64, // virtio-blk
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync, // virtio-blk flush
+            libc::SYS_getrandom, // virtio-rng
+            libc::SYS_recvfrom,  // virtio-vsock streams
+            libc::SYS_sendto,
+            libc::SYS_connect, // vsock: a guest connection to a host port
+            libc::SYS_shutdown,
+            libc::SYS_unlink, // vsock: its listening socket goes with the device
+        ]);
+        // virtio-blk discard (a hole punched) and write-zeroes (a range
+        // zeroed), both within the file's size.
+        for mode in [libc::FALLOC_FL_PUNCH_HOLE, libc::FALLOC_FL_ZERO_RANGE] {
+            let mode = (mode | libc::FALLOC_FL_KEEP_SIZE) as u64;
+            self.allow_if(libc::SYS_fallocate, &[arg_eq(1, mode)]);
+        }
+        self.allow_if(
+            libc::SYS_accept4,
+            &[arg_eq(3, libc::SOCK_CLOEXEC as u64)], // the vsock listener
+        );
+        let stream = (libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+        self.allow_if(
+            libc::SYS_socket,
+            &[
+                arg_eq(0, libc::AF_UNIX as u64),
+                arg_eq(1, stream),
+                arg_eq(2, 0),
+            ],
+        );
+        self.allow_ioctls(&[libc::FIONBIO]); // accepted vsock streams
+                                             // Kicking the vCPUs out of KVM_RUN when the VM stops.
+        let kick = vmm_sys_util::signal::SIGRTMIN() as u64;
+        self.allow_if(libc::SYS_tgkill, &[arg_eq(2, kick)]);
+    }
+
+    /// The sandbox's host side: the agent connection's reader and the stdin
+    /// feeder read and write the agent's socket.
+    fn sandbox_host(&mut self) {
+        self.allow(&[libc::SYS_recvfrom, libc::SYS_sendto]);
+    }
+
+    /// `kiln run`'s main thread once the VM is spawned: waits for the guest
+    /// agent, starts the sandbox's threads and the stdio copiers, waits for
+    /// the command, stops the VM, removes the sandbox's socket directory.
+    fn cli_main(&mut self) {
+        self.allow(&[
+            libc::SYS_read,
+            libc::SYS_poll, // the agent's connection or the VM's end
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_shutdown,
+            libc::SYS_getrandom, // std's HashMap keys (the sandbox's command table)
+            libc::SYS_clock_nanosleep, // the sandbox's shutdown grace period
+            // Removing the sandbox's socket directory (std's remove_dir_all).
+            libc::SYS_statx,
+            libc::SYS_newfstatat,
+            libc::SYS_getdents64,
+            libc::SYS_unlinkat,
+        ]);
+        self.allow_if(libc::SYS_accept4, &[arg_eq(3, libc::SOCK_CLOEXEC as u64)]);
+        let directory = libc::O_DIRECTORY as u64;
+        self.allow_if(libc::SYS_openat, &[arg_masked(2, directory, directory)]);
+        for cmd in [libc::F_DUPFD_CLOEXEC, libc::F_GETFL, libc::F_SETFD] {
+            self.allow_if(libc::SYS_fcntl, &[arg_eq(1, cmd as u64)]);
+        }
+        // The wait for the agent's HELLO, and the bound on each send to it.
+        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            let socket_level = arg_eq(1, libc::SOL_SOCKET as u64);
+            self.allow_if(
+                libc::SYS_setsockopt,
+                &[socket_level, arg_eq(2, option as u64)],
+            );
+        }
+        self.allow_ioctls(&[
+            libc::FIONBIO, // the agent's connection
+            libc::TCSETS,  // the terminal restored (classic path)
+        ]);
+        self.threads();
+    }
+
+    /// Starting threads (the sandbox's reader, the stdio copiers), which
+    /// begin under this thread's filter and then install their own. glibc
+    /// tries clone3 first, whose flags a filter cannot see: a separate
+    /// filter makes it fail with ENOSYS (see `CLONE3_ENOSYS`), and glibc
+    /// falls back to clone, allowed only with the flags of a thread.
+    fn threads(&mut self) {
+        self.allow(&[
+            libc::SYS_clone3, // answered ENOSYS by the clone3 filter
+            // What a new thread does before its own filter is on.
+            libc::SYS_rseq,
+            libc::SYS_set_robust_list,
+            libc::SYS_sched_getaffinity,
+            libc::SYS_seccomp,
+        ]);
+        let thread = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM
+            | libc::CLONE_SETTLS
+            | libc::CLONE_PARENT_SETTID
+            | libc::CLONE_CHILD_CLEARTID) as u64;
+        self.allow_if(libc::SYS_clone, &[arg_eq(0, thread)]);
+        for option in [libc::PR_SET_NAME, libc::PR_SET_NO_NEW_PRIVS] {
+            self.allow_if(libc::SYS_prctl, &[arg_eq(0, option as u64)]);
+        }
+    }
+
+    /// The stop-signal thread: waits for SIGINT, SIGTERM or SIGHUP and
+    /// stops the VM (an eventfd write, a lock).
+    fn cli_signals(&mut self) {
+        self.allow(&[libc::SYS_rt_sigtimedwait]);
+    }
+
+    /// `kiln run`'s stdin, stdout and stderr copiers: kiln's stdio on one
+    /// side, the sandbox's command (its socket) on the other.
+    fn cli_stdio(&mut self) {
+        self.allow(&[libc::SYS_read, libc::SYS_sendto]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_ioctl_numbers_are_the_kernels() {
+        assert_eq!(KVM_RUN(), 0xae80);
+        assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+    }
+}

@@ -1,0 +1,182 @@
+//! seccomp-BPF filters, one allow-list per kind of thread kiln creates
+//! ([`ThreadKind`], lists in `lists.rs`). Each thread installs its filter
+//! on itself once the files and sockets it needs are open, and before the
+//! guest runs its first instruction; a thread started later begins under
+//! its parent's filter and narrows it to its own. Filters are per thread
+//! (no TSYNC), so the embedder's own threads are never filtered.
+//!
+//! With [`SeccompMode::On`] a call outside the list traps: the SIGSYS
+//! handler (`sigsys.rs`) prints one line naming the thread and the call,
+//! and the process dies by SIGSYS. [`SeccompMode::Log`] lets such a call
+//! through and the host kernel logs it (dmesg); [`SeccompMode::Off`]
+//! installs nothing.
+
+mod lists;
+mod sigsys;
+mod syscall_names;
+#[cfg(test)]
+mod tests;
+
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+use crate::config::SeccompMode;
+
+/// The kinds of threads kiln creates, each with its own allow-list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ThreadKind {
+    /// `kiln-vcpuN`: KVM_RUN and the register accesses it returns.
+    Vcpu,
+    /// `kiln-vmm` once the VM is built: the event loop (every device's host
+    /// side), stopping the vCPUs, teardown.
+    Vmm,
+    /// `kiln-console-out`: the virtio console's output writer.
+    ConsoleOutput,
+    /// The sandbox's host side: the agent connection's reader
+    /// (`kiln-sandbox`) and stdin feeders (`kiln-stdin`).
+    SandboxHost,
+    /// `kiln run`'s main thread once the VM is spawned.
+    CliMain,
+    /// `kiln-signals`: `kiln run`'s stop-signal thread.
+    CliSignals,
+    /// `kiln run`'s stdin, stdout and stderr copiers.
+    CliStdio,
+}
+
+impl ThreadKind {
+    const ALL: [ThreadKind; 7] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Vmm,
+        ThreadKind::ConsoleOutput,
+        ThreadKind::SandboxHost,
+        ThreadKind::CliMain,
+        ThreadKind::CliSignals,
+        ThreadKind::CliStdio,
+    ];
+
+    /// Whether threads of this kind start threads under their filter.
+    fn starts_threads(self) -> bool {
+        self == ThreadKind::CliMain
+    }
+}
+
+/// A thread's filter could not be installed (a host kernel without seccomp
+/// filters, for instance). Nothing of the VM has run yet.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the seccomp filter of thread {thread}: {reason} (`--seccomp off` runs without filters)")]
+pub struct SeccompError {
+    thread: String,
+    reason: String,
+}
+
+/// Installs the filter of `kind` on the calling thread (nothing with
+/// [`SeccompMode::Off`]). Irreversible: the thread and the threads it
+/// starts from now on can only make the calls the list allows.
+pub(crate) fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
+    let thread = std::thread::current();
+    let name = thread.name().unwrap_or("unnamed");
+    let error = |reason: String| SeccompError {
+        thread: name.to_string(),
+        reason,
+    };
+    let programs = match mode {
+        SeccompMode::Off => return Ok(()),
+        SeccompMode::On => {
+            sigsys::install_handler()
+                .map_err(|e| error(format!("installing the SIGSYS handler: {e}")))?;
+            programs(kind, false)
+        }
+        SeccompMode::Log => programs(kind, true),
+    };
+    let programs = programs.as_ref().map_err(|e| error(e.clone()))?;
+    sigsys::set_thread_name(name);
+    for program in programs {
+        seccompiler::apply_filter(program).map_err(|e| error(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Starts a thread named `name` that installs the filter of `kind` and
+/// then runs `body`. Returns once the filter is on (or with the error that
+/// kept it off: the thread then ends without running `body`).
+pub(crate) fn spawn<T, F>(
+    name: String,
+    kind: ThreadKind,
+    mode: SeccompMode,
+    body: F,
+) -> std::io::Result<JoinHandle<T>>
+where
+    T: Default + Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (installed_tx, installed) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let result = install(kind, mode);
+        let ok = result.is_ok();
+        let _ = installed_tx.send(result);
+        match ok {
+            true => body(),
+            false => T::default(),
+        }
+    })?;
+    match installed.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => {
+            let _ = thread.join();
+            Err(std::io::Error::other(e))
+        }
+        // The thread died before reporting (it cannot panic before that).
+        Err(_) => Err(std::io::Error::other(
+            "a filtered thread ended at its start",
+        )),
+    }
+}
+
+/// The compiled filters of `kind` (cached: threads of one kind share
+/// them), in installation order.
+fn programs(kind: ThreadKind, log_only: bool) -> &'static Result<Vec<BpfProgram>, String> {
+    type Cache = OnceLock<Result<Vec<BpfProgram>, String>>;
+    static CACHE: [[Cache; 2]; ThreadKind::ALL.len()] =
+        [const { [const { OnceLock::new() }, const { OnceLock::new() }] }; ThreadKind::ALL.len()];
+    let index = ThreadKind::ALL
+        .iter()
+        .position(|&k| k == kind)
+        .expect("every kind is in ALL");
+    CACHE[index][usize::from(log_only)].get_or_init(|| compile(kind, log_only))
+}
+
+fn compile(kind: ThreadKind, log_only: bool) -> Result<Vec<BpfProgram>, String> {
+    let denied = match log_only {
+        true => SeccompAction::Log,
+        false => SeccompAction::Trap,
+    };
+    let mut filters = Vec::new();
+    if kind.starts_threads() {
+        filters.push(clone3_enosys()?);
+    }
+    filters.push(to_bpf(lists::rules(kind), denied, SeccompAction::Allow)?);
+    Ok(filters)
+}
+
+/// A filter that makes clone3 fail with ENOSYS and lets every other call
+/// through (to the allow-list, installed after it). glibc then starts
+/// threads with clone, whose flags the allow-list can check; a clone3
+/// argument is a pointer a filter cannot read. The allow-list allows
+/// clone3 itself, so this filter's answer is the one that counts.
+fn clone3_enosys() -> Result<BpfProgram, String> {
+    let rules = [(libc::SYS_clone3, Vec::<SeccompRule>::new())].into();
+    let enosys = SeccompAction::Errno(libc::ENOSYS as u32);
+    to_bpf(rules, SeccompAction::Allow, enosys)
+}
+
+fn to_bpf(
+    rules: lists::Rules,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, String> {
+    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
+        .map_err(|e| e.to_string())?;
+    BpfProgram::try_from(filter).map_err(|e| e.to_string())
+}
