@@ -209,7 +209,13 @@ impl List {
     /// The sandbox's host side: the agent connection's reader and the stdin
     /// feeder read and write the agent's socket.
     fn sandbox_host(&mut self) {
-        self.allow(&[libc::SYS_recvfrom, libc::SYS_sendto]);
+        self.allow(&[
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            // Ending the connection when the agent stops reading (a send
+            // that timed out).
+            libc::SYS_shutdown,
+        ]);
     }
 
     /// `kiln run`'s main thread once the VM is spawned: waits for the guest
@@ -287,7 +293,9 @@ impl List {
     /// `kiln run`'s stdin, stdout and stderr copiers: kiln's stdio on one
     /// side, the sandbox's command (its socket) on the other.
     fn cli_stdio(&mut self) {
-        self.allow(&[libc::SYS_read, libc::SYS_sendto]);
+        // shutdown: the stdin copier's send ends the connection when the
+        // agent stops reading.
+        self.allow(&[libc::SYS_read, libc::SYS_sendto, libc::SYS_shutdown]);
     }
 }
 
