@@ -51,10 +51,50 @@ pub struct RunArgs {
     pub vm: VmArgs,
     #[command(flatten)]
     pub command: CommandArgs,
+    #[command(flatten)]
+    pub jail: JailArgs,
     /// Print the guest kernel command line this run would give the guest,
     /// on one line, and exit without running the guest.
     #[arg(long)]
     pub print_cmdline: bool,
+}
+
+/// Where `kiln run` runs (see `kiln::jail`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct JailArgs {
+    /// The jail kiln enters before it builds the VM: `on` (default: private
+    /// namespaces and root, no capabilities, an unprivileged uid) or `off`
+    /// (for debugging only: a compromised device model then has kiln's
+    /// whole view of the host, as root when kiln runs as root).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    pub jail: bool,
+    /// The uid kiln runs as once the VM is built, when started as root
+    /// (default 65534, nobody; not 0).
+    #[arg(long, value_name = "UID")]
+    pub jail_uid: Option<u32>,
+    /// The gid kiln runs as once the VM is built, when started as root
+    /// (default 65534; not 0).
+    #[arg(long, value_name = "GID")]
+    pub jail_gid: Option<u32>,
+}
+
+impl JailArgs {
+    /// The jail's ids; `None` with `--jail off`.
+    pub fn config(&self) -> Option<crate::jail::JailConfig> {
+        let default = crate::jail::JailConfig::default();
+        self.jail.then(|| crate::jail::JailConfig {
+            uid: self.jail_uid.unwrap_or(default.uid),
+            gid: self.jail_gid.unwrap_or(default.gid),
+        })
+    }
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("'{other}': the jail is 'on' or 'off'")),
+    }
 }
 
 /// The VM options of `kiln run`: each becomes the [`VmConfig`] field of the
@@ -173,6 +213,8 @@ impl From<VmArgs> for VmConfig {
             // agent's port from the sandbox.
             command: GuestCommand::default(),
             agent_port: None,
+            // The jail's (`JailArgs`), once it is entered.
+            run_as: None,
         }
     }
 }

@@ -238,6 +238,15 @@ impl SandboxBuilder {
         listener
             .set_nonblocking(true)
             .map_err(SandboxError::io("agent socket"))?;
+        if let Some(ids) = config.run_as {
+            // The VM connects to the agent socket, and removes its own,
+            // after it has dropped to these ids.
+            for path in [dir.path(), Path::new(&agent_path)] {
+                std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid)).map_err(
+                    SandboxError::io("handing the sandbox directory to the jail's ids"),
+                )?;
+            }
+        }
 
         let console = ConsoleRing::new(self.console);
         let io = ConsoleIo {

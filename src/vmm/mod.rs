@@ -209,6 +209,11 @@ fn run_with(
         mut event_loop,
         panic_watch,
     } = builder::build(config, io, &life)?;
+    // Everything is open: kiln needs no privilege from here on.
+    if let Some(ids) = config.run_as {
+        crate::jail::drop_privileges(ids).map_err(Error::io("dropping privileges (the jail)"))?;
+        log::info!("jail: running as uid {} gid {}", ids.uid, ids.gid);
+    }
 
     // Every thread filters itself before the guest's first instruction: the
     // vCPU threads wait for their start until this one has its filter too.
