@@ -108,6 +108,7 @@ fn every_thread_of_kiln_run_is_filtered_and_none_with_seccomp_off() {
     }
     let guest = test_guest("halt");
     let scratch = Scratch::new("seccomp-threads");
+    common::hand_to_jail(&scratch.0);
     let socket = scratch.path("v.sock");
     let classic = [
         "--vsock".to_string(),

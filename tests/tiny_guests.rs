@@ -688,6 +688,7 @@ fn classic_path_stdin_is_the_guest_console_with_or_without_i() {
     use std::io::Write;
     require_kvm!();
     let scratch = Scratch::new("classic-stdin");
+    common::hand_to_jail(&scratch.0);
     let socket = scratch.path("v.sock");
     let vsock = format!("cid=3,socket={}", socket.display());
     for (byte, interactive) in [(b'A', false), (b'Z', true)] {

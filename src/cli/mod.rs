@@ -66,7 +66,7 @@ pub struct JailArgs {
     /// namespaces and root, no capabilities, an unprivileged uid) or `off`
     /// (for debugging only: a compromised device model then has kiln's
     /// whole view of the host, as root when kiln runs as root).
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub jail: bool,
     /// The uid kiln runs as once the VM is built, when started as root
     /// (default 65534, nobody; not 0).

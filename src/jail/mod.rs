@@ -85,7 +85,7 @@ struct Bind {
     /// Absolute, as the run names it (symbolic links not resolved).
     path: PathBuf,
     writable: bool,
-    /// A device node (/dev/kvm): the one kind of file allowed to be one.
+    /// A device node kiln needs (/dev/kvm).
     device: bool,
 }
 
@@ -203,7 +203,7 @@ impl JailPlan {
         root::unshare(!root, self.new_network)?;
         // The host's paths, held open (in the new mount namespace, where a
         // bind mount's source must be) before the private root hides them.
-        let sources = root::open_sources(&self.binds)?;
+        let sources = root::open_sources(&self.binds);
         root::build_and_pivot(&self.binds, &sources, &self.scratch_dirs, &self.cwd)?;
         drop(sources);
         creds::limit_process()?;

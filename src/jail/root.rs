@@ -1,7 +1,6 @@
 //! The jail's namespaces and private root.
 
 use std::ffi::CString;
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -35,8 +34,18 @@ pub(super) fn ensure_single_threaded() -> Result<(), JailError> {
     }
 }
 
-/// Opens every source as an O_PATH descriptor, in the host's view.
-pub(super) fn open_sources(binds: &[Bind]) -> Result<Vec<OwnedFd>, JailError> {
+/// A host path held open for its bind mount.
+pub(super) struct Source {
+    fd: OwnedFd,
+    is_dir: bool,
+    /// Neither a regular file nor a directory: a device, FIFO or socket.
+    special: bool,
+}
+
+/// Opens every source as an O_PATH descriptor, in the host's view. A path
+/// that cannot be opened is left out: inside, kiln finds it missing and
+/// says so as it would outside.
+pub(super) fn open_sources(binds: &[Bind]) -> Vec<Option<Source>> {
     binds
         .iter()
         .map(|bind| {
@@ -44,19 +53,13 @@ pub(super) fn open_sources(binds: &[Bind]) -> Result<Vec<OwnedFd>, JailError> {
                 .read(true)
                 .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
                 .open(&bind.path)
-                .map_err(JailError::step(format!("opening {}", bind.path.display())))?;
-            let kind = file
-                .metadata()
-                .map_err(JailError::step(format!("reading {}", bind.path.display())))?
-                .file_type();
-            use std::os::unix::fs::FileTypeExt;
-            if kind.is_char_device() && !bind.device {
-                return Err(JailError::Unusable(format!(
-                    "{} is a character device",
-                    bind.path.display()
-                )));
-            }
-            Ok(OwnedFd::from(file))
+                .ok()?;
+            let kind = file.metadata().ok()?.file_type();
+            Some(Source {
+                is_dir: kind.is_dir(),
+                special: !kind.is_dir() && !kind.is_file(),
+                fd: OwnedFd::from(file),
+            })
         })
         .collect()
 }
@@ -101,7 +104,7 @@ fn write_proc(path: &str, text: &str) -> Result<(), JailError> {
 /// Builds the private root and makes it the process's root.
 pub(super) fn build_and_pivot(
     binds: &[Bind],
-    sources: &[OwnedFd],
+    sources: &[Option<Source>],
     scratch_dirs: &[PathBuf],
     cwd: &Path,
 ) -> Result<(), JailError> {
@@ -128,28 +131,21 @@ pub(super) fn build_and_pivot(
     )?;
     let inside = |p: &Path| new_root.join(p.strip_prefix("/").unwrap_or(p));
     for (bind, source) in binds.iter().zip(sources) {
+        let Some(source) = source else { continue };
         let target = inside(&bind.path);
-        let is_dir = File::from(source.try_clone().map_err(JailError::step("dup"))?)
-            .metadata()
-            .map(|m| m.is_dir())
-            .unwrap_or(false);
-        make_mount_point(&target, is_dir)?;
-        let from = PathBuf::from(format!("/proc/self/fd/{}", source.as_raw_fd()));
-        mount(
-            Some(from.as_os_str().to_str().unwrap_or("")),
-            &target,
-            None,
-            libc::MS_BIND,
-            None,
-        )?;
+        make_mount_point(&target, source.is_dir)?;
+        let from = format!("/proc/self/fd/{}", source.fd.as_raw_fd());
+        mount(Some(&from), &target, None, libc::MS_BIND, None)?;
         // Read-only where it can be, never set-uid or executable; the
         // flags the source mount has locked (in a user namespace) are kept.
+        // A device (or another special file) keeps its use: /dev/kvm, a
+        // block device as a disk; kiln refuses any other where it opens it.
         let mut flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NOEXEC;
         flags |= locked_flags(&target)?;
         if !bind.writable {
             flags |= libc::MS_RDONLY;
         }
-        if !bind.device {
+        if !bind.device && !source.special {
             flags |= libc::MS_NODEV;
         }
         mount(None, &target, None, flags, None)?;

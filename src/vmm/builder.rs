@@ -20,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, SeccompMode, VmConfig, VsockConfig};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, Buses, DeviceManager};
 use crate::error::{Error, Result};
@@ -73,9 +73,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     let mut event_loop = EventLoop::new()?;
     let mut devices =
         DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
-    if let Some(input) =
-        attach_virtio_devices(&slots, &mut devices, &output, io.input, config.seccomp)?
-    {
+    if let Some(input) = attach_virtio_devices(&slots, &mut devices, &output, io.input, config)? {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
@@ -231,8 +229,9 @@ fn attach_virtio_devices(
     devices: &mut DeviceManager<'_>,
     output: &SharedWriter,
     mut input: Option<File>,
-    seccomp: SeccompMode,
+    config: &VmConfig,
 ) -> Result<Option<File>> {
+    let (seccomp, run_as) = (config.seccomp, config.run_as);
     use kiln_devices::virtio::net::{MacAddr, Net};
     for slot in slots {
         match *slot {
@@ -258,6 +257,11 @@ fn attach_virtio_devices(
             }
             VirtioSlot::Vsock(v) => {
                 let vsock = Vsock::new(v.cid, &v.socket)?;
+                if let Some(ids) = run_as {
+                    // Removed by kiln at its end, once it runs as `ids`.
+                    std::os::unix::fs::chown(&v.socket, Some(ids.uid), Some(ids.gid))
+                        .map_err(Error::io("handing the vsock socket to the jail's ids"))?;
+                }
                 devices.attach_virtio(vsock)?;
             }
             VirtioSlot::Net(i, net) => {
