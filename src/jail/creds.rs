@@ -13,13 +13,25 @@ fn last_error(what: &str) -> JailError {
     JailError::step(what.to_string())(io::Error::last_os_error())
 }
 
-/// Closes every descriptor but stdin, stdout and stderr: nothing kiln's
-/// parent left open reaches the jail.
+/// Closes every descriptor above stderr that lacks close-on-exec: only an
+/// inherited one can (kiln opens everything close-on-exec; so does a
+/// preloaded library that behaves), so nothing kiln's parent left open
+/// reaches the jail.
 pub(super) fn close_inherited_fds() -> Result<(), JailError> {
-    // SAFETY: close_range takes integers only; kiln holds no descriptor
-    // above 2 yet (the jail is entered first thing in a run).
-    if unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) } != 0 {
-        return Err(last_error("closing inherited descriptors"));
+    let entries =
+        std::fs::read_dir("/proc/self/fd").map_err(JailError::step("listing descriptors"))?;
+    let fds: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: F_GETFD only reads the flags; a descriptor that is gone
+        // (the directory's own) answers -1 and is skipped.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            // SAFETY: an inherited descriptor no Rust object owns.
+            unsafe { libc::close(fd) };
+        }
     }
     Ok(())
 }
