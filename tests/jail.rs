@@ -149,12 +149,19 @@ fn a_running_kiln_run_is_jailed_and_not_with_jail_off() {
                 .args(extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped());
-            // SAFETY: dup2 is async-signal-safe; the child gets the pipe at
-            // 7 without close-on-exec, as a careless parent would leave it.
+            // SAFETY: dup2 and fcntl are async-signal-safe; the child gets
+            // the pipe at 7 without close-on-exec, as a careless parent
+            // would leave it (dup2 onto itself would keep the flag).
             unsafe {
-                cmd.pre_exec(move || match libc::dup2(fd, 7) {
-                    7 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
+                cmd.pre_exec(move || {
+                    let ok = match fd {
+                        7 => libc::fcntl(7, libc::F_SETFD, 0) == 0,
+                        _ => libc::dup2(fd, 7) == 7,
+                    };
+                    match ok {
+                        true => Ok(()),
+                        false => Err(std::io::Error::last_os_error()),
+                    }
                 });
             }
             let mut kiln = cmd.spawn().expect("starting kiln");
@@ -298,7 +305,9 @@ fn bad_jail_options_are_refused_in_one_line() {
     let root_only = scratch.path("root-only");
     fs::create_dir(&root_only).unwrap();
     let socket = format!("cid=3,socket={}", root_only.join("v.sock").display());
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
+        (&["--cgroup", "mem=1M"], "mem=1M: at least 16M"),
+        (&["--cgroup", "disk=1"], "--cgroup"),
         (
             &["--jail-uid", "0"],
             "--jail-uid and --jail-gid must not be 0",
@@ -328,4 +337,86 @@ fn bad_jail_options_are_refused_in_one_line() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
     assert!(!root_only.join("v.sock").exists());
+}
+
+/// `--cgroup cpus=0.5,mem=256M,pids=64`: the running kiln is in a cgroup of
+/// its own (`kiln-PID` in each hierarchy: cgroup v1 here, v2 where it is
+/// the only one) with those limits, and the cgroup is gone once kiln has
+/// ended, by SIGTERM or by SIGKILL (its keeper process removes it).
+#[test]
+fn cgroup_limits_apply_and_the_cgroup_goes_with_kiln() {
+    if !require(have_kvm(), "no read-write access to /dev/kvm")
+        || !require(is_root(), "creating cgroups needs root")
+    {
+        return;
+    }
+    let guest = test_guest("halt");
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    for signal in [libc::SIGTERM, libc::SIGKILL] {
+        let mut kiln = kiln_cli()
+            .arg("run")
+            .arg("--kernel")
+            .arg(&guest)
+            .args(["--mem", "32M", "--timeout", "600s", "-v"])
+            .args(["--cgroup", "cpus=0.5,mem=256M,pids=64"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting kiln");
+        wait_for_guest(&mut kiln);
+        let pid = kiln.id();
+        let name = format!("kiln-{pid}");
+        let membership = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let dirs: Vec<(String, &str, &str)> = match v2 {
+            true => {
+                let dir = format!("/sys/fs/cgroup/{name}");
+                vec![
+                    (dir.clone(), "memory.max", "268435456"),
+                    (dir.clone(), "pids.max", "64"),
+                    (dir, "cpu.max", "50000 100000"),
+                ]
+            }
+            false => vec![
+                (
+                    format!("/sys/fs/cgroup/memory/{name}"),
+                    "memory.limit_in_bytes",
+                    "268435456",
+                ),
+                (format!("/sys/fs/cgroup/pids/{name}"), "pids.max", "64"),
+                (
+                    format!("/sys/fs/cgroup/cpu/{name}"),
+                    "cpu.cfs_quota_us",
+                    "50000",
+                ),
+            ],
+        };
+        for (dir, file, value) in &dirs {
+            let path = format!("{dir}/{file}");
+            let read = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(read.trim(), *value, "{path}");
+            let tasks = fs::read_to_string(format!("{dir}/cgroup.procs")).unwrap();
+            assert_eq!(tasks.trim(), pid.to_string(), "{dir}: only kiln");
+        }
+        assert!(
+            membership
+                .lines()
+                .any(|l| l.ends_with(&format!(":/{name}"))),
+            "{membership}"
+        );
+        // SAFETY: kill with the pid of a child this test owns and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0);
+        kiln.wait().expect("waiting for kiln");
+        // The keeper removes the cgroup once kiln has gone: wait for that,
+        // with a deadline that only a keeper that never does it reaches.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for (dir, _, _) in &dirs {
+            while Path::new(dir).exists() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{dir} left behind after signal {signal}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
 }

@@ -76,6 +76,11 @@ pub struct JailArgs {
     /// (default 65534; not 0).
     #[arg(long, value_name = "GID")]
     pub jail_gid: Option<u32>,
+    /// Run kiln in a cgroup of its own with these limits: CPU time in CPUs,
+    /// memory of the whole kiln process (guest memory included) and
+    /// threads; removed when kiln ends.
+    #[arg(long, value_name = "[cpus=N][,mem=SIZE][,pids=N]")]
+    pub cgroup: Option<crate::jail::CgroupLimits>,
 }
 
 impl JailArgs {

@@ -28,6 +28,13 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
     if args.print_cmdline {
         return print_cmdline(config, agent);
     }
+    if let Some(limits) = &args.jail.cgroup {
+        // Before the jail, which hides /sys/fs/cgroup.
+        if let Err(e) = crate::jail::enter_cgroup(limits) {
+            eprintln!("kiln: {e}");
+            return STATUS_KILN_ERROR;
+        }
+    }
     if let Some(jail) = args.jail.config() {
         // First: the jail is entered while kiln has one thread.
         match enter_jail(jail, &mut config) {

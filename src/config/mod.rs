@@ -3,7 +3,7 @@
 //! and the VM assembly reads; the device option strings; and the parsing of
 //! human-friendly sizes and durations shared by the CLI and the library.
 
-mod option_parser;
+pub(crate) mod option_parser;
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;

@@ -23,6 +23,7 @@
 //! Namespaces and the root are per thread until a thread starts, so the
 //! jail is entered while kiln has a single thread: first thing in a run.
 
+mod cgroup;
 mod creds;
 mod root;
 
@@ -32,7 +33,16 @@ use std::path::{Path, PathBuf};
 use crate::config::{Credentials, VmConfig};
 use crate::rootfs::Rootfs;
 
+pub use cgroup::CgroupLimits;
 pub use creds::drop_privileges;
+
+/// Moves kiln into a cgroup of its own with `limits` (see `cgroup.rs`),
+/// removed when kiln ends. Must be called while the process has one
+/// thread, before [`JailPlan::enter`] (which hides /sys/fs/cgroup).
+pub fn enter_cgroup(limits: &CgroupLimits) -> Result<(), JailError> {
+    root::ensure_single_threaded()?;
+    cgroup::enter(limits)
+}
 
 /// The uid and gid of `nobody` on most distributions: the default ids a
 /// root-started `kiln run` drops to.
