@@ -110,13 +110,6 @@ fn wait_for_guest(kiln: &mut Child) {
     panic!("kiln ended before its guest started:\n{seen}");
 }
 
-fn terminate(mut kiln: Child) {
-    // SAFETY: kill with the pid of a child this test owns and has not reaped.
-    assert_eq!(unsafe { libc::kill(kiln.id() as i32, libc::SIGTERM) }, 0);
-    let status = kiln.wait().expect("waiting for kiln");
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
-}
-
 /// `kiln run` of a tiny guest that halts for good, on the agent path and
 /// the classic one (`--vsock`, whose socket directory the jail shows),
 /// with an extra descriptor inherited at 7 (a pipe), jail on and off.
@@ -215,7 +208,7 @@ fn a_running_kiln_run_is_jailed_and_not_with_jail_off() {
                     assert_eq!(fd7.as_deref(), Some(Path::new(&inherited)), "{context}");
                 }
             }
-            terminate(kiln);
+            common::terminate(kiln);
         }
     }
     assert!(!socket.exists(), "the jailed kiln removed its socket");
@@ -289,7 +282,7 @@ fn an_unprivileged_kiln_run_jails_itself_in_a_user_namespace() {
         fs::read_link("/proc/self/ns/user").unwrap(),
         "a user namespace of its own"
     );
-    terminate(kiln);
+    common::terminate(kiln);
 }
 
 /// Bad jail options and a `--vsock` directory the jail's uid cannot write

@@ -527,3 +527,12 @@ pub fn hand_to_jail(path: &Path) {
             .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
     }
 }
+
+/// Stops `kiln` with SIGTERM and checks it ends as a stopped run does
+/// (status 128 + 15).
+pub fn terminate(mut kiln: std::process::Child) {
+    // SAFETY: kill with the pid of a child this test owns and has not reaped.
+    assert_eq!(unsafe { libc::kill(kiln.id() as i32, libc::SIGTERM) }, 0);
+    let status = kiln.wait().expect("waiting for kiln");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+}
