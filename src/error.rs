@@ -139,6 +139,11 @@ pub enum Error {
     /// returned by [`VmHandle::wait`](crate::VmHandle::wait).
     #[error("device setup: the VM thread panicked")]
     VmThreadPanicked,
+
+    /// A sandbox's VM in a kiln process of its own failed: the process's
+    /// one-line message (its cause's type stays in that process).
+    #[error("{0}")]
+    VmProcess(String),
     /// Another host call failed: a thread, an eventfd, a pipe, the vCPU
     /// kick signal's handler.
     #[error("{what}: {source}")]

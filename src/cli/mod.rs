@@ -2,6 +2,7 @@
 //! what the run needs of kiln's own process ([`signals`], [`terminal`]).
 
 pub mod run;
+pub mod sandbox_vm;
 pub mod signals;
 pub mod terminal;
 
@@ -32,7 +33,11 @@ pub struct Cli {
 pub enum Command {
     /// Boot a fresh VM, run CMD in it with kiln's init, and exit with CMD's status.
     #[command(after_help = EXIT_STATUS_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Runs a sandbox's VM for the sandbox API (`Isolation::Process`): a spec
+    /// on stdin, the console on stdout, a report on descriptor 3.
+    #[command(name = "sandbox-vm", hide = true)]
+    SandboxVm,
 }
 
 const EXIT_STATUS_HELP: &str = "\
@@ -298,7 +303,8 @@ mod tests {
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let full = ["kiln", "run"].iter().chain(args).copied();
         Cli::try_parse_from(full).map(|c| match c.command {
-            Command::Run(r) => r,
+            Command::Run(r) => *r,
+            Command::SandboxVm => panic!("not `kiln run`"),
         })
     }
 

@@ -67,7 +67,7 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
 
 /// Enters the jail `config`'s run needs; the VM drops to the jail's ids
 /// (`run_as`) once it is built.
-fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), JailError> {
+pub(super) fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), JailError> {
     let plan = JailPlan::for_vm(config)?;
     let ids = Credentials {
         uid: jail.uid,

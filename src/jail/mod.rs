@@ -49,7 +49,7 @@ pub fn enter_cgroup(limits: &CgroupLimits) -> Result<(), JailError> {
 pub const DEFAULT_JAIL_ID: u32 = 65534;
 
 /// How a `kiln run` is jailed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct JailConfig {
     /// The uid kiln drops to when started as root (never 0).
     pub uid: u32,

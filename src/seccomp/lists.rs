@@ -227,6 +227,9 @@ impl List {
             // Ending the connection when the agent stops reading (a send
             // that timed out).
             libc::SYS_shutdown,
+            // The console of a VM in a process of its own, from its pipe
+            // (`Isolation::Process`).
+            libc::SYS_read,
         ]);
     }
 
