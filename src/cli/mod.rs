@@ -355,8 +355,8 @@ mod tests {
         let config = VmConfig::from(parse(EVERY_VM_OPTION).unwrap().vm);
         let json = |c: &VmConfig| serde_json::to_value(c).unwrap();
         let (set, default) = (json(&config), json(&VmConfig::default()));
-        // What `kiln run` sets apart from its VM options.
-        let not_vm_options = ["command", "agent_port"];
+        // What `kiln run` sets apart from its VM options (run_as: the jail).
+        let not_vm_options = ["command", "agent_port", "run_as"];
         for (field, value) in default.as_object().unwrap() {
             assert_eq!(
                 set[field] != *value,

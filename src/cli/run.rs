@@ -15,7 +15,7 @@ use super::{CommandArgs, RunArgs};
 use crate::config::{Credentials, GuestCommand, SeccompMode};
 use crate::jail::{JailConfig, JailError, JailPlan};
 use crate::outcome::{STATUS_KILN_ERROR, STATUS_TIMEOUT};
-use crate::sandbox::{self, ExitStatus, SandboxBuilder, SandboxError};
+use crate::sandbox::{self, ExitStatus, Isolation, SandboxBuilder, SandboxError};
 use crate::seccomp::{self, ThreadKind};
 use crate::{VmConfig, VmOutcome, VmStopper};
 
@@ -170,7 +170,9 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
         false => Box::new(boot_console.clone()),
     };
     let (flag, slot) = (interrupted.clone(), stopper.clone());
+    // kiln run is jailed as a whole: its VM runs on its own threads.
     let builder = SandboxBuilder::from(config)
+        .isolation(Isolation::InProcess)
         .console_output(console)
         .on_vm_started(move |vm| {
             let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());

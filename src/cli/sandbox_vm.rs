@@ -80,7 +80,18 @@ fn run_vm(spec: VmProcessSpec, started: Instant) -> Result<VmOutcome, String> {
         input: None,
     };
     let mode = config.seccomp;
+    // SIGTERM, SIGINT or SIGHUP stop the VM, which then reports as `kiln
+    // run`'s would (Interrupted); blocked before any thread starts.
+    let signals = super::signals::StopSignals::block();
     let (vm, gate) = crate::vmm::spawn_gated(config, io, started).map_err(|e| e.to_string())?;
+    let stopper = vm.stopper();
+    let watching = signals.on_signal(mode, move |sig| {
+        stopper.stop(VmOutcome::Interrupted(sig as u8))
+    });
+    if let Err(e) = watching {
+        drop(gate);
+        return Err(format!("spawning the signal thread: {e}"));
+    }
     if let Err(e) = seccomp::install(ThreadKind::CliMain, mode) {
         drop(gate); // the VM ends without running the guest
         return Err(e.to_string());

@@ -112,7 +112,7 @@ impl SandboxBuilder {
         self
     }
 
-    /// Where the VM runs (default [`Isolation::InProcess`]; see
+    /// Where the VM runs (default [`Isolation::Process`]; see
     /// [`Isolation`] for what each risks).
     pub fn isolation(mut self, isolation: Isolation) -> Self {
         self.isolation = isolation;
@@ -338,6 +338,7 @@ impl SandboxBuilder {
                         vm_process::KILN_BINARY_ENV
                     ))
                 })?;
+                preflight(&config)?;
                 let spec = VmProcessSpec { config, jail };
                 let vm = VmProcess::spawn(&binary, &spec, io.output, seccomp)?;
                 if let Some(hook) = self.on_vm_started.take() {
@@ -402,6 +403,21 @@ fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Dura
     // SAFETY: `fds` is a valid array of two pollfds for the duration of the
     // call, and both descriptors stay open (borrowed from their owners).
     unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
+}
+
+/// Finds here what the VM process would find wrong first (the
+/// configuration, the root, the disks), so that the error keeps its type:
+/// a VM process reports only a message ([`crate::Error::VmProcess`]).
+fn preflight(config: &VmConfig) -> crate::Result<()> {
+    crate::vmm::kernel_cmdline(config)?;
+    for disk in &config.disks {
+        kiln_devices::virtio::block::DiskImage::open(
+            &disk.path,
+            disk.read_only,
+            disk.id.as_deref(),
+        )?;
+    }
+    Ok(())
 }
 
 fn vm_ended(vm: SandboxVm, console: &ConsoleRing) -> SandboxError {

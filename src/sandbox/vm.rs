@@ -14,12 +14,13 @@ pub enum Isolation {
     /// takes over finds that process's empty jail, not the embedding
     /// program. The `kiln` binary is found as
     /// [`SandboxBuilder::kiln_binary`](super::SandboxBuilder::kiln_binary)
-    /// says.
+    /// says. The default.
+    #[default]
     Process,
     /// In the embedding program's own process, on threads of its own (each
     /// under its seccomp filter): a device model taken over by the guest
     /// can then reach the embedder's memory, files and other sandboxes.
-    #[default]
+    /// `kiln run` uses it: it is jailed as a whole already.
     InProcess,
 }
 
