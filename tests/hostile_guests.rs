@@ -26,6 +26,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -261,6 +262,8 @@ struct Driver {
     /// Requests the block device got so far (each has its own header and
     /// status byte).
     block_requests: u64,
+    /// Host vsock ports with a listening socket while the VM runs.
+    vsock_listeners: Vec<u32>,
 }
 
 impl Driver {
@@ -432,8 +435,13 @@ fn recover(d: &mut Driver) -> Recovery {
 
 // ---- Running a case.
 
-/// One VM at a time in this file, so that resident memory measures one.
-static ONE_CASE: Mutex<()> = Mutex::new(());
+/// One test at a time in this file, checks included, so that resident
+/// memory measures one VM: a panicking test elsewhere in the process would
+/// grow it (a backtrace's symbols take tens of MiB).
+fn one_case() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_CASE: Mutex<()> = Mutex::new(());
+    ONE_CASE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Growth of the process's resident memory that a hostile guest may
 /// cause while it runs: its whole RAM (touched by kiln when the initrd is
@@ -462,6 +470,18 @@ fn disk_image(dir: &Scratch) -> (std::path::PathBuf, Vec<u8>) {
     let path = dir.path("disk.img");
     fs::write(&path, &image).expect("writing the disk image");
     (path, image)
+}
+
+/// Stops the VM when a check fails while it waits at its prompt, so the
+/// failure is reported at once (not after the VM's timeout).
+struct StopOnPanic(kiln::VmStopper);
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop(VmOutcome::Stopped);
+        }
+    }
 }
 
 /// While the hostile VM waits at its prompt: the process's resident
@@ -496,12 +516,11 @@ impl Seen {
 
 /// Runs `d`'s script (which must end with `recover`) in a VM with a disk,
 /// rng and vsock; returns what the guest printed before its prompt. See
-/// the module docs for everything this asserts.
+/// the module docs for everything this asserts. Callers hold `one_case`.
 fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     if !require(have_kvm(), "/dev/kvm not accessible") {
         return None;
     }
-    let _one = ONE_CASE.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Scratch::new(&format!("hostile-{name}"));
     let (disk, image) = disk_image(&dir);
     let script = dir.path("script");
@@ -521,6 +540,13 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         cid: GUEST_CID,
         socket: dir.path("vsock"),
     });
+    let _listeners: Vec<UnixListener> = d
+        .vsock_listeners
+        .iter()
+        .map(|port| {
+            UnixListener::bind(dir.path(&format!("vsock_{port}"))).expect("binding a vsock port")
+        })
+        .collect();
     // A backstop only: every case ends by the guest's own report.
     config.timeout = Some(common::HANG_LIMIT / 2);
 
@@ -534,6 +560,8 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     let vm = kiln::spawn(config, io, Instant::now()).expect("spawning the hostile VM");
     // The prompt, or the VM's end (then nothing more is coming).
     let (prompted, ended) = std::thread::scope(|s| {
+        // Dropped while the closure unwinds, before the scope joins.
+        let _stop_on_panic = StopOnPanic(vm.stopper());
         let (closer, vm) = (capture.clone(), &vm);
         let watcher = s.spawn(move || {
             let ended = wait_finished(vm);
@@ -601,6 +629,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
 /// Runs a case and hands what the guest saw to `check`.
 macro_rules! case {
     ($name:expr, $d:ident, $recovery:ident, $check:expr) => {
+        let _one = one_case();
         if let Some(seen) = run_case($name, $d, $recovery) {
             let check: &dyn Fn(&Seen) = &$check;
             check(&seen);
@@ -646,10 +675,12 @@ fn block_descriptor_loops_and_chains_longer_than_the_queue() {
     d.publish(&mut ring, 0);
     // 257 descriptors through an indirect table: more than the 16-entry
     // queue, and one more than a block request may have (header, 254 data
-    // segments, status).
+    // segments, status), though its 127 sectors fit the disk (the extra
+    // descriptor is empty).
     let (header, overlong) = d.block_header(BLK_IN, 0);
     let mut bufs = vec![(header, 16, 0)];
-    bufs.extend(std::iter::repeat_n((DATA, 512, WRITE), 255));
+    bufs.extend((0..254).map(|i| (DATA + 256 * i, 256, WRITE)));
+    bufs.push((DATA, 0, WRITE));
     bufs.push((overlong, 1, WRITE));
     d.s.copy(TABLE, &indirect_table(&bufs));
     d.desc(&ring, 2, (TABLE, 257 * 16, INDIRECT), 0);
@@ -1166,7 +1197,10 @@ fn vsock_packets_with_bad_ops_lengths_and_cids() {
     }
     d.notify(VSOCK, 0);
     let host = 2;
-    // (header, bytes of the chain, descriptor flags); None: header outside memory.
+    // Ports 2004 and 2005 have listeners: only the packets' CID and type
+    // keep them from connecting.
+    d.vsock_listeners = vec![2004, 2005];
+    // (header, bytes of the chain, descriptor flags).
     let packets: [([u8; 44], u32, u16); 10] = [
         (
             vsock_header(GUEST_CID, host, 1001, 2001, 0, STREAM, 99),
@@ -1341,6 +1375,7 @@ fn guest_mistakes_do_not_reach_the_host_log() {
     if !require(have_kvm(), "/dev/kvm not accessible") {
         return;
     }
+    let _one = one_case();
     let mut d = Driver::default();
     // Well-behaved rng requests are the barriers: once one is served, so
     // are the block kicks before it (the event thread takes them in the
