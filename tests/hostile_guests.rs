@@ -1420,3 +1420,65 @@ fn guest_mistakes_do_not_reach_the_host_log() {
     assert_eq!(code, Some(0), "stderr: {stderr}");
     assert_eq!(stderr, "", "kiln's stderr");
 }
+
+#[test]
+fn vsock_replies_the_guest_never_takes_are_bounded() {
+    // Every packet below earns a reset the guest never makes room for: the
+    // device holds at most 256 of them, then takes no more packets until
+    // the guest posts receive buffers.
+    let mut d = Driver::default();
+    let mut rx = Ring::at(VSOCK_RINGS[0]);
+    let mut tx = Ring::at(VSOCK_RINGS[1]);
+    d.negotiate(VSOCK, VERSION_1);
+    d.queue(VSOCK, 0, &mut rx);
+    d.queue(VSOCK, 1, &mut tx);
+    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
+    d.driver_ok(VSOCK);
+    d.s.copy(
+        PACKETS,
+        &vsock_header(GUEST_CID, 2, 1000, 2000, 0, 1, 99), // unknown op
+    );
+    for i in 0..QSIZE {
+        d.desc(&tx, i, (PACKETS, 44, 0), 0);
+    }
+    // 16 rounds of 16 packets: all taken.
+    for round in 1..=16 {
+        for i in 0..QSIZE {
+            d.publish(&mut tx, i);
+        }
+        d.notify(VSOCK, 1);
+        d.wait_used(&tx, round * QSIZE);
+    }
+    // 16 more, then an rng request as a barrier for the event thread.
+    for i in 0..QSIZE {
+        d.publish(&mut tx, i);
+    }
+    d.notify(VSOCK, 1);
+    let mut rng = d.rng_running();
+    d.chain(&rng, 0, &[(RNG_BUFFERS, 16, WRITE)]);
+    d.publish(&mut rng, 0);
+    d.notify(RNG, 0);
+    d.wait_used(&rng, 1);
+    let held_back = d.s.r16(tx.used_idx());
+    // 16 receive buffers: 16 resets out, room for the 16 packets left.
+    for i in 0..QSIZE {
+        d.chain(&rx, i, &[(RX_BUFFERS + 0x100 * u64::from(i), 0x100, WRITE)]);
+        d.publish(&mut rx, i);
+    }
+    d.notify(VSOCK, 0);
+    d.wait_used(&rx, QSIZE);
+    d.wait_used(&tx, 17 * QSIZE);
+    let first_op = d.s.r16(RX_BUFFERS + 30);
+    let last_op = d.s.r16(RX_BUFFERS + 0xf00 + 30);
+    let status = d.status(VSOCK);
+    let recovery = recover(&mut d);
+    case!("vsock-flood", d, recovery, |seen| {
+        assert_eq!(
+            seen.get(held_back),
+            256,
+            "packets taken without room for replies"
+        );
+        assert_eq!([first_op, last_op].map(|r| seen.get(r)), [3, 3], "resets");
+        assert_eq!(seen.get(status), u64::from(RUNNING));
+    });
+}
