@@ -27,8 +27,9 @@
  *   12  PROMPT  prints "?\n", then waits for a byte on the UART
  *
  * Every access has exactly the width named: 1/2/8-byte MMIO accesses reach
- * the monitor as such. Exit status 98 = no script, 99 = an unknown op (its
- * record is the last thing the guest did). Printing is one `outb` per
+ * the monitor as such. Exit status 97 = the script ended without END,
+ * 98 = no script, 99 = an unknown op (its record is the last thing the
+ * guest did). Printing is one `outb` per
  * byte to port 0x3f8.
  */
 	.equ	UART, 0x3f8
@@ -142,7 +143,7 @@ op_prompt:
 op_end:	mov	%edx, %eax
 	jmp	report
 end_of_script:
-	xor	%eax, %eax
+	mov	$97, %eax		/* no END: the script was cut short */
 	jmp	report
 bad_op:	mov	$99, %eax
 report:	mov	$CONTROL_PAGE, %edi
