@@ -117,6 +117,10 @@ impl Script {
     fn prompt(&mut self) {
         self.op(OP_PROMPT, 0, 0, 0);
     }
+    /// The prompt without the wait (the test's go comes another way).
+    fn prompt_only(&mut self) {
+        self.op(OP_PROMPT, 0, 0, 1);
+    }
     fn end(&mut self, status: u8) {
         self.op(OP_END, 0, 0, status.into());
     }
@@ -147,7 +151,9 @@ const MEM_END: u64 = common::GUEST_MEM;
 const BLOCK: u64 = 0xd000_1000;
 const RNG: u64 = 0xd000_2000;
 const VSOCK: u64 = 0xd000_3000;
-/// Past the last device: the window no device claims.
+/// The virtio console, when a case asks for one (`Driver::console`).
+const CONSOLE: u64 = 0xd000_4000;
+/// Past the last device: the window no device claims (without a console).
 const UNCLAIMED_WINDOW: u64 = 0xd000_4000;
 /// The guest's vsock CID.
 const GUEST_CID: u64 = 3;
@@ -250,6 +256,7 @@ impl Ring {
 const BLOCK_RING: u64 = 0x30_0000;
 const RNG_RING: u64 = 0x31_0000;
 const VSOCK_RINGS: [u64; 3] = [0x32_0000, 0x33_0000, 0x34_0000];
+const CONSOLE_RINGS: [u64; 2] = [0x35_0000, 0x36_0000];
 const HEADERS: u64 = 0x40_0000;
 const STATUSES: u64 = 0x40_1000;
 const DATA: u64 = 0x41_0000;
@@ -267,6 +274,9 @@ struct Driver {
     block_requests: u64,
     /// Host vsock ports with a listening socket while the VM runs.
     vsock_listeners: Vec<u32>,
+    /// The VM has a virtio console (hvc0): kiln's input goes there, not to
+    /// the UART.
+    console: bool,
 }
 
 impl Driver {
@@ -412,6 +422,11 @@ struct Recovery {
 /// 16 random bytes, then reports status 0.
 fn recover(d: &mut Driver) -> Recovery {
     d.s.prompt();
+    recovery_steps(d)
+}
+
+/// `recover` after the test's go has arrived.
+fn recovery_steps(d: &mut Driver) -> Recovery {
     for dev in [BLOCK, RNG, VSOCK] {
         d.reset(dev);
     }
@@ -508,8 +523,16 @@ fn check_bystanders(name: &str, rss_before: u64) {
     );
 }
 
-/// The values the hostile guest printed before its prompt.
-struct Seen(Vec<u64>);
+/// The values the hostile guest printed (on the UART), and what reached
+/// kiln's output from the virtio console.
+struct Seen(Vec<u64>, Vec<u8>);
+
+/// A byte of the guest's UART output: lowercase hex, '?' and newlines.
+/// Console output of a case uses none of them, so the two (which reach the
+/// output from different threads) can be told apart byte by byte.
+fn from_uart(b: &u8) -> bool {
+    matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'?' | b'\n')
+}
 
 impl Seen {
     fn get(&self, r: Read) -> u64 {
@@ -518,7 +541,7 @@ impl Seen {
 }
 
 /// Runs `d`'s script (which must end with `recover`) in a VM with a disk,
-/// rng and vsock; returns what the guest printed before its prompt. See
+/// rng and vsock; returns what the guest printed. See
 /// the module docs for everything this asserts. Callers hold `one_case`.
 fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     if !require(have_kvm(), "/dev/kvm not accessible") {
@@ -528,6 +551,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     let (disk, image) = disk_image(&dir);
     let script = dir.path("script");
     fs::write(&script, d.s.bytes()).expect("writing the script");
+    let (reads, console_expected) = (d.s.reads, d.console);
 
     let mut config = guest_config("mmio_script");
     config.initrd = Some(script);
@@ -539,6 +563,9 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         id: Some("hostile".into()),
     });
     config.rng = true;
+    if d.console {
+        config.console = kiln::config::ConsoleKind::Virtio;
+    }
     config.vsock = Some(VsockConfig {
         cid: GUEST_CID,
         socket: dir.path("vsock"),
@@ -587,39 +614,35 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         );
     }
     let report = vm.wait().expect("the hostile VM's report");
-    let text = String::from_utf8_lossy(&capture.bytes()).into_owned();
+    let (uart, console): (Vec<u8>, Vec<u8>) = capture.bytes().into_iter().partition(from_uart);
+    let text = String::from_utf8_lossy(&uart).into_owned();
     assert_eq!(
         report.outcome,
         VmOutcome::Exited(0),
         "{name}: console {text:?}"
     );
 
-    let (before, after) = text.split_once("?\n").expect("the prompt is in the output");
-    let values = |part: &str| -> Vec<u64> {
-        part.lines()
-            .map(|l| u64::from_str_radix(l, 16).unwrap_or_else(|_| panic!("{name}: line {l:?}")))
-            .collect()
-    };
-    let seen = Seen(values(before));
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|&l| l != "?")
+        .map(|l| u64::from_str_radix(l, 16).unwrap_or_else(|_| panic!("{name}: line {l:?}")))
+        .collect();
+    assert_eq!(values.len(), reads, "{name}: values the guest printed");
+    if !console_expected {
+        assert_eq!(console, b"", "{name}: output besides the guest's values");
+    }
+    let seen = Seen(values, console);
     assert_eq!(
-        seen.0.len(),
-        recovery.block_status.0,
-        "{name}: values before the prompt"
-    );
-    let after = Seen(values(after).into_iter().collect());
-    let first = seen.0.len();
-    let at = |r: Read| after.0[r.0 - first];
-    assert_eq!(
-        at(recovery.block_status),
+        seen.get(recovery.block_status),
         BLK_OK,
         "{name}: block after reset"
     );
     assert_eq!(
-        at(recovery.sector0),
+        seen.get(recovery.sector0),
         u64::from_le_bytes(*DISK_MARKER),
         "{name}: sector 0 after reset"
     );
-    assert_eq!(at(recovery.rng_len), 16, "{name}: rng after reset");
+    assert_eq!(seen.get(recovery.rng_len), 16, "{name}: rng after reset");
     // No case writes to the disk: whatever it tried, not a byte changed
     // (nor was added past its end).
     assert!(
@@ -1483,5 +1506,65 @@ fn vsock_replies_the_guest_never_takes_are_bounded() {
         );
         assert_eq!([first_op, last_op].map(|r| seen.get(r)), [3, 3], "resets");
         assert_eq!(seen.get(status), u64::from(RUNNING));
+    });
+}
+
+#[test]
+fn virtio_console_prints_only_whole_chains_and_skips_unusable_input_buffers() {
+    let mut d = Driver {
+        console: true,
+        ..Driver::default()
+    };
+    let mut rx = Ring::at(CONSOLE_RINGS[0]);
+    let mut tx = Ring::at(CONSOLE_RINGS[1]);
+    d.negotiate(CONSOLE, VERSION_1);
+    d.queue(CONSOLE, 0, &mut rx);
+    d.queue(CONSOLE, 1, &mut tx);
+    d.driver_ok(CONSOLE);
+    // Output (none of it looks like the UART's hex: see `from_uart`).
+    let (text, big) = (DATA, DATA + 0x1000);
+    d.s.copy(text, b"HVC-OK");
+    d.s.fill(big, 1 << 20, b'x');
+    let chains: [(u16, &[Buf]); 6] = [
+        (0, &[(text, 6, 0)]),                                     // printed
+        (3, &[(0x4000_0000, 6, 0)]),                              // past RAM
+        (4, &[(big, 1 << 20, 0)]),                                // 64 KiB printed
+        (5, &[(text, 6, WRITE)]),                                 // nothing to print
+        (6, &[(text, 2, 0), (text, 2, WRITE), (text + 2, 2, 0)]), // misordered
+        (9, &[(MEM_END - 3, 6, 0)]),                              // across the end
+    ];
+    for (head, bufs) in chains {
+        d.chain(&tx, head, bufs);
+        d.publish(&mut tx, head);
+    }
+    d.desc(&tx, 1, (text, 6, NEXT), 2); // a loop
+    d.desc(&tx, 2, (text, 6, NEXT), 1);
+    d.publish(&mut tx, 1);
+    d.notify(CONSOLE, 1);
+    d.wait_used(&tx, 7);
+    let status = d.status(CONSOLE);
+    // Input buffers: read-only, past RAM, then a good one, which gets the
+    // test's go (kiln's input is the console's, not the UART's).
+    let input = RX_BUFFERS;
+    d.chain(&rx, 0, &[(input, 16, 0)]);
+    d.chain(&rx, 1, &[(0x4000_0000, 16, WRITE)]);
+    d.chain(&rx, 2, &[(input + 0x100, 16, WRITE)]);
+    for head in 0..3 {
+        d.publish(&mut rx, head);
+    }
+    d.notify(CONSOLE, 0);
+    d.s.prompt_only();
+    d.wait_used(&rx, 3);
+    let rx_lens: Vec<Read> = (0..3).map(|i| d.s.r32(rx.used_elem(i).1)).collect();
+    let go = d.s.r8(input + 0x100);
+    let recovery = recovery_steps(&mut d);
+    case!("console", d, recovery, |seen| {
+        assert_eq!(seen.get(status), u64::from(RUNNING));
+        let mut printed = b"HVC-OK".to_vec();
+        printed.extend(std::iter::repeat_n(b'x', 64 << 10));
+        assert!(seen.1 == printed, "console output: {} bytes", seen.1.len());
+        let rx_lens: Vec<u64> = rx_lens.iter().map(|&r| seen.get(r)).collect();
+        assert_eq!(rx_lens, [0, 0, 1], "input buffers");
+        assert_eq!(seen.get(go), u64::from(b'g'));
     });
 }

@@ -24,7 +24,8 @@
  *               the VM's timeout)
  *   10  COPY    copies `count` bytes from script offset `val` to `addr`
  *   11  FILL    sets `count` bytes at `addr` to the low byte of `val`
- *   12  PROMPT  prints "?\n", then waits for a byte on the UART
+ *   12  PROMPT  prints "?\n", then (unless `val` is 1) waits for a byte on
+ *               the UART
  *
  * Every access has exactly the width named: 1/2/8-byte MMIO accesses reach
  * the monitor as such. Exit status 97 = the script ended without END,
@@ -125,10 +126,13 @@ op_fill:
 	jmp	next
 
 op_prompt:
+	mov	%rdx, %r8		/* putc takes dx */
 	mov	$'?', %ebx
 	call	putc
 	mov	$'\n', %ebx
 	call	putc
+	cmp	$1, %r8
+	je	next			/* print only */
 	mov	$UART_LSR, %dx
 1:	mov	$1000, %ecx		/* spaces the polls out: fewer exits */
 2:	dec	%ecx
