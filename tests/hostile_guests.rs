@@ -1,5 +1,5 @@
 //! The hostile-guest suite: a guest drives kiln's virtio-mmio devices
-//! (block, rng, vsock) through the real transport the way a broken or
+//! (block, rng, vsock, console) through the real transport the way a broken or
 //! malicious driver would, and each test asserts what kiln does about it.
 //!
 //! The guest is `resources/test-guests/mmio_script.S`, which runs a script
@@ -11,12 +11,12 @@
 //! 2. it then waits at a prompt: while it waits, the test checks the
 //!    process's resident memory against a bound and runs a second VM
 //!    (`hello`) in the same process, which must exit 42;
-//! 3. on the test's go (a byte on its UART), the hostile guest resets every
-//!    device, reads sector 0 of the disk and 16 random bytes, and reports
-//!    exit status 0.
+//! 3. on the test's go (a byte on its UART, or on hvc0 when the case has a
+//!    virtio console), the hostile guest resets block, rng and vsock, reads
+//!    sector 0 of the disk and 16 random bytes, and reports exit status 0.
 //!
 //! Step 3 is the proof that nothing spins or hangs: it needs the event
-//! thread that serves all three devices, and the run must end with the
+//! thread that serves every device, and the run must end with the
 //! guest's own status. A device that never answered would leave the guest
 //! polling until the VM's timeout (outcome `Timeout`), and a monitor that
 //! stopped serving events entirely would not even time out, which
@@ -464,8 +464,9 @@ fn one_case() -> std::sync::MutexGuard<'static, ()> {
 /// Growth of the process's resident memory that a hostile guest may
 /// cause while it runs: its whole RAM (touched by kiln when the initrd is
 /// written, or by the device) plus the monitor's own buffers, with room to
-/// spare. A device that kept guest requests or replies without bound
-/// would pass it.
+/// spare. The cases grow it by 0.1 to 1.5 MiB; a device that kept what
+/// each hostile request left behind (a leaked buffer per chain) exceeds
+/// it, a leak of a few bytes per request would not.
 const RSS_BOUND: u64 = 2 * common::GUEST_MEM;
 
 fn rss_bytes() -> u64 {
@@ -540,9 +541,10 @@ impl Seen {
     }
 }
 
-/// Runs `d`'s script (which must end with `recover`) in a VM with a disk,
-/// rng and vsock; returns what the guest printed. See
-/// the module docs for everything this asserts. Callers hold `one_case`.
+/// Runs `d`'s script (which must end with `recover` or `recovery_steps`)
+/// in a VM with a disk, rng and vsock (and a console if `d.console`);
+/// returns what the guest printed. See the module docs for everything this
+/// asserts. Callers hold `one_case`.
 fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     if !require(have_kvm(), "/dev/kvm not accessible") {
         return None;
