@@ -545,6 +545,26 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_must_fit_in_memory_to_its_last_byte() {
+        // 16 entries: the used ring is 6 + 8 * 16 = 134 bytes; memory ends at 1 MiB.
+        for (used, fits) in [(0x10_0000 - 136, true), (0x10_0000 - 132, false)] {
+            let (mut t, dev) = setup();
+            negotiate(&mut t, 1);
+            setup_queue(&mut t, 0, 0x10000);
+            setup_queue(&mut t, 1, 0x20000);
+            w(&mut t, REG_QUEUE_USED_LOW, used);
+            w(
+                &mut t,
+                REG_STATUS,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+            );
+            let failed = r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET != 0;
+            assert_eq!(failed, !fits, "used ring at {used:#x}");
+            assert_eq!(dev.lock().unwrap().activations, usize::from(fits));
+        }
+    }
+
+    #[test]
     fn notify_without_ioeventfd_reaches_the_queue_eventfd() {
         let (mut t, dev) = setup();
         w(&mut t, REG_QUEUE_NOTIFY, 1);
