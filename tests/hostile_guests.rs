@@ -274,6 +274,9 @@ struct Driver {
     block_requests: u64,
     /// Host vsock ports with a listening socket while the VM runs.
     vsock_listeners: Vec<u32>,
+    /// Checks the host side of those listeners while the guest waits at
+    /// its prompt.
+    at_prompt: Option<fn(&[UnixListener])>,
     /// The VM has a virtio console (hvc0): kiln's input goes there, not to
     /// the UART.
     console: bool,
@@ -553,7 +556,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     let (disk, image) = disk_image(&dir);
     let script = dir.path("script");
     fs::write(&script, d.s.bytes()).expect("writing the script");
-    let (reads, console_expected) = (d.s.reads, d.console);
+    let (reads, console_expected, at_prompt) = (d.s.reads, d.console, d.at_prompt);
 
     let mut config = guest_config("mmio_script");
     config.initrd = Some(script);
@@ -572,7 +575,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         cid: GUEST_CID,
         socket: dir.path("vsock"),
     });
-    let _listeners: Vec<UnixListener> = d
+    let listeners: Vec<UnixListener> = d
         .vsock_listeners
         .iter()
         .map(|port| {
@@ -603,6 +606,9 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         let prompted = capture.wait_for(b"?\n", common::HANG_LIMIT);
         if prompted {
             check_bystanders(name, rss_before);
+            if let Some(check) = at_prompt {
+                check(&listeners);
+            }
             go.write_all(b"g").expect("releasing the hostile guest");
         }
         (prompted, watcher.join().expect("the watcher thread"))
@@ -1568,5 +1574,88 @@ fn virtio_console_prints_only_whole_chains_and_skips_unusable_input_buffers() {
         let rx_lens: Vec<u64> = rx_lens.iter().map(|&r| seen.get(r)).collect();
         assert_eq!(rx_lens, [0, 0, 1], "input buffers");
         assert_eq!(seen.get(go), u64::from(b'g'));
+    });
+}
+
+/// What the host end of a guest's vsock connection reads now, without
+/// waiting, and whether kiln keeps it open (no end of file yet).
+fn host_end_state(stream: &mut std::os::unix::net::UnixStream) -> (Vec<u8>, bool) {
+    use std::io::Read as _;
+    stream.set_nonblocking(true).expect("non-blocking");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return (got, false),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return (got, true),
+            Err(e) => panic!("reading a vsock connection: {e}"),
+        }
+    }
+}
+
+#[test]
+fn vsock_bad_packets_on_live_connections_reset_them() {
+    const STREAM: u16 = 1;
+    const OP_REQUEST: u16 = 1;
+    const OP_RESPONSE: u16 = 2;
+    const OP_RW: u16 = 5;
+    let mut d = Driver::default();
+    let mut rx = Ring::at(VSOCK_RINGS[0]);
+    let mut tx = Ring::at(VSOCK_RINGS[1]);
+    d.negotiate(VSOCK, VERSION_1);
+    d.queue(VSOCK, 0, &mut rx);
+    d.queue(VSOCK, 1, &mut tx);
+    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
+    d.driver_ok(VSOCK);
+    for i in 0..QSIZE {
+        d.chain(&rx, i, &[(RX_BUFFERS + 0x100 * u64::from(i), 0x100, WRITE)]);
+        d.publish(&mut rx, i);
+    }
+    d.notify(VSOCK, 0);
+    // Five connections to host port 2100 (kiln connects each to its
+    // listener), then one bad packet on each of the first four.
+    d.vsock_listeners = vec![2100];
+    let header = |port, len, op| vsock_header(GUEST_CID, 2, port, 2100, len, STREAM, op);
+    let mut packets: Vec<(Vec<u8>, u32)> = (1101..=1105)
+        .map(|port| (header(port, 0, OP_REQUEST).to_vec(), 44))
+        .collect();
+    packets.push((header(1101, 0, 99).to_vec(), 44)); // unknown op
+    packets.push((header(1102, 0, OP_REQUEST).to_vec(), 44)); // a second request
+    packets.push((header(1103, 0, OP_RESPONSE).to_vec(), 44)); // a response
+    packets.push((header(1104, 100, OP_RW).to_vec(), 44 + 10)); // len past the chain
+    let mut hello = header(1105, 5, OP_RW).to_vec(); // well-formed data
+    hello.extend_from_slice(b"hello");
+    packets.push((hello, 49));
+    for (i, (bytes, len)) in packets.iter().enumerate() {
+        let at = PACKETS + 0x100 * i as u64;
+        d.s.copy(at, bytes);
+        d.chain(&tx, i as u16, &[(at, *len, 0)]);
+        d.publish(&mut tx, i as u16);
+    }
+    d.notify(VSOCK, 1);
+    d.wait_used(&tx, packets.len() as u16);
+    let status = d.status(VSOCK);
+    d.at_prompt = Some(|listeners| {
+        // Connections arrive in the order of the guest's requests.
+        let states: Vec<(Vec<u8>, bool)> = (0..5)
+            .map(|_| host_end_state(&mut listeners[0].accept().expect("accept").0))
+            .collect();
+        let closed = (Vec::new(), false);
+        assert_eq!(
+            states,
+            [
+                closed.clone(),
+                closed.clone(),
+                closed.clone(),
+                closed,
+                (b"hello".to_vec(), true)
+            ],
+            "host ends: what they read, whether kiln keeps them open"
+        );
+    });
+    let recovery = recover(&mut d);
+    case!("vsock-live", d, recovery, |seen| {
+        assert_eq!(seen.get(status), u64::from(RUNNING));
     });
 }
