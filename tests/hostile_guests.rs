@@ -404,6 +404,18 @@ impl Driver {
         ring
     }
 
+    /// A well-behaved rng request on `rng` (running), waited for: once it
+    /// is served, the event thread has finished whatever it was doing when
+    /// the guest published it (it serves one device at a time), and has
+    /// taken every kick the guest made before.
+    fn barrier(&mut self, rng: &mut Ring) {
+        let head = rng.next_avail % QSIZE;
+        self.chain(rng, head, &[(RNG_BUFFERS, 16, WRITE)]);
+        self.publish(rng, head);
+        self.notify(RNG, 0);
+        self.wait_used(rng, rng.next_avail);
+    }
+
     /// rng set up and running.
     fn rng_running(&mut self) -> Ring {
         let mut ring = Ring::at(RNG_RING);
@@ -905,10 +917,7 @@ fn rings_outside_memory_make_the_device_need_a_reset() {
     d.block_request(&mut ring, 0, (BLK_IN, 0), &[(DATA, 512, WRITE)]);
     d.notify(BLOCK, 0);
     let mut rng = d.rng_running();
-    d.chain(&rng, 0, &[(RNG_BUFFERS, 16, WRITE)]);
-    d.publish(&mut rng, 0);
-    d.notify(RNG, 0);
-    d.wait_used(&rng, 1);
+    d.barrier(&mut rng);
     let used = d.s.r16(ring.used_idx());
     // After a reset, a good layout works.
     d.block_running(0);
@@ -1411,17 +1420,9 @@ fn guest_mistakes_do_not_reach_the_host_log() {
     }
     let _one = one_case();
     let mut d = Driver::default();
-    // Well-behaved rng requests are the barriers: once one is served, so
-    // are the block kicks before it (the event thread takes them in the
-    // same turn or earlier).
+    // rng barriers make sure block's kicks were served (register writes
+    // are handled, and logged, on the vCPU thread as they happen).
     let mut rng = d.rng_running();
-    let mut barrier = |d: &mut Driver| {
-        let head = rng.next_avail % QSIZE;
-        d.chain(&rng, head, &[(RNG_BUFFERS, 16, WRITE)]);
-        d.publish(&mut rng, head);
-        d.notify(RNG, 0);
-        d.wait_used(&rng, rng.next_avail);
-    };
     let mut ring = Ring::at(BLOCK_RING);
     d.negotiate(BLOCK, VERSION_1);
     d.queue(BLOCK, 0, &mut ring);
@@ -1435,10 +1436,10 @@ fn guest_mistakes_do_not_reach_the_host_log() {
         d.publish(&mut ring, 0xffff);
     }
     d.notify(BLOCK, 0);
-    barrier(&mut d);
+    d.barrier(&mut rng);
     d.s.w16(ring.avail() + 2, 1000);
     d.s.w32_times(BLOCK + REG_QUEUE_NOTIFY, 0, 1000);
-    barrier(&mut d);
+    d.barrier(&mut rng);
     // Rings outside memory, over and over.
     for _ in 0..100 {
         d.negotiate(BLOCK, VERSION_1);
@@ -1489,10 +1490,7 @@ fn vsock_replies_the_guest_never_takes_are_bounded() {
     }
     d.notify(VSOCK, 1);
     let mut rng = d.rng_running();
-    d.chain(&rng, 0, &[(RNG_BUFFERS, 16, WRITE)]);
-    d.publish(&mut rng, 0);
-    d.notify(RNG, 0);
-    d.wait_used(&rng, 1);
+    d.barrier(&mut rng);
     let held_back = d.s.r16(tx.used_idx());
     // 16 receive buffers: 16 resets out, room for the 16 packets left.
     for i in 0..QSIZE {
@@ -1635,6 +1633,10 @@ fn vsock_bad_packets_on_live_connections_reset_them() {
     }
     d.notify(VSOCK, 1);
     d.wait_used(&tx, packets.len() as u16);
+    // kiln closes a reset connection's host end once the turn that reset
+    // it is over: after the barrier.
+    let mut rng = d.rng_running();
+    d.barrier(&mut rng);
     let status = d.status(VSOCK);
     d.at_prompt = Some(|listeners| {
         // Connections arrive in the order of the guest's requests.
