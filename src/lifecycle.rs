@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_devices::control::{ControlEvents, GuestExit, STAGE_USERSPACE};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::outcome::VmOutcome;
 
@@ -29,7 +29,7 @@ impl Lifecycle {
         Ok(Self {
             stopping: AtomicBool::new(false),
             outcome: Mutex::new(None),
-            exit_evt: EventFd::new(EFD_NONBLOCK)?,
+            exit_evt: kiln_devices::new_eventfd()?,
             started,
             first_run: OnceLock::new(),
             userspace_at: OnceLock::new(),

@@ -810,3 +810,70 @@ fn sandbox_builder_memory_vcpus_and_timeout_reach_the_vm() {
         other => panic!("{other}"),
     }
 }
+
+/// What a program started now inherits besides stdin, stdout and stderr:
+/// (descriptor, what it is), as `ls -l /proc/self/fd` in it shows them
+/// (after its exec, so close-on-exec descriptors are gone).
+fn inherited_fds() -> Vec<(String, String)> {
+    let out = std::process::Command::new("ls")
+        .args(["-l", "/proc/self/fd/"])
+        .output()
+        .expect("running ls");
+    assert!(out.status.success(), "ls: {}", stderr_of(&out));
+    let mut fds: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (left, target) = line.split_once(" -> ")?;
+            let fd = left.rsplit(' ').next()?;
+            Some((fd.to_string(), target.to_string()))
+        })
+        // stdio, and the directory ls reads.
+        .filter(|(fd, target)| !["0", "1", "2"].contains(&fd.as_str()) && !target.ends_with("/fd"))
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// Every descriptor kiln opens for a VM (/dev/kvm, the VM and vCPUs, the
+/// eventfds of interrupts, queues and the VM's end, the epoll, disks, the
+/// vsock listener, pipes) is close-on-exec: a program the embedding process
+/// starts while a VM runs inherits none of them.
+#[test]
+fn a_program_started_while_a_vm_runs_inherits_none_of_its_descriptors() {
+    require_kvm!();
+    use kiln::config::{ConsoleKind, DiskConfig, VsockConfig};
+    let scratch = Scratch::new("cloexec");
+    let disk = scratch.path("data.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut config = guest_config("serial_irq");
+    config.timeout = None;
+    config.rng = true;
+    config.console = ConsoleKind::Virtio;
+    config.disks.push(DiskConfig {
+        path: disk,
+        read_only: false,
+        id: None,
+    });
+    config.vsock = Some(VsockConfig {
+        cid: 3,
+        socket: scratch.path("vsock.sock"),
+    });
+    let before = inherited_fds();
+    let capture = common::Capture::default();
+    let (input, _input_writer) = common::pipe();
+    let io = kiln::ConsoleIo {
+        output: Box::new(capture.clone()),
+        input: Some(input),
+    };
+    let vm = kiln::spawn(config, io, Instant::now()).unwrap();
+    // The guest prints once every device exists and its vCPU runs.
+    let ready = capture.wait_for(b"ready\n", common::HANG_LIMIT);
+    let during = inherited_fds();
+    vm.stop();
+    let report = vm.wait().unwrap();
+    assert!(ready, "the guest never printed: {:?}", report.outcome);
+    assert_eq!(
+        during, before,
+        "descriptors a program inherits from a running VM"
+    );
+}
