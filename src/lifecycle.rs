@@ -21,6 +21,9 @@ pub struct Lifecycle {
     started: Instant,
     first_run: OnceLock<Instant>,
     userspace_at: OnceLock<Instant>,
+    /// Fault injection for tests: the event loop panics at its next wake-up.
+    #[cfg(test)]
+    pub(crate) panic_event_loop: AtomicBool,
 }
 
 impl Lifecycle {
@@ -33,6 +36,8 @@ impl Lifecycle {
             started,
             first_run: OnceLock::new(),
             userspace_at: OnceLock::new(),
+            #[cfg(test)]
+            panic_event_loop: AtomicBool::new(false),
         })
     }
 

@@ -234,10 +234,11 @@ fn checksum_matches(block: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A scratch directory for one test, removed on drop.
     pub(crate) struct TempDir(pub PathBuf);
     impl TempDir {
         pub(crate) fn new(tag: &str) -> Self {
