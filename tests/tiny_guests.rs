@@ -877,3 +877,67 @@ fn a_program_started_while_a_vm_runs_inherits_none_of_its_descriptors() {
         "descriptors a program inherits from a running VM"
     );
 }
+
+/// README: SIGINT and SIGTERM stop kiln in every phase, set-up included.
+/// A signal while kiln copies a big image root (a slow step: the copy is as
+/// large as the image) ends it at once with 128+N on both of `kiln run`'s
+/// paths: the copy stops, the guest never starts, nothing is left behind.
+#[test]
+fn a_signal_during_the_scratch_copy_stops_kiln() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::FileExt;
+    use std::process::Stdio;
+    require_kvm!();
+    let scratch = Scratch::new("setup-signal");
+    let image = scratch.path("root.img");
+    // Data all the way (no hole to skip) and an ext superblock magic: an
+    // image root to kiln, never booted.
+    let file = fs::File::create(&image).unwrap();
+    let mib = vec![1u8; 1 << 20];
+    for i in 0..512u64 {
+        file.write_all_at(&mib, i << 20).unwrap();
+    }
+    file.write_all_at(&[0x53, 0xef], 1080).unwrap();
+    let guest = test_guest("hello");
+    let vsock = format!("cid=3,socket={}", path_str(&scratch.path("v.sock")));
+    for (signal, path_args) in [
+        (libc::SIGTERM, vec![]),
+        (libc::SIGINT, vec!["--vsock", vsock.as_str()]),
+    ] {
+        let tmp = scratch.path(&format!("tmp-{signal}"));
+        fs::create_dir(&tmp).unwrap();
+        let mut kiln = common::kiln_cli()
+            .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+            .args(["--rootfs", path_str(&image)])
+            .args(&path_args)
+            .env("KILN_LOG", "info")
+            .env("TMPDIR", &tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(kiln.stderr.take().unwrap());
+        let mut log = String::new();
+        while !log.contains("rootfs: copying") {
+            if stderr.read_line(&mut log).unwrap() == 0 {
+                panic!("kiln ended without copying the image: {log}");
+            }
+        }
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(kiln.id() as libc::pid_t, signal) }, 0);
+        stderr.read_to_string(&mut log).unwrap();
+        let status = kiln.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + signal), "{path_args:?}: {log}");
+        assert!(
+            log.contains(&format!("interrupted by signal {signal}")),
+            "{path_args:?}: {log}"
+        );
+        // The copy was cut short: the root's disk was never made (a disk
+        // that was logs its counters), nor did the guest start.
+        for never in ["block kiln-rootfs", "guest started"] {
+            assert!(!log.contains(never), "{path_args:?}: {log}");
+        }
+        let left: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "{path_args:?} left {left:?}");
+    }
+}

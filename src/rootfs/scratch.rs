@@ -16,15 +16,19 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Largest piece one copy_file_range or read/write moves.
-const CHUNK: u64 = 1 << 30;
+/// Largest piece one copy_file_range moves: `stop` is asked between pieces,
+/// so a stop request waits for at most this much copying.
+const CHUNK: u64 = 64 << 20;
 /// Buffer of the read/write fallback.
 const BUFFER: usize = 1 << 20;
 
 /// Copies `original` into a new unnamed file and returns it (open for
 /// reading and writing). The original is locked shared while it is copied,
 /// so a kiln that has it open for writing (`--disk`) makes this fail.
-pub fn scratch_copy(original: &Path) -> io::Result<File> {
+/// `stop` is asked between pieces of the copy: once it answers true, the
+/// copy ends with an [`io::ErrorKind::Interrupted`] error (and the unnamed
+/// file with it), so that a big image does not hold up a stop request.
+pub fn scratch_copy(original: &Path, stop: &dyn Fn() -> bool) -> io::Result<File> {
     let src = File::open(original)?;
     lock_shared(&src)?;
     let len = src.metadata()?.len();
@@ -38,9 +42,16 @@ pub fn scratch_copy(original: &Path) -> io::Result<File> {
             return Ok(dst);
         }
     }
-    let dst = unnamed_file(&std::env::temp_dir())?;
+    let dir = std::env::temp_dir();
+    let dst = unnamed_file(&dir)?;
     if clone(&src, &dst).is_err() {
-        copy_sparse(&src, &dst, len)?;
+        log::info!(
+            "rootfs: copying {} ({} MiB) into {}",
+            original.display(),
+            len >> 20,
+            dir.display()
+        );
+        copy_sparse(&src, &dst, len, stop)?;
     }
     Ok(dst)
 }
@@ -123,7 +134,7 @@ fn clone(src: &File, dst: &File) -> io::Result<()> {
 
 /// Copies the data regions of `src` (its first `len` bytes) to the same
 /// offsets in `dst` and gives `dst` the length `len`: holes stay holes.
-fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
+fn copy_sparse(src: &File, dst: &File, len: u64, stop: &dyn Fn() -> bool) -> io::Result<()> {
     let mut pos = 0;
     while pos < len {
         let (start, end) = match seek(src, pos, libc::SEEK_DATA) {
@@ -136,7 +147,7 @@ fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
         if start >= len {
             break;
         }
-        copy_range(src, dst, start, end - start)?;
+        copy_range(src, dst, start, end - start, stop)?;
         pos = end;
     }
     dst.set_len(len)
@@ -151,9 +162,18 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
 
 /// Copies `len` bytes at `offset` from `src` to the same offset in `dst`,
 /// in the kernel when it can (copy_file_range), else through a buffer.
-fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+fn copy_range(
+    src: &File,
+    dst: &File,
+    offset: u64,
+    len: u64,
+    stop: &dyn Fn() -> bool,
+) -> io::Result<()> {
     let mut done = 0;
     while done < len {
+        if stop() {
+            return Err(stopped());
+        }
         let at = libc::loff_t::try_from(offset + done).map_err(|_| io::ErrorKind::InvalidInput)?;
         let (mut off_in, mut off_out) = (at, at);
         let want = (len - done).min(CHUNK) as usize;
@@ -177,7 +197,7 @@ fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
                 match e.raw_os_error() {
                     Some(libc::EINTR) => {}
                     Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => {
-                        return copy_buffered(src, dst, offset + done, len - done);
+                        return copy_buffered(src, dst, offset + done, len - done, stop);
                     }
                     _ => return Err(e),
                 }
@@ -188,10 +208,19 @@ fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// The fallback of `copy_range`: pread/pwrite through a buffer.
-fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+fn copy_buffered(
+    src: &File,
+    dst: &File,
+    offset: u64,
+    len: u64,
+    stop: &dyn Fn() -> bool,
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUFFER.min(len as usize)];
     let mut done = 0;
     while done < len {
+        if stop() {
+            return Err(stopped());
+        }
         let want = (len - done).min(buf.len() as u64) as usize;
         let n = src.read_at(&mut buf[..want], offset + done)?;
         if n == 0 {
@@ -201,6 +230,10 @@ fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()
         done += n as u64;
     }
     Ok(())
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "stopped while copying")
 }
 
 fn shrank() -> io::Error {
@@ -217,6 +250,10 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     const MIB: u64 = 1 << 20;
+
+    fn never() -> bool {
+        false
+    }
 
     /// A 64 MiB file with data at 0, 32 MiB and its last byte; holes between.
     fn sparse_image(dir: &Path) -> std::path::PathBuf {
@@ -240,7 +277,7 @@ mod tests {
         let t = TempDir::new("scratch");
         let path = sparse_image(&t.0);
         let before = std::fs::read(&path).unwrap();
-        let copy = scratch_copy(&path).unwrap();
+        let copy = scratch_copy(&path, &never).unwrap();
         let meta = copy.metadata().unwrap();
         assert_eq!(meta.nlink(), 0, "the copy has no name");
         assert_eq!(meta.mode() & 0o777, 0o600);
@@ -264,16 +301,16 @@ mod tests {
         let src = File::open(&path).unwrap();
         let dst = named_then_unlinked(&t.0).unwrap();
         assert_eq!(dst.metadata().unwrap().nlink(), 0);
-        copy_buffered(&src, &dst, 0, 64 * MIB).unwrap();
+        copy_buffered(&src, &dst, 0, 64 * MIB, &never).unwrap();
         assert_eq!(contents(&dst), std::fs::read(&path).unwrap());
         // Past the end of the source: reported, not looped on.
-        let e = copy_buffered(&src, &dst, 64 * MIB - 1, 2).unwrap_err();
+        let e = copy_buffered(&src, &dst, 64 * MIB - 1, 2, &never).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
-        let e = copy_range(&src, &dst, 64 * MIB - 1, 2).unwrap_err();
+        let e = copy_range(&src, &dst, 64 * MIB - 1, 2, &never).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let empty = t.0.join("empty.img");
         File::create(&empty).unwrap();
-        let copy = scratch_copy(&empty).unwrap();
+        let copy = scratch_copy(&empty, &never).unwrap();
         assert_eq!(copy.metadata().unwrap().len(), 0);
     }
 
@@ -287,10 +324,42 @@ mod tests {
             unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
             0
         );
-        let e = scratch_copy(&path).unwrap_err();
+        let e = scratch_copy(&path, &never).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         assert!(e.to_string().contains("locked"), "{e}");
         drop(holder);
-        scratch_copy(&path).unwrap();
+        scratch_copy(&path, &never).unwrap();
+    }
+
+    /// A stop request ends a copy between two pieces: the copy that was
+    /// asked to stop after its first piece has copied no more than that.
+    #[test]
+    fn a_stop_ends_the_copy_between_pieces() {
+        let t = TempDir::new("scratch-stop");
+        let path = t.0.join("full.img");
+        let f = File::create(&path).unwrap();
+        // All data, no holes: three pieces of CHUNK.
+        for piece in 0..3 {
+            f.write_all_at(&vec![0x5a; CHUNK as usize], piece * CHUNK)
+                .unwrap();
+        }
+        let src = File::open(&path).unwrap();
+        for fallback in [false, true] {
+            let asked = std::cell::Cell::new(0);
+            let stop = || {
+                asked.set(asked.get() + 1);
+                asked.get() > 1
+            };
+            let dst = named_then_unlinked(&t.0).unwrap();
+            let e = match fallback {
+                false => copy_sparse(&src, &dst, 3 * CHUNK, &stop),
+                true => copy_buffered(&src, &dst, 0, 3 * CHUNK, &stop),
+            }
+            .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Interrupted, "{e}");
+            assert_eq!(asked.get(), 2, "fallback {fallback}");
+            let copied = dst.metadata().unwrap().blocks() * 512;
+            assert!(copied <= CHUNK, "{copied} bytes copied after the stop");
+        }
     }
 }

@@ -58,6 +58,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     // root is reported as such even on a host without KVM.
     let mem = memory::create_guest_memory(config.mem_bytes)?;
     let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref())?;
+    stop_point(life)?;
     let vm = Vm::new(&mem)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(Error::Config(format!(
@@ -73,9 +74,15 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     let mut event_loop = EventLoop::new()?;
     let mut devices =
         DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
-    if let Some(input) =
-        attach_virtio_devices(&slots, &mut devices, &output, io.input, config.seccomp)?
-    {
+    let stop = || life.is_stopping();
+    if let Some(input) = attach_virtio_devices(
+        &slots,
+        &mut devices,
+        &output,
+        io.input,
+        config.seccomp,
+        &stop,
+    )? {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
@@ -85,6 +92,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
     mptable::setup_mptable(&mem, config.vcpus)?;
     let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
+    stop_point(life)?;
     Ok(BuiltVm {
         vm,
         mem,
@@ -93,6 +101,19 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
         event_loop,
         panic_watch,
     })
+}
+
+/// Where the set-up gives up once the VM has been asked to stop (a signal
+/// to `kiln run`, [`VmHandle::stop`](crate::VmHandle::stop)): between its
+/// steps, and within the long ones (a scratch copy).
+fn stop_point(life: &Lifecycle) -> Result<()> {
+    match life.is_stopping() {
+        true => Err(Error::Io {
+            what: "setting up the VM",
+            source: io::Error::new(io::ErrorKind::Interrupted, "stopped"),
+        }),
+        false => Ok(()),
+    }
 }
 
 fn validate(config: &VmConfig) -> Result<()> {
@@ -232,16 +253,18 @@ fn attach_virtio_devices(
     output: &SharedWriter,
     mut input: Option<File>,
     seccomp: SeccompMode,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Option<File>> {
     use kiln_devices::virtio::net::{MacAddr, Net};
     for slot in slots {
         match *slot {
             VirtioSlot::RootImage(path) => {
                 // Unnamed: closing it (when the VM ends, whatever way) deletes it.
-                let copy = rootfs::scratch_copy(path).map_err(|source| RootfsError::Copy {
-                    path: path.to_owned(),
-                    source,
-                })?;
+                let copy =
+                    rootfs::scratch_copy(path, stop).map_err(|source| RootfsError::Copy {
+                        path: path.to_owned(),
+                        source,
+                    })?;
                 let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
                     .map_err(Error::RootfsImage)?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;

@@ -208,7 +208,23 @@ fn run_with(
         buses,
         mut event_loop,
         panic_watch,
-    } = builder::build(config, io, &life)?;
+    } = match builder::build(config, io, &life) {
+        Ok(built) => built,
+        // Asked to stop while it was set up (a signal during a long scratch
+        // copy): the VM ended before it ran, as the stop says.
+        Err(e) => match life.outcome() {
+            Some(outcome) => {
+                log::debug!("set-up stopped: {e}");
+                return Ok(RunReport {
+                    outcome,
+                    startup: None,
+                    userspace_started: None,
+                    exits: ExitCounts::default(),
+                });
+            }
+            None => return Err(e),
+        },
+    };
 
     // Every thread filters itself before the guest's first instruction: the
     // vCPU threads wait for their start until this one has its filter too.
