@@ -503,7 +503,11 @@ fn dispatch(shared: &Shared, msg: Msg) {
         Msg::Stderr { id, data } => push(&mut st, id, 1, data, &mut credit),
         Msg::StdinCredit { id, bytes } => {
             if let Some(e) = st.execs.get_mut(&id) {
-                e.stdin_credit = e.stdin_credit.saturating_add(bytes);
+                // An agent returns credit for bytes it was sent, so the
+                // host never holds more than the window; a grant past it
+                // (hostile or broken) would let the host send stdin
+                // without flow control.
+                e.stdin_credit = e.stdin_credit.saturating_add(bytes).min(STDIN_WINDOW);
             }
         }
         Msg::Exited { id, status, reason } => {

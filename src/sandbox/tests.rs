@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kiln_init::protocol::{self, encode_data, ExitReason, Msg, K_STDERR, K_STDOUT, MAX_DATA};
 
-use super::{Command, Sandbox, OUTPUT_WINDOW};
+use super::{Command, Sandbox, OUTPUT_WINDOW, STDIN_WINDOW};
 
 /// A sandbox over a fake agent that has sent HELLO and never reads.
 fn sandbox() -> (Sandbox, UnixStream) {
@@ -133,5 +133,26 @@ fn output_queues_stay_within_the_window() {
             );
         }
     }
+    drop(p);
+}
+
+/// Guest input is hostile: stdin credit an agent grants beyond the window
+/// (here: u32::MAX, twice, and one more byte) leaves the host with at most
+/// one window to send without hearing from the agent.
+#[test]
+fn stdin_credit_never_exceeds_the_window() {
+    let (sb, mut agent) = sandbox();
+    let p = sb.spawn(Command::new("cat").stdin_piped()).unwrap();
+    let mut frames = Vec::new();
+    for bytes in [u32::MAX, u32::MAX, 1] {
+        Msg::StdinCredit { id: 1, bytes }
+            .encode(&mut frames)
+            .unwrap();
+    }
+    agent.write_all(&frames).unwrap();
+    let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
+    agent.write_all(&exited(2)).unwrap();
+    barrier.wait().unwrap();
+    assert_eq!(sb.shared.lock().execs[&1].stdin_credit, STDIN_WINDOW);
     drop(p);
 }
