@@ -42,7 +42,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_init::protocol::{
-    self, Decoder, ExecOptions, ExitReason, Msg, Stream, OUTPUT_WINDOW, STDIN_WINDOW,
+    self, Decoder, ExecOptions, ExitReason, Msg, Stream, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW,
 };
 
 use crate::config::SeccompMode;
@@ -136,9 +136,36 @@ pub(crate) struct ExecState {
 #[derive(Default)]
 pub(crate) struct State {
     pub(crate) execs: HashMap<u32, ExecState>,
+    /// The orphaned execs, oldest first (see [`State::orphan`]).
+    orphans: VecDeque<u32>,
     next_id: u32,
     /// Why the connection ended, once it has.
     pub(crate) dead: Option<String>,
+}
+
+impl State {
+    /// Marks exec `id` orphaned: its `Process` is gone but the agent has
+    /// not reported its end, so its entry waits for that report. An honest
+    /// agent runs at most `MAX_EXECS` commands at once, so orphans past
+    /// that many are commands it will never report (a hostile or broken
+    /// agent): the oldest are forgotten, and the table stays bounded
+    /// however many processes are dropped.
+    pub(crate) fn orphan(&mut self, id: u32) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        e.orphaned = true;
+        e.discard = [true; 2];
+        let execs = &self.execs;
+        self.orphans
+            .retain(|o| execs.get(o).is_some_and(|e| e.orphaned));
+        self.orphans.push_back(id);
+        while self.orphans.len() > MAX_EXECS {
+            if let Some(oldest) = self.orphans.pop_front() {
+                self.execs.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// What the reader thread, the sandbox and every process share.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use kiln_init::protocol::{self, encode_data, ExitReason, Msg, K_STDERR, K_STDOUT, MAX_DATA};
 
 use super::{Command, Sandbox, OUTPUT_WINDOW, STDIN_WINDOW};
+use kiln_init::protocol::MAX_EXECS;
 
 /// A sandbox over a fake agent that has sent HELLO and never reads.
 fn sandbox() -> (Sandbox, UnixStream) {
@@ -155,4 +156,26 @@ fn stdin_credit_never_exceeds_the_window() {
     barrier.wait().unwrap();
     assert_eq!(sb.shared.lock().execs[&1].stdin_credit, STDIN_WINDOW);
     drop(p);
+}
+
+/// Guest input is hostile: an agent that never reports the end of the
+/// commands whose `Process` was dropped leaves the host's command table
+/// bounded (at most `MAX_EXECS` such commands, as many as an honest agent
+/// can run at once), however many are spawned and dropped.
+#[test]
+fn dropped_processes_whose_end_is_never_reported_stay_bounded() {
+    let (sb, agent) = sandbox();
+    // Reads (and ignores) what the host sends, so no send waits.
+    let mut drain = agent.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut drain, &mut std::io::sink());
+    });
+    for _ in 0..4 * MAX_EXECS {
+        drop(sb.spawn(Command::new("never-ends")).unwrap());
+    }
+    let known = sb.shared.lock().execs.len();
+    assert!(known <= MAX_EXECS, "{known} dropped commands kept");
+    drop(sb);
+    drop(agent);
+    reader.join().unwrap();
 }
