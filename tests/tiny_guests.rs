@@ -937,7 +937,73 @@ fn a_signal_during_the_scratch_copy_stops_kiln() {
         for never in ["block kiln-rootfs", "guest started"] {
             assert!(!log.contains(never), "{path_args:?}: {log}");
         }
+        // The copy went next to the image (unnamed); the agent path's
+        // socket directory went into $TMPDIR: nothing of either is left.
         let left: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
         assert!(left.is_empty(), "{path_args:?} left {left:?}");
+        let mut names: Vec<String> = fs::read_dir(&scratch.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with("tmp-"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["root.img"], "{path_args:?}");
     }
+}
+
+/// README: `--scratch-dir DIR` puts an image root's scratch copy in DIR
+/// (default: next to the image); a DIR that cannot take it stops kiln with
+/// one line naming it.
+#[test]
+fn the_scratch_copy_goes_into_scratch_dir() {
+    use std::os::unix::fs::FileExt;
+    require_kvm!();
+    let scratch = Scratch::new("scratch-dir");
+    let image = scratch.path("root.img");
+    let file = fs::File::create(&image).unwrap();
+    file.write_all_at(&[1u8; 64 << 10], 0).unwrap();
+    file.write_all_at(&[0x53, 0xef], 1080).unwrap();
+    let dir = scratch.path("copies");
+    fs::create_dir(&dir).unwrap();
+    let guest = test_guest("hello");
+    let run = |dir: &Path| {
+        common::kiln_cli()
+            .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+            .args(["--rootfs", path_str(&image), "--scratch-dir", path_str(dir)])
+            .env("KILN_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let out = run(&dir);
+    assert_eq!(out.status.code(), Some(42), "{}", stderr_of(&out));
+    let copied = format!(
+        "rootfs: copying {} (0 MiB) into {}",
+        path_str(&image),
+        path_str(&dir)
+    );
+    assert!(stderr_of(&out).contains(&copied), "{}", stderr_of(&out));
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        0,
+        "the copy has no name"
+    );
+
+    let missing = scratch.path("missing");
+    let args = ["--scratch-dir", path_str(&missing)];
+    let out = common::kiln_cli()
+        .args([
+            "run",
+            "--kernel",
+            path_str(&guest),
+            "--rootfs",
+            path_str(&image),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert_refused(
+        &out,
+        &args,
+        &format!("cannot make a scratch copy: {}", path_str(&missing)),
+    );
 }

@@ -4,11 +4,11 @@
 //! The copy never has a name (O_TMPFILE), or loses it right after it is
 //! created where O_TMPFILE is missing, so it disappears with its last file
 //! descriptor: when the VM ends, on every error path, and even if kiln is
-//! killed. It is a reflink (FICLONE: instant, blocks shared until written)
-//! next to the original where that file system can; otherwise a copy in the
-//! temporary directory ($TMPDIR, else /tmp) that keeps the image's holes
-//! (SEEK_DATA/SEEK_HOLE with copy_file_range), so a mostly empty image costs
-//! only its data.
+//! killed. It goes into the directory the user named, else next to the
+//! original (else the temporary directory): a reflink (FICLONE: instant,
+//! blocks shared until written) where the file system can, otherwise a copy
+//! that keeps the image's holes (SEEK_DATA/SEEK_HOLE with copy_file_range),
+//! so a mostly empty image costs only its data until the guest writes.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -22,38 +22,70 @@ const CHUNK: u64 = 64 << 20;
 /// Buffer of the read/write fallback.
 const BUFFER: usize = 1 << 20;
 
-/// Copies `original` into a new unnamed file and returns it (open for
-/// reading and writing). The original is locked shared while it is copied,
-/// so a kiln that has it open for writing (`--disk`) makes this fail.
-/// `stop` is asked between pieces of the copy: once it answers true, the
-/// copy ends with an [`io::ErrorKind::Interrupted`] error (and the unnamed
-/// file with it), so that a big image does not hold up a stop request.
-pub fn scratch_copy(original: &Path, stop: &dyn Fn() -> bool) -> io::Result<File> {
+/// Copies `original` into a new unnamed file in `dir` (default: see
+/// [`scratch_dirs`]) and returns it (open for reading and writing). The
+/// original is locked shared while it is copied, so a kiln that has it open
+/// for writing (`--disk`) makes this fail. `stop` is asked between pieces of
+/// the copy: once it answers true, the copy ends with an
+/// [`io::ErrorKind::Interrupted`] error (and the unnamed file with it), so
+/// that a big image does not hold up a stop request.
+///
+/// The copy never grows past the image: the virtio-blk device refuses every
+/// request beyond the size the disk had when it was opened.
+pub fn scratch_copy(
+    original: &Path,
+    dir: Option<&Path>,
+    stop: &dyn Fn() -> bool,
+) -> io::Result<File> {
     let src = File::open(original)?;
     lock_shared(&src)?;
     let len = src.metadata()?.len();
-    // A reflink only works within one file system: try next to the original.
-    let dir = std::fs::canonicalize(original)?
-        .parent()
-        .map(Path::to_path_buf);
-    if let Some(dst) = dir.and_then(|d| unnamed_file(&d).ok()) {
-        if clone(&src, &dst).is_ok() {
-            log::debug!("rootfs: {} reflinked", original.display());
-            return Ok(dst);
+    let mut candidates = scratch_dirs(original, dir)?.into_iter().peekable();
+    let (dst, dir) = loop {
+        let dir = candidates.next().expect("at least one directory");
+        match unnamed_file(&dir) {
+            Ok(file) => break (file, dir),
+            Err(e) if candidates.peek().is_some() => {
+                log::info!("rootfs: no scratch file in {}: {e}", dir.display());
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
         }
-    }
-    let dir = std::env::temp_dir();
-    let dst = unnamed_file(&dir)?;
-    if clone(&src, &dst).is_err() {
-        log::info!(
-            "rootfs: copying {} ({} MiB) into {}",
+    };
+    if clone(&src, &dst).is_ok() {
+        log::debug!(
+            "rootfs: {} reflinked in {}",
             original.display(),
-            len >> 20,
             dir.display()
         );
-        copy_sparse(&src, &dst, len, stop)?;
+        return Ok(dst);
     }
+    log::info!(
+        "rootfs: copying {} ({} MiB) into {}",
+        original.display(),
+        len >> 20,
+        dir.display()
+    );
+    copy_sparse(&src, &dst, len, stop)?;
     Ok(dst)
+}
+
+/// Where the scratch copy of `original` may go, in order: `dir` alone when
+/// given; else the image's own directory (a disk that already holds the
+/// image, where a reflink can share its blocks, rather than `$TMPDIR`,
+/// often RAM), then the temporary directory for an image whose directory
+/// takes no new file (read-only, not the user's).
+fn scratch_dirs(original: &Path, dir: Option<&Path>) -> io::Result<Vec<std::path::PathBuf>> {
+    if let Some(dir) = dir {
+        return Ok(vec![dir.to_owned()]);
+    }
+    let mut dirs = Vec::with_capacity(2);
+    dirs.extend(
+        std::fs::canonicalize(original)?
+            .parent()
+            .map(Path::to_path_buf),
+    );
+    dirs.push(std::env::temp_dir());
+    Ok(dirs)
 }
 
 fn lock_shared(file: &File) -> io::Result<()> {
@@ -277,7 +309,7 @@ mod tests {
         let t = TempDir::new("scratch");
         let path = sparse_image(&t.0);
         let before = std::fs::read(&path).unwrap();
-        let copy = scratch_copy(&path, &never).unwrap();
+        let copy = scratch_copy(&path, None, &never).unwrap();
         let meta = copy.metadata().unwrap();
         assert_eq!(meta.nlink(), 0, "the copy has no name");
         assert_eq!(meta.mode() & 0o777, 0o600);
@@ -310,7 +342,7 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let empty = t.0.join("empty.img");
         File::create(&empty).unwrap();
-        let copy = scratch_copy(&empty, &never).unwrap();
+        let copy = scratch_copy(&empty, None, &never).unwrap();
         assert_eq!(copy.metadata().unwrap().len(), 0);
     }
 
@@ -324,11 +356,11 @@ mod tests {
             unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
             0
         );
-        let e = scratch_copy(&path, &never).unwrap_err();
+        let e = scratch_copy(&path, None, &never).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         assert!(e.to_string().contains("locked"), "{e}");
         drop(holder);
-        scratch_copy(&path, &never).unwrap();
+        scratch_copy(&path, None, &never).unwrap();
     }
 
     /// A stop request ends a copy between two pieces: the copy that was
@@ -361,5 +393,48 @@ mod tests {
             let copied = dst.metadata().unwrap().blocks() * 512;
             assert!(copied <= CHUNK, "{copied} bytes copied after the stop");
         }
+    }
+
+    /// The path of the file behind `file`'s descriptor, as /proc shows it
+    /// (`DIR/#INODE (deleted)` for an unnamed file).
+    fn fd_path(file: &File) -> String {
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        std::fs::read_link(link).unwrap().display().to_string()
+    }
+
+    /// The copy goes into the directory given, else next to the image
+    /// (then the temporary directory, for an image whose directory takes
+    /// no new file); a directory that cannot take it is named in the error.
+    #[test]
+    fn the_copy_goes_where_it_is_told_else_next_to_the_image() {
+        let t = TempDir::new("scratch-where");
+        let images = t.0.join("images");
+        let elsewhere = t.0.join("elsewhere");
+        std::fs::create_dir(&images).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        let path = images.join("root.img");
+        std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+        let images = std::fs::canonicalize(&images).unwrap();
+        let elsewhere = std::fs::canonicalize(&elsewhere).unwrap();
+
+        let copy = scratch_copy(&path, None, &never).unwrap();
+        assert!(fd_path(&copy).starts_with(&format!("{}/", images.display())));
+        let copy = scratch_copy(&path, Some(&elsewhere), &never).unwrap();
+        assert!(fd_path(&copy).starts_with(&format!("{}/", elsewhere.display())));
+        assert_eq!(contents(&copy), std::fs::read(&path).unwrap());
+        // Only the image is in its directory, nothing in the other.
+        assert_eq!(std::fs::read_dir(&images).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+        assert_eq!(
+            scratch_dirs(&path, None).unwrap(),
+            [images, std::env::temp_dir()]
+        );
+        let missing = t.0.join("missing");
+        let e = scratch_copy(&path, Some(&missing), &never).unwrap_err();
+        assert!(
+            e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
     }
 }

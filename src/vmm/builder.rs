@@ -193,7 +193,8 @@ fn build_cmdline(
 /// One virtio device of a VM; its place in [`virtio_slots`] is its MMIO
 /// window and IRQ, and the guest's name for it.
 enum VirtioSlot<'a> {
-    RootImage(&'a Path),
+    /// The image, and where its scratch copy goes.
+    RootImage(&'a Path, Option<&'a Path>),
     Disk(&'a DiskConfig),
     Rng,
     Vsock(&'a VsockConfig),
@@ -208,7 +209,7 @@ enum VirtioSlot<'a> {
 fn virtio_slots<'a>(config: &'a VmConfig, rootfs: Option<&'a Rootfs>) -> Vec<VirtioSlot<'a>> {
     let mut slots = Vec::new();
     if let Some(Rootfs::Image(path)) = rootfs {
-        slots.push(VirtioSlot::RootImage(path));
+        slots.push(VirtioSlot::RootImage(path, config.scratch_dir.as_deref()));
     }
     slots.extend(config.disks.iter().map(VirtioSlot::Disk));
     if config.rng {
@@ -232,7 +233,7 @@ impl VirtioSlot<'_> {
     /// A command-line word the device needs besides its `virtio_mmio.device=`.
     fn cmdline_word(&self) -> Option<String> {
         match self {
-            Self::RootImage(_) => Some(format!(
+            Self::RootImage(..) => Some(format!(
                 "{}={}",
                 kiln_init::ROOT_PARAM,
                 rootfs::IMAGE_DEVICE
@@ -258,13 +259,14 @@ fn attach_virtio_devices(
     use kiln_devices::virtio::net::{MacAddr, Net};
     for slot in slots {
         match *slot {
-            VirtioSlot::RootImage(path) => {
+            VirtioSlot::RootImage(path, scratch_dir) => {
                 // Unnamed: closing it (when the VM ends, whatever way) deletes it.
-                let copy =
-                    rootfs::scratch_copy(path, stop).map_err(|source| RootfsError::Copy {
+                let copy = rootfs::scratch_copy(path, scratch_dir, stop).map_err(|source| {
+                    RootfsError::Copy {
                         path: path.to_owned(),
                         source,
-                    })?;
+                    }
+                })?;
                 let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
                     .map_err(Error::RootfsImage)?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
