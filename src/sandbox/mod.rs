@@ -493,7 +493,22 @@ impl Drop for Sandbox {
     }
 }
 
+/// Marks the connection dead if the reader thread panics (a kiln bug), so
+/// that no caller waits for frames nobody will read.
+struct DeadOnPanic<'a>(&'a Shared);
+
+impl Drop for DeadOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let reason = "the sandbox's reader thread panicked (a kiln bug)";
+            self.0.lock().dead.get_or_insert_with(|| reason.into());
+            self.0.cond.notify_all();
+        }
+    }
+}
+
 fn reader_loop(mut read: UnixStream, mut decoder: Decoder, shared: &Shared) {
+    let _dead_on_panic = DeadOnPanic(shared);
     let mut buf = vec![0u8; 64 << 10];
     let reason = 'outer: loop {
         loop {
@@ -560,6 +575,9 @@ fn dispatch(shared: &Shared, msg: Msg) {
                 End::Exited(ExitStatus::Code(code), ExitReason::Normal),
             );
         }
+        // Fault injection for tests: the reader thread panics.
+        #[cfg(test)]
+        Msg::Shutdown => panic!("fault injection: the sandbox reader panics"),
         // STARTED needs nothing; host-to-guest kinds from the guest are
         // ignored rather than trusted.
         _ => {}

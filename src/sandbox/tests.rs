@@ -179,3 +179,24 @@ fn dropped_processes_whose_end_is_never_reported_stay_bounded() {
     drop(agent);
     reader.join().unwrap();
 }
+
+/// A panic in the sandbox's reader thread (a kiln bug; here a test-only
+/// fault: a SHUTDOWN frame from the agent) ends the connection: a caller
+/// waiting for a command gets `Disconnected` at once, not a wait for frames
+/// nobody reads.
+#[test]
+fn a_panic_in_the_reader_thread_ends_the_connection() {
+    let (sb, mut agent) = sandbox();
+    // Its timeout only bounds the wait when the fault goes unseen (the
+    // host's backstop: 20 s later, a `Timeout`).
+    let waits = Command::new("waits").timeout(Duration::from_millis(1));
+    let mut p = sb.spawn(waits).unwrap();
+    let mut frame = Vec::new();
+    Msg::Shutdown.encode(&mut frame).unwrap();
+    agent.write_all(&frame).unwrap();
+    let e = p.wait().unwrap_err();
+    assert!(
+        matches!(&e, super::SandboxError::Disconnected { reason, .. } if reason.contains("panicked")),
+        "{e}"
+    );
+}
