@@ -24,6 +24,9 @@ pub struct Lifecycle {
     /// Fault injection for tests: the event loop panics at its next wake-up.
     #[cfg(test)]
     pub(crate) panic_event_loop: AtomicBool,
+    /// Fault injection for tests: vCPU 1 panics as it starts.
+    #[cfg(test)]
+    pub(crate) panic_vcpu1: AtomicBool,
 }
 
 impl Lifecycle {
@@ -38,6 +41,8 @@ impl Lifecycle {
             userspace_at: OnceLock::new(),
             #[cfg(test)]
             panic_event_loop: AtomicBool::new(false),
+            #[cfg(test)]
+            panic_vcpu1: AtomicBool::new(false),
         })
     }
 

@@ -362,6 +362,36 @@ mod tests {
         std::fs::write(path, elf).unwrap();
     }
 
+    /// A panic in a vCPU thread ends the VM (here: vCPU 1 of 2, through
+    /// a fault injected by the test): vCPU 0 and the event loop do not go
+    /// on without it.
+    #[test]
+    fn a_panic_in_a_vcpu_thread_ends_the_vm() {
+        if !kiln_prereq::require(kiln_prereq::have_kvm(), "/dev/kvm not accessible") {
+            return;
+        }
+        let dir = crate::rootfs::tests::TempDir::new("vcpu-panic");
+        let kernel = dir.0.join("spin.elf");
+        spinning_guest(&kernel);
+        let mut config = VmConfig::new(&kernel);
+        config.mem_bytes = 32 << 20;
+        config.vcpus = 2;
+        // Ends the run when the panic goes unseen (then the outcome is Timeout).
+        config.timeout = Some(Duration::from_secs(60));
+        let io = ConsoleIo {
+            output: Box::new(std::io::sink()),
+            input: None,
+        };
+        let (vm, gate) = spawn_gated(config, io, Instant::now()).unwrap();
+        vm.life.panic_vcpu1.store(true, Ordering::SeqCst);
+        gate.open();
+        let outcome = vm.wait().unwrap().outcome;
+        assert!(
+            matches!(&outcome, VmOutcome::KvmFailure(m) if m.contains("vCPU 1 thread panicked")),
+            "{outcome:?}"
+        );
+    }
+
     /// A panic in the VM thread (here: its event loop, through a fault
     /// injected by the test) stops the VM: the vCPU threads, which would
     /// run the guest forever, are stopped and joined before the panic
