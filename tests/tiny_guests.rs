@@ -878,6 +878,18 @@ fn a_program_started_while_a_vm_runs_inherits_none_of_its_descriptors() {
     );
 }
 
+/// An "image root" of `mib` MiB of data (no hole to skip) with an ext
+/// superblock magic: what kiln takes for an ext4 image; never booted here.
+fn data_image(path: &Path, mib: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::File::create(path).unwrap();
+    let data = vec![1u8; 1 << 20];
+    for i in 0..mib {
+        file.write_all_at(&data, i << 20).unwrap();
+    }
+    file.write_all_at(&[0x53, 0xef], 1080).unwrap();
+}
+
 /// README: SIGINT and SIGTERM stop kiln in every phase, set-up included.
 /// A signal while kiln copies a big image root (a slow step: the copy is as
 /// large as the image) ends it at once with 128+N on both of `kiln run`'s
@@ -885,19 +897,11 @@ fn a_program_started_while_a_vm_runs_inherits_none_of_its_descriptors() {
 #[test]
 fn a_signal_during_the_scratch_copy_stops_kiln() {
     use std::io::{BufRead, BufReader};
-    use std::os::unix::fs::FileExt;
     use std::process::Stdio;
     require_kvm!();
     let scratch = Scratch::new("setup-signal");
     let image = scratch.path("root.img");
-    // Data all the way (no hole to skip) and an ext superblock magic: an
-    // image root to kiln, never booted.
-    let file = fs::File::create(&image).unwrap();
-    let mib = vec![1u8; 1 << 20];
-    for i in 0..512u64 {
-        file.write_all_at(&mib, i << 20).unwrap();
-    }
-    file.write_all_at(&[0x53, 0xef], 1080).unwrap();
+    data_image(&image, 512);
     let guest = test_guest("hello");
     let vsock = format!("cid=3,socket={}", path_str(&scratch.path("v.sock")));
     for (signal, path_args) in [
@@ -956,13 +960,10 @@ fn a_signal_during_the_scratch_copy_stops_kiln() {
 /// one line naming it.
 #[test]
 fn the_scratch_copy_goes_into_scratch_dir() {
-    use std::os::unix::fs::FileExt;
     require_kvm!();
     let scratch = Scratch::new("scratch-dir");
     let image = scratch.path("root.img");
-    let file = fs::File::create(&image).unwrap();
-    file.write_all_at(&[1u8; 64 << 10], 0).unwrap();
-    file.write_all_at(&[0x53, 0xef], 1080).unwrap();
+    data_image(&image, 1);
     let dir = scratch.path("copies");
     fs::create_dir(&dir).unwrap();
     let guest = test_guest("hello");
@@ -977,7 +978,7 @@ fn the_scratch_copy_goes_into_scratch_dir() {
     let out = run(&dir);
     assert_eq!(out.status.code(), Some(42), "{}", stderr_of(&out));
     let copied = format!(
-        "rootfs: copying {} (0 MiB) into {}",
+        "rootfs: copying {} (1 MiB) into {}",
         path_str(&image),
         path_str(&dir)
     );

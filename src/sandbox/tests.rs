@@ -37,6 +37,16 @@ fn exited(id: u32) -> Vec<u8> {
     frame
 }
 
+/// Writes `frames` as the agent and returns once the host has dispatched
+/// them: frames are dispatched in order, so once the end of a command
+/// spawned after them (the host's exec `barrier_id`) is seen, they are.
+fn deliver(sb: &Sandbox, agent: &mut UnixStream, frames: &[u8], barrier_id: u32) {
+    agent.write_all(frames).unwrap();
+    let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
+    agent.write_all(&exited(barrier_id)).unwrap();
+    barrier.wait().unwrap();
+}
+
 /// Guest input is hostile: an agent that fills a command's windows and
 /// never reports its end must not make the host keep those bytes once the
 /// command's `Process` is dropped, however many commands that happens to.
@@ -93,11 +103,7 @@ fn a_repeated_exec_failed_is_kept_once() {
         .encode(&mut frames)
         .unwrap();
     }
-    agent.write_all(&frames).unwrap();
-    // Dispatched in order: once the barrier's end is seen, every report is.
-    let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
-    agent.write_all(&exited(2)).unwrap();
-    barrier.wait().unwrap();
+    deliver(&sb, &mut agent, &frames, 2);
     let mut stderr = String::new();
     p.stderr().unwrap().read_to_string(&mut stderr).unwrap();
     assert_eq!(stderr, "kiln: missing: not found\n");
@@ -119,10 +125,7 @@ fn output_queues_stay_within_the_window() {
         }
         encode_data(&mut frames, kind, 1, &[b'y'; 64]);
     }
-    agent.write_all(&frames).unwrap();
-    let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
-    agent.write_all(&exited(2)).unwrap();
-    barrier.wait().unwrap();
+    deliver(&sb, &mut agent, &frames, 2);
     {
         let st = sb.shared.lock();
         for q in &st.execs[&1].out {
@@ -150,10 +153,7 @@ fn stdin_credit_never_exceeds_the_window() {
             .encode(&mut frames)
             .unwrap();
     }
-    agent.write_all(&frames).unwrap();
-    let mut barrier = sb.spawn(Command::new("barrier")).unwrap();
-    agent.write_all(&exited(2)).unwrap();
-    barrier.wait().unwrap();
+    deliver(&sb, &mut agent, &frames, 2);
     assert_eq!(sb.shared.lock().execs[&1].stdin_credit, STDIN_WINDOW);
     drop(p);
 }

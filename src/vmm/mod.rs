@@ -362,6 +362,26 @@ mod tests {
         std::fs::write(path, elf).unwrap();
     }
 
+    /// A VM of `vcpus` vCPUs spinning in the guest until stopped (or
+    /// `timeout`), not started yet.
+    fn spinning_vm(
+        dir: &crate::rootfs::tests::TempDir,
+        vcpus: u8,
+        timeout: Option<Duration>,
+    ) -> (VmHandle, GuestGate) {
+        let kernel = dir.0.join("spin.elf");
+        spinning_guest(&kernel);
+        let mut config = VmConfig::new(&kernel);
+        config.mem_bytes = 32 << 20;
+        config.vcpus = vcpus;
+        config.timeout = timeout;
+        let io = ConsoleIo {
+            output: Box::new(std::io::sink()),
+            input: None,
+        };
+        spawn_gated(config, io, Instant::now()).unwrap()
+    }
+
     /// A panic in a vCPU thread ends the VM (here: vCPU 1 of 2, through
     /// a fault injected by the test): vCPU 0 and the event loop do not go
     /// on without it.
@@ -371,18 +391,8 @@ mod tests {
             return;
         }
         let dir = crate::rootfs::tests::TempDir::new("vcpu-panic");
-        let kernel = dir.0.join("spin.elf");
-        spinning_guest(&kernel);
-        let mut config = VmConfig::new(&kernel);
-        config.mem_bytes = 32 << 20;
-        config.vcpus = 2;
-        // Ends the run when the panic goes unseen (then the outcome is Timeout).
-        config.timeout = Some(Duration::from_secs(60));
-        let io = ConsoleIo {
-            output: Box::new(std::io::sink()),
-            input: None,
-        };
-        let (vm, gate) = spawn_gated(config, io, Instant::now()).unwrap();
+        // The timeout ends the run when the panic goes unseen (outcome Timeout).
+        let (vm, gate) = spinning_vm(&dir, 2, Some(Duration::from_secs(60)));
         vm.life.panic_vcpu1.store(true, Ordering::SeqCst);
         gate.open();
         let outcome = vm.wait().unwrap().outcome;
@@ -402,16 +412,7 @@ mod tests {
             return;
         }
         let dir = crate::rootfs::tests::TempDir::new("vmm-panic");
-        let kernel = dir.0.join("spin.elf");
-        spinning_guest(&kernel);
-        let mut config = VmConfig::new(&kernel);
-        config.mem_bytes = 32 << 20;
-        config.vcpus = 2;
-        let io = ConsoleIo {
-            output: Box::new(std::io::sink()),
-            input: None,
-        };
-        let (vm, gate) = spawn_gated(config, io, Instant::now()).unwrap();
+        let (vm, gate) = spinning_vm(&dir, 2, None);
         // Seen once the guest runs: the event loop starts after the vCPUs.
         vm.life.panic_event_loop.store(true, Ordering::SeqCst);
         vm.life.exit_evt().write(1).unwrap();
