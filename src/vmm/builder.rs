@@ -57,7 +57,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     // Load the guest before opening /dev/kvm, so a bad kernel, initrd or
     // root is reported as such even on a host without KVM.
     let mem = memory::create_guest_memory(config.mem_bytes)?;
-    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref())?;
+    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref(), life)?;
     stop_point(life)?;
     let vm = Vm::new(&mem)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
@@ -313,6 +313,7 @@ fn load_kernel_and_initramfs(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     rootfs: Option<&Rootfs>,
+    life: &Arc<Lifecycle>,
 ) -> Result<(LoadedKernel, Option<InitrdPlacement>)> {
     let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
     log::debug!("kernel entry {:?}", kernel.entry);
@@ -351,7 +352,10 @@ fn load_kernel_and_initramfs(
     }
     initramfs.resize(initramfs.len().next_multiple_of(4), 0);
     let limit = usize::try_from(config.mem_bytes).unwrap_or(usize::MAX);
-    let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)?;
+    let life = life.clone();
+    let stop = Box::new(move || life.is_stopping());
+    let kiln_archive =
+        initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit, Some(stop))?;
     initramfs.extend_from_slice(&kiln_archive);
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, Some(initrd)))
