@@ -58,6 +58,10 @@ pub enum CpioError {
         /// What is wrong, naming the entry.
         reason: String,
     },
+    /// The VM was asked to stop while its root was being packed (see
+    /// [`CpioBuilder::stop_when`]).
+    #[error("{}: stopped while it was being packed", .0.display())]
+    Stopped(PathBuf),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> CpioError + '_ {
@@ -97,7 +101,6 @@ impl Meta {
 /// leading '/' is dropped); missing parent directories are added (0755)
 /// before their children. Entries are owned by root unless a caller gives
 /// a [`Meta`] of its own.
-#[derive(Debug)]
 pub struct CpioBuilder {
     out: Vec<u8>,
     next_ino: u32,
@@ -108,6 +111,18 @@ pub struct CpioBuilder {
     /// Host entries (data, headers and names) stop being added once the
     /// archive reaches this size.
     limit: usize,
+    /// Asked before each host entry: true ends packing (a stop request).
+    stop: Option<Box<dyn Fn() -> bool + Send>>,
+}
+
+impl std::fmt::Debug for CpioBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpioBuilder")
+            .field("len", &self.out.len())
+            .field("entries", &self.names.len())
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for CpioBuilder {
@@ -125,6 +140,21 @@ impl CpioBuilder {
             names: HashMap::new(),
             links: HashMap::new(),
             limit: usize::MAX,
+            stop: None,
+        }
+    }
+
+    /// Asks `stop` before each host entry (`tree`, tar entries) and fails
+    /// with [`CpioError::Stopped`] once it answers true: packing a big root
+    /// does not hold up a stop request.
+    pub fn stop_when(&mut self, stop: Box<dyn Fn() -> bool + Send>) {
+        self.stop = Some(stop);
+    }
+
+    fn check_stop(&self, origin: &Path) -> Result<(), CpioError> {
+        match self.stop.as_ref().is_some_and(|stop| stop()) {
+            true => Err(CpioError::Stopped(origin.to_owned())),
+            false => Ok(()),
         }
     }
 
@@ -177,6 +207,7 @@ impl CpioBuilder {
         data: &mut dyn io::Read,
         origin: &Path,
     ) -> Result<Option<usize>, CpioError> {
+        self.check_stop(origin)?;
         let Some(offset) = self.entry_start(name, ino, meta, nlink, 0) else {
             return Ok(None);
         };
@@ -273,6 +304,7 @@ impl CpioBuilder {
         entries.sort_by_key(|e| e.file_name());
         for entry in entries {
             let path = entry.path();
+            self.check_stop(&path)?;
             // Headers and names count: a tree of empty entries has a size too.
             if self.out.len() > self.limit {
                 return Err(CpioError::OverLimit {
@@ -613,6 +645,39 @@ pub(crate) mod tests {
             (null.mode, null.rdev, null.data.len()),
             (0o20666, (1, 3), 0)
         );
+    }
+
+    #[test]
+    fn a_stop_request_ends_packing_at_the_next_entry() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let tree = sample_tree("stop");
+        // Answers "stop" from its third question on.
+        let asking = |asked: &Arc<AtomicUsize>| {
+            let asked = asked.clone();
+            Box::new(move || asked.fetch_add(1, Ordering::SeqCst) >= 2)
+        };
+        let asked = Arc::new(AtomicUsize::new(0));
+        let mut cpio = CpioBuilder::new();
+        cpio.stop_when(asking(&asked));
+        let err = cpio.tree(&tree.0).unwrap_err();
+        assert!(matches!(err, CpioError::Stopped(_)), "{err}");
+        assert_eq!(asked.load(Ordering::SeqCst), 3, "one question per entry");
+        assert_eq!(err.to_string().lines().count(), 1);
+        // Entries added one by one (as from a tar archive) ask too.
+        let asked = Arc::new(AtomicUsize::new(0));
+        let mut cpio = CpioBuilder::new();
+        cpio.stop_when(asking(&asked));
+        let origin = Path::new("root.tar");
+        let mut add = |name: &[u8]| {
+            let ino = cpio.new_ino();
+            let meta = Meta::root(S_IFREG | 0o644);
+            cpio.entry_from_reader(name, ino, meta, 1, &mut &b"data"[..], origin)
+        };
+        assert!(add(b"a").is_ok() && add(b"b").is_ok());
+        assert!(matches!(add(b"c"), Err(CpioError::Stopped(_))));
+        let names: Vec<&[u8]> = cpio.names().collect();
+        assert!(!names.contains(&&b"c"[..]), "{names:?}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use kiln_devices::virtio::mmio::{MmioTransport, REG_QUEUE_NOTIFY};
 use kiln_devices::virtio::{Interrupt, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::console::PanicWatch;
 use crate::error::{Error, Result};
@@ -67,7 +67,7 @@ impl<'a> DeviceManager<'a> {
         let (base, len) = (u64::from(SERIAL_PORT_BASE), u64::from(SERIAL_PORT_SIZE));
         pio.insert(serial.clone(), base, len)?;
 
-        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::device_io("reset eventfd"))?;
+        let reset_evt = kiln_devices::new_eventfd().map_err(Error::device_io("reset eventfd"))?;
         let reset_dup = reset_evt
             .try_clone()
             .map_err(Error::device_io("reset eventfd"))?;

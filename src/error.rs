@@ -136,8 +136,9 @@ pub enum Error {
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
     /// The thread [`spawn`](crate::spawn) started panicked (a kiln bug);
-    /// returned by [`VmHandle::wait`](crate::VmHandle::wait).
-    #[error("device setup: the VM thread panicked")]
+    /// its vCPUs were stopped and joined first. Returned by
+    /// [`VmHandle::wait`](crate::VmHandle::wait).
+    #[error("the VM thread panicked (a kiln bug); the VM was stopped")]
     VmThreadPanicked,
 
     /// A sandbox's VM in a kiln process of its own failed: the process's

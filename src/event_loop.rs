@@ -82,6 +82,14 @@ impl MutEventSubscriber for VmEvents {
             });
         } else {
             let _ = self.life.exit_evt().read();
+            #[cfg(test)]
+            if self
+                .life
+                .panic_event_loop
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                panic!("fault injection: the event loop panics");
+            }
         }
     }
 }

@@ -46,13 +46,20 @@ fn add_kiln_entries(cpio: &mut CpioBuilder, spec: &ExecSpec) -> Result<(), Initr
 /// nothing: it is a disk); kiln's entries win on name collisions. The root
 /// may add at most `limit` bytes (the guest's memory), so one that cannot
 /// fit fails before it fills the host's.
+///
+/// `stop`, when given, is asked before each entry of the root: once it
+/// answers true, packing ends with [`CpioError::Stopped`].
 pub fn kiln_initramfs_with(
     spec: &ExecSpec,
     agent_port: Option<u32>,
     rootfs: Option<&Rootfs>,
     limit: usize,
+    stop: Option<Box<dyn Fn() -> bool + Send>>,
 ) -> Result<Vec<u8>, InitramfsError> {
     let mut cpio = CpioBuilder::with_limit(limit);
+    if let Some(stop) = stop {
+        cpio.stop_when(stop);
+    }
     add_kiln_entries(&mut cpio, spec)?;
     if let Some(port) = agent_port {
         let port = port.to_string();
@@ -77,7 +84,7 @@ mod tests {
     /// kiln's initramfs with a directory root, as `kiln run --rootfs DIR` builds it.
     fn kiln_initramfs(spec: &ExecSpec, root: Option<&Path>) -> Result<Vec<u8>, InitramfsError> {
         let root = root.map(|dir| Rootfs::Directory(dir.to_owned()));
-        kiln_initramfs_with(spec, None, root.as_ref(), usize::MAX)
+        kiln_initramfs_with(spec, None, root.as_ref(), usize::MAX, None)
     }
 
     #[test]

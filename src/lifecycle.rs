@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kiln_devices::control::{ControlEvents, GuestExit, STAGE_USERSPACE};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::outcome::VmOutcome;
 
@@ -21,6 +21,12 @@ pub struct Lifecycle {
     started: Instant,
     first_run: OnceLock<Instant>,
     userspace_at: OnceLock<Instant>,
+    /// Fault injection for tests: the event loop panics at its next wake-up.
+    #[cfg(test)]
+    pub(crate) panic_event_loop: AtomicBool,
+    /// Fault injection for tests: vCPU 1 panics as it starts.
+    #[cfg(test)]
+    pub(crate) panic_vcpu1: AtomicBool,
 }
 
 impl Lifecycle {
@@ -29,10 +35,14 @@ impl Lifecycle {
         Ok(Self {
             stopping: AtomicBool::new(false),
             outcome: Mutex::new(None),
-            exit_evt: EventFd::new(EFD_NONBLOCK)?,
+            exit_evt: kiln_devices::new_eventfd()?,
             started,
             first_run: OnceLock::new(),
             userspace_at: OnceLock::new(),
+            #[cfg(test)]
+            panic_event_loop: AtomicBool::new(false),
+            #[cfg(test)]
+            panic_vcpu1: AtomicBool::new(false),
         })
     }
 

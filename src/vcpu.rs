@@ -88,6 +88,7 @@ impl VcpuThread {
             seccomp,
             move || {
                 let _finished = finished_tx; // dropped on return or unwind
+                let _end_on_panic = EndOnPanic(&life, id);
                 match start.recv() {
                     Ok(()) => run_loop(id, vcpu, &pio, &mmio, &life),
                     Err(_) => ExitCounts::default(),
@@ -124,9 +125,26 @@ impl VcpuThread {
     }
 }
 
+/// Ends the VM when a vCPU thread panics (a kiln bug): the other vCPUs
+/// and the event loop must not go on with a vCPU missing.
+struct EndOnPanic<'a>(&'a Lifecycle, u8);
+
+impl Drop for EndOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let what = format!("vCPU {} thread panicked (a kiln bug)", self.1);
+            self.0.finish(VmOutcome::KvmFailure(what));
+        }
+    }
+}
+
 fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, life: &Lifecycle) -> ExitCounts {
     let mut counts = ExitCounts::default();
     life.mark_first_run();
+    #[cfg(test)]
+    if id == 1 && life.panic_vcpu1.load(std::sync::atomic::Ordering::SeqCst) {
+        panic!("fault injection: vCPU 1 panics");
+    }
     while !life.is_stopping() {
         match vcpu.run() {
             Ok(exit) => {

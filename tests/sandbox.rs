@@ -235,6 +235,21 @@ fn one_vm_many_commands() {
         )
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "x y|/tmp|1000:1001\n");
+    // README (Security): a command run as root reaches /dev/mem (kiln's
+    // control page) and the agent (PID 1: its memory map, signals); one run
+    // as an unprivileged user reaches neither.
+    let reach = "for t in 'head -c 1 /dev/mem' 'cat /proc/1/maps' 'kill -0 1'; do \
+                 if $t >/dev/null 2>&1; then echo \"$t: yes\"; else echo \"$t: no\"; fi; done";
+    let as_root = sb.exec(sh(reach)).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&as_root.stdout),
+        "head -c 1 /dev/mem: yes\ncat /proc/1/maps: yes\nkill -0 1: yes\n"
+    );
+    let as_nobody = sb.exec(sh(reach).uid(65534).gid(65534)).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&as_nobody.stdout),
+        "head -c 1 /dev/mem: no\ncat /proc/1/maps: no\nkill -0 1: no\n"
+    );
     // A command that cannot start is reported as a shell does: 127 when
     // it is not found, 126 when it cannot be executed; the reason on stderr.
     let out = sb.exec(Command::new("/no/such/cmd")).unwrap();

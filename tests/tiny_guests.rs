@@ -811,3 +811,201 @@ fn sandbox_builder_memory_vcpus_and_timeout_reach_the_vm() {
         other => panic!("{other}"),
     }
 }
+
+/// What a program started now inherits besides stdin, stdout and stderr:
+/// (descriptor, what it is), as `ls -l /proc/self/fd` in it shows them
+/// (after its exec, so close-on-exec descriptors are gone).
+fn inherited_fds() -> Vec<(String, String)> {
+    let out = std::process::Command::new("ls")
+        .args(["-l", "/proc/self/fd/"])
+        .output()
+        .expect("running ls");
+    assert!(out.status.success(), "ls: {}", stderr_of(&out));
+    let mut fds: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (left, target) = line.split_once(" -> ")?;
+            let fd = left.rsplit(' ').next()?;
+            Some((fd.to_string(), target.to_string()))
+        })
+        // stdio, and the directory ls reads.
+        .filter(|(fd, target)| !["0", "1", "2"].contains(&fd.as_str()) && !target.ends_with("/fd"))
+        .collect();
+    fds.sort();
+    fds
+}
+
+/// Every descriptor kiln opens for a VM (/dev/kvm, the VM and vCPUs, the
+/// eventfds of interrupts, queues and the VM's end, the epoll, disks, the
+/// vsock listener, pipes) is close-on-exec: a program the embedding process
+/// starts while a VM runs inherits none of them.
+#[test]
+fn a_program_started_while_a_vm_runs_inherits_none_of_its_descriptors() {
+    require_kvm!();
+    use kiln::config::{ConsoleKind, DiskConfig, VsockConfig};
+    let scratch = Scratch::new("cloexec");
+    let disk = scratch.path("data.img");
+    fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut config = guest_config("serial_irq");
+    config.timeout = None;
+    config.rng = true;
+    config.console = ConsoleKind::Virtio;
+    config.disks.push(DiskConfig {
+        path: disk,
+        read_only: false,
+        id: None,
+    });
+    config.vsock = Some(VsockConfig {
+        cid: 3,
+        socket: scratch.path("vsock.sock"),
+    });
+    let before = inherited_fds();
+    let capture = common::Capture::default();
+    let (input, _input_writer) = common::pipe();
+    let io = kiln::ConsoleIo {
+        output: Box::new(capture.clone()),
+        input: Some(input),
+    };
+    let vm = kiln::spawn(config, io, Instant::now()).unwrap();
+    // The guest prints once every device exists and its vCPU runs.
+    let ready = capture.wait_for(b"ready\n", common::HANG_LIMIT);
+    let during = inherited_fds();
+    vm.stop();
+    let report = vm.wait().unwrap();
+    assert!(ready, "the guest never printed: {:?}", report.outcome);
+    assert_eq!(
+        during, before,
+        "descriptors a program inherits from a running VM"
+    );
+}
+
+/// An "image root" of `mib` MiB of data (no hole to skip) with an ext
+/// superblock magic: what kiln takes for an ext4 image; never booted here.
+fn data_image(path: &Path, mib: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::File::create(path).unwrap();
+    let data = vec![1u8; 1 << 20];
+    for i in 0..mib {
+        file.write_all_at(&data, i << 20).unwrap();
+    }
+    file.write_all_at(&[0x53, 0xef], 1080).unwrap();
+}
+
+/// README: SIGINT and SIGTERM stop kiln in every phase, set-up included.
+/// A signal while kiln copies a big image root (a slow step: the copy is as
+/// large as the image) ends it at once with 128+N on both of `kiln run`'s
+/// paths: the copy stops, the guest never starts, nothing is left behind.
+#[test]
+fn a_signal_during_the_scratch_copy_stops_kiln() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    require_kvm!();
+    let scratch = Scratch::new("setup-signal");
+    let image = scratch.path("root.img");
+    data_image(&image, 512);
+    let guest = test_guest("hello");
+    let vsock = format!("cid=3,socket={}", path_str(&scratch.path("v.sock")));
+    for (signal, path_args) in [
+        (libc::SIGTERM, vec![]),
+        (libc::SIGINT, vec!["--vsock", vsock.as_str()]),
+    ] {
+        let tmp = scratch.path(&format!("tmp-{signal}"));
+        fs::create_dir(&tmp).unwrap();
+        let mut kiln = common::kiln_cli()
+            .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+            .args(["--rootfs", path_str(&image)])
+            .args(&path_args)
+            .env("KILN_LOG", "info")
+            .env("TMPDIR", &tmp)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(kiln.stderr.take().unwrap());
+        let mut log = String::new();
+        while !log.contains("rootfs: copying") {
+            if stderr.read_line(&mut log).unwrap() == 0 {
+                panic!("kiln ended without copying the image: {log}");
+            }
+        }
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(kiln.id() as libc::pid_t, signal) }, 0);
+        stderr.read_to_string(&mut log).unwrap();
+        let status = kiln.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + signal), "{path_args:?}: {log}");
+        assert!(
+            log.contains(&format!("interrupted by signal {signal}")),
+            "{path_args:?}: {log}"
+        );
+        // The copy was cut short: the root's disk was never made (a disk
+        // that was logs its counters), nor did the guest start.
+        for never in ["block kiln-rootfs", "guest started"] {
+            assert!(!log.contains(never), "{path_args:?}: {log}");
+        }
+        // The copy went next to the image (unnamed); the agent path's
+        // socket directory went into $TMPDIR: nothing of either is left.
+        let left: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "{path_args:?} left {left:?}");
+        let mut names: Vec<String> = fs::read_dir(&scratch.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with("tmp-"))
+            .collect();
+        names.sort();
+        assert_eq!(names, ["root.img"], "{path_args:?}");
+    }
+}
+
+/// README: `--scratch-dir DIR` puts an image root's scratch copy in DIR
+/// (default: next to the image); a DIR that cannot take it stops kiln with
+/// one line naming it.
+#[test]
+fn the_scratch_copy_goes_into_scratch_dir() {
+    require_kvm!();
+    let scratch = Scratch::new("scratch-dir");
+    let image = scratch.path("root.img");
+    data_image(&image, 1);
+    let dir = scratch.path("copies");
+    fs::create_dir(&dir).unwrap();
+    let guest = test_guest("hello");
+    let run = |dir: &Path| {
+        common::kiln_cli()
+            .args(["run", "--kernel", path_str(&guest), "--mem", "32M"])
+            .args(["--rootfs", path_str(&image), "--scratch-dir", path_str(dir)])
+            .env("KILN_LOG", "info")
+            .output()
+            .unwrap()
+    };
+    let out = run(&dir);
+    assert_eq!(out.status.code(), Some(42), "{}", stderr_of(&out));
+    let copied = format!(
+        "rootfs: copying {} (1 MiB) into {}",
+        path_str(&image),
+        path_str(&dir)
+    );
+    assert!(stderr_of(&out).contains(&copied), "{}", stderr_of(&out));
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        0,
+        "the copy has no name"
+    );
+
+    let missing = scratch.path("missing");
+    let args = ["--scratch-dir", path_str(&missing)];
+    let out = common::kiln_cli()
+        .args([
+            "run",
+            "--kernel",
+            path_str(&guest),
+            "--rootfs",
+            path_str(&image),
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert_refused(
+        &out,
+        &args,
+        &format!("cannot make a scratch copy: {}", path_str(&missing)),
+    );
+}

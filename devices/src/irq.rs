@@ -1,7 +1,7 @@
 //! Interrupt lines from device models to the guest.
 
 use std::io;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// An interrupt line backed by an eventfd that the monitor registers with KVM as
 /// an irqfd: raising it injects the IRQ without a round trip through user space.
@@ -12,7 +12,7 @@ impl IrqLine {
     /// A new line (a non-blocking eventfd); fails only when the host is out
     /// of file descriptors.
     pub fn new() -> io::Result<Self> {
-        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
+        Ok(Self(crate::new_eventfd()?))
     }
 
     /// The eventfd to register with KVM (`register_irqfd`).

@@ -42,6 +42,15 @@ pub mod serial;
 pub mod tap;
 pub mod virtio;
 
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+/// A new non-blocking eventfd, closed on exec: every eventfd kiln creates
+/// comes from here, so none is inherited by a program the embedding process
+/// (or a program it spawns while a VM runs) executes.
+pub fn new_eventfd() -> std::io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+}
+
 // Public only for kiln's fuzz targets (fuzz/); not part of the API.
 #[doc(hidden)]
 pub mod fuzzing;

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 
 use vm_superio::serial::SerialEvents;
 use vm_superio::Serial;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
@@ -48,7 +48,7 @@ impl SerialDevice {
     /// the vCPU thread that made the access: a slow writer holds the guest
     /// up). Fails only when the host is out of file descriptors.
     pub fn new(irq: IrqLine, out: Box<dyn Write + Send>) -> io::Result<Self> {
-        let ready = InputReady(EventFd::new(EFD_NONBLOCK)?);
+        let ready = InputReady(crate::new_eventfd()?);
         Ok(Self {
             uart: Serial::with_events(irq, ready, out),
             loopback: false,

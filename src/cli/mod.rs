@@ -124,6 +124,10 @@ pub struct VmArgs {
     /// at /dev/vdb) and kiln's init switches root into it.
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
+    /// Where the scratch copy of an image --rootfs goes (default: next to
+    /// the image, else $TMPDIR when its directory takes no new file).
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
     /// Extra kernel command-line words, appended after kiln's defaults.
     #[arg(long = "cmdline", value_name = "STR")]
     pub extra_cmdline: Option<String>,
@@ -190,6 +194,7 @@ impl From<VmArgs> for VmConfig {
             kernel,
             initrd,
             rootfs,
+            scratch_dir,
             extra_cmdline,
             mem_bytes,
             vcpus,
@@ -207,6 +212,7 @@ impl From<VmArgs> for VmConfig {
             kernel,
             initrd,
             rootfs,
+            scratch_dir,
             extra_cmdline,
             mem_bytes,
             vcpus,
@@ -333,6 +339,7 @@ mod tests {
         "--kernel=k",
         "--initrd=i",
         "--rootfs=r",
+        "--scratch-dir=s",
         "--cmdline=ip=1",
         "--mem=1G",
         "--cpus=2",

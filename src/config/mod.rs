@@ -59,6 +59,12 @@ pub struct VmConfig {
     /// switched to. A directory or archive root lives in guest RAM and is
     /// refused if it does not fit.
     pub rootfs: Option<PathBuf>,
+    /// Where the scratch copy of an image `rootfs` goes (an unnamed file,
+    /// as large as the image at most). Default: the image's own directory
+    /// (a disk that already holds the image, and where a reflink can share
+    /// its blocks), else the temporary directory (`$TMPDIR`, else `/tmp`,
+    /// often RAM) when the image's directory takes no new file.
+    pub scratch_dir: Option<PathBuf>,
     /// Appended to kiln's default kernel command line.
     pub extra_cmdline: Option<String>,
     /// Guest RAM in bytes (default 256 MiB): at least 16 MiB, a multiple of
@@ -117,6 +123,7 @@ impl Default for VmConfig {
             kernel: PathBuf::new(),
             initrd: None,
             rootfs: None,
+            scratch_dir: None,
             extra_cmdline: None,
             mem_bytes: DEFAULT_MEM_BYTES,
             vcpus: 1,

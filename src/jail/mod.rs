@@ -92,8 +92,12 @@ impl JailError {
 /// One host path the jail shows at the same path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Bind {
-    /// Absolute, as the run names it (symbolic links not resolved).
+    /// Absolute, as the run names it (symbolic links not resolved): where
+    /// the jail shows it.
     path: PathBuf,
+    /// The host path shown there (`path` but for the image root's scratch
+    /// directory, which kiln finds by resolving the image's path).
+    source: PathBuf,
     writable: bool,
     /// A device node kiln needs (/dev/kvm).
     device: bool,
@@ -143,9 +147,32 @@ impl JailPlan {
             Some(path) => matches!(Rootfs::detect(path), Ok(Rootfs::Image(_))),
             None => false,
         };
-        match image_root {
-            true => binds.push(Bind::file(tmp, true)),
-            false => scratch_dirs.push(tmp),
+        match (image_root, &config.rootfs) {
+            (true, Some(image)) => {
+                // Its scratch copy goes to --scratch-dir, else next to the
+                // image (the directory its resolved path names), else $TMPDIR
+                // (see rootfs::scratch_copy): kiln makes it before it drops
+                // its privileges.
+                match &config.scratch_dir {
+                    Some(dir) => binds.push(Bind::file(absolute(dir), true)),
+                    None => {
+                        let shown = absolute(image);
+                        let real = std::fs::canonicalize(image).ok();
+                        if let (Some(shown), Some(real)) =
+                            (shown.parent(), real.as_deref().and_then(Path::parent))
+                        {
+                            binds.push(Bind {
+                                path: shown.to_path_buf(),
+                                source: real.to_path_buf(),
+                                writable: true,
+                                device: false,
+                            });
+                        }
+                        binds.push(Bind::file(tmp, true));
+                    }
+                }
+            }
+            _ => scratch_dirs.push(tmp),
         }
         // Shorter paths first: a file inside a bound directory is bound over
         // the directory's view of it, never created through it.
@@ -233,6 +260,7 @@ impl JailPlan {
 impl Bind {
     fn file(path: PathBuf, writable: bool) -> Self {
         Self {
+            source: path.clone(),
             path,
             writable,
             device: false,
@@ -242,6 +270,7 @@ impl Bind {
     fn device(path: &str) -> Self {
         Self {
             path: PathBuf::from(path),
+            source: PathBuf::from(path),
             writable: true,
             device: true,
         }

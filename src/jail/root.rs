@@ -52,7 +52,7 @@ pub(super) fn open_sources(binds: &[Bind]) -> Vec<Option<Source>> {
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
-                .open(&bind.path)
+                .open(&bind.source)
                 .ok()?;
             let kind = file.metadata().ok()?.file_type();
             Some(Source {

@@ -6,7 +6,7 @@
 //!   the host;
 //! - an **ext2/3/4 image** is attached as the first virtio-blk disk
 //!   (`/dev/vda`, serial `kiln-rootfs`), backed by a private scratch copy
-//!   that disappears with the VM, and kiln's init mounts it and switches
+//!   (next to the image, or in `scratch_dir`) that disappears with the VM, and kiln's init mounts it and switches
 //!   root into it (`kiln.root=/dev/vda` on the kernel command line).
 //!
 //! The kind is told by content, not by the file name. The original is only
@@ -72,8 +72,9 @@ pub enum RootfsError {
     /// Gzip-compressed, but what it holds is not a tar archive.
     #[error("rootfs {}: gzip data, but not a gzip-compressed tar archive", .0.display())]
     GzipNotTar(PathBuf),
-    /// The private scratch copy of an image root cannot be made (no room in
-    /// `$TMPDIR`, or the image is locked by a kiln that writes it).
+    /// The private scratch copy of an image root cannot be made (its
+    /// directory takes no file, no room there, or the image is locked by a
+    /// kiln that writes it).
     #[error("rootfs {}: cannot make a scratch copy: {source}", path.display())]
     Copy {
         /// The image as configured.
@@ -234,10 +235,11 @@ fn checksum_matches(block: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
+    /// A scratch directory for one test, removed on drop.
     pub(crate) struct TempDir(pub PathBuf);
     impl TempDir {
         pub(crate) fn new(tag: &str) -> Self {

@@ -4,11 +4,11 @@
 //! The copy never has a name (O_TMPFILE), or loses it right after it is
 //! created where O_TMPFILE is missing, so it disappears with its last file
 //! descriptor: when the VM ends, on every error path, and even if kiln is
-//! killed. It is a reflink (FICLONE: instant, blocks shared until written)
-//! next to the original where that file system can; otherwise a copy in the
-//! temporary directory ($TMPDIR, else /tmp) that keeps the image's holes
-//! (SEEK_DATA/SEEK_HOLE with copy_file_range), so a mostly empty image costs
-//! only its data.
+//! killed. It goes into the directory the user named, else next to the
+//! original (else the temporary directory): a reflink (FICLONE: instant,
+//! blocks shared until written) where the file system can, otherwise a copy
+//! that keeps the image's holes (SEEK_DATA/SEEK_HOLE with copy_file_range),
+//! so a mostly empty image costs only its data until the guest writes.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -16,33 +16,76 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Largest piece one copy_file_range or read/write moves.
-const CHUNK: u64 = 1 << 30;
+/// Largest piece one copy_file_range moves: `stop` is asked between pieces,
+/// so a stop request waits for at most this much copying.
+const CHUNK: u64 = 64 << 20;
 /// Buffer of the read/write fallback.
 const BUFFER: usize = 1 << 20;
 
-/// Copies `original` into a new unnamed file and returns it (open for
-/// reading and writing). The original is locked shared while it is copied,
-/// so a kiln that has it open for writing (`--disk`) makes this fail.
-pub fn scratch_copy(original: &Path) -> io::Result<File> {
+/// Copies `original` into a new unnamed file in `dir` (default: see
+/// [`scratch_dirs`]) and returns it (open for reading and writing). The
+/// original is locked shared while it is copied, so a kiln that has it open
+/// for writing (`--disk`) makes this fail. `stop` is asked between pieces of
+/// the copy: once it answers true, the copy ends with an
+/// [`io::ErrorKind::Interrupted`] error (and the unnamed file with it), so
+/// that a big image does not hold up a stop request.
+///
+/// The copy never grows past the image: the virtio-blk device refuses every
+/// request beyond the size the disk had when it was opened.
+pub fn scratch_copy(
+    original: &Path,
+    dir: Option<&Path>,
+    stop: &dyn Fn() -> bool,
+) -> io::Result<File> {
     let src = File::open(original)?;
     lock_shared(&src)?;
     let len = src.metadata()?.len();
-    // A reflink only works within one file system: try next to the original.
-    let dir = std::fs::canonicalize(original)?
-        .parent()
-        .map(Path::to_path_buf);
-    if let Some(dst) = dir.and_then(|d| unnamed_file(&d).ok()) {
-        if clone(&src, &dst).is_ok() {
-            log::debug!("rootfs: {} reflinked", original.display());
-            return Ok(dst);
+    let mut candidates = scratch_dirs(original, dir)?.into_iter().peekable();
+    let (dst, dir) = loop {
+        let dir = candidates.next().expect("at least one directory");
+        match unnamed_file(&dir) {
+            Ok(file) => break (file, dir),
+            Err(e) if candidates.peek().is_some() => {
+                log::info!("rootfs: no scratch file in {}: {e}", dir.display());
+            }
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
         }
+    };
+    if clone(&src, &dst).is_ok() {
+        log::debug!(
+            "rootfs: {} reflinked in {}",
+            original.display(),
+            dir.display()
+        );
+        return Ok(dst);
     }
-    let dst = unnamed_file(&std::env::temp_dir())?;
-    if clone(&src, &dst).is_err() {
-        copy_sparse(&src, &dst, len)?;
-    }
+    log::info!(
+        "rootfs: copying {} ({} MiB) into {}",
+        original.display(),
+        len >> 20,
+        dir.display()
+    );
+    copy_sparse(&src, &dst, len, stop)?;
     Ok(dst)
+}
+
+/// Where the scratch copy of `original` may go, in order: `dir` alone when
+/// given; else the image's own directory (a disk that already holds the
+/// image, where a reflink can share its blocks, rather than `$TMPDIR`,
+/// often RAM), then the temporary directory for an image whose directory
+/// takes no new file (read-only, not the user's).
+fn scratch_dirs(original: &Path, dir: Option<&Path>) -> io::Result<Vec<std::path::PathBuf>> {
+    if let Some(dir) = dir {
+        return Ok(vec![dir.to_owned()]);
+    }
+    let mut dirs = Vec::with_capacity(2);
+    dirs.extend(
+        std::fs::canonicalize(original)?
+            .parent()
+            .map(Path::to_path_buf),
+    );
+    dirs.push(std::env::temp_dir());
+    Ok(dirs)
 }
 
 fn lock_shared(file: &File) -> io::Result<()> {
@@ -123,7 +166,7 @@ fn clone(src: &File, dst: &File) -> io::Result<()> {
 
 /// Copies the data regions of `src` (its first `len` bytes) to the same
 /// offsets in `dst` and gives `dst` the length `len`: holes stay holes.
-fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
+fn copy_sparse(src: &File, dst: &File, len: u64, stop: &dyn Fn() -> bool) -> io::Result<()> {
     let mut pos = 0;
     while pos < len {
         let (start, end) = match seek(src, pos, libc::SEEK_DATA) {
@@ -136,7 +179,7 @@ fn copy_sparse(src: &File, dst: &File, len: u64) -> io::Result<()> {
         if start >= len {
             break;
         }
-        copy_range(src, dst, start, end - start)?;
+        copy_range(src, dst, start, end - start, stop)?;
         pos = end;
     }
     dst.set_len(len)
@@ -151,9 +194,18 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
 
 /// Copies `len` bytes at `offset` from `src` to the same offset in `dst`,
 /// in the kernel when it can (copy_file_range), else through a buffer.
-fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+fn copy_range(
+    src: &File,
+    dst: &File,
+    offset: u64,
+    len: u64,
+    stop: &dyn Fn() -> bool,
+) -> io::Result<()> {
     let mut done = 0;
     while done < len {
+        if stop() {
+            return Err(stopped());
+        }
         let at = libc::loff_t::try_from(offset + done).map_err(|_| io::ErrorKind::InvalidInput)?;
         let (mut off_in, mut off_out) = (at, at);
         let want = (len - done).min(CHUNK) as usize;
@@ -177,7 +229,7 @@ fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
                 match e.raw_os_error() {
                     Some(libc::EINTR) => {}
                     Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP) => {
-                        return copy_buffered(src, dst, offset + done, len - done);
+                        return copy_buffered(src, dst, offset + done, len - done, stop);
                     }
                     _ => return Err(e),
                 }
@@ -188,10 +240,19 @@ fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// The fallback of `copy_range`: pread/pwrite through a buffer.
-fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+fn copy_buffered(
+    src: &File,
+    dst: &File,
+    offset: u64,
+    len: u64,
+    stop: &dyn Fn() -> bool,
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUFFER.min(len as usize)];
     let mut done = 0;
     while done < len {
+        if stop() {
+            return Err(stopped());
+        }
         let want = (len - done).min(buf.len() as u64) as usize;
         let n = src.read_at(&mut buf[..want], offset + done)?;
         if n == 0 {
@@ -201,6 +262,10 @@ fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()
         done += n as u64;
     }
     Ok(())
+}
+
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "stopped while copying")
 }
 
 fn shrank() -> io::Error {
@@ -217,6 +282,10 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     const MIB: u64 = 1 << 20;
+
+    fn never() -> bool {
+        false
+    }
 
     /// A 64 MiB file with data at 0, 32 MiB and its last byte; holes between.
     fn sparse_image(dir: &Path) -> std::path::PathBuf {
@@ -240,7 +309,7 @@ mod tests {
         let t = TempDir::new("scratch");
         let path = sparse_image(&t.0);
         let before = std::fs::read(&path).unwrap();
-        let copy = scratch_copy(&path).unwrap();
+        let copy = scratch_copy(&path, None, &never).unwrap();
         let meta = copy.metadata().unwrap();
         assert_eq!(meta.nlink(), 0, "the copy has no name");
         assert_eq!(meta.mode() & 0o777, 0o600);
@@ -264,16 +333,16 @@ mod tests {
         let src = File::open(&path).unwrap();
         let dst = named_then_unlinked(&t.0).unwrap();
         assert_eq!(dst.metadata().unwrap().nlink(), 0);
-        copy_buffered(&src, &dst, 0, 64 * MIB).unwrap();
+        copy_buffered(&src, &dst, 0, 64 * MIB, &never).unwrap();
         assert_eq!(contents(&dst), std::fs::read(&path).unwrap());
         // Past the end of the source: reported, not looped on.
-        let e = copy_buffered(&src, &dst, 64 * MIB - 1, 2).unwrap_err();
+        let e = copy_buffered(&src, &dst, 64 * MIB - 1, 2, &never).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
-        let e = copy_range(&src, &dst, 64 * MIB - 1, 2).unwrap_err();
+        let e = copy_range(&src, &dst, 64 * MIB - 1, 2, &never).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let empty = t.0.join("empty.img");
         File::create(&empty).unwrap();
-        let copy = scratch_copy(&empty).unwrap();
+        let copy = scratch_copy(&empty, None, &never).unwrap();
         assert_eq!(copy.metadata().unwrap().len(), 0);
     }
 
@@ -287,10 +356,85 @@ mod tests {
             unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
             0
         );
-        let e = scratch_copy(&path).unwrap_err();
+        let e = scratch_copy(&path, None, &never).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         assert!(e.to_string().contains("locked"), "{e}");
         drop(holder);
-        scratch_copy(&path).unwrap();
+        scratch_copy(&path, None, &never).unwrap();
+    }
+
+    /// A stop request ends a copy between two pieces: the copy that was
+    /// asked to stop after its first piece has copied no more than that.
+    #[test]
+    fn a_stop_ends_the_copy_between_pieces() {
+        let t = TempDir::new("scratch-stop");
+        let path = t.0.join("full.img");
+        let f = File::create(&path).unwrap();
+        // All data, no holes: three pieces of CHUNK.
+        for piece in 0..3 {
+            f.write_all_at(&vec![0x5a; CHUNK as usize], piece * CHUNK)
+                .unwrap();
+        }
+        let src = File::open(&path).unwrap();
+        for fallback in [false, true] {
+            let asked = std::cell::Cell::new(0);
+            let stop = || {
+                asked.set(asked.get() + 1);
+                asked.get() > 1
+            };
+            let dst = named_then_unlinked(&t.0).unwrap();
+            let e = match fallback {
+                false => copy_sparse(&src, &dst, 3 * CHUNK, &stop),
+                true => copy_buffered(&src, &dst, 0, 3 * CHUNK, &stop),
+            }
+            .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::Interrupted, "{e}");
+            assert_eq!(asked.get(), 2, "fallback {fallback}");
+            let copied = dst.metadata().unwrap().blocks() * 512;
+            assert!(copied <= CHUNK, "{copied} bytes copied after the stop");
+        }
+    }
+
+    /// The path of the file behind `file`'s descriptor, as /proc shows it
+    /// (`DIR/#INODE (deleted)` for an unnamed file).
+    fn fd_path(file: &File) -> String {
+        let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+        std::fs::read_link(link).unwrap().display().to_string()
+    }
+
+    /// The copy goes into the directory given, else next to the image
+    /// (then the temporary directory, for an image whose directory takes
+    /// no new file); a directory that cannot take it is named in the error.
+    #[test]
+    fn the_copy_goes_where_it_is_told_else_next_to_the_image() {
+        let t = TempDir::new("scratch-where");
+        let images = t.0.join("images");
+        let elsewhere = t.0.join("elsewhere");
+        std::fs::create_dir(&images).unwrap();
+        std::fs::create_dir(&elsewhere).unwrap();
+        let path = images.join("root.img");
+        std::fs::write(&path, vec![7u8; 64 << 10]).unwrap();
+        let images = std::fs::canonicalize(&images).unwrap();
+        let elsewhere = std::fs::canonicalize(&elsewhere).unwrap();
+
+        let copy = scratch_copy(&path, None, &never).unwrap();
+        assert!(fd_path(&copy).starts_with(&format!("{}/", images.display())));
+        let copy = scratch_copy(&path, Some(&elsewhere), &never).unwrap();
+        assert!(fd_path(&copy).starts_with(&format!("{}/", elsewhere.display())));
+        assert_eq!(contents(&copy), std::fs::read(&path).unwrap());
+        // Only the image is in its directory, nothing in the other.
+        assert_eq!(std::fs::read_dir(&images).unwrap().count(), 1);
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+        assert_eq!(
+            scratch_dirs(&path, None).unwrap(),
+            [images, std::env::temp_dir()]
+        );
+        let missing = t.0.join("missing");
+        let e = scratch_copy(&path, Some(&missing), &never).unwrap_err();
+        assert!(
+            e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
     }
 }

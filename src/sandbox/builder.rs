@@ -161,6 +161,13 @@ impl SandboxBuilder {
         self
     }
 
+    /// Where the scratch copy of an image root goes (see
+    /// [`VmConfig::scratch_dir`]; default: next to the image).
+    pub fn scratch_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.scratch_dir = Some(dir.into());
+        self
+    }
+
     /// A user initramfs under kiln's init.
     pub fn initrd(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.initrd = Some(path.into());

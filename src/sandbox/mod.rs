@@ -46,7 +46,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_init::protocol::{
-    self, Decoder, ExecOptions, ExitReason, Msg, Stream, OUTPUT_WINDOW, STDIN_WINDOW,
+    self, Decoder, ExecOptions, ExitReason, Msg, Stream, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW,
 };
 
 use crate::config::SeccompMode;
@@ -140,9 +140,36 @@ pub(crate) struct ExecState {
 #[derive(Default)]
 pub(crate) struct State {
     pub(crate) execs: HashMap<u32, ExecState>,
+    /// The orphaned execs, oldest first (see [`State::orphan`]).
+    orphans: VecDeque<u32>,
     next_id: u32,
     /// Why the connection ended, once it has.
     pub(crate) dead: Option<String>,
+}
+
+impl State {
+    /// Marks exec `id` orphaned: its `Process` is gone but the agent has
+    /// not reported its end, so its entry waits for that report. An honest
+    /// agent runs at most `MAX_EXECS` commands at once, so orphans past
+    /// that many are commands it will never report (a hostile or broken
+    /// agent): the oldest are forgotten, and the table stays bounded
+    /// however many processes are dropped.
+    pub(crate) fn orphan(&mut self, id: u32) {
+        let Some(e) = self.execs.get_mut(&id) else {
+            return;
+        };
+        e.orphaned = true;
+        e.discard = [true; 2];
+        let execs = &self.execs;
+        self.orphans
+            .retain(|o| execs.get(o).is_some_and(|e| e.orphaned));
+        self.orphans.push_back(id);
+        while self.orphans.len() > MAX_EXECS {
+            if let Some(oldest) = self.orphans.pop_front() {
+                self.execs.remove(&oldest);
+            }
+        }
+    }
 }
 
 /// What the reader thread, the sandbox and every process share.
@@ -470,7 +497,22 @@ impl Drop for Sandbox {
     }
 }
 
+/// Marks the connection dead if the reader thread panics (a kiln bug), so
+/// that no caller waits for frames nobody will read.
+struct DeadOnPanic<'a>(&'a Shared);
+
+impl Drop for DeadOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let reason = "the sandbox's reader thread panicked (a kiln bug)";
+            self.0.lock().dead.get_or_insert_with(|| reason.into());
+            self.0.cond.notify_all();
+        }
+    }
+}
+
 fn reader_loop(mut read: UnixStream, mut decoder: Decoder, shared: &Shared) {
+    let _dead_on_panic = DeadOnPanic(shared);
     let mut buf = vec![0u8; 64 << 10];
     let reason = 'outer: loop {
         loop {
@@ -507,7 +549,11 @@ fn dispatch(shared: &Shared, msg: Msg) {
         Msg::Stderr { id, data } => push(&mut st, id, 1, data, &mut credit),
         Msg::StdinCredit { id, bytes } => {
             if let Some(e) = st.execs.get_mut(&id) {
-                e.stdin_credit = e.stdin_credit.saturating_add(bytes);
+                // An agent returns credit for bytes it was sent, so the
+                // host never holds more than the window; a grant past it
+                // (hostile or broken) would let the host send stdin
+                // without flow control.
+                e.stdin_credit = e.stdin_credit.saturating_add(bytes).min(STDIN_WINDOW);
             }
         }
         Msg::Exited { id, status, reason } => {
@@ -533,6 +579,9 @@ fn dispatch(shared: &Shared, msg: Msg) {
                 End::Exited(ExitStatus::Code(code), ExitReason::Normal),
             );
         }
+        // Fault injection for tests: the reader thread panics.
+        #[cfg(test)]
+        Msg::Shutdown => panic!("fault injection: the sandbox reader panics"),
         // STARTED needs nothing; host-to-guest kinds from the guest are
         // ignored rather than trusted.
         _ => {}

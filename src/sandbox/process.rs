@@ -213,9 +213,8 @@ impl Process {
         let ended = st.execs.get(&self.id).is_none_or(|e| e.end.is_some());
         if ended {
             st.execs.remove(&self.id);
-        } else if let Some(e) = st.execs.get_mut(&self.id) {
-            e.orphaned = true;
-            e.discard = [true; 2];
+        } else {
+            st.orphan(self.id);
         }
         drop(st);
         self.shared.cond.notify_all();

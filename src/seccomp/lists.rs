@@ -116,6 +116,11 @@ impl List {
             // openat filter (see `no_file_opens`): glibc's malloc opens a
             // /proc file when a thread's heap first shrinks.
             libc::SYS_openat,
+            // A panic's backtrace (RUST_BACKTRACE) prints paths relative
+            // to it: without it the panic of a filtered thread died by SIGSYS
+            // instead of unwinding (and stopping its VM).
+            libc::SYS_getcwd,
+            libc::SYS_readlink,
             // std::process::abort and a panic while panicking: raise SIGABRT.
             libc::SYS_getpid,
             libc::SYS_gettid,

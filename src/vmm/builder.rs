@@ -57,7 +57,8 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     // Load the guest before opening /dev/kvm, so a bad kernel, initrd or
     // root is reported as such even on a host without KVM.
     let mem = memory::create_guest_memory(config.mem_bytes)?;
-    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref())?;
+    let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref(), life)?;
+    stop_point(life)?;
     let vm = Vm::new(&mem)?;
     if usize::from(config.vcpus) > vm.max_vcpus() {
         return Err(Error::Config(format!(
@@ -73,7 +74,10 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     let mut event_loop = EventLoop::new()?;
     let mut devices =
         DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
-    if let Some(input) = attach_virtio_devices(&slots, &mut devices, &output, io.input, config)? {
+    let stop = || life.is_stopping();
+    if let Some(input) =
+        attach_virtio_devices(&slots, &mut devices, &output, io.input, config, &stop)?
+    {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
@@ -83,6 +87,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
     mptable::setup_mptable(&mem, config.vcpus)?;
     let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
+    stop_point(life)?;
     Ok(BuiltVm {
         vm,
         mem,
@@ -91,6 +96,19 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
         event_loop,
         panic_watch,
     })
+}
+
+/// Where the set-up gives up once the VM has been asked to stop (a signal
+/// to `kiln run`, [`VmHandle::stop`](crate::VmHandle::stop)): between its
+/// steps, and within the long ones (a scratch copy).
+fn stop_point(life: &Lifecycle) -> Result<()> {
+    match life.is_stopping() {
+        true => Err(Error::Io {
+            what: "setting up the VM",
+            source: io::Error::new(io::ErrorKind::Interrupted, "stopped"),
+        }),
+        false => Ok(()),
+    }
 }
 
 fn validate(config: &VmConfig) -> Result<()> {
@@ -170,7 +188,8 @@ fn build_cmdline(
 /// One virtio device of a VM; its place in [`virtio_slots`] is its MMIO
 /// window and IRQ, and the guest's name for it.
 enum VirtioSlot<'a> {
-    RootImage(&'a Path),
+    /// The image, and where its scratch copy goes.
+    RootImage(&'a Path, Option<&'a Path>),
     Disk(&'a DiskConfig),
     Rng,
     Vsock(&'a VsockConfig),
@@ -185,7 +204,7 @@ enum VirtioSlot<'a> {
 fn virtio_slots<'a>(config: &'a VmConfig, rootfs: Option<&'a Rootfs>) -> Vec<VirtioSlot<'a>> {
     let mut slots = Vec::new();
     if let Some(Rootfs::Image(path)) = rootfs {
-        slots.push(VirtioSlot::RootImage(path));
+        slots.push(VirtioSlot::RootImage(path, config.scratch_dir.as_deref()));
     }
     slots.extend(config.disks.iter().map(VirtioSlot::Disk));
     if config.rng {
@@ -209,7 +228,7 @@ impl VirtioSlot<'_> {
     /// A command-line word the device needs besides its `virtio_mmio.device=`.
     fn cmdline_word(&self) -> Option<String> {
         match self {
-            Self::RootImage(_) => Some(format!(
+            Self::RootImage(..) => Some(format!(
                 "{}={}",
                 kiln_init::ROOT_PARAM,
                 rootfs::IMAGE_DEVICE
@@ -230,16 +249,19 @@ fn attach_virtio_devices(
     output: &SharedWriter,
     mut input: Option<File>,
     config: &VmConfig,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Option<File>> {
     let (seccomp, run_as) = (config.seccomp, config.run_as);
     use kiln_devices::virtio::net::{MacAddr, Net};
     for slot in slots {
         match *slot {
-            VirtioSlot::RootImage(path) => {
+            VirtioSlot::RootImage(path, scratch_dir) => {
                 // Unnamed: closing it (when the VM ends, whatever way) deletes it.
-                let copy = rootfs::scratch_copy(path).map_err(|source| RootfsError::Copy {
-                    path: path.to_owned(),
-                    source,
+                let copy = rootfs::scratch_copy(path, scratch_dir, stop).map_err(|source| {
+                    RootfsError::Copy {
+                        path: path.to_owned(),
+                        source,
+                    }
                 })?;
                 let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
                     .map_err(Error::RootfsImage)?;
@@ -292,6 +314,7 @@ fn load_kernel_and_initramfs(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     rootfs: Option<&Rootfs>,
+    life: &Arc<Lifecycle>,
 ) -> Result<(LoadedKernel, Option<InitrdPlacement>)> {
     let kernel = boot::kernel::load(mem, &config.kernel, config.use_pvh)?;
     log::debug!("kernel entry {:?}", kernel.entry);
@@ -330,7 +353,10 @@ fn load_kernel_and_initramfs(
     }
     initramfs.resize(initramfs.len().next_multiple_of(4), 0);
     let limit = usize::try_from(config.mem_bytes).unwrap_or(usize::MAX);
-    let kiln_archive = initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit)?;
+    let life = life.clone();
+    let stop = Box::new(move || life.is_stopping());
+    let kiln_archive =
+        initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit, Some(stop))?;
     initramfs.extend_from_slice(&kiln_archive);
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, Some(initrd)))

@@ -227,7 +227,23 @@ fn run_with(
         buses,
         mut event_loop,
         panic_watch,
-    } = builder::build(config, io, &life)?;
+    } = match builder::build(config, io, &life) {
+        Ok(built) => built,
+        // Asked to stop while it was set up (a signal during a long scratch
+        // copy): the VM ended before it ran, as the stop says.
+        Err(e) => match life.outcome() {
+            Some(outcome) => {
+                log::debug!("set-up stopped: {e}");
+                return Ok(RunReport {
+                    outcome,
+                    startup: None,
+                    userspace_started: None,
+                    exits: ExitCounts::default(),
+                });
+            }
+            None => return Err(e),
+        },
+    };
     // Everything is open: kiln needs no privilege from here on.
     if let Some(ids) = config.run_as {
         crate::jail::drop_privileges(ids).map_err(Error::io("dropping privileges (the jail)"))?;
@@ -236,14 +252,17 @@ fn run_with(
 
     // Every thread filters itself before the guest's first instruction: the
     // vCPU threads wait for their start until this one has its filter too.
-    let mut threads = Vec::with_capacity(vcpus.len());
+    let mut threads = VcpuThreads {
+        threads: Vec::with_capacity(vcpus.len()),
+        life: life.clone(),
+    };
     let mut starts = Vec::with_capacity(vcpus.len());
     let mut filtered = Ok(());
     for (id, fd) in vcpus.into_iter().enumerate() {
         let (start, start_rx) = std::sync::mpsc::channel();
         match VcpuThread::spawn(id as u8, fd, &buses, life.clone(), config.seccomp, start_rx) {
             Ok(t) => {
-                threads.push(t);
+                threads.threads.push(t);
                 starts.push(start);
             }
             Err(e) => {
@@ -255,9 +274,7 @@ fn run_with(
     let filtered = filtered.and_then(|()| Ok(seccomp::install(ThreadKind::Vmm, config.seccomp)?));
     if let Err(e) = filtered {
         drop(starts); // the vCPU threads end without running the guest
-        for t in threads {
-            t.stop_and_join();
-        }
+        threads.stop_and_join();
         return Err(e);
     }
     match gate.recv() {
@@ -277,10 +294,7 @@ fn run_with(
     if loop_result.is_err() {
         life.finish(VmOutcome::KvmFailure("event loop failed".into()));
     }
-    let mut exits = ExitCounts::default();
-    for t in threads {
-        exits += t.stop_and_join();
-    }
+    let exits = threads.stop_and_join();
     loop_result?;
     // Keep guest memory alive until every vCPU has stopped using it.
     drop(vm);
@@ -295,6 +309,38 @@ fn run_with(
     })
 }
 
+/// The VM's vCPU threads. However the VM thread leaves `run_with`, a panic
+/// in the event loop or a device included, they are stopped and joined
+/// before guest memory goes: dropping this stops the VM first.
+struct VcpuThreads {
+    threads: Vec<VcpuThread>,
+    life: Arc<Lifecycle>,
+}
+
+impl VcpuThreads {
+    /// Stops the VM (if nothing else has) and joins every vCPU thread.
+    fn stop_and_join(&mut self) -> ExitCounts {
+        let mut exits = ExitCounts::default();
+        if self.threads.is_empty() {
+            return exits;
+        }
+        self.life.finish(match std::thread::panicking() {
+            true => VmOutcome::KvmFailure("the VM thread panicked (a kiln bug)".into()),
+            false => VmOutcome::Stopped,
+        });
+        for t in self.threads.drain(..) {
+            exits += t.stop_and_join();
+        }
+        exits
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
 /// A reset right after a panic message is the panic itself.
 fn finalize_outcome(outcome: Option<VmOutcome>, panic_watch: &PanicWatch) -> VmOutcome {
     match outcome {
@@ -305,5 +351,109 @@ fn finalize_outcome(outcome: Option<VmOutcome>, panic_watch: &PanicWatch) -> VmO
             }
         }
         Some(other) => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    /// A guest that never exits to the monitor: a static ELF whose one
+    /// segment, at 2 MiB, is `jmp .` (entered in 64-bit mode).
+    fn spinning_guest(path: &std::path::Path) {
+        const BASE: u64 = 0x20_0000;
+        const CODE: usize = 64 + 56;
+        let mut elf = vec![0u8; CODE];
+        elf[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\0");
+        let mut put = |at: usize, bytes: &[u8]| elf[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0x10, &2u16.to_le_bytes()); // ET_EXEC
+        put(0x12, &0x3eu16.to_le_bytes()); // x86-64
+        put(0x14, &1u32.to_le_bytes());
+        put(0x18, &(BASE + CODE as u64).to_le_bytes()); // entry
+        put(0x20, &64u64.to_le_bytes()); // program headers
+        put(0x34, &64u16.to_le_bytes());
+        put(0x36, &56u16.to_le_bytes());
+        put(0x38, &1u16.to_le_bytes());
+        let size = (CODE + 2) as u64;
+        put(64, &1u32.to_le_bytes()); // PT_LOAD
+        put(68, &5u32.to_le_bytes()); // R+X
+        for (at, value) in [(72, 0), (80, BASE), (88, BASE), (96, size), (104, size)] {
+            put(at, &value.to_le_bytes());
+        }
+        put(112, &0x1000u64.to_le_bytes());
+        elf.extend_from_slice(&[0xeb, 0xfe]);
+        std::fs::write(path, elf).unwrap();
+    }
+
+    /// A VM of `vcpus` vCPUs spinning in the guest until stopped (or
+    /// `timeout`), not started yet.
+    fn spinning_vm(
+        dir: &crate::rootfs::tests::TempDir,
+        vcpus: u8,
+        timeout: Option<Duration>,
+    ) -> (VmHandle, GuestGate) {
+        let kernel = dir.0.join("spin.elf");
+        spinning_guest(&kernel);
+        let mut config = VmConfig::new(&kernel);
+        config.mem_bytes = 32 << 20;
+        config.vcpus = vcpus;
+        config.timeout = timeout;
+        let io = ConsoleIo {
+            output: Box::new(std::io::sink()),
+            input: None,
+        };
+        spawn_gated(config, io, Instant::now()).unwrap()
+    }
+
+    /// A panic in a vCPU thread ends the VM (here: vCPU 1 of 2, through
+    /// a fault injected by the test): vCPU 0 and the event loop do not go
+    /// on without it.
+    #[test]
+    fn a_panic_in_a_vcpu_thread_ends_the_vm() {
+        if !kiln_prereq::require(kiln_prereq::have_kvm(), "/dev/kvm not accessible") {
+            return;
+        }
+        let dir = crate::rootfs::tests::TempDir::new("vcpu-panic");
+        // The timeout ends the run when the panic goes unseen (outcome Timeout).
+        let (vm, gate) = spinning_vm(&dir, 2, Some(Duration::from_secs(60)));
+        vm.life.panic_vcpu1.store(true, Ordering::SeqCst);
+        gate.open();
+        let outcome = vm.wait().unwrap().outcome;
+        assert!(
+            matches!(&outcome, VmOutcome::KvmFailure(m) if m.contains("vCPU 1 thread panicked")),
+            "{outcome:?}"
+        );
+    }
+
+    /// A panic in the VM thread (here: its event loop, through a fault
+    /// injected by the test) stops the VM: the vCPU threads, which would
+    /// run the guest forever, are stopped and joined before the panic
+    /// leaves the thread, and `wait` reports it as an error.
+    #[test]
+    fn a_panic_in_the_event_loop_stops_and_joins_the_vcpus() {
+        if !kiln_prereq::require(kiln_prereq::have_kvm(), "/dev/kvm not accessible") {
+            return;
+        }
+        let dir = crate::rootfs::tests::TempDir::new("vmm-panic");
+        let (vm, gate) = spinning_vm(&dir, 2, None);
+        // Seen once the guest runs: the event loop starts after the vCPUs.
+        vm.life.panic_event_loop.store(true, Ordering::SeqCst);
+        vm.life.exit_evt().write(1).unwrap();
+        gate.open();
+        let life = vm.stopper().0;
+        let result = vm.wait();
+        assert!(matches!(result, Err(Error::VmThreadPanicked)), "{result:?}");
+        assert!(life.startup_time().is_some(), "the guest never ran");
+        assert_eq!(
+            Arc::strong_count(&life),
+            1,
+            "a vCPU thread still holds the VM after its VM thread panicked"
+        );
+        assert!(
+            matches!(life.outcome(), Some(VmOutcome::KvmFailure(m)) if m.contains("panicked")),
+            "{:?}",
+            life.outcome()
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Chain, Layout, Limits};
 use super::counters::Counters;
@@ -48,7 +48,7 @@ impl VirtioCommon {
     ) -> std::io::Result<Self> {
         let queue_evts = queue_max_sizes
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| crate::new_eventfd())
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(Self {
             label,

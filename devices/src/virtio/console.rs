@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{Layout, Limits};
 use super::common::VirtioCommon;
@@ -145,7 +145,7 @@ impl Output {
         start: ThreadStart,
     ) -> io::Result<Self> {
         let shared = Arc::new((Mutex::new(OutState::default()), Condvar::new()));
-        let room = EventFd::new(EFD_NONBLOCK)?;
+        let room = crate::new_eventfd()?;
         let thread_shared = shared.clone();
         let thread_room = room.try_clone()?;
         let (started_tx, started) = std::sync::mpsc::sync_channel(1);

@@ -5,13 +5,19 @@
 //! Every value the guest writes is checked here before a device sees it:
 //! out-of-range queue selectors, queue sizes, feature pages and status
 //! transitions are ignored (or fail the negotiation), never trusted.
+//!
+//! What a guest gets wrong is logged at debug level only: a guest can
+//! repeat a bad write as fast as it exits, and a log line per write would
+//! flood the host's log (and, on a stderr nobody reads, stall the vCPU).
 
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
-use super::{Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+};
 use crate::bus::BusDevice;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -182,8 +188,8 @@ impl MmioTransport {
         let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {
             q.set_event_idx(event_idx);
-            if q.ready() && !q.is_valid(&self.mem) {
-                log::warn!("virtio-mmio: queue {i} has an invalid layout; device needs reset");
+            if q.ready() && !rings_fit(q, &self.mem) {
+                log::debug!("virtio-mmio: queue {i} has an invalid layout; device needs reset");
                 self.fail();
                 return;
             }
@@ -201,9 +207,17 @@ impl MmioTransport {
             features: self.driver_features,
         };
         let result = self.device().activate(activation);
-        if let Err(e) = result {
-            log::warn!("virtio-mmio: activation failed: {e}");
-            self.fail();
+        match result {
+            Ok(()) => {}
+            // The guest's doing: see the module docs on log lines.
+            Err(e @ ActivateError::BadQueue(_)) => {
+                log::debug!("virtio-mmio: activation failed: {e}");
+                self.fail();
+            }
+            Err(e) => {
+                log::warn!("virtio-mmio: activation failed: {e}");
+                self.fail();
+            }
         }
     }
 
@@ -257,8 +271,12 @@ impl MmioTransport {
             REG_QUEUE_SEL => self.queue_sel = value,
             REG_QUEUE_NUM => {
                 if let Some(q) = self.selected_queue_for_setup() {
-                    // virtio-queue ignores sizes that are zero, too big or not a power of two.
-                    q.set_size(value.min(u32::from(u16::MAX)) as u16);
+                    // Sizes that are zero, too big or not a power of two are ignored.
+                    if q.try_set_size(value.min(u32::from(u16::MAX)) as u16)
+                        .is_err()
+                    {
+                        log::debug!("virtio-mmio: queue size {value} ignored");
+                    }
                 }
             }
             REG_QUEUE_READY => {
@@ -272,15 +290,25 @@ impl MmioTransport {
             REG_QUEUE_DESC_LOW | REG_QUEUE_DESC_HIGH | REG_QUEUE_AVAIL_LOW
             | REG_QUEUE_AVAIL_HIGH | REG_QUEUE_USED_LOW | REG_QUEUE_USED_HIGH => {
                 if let Some(q) = self.selected_queue_for_setup() {
-                    let (low, high) = if offset & 4 == 0 {
-                        (Some(value), None)
-                    } else {
-                        (None, Some(value))
+                    let ring = offset & !4;
+                    let old = match ring {
+                        REG_QUEUE_DESC_LOW => q.desc_table(),
+                        REG_QUEUE_AVAIL_LOW => q.avail_ring(),
+                        _ => q.used_ring(),
                     };
-                    match offset & !4 {
-                        REG_QUEUE_DESC_LOW => q.set_desc_table_address(low, high),
-                        REG_QUEUE_AVAIL_LOW => q.set_avail_ring_address(low, high),
-                        _ => q.set_used_ring_address(low, high),
+                    let addr = GuestAddress(if offset & 4 == 0 {
+                        old & !0xffff_ffff | u64::from(value)
+                    } else {
+                        old & 0xffff_ffff | u64::from(value) << 32
+                    });
+                    // A misaligned address is ignored.
+                    let set = match ring {
+                        REG_QUEUE_DESC_LOW => q.try_set_desc_table_address(addr),
+                        REG_QUEUE_AVAIL_LOW => q.try_set_avail_ring_address(addr),
+                        _ => q.try_set_used_ring_address(addr),
+                    };
+                    if set.is_err() {
+                        log::debug!("virtio-mmio: misaligned ring address {addr:?} ignored");
                     }
                 }
             }
@@ -296,6 +324,21 @@ impl MmioTransport {
             let _ = evt.write(1);
         }
     }
+}
+
+/// The three rings of `queue` lie in `mem`: virtio-queue's `is_valid`
+/// without its error-level log lines (the guest picks the addresses).
+fn rings_fit(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    let size = usize::from(queue.size());
+    // Descriptors 16 bytes each; flags, index, ring, event of 2 bytes each
+    // (avail); flags, index, event of 2 bytes and ring elements of 8 (used).
+    [
+        (queue.desc_table(), 16 * size, Permissions::Read),
+        (queue.avail_ring(), 6 + 2 * size, Permissions::Read),
+        (queue.used_ring(), 6 + 8 * size, Permissions::Write),
+    ]
+    .into_iter()
+    .all(|(addr, len, access)| mem.check_range(GuestAddress(addr), len, access))
 }
 
 impl BusDevice for MmioTransport {
@@ -499,6 +542,26 @@ mod tests {
             r(&mut t, REG_INTERRUPT_STATUS) & super::super::INT_CONFIG_CHANGE,
             0
         );
+    }
+
+    #[test]
+    fn a_ring_must_fit_in_memory_to_its_last_byte() {
+        // 16 entries: the used ring is 6 + 8 * 16 = 134 bytes; memory ends at 1 MiB.
+        for (used, fits) in [(0x10_0000 - 136, true), (0x10_0000 - 132, false)] {
+            let (mut t, dev) = setup();
+            negotiate(&mut t, 1);
+            setup_queue(&mut t, 0, 0x10000);
+            setup_queue(&mut t, 1, 0x20000);
+            w(&mut t, REG_QUEUE_USED_LOW, used);
+            w(
+                &mut t,
+                REG_STATUS,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+            );
+            let failed = r(&mut t, REG_STATUS) & STATUS_NEEDS_RESET != 0;
+            assert_eq!(failed, !fits, "used ring at {used:#x}");
+            assert_eq!(dev.lock().unwrap().activations, usize::from(fits));
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_bindings::bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::chain::{Chain, Layout, Limits};
@@ -69,15 +69,12 @@ where
             break Stop::Empty;
         }
         let before = popped;
-        while let Some(descriptors) = queue.pop_descriptor_chain(mem) {
+        while let Some(descriptors) = pop_chain(queue, mem) {
             popped += 1;
             chain.parse(mem, descriptors, layout, limits);
             match serve(mem, &chain) {
                 Served::Used(len) => {
-                    if queue.add_used(mem, chain.head(), len).is_err() {
-                        // A head index past the ring: the chain cannot be returned.
-                        log::debug!("virtio: cannot return chain {}", chain.head());
-                    }
+                    return_chain(queue, mem, chain.head(), len);
                     used += 1;
                 }
                 Served::Again => queue.go_to_previous_position(),
@@ -103,6 +100,27 @@ where
         interrupt.signal_used_queue();
     }
     Turn { used, stop }
+}
+
+/// The next available chain, if any. As virtio-queue's
+/// `pop_descriptor_chain`, without its error-level log line for a garbage
+/// avail index: the guest chooses that index, and one line per notify would
+/// let it flood the host's log.
+pub fn pop_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Option<DescriptorChain<&'a GuestMemoryMmap>> {
+    queue.iter(mem).ok()?.next()
+}
+
+/// Puts chain `head` in the used ring with `len` bytes written. A head
+/// index past the ring (the guest's avail ring named it) cannot be
+/// returned: checked here, because virtio-queue's `add_used` logs it at
+/// error level, once per chain the guest makes up.
+pub fn return_chain(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
+    if head >= queue.size() || queue.add_used(mem, head, len).is_err() {
+        log::debug!("virtio: cannot return chain {head}");
+    }
 }
 
 /// Whether the driver wants an interrupt for the used buffers added since

@@ -66,7 +66,7 @@ fn run(data: &[u8]) {
     let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     let rootfs = Rootfs::Tar { path, gzip };
     let spec = ExecSpec::new(["sh"]);
-    let Ok(initramfs) = kiln_initramfs_with(&spec, None, Some(&rootfs), LIMIT) else {
+    let Ok(initramfs) = kiln_initramfs_with(&spec, None, Some(&rootfs), LIMIT, None) else {
         return;
     };
     check_initramfs(&initramfs);

@@ -247,7 +247,8 @@ fn the_real_initramfs_keeps_kilns_init() {
         }
     );
     let spec = ExecSpec::new(["true"]);
-    let entries = parse(&kiln_initramfs_with(&spec, Some(1024), Some(&root), 64 << 20).unwrap());
+    let entries =
+        parse(&kiln_initramfs_with(&spec, Some(1024), Some(&root), 64 << 20, None).unwrap());
     assert_eq!(find(&entries, "kiln/init").data, INIT_BINARY);
     // The agent request is kiln's too: a root cannot shadow or replace it.
     assert_eq!(find(&entries, "kiln/agent").data, b"1024");
@@ -458,7 +459,7 @@ fn the_system_tar_reads_like_docker_export() {
     assert!(status.success());
     let spec = ExecSpec::new(["true"]);
     let rootfs = Rootfs::detect(&tarball).unwrap();
-    let entries = parse(&kiln_initramfs_with(&spec, None, Some(&rootfs), 64 << 20).unwrap());
+    let entries = parse(&kiln_initramfs_with(&spec, None, Some(&rootfs), 64 << 20, None).unwrap());
     assert_eq!(find(&entries, "etc/os-release").data, b"ID=kiln\n");
     assert_eq!(find(&entries, "bin/sh").data, b"busybox");
     let (a, b) = (find(&entries, "bin/busybox"), find(&entries, "bin/ls"));

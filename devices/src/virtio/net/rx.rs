@@ -16,6 +16,7 @@ use super::{
 };
 use crate::tap::VNET_HDR_LEN;
 use crate::virtio::chain::{Chain, Layout, Limits};
+use crate::virtio::queue::{pop_chain, return_chain};
 
 /// Frames moved per event before returning to the event loop.
 const RX_BUDGET: usize = 64;
@@ -135,7 +136,7 @@ impl<B: NetBackend> Net<B> {
             if popped >= qsize {
                 return Hold::Budget;
             }
-            let Some(descriptors) = queue.pop_descriptor_chain(&a.mem) else {
+            let Some(descriptors) = pop_chain(queue, &a.mem) else {
                 return Hold::Dry;
             };
             popped += 1;
@@ -146,9 +147,7 @@ impl<B: NetBackend> Net<B> {
                 self.held.push(chain);
             } else {
                 self.counters.rx_bad_chains.inc();
-                if queue.add_used(&a.mem, chain.head(), 0).is_err() {
-                    log::debug!("virtio-net: cannot complete a bad RX chain");
-                }
+                return_chain(queue, &a.mem, chain.head(), 0);
             }
         }
     }
@@ -196,9 +195,7 @@ impl<B: NetBackend> Net<B> {
         for c in self.held.drain(..count) {
             let n = c.writer().write(&a.mem, &self.rx_frame[off..len]);
             off += n;
-            if a.queues[RXQ].add_used(&a.mem, c.head(), n as u32).is_err() {
-                log::debug!("virtio-net: cannot add an RX used element");
-            }
+            return_chain(&mut a.queues[RXQ], &a.mem, c.head(), n as u32);
         }
         let frame = (len - VNET_HDR_LEN) as u64;
         let c = &self.counters;

@@ -422,7 +422,8 @@ impl Muxer {
     /// The guest connects to host port `hdr.dst_port`: forward to `PATH_<port>`.
     fn guest_connect(&mut self, hdr: &Header) {
         if self.conns.len() >= MAX_CONNS {
-            log::warn!(
+            // Per guest packet: at debug level, or the guest floods the log.
+            log::debug!(
                 "vsock: too many connections; refusing guest port {}",
                 hdr.src_port
             );
@@ -561,7 +562,7 @@ impl Muxer {
                     return;
                 }
                 if !conn.credit.accept_from_guest(len as u32) {
-                    log::warn!(
+                    log::debug!(
                         "vsock: guest port {} sent {len} bytes beyond its credit; reset",
                         conn.peer_port
                     );
