@@ -332,6 +332,39 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_limited_rng_fills_its_budget_then_waits_for_its_timer() {
+        use crate::rate_limiter::test_clock::ManualClock;
+        use crate::rate_limiter::{RateLimit, RateLimiter, Throttle};
+        use std::time::Duration;
+        // 1 KiB/s: four 256-byte requests at once, the fifth 250 ms later.
+        let mem = memory();
+        let q = MockSplitQueue::new(&mem, 16);
+        let clock = ManualClock::default();
+        let limit = RateLimit {
+            bytes_per_sec: Some(1024),
+            ..RateLimit::default()
+        };
+        let mut rng = Rng::new().unwrap();
+        rng.throttle =
+            Throttle::with_limiter(RateLimiter::with_clock(&limit, clock.clock())).unwrap();
+        activate(&mut rng, &mem, &q);
+        for _ in 0..5 {
+            push_chain(&q, &[(0x10000, 256, F_WRITE)]);
+            rng.process_queue();
+        }
+        assert_eq!(q.used().idx().load(), 4);
+        assert_eq!(rng.counters.rate_limited.get(), 1);
+        clock.advance(Duration::from_millis(250));
+        rng.process_queue();
+        assert_eq!(q.used().idx().load(), 4, "only the timer resumes it");
+        rng.throttle.timer_fired();
+        rng.process_queue();
+        assert_eq!(q.used().idx().load(), 5);
+        assert_eq!(used(&q, 4), (0, 256));
+        assert_eq!(rng.counters.bytes.get(), 5 * 256);
+    }
+
+    #[test]
     fn a_ring_of_bad_chains_is_served_a_budget_per_turn() {
         // A guest that keeps its avail index a whole ring ahead over chains
         // whose buffer lies outside guest memory: each call returns one
