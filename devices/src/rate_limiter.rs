@@ -19,7 +19,7 @@
 //! loop reports the timer: no busy-waiting, no sleeping on the event thread.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -278,6 +278,12 @@ impl Throttle {
         self.blocked = false;
     }
 
+    /// The timer's fd, if any (for tests).
+    #[cfg(test)]
+    fn timer_fd(&self) -> Option<RawFd> {
+        self.timer.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
+    }
+
     /// Whether the timer is armed (for tests).
     #[cfg(test)]
     pub(crate) fn timer_armed(&self) -> bool {
@@ -297,13 +303,6 @@ fn new_timer() -> io::Result<TimerFd> {
     }
     // SAFETY: `fd` is a timerfd just created and owned by nothing else.
     Ok(unsafe { TimerFd::from_raw_fd(fd) })
-}
-
-impl AsRawFd for Throttle {
-    /// The timer's fd, or -1 when unlimited.
-    fn as_raw_fd(&self) -> RawFd {
-        self.timer.as_ref().map_or(-1, AsRawFd::as_raw_fd)
-    }
 }
 
 /// A clock the tests move by hand.
@@ -488,18 +487,19 @@ mod tests {
         assert!(t.admit(1));
         // An unlimited throttle has no timer.
         let mut free = Throttle::new(&RateLimit::default()).unwrap();
-        assert_eq!(free.as_raw_fd(), -1);
+        assert_eq!(free.timer_fd(), None);
         assert!(free.admit(u64::MAX) && !free.is_blocked());
     }
 
     #[test]
     fn the_timer_is_nonblocking_and_cloexec() {
         let t = Throttle::new(&bytes(1, 0)).unwrap();
+        let timer = t.timer_fd().unwrap();
         // SAFETY: F_GETFL/F_GETFD on an fd this test owns.
         let (fl, fd) = unsafe {
             (
-                libc::fcntl(t.as_raw_fd(), libc::F_GETFL),
-                libc::fcntl(t.as_raw_fd(), libc::F_GETFD),
+                libc::fcntl(timer, libc::F_GETFL),
+                libc::fcntl(timer, libc::F_GETFD),
             )
         };
         assert_ne!(fl & libc::O_NONBLOCK, 0);
