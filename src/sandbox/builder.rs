@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, SeccompMode, VmConfig, VsockConfig};
+use crate::config::{
+    ConsoleKind, DiskConfig, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
+};
 use crate::{ConsoleIo, VmHandle, VmStopper};
 
 /// The vsock port the agent connects to on the host.
@@ -80,6 +82,14 @@ impl SandboxBuilder {
     /// Adds a virtio-rng device.
     pub fn rng(mut self, on: bool) -> Self {
         self.config.rng = on;
+        self
+    }
+
+    /// Limits the virtio-rng device's bytes and requests per second (see
+    /// [`RateLimit`]; disks and cards carry their own, in [`DiskConfig`]
+    /// and [`NetConfig`]).
+    pub fn rng_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.config.rng_rate_limit = limit;
         self
     }
 
