@@ -578,6 +578,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         path: disk.clone(),
         read_only: false,
         id: Some("hostile".into()),
+        rate_limit: Default::default(),
     });
     config.rng = true;
     if d.console {

@@ -185,6 +185,7 @@ fn ext4_root_through_the_sandbox_api() {
             path: data.clone(),
             read_only: true,
             id: Some("userdisk".into()),
+            rate_limit: Default::default(),
         })
         .memory(256 << 20)
         .timeout(Duration::from_secs(600))

@@ -136,6 +136,7 @@ fn boot(root: PathBuf, net: Option<&Netns>) -> Sandbox {
                 .net(NetConfig {
                     tap: "tap0".into(),
                     mac: Some(GUEST_MAC),
+                    rate_limit: Default::default(),
                 })
                 .cmdline(format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"));
             ns.on_thread(move || builder.build())

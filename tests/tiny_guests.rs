@@ -854,6 +854,7 @@ fn a_program_started_while_a_vm_runs_inherits_none_of_its_descriptors() {
         path: disk,
         read_only: false,
         id: None,
+        rate_limit: Default::default(),
     });
     config.vsock = Some(VsockConfig {
         cid: 3,

@@ -82,6 +82,7 @@ fn device_causes_are_matchable() {
         path: missing.clone(),
         read_only: false,
         id: None,
+        rate_limit: Default::default(),
     });
     let e = run(&with_disk).expect_err("a missing disk cannot be attached");
     assert!(

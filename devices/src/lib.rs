@@ -13,7 +13,9 @@
 //!   one queue loop with a budget and one interrupt policy, one config-space
 //!   helper, per-device counters);
 //! - [`irq`] (interrupt lines, KVM irqfds) and [`tap`] (the TAP backend of
-//!   virtio-net).
+//!   virtio-net);
+//! - [`rate_limiter`]: token buckets of bytes and operations per second
+//!   that hold a block, net or rng queue until a timer says tokens are back.
 //!
 //! How the monitor (the `kiln` crate) uses it: its device manager puts the
 //! UART, the i8042 and the control page on the buses, wraps each virtio
@@ -38,6 +40,7 @@ pub mod bus;
 pub mod control;
 pub mod i8042;
 pub mod irq;
+pub mod rate_limiter;
 pub mod serial;
 pub mod tap;
 pub mod virtio;

@@ -13,8 +13,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    parse_duration, parse_size, ConsoleKind, DiskConfig, GuestCommand, NetConfig, SeccompMode,
-    VmConfig, VsockConfig,
+    parse_duration, parse_rng_rate_limit, parse_size, ConsoleKind, DiskConfig, GuestCommand,
+    NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
 };
 use crate::outcome::STATUS_KILN_ERROR;
 
@@ -166,18 +166,31 @@ pub struct VmArgs {
     /// A raw disk image as a virtio-blk disk: `PATH[,ro][,id=NAME]`. Repeatable;
     /// the first is /dev/vda (/dev/vdb with an image --rootfs). ro opens the
     /// file read-only; id sets the serial (default: the file name, cut to 20
-    /// bytes).
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
+    /// bytes). bw limits the bytes read and written per second (K/M/G
+    /// suffixes), iops the requests per second; bw_burst and iops_burst
+    /// add a one-time allowance on top.
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=SIZE][,iops=N]")]
     pub disks: Vec<DiskConfig>,
-    /// Attach a virtio-rng device (entropy from the host's getrandom).
-    #[arg(long)]
-    pub rng: bool,
+    /// Attach a virtio-rng device (entropy from the host's getrandom);
+    /// `--rng=bw=SIZE,ops=N` limits its bytes and requests per second
+    /// (bw_burst, ops_burst: a one-time allowance on top).
+    #[arg(
+        long,
+        value_name = "bw=SIZE,ops=N",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        value_parser = parse_rng_rate_limit
+    )]
+    pub rng: Option<RateLimit>,
     /// A virtio-net device on host TAP interface NAME (repeatable; eth0, eth1,
     /// ... in order). An existing TAP is used as is; a NAME that does not
     /// exist is created (needs root/CAP_NET_ADMIN), comes up with no address
     /// and disappears when kiln exits. MAC defaults to a stable locally
-    /// administered address derived from NAME.
-    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC]")]
+    /// administered address derived from NAME. bw limits the frame bytes
+    /// and pps the frames per second, each direction on its own (bw_burst,
+    /// pps_burst: a one-time allowance on top).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=SIZE][,pps=N]")]
     pub nets: Vec<NetConfig>,
     /// The seccomp filters on kiln's threads: `on` (a system call outside a
     /// thread's list kills kiln with a line naming it), `log` (allowed, and
@@ -222,7 +235,8 @@ impl From<VmArgs> for VmConfig {
             console,
             vsock,
             disks,
-            rng,
+            rng: rng.is_some(),
+            rng_rate_limit: rng.unwrap_or_default(),
             nets,
             seccomp,
             // Not VM options: the command comes from `CommandArgs`, the
@@ -348,9 +362,9 @@ mod tests {
         "--no-pvh",
         "--console=virtio",
         "--vsock=cid=3,socket=/s",
-        "--disk=d.img",
-        "--rng",
-        "--net=tap=t0",
+        "--disk=d.img,bw=1M",
+        "--rng=ops=10",
+        "--net=tap=t0,pps=100",
         "--seccomp=off",
     ];
 
@@ -445,6 +459,47 @@ mod tests {
         assert!(c.disks.is_empty() && !c.rng);
         let e = parse(&["--kernel", "k", "--disk", "x,bogus=1"]).unwrap_err();
         assert!(e.to_string().contains("unknown option 'bogus=1'"), "{e}");
+    }
+
+    #[test]
+    fn rate_limits_on_disk_net_and_rng() {
+        let c: VmConfig = parse(&[
+            "--kernel",
+            "k",
+            "--disk",
+            "a.img,bw=2M,iops=50",
+            "--net",
+            "tap=t0,bw=1M,pps=10,pps_burst=100",
+            "--rng=bw=4K",
+            "--",
+            "cat",
+        ])
+        .unwrap()
+        .vm
+        .into();
+        assert_eq!(c.disks[0].rate_limit.bytes_per_sec, Some(2 << 20));
+        assert_eq!(c.disks[0].rate_limit.ops_per_sec, Some(50));
+        assert_eq!(c.nets[0].rate_limit.ops_burst, 100);
+        assert!(c.rng);
+        assert_eq!(c.rng_rate_limit.bytes_per_sec, Some(4096));
+        // A bare --rng takes no value: what follows is the next option.
+        let r = parse(&["--kernel", "k", "--rng", "--cpus", "2"]).unwrap();
+        assert_eq!(r.vm.rng, Some(RateLimit::default()));
+        assert_eq!(r.vm.vcpus, 2);
+        for bad in [
+            ["--disk", "a.img,bw=0"],
+            ["--net", "tap=t,pps=-1"],
+            ["--rng=bw=lots", "--cpus=1"],
+        ] {
+            let e = parse(&["--kernel", "k", bad[0], bad[1]]).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("bw must be at least 1")
+                    || text.contains("pps: '-1' is not a whole number")
+                    || text.contains("bw: 'lots' is not a size"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

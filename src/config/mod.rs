@@ -14,7 +14,9 @@ use std::time::Duration;
 use kiln_init::spec::ExecSpec;
 use serde::{Deserialize, Serialize};
 
-use option_parser::OptionSyntax;
+use option_parser::{OptionSyntax, Options};
+
+pub use kiln_devices::rate_limiter::RateLimit;
 
 /// The command kiln's init runs when none is given.
 pub const DEFAULT_COMMAND: &str = "/bin/sh";
@@ -91,6 +93,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// The virtio-rng device's rate limit (default: none).
+    pub rng_rate_limit: RateLimit,
     /// virtio-net devices, in guest order (eth0 first).
     pub nets: Vec<NetConfig>,
     /// Run kiln's guest agent instead of `command`: it connects to this host
@@ -135,6 +139,7 @@ impl Default for VmConfig {
             vsock: None,
             disks: Vec::new(),
             rng: false,
+            rng_rate_limit: RateLimit::default(),
             nets: Vec::new(),
             agent_port: None,
             seccomp: SeccompMode::On,
@@ -209,7 +214,7 @@ impl GuestCommand {
     }
 }
 
-/// One `--disk PATH[,ro][,id=NAME]`.
+/// One `--disk PATH[,ro][,id=NAME][,bw=SIZE][,iops=N]...`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
     /// A raw image file (or block device), at most one writer at a time:
@@ -219,19 +224,106 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Serial number the guest sees (at most 20 bytes); default: the file name.
     pub id: Option<String>,
+    /// Bytes read or written and requests per second (default: no limit).
+    #[serde(default)]
+    pub rate_limit: RateLimit,
 }
 
 /// Longest disk id virtio-blk can report.
 pub const DISK_ID_MAX: usize = 20;
 
 static DISK_SYNTAX: OptionSyntax = OptionSyntax {
-    usage: "PATH[,ro][,id=NAME]",
+    usage: "PATH[,ro][,id=NAME][,bw=SIZE][,bw_burst=SIZE][,iops=N][,iops_burst=N]",
     leading_value: true,
-    values: &["id"],
+    values: &["id", "bw", "bw_burst", "iops", "iops_burst"],
     flags: &["ro"],
 };
 
-/// Parses `PATH[,ro][,id=NAME]` (options in any order; PATH cannot contain ',').
+/// The option keys of a rate limit: bytes per second and its one-time
+/// burst (sizes, K/M/G suffixes), operations per second and its burst.
+struct RateKeys {
+    bytes: &'static str,
+    bytes_burst: &'static str,
+    ops: &'static str,
+    ops_burst: &'static str,
+}
+
+const DISK_RATE_KEYS: RateKeys = RateKeys {
+    bytes: "bw",
+    bytes_burst: "bw_burst",
+    ops: "iops",
+    ops_burst: "iops_burst",
+};
+
+/// Reads a rate limit from `options`: every value a positive number, a
+/// burst only with its rate.
+fn parse_rate_limit(options: &Options<'_>, keys: &RateKeys) -> Result<RateLimit, String> {
+    let size = |key: &str| -> Result<Option<u64>, String> {
+        let Some(text) = options.value(key) else {
+            return Ok(None);
+        };
+        match parse_size(text).map_err(|e| format!("{key}: {e}"))? {
+            0 => Err(format!(
+                "{key} must be at least 1 (leave it out for no limit)"
+            )),
+            n => Ok(Some(n)),
+        }
+    };
+    let count = |key: &str| -> Result<Option<u64>, String> {
+        let Some(text) = options.value(key) else {
+            return Ok(None);
+        };
+        match text.trim().parse::<u64>() {
+            Ok(0) => Err(format!(
+                "{key} must be at least 1 (leave it out for no limit)"
+            )),
+            Ok(n) => Ok(Some(n)),
+            Err(_) => Err(format!("{key}: '{text}' is not a whole number")),
+        }
+    };
+    let limit = RateLimit {
+        bytes_per_sec: size(keys.bytes)?,
+        ops_per_sec: count(keys.ops)?,
+        bytes_burst: size(keys.bytes_burst)?.unwrap_or(0),
+        ops_burst: count(keys.ops_burst)?.unwrap_or(0),
+    };
+    for (burst, rate, set) in [
+        (keys.bytes_burst, keys.bytes, limit.bytes_per_sec.is_some()),
+        (keys.ops_burst, keys.ops, limit.ops_per_sec.is_some()),
+    ] {
+        if options.value(burst).is_some() && !set {
+            return Err(format!(
+                "{burst} needs {rate} (a burst is on top of a rate)"
+            ));
+        }
+    }
+    Ok(limit)
+}
+
+static RNG_SYNTAX: OptionSyntax = OptionSyntax {
+    usage: "[bw=SIZE][,bw_burst=SIZE][,ops=N][,ops_burst=N]",
+    leading_value: false,
+    values: &["bw", "bw_burst", "ops", "ops_burst"],
+    flags: &[],
+};
+
+/// Parses the virtio-rng options of `--rng[=bw=SIZE,ops=N,...]`: empty for
+/// no limit.
+pub fn parse_rng_rate_limit(text: &str) -> Result<RateLimit, String> {
+    if text.trim().is_empty() {
+        return Ok(RateLimit::default());
+    }
+    let keys = RateKeys {
+        bytes: "bw",
+        bytes_burst: "bw_burst",
+        ops: "ops",
+        ops_burst: "ops_burst",
+    };
+    parse_rate_limit(&RNG_SYNTAX.parse(text)?, &keys)
+}
+
+/// Parses `PATH[,ro][,id=NAME][,bw=SIZE][,iops=N]...` (options in any order;
+/// PATH cannot contain ',').
 impl FromStr for DiskConfig {
     type Err = String;
 
@@ -251,11 +343,12 @@ impl FromStr for DiskConfig {
             path: PathBuf::from(options.leading()),
             read_only: options.flag("ro"),
             id,
+            rate_limit: parse_rate_limit(&options, &DISK_RATE_KEYS)?,
         })
     }
 }
 
-/// A virtio-net device on a host TAP interface: `tap=NAME[,mac=MAC]`.
+/// A virtio-net device on a host TAP interface: `tap=NAME[,mac=MAC][,bw=SIZE][,pps=N]...`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetConfig {
     /// The TAP interface (in kiln's network namespace). A name that does not
@@ -264,16 +357,27 @@ pub struct NetConfig {
     /// The guest's MAC address; None derives a stable, locally administered
     /// one from the TAP name.
     pub mac: Option<[u8; 6]>,
+    /// Frame bytes and frames per second, each direction on its own
+    /// (default: no limit).
+    #[serde(default)]
+    pub rate_limit: RateLimit,
 }
 
 static NET_SYNTAX: OptionSyntax = OptionSyntax {
-    usage: "tap=NAME[,mac=MAC]",
+    usage: "tap=NAME[,mac=MAC][,bw=SIZE][,bw_burst=SIZE][,pps=N][,pps_burst=N]",
     leading_value: false,
-    values: &["tap", "mac"],
+    values: &["tap", "mac", "bw", "bw_burst", "pps", "pps_burst"],
     flags: &[],
 };
 
-/// Parses `tap=NAME[,mac=MAC]`.
+const NET_RATE_KEYS: RateKeys = RateKeys {
+    bytes: "bw",
+    bytes_burst: "bw_burst",
+    ops: "pps",
+    ops_burst: "pps_burst",
+};
+
+/// Parses `tap=NAME[,mac=MAC][,bw=SIZE][,pps=N]...`.
 impl FromStr for NetConfig {
     type Err = String;
 
@@ -288,6 +392,7 @@ impl FromStr for NetConfig {
         Ok(NetConfig {
             tap: tap.to_string(),
             mac,
+            rate_limit: parse_rate_limit(&options, &NET_RATE_KEYS)?,
         })
     }
 }
@@ -498,9 +603,13 @@ mod tests {
         c.use_pvh = false;
         c.console = ConsoleKind::Virtio;
         c.vsock = Some("cid=9,socket=/tmp/v".parse().unwrap());
-        c.disks = vec!["a.img,ro,id=x".parse().unwrap(), "b.img".parse().unwrap()];
+        c.disks = vec![
+            "a.img,ro,id=x".parse().unwrap(),
+            "b.img,bw=1M,iops=100,bw_burst=4M".parse().unwrap(),
+        ];
         c.rng = true;
-        c.nets = vec!["tap=t0,mac=02:00:00:00:00:01".parse().unwrap()];
+        c.rng_rate_limit = parse_rng_rate_limit("bw=64K,ops=10,ops_burst=5").unwrap();
+        c.nets = vec!["tap=t0,mac=02:00:00:00:00:01,pps=1000".parse().unwrap()];
         c.agent_port = Some(1024);
         let json = serde_json::to_string(&c).unwrap();
         let back: VmConfig = serde_json::from_str(&json).unwrap();
@@ -530,15 +639,15 @@ mod tests {
             VsockConfig::from_str("cid=3,socket=/s,speed=1").unwrap_err(),
         ];
         for (e, usage) in unknown.iter().zip([
-            "PATH[,ro][,id=NAME]",
-            "tap=NAME[,mac=MAC]",
+            "PATH[,ro][,id=NAME][,bw=SIZE][,bw_burst=SIZE][,iops=N][,iops_burst=N]",
+            "tap=NAME[,mac=MAC][,bw=SIZE][,bw_burst=SIZE][,pps=N][,pps_burst=N]",
             "cid=N,socket=PATH",
         ]) {
             assert_eq!(e, &format!("unknown option 'speed=1' (expected {usage})"));
         }
         assert_eq!(
             NetConfig::from_str("tap=t,tap=u").unwrap_err(),
-            "option 'tap' given twice (expected tap=NAME[,mac=MAC])"
+            "option 'tap' given twice (expected tap=NAME[,mac=MAC][,bw=SIZE][,bw_burst=SIZE][,pps=N][,pps_burst=N])"
         );
         assert_eq!(
             VsockConfig::from_str("cid=3").unwrap_err(),
@@ -566,7 +675,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             twice,
-            "option 'mac' given twice (expected tap=NAME[,mac=MAC])"
+            "option 'mac' given twice (expected tap=NAME[,mac=MAC][,bw=SIZE][,bw_burst=SIZE][,pps=N][,pps_burst=N])"
         );
         for (text, key) in [
             ("cid=3,socket=/a,socket=/b", "socket"),
@@ -641,6 +750,82 @@ mod tests {
         ] {
             assert!(NetConfig::from_str(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn rate_limit_options() {
+        let d = DiskConfig::from_str("a.img,bw=10M,iops=200,bw_burst=1G,iops_burst=50").unwrap();
+        assert_eq!(
+            d.rate_limit,
+            RateLimit {
+                bytes_per_sec: Some(10 << 20),
+                ops_per_sec: Some(200),
+                bytes_burst: 1 << 30,
+                ops_burst: 50,
+            }
+        );
+        assert!(!DiskConfig::from_str("a.img")
+            .unwrap()
+            .rate_limit
+            .is_limited());
+        let n = NetConfig::from_str("tap=t,bw=512K,pps=10000").unwrap();
+        assert_eq!(
+            (n.rate_limit.bytes_per_sec, n.rate_limit.ops_per_sec),
+            (Some(512 << 10), Some(10000))
+        );
+        assert_eq!(parse_rng_rate_limit(""), Ok(RateLimit::default()));
+        let r = parse_rng_rate_limit("bw=1k").unwrap();
+        assert_eq!((r.bytes_per_sec, r.ops_per_sec), (Some(1024), None));
+        for (text, error) in [
+            (
+                "a,bw=0",
+                "bw must be at least 1 (leave it out for no limit)",
+            ),
+            (
+                "a,iops=0",
+                "iops must be at least 1 (leave it out for no limit)",
+            ),
+            (
+                "a,bw=-1M",
+                "bw: '-1M' is not a size (examples: 256M, 1G, 1048576)",
+            ),
+            ("a,iops=-5", "iops: '-5' is not a whole number"),
+            ("a,iops=1k", "iops: '1k' is not a whole number"),
+            (
+                "a,bw=fast",
+                "bw: 'fast' is not a size (examples: 256M, 1G, 1048576)",
+            ),
+            (
+                "a,bw_burst=1M",
+                "bw_burst needs bw (a burst is on top of a rate)",
+            ),
+            (
+                "a,bw=1M,iops_burst=3",
+                "iops_burst needs iops (a burst is on top of a rate)",
+            ),
+            ("a,bw=99999999999T", "bw: '99999999999T' is too large"),
+        ] {
+            assert_eq!(DiskConfig::from_str(text).unwrap_err(), error, "{text}");
+        }
+        assert_eq!(
+            NetConfig::from_str("tap=t,pps=0").unwrap_err(),
+            "pps must be at least 1 (leave it out for no limit)"
+        );
+        assert_eq!(
+            parse_rng_rate_limit("ops=x").unwrap_err(),
+            "ops: 'x' is not a whole number"
+        );
+        assert!(parse_rng_rate_limit("iops=1")
+            .unwrap_err()
+            .starts_with("unknown option 'iops=1'"));
+        // JSON names only what it limits.
+        let d: DiskConfig = serde_json::from_str(
+            r#"{"path": "a", "read_only": false, "id": null,
+                "rate_limit": {"bytes_per_sec": 1000}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.rate_limit.bytes_per_sec, Some(1000));
+        assert_eq!(d.rate_limit.ops_burst, 0);
     }
 
     #[test]

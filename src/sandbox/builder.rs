@@ -14,7 +14,7 @@ use super::vm::{Isolation, SandboxVm};
 use super::vm_process::{self, VmProcess, VmProcessSpec};
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
 use crate::config::{
-    ConsoleKind, Credentials, DiskConfig, NetConfig, SeccompMode, VmConfig, VsockConfig,
+    ConsoleKind, Credentials, DiskConfig, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
 };
 use crate::jail::JailConfig;
 use crate::{ConsoleIo, VmStopper};
@@ -91,6 +91,14 @@ impl SandboxBuilder {
     /// Adds a virtio-rng device.
     pub fn rng(mut self, on: bool) -> Self {
         self.config.rng = on;
+        self
+    }
+
+    /// Limits the virtio-rng device's bytes and requests per second (see
+    /// [`RateLimit`]; disks and cards carry their own, in [`DiskConfig`]
+    /// and [`NetConfig`]).
+    pub fn rng_rate_limit(mut self, limit: RateLimit) -> Self {
+        self.config.rng_rate_limit = limit;
         self
     }
 

@@ -20,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, RateLimit, VmConfig, VsockConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, Buses, DeviceManager};
 use crate::error::{Error, Result};
@@ -191,7 +191,7 @@ enum VirtioSlot<'a> {
     /// The image, and where its scratch copy goes.
     RootImage(&'a Path, Option<&'a Path>),
     Disk(&'a DiskConfig),
-    Rng,
+    Rng(&'a RateLimit),
     Vsock(&'a VsockConfig),
     Net(usize, &'a NetConfig),
     Console,
@@ -208,7 +208,7 @@ fn virtio_slots<'a>(config: &'a VmConfig, rootfs: Option<&'a Rootfs>) -> Vec<Vir
     }
     slots.extend(config.disks.iter().map(VirtioSlot::Disk));
     if config.rng {
-        slots.push(VirtioSlot::Rng);
+        slots.push(VirtioSlot::Rng(&config.rng_rate_limit));
     }
     slots.extend(config.vsock.iter().map(VirtioSlot::Vsock));
     slots.extend(
@@ -270,11 +270,15 @@ fn attach_virtio_devices(
             }
             VirtioSlot::Disk(disk) => {
                 let image = DiskImage::open(&disk.path, disk.read_only, disk.id.as_deref())?;
-                let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
+                let block = Block::new(image)
+                    .and_then(|block| block.with_rate_limit(&disk.rate_limit))
+                    .map_err(Error::io("creating a virtio-blk device"))?;
                 devices.attach_virtio(block)?;
             }
-            VirtioSlot::Rng => {
-                let rng = Rng::new().map_err(Error::io("creating the virtio-rng device"))?;
+            VirtioSlot::Rng(limit) => {
+                let rng = Rng::new()
+                    .and_then(|rng| rng.with_rate_limit(limit))
+                    .map_err(Error::io("creating the virtio-rng device"))?;
                 devices.attach_virtio(rng)?;
             }
             VirtioSlot::Vsock(v) => {
@@ -287,7 +291,9 @@ fn attach_virtio_devices(
                 devices.attach_virtio(vsock)?;
             }
             VirtioSlot::Net(i, net) => {
-                let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))?;
+                let dev = Net::with_tap(&net.tap, net.mac.map(MacAddr))?
+                    .with_rate_limit(&net.rate_limit)
+                    .map_err(Error::io("creating a virtio-net device"))?;
                 log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
                 devices.attach_virtio(dev)?;
             }

@@ -441,7 +441,7 @@ mod tests {
         vm.life.panic_event_loop.store(true, Ordering::SeqCst);
         vm.life.exit_evt().write(1).unwrap();
         gate.open();
-        let life = vm.stopper().0;
+        let life = vm.life.clone();
         let result = vm.wait();
         assert!(matches!(result, Err(Error::VmThreadPanicked)), "{result:?}");
         assert!(life.startup_time().is_some(), "the guest never ran");

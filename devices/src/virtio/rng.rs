@@ -5,7 +5,10 @@
 //! device-writable buffers in order; device-readable buffers ahead of them
 //! are skipped, and a chain that breaks a rule (a buffer outside guest
 //! memory, a loop) is filled up to the fault. The used length is the number
-//! of bytes actually written.
+//! of bytes actually written. A rate limit ([`Rng::with_rate_limit`])
+//! charges each chain the bytes it asks for (up to the per-chain cap) and
+//! one operation; a chain it cannot pay for yet stays in the ring until
+//! the limit's timer fires.
 
 use std::sync::Arc;
 
@@ -17,6 +20,7 @@ use super::common::VirtioCommon;
 use super::counters::device_counters;
 use super::queue::Served;
 use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::rate_limiter::{RateLimit, Throttle};
 
 /// virtio device id of an entropy source.
 pub(crate) const DEVICE_ID_RNG: u32 = 4;
@@ -26,6 +30,8 @@ const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
 pub(crate) const MAX_BYTES_PER_CHAIN: usize = 64 << 10;
 /// Chains served per event before yielding to other devices.
 const CHAINS_PER_EVENT: usize = 64;
+/// Event data of the rate limit's timer (the queue's kick is 0).
+const TOKEN_RATE_TIMER: u32 = 1;
 /// Buffers to fill, then nothing: a chain is at most a ring long.
 const CHAIN_SHAPE: (Layout, Limits) = (
     Layout::ReadThenWrite,
@@ -43,6 +49,8 @@ device_counters! {
         errors,
         /// Chains that broke a rule (filled up to the fault).
         bad_chains,
+        /// Times the rate limit held the queue (a chain waited for tokens).
+        rate_limited,
     }
 }
 
@@ -95,6 +103,8 @@ pub struct Rng {
     virtio: VirtioCommon,
     counters: Arc<RngCounters>,
     scratch: Vec<u8>,
+    /// The rate limit (unlimited unless set).
+    throttle: Throttle,
 }
 
 impl Rng {
@@ -115,7 +125,16 @@ impl Rng {
             )?,
             counters,
             scratch: vec![0; MAX_BYTES_PER_CHAIN],
+            throttle: Throttle::unlimited(),
         })
+    }
+
+    /// Limits the random bytes and requests per second (see
+    /// [`RateLimit`]). Fails only when the host is out of file descriptors
+    /// (the limit's timer).
+    pub fn with_rate_limit(mut self, limit: &RateLimit) -> std::io::Result<Self> {
+        self.throttle = Throttle::new(limit)?;
+        Ok(self)
     }
 
     // Only the tests ask.
@@ -124,11 +143,21 @@ impl Rng {
         self.virtio.is_active()
     }
 
-    /// Serves the available chains (up to a budget; the rest on the next turn).
+    /// Serves the available chains (up to a budget; the rest on the next
+    /// turn), unless the rate limit waits for its timer.
     pub(crate) fn process_queue(&mut self) {
+        if self.throttle.is_blocked() {
+            return;
+        }
         let (scratch, counters) = (&mut self.scratch, &*self.counters);
+        let throttle = &mut self.throttle;
         self.virtio
             .serve(0, CHAINS_PER_EVENT, CHAIN_SHAPE, |mem, chain| {
+                let asked = chain.writable_len().min(scratch.len() as u64);
+                if !throttle.admit(asked) {
+                    counters.rate_limited.inc();
+                    return Served::Later;
+                }
                 Served::Used(fill_chain(mem, chain, scratch, counters))
             });
     }
@@ -147,10 +176,14 @@ impl VirtioDevice for Rng {
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         self.virtio.watch_kicks(ops);
+        self.throttle.watch(ops, TOKEN_RATE_TIMER);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if self.virtio.take_kick(&events).is_some() {
+        if events.data() == TOKEN_RATE_TIMER {
+            self.throttle.timer_fired();
+            self.process_queue();
+        } else if self.virtio.take_kick(&events).is_some() {
             self.process_queue();
         }
     }
@@ -296,6 +329,39 @@ mod tests {
         q.avail().idx().store(1000);
         rng.process_queue();
         assert_eq!(q.used().idx().load(), 0);
+    }
+
+    #[test]
+    fn a_rate_limited_rng_fills_its_budget_then_waits_for_its_timer() {
+        use crate::rate_limiter::test_clock::ManualClock;
+        use crate::rate_limiter::{RateLimit, RateLimiter, Throttle};
+        use std::time::Duration;
+        // 1 KiB/s: four 256-byte requests at once, the fifth 250 ms later.
+        let mem = memory();
+        let q = MockSplitQueue::new(&mem, 16);
+        let clock = ManualClock::default();
+        let limit = RateLimit {
+            bytes_per_sec: Some(1024),
+            ..RateLimit::default()
+        };
+        let mut rng = Rng::new().unwrap();
+        rng.throttle =
+            Throttle::with_limiter(RateLimiter::with_clock(&limit, clock.clock())).unwrap();
+        activate(&mut rng, &mem, &q);
+        for _ in 0..5 {
+            push_chain(&q, &[(0x10000, 256, F_WRITE)]);
+            rng.process_queue();
+        }
+        assert_eq!(q.used().idx().load(), 4);
+        assert_eq!(rng.counters.rate_limited.get(), 1);
+        clock.advance(Duration::from_millis(250));
+        rng.process_queue();
+        assert_eq!(q.used().idx().load(), 4, "only the timer resumes it");
+        rng.throttle.timer_fired();
+        rng.process_queue();
+        assert_eq!(q.used().idx().load(), 5);
+        assert_eq!(used(&q, 4), (0, 256));
+        assert_eq!(rng.counters.bytes.get(), 5 * 256);
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! (`disk`) through a bounce buffer, with every file access overflow-checked
 //! against the image size; FLUSH is `fdatasync`; DISCARD and WRITE_ZEROES
 //! are `fallocate` (PUNCH_HOLE / ZERO_RANGE) where the host file system has
-//! them.
+//! them. A rate limit ([`Block::with_rate_limit`]) charges each read or
+//! write its data bytes and every request one operation; a request the
+//! limit cannot pay for yet stays in the ring until the limit's timer fires.
 
 mod disk;
 mod request;
@@ -27,6 +29,7 @@ use super::common::VirtioCommon;
 use super::counters::device_counters;
 use super::queue::Served;
 use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use crate::rate_limiter::{RateLimit, Throttle};
 pub use disk::{DiskError, DiskImage};
 pub(crate) use disk::{ID_BYTES, SECTOR_SIZE};
 
@@ -42,6 +45,8 @@ const BOUNCE_LEN: usize = 1 << 20;
 /// Chains served per event before yielding to other devices.
 const CHAINS_PER_EVENT: usize = 256;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+/// Event data of the rate limit's timer (the queue's kick is 0).
+const TOKEN_RATE_TIMER: u32 = 1;
 
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 
@@ -63,6 +68,9 @@ device_counters! {
         /// Chains that broke the rules: no status byte (returned with
         /// length 0) or a malformed request (answered IOERR).
         bad_chains,
+        /// Times the rate limit held the queue (a request waited for
+        /// tokens).
+        rate_limited,
     }
 }
 
@@ -225,7 +233,18 @@ impl Executor<'_> {
     }
 }
 
-/// Serves one parsed chain end to end; returns the used length to report.
+/// The bytes a request is charged by a rate limit: the data of a read or
+/// write (every request is also one operation).
+fn charged_bytes(req: &Request) -> u64 {
+    match req.kind {
+        RequestKind::In | RequestKind::Out => req.data_len(),
+        _ => 0,
+    }
+}
+
+/// Serves one parsed chain end to end (`Used` with the length to report),
+/// or leaves it in the ring (`Later`) when `throttle` cannot pay for it yet.
+/// Malformed chains move nothing on the host and are not charged.
 fn serve_chain(
     disk: &DiskImage,
     mem: &GuestMemoryMmap,
@@ -233,11 +252,18 @@ fn serve_chain(
     features: u64,
     chain: &Chain,
     counters: &BlockCounters,
-) -> u32 {
+    throttle: &mut Throttle,
+) -> Served {
     let Parsed::WithStatus { status, request } = request::parse(mem, chain) else {
         counters.bad_chains.inc();
-        return 0;
+        return Served::Used(0);
     };
+    if let Ok(req) = &request {
+        if !throttle.admit(charged_bytes(req)) {
+            counters.rate_limited.inc();
+            return Served::Later;
+        }
+    }
     let (code, written) = match request {
         Ok(req) => {
             counters.requests.inc();
@@ -265,10 +291,10 @@ fn serve_chain(
             (e.status(), 0)
         }
     };
-    match mem.write_obj(code, status) {
+    Served::Used(match mem.write_obj(code, status) {
         Ok(()) => written.saturating_add(1),
         Err(_) => written,
-    }
+    })
 }
 
 /// The virtio-blk device: one request queue served on the event loop.
@@ -279,6 +305,8 @@ pub struct Block {
     /// The host side: the image file.
     disk: DiskImage,
     bounce: Vec<u8>,
+    /// The rate limit (unlimited unless set).
+    throttle: Throttle,
 }
 
 /// struct virtio_blk_config up to write_zeroes_may_unmap (and its padding).
@@ -333,7 +361,20 @@ impl Block {
             counters,
             disk,
             bounce: Vec::new(),
+            throttle: Throttle::unlimited(),
         })
+    }
+
+    /// Limits the bytes read and written per second and the requests per
+    /// second (see [`RateLimit`]). Fails only when the host is out of file
+    /// descriptors (the limit's timer).
+    pub fn with_rate_limit(self, limit: &RateLimit) -> std::io::Result<Self> {
+        Ok(self.with_throttle(Throttle::new(limit)?))
+    }
+
+    pub(crate) fn with_throttle(mut self, throttle: Throttle) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     // Only the tests ask.
@@ -348,14 +389,25 @@ impl Block {
         self.virtio.is_active()
     }
 
-    /// Serves the available chains (up to a budget; the rest on the next turn).
+    /// Serves the available chains (up to a budget; the rest on the next
+    /// turn), unless the rate limit waits for its timer.
     pub(crate) fn process_queue(&mut self) {
+        if self.throttle.is_blocked() {
+            return;
+        }
         let features = self.virtio.active().map_or(0, |a| a.features);
         let (disk, bounce, counters) = (&self.disk, &mut self.bounce, &*self.counters);
+        let throttle = &mut self.throttle;
         self.virtio
             .serve(0, CHAINS_PER_EVENT, CHAIN_SHAPE, |mem, chain| {
-                Served::Used(serve_chain(disk, mem, bounce, features, chain, counters))
+                serve_chain(disk, mem, bounce, features, chain, counters, throttle)
             });
+    }
+
+    /// The rate limit's timer fired: tokens are back, serve what waits.
+    pub(crate) fn rate_timer_fired(&mut self) {
+        self.throttle.timer_fired();
+        self.process_queue();
     }
 }
 
@@ -372,10 +424,13 @@ impl VirtioDevice for Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.virtio.watch_kicks(ops);
+        self.throttle.watch(ops, TOKEN_RATE_TIMER);
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if self.virtio.take_kick(&events).is_some() {
+        if events.data() == TOKEN_RATE_TIMER {
+            self.rate_timer_fired();
+        } else if self.virtio.take_kick(&events).is_some() {
             self.process_queue();
         }
     }

@@ -6,9 +6,13 @@ use super::disk::{fallocate, PUNCH_HOLE_MODE};
 use super::request::{parse_chain, CHAIN_SHAPE};
 use super::*;
 use crate::irq::IrqLine;
+use crate::rate_limiter::test_clock::ManualClock;
+use crate::rate_limiter::{RateLimit, RateLimiter, Throttle};
+use crate::virtio::test_queue::DriverQueue;
 use crate::virtio::{Activation, Interrupt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
+use std::time::Duration;
 use virtio_queue::desc::{split::Descriptor as SplitDesc, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
@@ -1138,4 +1142,150 @@ fn from_file_takes_an_open_file_without_locking_it() {
     )
     .unwrap_err();
     assert!(matches!(e, DiskError::NotAFile(_)), "{e}");
+}
+
+/// The queue of the rate-limit tests: a 256-entry ring (laid out by the
+/// test driver, which returns every used entry) in leaked guest memory.
+fn limited_ring(blk: &mut Block) -> (&'static GuestMemoryMmap, DriverQueue) {
+    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(memory()));
+    let driver = DriverQueue::new(mem, 0x10_0000);
+    blk.activate(Activation {
+        mem: mem.clone(),
+        queues: vec![driver.queue()],
+        interrupt: Interrupt::new(IrqLine::new().unwrap()),
+        features: blk.features(),
+    })
+    .unwrap();
+    (mem, driver)
+}
+
+/// A block device with `limit` on the test's hand-driven clock, activated
+/// (its activation kick drained).
+fn limited_block(
+    img: &TempImage,
+    limit: &RateLimit,
+    clock: &ManualClock,
+) -> (&'static GuestMemoryMmap, DriverQueue, Block) {
+    let limiter = RateLimiter::with_clock(limit, clock.clock());
+    let mut blk = block(img, false).with_throttle(Throttle::with_limiter(limiter).unwrap());
+    let (mem, driver) = limited_ring(&mut blk);
+    let _ = blk.queue_events()[0].read();
+    (mem, driver, blk)
+}
+
+/// Queues `n` reads of `len` bytes of sector 0 (each its own chain).
+fn queue_reads(mem: &GuestMemoryMmap, driver: &mut DriverQueue, n: usize, len: u32) {
+    mem.write_slice(&header(VIRTIO_BLK_T_IN, 0), GuestAddress(HDR))
+        .unwrap();
+    let write = u32::from(F_WRITE);
+    for _ in 0..n {
+        driver.add(&[(HDR, 16, 0), (DATA, len, write), (STATUS, 1, write)]);
+    }
+}
+
+#[test]
+fn a_rate_limited_disk_serves_its_budget_then_waits_for_its_timer() {
+    // 4 KiB/s, no burst: the bucket starts with one second's worth, so four
+    // 1 KiB reads go at once and the rest wait, one more per 250 ms.
+    let img = TempImage::new("limited.img", 64 << 10);
+    let clock = ManualClock::default();
+    let limit = RateLimit {
+        bytes_per_sec: Some(4096),
+        ..RateLimit::default()
+    };
+    let (mem, mut driver, mut blk) = limited_block(&img, &limit, &clock);
+    queue_reads(mem, &mut driver, 10, 1024);
+    let mut used = Vec::new();
+    let mut served = |driver: &mut DriverQueue| {
+        used.extend(driver.used());
+        used.len()
+    };
+    blk.process_queue();
+    assert_eq!(served(&mut driver), 4, "the bucket's worth");
+    assert_eq!(blk.counters.rate_limited.get(), 1);
+    assert!(blk.throttle.is_blocked() && blk.throttle.timer_armed());
+    assert!(
+        blk.queue_events()[0].read().is_err(),
+        "a held queue does not re-kick itself (no busy loop)"
+    );
+    // The guest's kicks are ignored while the timer is armed, even once
+    // tokens are back: only the timer resumes the queue.
+    clock.advance(Duration::from_millis(250));
+    blk.process_queue();
+    assert_eq!(served(&mut driver), 4);
+    // The timer fires with 1 KiB of tokens back: one more read.
+    blk.rate_timer_fired();
+    assert_eq!(served(&mut driver), 5);
+    assert!(blk.throttle.timer_armed());
+    // A second later, a full bucket: four more; then the last one.
+    clock.advance(Duration::from_secs(1));
+    blk.rate_timer_fired();
+    assert_eq!(served(&mut driver), 9);
+    clock.advance(Duration::from_secs(1));
+    blk.rate_timer_fired();
+    assert_eq!(served(&mut driver), 10);
+    assert!(!blk.throttle.is_blocked(), "nothing waits");
+    // Every request was served whole, once.
+    assert!(used.iter().all(|&(_, len)| len == 1024 + 1), "{used:?}");
+    let heads: std::collections::HashSet<u16> = used.iter().map(|&(head, _)| head).collect();
+    assert_eq!(heads.len(), 10);
+    assert_eq!(blk.counters.requests.get(), 10);
+    assert_eq!(blk.counters.read_bytes.get(), 10 * 1024);
+    assert_eq!(blk.counters.rate_limited.get(), 3);
+}
+
+#[test]
+fn bad_chains_are_not_charged_and_flushes_cost_one_operation() {
+    let img = TempImage::new("limited-ops.img", 64 << 10);
+    let clock = ManualClock::default();
+    let limit = RateLimit {
+        bytes_per_sec: Some(1),
+        ops_per_sec: Some(2),
+        ..RateLimit::default()
+    };
+    let (mem, mut driver, mut blk) = limited_block(&img, &limit, &clock);
+    // Chains without a status byte move nothing: returned, not charged.
+    for _ in 0..5 {
+        driver.add(&[(HDR, 16, 0)]);
+    }
+    mem.write_slice(&header(VIRTIO_BLK_T_FLUSH, 0), GuestAddress(HDR + 0x100))
+        .unwrap();
+    for _ in 0..3 {
+        driver.add(&[(HDR + 0x100, 16, 0), (STATUS, 1, u32::from(F_WRITE))]);
+    }
+    blk.process_queue();
+    assert_eq!(driver.used().len(), 5 + 2, "two operations per second");
+    assert_eq!(blk.counters.bad_chains.get(), 5);
+    assert_eq!(blk.counters.rate_limited.get(), 1);
+    clock.advance(Duration::from_millis(500));
+    blk.rate_timer_fired();
+    assert_eq!(driver.used().len(), 1, "the flush that waited");
+}
+
+#[test]
+fn the_event_loop_resumes_a_limited_disk_when_its_timer_fires() {
+    use event_manager::{EventManager, SubscriberOps};
+    use std::sync::{Arc, Mutex};
+    // 10 requests/s on the real clock: ten go at once, the eleventh when
+    // the limit's timerfd wakes the event loop (about 100 ms later). The
+    // test waits on the event loop, not on a clock.
+    let img = TempImage::new("limited-loop.img", 64 << 10);
+    let limit = RateLimit {
+        ops_per_sec: Some(10),
+        ..RateLimit::default()
+    };
+    let mut blk = block(&img, false).with_rate_limit(&limit).unwrap();
+    let (mem, mut driver) = limited_ring(&mut blk);
+    queue_reads(mem, &mut driver, 11, 512);
+    let blk = Arc::new(Mutex::new(blk));
+    let mut em = EventManager::<Arc<Mutex<Block>>>::new().unwrap();
+    em.add_subscriber(blk.clone());
+    // The activation kick.
+    assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+    assert_eq!(driver.used().len(), 10);
+    assert!(blk.lock().unwrap().throttle.timer_armed());
+    // The next event is the timer (nothing else is pending).
+    assert_eq!(em.run_with_timeout(10_000).unwrap(), 1);
+    assert_eq!(driver.used().len(), 1);
+    assert!(!blk.lock().unwrap().throttle.is_blocked());
 }

@@ -11,6 +11,12 @@
 //! Every frame carries a 12-byte `virtio_net_hdr_v1` in both directions, the
 //! same layout the TAP uses (IFF_VNET_HDR, TUNSETVNETHDRSZ 12), so headers
 //! pass through after a check against the negotiated offloads.
+//!
+//! A rate limit ([`Net::with_rate_limit`]) applies to each direction on
+//! its own, with the same rates: a frame is charged its bytes (without the
+//! virtio header) and one operation. A TX chain the limit cannot pay for
+//! stays in the ring; an RX frame already read waits in `rx_frame` with the
+//! TAP unwatched; either resumes when that direction's timer fires.
 
 mod rx;
 mod tx;
@@ -27,6 +33,7 @@ use super::common::VirtioCommon;
 use super::counters::device_counters;
 use super::VIRTIO_RING_F_EVENT_IDX;
 use super::{ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::{RateLimit, Throttle};
 use crate::tap::{Tap, TapError, VNET_HDR_LEN};
 
 /// Virtio device ID of a network card.
@@ -75,6 +82,9 @@ const GSO_TCPV6: u8 = vn::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
 
 /// Event data of the backend (the queue kicks use their indices).
 const TOKEN_BACKEND: u32 = 2;
+/// Event data of the receive and transmit rate limits' timers.
+const TOKEN_RX_RATE_TIMER: u32 = 3;
+const TOKEN_TX_RATE_TIMER: u32 = 4;
 
 /// Where frames go and come from: a TAP in production, a socket pair in
 /// tests. Every read and write is one whole frame with its 12-byte header.
@@ -163,6 +173,8 @@ device_counters! {
         rx_dropped,
         /// RX chains the guest got wrong (completed with length 0).
         rx_bad_chains,
+        /// Times the receive rate limit held a frame (it waited for tokens).
+        rx_rate_limited,
         tx_frames,
         tx_bytes,
         /// TX frames that were GSO (TSO) packets.
@@ -174,6 +186,8 @@ device_counters! {
         /// TX chains the guest got wrong, or headers with offloads it did
         /// not negotiate (completed with length 0, not sent).
         tx_malformed,
+        /// Times the transmit rate limit held the TX queue.
+        tx_rate_limited,
         /// Frames the backend refused to take.
         tx_errors,
     }
@@ -201,7 +215,12 @@ pub struct Net<B: NetBackend> {
     /// A frame read from the backend that no guest buffer took yet.
     rx_frame: Vec<u8>,
     rx_frame_len: usize,
+    /// The receive limit has paid for the frame in `rx_frame`.
+    rx_frame_paid: bool,
     tx_frame: Vec<u8>,
+    /// The rate limit of each direction (unlimited unless set).
+    rx_throttle: Throttle,
+    tx_throttle: Throttle,
 }
 
 impl Net<Tap> {
@@ -254,8 +273,24 @@ impl<B: NetBackend> Net<B> {
             backend_failed: false,
             rx_frame: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN + 1],
             rx_frame_len: 0,
+            rx_frame_paid: false,
             tx_frame: vec![0; MAX_TX_CHAIN_LEN],
+            rx_throttle: Throttle::unlimited(),
+            tx_throttle: Throttle::unlimited(),
         })
+    }
+
+    /// Limits each direction to `limit` on its own (frame bytes and frames
+    /// per second; see [`RateLimit`]). Fails only when the host is out of
+    /// file descriptors (the limits' timers).
+    pub fn with_rate_limit(self, limit: &RateLimit) -> io::Result<Self> {
+        Ok(self.with_throttles(Throttle::new(limit)?, Throttle::new(limit)?))
+    }
+
+    pub(crate) fn with_throttles(mut self, rx: Throttle, tx: Throttle) -> Self {
+        self.rx_throttle = rx;
+        self.tx_throttle = tx;
+        self
     }
 
     /// Offers `mtu` (at least 68, at most `MAX_MTU`) to the driver.
@@ -340,6 +375,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             self.virtio.label()
         );
         self.rx_frame_len = 0;
+        self.rx_frame_paid = false;
         self.held.clear();
         self.virtio.activate(activation)?;
         // The event thread starts watching the backend (and takes any
@@ -354,6 +390,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
             self.counters.rx_dropped.inc();
         }
         self.rx_frame_len = 0;
+        self.rx_frame_paid = false;
         self.held.clear();
         let _ = self.backend.set_offload(0);
     }
@@ -362,14 +399,26 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 impl<B: NetBackend> MutEventSubscriber for Net<B> {
     fn init(&mut self, ops: &mut EventOps) {
         self.virtio.watch_kicks(ops);
+        self.rx_throttle.watch(ops, TOKEN_RX_RATE_TIMER);
+        self.tx_throttle.watch(ops, TOKEN_TX_RATE_TIMER);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match self.virtio.take_kick(&events) {
             Some(RXQ) => self.rx_kick(ops),
             Some(_) => self.process_tx(),
-            None if events.data() == TOKEN_BACKEND => self.backend_ready(events.event_set(), ops),
-            None => {}
+            None => match events.data() {
+                TOKEN_BACKEND => self.backend_ready(events.event_set(), ops),
+                TOKEN_RX_RATE_TIMER => {
+                    self.rx_throttle.timer_fired();
+                    self.rx_kick(ops);
+                }
+                TOKEN_TX_RATE_TIMER => {
+                    self.tx_throttle.timer_fired();
+                    self.process_tx();
+                }
+                _ => {}
+            },
         }
     }
 }

@@ -70,6 +70,18 @@ impl<B: NetBackend> Net<B> {
                 if self.rx_frame_len == 0 {
                     break;
                 }
+                self.rx_frame_paid = false;
+            }
+            if !self.rx_frame_paid {
+                let frame_len = self.rx_frame_len.saturating_sub(VNET_HDR_LEN) as u64;
+                if !self.rx_throttle.admit(frame_len) {
+                    // The frame waits in rx_frame and the TAP is left alone
+                    // until the timer fires.
+                    self.counters.rx_rate_limited.inc();
+                    self.unwatch_backend(ops);
+                    break;
+                }
+                self.rx_frame_paid = true;
             }
             match self.deliver_rx_frame() {
                 Delivery::Delivered => {
@@ -212,8 +224,10 @@ impl<B: NetBackend> Net<B> {
         Delivery::Delivered
     }
 
+    /// The guest added RX buffers, or the receive limit's timer fired.
     pub(super) fn rx_kick(&mut self, ops: &mut EventOps) {
-        if !self.virtio.is_active() {
+        // While the limit waits, its timer resumes receiving.
+        if !self.virtio.is_active() || self.rx_throttle.is_blocked() {
             return;
         }
         // The guest added buffers: resume receiving (the pending frame first).

@@ -4,6 +4,7 @@
 use std::os::fd::RawFd;
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventManager, SubscriberOps};
 use proptest::prelude::*;
@@ -11,6 +12,8 @@ use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRI
 
 use super::*;
 use crate::irq::IrqLine;
+use crate::rate_limiter::test_clock::ManualClock;
+use crate::rate_limiter::{RateLimit, RateLimiter, Throttle};
 use crate::virtio::counters::Counters;
 use crate::virtio::Interrupt;
 use virtio_queue::{Queue, QueueT};
@@ -191,6 +194,20 @@ impl Harness {
 
     /// Both queues with `size` entries.
     fn with_rings(size: u16) -> Self {
+        Self::with_device(size, |net| net)
+    }
+
+    /// Both directions limited by `limit` on the test's clock.
+    fn with_limit(limit: &RateLimit, clock: &ManualClock) -> Self {
+        let throttle = || {
+            let limiter = RateLimiter::with_clock(limit, clock.clock());
+            Throttle::with_limiter(limiter).unwrap()
+        };
+        Self::with_device(QSIZE, |net| net.with_throttles(throttle(), throttle()))
+    }
+
+    /// `size`-entry rings and the device as `adjust` makes it.
+    fn with_device(size: u16, adjust: impl FnOnce(Net<SockBackend>) -> Net<SockBackend>) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
@@ -200,9 +217,9 @@ impl Harness {
             sock: a,
             offload: offload.clone(),
         };
-        let net = Arc::new(Mutex::new(
+        let net = Arc::new(Mutex::new(adjust(
             Net::new(backend, "test0", MacAddr::derived("test0")).unwrap(),
-        ));
+        )));
         let mut em = EventManager::new().unwrap();
         em.add_subscriber(net.clone());
         let rx = DriverQueue::new(&mem, RXQ_BASE, size);
@@ -941,4 +958,94 @@ fn tcpv6_segments_pass_both_ways_with_negotiated_tso6() {
     assert!(h.rx.take_used(&h.mem).is_empty());
     let s = h.stats();
     assert_eq!((s.rx_dropped.get(), s.rx_gso.get()), (1, 0));
+}
+
+/// 1000 bytes/s each way, on the test's clock: one 600-byte frame goes at
+/// once, the next 200 ms later. The test moves its clock, then waits for
+/// the limit's timerfd to wake the event loop (real time, about 200 ms:
+/// an event, not a sleep).
+fn limited_harness() -> (Harness, ManualClock) {
+    let clock = ManualClock::default();
+    let limit = RateLimit {
+        bytes_per_sec: Some(1000),
+        ..RateLimit::default()
+    };
+    let mut h = Harness::with_limit(&limit, &clock);
+    h.activate(ALL);
+    (h, clock)
+}
+
+#[test]
+fn a_limited_tx_queue_holds_its_chains_until_the_timer_fires() {
+    let (mut h, clock) = limited_harness();
+    let mut heads = Vec::new();
+    for seed in 0..2 {
+        let mut bytes = hdr(0, GSO_NONE).to_vec();
+        bytes.extend_from_slice(&frame(600, seed));
+        let at = 0x10_0000 + u64::from(seed) * 0x1000;
+        h.mem.write_slice(&bytes, GuestAddress(at)).unwrap();
+        heads.push(h.tx.add_chain(&h.mem, &[(at, bytes.len() as u32)], false));
+    }
+    h.kick_tx();
+    h.run();
+    assert_eq!(h.tx.take_used(&h.mem), vec![(u32::from(heads[0]), 0)]);
+    assert_eq!(h.peer_recv().unwrap()[VNET_HDR_LEN..], frame(600, 0));
+    assert!(
+        h.peer_recv().is_none(),
+        "the second frame waits in the ring"
+    );
+    assert_eq!(h.stats().tx_rate_limited.get(), 1);
+    // Kicks while the limit waits are no work: the loop goes idle.
+    h.kick_tx();
+    assert_eq!(h.run(), 1);
+    assert_eq!(h.run(), 0);
+    clock.advance(Duration::from_millis(200));
+    assert_eq!(h.em.run_with_timeout(10_000).unwrap(), 1, "the timer");
+    assert_eq!(h.tx.take_used(&h.mem), vec![(u32::from(heads[1]), 0)]);
+    assert_eq!(h.peer_recv().unwrap()[VNET_HDR_LEN..], frame(600, 1));
+    assert_eq!(
+        (h.stats().tx_frames.get(), h.stats().tx_bytes.get()),
+        (2, 1200)
+    );
+}
+
+#[test]
+fn a_limited_rx_direction_keeps_its_frame_and_leaves_the_tap_alone() {
+    let (mut h, clock) = limited_harness();
+    for i in 0..3 {
+        h.rx.add_chain(&h.mem, &[(0x10_0000 + i * 0x1000, 2048)], true);
+    }
+    h.kick_rx();
+    h.run();
+    for seed in 0..2 {
+        let mut pkt = hdr(0, GSO_NONE).to_vec();
+        pkt.extend_from_slice(&frame(600, seed));
+        h.peer.send(&pkt).unwrap();
+    }
+    h.run();
+    assert_eq!(h.rx.take_used(&h.mem).len(), 1);
+    assert_eq!(h.stats().rx_rate_limited.get(), 1);
+    assert!(
+        !h.net.lock().unwrap().backend_watched,
+        "the readable TAP is out of the poll set while the limit waits"
+    );
+    assert_eq!(h.run(), 0, "no busy loop");
+    // A guest kick (more buffers) does not bypass the limit.
+    h.rx.add_chain(&h.mem, &[(0x13_0000, 2048)], true);
+    h.kick_rx();
+    h.run();
+    assert_eq!(h.rx.take_used(&h.mem).len(), 0);
+    clock.advance(Duration::from_millis(200));
+    assert_eq!(h.em.run_with_timeout(10_000).unwrap(), 1, "the timer");
+    h.run();
+    assert_eq!(h.rx.take_used(&h.mem).len(), 1);
+    let mut got = vec![0u8; 600];
+    h.mem
+        .read_slice(&mut got, GuestAddress(0x10_1000 + 12))
+        .unwrap();
+    assert_eq!(got, frame(600, 1), "the held frame, not a lost one");
+    assert_eq!(
+        (h.stats().rx_frames.get(), h.stats().rx_dropped.get()),
+        (2, 0)
+    );
 }

@@ -22,11 +22,22 @@ const TX_SHAPE: (Layout, Limits) = (
 );
 
 impl<B: NetBackend> Net<B> {
+    /// Sends the TX chains (up to a budget), unless the transmit rate limit
+    /// waits for its timer; a chain it cannot pay for stays in the ring.
     pub(super) fn process_tx(&mut self) {
+        if self.tx_throttle.is_blocked() {
+            return;
+        }
         let features = self.virtio.active().map_or(0, |a| a.features);
         let label = self.virtio.label().to_owned();
         let (backend, frame, counters) = (&mut self.backend, &mut self.tx_frame, &*self.counters);
+        let throttle = &mut self.tx_throttle;
         self.virtio.serve(TXQ, TX_BUDGET, TX_SHAPE, |mem, chain| {
+            let frame_len = chain.readable_len().saturating_sub(VNET_HDR_LEN as u64);
+            if !throttle.admit(frame_len) {
+                counters.tx_rate_limited.inc();
+                return Served::Later;
+            }
             transmit(mem, chain, features, frame, backend, counters, &label);
             // TX chains are only read: nothing written into them.
             Served::Used(0)
