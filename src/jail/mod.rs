@@ -154,7 +154,10 @@ impl JailPlan {
                 // (see rootfs::scratch_copy): kiln makes it before it drops
                 // its privileges.
                 match &config.scratch_dir {
-                    Some(dir) => binds.push(Bind::file(absolute(dir), true)),
+                    Some(dir) => {
+                        binds.push(Bind::file(absolute(dir), true));
+                        scratch_dirs.push(tmp);
+                    }
                     None => {
                         let shown = absolute(image);
                         let real = std::fs::canonicalize(image).ok();
