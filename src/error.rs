@@ -140,6 +140,11 @@ pub enum Error {
     /// [`VmHandle::wait`](crate::VmHandle::wait).
     #[error("the VM thread panicked (a kiln bug); the VM was stopped")]
     VmThreadPanicked,
+
+    /// A sandbox's VM in a kiln process of its own failed: the process's
+    /// one-line message (its cause's type stays in that process).
+    #[error("{0}")]
+    VmProcess(String),
     /// Another host call failed: a thread, an eventfd, a pipe, the vCPU
     /// kick signal's handler.
     #[error("{what}: {source}")]

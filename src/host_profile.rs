@@ -40,7 +40,7 @@
 //! On hardware KVM every accessor here returns a no-op value.
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::OnceLock;
 
 /// Environment variable that overrides detection: `pvm` or `hardware`.
 pub const HOST_PROFILE_ENV: &str = "KILN_HOST_PROFILE";
@@ -71,14 +71,17 @@ pub enum HostProfile {
 
 impl HostProfile {
     /// Detects the host profile: `KILN_HOST_PROFILE` if set to a known value,
-    /// else PVM when `/sys/module/kvm_pvm` exists. Cheap, so it is evaluated
-    /// on every call; the choice is logged only on the first call.
+    /// else PVM when `/sys/module/kvm_pvm` exists. Evaluated and logged on
+    /// the first call; later calls return the same profile.
     pub fn detect() -> HostProfile {
-        static LOGGED: Once = Once::new();
-        let env = std::env::var(HOST_PROFILE_ENV).ok();
-        let (profile, why) = choose(env.as_deref(), Path::new(PVM_MODULE_PATH).exists());
-        LOGGED.call_once(|| log::info!("host profile: {profile:?} ({why})"));
-        profile
+        // Once per process: a jailed kiln no longer sees /sys (see `jail`).
+        static PROFILE: OnceLock<HostProfile> = OnceLock::new();
+        *PROFILE.get_or_init(|| {
+            let env = std::env::var(HOST_PROFILE_ENV).ok();
+            let (profile, why) = choose(env.as_deref(), Path::new(PVM_MODULE_PATH).exists());
+            log::info!("host profile: {profile:?} ({why})");
+            profile
+        })
     }
 
     /// Extra guest kernel command line words this host needs (may be empty).

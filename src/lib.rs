@@ -185,6 +185,7 @@
 // why it failed, and the sandbox.
 pub mod config;
 pub mod error;
+pub mod jail;
 pub mod outcome;
 pub mod sandbox;
 

@@ -12,7 +12,10 @@ fn main() -> ExitCode {
     let status = match Cli::try_parse() {
         Ok(Cli {
             command: Command::Run(args),
-        }) => cli::run::run(args, started),
+        }) => cli::run::run(*args, started),
+        Ok(Cli {
+            command: Command::SandboxVm,
+        }) => cli::sandbox_vm::run(started),
         Err(e) => cli::report_usage_error(&e),
     };
     ExitCode::from(status as u8)

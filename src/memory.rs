@@ -48,11 +48,15 @@ pub fn validate_size(mem_bytes: u64, host_ram_bytes: Option<u64>) -> Result<()> 
 }
 
 /// Total RAM of the host, from /proc/meminfo.
+/// Read once per process: a jailed kiln no longer sees /proc (see `jail`).
 pub fn host_ram_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    static RAM: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *RAM.get_or_init(|| {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    })
 }
 
 /// Maps anonymous guest memory (lazily backed: untouched pages cost nothing).

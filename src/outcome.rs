@@ -50,7 +50,7 @@ pub const STATUS_KILN_ERROR: i32 = 125;
 /// How a VM ended: the first thing that ended it wins (a report from kiln's
 /// init, a guest reset, a fault, the timeout, the host). `Display` gives the
 /// one line `kiln run` prints for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VmOutcome {
     /// The command exited with this status (exit status: the same).
     Exited(u8),

@@ -1,5 +1,5 @@
 //! Smoke tests of the benchmark driver, resources/bench/run.sh:
-//! - `--quick --only exits,startup,stop` (the parts that need no Linux guest) runs
+//! - `--quick --only exits,startup,security,stop` (the parts that need no Linux guest) runs
 //!   to the end and writes BENCHMARKS.md and BENCHMARKS.json with numbers in
 //!   them. No assertion about the numbers themselves: timings depend on the host.
 //! - `--dry-run`: in the identical-input rows (boot, disk, net) kiln and QEMU
@@ -16,8 +16,8 @@ use std::process::Command;
 
 use common::{guest_kernel, have_kvm, have_program, is_root, require, Scratch};
 
-/// Metrics of the two quick sections that kiln must have a number for.
-const KILN_METRICS: [&str; 10] = [
+/// Metrics of the quick sections that kiln must have a number for.
+const KILN_METRICS: [&str; 18] = [
     "exit_pio_us",
     "exit_mmio_us",
     "startup_first_run_ms",
@@ -28,6 +28,14 @@ const KILN_METRICS: [&str; 10] = [
     "stop_timeout_spin_ms",
     "stop_timeout_halt_ms",
     "stop_signal_ms",
+    "security_default_start_ms",
+    "security_nojail_start_ms",
+    "security_noseccomp_start_ms",
+    "security_off_start_ms",
+    "security_default_wall_ms",
+    "security_nojail_wall_ms",
+    "security_noseccomp_wall_ms",
+    "security_off_wall_ms",
 ];
 
 #[test]
@@ -49,7 +57,7 @@ fn quick_exits_and_startup_write_both_reports() {
 
     let result = Command::new("bash")
         .arg(root.join("resources/bench/run.sh"))
-        .args(["--quick", "--only", "exits,startup,stop", "--out"])
+        .args(["--quick", "--only", "exits,startup,security,stop", "--out"])
         .arg(&out)
         .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_BENCH_WORK", scratch.join("work"))

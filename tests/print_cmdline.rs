@@ -71,6 +71,7 @@ fn printed_cmdline_is_what_the_guest_gets() {
             .collect()
     };
     let disk_arg = format!("{},ro,id=d1", disk.display());
+    common::hand_to_jail(socket.parent().expect("in the scratch directory"));
     let vsock_arg = format!("cid=3,socket={}", socket.display());
     let cases: Vec<(&str, Vec<String>)> = vec![
         ("agent path, defaults", base(&[])),

@@ -10,7 +10,7 @@ mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
 use common::{guest_kernel, guest_rootfs, have_kvm, kiln_cli, require, test_guest, Scratch};
 
@@ -89,14 +89,6 @@ fn read_until(from: &mut impl BufRead, marker: &str) -> String {
     }
 }
 
-/// Stops `kiln` with SIGTERM and checks it ends as a stopped run does.
-fn terminate(mut kiln: Child) {
-    // SAFETY: kill with the pid of a child this test owns and has not reaped.
-    assert_eq!(unsafe { libc::kill(kiln.id() as i32, libc::SIGTERM) }, 0);
-    let status = kiln.wait().expect("waiting for kiln");
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
-}
-
 /// A tiny guest that halts for good, on both paths of `kiln run` (through
 /// the agent, and classic with `--vsock`), two vCPUs and a virtio console
 /// (whose writer is a thread of its own). `-v` logs the line the run waits
@@ -108,6 +100,7 @@ fn every_thread_of_kiln_run_is_filtered_and_none_with_seccomp_off() {
     }
     let guest = test_guest("halt");
     let scratch = Scratch::new("seccomp-threads");
+    common::hand_to_jail(&scratch.0);
     let socket = scratch.path("v.sock");
     let classic = [
         "--vsock".to_string(),
@@ -135,7 +128,7 @@ fn every_thread_of_kiln_run_is_filtered_and_none_with_seccomp_off() {
                 "on" => assert_all_filtered(&tasks, &names),
                 _ => assert!(tasks.iter().all(|t| t.mode == 0), "{path}: {tasks:?}"),
             }
-            terminate(kiln);
+            common::terminate(kiln);
         }
     }
 }

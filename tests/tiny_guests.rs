@@ -688,6 +688,7 @@ fn classic_path_stdin_is_the_guest_console_with_or_without_i() {
     use std::io::Write;
     require_kvm!();
     let scratch = Scratch::new("classic-stdin");
+    common::hand_to_jail(&scratch.0);
     let socket = scratch.path("v.sock");
     let vsock = format!("cid=3,socket={}", socket.display());
     for (byte, interactive) in [(b'A', false), (b'Z', true)] {
@@ -901,6 +902,8 @@ fn a_signal_during_the_scratch_copy_stops_kiln() {
     use std::process::Stdio;
     require_kvm!();
     let scratch = Scratch::new("setup-signal");
+    // The --vsock case's socket directory: the jailed kiln's uid writes there.
+    common::hand_to_jail(&scratch.0);
     let image = scratch.path("root.img");
     data_image(&image, 512);
     let guest = test_guest("hello");

@@ -199,7 +199,12 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
     let sockets = Scratch::new_in(&std::env::temp_dir(), "vsock-sockets");
     let path = sockets.path("v.sock");
     let _vm = common::one_vm();
-    let host_listener = UnixListener::bind(format!("{}_{HOST_PORT}", path.display())).unwrap();
+    let host_port_path = format!("{}_{HOST_PORT}", path.display());
+    let host_listener = UnixListener::bind(&host_port_path).unwrap();
+    // Jailed, kiln runs as an unprivileged uid: it must be able to create
+    // and remove its socket there and to connect to this one.
+    common::hand_to_jail(&sockets.0);
+    common::hand_to_jail(std::path::Path::new(&host_port_path));
 
     // The guest connects out only once its listener listens, and the host
     // connects in only once the guest's connection has arrived: no retries.

@@ -30,34 +30,40 @@ static int seen;
  * vCPU thread whose seccomp filter (kiln's) allows write(2) but not open(2). */
 static int first_run_fd = -1;
 
-/* Writes the whole buffer to PATH (created or truncated); errors are
- * silent: benchrun reports first_run=none, run.sh a missing CPUID table. */
-static void write_file(const char *path, const char *buf, size_t len)
+/* BENCH_CPUID_FILE, opened at load too: kiln builds its VM inside its jail,
+ * where the path is not there. */
+static int cpuid_fd = -1;
+
+/* Replaces the file's contents with the buffer; errors are silent: benchrun
+ * reports first_run=none, run.sh a missing CPUID table. */
+static void rewrite(int out, const char *buf, size_t len)
 {
-	int out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (out < 0)
+	if (out < 0 || ftruncate(out, 0) != 0)
 		return;
+	off_t at = 0;
 	while (len > 0) {
-		ssize_t n = write(out, buf, len);
+		ssize_t n = pwrite(out, buf, len, at);
 		if (n <= 0)
 			break;
 		buf += n;
+		at += n;
 		len -= (size_t)n;
 	}
-	close(out);
 }
 
-__attribute__((constructor)) static void open_first_run_file(void)
+__attribute__((constructor)) static void open_files(void)
 {
 	const char *path = getenv("BENCH_FIRST_RUN_FILE");
 	if (path)
 		first_run_fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	path = getenv("BENCH_CPUID_FILE");
+	if (path)
+		cpuid_fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
 }
 
 static void dump_cpuid(const struct kvm_cpuid2 *cpuid)
 {
-	const char *path = getenv("BENCH_CPUID_FILE");
-	if (!path || !cpuid)
+	if (cpuid_fd < 0 || !cpuid)
 		return;
 	/* One line is at most 80 bytes; KVM allows 256 entries. */
 	static char buf[256 * 96];
@@ -68,7 +74,7 @@ static void dump_cpuid(const struct kvm_cpuid2 *cpuid)
 					"%#x.%u eax=%#x ebx=%#x ecx=%#x edx=%#x\n", e->function, e->index,
 					e->eax, e->ebx, e->ecx, e->edx);
 	}
-	write_file(path, buf, len);
+	rewrite(cpuid_fd, buf, len);
 }
 
 int ioctl(int fd, unsigned long request, ...)

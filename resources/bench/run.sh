@@ -18,6 +18,9 @@
 #                  bootpath kiln alone: boot to init with one boot-path choice
 #                           changed at a time (no PVH, bzImage, gzip or large
 #                           initramfs, verbose console)
+#                  security kiln alone: a tiny VM's start-up (process start to
+#                           first KVM_RUN) and whole run (start to exit) with
+#                           the jail and the seccomp filters on, and each off
 #                  command  `kiln run ... -- echo hi` vs a conventional QEMU boot
 #                  disk     virtio-blk: O_DIRECT dd of 64 MiB, random 4 KiB reads
 #                  net      virtio-net (only if `kiln run --help` lists --net)
@@ -52,7 +55,7 @@ dry_run=0
 reps_override=""
 reps_boot_override=""
 reps_bootpath_override=""
-only="exits,startup,boot,bootpath,command,disk,net"
+only="exits,startup,security,boot,bootpath,command,disk,net"
 out_dir="$root"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -74,15 +77,15 @@ declare -A want=()
 IFS=',' read -r -a sections <<< "$only"
 for s in "${sections[@]}"; do
     case "$s" in
-        exits|startup|stop|boot|bootpath|command|disk|net) want[$s]=1 ;;
+        exits|startup|security|stop|boot|bootpath|command|disk|net) want[$s]=1 ;;
         memory|idle) want[boot]=1 ;;
-        *) die "unknown section '$s' (exits, startup, stop, boot, bootpath, command, disk, net)" ;;
+        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, disk, net)" ;;
     esac
 done
 wants() { [ -n "${want[$1]:-}" ]; }
 if [ "$dry_run" = 1 ]; then
     # Only the identical-input rows have two sides to compare.
-    for s in exits startup bootpath command; do unset "want[$s]"; done
+    for s in exits startup security bootpath command; do unset "want[$s]"; done
     [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk and net sections only"
 fi
 
@@ -766,6 +769,31 @@ run_bootpath() {
     done
 }
 
+# ---------------------------------------------------- 3b. security layers
+# What the jail and the seccomp filters cost a run (kiln alone: the other
+# monitors have neither): the tiny VM's start-up and whole run, with both
+# layers on (the default), each off, and both off, interleaved.
+run_security() {
+    log "security layers: 4 variants x $reps repetitions"
+    local rep v
+    for rep in $(seq "$reps"); do
+        for v in default nojail noseccomp off; do
+            local flags=()
+            case $v in
+                nojail) flags=(--jail off) ;;
+                noseccomp) flags=(--seccomp off) ;;
+                off) flags=(--jail off --seccomp off) ;;
+            esac
+            local err="$work/security-$v-$rep.err"
+            brun -t 60 -p "$shim" -e "$err" -- "${kiln_tiny[@]}" "${flags[@]}" ||
+                { fail_note "security: $v: benchrun failed"; continue; }
+            ok 0 || { fail_note "security: $v run $rep: status ${R[status]:-?} (see $err)"; continue; }
+            [ "${R[first_run]:-none}" != none ] && record "security_${v}_start_ms" kiln "$(ms "${R[first_run]}")"
+            record "security_${v}_wall_ms" kiln "$(ms "${R[wall]}")"
+        done
+    done
+}
+
 # ------------------------------------------------------------ 1b. stop
 # How fast kiln ends a VM when asked (kiln alone: the other monitors have no
 # such timeout): --timeout 300ms on a guest that spins and on one halted with
@@ -917,6 +945,7 @@ fi
 started=$(date +%s)
 wants exits && run_exits
 wants startup && run_startup
+wants security && run_security
 wants stop && run_stop
 wants boot && run_boot
 wants bootpath && run_bootpath

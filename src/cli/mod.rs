@@ -2,6 +2,7 @@
 //! what the run needs of kiln's own process ([`signals`], [`terminal`]).
 
 pub mod run;
+pub mod sandbox_vm;
 pub mod signals;
 pub mod terminal;
 
@@ -32,7 +33,11 @@ pub struct Cli {
 pub enum Command {
     /// Boot a fresh VM, run CMD in it with kiln's init, and exit with CMD's status.
     #[command(after_help = EXIT_STATUS_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Runs a sandbox's VM for the sandbox API (`Isolation::Process`): a spec
+    /// on stdin, the console on stdout, a report on descriptor 3.
+    #[command(name = "sandbox-vm", hide = true)]
+    SandboxVm,
 }
 
 const EXIT_STATUS_HELP: &str = "\
@@ -51,10 +56,55 @@ pub struct RunArgs {
     pub vm: VmArgs,
     #[command(flatten)]
     pub command: CommandArgs,
+    #[command(flatten)]
+    pub jail: JailArgs,
     /// Print the guest kernel command line this run would give the guest,
     /// on one line, and exit without running the guest.
     #[arg(long)]
     pub print_cmdline: bool,
+}
+
+/// Where `kiln run` runs (see `kiln::jail`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct JailArgs {
+    /// The jail kiln enters before it builds the VM: `on` (default: private
+    /// namespaces and root, no capabilities, an unprivileged uid) or `off`
+    /// (for debugging only: a compromised device model then has kiln's
+    /// whole view of the host, as root when kiln runs as root).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub jail: bool,
+    /// The uid kiln runs as once the VM is built, when started as root
+    /// (default 65534, nobody; not 0).
+    #[arg(long, value_name = "UID")]
+    pub jail_uid: Option<u32>,
+    /// The gid kiln runs as once the VM is built, when started as root
+    /// (default 65534; not 0).
+    #[arg(long, value_name = "GID")]
+    pub jail_gid: Option<u32>,
+    /// Run kiln in a cgroup of its own with these limits: CPU time in CPUs,
+    /// memory of the whole kiln process (guest memory included) and
+    /// threads; removed when kiln ends.
+    #[arg(long, value_name = "[cpus=N][,mem=SIZE][,pids=N]")]
+    pub cgroup: Option<crate::jail::CgroupLimits>,
+}
+
+impl JailArgs {
+    /// The jail's ids; `None` with `--jail off`.
+    pub fn config(&self) -> Option<crate::jail::JailConfig> {
+        let default = crate::jail::JailConfig::default();
+        self.jail.then(|| crate::jail::JailConfig {
+            uid: self.jail_uid.unwrap_or(default.uid),
+            gid: self.jail_gid.unwrap_or(default.gid),
+        })
+    }
+}
+
+fn parse_on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("'{other}': the jail is 'on' or 'off'")),
+    }
 }
 
 /// The VM options of `kiln run`: each becomes the [`VmConfig`] field of the
@@ -193,6 +243,8 @@ impl From<VmArgs> for VmConfig {
             // agent's port from the sandbox.
             command: GuestCommand::default(),
             agent_port: None,
+            // The jail's (`JailArgs`), once it is entered.
+            run_as: None,
         }
     }
 }
@@ -271,7 +323,8 @@ mod tests {
     fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
         let full = ["kiln", "run"].iter().chain(args).copied();
         Cli::try_parse_from(full).map(|c| match c.command {
-            Command::Run(r) => r,
+            Command::Run(r) => *r,
+            Command::SandboxVm => panic!("not `kiln run`"),
         })
     }
 
@@ -323,8 +376,8 @@ mod tests {
         let config = VmConfig::from(parse(EVERY_VM_OPTION).unwrap().vm);
         let json = |c: &VmConfig| serde_json::to_value(c).unwrap();
         let (set, default) = (json(&config), json(&VmConfig::default()));
-        // What `kiln run` sets apart from its VM options.
-        let not_vm_options = ["command", "agent_port"];
+        // What `kiln run` sets apart from its VM options (run_as: the jail).
+        let not_vm_options = ["command", "agent_port", "run_as"];
         for (field, value) in default.as_object().unwrap() {
             assert_eq!(
                 set[field] != *value,

@@ -12,9 +12,10 @@ use std::time::Instant;
 use super::signals::StopSignals;
 use super::terminal::{stdio_console, BootConsole, RawTerminal};
 use super::{CommandArgs, RunArgs};
-use crate::config::{GuestCommand, SeccompMode};
+use crate::config::{Credentials, GuestCommand, SeccompMode};
+use crate::jail::{JailConfig, JailError, JailPlan};
 use crate::outcome::{STATUS_KILN_ERROR, STATUS_TIMEOUT};
-use crate::sandbox::{self, ExitStatus, SandboxBuilder, SandboxError};
+use crate::sandbox::{self, ExitStatus, Isolation, SandboxBuilder, SandboxError};
 use crate::seccomp::{self, ThreadKind};
 use crate::{VmConfig, VmOutcome, VmStopper};
 
@@ -26,6 +27,23 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
     let agent = uses_agent(&config);
     if args.print_cmdline {
         return print_cmdline(config, agent);
+    }
+    if let Some(limits) = &args.jail.cgroup {
+        // Before the jail, which hides /sys/fs/cgroup.
+        if let Err(e) = crate::jail::enter_cgroup(limits) {
+            eprintln!("kiln: {e}");
+            return STATUS_KILN_ERROR;
+        }
+    }
+    if let Some(jail) = args.jail.config() {
+        // First: the jail is entered while kiln has one thread.
+        match enter_jail(jail, &mut config) {
+            Ok(()) => log::info!("jail: entered"),
+            Err(e) => {
+                eprintln!("kiln: {e}");
+                return STATUS_KILN_ERROR;
+            }
+        }
     }
     if agent {
         return run_with_agent(config, &args.command);
@@ -45,6 +63,22 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
         eprintln!("kiln: {e}");
         STATUS_KILN_ERROR
     })
+}
+
+/// Enters the jail `config`'s run needs; the VM drops to the jail's ids
+/// (`run_as`) once it is built.
+pub(super) fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), JailError> {
+    let plan = JailPlan::for_vm(config)?;
+    let ids = Credentials {
+        uid: jail.uid,
+        gid: jail.gid,
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        plan.check_access(config, ids)?;
+    }
+    config.run_as = plan.enter(jail)?;
+    Ok(())
 }
 
 /// Whether the command runs through kiln's agent. It cannot with --vsock
@@ -136,7 +170,9 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
         false => Box::new(boot_console.clone()),
     };
     let (flag, slot) = (interrupted.clone(), stopper.clone());
+    // kiln run is jailed as a whole: its VM runs on its own threads.
     let builder = SandboxBuilder::from(config)
+        .isolation(Isolation::InProcess)
         .console_output(console)
         .on_vm_started(move |vm| {
             let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());

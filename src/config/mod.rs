@@ -3,7 +3,7 @@
 //! and the VM assembly reads; the device option strings; and the parsing of
 //! human-friendly sizes and durations shared by the CLI and the library.
 
-mod option_parser;
+pub(crate) mod option_parser;
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -103,6 +103,21 @@ pub struct VmConfig {
     /// The seccomp filters on the threads kiln creates for this VM (on by
     /// default; see [`SeccompMode`]).
     pub seccomp: SeccompMode,
+    /// Once the VM is built (its files, devices and sockets open) and before
+    /// the guest runs, the whole process takes these ids, every thread
+    /// included, and so loses root and its capabilities. For a process that
+    /// runs one VM and nothing else: `kiln run`'s jail sets it (see
+    /// `kiln::jail`); an embedder's own threads would change too.
+    pub run_as: Option<Credentials>,
+}
+
+/// A uid and gid to run as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    /// The user id (never 0).
+    pub uid: u32,
+    /// The group id (never 0); supplementary groups are dropped.
+    pub gid: u32,
 }
 
 impl Default for VmConfig {
@@ -128,6 +143,7 @@ impl Default for VmConfig {
             nets: Vec::new(),
             agent_port: None,
             seccomp: SeccompMode::On,
+            run_as: None,
         }
     }
 }

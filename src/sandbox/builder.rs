@@ -10,11 +10,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::vm::{Isolation, SandboxVm};
+use super::vm_process::{self, VmProcess, VmProcessSpec};
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
 use crate::config::{
-    ConsoleKind, DiskConfig, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
+    ConsoleKind, Credentials, DiskConfig, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
 };
-use crate::{ConsoleIo, VmHandle, VmStopper};
+use crate::jail::JailConfig;
+use crate::{ConsoleIo, VmStopper};
 
 /// The vsock port the agent connects to on the host.
 const AGENT_PORT: u32 = 1024;
@@ -38,6 +41,12 @@ pub struct SandboxBuilder {
     output_limit: Option<usize>,
     on_vm_started: Option<Box<dyn FnOnce(VmStopper) + Send>>,
     before_guest: Option<BeforeGuest>,
+    isolation: Isolation,
+    kiln_binary: Option<PathBuf>,
+    /// The VM process's jail (`None`: none); [`Isolation::Process`] only.
+    jail: Option<JailConfig>,
+    /// Whether `jail` was set (else the default jail).
+    jail_set: bool,
 }
 
 /// Run by `build` on its own thread before the guest starts.
@@ -108,6 +117,31 @@ impl SandboxBuilder {
         hook: impl FnOnce() -> crate::Result<()> + Send + 'static,
     ) -> Self {
         self.before_guest = Some(Box::new(hook));
+        self
+    }
+
+    /// Where the VM runs (default [`Isolation::Process`]; see
+    /// [`Isolation`] for what each risks).
+    pub fn isolation(mut self, isolation: Isolation) -> Self {
+        self.isolation = isolation;
+        self
+    }
+
+    /// The `kiln` binary that runs the VM with [`Isolation::Process`].
+    /// Default: `$KILN_BINARY`, else a `kiln` next to the running program
+    /// or one directory up (cargo's target directory), else `kiln` on
+    /// `$PATH`.
+    pub fn kiln_binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kiln_binary = Some(path.into());
+        self
+    }
+
+    /// The VM process's jail with [`Isolation::Process`] (default: on, with
+    /// [`JailConfig::default`]'s ids when the embedder runs as root);
+    /// `None` runs it unjailed, for debugging only.
+    pub fn jail(mut self, jail: Option<JailConfig>) -> Self {
+        self.jail = jail;
+        self.jail_set = true;
         self
     }
 
@@ -255,6 +289,29 @@ impl SandboxBuilder {
         listener
             .set_nonblocking(true)
             .map_err(SandboxError::io("agent socket"))?;
+        let jail = match self.jail_set {
+            true => self.jail,
+            false => Some(JailConfig::default()),
+        };
+        // The ids the VM runs as once built: the VM connects to the agent
+        // socket, and removes its own, as them.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let owner = match (&self.isolation, jail) {
+            (Isolation::Process, Some(j)) if root => Some(Credentials {
+                uid: j.uid,
+                gid: j.gid,
+            }),
+            (Isolation::Process, _) => None,
+            (Isolation::InProcess, _) => config.run_as,
+        };
+        if let Some(ids) = owner {
+            for path in [dir.path(), Path::new(&agent_path)] {
+                std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid)).map_err(
+                    SandboxError::io("handing the sandbox directory to the jail's ids"),
+                )?;
+            }
+        }
 
         let console = ConsoleRing::new(self.console);
         let io = ConsoleIo {
@@ -269,18 +326,45 @@ impl SandboxBuilder {
             (None, None) => DEFAULT_BOOT_TIMEOUT,
         };
         let seccomp = config.seccomp;
-        let (vm, gate) = crate::vmm::spawn_gated(config, io, started)?;
-        if let Some(hook) = self.on_vm_started.take() {
-            hook(vm.stopper());
-        }
-        if let Some(hook) = self.before_guest.take() {
-            if let Err(e) = hook() {
-                drop(gate); // before the VM thread is joined: it waits for it
-                drop(vm);
-                return Err(e.into());
+        let vm = match self.isolation {
+            Isolation::InProcess => {
+                let (vm, gate) = crate::vmm::spawn_gated(config, io, started)?;
+                if let Some(hook) = self.on_vm_started.take() {
+                    hook(vm.stopper());
+                }
+                if let Some(hook) = self.before_guest.take() {
+                    if let Err(e) = hook() {
+                        drop(gate); // before the VM thread is joined: it waits for it
+                        drop(vm);
+                        return Err(e.into());
+                    }
+                }
+                gate.open();
+                SandboxVm::InProcess(vm)
             }
-        }
-        gate.open();
+            Isolation::Process => {
+                let binary = self
+                    .kiln_binary
+                    .take()
+                    .or_else(vm_process::find_kiln_binary);
+                let binary = binary.ok_or_else(|| {
+                    SandboxError::Config(format!(
+                        "no kiln binary to run the VM in (set ${}, .kiln_binary(PATH), or .isolation(Isolation::InProcess))",
+                        vm_process::KILN_BINARY_ENV
+                    ))
+                })?;
+                preflight(&config)?;
+                let spec = VmProcessSpec { config, jail };
+                let vm = VmProcess::spawn(&binary, &spec, io.output, seccomp)?;
+                if let Some(hook) = self.on_vm_started.take() {
+                    hook(vm.stopper());
+                }
+                if let Some(hook) = self.before_guest.take() {
+                    hook()?;
+                }
+                SandboxVm::Process(vm)
+            }
+        };
         let deadline = started + limit;
         let stream = loop {
             match listener.accept() {
@@ -336,10 +420,25 @@ fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Dura
     unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
 }
 
-fn vm_ended(vm: VmHandle, console: &ConsoleRing) -> SandboxError {
+/// Finds here what the VM process would find wrong first (the
+/// configuration, the root, the disks), so that the error keeps its type:
+/// a VM process reports only a message ([`crate::Error::VmProcess`]).
+fn preflight(config: &VmConfig) -> crate::Result<()> {
+    crate::vmm::kernel_cmdline(config)?;
+    for disk in &config.disks {
+        kiln_devices::virtio::block::DiskImage::open(
+            &disk.path,
+            disk.read_only,
+            disk.id.as_deref(),
+        )?;
+    }
+    Ok(())
+}
+
+fn vm_ended(vm: SandboxVm, console: &ConsoleRing) -> SandboxError {
     match vm.wait() {
-        Ok(report) => SandboxError::BootFailed {
-            outcome: report.outcome,
+        Ok(outcome) => SandboxError::BootFailed {
+            outcome,
             console: console.tail(),
             output: console.raw(),
         },

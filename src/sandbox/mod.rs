@@ -27,11 +27,15 @@ mod errors;
 mod process;
 #[cfg(test)]
 mod tests;
+mod vm;
+pub(crate) mod vm_process;
 
 pub use builder::SandboxBuilder;
 pub use command::Command;
 pub use errors::{Result, SandboxError};
 pub use process::{Process, ProcessStderr, ProcessStdin, ProcessStdout};
+pub use vm::Isolation;
+pub use vm_process::KILN_BINARY_ENV;
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
@@ -47,9 +51,9 @@ use kiln_init::protocol::{
 
 use crate::config::SeccompMode;
 use crate::seccomp::{self, ThreadKind};
-use crate::VmHandle;
 use builder::{ConsoleRing, TempDir};
 use command::StdinMode;
+use vm::SandboxVm;
 
 /// Default cap on what `exec` collects (stdout plus stderr).
 pub const DEFAULT_OUTPUT_LIMIT: usize = 64 << 20;
@@ -249,7 +253,7 @@ pub struct Sandbox {
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
     stream: UnixStream,
-    vm: Mutex<Option<VmHandle>>,
+    vm: Mutex<Option<SandboxVm>>,
     output_limit: usize,
     /// The filters of the sandbox's own threads.
     seccomp: SeccompMode,
@@ -278,7 +282,7 @@ impl Sandbox {
         stream: UnixStream,
         hello_timeout: Duration,
         console: ConsoleRing,
-        vm: Option<VmHandle>,
+        vm: Option<SandboxVm>,
         dir: Option<TempDir>,
         seccomp: SeccompMode,
     ) -> Result<Self> {
@@ -363,7 +367,7 @@ impl Sandbox {
     /// Stops the VM from any thread (for signal handling); None without a VM.
     pub fn stopper(&self) -> Option<crate::VmStopper> {
         let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
-        vm.as_ref().map(VmHandle::stopper)
+        vm.as_ref().map(SandboxVm::stopper)
     }
 
     /// The last lines the guest printed on its console (kernel messages).
@@ -473,7 +477,7 @@ impl Sandbox {
             }
             vm.stop();
             match vm.wait() {
-                Ok(report) => outcome = Some(report.outcome),
+                Ok(end) => outcome = Some(end),
                 Err(e) => result = Err(SandboxError::Vm(e)),
             }
         }

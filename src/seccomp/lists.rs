@@ -26,6 +26,10 @@ fn arg_eq(arg: u8, value: u64) -> Condition {
     (arg, SeccompCmpOp::Eq, value)
 }
 
+fn arg_ne(arg: u8, value: u64) -> Condition {
+    (arg, SeccompCmpOp::Ne, value)
+}
+
 /// The bits of `mask` in the argument equal `value`.
 fn arg_masked(arg: u8, mask: u64, value: u64) -> Condition {
     (arg, SeccompCmpOp::MaskedEq(mask), value)
@@ -121,6 +125,14 @@ impl List {
             libc::SYS_getpid,
             libc::SYS_gettid,
         ]);
+        // The jail's change of ids (`jail::drop_privileges`), which glibc
+        // makes every thread run: only away from root (a thread without
+        // CAP_SETUID cannot take any other ids), groups only emptied.
+        for nr in [libc::SYS_setresuid, libc::SYS_setresgid] {
+            let not_root = |arg| arg_ne(arg, 0);
+            self.allow_if(nr, &[not_root(0), not_root(1), not_root(2)]);
+        }
+        self.allow_if(libc::SYS_setgroups, &[arg_eq(0, 0)]);
         let sigabrt = libc::SIGABRT as u64;
         self.allow_if(libc::SYS_tgkill, &[arg_eq(2, sigabrt)]);
         self.allow_if(libc::SYS_rt_sigaction, &[arg_eq(0, sigabrt)]);
@@ -223,6 +235,9 @@ impl List {
             // Ending the connection when the agent stops reading (a send
             // that timed out).
             libc::SYS_shutdown,
+            // The console of a VM in a process of its own, from its pipe
+            // (`Isolation::Process`).
+            libc::SYS_read,
         ]);
     }
 

@@ -20,9 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{
-    ConsoleKind, DiskConfig, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
-};
+use crate::config::{ConsoleKind, DiskConfig, NetConfig, RateLimit, VmConfig, VsockConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, Buses, DeviceManager};
 use crate::error::{Error, Result};
@@ -77,14 +75,9 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     let mut devices =
         DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
     let stop = || life.is_stopping();
-    if let Some(input) = attach_virtio_devices(
-        &slots,
-        &mut devices,
-        &output,
-        io.input,
-        config.seccomp,
-        &stop,
-    )? {
+    if let Some(input) =
+        attach_virtio_devices(&slots, &mut devices, &output, io.input, config, &stop)?
+    {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
@@ -255,9 +248,10 @@ fn attach_virtio_devices(
     devices: &mut DeviceManager<'_>,
     output: &SharedWriter,
     mut input: Option<File>,
-    seccomp: SeccompMode,
+    config: &VmConfig,
     stop: &dyn Fn() -> bool,
 ) -> Result<Option<File>> {
+    let (seccomp, run_as) = (config.seccomp, config.run_as);
     use kiln_devices::virtio::net::{MacAddr, Net};
     for slot in slots {
         match *slot {
@@ -289,6 +283,11 @@ fn attach_virtio_devices(
             }
             VirtioSlot::Vsock(v) => {
                 let vsock = Vsock::new(v.cid, &v.socket)?;
+                if let Some(ids) = run_as {
+                    // Removed by kiln at its end, once it runs as `ids`.
+                    std::os::unix::fs::chown(&v.socket, Some(ids.uid), Some(ids.gid))
+                        .map_err(Error::io("handing the vsock socket to the jail's ids"))?;
+                }
                 devices.attach_virtio(vsock)?;
             }
             VirtioSlot::Net(i, net) => {

@@ -145,21 +145,40 @@ pub struct VmHandle {
 /// Stops a VM from any thread (cheap to clone), e.g. from a signal
 /// thread; it keeps nothing of the VM alive but its shared state.
 #[derive(Clone)]
-pub struct VmStopper(Arc<Lifecycle>);
+pub struct VmStopper(StopTarget);
+
+/// What a [`VmStopper`] stops.
+#[derive(Clone)]
+enum StopTarget {
+    /// A VM in this process.
+    Vm(Arc<Lifecycle>),
+    /// A sandbox's VM in a kiln process of its own: closing its lifeline
+    /// (the child's stdin) stops it.
+    Process(Arc<dyn Fn() + Send + Sync>),
+}
 
 impl VmStopper {
     /// Ends the VM with `outcome` unless it has already ended (the first
     /// outcome wins). Returns at once; the VM's threads wind down and the
-    /// run returns.
+    /// run returns. A sandbox's VM in a process of its own ends with
+    /// [`VmOutcome::Stopped`] whatever `outcome` says.
     pub fn stop(&self, outcome: VmOutcome) {
-        self.0.finish(outcome);
+        match &self.0 {
+            StopTarget::Vm(life) => life.finish(outcome),
+            StopTarget::Process(stop) => stop(),
+        }
+    }
+
+    /// A stopper that calls `stop` (for a VM kiln runs in another process).
+    pub(crate) fn from_fn(stop: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(StopTarget::Process(Arc::new(stop)))
     }
 }
 
 impl VmHandle {
     /// A [`VmStopper`] for this VM, to stop it from another thread.
     pub fn stopper(&self) -> VmStopper {
-        VmStopper(self.life.clone())
+        VmStopper(StopTarget::Vm(self.life.clone()))
     }
 
     /// Asks the VM to stop (outcome `Stopped`); `wait` collects the report.
@@ -225,6 +244,11 @@ fn run_with(
             None => return Err(e),
         },
     };
+    // Everything is open: kiln needs no privilege from here on.
+    if let Some(ids) = config.run_as {
+        crate::jail::drop_privileges(ids).map_err(Error::io("dropping privileges (the jail)"))?;
+        log::info!("jail: running as uid {} gid {}", ids.uid, ids.gid);
+    }
 
     // Every thread filters itself before the guest's first instruction: the
     // vCPU threads wait for their start until this one has its filter too.
@@ -417,7 +441,7 @@ mod tests {
         vm.life.panic_event_loop.store(true, Ordering::SeqCst);
         vm.life.exit_evt().write(1).unwrap();
         gate.open();
-        let life = vm.stopper().0;
+        let life = vm.life.clone();
         let result = vm.wait();
         assert!(matches!(result, Err(Error::VmThreadPanicked)), "{result:?}");
         assert!(life.startup_time().is_some(), "the guest never ran");

@@ -515,3 +515,24 @@ pub fn build_busybox_root(dir: &Path) {
             .stdout(Stdio::null()),
     );
 }
+
+/// Lets a jailed `kiln run` (which drops to uid and gid 65534 once its VM is
+/// built, when started as root) use `path`: its `--vsock` socket directory,
+/// where it creates and removes its socket, or a `_PORT` socket it connects
+/// to. What a user of `--vsock` with the jail does (README, Security model).
+pub fn hand_to_jail(path: &Path) {
+    if is_root() {
+        let id = kiln::jail::DEFAULT_JAIL_ID;
+        std::os::unix::fs::chown(path, Some(id), Some(id))
+            .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    }
+}
+
+/// Stops `kiln` with SIGTERM and checks it ends as a stopped run does
+/// (status 128 + 15).
+pub fn terminate(mut kiln: std::process::Child) {
+    // SAFETY: kill with the pid of a child this test owns and has not reaped.
+    assert_eq!(unsafe { libc::kill(kiln.id() as i32, libc::SIGTERM) }, 0);
+    let status = kiln.wait().expect("waiting for kiln");
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
+}

@@ -439,6 +439,17 @@ impl Muxer {
                     "vsock: guest connect to {}: {e}",
                     Path::new(&target).display()
                 );
+                // Said once: a jailed kiln (not root) may not reach a
+                // socket its user made, and the guest sees only a reset.
+                static DENIED: std::sync::Once = std::sync::Once::new();
+                if e.kind() == io::ErrorKind::PermissionDenied {
+                    DENIED.call_once(|| {
+                        log::warn!(
+                            "vsock: no permission to connect to {} (kiln's jail runs it as --jail-uid: make the socket connectable by that uid)",
+                            Path::new(&target).display()
+                        )
+                    });
+                }
                 self.reply_rst(hdr);
                 return;
             }

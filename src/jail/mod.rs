@@ -1,0 +1,352 @@
+//! The jail `kiln run` enters before it builds the VM, so that a device
+//! model taken over by the guest finds almost nothing around it:
+//!
+//! - new mount, IPC and UTS namespaces (and a network namespace when the
+//!   VM has no TAP: a TAP is created in the namespace kiln runs in);
+//! - a private root (`pivot_root` into a small tmpfs) holding only what
+//!   the run names: the kernel, initrd and root (read-only), the disks
+//!   (read-only unless writable), the vsock socket's directory, /dev/kvm
+//!   (and /dev/net/tun with a TAP), each at its own path so the rest of
+//!   kiln opens the paths it was given; an empty $TMPDIR (the host's with
+//!   an image root, for its scratch copy);
+//! - no inherited descriptors but stdio, no core dumps (guest memory),
+//!   not dumpable (no ptrace by other processes of the same uid), no new
+//!   privileges, an empty capability bounding set, bounded descriptors;
+//! - an unprivileged uid and gid: run as root, kiln builds the VM as root
+//!   (TAPs need CAP_NET_ADMIN, /dev/kvm is often root's) and then, before
+//!   the guest's first instruction, every thread becomes
+//!   [`JailConfig::uid`]/[`JailConfig::gid`] and so holds no capability
+//!   (`VmConfig::run_as`, done by the VM thread). Run by another user,
+//!   kiln enters a user namespace that maps only that user and drops every
+//!   capability at once.
+//!
+//! Namespaces and the root are per thread until a thread starts, so the
+//! jail is entered while kiln has a single thread: first thing in a run.
+
+mod cgroup;
+mod creds;
+mod root;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Credentials, VmConfig};
+use crate::rootfs::Rootfs;
+
+pub use cgroup::CgroupLimits;
+pub use creds::drop_privileges;
+
+/// Moves kiln into a cgroup of its own with `limits` (see `cgroup.rs`),
+/// removed when kiln ends. Must be called while the process has one
+/// thread, before [`JailPlan::enter`] (which hides /sys/fs/cgroup).
+pub fn enter_cgroup(limits: &CgroupLimits) -> Result<(), JailError> {
+    root::ensure_single_threaded()?;
+    cgroup::enter(limits)
+}
+
+/// The uid and gid of `nobody` on most distributions: the default ids a
+/// root-started `kiln run` drops to.
+pub const DEFAULT_JAIL_ID: u32 = 65534;
+
+/// How a `kiln run` is jailed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JailConfig {
+    /// The uid kiln drops to when started as root (never 0).
+    pub uid: u32,
+    /// The gid kiln drops to when started as root (never 0).
+    pub gid: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            uid: DEFAULT_JAIL_ID,
+            gid: DEFAULT_JAIL_ID,
+        }
+    }
+}
+
+/// The jail could not be entered; nothing of the VM exists yet.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// A step of entering the jail failed.
+    #[error("jail: {what}: {source} (`--jail off` runs without the jail)")]
+    Step {
+        /// What kiln was doing.
+        what: String,
+        /// Why it failed.
+        source: io::Error,
+    },
+    /// The jail cannot hold what the run needs.
+    #[error("jail: {0}")]
+    Unusable(String),
+}
+
+impl JailError {
+    fn step(what: impl Into<String>) -> impl FnOnce(io::Error) -> JailError {
+        let what = what.into();
+        move |source| JailError::Step { what, source }
+    }
+}
+
+/// One host path the jail shows at the same path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Bind {
+    /// Absolute, as the run names it (symbolic links not resolved): where
+    /// the jail shows it.
+    path: PathBuf,
+    /// The host path shown there (`path` but for the image root's scratch
+    /// directory, which kiln finds by resolving the image's path).
+    source: PathBuf,
+    writable: bool,
+    /// A device node kiln needs (/dev/kvm).
+    device: bool,
+}
+
+/// What a run's jail holds, computed from its configuration.
+#[derive(Debug)]
+pub struct JailPlan {
+    binds: Vec<Bind>,
+    /// Directories created empty (and writable by anyone, sticky), e.g. $TMPDIR.
+    scratch_dirs: Vec<PathBuf>,
+    /// The directory to be in once inside (the run's relative paths start there).
+    cwd: PathBuf,
+    /// Whether the jail gets its own network namespace (no TAP).
+    new_network: bool,
+}
+
+impl JailPlan {
+    /// The jail `config`'s run needs. `config` is the run's final
+    /// configuration, before the sandbox (if any) adds its own vsock device.
+    pub fn for_vm(config: &VmConfig) -> Result<JailPlan, JailError> {
+        let cwd = std::env::current_dir().map_err(JailError::step("reading the directory"))?;
+        let absolute = |p: &Path| lexically_normal(&cwd.join(p));
+        let mut binds = Vec::new();
+        let mut read_only = |p: &Path| binds.push(Bind::file(absolute(p), false));
+        read_only(&config.kernel);
+        config.initrd.as_deref().map(&mut read_only);
+        config.rootfs.as_deref().map(&mut read_only);
+        for disk in &config.disks {
+            binds.push(Bind::file(absolute(&disk.path), !disk.read_only));
+        }
+        if let Some(vsock) = &config.vsock {
+            // kiln creates its socket there and connects to the _PORT ones.
+            let socket = absolute(&vsock.socket);
+            let dir = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
+            binds.push(Bind::file(dir, true));
+        }
+        binds.push(Bind::device("/dev/kvm"));
+        if !config.nets.is_empty() {
+            binds.push(Bind::device("/dev/net/tun"));
+        }
+        let tmp = absolute(&std::env::temp_dir());
+        let mut scratch_dirs = Vec::new();
+        // An image root is copied to $TMPDIR (see rootfs::scratch_copy):
+        // the jail shows the host's there; else an empty one of its own.
+        let image_root = match &config.rootfs {
+            Some(path) => matches!(Rootfs::detect(path), Ok(Rootfs::Image(_))),
+            None => false,
+        };
+        match (image_root, &config.rootfs) {
+            (true, Some(image)) => {
+                // Its scratch copy goes to --scratch-dir, else next to the
+                // image (the directory its resolved path names), else $TMPDIR
+                // (see rootfs::scratch_copy): kiln makes it before it drops
+                // its privileges.
+                match &config.scratch_dir {
+                    Some(dir) => {
+                        binds.push(Bind::file(absolute(dir), true));
+                        scratch_dirs.push(tmp);
+                    }
+                    None => {
+                        let shown = absolute(image);
+                        let real = std::fs::canonicalize(image).ok();
+                        if let (Some(shown), Some(real)) =
+                            (shown.parent(), real.as_deref().and_then(Path::parent))
+                        {
+                            binds.push(Bind {
+                                path: shown.to_path_buf(),
+                                source: real.to_path_buf(),
+                                writable: true,
+                                device: false,
+                            });
+                        }
+                        binds.push(Bind::file(tmp, true));
+                    }
+                }
+            }
+            _ => scratch_dirs.push(tmp),
+        }
+        // Shorter paths first: a file inside a bound directory is bound over
+        // the directory's view of it, never created through it.
+        binds.sort_by_key(|b| b.path.components().count());
+        binds.dedup_by(|later, earlier| {
+            let same = later.path == earlier.path;
+            if same {
+                earlier.writable |= later.writable;
+            }
+            same
+        });
+        Ok(JailPlan {
+            binds,
+            scratch_dirs,
+            cwd,
+            new_network: config.nets.is_empty(),
+        })
+    }
+
+    /// Checks what only the jail's ids can tell: kiln, once it is `ids`,
+    /// must still create and remove its vsock socket in its directory.
+    pub fn check_access(&self, config: &VmConfig, ids: Credentials) -> Result<(), JailError> {
+        let Some(vsock) = &config.vsock else {
+            return Ok(());
+        };
+        let socket = lexically_normal(&self.cwd.join(&vsock.socket));
+        let dir = socket.parent().unwrap_or(Path::new("/"));
+        let meta = std::fs::metadata(dir).map_err(JailError::step(format!(
+            "--vsock: reading {}",
+            dir.display()
+        )))?;
+        use std::os::unix::fs::MetadataExt;
+        let mode = meta.mode();
+        let writable = (meta.uid() == ids.uid && mode & 0o300 == 0o300)
+            || (meta.gid() == ids.gid && mode & 0o030 == 0o030)
+            || mode & 0o003 == 0o003;
+        match writable {
+            true => Ok(()),
+            false => Err(JailError::Unusable(format!(
+                "--vsock: kiln runs as uid {} gid {} once jailed and cannot create its socket in {} \
+                 (make the directory writable by that uid, or give --jail-uid/--jail-gid, or --jail off)",
+                ids.uid,
+                ids.gid,
+                dir.display()
+            ))),
+        }
+    }
+
+    /// Enters the jail. Must be called while the process has one thread.
+    /// Returns the ids the VM must drop to before its guest runs (`Some`
+    /// when kiln runs as root), for [`VmConfig::run_as`].
+    pub fn enter(&self, jail: JailConfig) -> Result<Option<Credentials>, JailError> {
+        root::ensure_single_threaded()?;
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if root && (jail.uid == 0 || jail.gid == 0) {
+            return Err(JailError::Unusable(
+                "--jail-uid and --jail-gid must not be 0 (root): `--jail off` runs as root".into(),
+            ));
+        }
+        // What kiln reads from /sys and /proc, read while they are there.
+        crate::host_profile::HostProfile::detect();
+        crate::memory::host_ram_bytes();
+        creds::close_inherited_fds()?;
+        root::unshare(!root, self.new_network)?;
+        // The host's paths, held open (in the new mount namespace, where a
+        // bind mount's source must be) before the private root hides them.
+        let sources = root::open_sources(&self.binds);
+        root::build_and_pivot(&self.binds, &sources, &self.scratch_dirs, &self.cwd)?;
+        drop(sources);
+        creds::limit_process()?;
+        match root {
+            true => Ok(Some(Credentials {
+                uid: jail.uid,
+                gid: jail.gid,
+            })),
+            false => {
+                creds::drop_all_capabilities()?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Bind {
+    fn file(path: PathBuf, writable: bool) -> Self {
+        Self {
+            source: path.clone(),
+            path,
+            writable,
+            device: false,
+        }
+    }
+
+    fn device(path: &str) -> Self {
+        Self {
+            path: PathBuf::from(path),
+            source: PathBuf::from(path),
+            writable: true,
+            device: true,
+        }
+    }
+}
+
+/// `path` without `.` and `..` components (resolved by name, as they will
+/// be inside the jail, where every directory on the way is a real one).
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(name) => out.push(name),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VsockConfig;
+
+    #[test]
+    fn paths_are_made_absolute_without_resolving_links() {
+        assert_eq!(
+            lexically_normal(Path::new("/a/./b/../c//d")),
+            Path::new("/a/c/d")
+        );
+        assert_eq!(lexically_normal(Path::new("/../x")), Path::new("/x"));
+    }
+
+    #[test]
+    fn the_plan_holds_what_the_run_names_and_nothing_else() {
+        let mut config = VmConfig::new("/k/vmlinux");
+        config.initrd = Some("/k/initrd".into());
+        config.disks.push("/d/data.img".parse().unwrap());
+        config.disks.push("/d/base.img,ro".parse().unwrap());
+        config.vsock = Some(VsockConfig {
+            cid: 3,
+            socket: "/run/v/vsock.sock".into(),
+        });
+        let plan = JailPlan::for_vm(&config).unwrap();
+        let binds: Vec<_> = plan
+            .binds
+            .iter()
+            .map(|b| (b.path.to_str().unwrap(), b.writable, b.device))
+            .collect();
+        for expected in [
+            ("/k/vmlinux", false, false),
+            ("/k/initrd", false, false),
+            ("/d/data.img", true, false),
+            ("/d/base.img", false, false),
+            ("/run/v", true, false),
+            ("/dev/kvm", true, true),
+        ] {
+            assert!(binds.contains(&expected), "{expected:?} in {binds:?}");
+        }
+        assert_eq!(binds.len(), 6, "{binds:?}");
+        assert!(plan.new_network, "no TAP: a network namespace of its own");
+        assert_eq!(plan.scratch_dirs, [std::env::temp_dir()]);
+
+        config.nets.push("tap=tap0".parse().unwrap());
+        let plan = JailPlan::for_vm(&config).unwrap();
+        assert!(!plan.new_network, "the TAP is created where kiln runs");
+        assert!(plan
+            .binds
+            .iter()
+            .any(|b| b.path == Path::new("/dev/net/tun")));
+    }
+}
