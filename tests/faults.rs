@@ -35,8 +35,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{
-    guest_kernel, guest_rootfs, have_kvm, have_program, is_root, kiln_cli, require, run_checked,
-    sha256_hex, Netns, Scratch,
+    guest_kernel, guest_rootfs, have_kvm, kiln_cli, require, run_checked, sha256_hex, Netns,
+    Scratch,
 };
 use kiln::config::{DiskConfig, NetConfig};
 use kiln::sandbox::{Command as GuestCommand, ExitStatus, Sandbox};
@@ -44,18 +44,6 @@ use kiln::{ConsoleIo, VmOutcome};
 
 /// `--timeout` of each real-kernel run: it only turns a hang into a failure.
 const RUN_TIMEOUT: Duration = Duration::from_secs(1200);
-
-fn real_kernel_prerequisites(programs: &[&str]) -> bool {
-    require(have_kvm(), "/dev/kvm not accessible")
-        && require(is_root(), "not root")
-        && require(
-            guest_kernel("vmlinux").is_some(),
-            "guest kernel not built (run resources/setup.sh)",
-        )
-        && programs
-            .iter()
-            .all(|p| require(have_program(p), &format!("{p} not installed")))
-}
 
 /// The lines of `source` (a pipe), as they arrive: a thread forwards each
 /// one; the channel ends at end of file.
@@ -105,18 +93,6 @@ impl Lines {
     }
 }
 
-/// The bytes of `seq 1 200000 | head -c 1048576`.
-fn pattern() -> Vec<u8> {
-    let mut text = String::new();
-    let mut i = 1u32;
-    while text.len() < 1 << 20 {
-        text.push_str(&format!("{i}\n"));
-        i += 1;
-    }
-    text.truncate(1 << 20);
-    text.into_bytes()
-}
-
 /// (a) A 1 MiB file written on an ext4 `--disk` and `sync`ed; the guest
 /// prints a marker once `sync` has returned and then sleeps; the test
 /// SIGKILLs the monitor at the marker. The image must then be consistent
@@ -128,7 +104,7 @@ fn pattern() -> Vec<u8> {
 #[test]
 fn kill_9_after_the_guests_sync_loses_nothing() {
     let _vm = common::one_vm();
-    if !real_kernel_prerequisites(&["mkfs.ext4", "debugfs", "e2fsck", "strace"]) {
+    if !common::real_kernel_prerequisites(&["mkfs.ext4", "debugfs", "e2fsck", "strace"]) {
         return;
     }
     let scratch = Scratch::new("faults-kill9");
@@ -221,10 +197,14 @@ fn kill_9_after_the_guests_sync_loses_nothing() {
             .arg(&image)
             .stderr(Stdio::null()),
     );
-    assert_eq!(data.stdout.len(), 1 << 20, "the file's length on the host");
+    assert_eq!(
+        data.stdout.len(),
+        common::SEQ_PATTERN_LEN,
+        "the file's length on the host"
+    );
     assert_eq!(
         sha256_hex(&data.stdout),
-        sha256_hex(&pattern()),
+        sha256_hex(&common::seq_pattern()),
         "the file's bytes on the host"
     );
 }
@@ -337,7 +317,7 @@ fn sh(script: &str) -> GuestCommand {
 #[test]
 fn full_host_disk_oom_kill_and_removed_tap_leave_the_sandbox_working() {
     let _vm = common::one_vm();
-    if !real_kernel_prerequisites(&["ip"])
+    if !common::real_kernel_prerequisites(&["ip"])
         || !require(
             Path::new("/dev/net/tun").exists(),
             "/dev/net/tun does not exist",
@@ -534,7 +514,7 @@ struct PeerReport {
 #[test]
 fn vsock_host_peer_killed_mid_stream() {
     let _vm = common::one_vm();
-    if !real_kernel_prerequisites(&["gcc", "cat"]) {
+    if !common::real_kernel_prerequisites(&["gcc", "cat"]) {
         return;
     }
     let scratch = Scratch::new("faults-vsock");
