@@ -430,9 +430,10 @@ fn full_host_disk_oom_kill_and_removed_tap_leave_the_sandbox_working() {
 
     // (c) The TAP deleted while a command uses the network: the command
     // goes on (its ping fails), the monitor's event thread does not spin
-    // (it spends less than a quarter of the time after the deletion on the
-    // CPU; a loop on the dead TAP's error event takes all it can get), and
-    // the next command runs.
+    // (it spends under 5% of the time after the deletion on the CPU: 0
+    // ticks measured; with the dead TAP's error event left watched, the
+    // loop took 21% on a loaded host, where it gets only a share of a
+    // core), and the next command runs.
     let mut p = sb
         .spawn(
             sh(&format!(
@@ -459,7 +460,7 @@ fn full_host_disk_oom_kill_and_removed_tap_leave_the_sandbox_working() {
     assert_eq!(status, ExitStatus::Code(0));
     assert!(rest.contains("ping-after=1"), "{rest:?}");
     assert!(
-        (ticks as f64 / ticks_per_second() as f64) < wall.as_secs_f64() / 4.0,
+        (ticks as f64 / ticks_per_second() as f64) < wall.as_secs_f64() / 20.0,
         "the event thread used {ticks} clock ticks in {wall:?} after the TAP went away"
     );
     alive("the TAP's removal");
