@@ -3,8 +3,8 @@
 //!
 //! - `kill_9_after_the_guests_sync_loses_nothing`: `kiln run` is SIGKILLed
 //!   right after the guest's `sync` returned; the ext4 image is consistent
-//!   and holds the file, and the guest's FLUSH reached `fdatasync` on the
-//!   image before `sync` returned (strace on the monitor).
+//!   and holds the file, and the guest's flushes reached `fdatasync` on
+//!   the image before `sync` returned (strace on the monitor).
 //! - `full_host_disk_oom_kill_and_removed_tap_leave_the_sandbox_working`: one
 //!   sandbox (40 MiB) whose disk is a sparse image on a tiny tmpfs (in a
 //!   mount namespace of the test's own) and whose card is on a TAP in a
@@ -100,8 +100,8 @@ impl Lines {
 /// (its journal replays, nothing else to repair) and hold the file. kiln
 /// runs under strace (only `fdatasync` traced), whose lines share the pipe
 /// with the guest's output: an `fdatasync` of the image that returned 0 comes
-/// before the marker, so the guest's flush was made durable before `sync`
-/// returned.
+/// before the marker (the guest's flushes reach `fdatasync` before they
+/// complete; which flush it was, the mount's or `sync`'s, strace cannot tell).
 #[test]
 fn kill_9_after_the_guests_sync_loses_nothing() {
     let _vm = common::one_vm();
