@@ -13,13 +13,12 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{
-    guest_kernel, guest_rootfs, have_kvm, have_program, is_root, kiln_cli, require, run_checked,
-    sha256_hex, Scratch,
+    guest_kernel, guest_rootfs, have_kvm, kiln_cli, require, run_checked, sha256_hex, Scratch,
 };
 
 const BOOT_TIMEOUT: &str = "1200s";
-/// The file the guest writes: `seq 1 200000 | head -c 1048576`.
-const PATTERN_LEN: usize = 1 << 20;
+/// The file the guest writes (`common::seq_pattern()`).
+const PATTERN_LEN: usize = common::SEQ_PATTERN_LEN;
 /// vda is a 128 MiB file holding a 64 MiB ext4; the guest's raw write
 /// throughput test uses the second half.
 const VDA_FILE: u64 = 128 << 20;
@@ -29,30 +28,6 @@ const TAIL: u64 = 64 << 20;
 /// whole by the guest (O_DIRECT, 64 KiB requests): four times its rate.
 const LIMITED_BW: u64 = 64 << 10;
 const LIMITED_FILE: u64 = 4 * LIMITED_BW;
-
-fn prerequisites(programs: &[&str]) -> bool {
-    require(have_kvm(), "/dev/kvm not accessible")
-        && require(is_root(), "not root")
-        && require(
-            guest_kernel("vmlinux").is_some(),
-            "guest kernel not built (run resources/setup.sh)",
-        )
-        && programs
-            .iter()
-            .all(|p| require(have_program(p), &format!("{p} not installed (e2fsprogs)")))
-}
-
-/// The bytes of `seq 1 200000 | head -c 1048576`.
-fn pattern() -> Vec<u8> {
-    let mut text = String::new();
-    let mut i = 1u32;
-    while text.len() < PATTERN_LEN {
-        text.push_str(&format!("{i}\n"));
-        i += 1;
-    }
-    text.truncate(PATTERN_LEN);
-    text.into_bytes()
-}
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut f = fs::File::open(path).unwrap();
@@ -141,7 +116,7 @@ fn parse_kv(stdout: &str) -> HashMap<String, String> {
 /// serial, virtio-rng, and vda throughput; then host-side checks.
 #[test]
 fn guest_uses_disks_and_rng() {
-    if !prerequisites(&["mkfs.ext4", "debugfs", "e2fsck", "sha256sum"]) {
+    if !common::real_kernel_prerequisites(&["mkfs.ext4", "debugfs", "e2fsck", "sha256sum"]) {
         return;
     }
     let mb = bench_mb();
@@ -217,7 +192,7 @@ fn guest_uses_disks_and_rng() {
     assert_eq!(get("done"), "1");
 
     // The file: same bytes in the guest, after a remount, and on the host.
-    let expected = sha256_hex(&pattern());
+    let expected = sha256_hex(&common::seq_pattern());
     assert_eq!(get("mount_vda"), "ok");
     assert_eq!(get("guest_sha"), expected, "sha256 in the guest");
     assert_eq!(get("umount_vda"), "ok");

@@ -130,6 +130,37 @@ fn modified(path: &Path) -> io::Result<SystemTime> {
 #[allow(unused_imports)]
 pub use kiln_prereq::{have_kvm, have_program, is_root, require};
 
+/// The real-kernel tests' prerequisites: /dev/kvm, root, the recipe guest
+/// kernel and each of `programs` on PATH (each missing one skips, or fails
+/// under KILN_NO_SKIP).
+pub fn real_kernel_prerequisites(programs: &[&str]) -> bool {
+    require(have_kvm(), "/dev/kvm not accessible")
+        && require(is_root(), "not root")
+        && require(
+            guest_kernel("vmlinux").is_some(),
+            "guest kernel not built (run resources/setup.sh)",
+        )
+        && programs
+            .iter()
+            .all(|p| require(have_program(p), &format!("{p} not installed")))
+}
+
+/// Length of `seq_pattern()`.
+pub const SEQ_PATTERN_LEN: usize = 1 << 20;
+
+/// The bytes of `seq 1 200000 | head -c 1048576`: what guests write to
+/// disks, so the host can check them without a copy in the guest.
+pub fn seq_pattern() -> Vec<u8> {
+    let mut text = String::new();
+    let mut i = 1u32;
+    while text.len() < SEQ_PATTERN_LEN {
+        text.push_str(&format!("{i}\n"));
+        i += 1;
+    }
+    text.truncate(SEQ_PATTERN_LEN);
+    text.into_bytes()
+}
+
 /// A config for a tiny test guest: 32 MiB, 1 vCPU, 5 s timeout.
 pub fn guest_config(name: &str) -> VmConfig {
     let mut config = VmConfig::new(test_guest(name));
