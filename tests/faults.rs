@@ -539,7 +539,12 @@ fn vsock_host_peer_killed_mid_stream() {
     // Socket paths stay short (108 bytes): the system temp directory.
     let sockets = Scratch::new_in(&std::env::temp_dir(), "faults-vsock");
     let socket = sockets.path("v.sock");
-    let listener = UnixListener::bind(format!("{}_{VSOCK_HOST_PORT}", socket.display())).unwrap();
+    let port_socket = format!("{}_{VSOCK_HOST_PORT}", socket.display());
+    let listener = UnixListener::bind(&port_socket).unwrap();
+    // Jailed, kiln runs as an unprivileged uid: it creates and removes its
+    // socket there and connects to this one.
+    common::hand_to_jail(&sockets.0);
+    common::hand_to_jail(Path::new(&port_socket));
 
     let script = format!(
         "vsock-helper connect 2 {VSOCK_HOST_PORT}; echo first=$?; \
