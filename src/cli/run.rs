@@ -78,6 +78,7 @@ pub(super) fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), 
         plan.check_access(config, ids)?;
     }
     config.run_as = plan.enter(jail)?;
+    plan.apply(config);
     Ok(())
 }
 

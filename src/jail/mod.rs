@@ -28,6 +28,7 @@ mod creds;
 mod root;
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Credentials, VmConfig};
@@ -113,6 +114,25 @@ pub struct JailPlan {
     cwd: PathBuf,
     /// Whether the jail gets its own network namespace (no TAP).
     new_network: bool,
+    /// The vsock socket's path inside the jail.
+    vsock_socket: Option<PathBuf>,
+    /// An image root's scratch directory inside the jail.
+    scratch_dir: Option<PathBuf>,
+}
+
+/// Where the jail shows the vsock socket's directory.
+const VSOCK_DIR: &str = "/.kiln/vsock";
+/// Where the jail shows an image root's scratch directory.
+const SCRATCH_DIR: &str = "/.kiln/scratch";
+
+/// Whether `dir` takes a new (unnamed, at once gone) file.
+fn takes_a_new_file(dir: &Path) -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .is_ok()
 }
 
 impl JailPlan {
@@ -129,53 +149,47 @@ impl JailPlan {
         for disk in &config.disks {
             binds.push(Bind::file(absolute(&disk.path), !disk.read_only));
         }
+        // Directories are shown at kiln's own places, not at their paths: a
+        // host directory shown at its path would bring its symbolic links
+        // into the jail, where they resolve against the jail's root, and
+        // would shadow the files shown under it. The run is told the new
+        // places (`apply`).
+        let mut vsock_socket = None;
         if let Some(vsock) = &config.vsock {
             // kiln creates its socket there and connects to the _PORT ones.
             let socket = absolute(&vsock.socket);
             let dir = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
-            binds.push(Bind::file(dir, true));
+            binds.push(Bind::shown_at(VSOCK_DIR, dir));
+            vsock_socket = socket
+                .file_name()
+                .map(|name| Path::new(VSOCK_DIR).join(name));
         }
         binds.push(Bind::device("/dev/kvm"));
         if !config.nets.is_empty() {
             binds.push(Bind::device("/dev/net/tun"));
         }
-        let tmp = absolute(&std::env::temp_dir());
-        let mut scratch_dirs = Vec::new();
-        // An image root is copied to $TMPDIR (see rootfs::scratch_copy):
-        // the jail shows the host's there; else an empty one of its own.
+        // An empty $TMPDIR of the jail's own (the sandbox's socket directory).
+        let scratch_dirs = vec![absolute(&std::env::temp_dir())];
+        // An image root's scratch copy (see rootfs::scratch_copy), made
+        // before kiln drops its privileges: --scratch-dir, else the image's
+        // own directory if it takes a new file, else the host's $TMPDIR.
         let image_root = match &config.rootfs {
             Some(path) => matches!(Rootfs::detect(path), Ok(Rootfs::Image(_))),
             None => false,
         };
-        match (image_root, &config.rootfs) {
-            (true, Some(image)) => {
-                // Its scratch copy goes to --scratch-dir, else next to the
-                // image (the directory its resolved path names), else $TMPDIR
-                // (see rootfs::scratch_copy): kiln makes it before it drops
-                // its privileges.
-                match &config.scratch_dir {
-                    Some(dir) => {
-                        binds.push(Bind::file(absolute(dir), true));
-                        scratch_dirs.push(tmp);
-                    }
-                    None => {
-                        let shown = absolute(image);
-                        let real = std::fs::canonicalize(image).ok();
-                        if let (Some(shown), Some(real)) =
-                            (shown.parent(), real.as_deref().and_then(Path::parent))
-                        {
-                            binds.push(Bind {
-                                path: shown.to_path_buf(),
-                                source: real.to_path_buf(),
-                                writable: true,
-                                device: false,
-                            });
-                        }
-                        binds.push(Bind::file(tmp, true));
-                    }
-                }
-            }
-            _ => scratch_dirs.push(tmp),
+        let mut scratch_dir = None;
+        if let (true, Some(image)) = (image_root, &config.rootfs) {
+            let next_to_image = std::fs::canonicalize(image)
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .filter(|dir| takes_a_new_file(dir));
+            let dir = match (&config.scratch_dir, next_to_image) {
+                (Some(dir), _) => absolute(dir),
+                (None, Some(dir)) => dir,
+                (None, None) => std::env::temp_dir(),
+            };
+            binds.push(Bind::shown_at(SCRATCH_DIR, dir));
+            scratch_dir = Some(PathBuf::from(SCRATCH_DIR));
         }
         // Shorter paths first: a file inside a bound directory is bound over
         // the directory's view of it, never created through it.
@@ -192,7 +206,21 @@ impl JailPlan {
             scratch_dirs,
             cwd,
             new_network: config.nets.is_empty(),
+            vsock_socket,
+            scratch_dir,
         })
+    }
+
+    /// Points `config` at the jail's own places for the directories it shows
+    /// (the vsock socket's, an image root's scratch directory). For the
+    /// configuration the plan was made from, once the jail is entered.
+    pub fn apply(&self, config: &mut VmConfig) {
+        if let (Some(vsock), Some(socket)) = (config.vsock.as_mut(), &self.vsock_socket) {
+            vsock.socket = socket.clone();
+        }
+        if self.scratch_dir.is_some() {
+            config.scratch_dir = self.scratch_dir.clone();
+        }
     }
 
     /// Checks what only the jail's ids can tell: kiln, once it is `ids`,
@@ -270,6 +298,16 @@ impl Bind {
         }
     }
 
+    /// The host directory `source`, shown at `path`, writable.
+    fn shown_at(path: &str, source: PathBuf) -> Self {
+        Self {
+            path: PathBuf::from(path),
+            source,
+            writable: true,
+            device: false,
+        }
+    }
+
     fn device(path: &str) -> Self {
         Self {
             path: PathBuf::from(path),
@@ -332,13 +370,27 @@ mod tests {
             ("/k/initrd", false, false),
             ("/d/data.img", true, false),
             ("/d/base.img", false, false),
-            ("/run/v", true, false),
+            ("/.kiln/vsock", true, false),
             ("/dev/kvm", true, true),
         ] {
             assert!(binds.contains(&expected), "{expected:?} in {binds:?}");
         }
         assert_eq!(binds.len(), 6, "{binds:?}");
         assert!(plan.new_network, "no TAP: a network namespace of its own");
+        let vsock_dir = plan
+            .binds
+            .iter()
+            .find(|b| b.path == Path::new("/.kiln/vsock"));
+        assert_eq!(
+            vsock_dir.map(|b| b.source.as_path()),
+            Some(Path::new("/run/v"))
+        );
+        let mut applied = config.clone();
+        plan.apply(&mut applied);
+        assert_eq!(
+            applied.vsock.map(|v| v.socket),
+            Some(PathBuf::from("/.kiln/vsock/vsock.sock"))
+        );
         assert_eq!(plan.scratch_dirs, [std::env::temp_dir()]);
 
         config.nets.push("tap=tap0".parse().unwrap());
