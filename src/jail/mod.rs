@@ -183,13 +183,15 @@ impl JailPlan {
                 .ok()
                 .and_then(|p| p.parent().map(Path::to_path_buf))
                 .filter(|dir| takes_a_new_file(dir));
-            let dir = match (&config.scratch_dir, next_to_image) {
-                (Some(dir), _) => absolute(dir),
-                (None, Some(dir)) => dir,
-                (None, None) => std::env::temp_dir(),
-            };
-            binds.push(Bind::shown_at(SCRATCH_DIR, dir));
-            scratch_dir = Some(PathBuf::from(SCRATCH_DIR));
+            match (&config.scratch_dir, next_to_image) {
+                // The user's own choice, at its own path (messages name it).
+                (Some(dir), _) => binds.push(Bind::file(absolute(dir), true)),
+                (None, dir) => {
+                    let dir = dir.unwrap_or_else(std::env::temp_dir);
+                    binds.push(Bind::shown_at(SCRATCH_DIR, dir));
+                    scratch_dir = Some(PathBuf::from(SCRATCH_DIR));
+                }
+            }
         }
         // Shorter paths first: a file inside a bound directory is bound over
         // the directory's view of it, never created through it.
