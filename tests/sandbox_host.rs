@@ -892,27 +892,6 @@ fn a_file_that_cannot_be_executed_is_status_126() {
     assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
 }
 
-/// Waits until process `pid` has ended (its pidfd turns readable); false if
-/// it still runs after `common::HANG_LIMIT`. A pid already gone is ended.
-fn ended(pid: i32) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
-        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-    }
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let millis = common::HANG_LIMIT.as_millis() as i32;
-    // SAFETY: one valid pollfd for the duration of the call.
-    let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
-    // SAFETY: fd is ours and closed once.
-    unsafe { libc::close(fd) };
-    ready == 1
-}
-
 /// README: exceeding `output_limit` kills the command: its process group
 /// is gone, a background process of it included, not only its output.
 #[test]
@@ -937,7 +916,10 @@ fn exceeding_the_output_limit_kills_the_command_and_its_group() {
         .collect();
     assert_eq!(pids.len(), 2, "{text:?}");
     for pid in pids {
-        assert!(ended(pid), "process {pid} of the command still runs");
+        assert!(
+            common::process_ended(pid),
+            "process {pid} of the command still runs"
+        );
     }
     sb.shutdown().unwrap();
     assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);

@@ -15,7 +15,7 @@ use std::fs;
 use std::io::BufRead;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{guest_kernel, guest_rootfs, have_kvm, is_root, require, test_guest};
 use kiln::sandbox::{Command as GuestCommand, Isolation, Sandbox, SandboxError};
@@ -195,23 +195,11 @@ fn the_vm_process_dies_with_its_embedder() {
     embedder.kill().unwrap();
     embedder.wait().unwrap();
     // Its lifeline ends with the embedder: the VM process stops and exits.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let stat = format!("/proc/{vm_pid}/stat");
-    while let Ok(text) = fs::read_to_string(&stat) {
-        // A zombie (Z) has exited; its new parent reaps it.
-        if text
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z'))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VM process {vm_pid} outlived its embedder"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let vm_pid: i32 = vm_pid.parse().expect("a pid");
+    assert!(
+        common::process_ended(vm_pid),
+        "VM process {vm_pid} outlived its embedder"
+    );
 }
 
 #[test]

@@ -567,3 +567,24 @@ pub fn terminate(mut kiln: std::process::Child) {
     let status = kiln.wait().expect("waiting for kiln");
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
 }
+
+/// Waits until process `pid` has ended (its pidfd turns readable); false if
+/// it still runs after `HANG_LIMIT`. A pid already gone is ended.
+pub fn process_ended(pid: i32) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    }
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let millis = HANG_LIMIT.as_millis() as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, millis) };
+    // SAFETY: fd is ours and closed once.
+    unsafe { libc::close(fd) };
+    ready == 1
+}
