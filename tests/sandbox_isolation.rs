@@ -218,3 +218,41 @@ fn a_missing_kiln_binary_is_one_line() {
     );
     assert!(!text.contains('\n'), "{text}");
 }
+
+/// A VM process that neither reports nor exits when stopped (as one the
+/// guest took over might) cannot hold the sandbox: it is killed, and the
+/// build that gave up on its agent returns. The stand-in is a script that
+/// ignores its lifeline and keeps its pipes open.
+#[test]
+fn a_vm_process_that_will_not_end_is_killed() {
+    let scratch = common::Scratch::new("isolation-wedged");
+    let fake = scratch.path("kiln");
+    fs::write(&fake, "#!/bin/sh\nexec sleep 100000\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let guest = test_guest("hello");
+    std::thread::spawn(move || {
+        let result = Sandbox::builder()
+            .kernel(guest)
+            .boot_timeout(Duration::from_millis(200))
+            .isolation(Isolation::Process)
+            .kiln_binary(fake)
+            .build();
+        let _ = done_tx.send(result.err().map(|e| e.to_string()));
+    });
+    let err = done
+        .recv_timeout(common::HANG_LIMIT)
+        .expect("the build returned: the stuck VM process was killed");
+    assert!(
+        err.as_deref()
+            .is_some_and(|e| e.contains("did not connect")),
+        "{err:?}"
+    );
+    assert!(
+        !children().iter().any(|&p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        }),
+        "the stand-in still runs"
+    );
+}

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,9 @@ use crate::error::Error;
 use crate::jail::JailConfig;
 use crate::seccomp::{self, ThreadKind};
 use crate::{VmConfig, VmOutcome, VmStopper};
+
+/// How long a stopped VM process may take to end before it is killed.
+const END_GRACE: Duration = Duration::from_secs(10);
 
 /// The child's descriptor for its report.
 pub(crate) const REPORT_FD: i32 = 3;
@@ -182,12 +186,13 @@ impl VmProcess {
         matches!(child.try_wait(), Ok(Some(_)))
     }
 
-    /// Waits for the child's end and returns how its VM ended.
+    /// Waits for the child's end and returns how its VM ended. A child
+    /// that neither reports nor exits within [`END_GRACE`] of its lifeline's
+    /// end is killed: a VM process the guest took over cannot hold the
+    /// sandbox's shutdown.
     pub(crate) fn wait(mut self) -> crate::Result<VmOutcome> {
-        let mut text = String::new();
-        // Bounded: a report is one short line; a child that writes more is
-        // not a kiln.
-        let _ = (&self.report).take(64 << 10).read_to_string(&mut text);
+        self.stop();
+        let text = self.end();
         let status = {
             let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
             child.wait()
@@ -207,14 +212,62 @@ impl VmProcess {
             ))),
         }
     }
+
+    /// Reads the report until the child closes it (it exits right after),
+    /// and kills the child if that takes past [`END_GRACE`]. At most 64 KiB
+    /// is kept: a report is one short line.
+    fn end(&self) -> String {
+        let deadline = Instant::now() + END_GRACE;
+        let fd = self.report.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this process owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        let ended = loop {
+            match (&self.report).read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => {
+                    let room = (64usize << 10).saturating_sub(text.len());
+                    text.extend_from_slice(&buf[..n.min(room)]);
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break false,
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
+        };
+        if !ended {
+            let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+            log::warn!("sandbox: the VM process did not end when stopped; killing it");
+            let _ = child.kill();
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
 }
 
 impl Drop for VmProcess {
     fn drop(&mut self) {
         self.stop();
-        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(child.try_wait(), Ok(None)) {
-            // Stopped through its lifeline: it ends at once; never a zombie.
+        let running = {
+            let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+            matches!(child.try_wait(), Ok(None))
+        };
+        if running {
+            // Stopped through its lifeline it ends at once (else it is
+            // killed after END_GRACE); never a zombie.
+            self.end();
+            let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
             let _ = child.wait();
         }
         if let Some(thread) = self.console.take() {
