@@ -44,9 +44,15 @@ vmm_sys_util::ioctl_ior_nr!(
     kvm_bindings::kvm_regs
 );
 
-/// The allow-list of `kind`.
-pub(super) fn rules(kind: ThreadKind) -> Rules {
-    let mut list = List::default();
+/// The allow-list of `kind` for threads of process `pid`: the signals
+/// a thread may send go to this process only, so a thread taken over
+/// cannot signal other processes of its uid (other kilns of the same
+/// jail uid, or the embedder's other processes).
+pub(super) fn rules(kind: ThreadKind, pid: u32) -> Rules {
+    let mut list = List {
+        own_pid: pid.into(),
+        ..List::default()
+    };
     list.thread_runtime();
     match kind {
         ThreadKind::Vcpu => list.vcpu(),
@@ -57,20 +63,24 @@ pub(super) fn rules(kind: ThreadKind) -> Rules {
         ThreadKind::CliSignals => list.cli_signals(),
         ThreadKind::CliStdio => list.cli_stdio(),
     }
-    list.0
+    list.rules
         .into_iter()
         .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
         .collect()
 }
 
-/// Syscall -> `None` (always allowed) or the rules, one of which must hold.
+/// Syscall -> `None` (always allowed) or the rules, one of which must
+/// hold; and the process the threads belong to.
 #[derive(Default)]
-struct List(BTreeMap<i64, Option<Vec<SeccompRule>>>);
+struct List {
+    rules: BTreeMap<i64, Option<Vec<SeccompRule>>>,
+    own_pid: u64,
+}
 
 impl List {
     fn allow(&mut self, nrs: &[i64]) {
         for &nr in nrs {
-            self.0.insert(nr, None);
+            self.rules.insert(nr, None);
         }
     }
 
@@ -85,7 +95,7 @@ impl List {
             .collect();
         let rule = SeccompRule::new(conditions).expect("at least one condition");
         // None: already allowed whatever the arguments.
-        if let Some(rules) = self.0.entry(nr).or_insert_with(|| Some(Vec::new())) {
+        if let Some(rules) = self.rules.entry(nr).or_insert_with(|| Some(Vec::new())) {
             rules.push(rule);
         }
     }
@@ -134,7 +144,10 @@ impl List {
         }
         self.allow_if(libc::SYS_setgroups, &[arg_eq(0, 0)]);
         let sigabrt = libc::SIGABRT as u64;
-        self.allow_if(libc::SYS_tgkill, &[arg_eq(2, sigabrt)]);
+        self.allow_if(
+            libc::SYS_tgkill,
+            &[arg_eq(0, self.own_pid), arg_eq(2, sigabrt)],
+        );
         self.allow_if(libc::SYS_rt_sigaction, &[arg_eq(0, sigabrt)]);
         // Anonymous private memory only (malloc, thread stacks), never
         // executable: no new code can be mapped in.
@@ -223,7 +236,10 @@ impl List {
         self.allow_ioctls(&[libc::FIONBIO]); // accepted vsock streams
                                              // Kicking the vCPUs out of KVM_RUN when the VM stops.
         let kick = vmm_sys_util::signal::SIGRTMIN() as u64;
-        self.allow_if(libc::SYS_tgkill, &[arg_eq(2, kick)]);
+        self.allow_if(
+            libc::SYS_tgkill,
+            &[arg_eq(0, self.own_pid), arg_eq(2, kick)],
+        );
     }
 
     /// The sandbox's host side: the agent connection's reader and the stdin

@@ -17,7 +17,7 @@ mod syscall_names;
 #[cfg(test)]
 mod tests;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use seccompiler::{
@@ -49,6 +49,7 @@ pub(crate) enum ThreadKind {
 }
 
 impl ThreadKind {
+    #[cfg(test)]
     const ALL: [ThreadKind; 7] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
@@ -93,7 +94,7 @@ pub(crate) fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), Seccomp
         }
         SeccompMode::Log => programs(kind, true),
     };
-    let programs = programs.as_ref().map_err(|e| error(e.clone()))?;
+    let programs = programs.as_ref().as_ref().map_err(|e| error(e.clone()))?;
     sigsys::set_thread_name(name);
     for program in programs {
         seccompiler::apply_filter(program).map_err(|e| error(e.to_string()))?;
@@ -137,20 +138,28 @@ where
     }
 }
 
-/// The compiled filters of `kind` (cached: threads of one kind share
-/// them), in installation order.
-fn programs(kind: ThreadKind, log_only: bool) -> &'static Result<Vec<BpfProgram>, String> {
-    type Cache = OnceLock<Result<Vec<BpfProgram>, String>>;
-    static CACHE: [[Cache; 2]; ThreadKind::ALL.len()] =
-        [const { [const { OnceLock::new() }, const { OnceLock::new() }] }; ThreadKind::ALL.len()];
-    let index = ThreadKind::ALL
-        .iter()
-        .position(|&k| k == kind)
-        .expect("every kind is in ALL");
-    CACHE[index][usize::from(log_only)].get_or_init(|| compile(kind, log_only))
+/// Compiled filters, in installation order.
+type Programs = Arc<Result<Vec<BpfProgram>, String>>;
+
+/// The compiled filters of `kind` for this process (cached: threads of one
+/// kind share them; a forked child, whose pid differs, compiles its own).
+fn programs(kind: ThreadKind, log_only: bool) -> Programs {
+    type Cache = Mutex<Vec<((ThreadKind, bool, u32), Programs)>>;
+    static CACHE: Cache = Mutex::new(Vec::new());
+    let pid = std::process::id();
+    let key = (kind, log_only, pid);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, programs)) = cache.iter().find(|(k, _)| *k == key) {
+        return programs.clone();
+    }
+    let programs = Arc::new(compile(kind, log_only, pid));
+    // At most one entry per kind and mode: a forked child's replace its parent's.
+    cache.retain(|((k, l, _), _)| (*k, *l) != (kind, log_only));
+    cache.push((key, programs.clone()));
+    programs
 }
 
-fn compile(kind: ThreadKind, log_only: bool) -> Result<Vec<BpfProgram>, String> {
+fn compile(kind: ThreadKind, log_only: bool, pid: u32) -> Result<Vec<BpfProgram>, String> {
     let denied = match log_only {
         true => SeccompAction::Log,
         false => SeccompAction::Trap,
@@ -159,7 +168,11 @@ fn compile(kind: ThreadKind, log_only: bool) -> Result<Vec<BpfProgram>, String> 
     if kind.starts_threads() {
         filters.push(clone3_enosys()?);
     }
-    filters.push(to_bpf(lists::rules(kind), denied, SeccompAction::Allow)?);
+    filters.push(to_bpf(
+        lists::rules(kind, pid),
+        denied,
+        SeccompAction::Allow,
+    )?);
     Ok(filters)
 }
 

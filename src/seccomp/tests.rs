@@ -86,6 +86,17 @@ fn the_main_thread_starts_threads_but_no_process() {
 }
 
 #[test]
+fn threads_signal_their_own_process_only() {
+    // The event thread's vCPU kick, aimed at another process of the same
+    // uid (here the parent test process): a taken-over kiln must not
+    // reach other kilns of its jail uid.
+    assert_denied(
+        "signal-other",
+        "kiln: seccomp: thread kiln-test made a forbidden system call 234 (tgkill)",
+    );
+}
+
+#[test]
 fn opening_a_file_is_refused_not_trapped() {
     assert_succeeds("open");
 }
@@ -104,7 +115,7 @@ fn log_mode_lets_a_forbidden_call_through() {
 fn every_list_compiles() {
     for kind in ThreadKind::ALL {
         for log_only in [false, true] {
-            let programs = compile(kind, log_only).unwrap();
+            let programs = compile(kind, log_only, std::process::id()).unwrap();
             assert_eq!(programs.len(), 2 + usize::from(kind.starts_threads()));
             // Far below the kernel's 4096 instructions per filter.
             assert!(programs.iter().all(|p| p.len() < 1024), "{kind:?}");
@@ -145,6 +156,14 @@ fn child_case() {
                 unsafe { libc::_exit(0) };
             }
         }),
+        "signal-other" => {
+            let parent = parent_pid();
+            let kick = vmm_sys_util::signal::SIGRTMIN();
+            // SAFETY: a plain system call; the filter stops it.
+            in_thread(ThreadKind::Vmm, SeccompMode::On, move || unsafe {
+                libc::syscall(libc::SYS_tgkill, parent, parent, kick);
+            })
+        }
         "allowed" => allowed(),
         // glibc's malloc opens /proc/sys/vm/overcommit_memory on whatever
         // thread first shrinks a heap: refused, not fatal. kiln run's main
