@@ -546,8 +546,11 @@ fn vsock_host_peer_killed_mid_stream() {
     common::hand_to_jail(&sockets.0);
     common::hand_to_jail(Path::new(&port_socket));
 
+    // Also: on this classic path (--vsock), kiln's init runs a command
+    // without --user unprivileged, as 65534:65534.
     let script = format!(
-        "vsock-helper connect 2 {VSOCK_HOST_PORT}; echo first=$?; \
+        "echo ids=$(id -u):$(id -g); \
+         vsock-helper connect 2 {VSOCK_HOST_PORT}; echo first=$?; \
          vsock-helper connect 2 {VSOCK_HOST_PORT}; echo second=$?; exit 7"
     );
     let mut kiln = kiln_cli()
@@ -614,6 +617,7 @@ fn vsock_host_peer_killed_mid_stream() {
         seen.contains("vsock-helper: write: "),
         "the guest's stream did not fail: {seen}"
     );
+    assert!(seen.contains("ids=65534:65534"), "{seen}");
     assert!(seen.contains("first=1"), "{seen}");
     assert!(seen.contains("second=0"), "{seen}");
     assert_eq!(status.code(), Some(7), "kiln run's status: {errors}");

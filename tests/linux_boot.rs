@@ -218,7 +218,7 @@ fn bzimage_boots_and_exits_zero() {
             .arg(&marker)
             .arg(&initrd),
     );
-    let script = format!("echo bzimage-ok; echo stdin_bytes=$(wc -c); grep -m1 '^flags' /proc/cpuinfo; cat /proc/cmdline; {LOADER_TYPE}; cat /etc/user-initrd; echo \"pid1=$(cat /proc/1/comm)\"");
+    let script = format!("echo bzimage-ok; echo stdin_bytes=$(wc -c); grep -m1 '^flags' /proc/cpuinfo; cat /proc/cmdline; {LOADER_TYPE}; cat /etc/user-initrd; echo \"pid1=$(cat /proc/1/comm)\"; echo \"ids=$(id -u):$(id -g)\"; head -c 1 /dev/mem >/dev/null 2>&1 || echo no-dev-mem");
     let out = kiln_run_with(
         "bzImage",
         "--initrd",
@@ -244,6 +244,10 @@ fn bzimage_boots_and_exits_zero() {
                 stdout.contains("from the user's initrd\n"),
             ),
             ("kiln's init is PID 1", stdout.contains("pid1=init\n")),
+            (
+                "without --user: unprivileged, no /dev/mem",
+                stdout.contains("ids=65534:65534\nno-dev-mem\n"),
+            ),
             (
                 "-v: kernel log on stderr",
                 stderr.contains("Linux version "),
@@ -278,7 +282,8 @@ fn bzimage_boots_and_exits_zero() {
 /// what the guest sees. The root is a plain tar archive (named without a
 /// tar suffix: kiln tells roots apart by content). The command kills itself
 /// with SIGUSR1: kiln exits with 128+10 and says nothing. A kernel message
-/// logged by the command reaches neither stdout nor stderr (no `-v`).
+/// logged by the command (as root: /dev/kmsg is root's) reaches neither
+/// stdout nor stderr (no `-v`).
 #[test]
 fn two_cpus_and_one_gib() {
     if !prerequisites() || !require(common::have_program("tar"), "tar not installed") {
@@ -297,14 +302,14 @@ fn two_cpus_and_one_gib() {
     let out = kiln_run(
         "vmlinux",
         &archive,
-        &["--cpus", "2", "--mem", "1G"],
+        &["--cpus", "2", "--mem", "1G", "--user", "0"],
         &[
             "sh",
             "-c",
             &format!(
                 "echo cpus=$(nproc); grep MemTotal /proc/meminfo; \
                  echo root=$(awk '$2 == \"/\" {{ print $3 }}' /proc/mounts); {LOADER_TYPE}; \
-                 echo '<0>{CONSOLE_MARKER}' > /dev/kmsg; kill -USR1 $$"
+                 echo '<0>{CONSOLE_MARKER}' > /dev/kmsg && echo logged; kill -USR1 $$"
             ),
         ],
         b"",
@@ -320,6 +325,10 @@ fn two_cpus_and_one_gib() {
         "the tar root is the initramfs: {stdout:?}"
     );
     assert!(stdout.contains("cpus=2\n"), "{stdout:?}");
+    assert!(
+        stdout.contains("logged\n"),
+        "the marker was logged: {stdout:?}"
+    );
     // Without -v the console is dropped once the agent is up: a kernel
     // message at emergency level (which passes `quiet`) is seen nowhere.
     assert!(

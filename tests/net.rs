@@ -385,6 +385,8 @@ echo done=1"
         .args(["--net", &format!("tap={SECOND_TAP}")])
         .arg("--cmdline")
         .arg(format!("ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off"))
+        // `ip link set` is root's in the guest.
+        .args(["--user", "0"])
         .args(["--", "sh", "-c", &script])
         .env("KILN_LOG", "info")
         .stdin(Stdio::null())

@@ -84,6 +84,13 @@ const EXAMPLES: &[(&str, Check)] = &[
         Check::NotRun("my-root and my-guest-server stand for the reader's own root and program"),
     ),
     (
+        "# without --user the command is nobody; --user 0 makes it guest root",
+        Check::Runs {
+            status: 0,
+            stdout: &["uid=65534 gid=65534", "uid=0 gid=0"],
+        },
+    ),
+    (
         "# network inside a namespace of your own (root): see below",
         Check::NotRun("needs a TAP: tests/net.rs covers the device inside its own namespace"),
     ),
@@ -319,6 +326,19 @@ fn disks_by_example() {
         .output()
         .expect("running debugfs");
     assert_eq!(String::from_utf8_lossy(&f.stdout), "hi\n");
+}
+
+#[test]
+fn guest_users_by_example() {
+    if !prerequisites() {
+        return;
+    }
+    let (_dir, stdout) = run_and_check(
+        "users",
+        "# without --user the command is nobody; --user 0 makes it guest root",
+    );
+    // busybox's `id`: no `groups=` when there are no supplementary groups.
+    assert_eq!(stdout, "uid=65534 gid=65534\nuid=0 gid=0\n");
 }
 
 #[test]

@@ -132,6 +132,8 @@ fn tar_gz_root_through_kiln_run() {
         // the first, kiln's init would look for a root device that is not
         // there and the command would never run.
         .args(["--cmdline", "kiln.root=/dev/vdz kiln.root="])
+        // The check writes in /root, which is root's.
+        .args(["--user", "0"])
         .args(["--timeout", "400s", "--", "sh", "-c"])
         .arg(format!("{CHECK_SCRIPT}\nexit 7"))
         .output()
@@ -197,7 +199,8 @@ fn ext4_root_through_the_sandbox_api() {
     let sh = |script: &str| {
         let t = Instant::now();
         let out = sandbox
-            .exec(SbCommand::new("sh").arg("-c").arg(script))
+            // Writes in /root and reads /dev/vdb: root's.
+            .exec(SbCommand::new("sh").arg("-c").arg(script).uid(0))
             .unwrap_or_else(|e| panic!("{script}: {e}"));
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         eprintln!(

@@ -236,20 +236,24 @@ fn one_vm_many_commands() {
         )
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "x y|/tmp|1000:1001\n");
-    // README (Security): a command run as root reaches /dev/mem (kiln's
-    // control page) and the agent (PID 1: its memory map, signals); one run
-    // as an unprivileged user reaches neither.
-    let reach = "for t in 'head -c 1 /dev/mem' 'cat /proc/1/maps' 'kill -0 1'; do \
+    // README (Security): by default a command runs as 65534:65534 with no
+    // way back to root (no_new_privs), and reaches neither /dev/mem
+    // (kiln's control page) nor the agent (PID 1: its memory map,
+    // signals); one run as root (`uid(0)`) reaches both.
+    let reach = "echo ids=$(id -u):$(id -g):$(id -G); grep NoNewPrivs /proc/self/status; \
+                 for t in 'head -c 1 /dev/mem' 'cat /proc/1/maps' 'kill -0 1'; do \
                  if $t >/dev/null 2>&1; then echo \"$t: yes\"; else echo \"$t: no\"; fi; done";
-    let as_root = sb.exec(sh(reach)).unwrap();
+    let by_default = sb.exec(sh(reach)).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&by_default.stdout),
+        "ids=65534:65534:65534\nNoNewPrivs:\t1\n\
+         head -c 1 /dev/mem: no\ncat /proc/1/maps: no\nkill -0 1: no\n"
+    );
+    let as_root = sb.exec(sh(reach).uid(0)).unwrap();
     assert_eq!(
         String::from_utf8_lossy(&as_root.stdout),
-        "head -c 1 /dev/mem: yes\ncat /proc/1/maps: yes\nkill -0 1: yes\n"
-    );
-    let as_nobody = sb.exec(sh(reach).uid(65534).gid(65534)).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&as_nobody.stdout),
-        "head -c 1 /dev/mem: no\ncat /proc/1/maps: no\nkill -0 1: no\n"
+        "ids=0:0:0\nNoNewPrivs:\t0\n\
+         head -c 1 /dev/mem: yes\ncat /proc/1/maps: yes\nkill -0 1: yes\n"
     );
     // A command that cannot start is reported as a shell does: 127 when
     // it is not found, 126 when it cannot be executed; the reason on stderr.
@@ -315,12 +319,13 @@ fn one_vm_many_commands() {
     });
     eprintln!("MEASURE 20 execs 4 at a time: {:?}", t.elapsed());
 
-    // .rng(true): /dev/hwrng is kiln's virtio-rng. .net(): eth0 has the
-    // MAC asked for and reaches the host's end of the TAP.
+    // .rng(true): /dev/hwrng (root's) is kiln's virtio-rng. .net(): eth0
+    // has the MAC asked for and reaches the host's end of the TAP (ping
+    // needs root's raw socket).
     let out = sb
-        .exec(sh(
-            "cat /sys/class/misc/hw_random/rng_current; head -c 4096 /dev/hwrng | wc -c",
-        ))
+        .exec(
+            sh("cat /sys/class/misc/hw_random/rng_current; head -c 4096 /dev/hwrng | wc -c").uid(0),
+        )
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
@@ -332,6 +337,7 @@ fn one_vm_many_commands() {
                 sh(&format!(
                     "cat /sys/class/net/eth0/address; ping -c 1 -W 60 {HOST_IP} >/dev/null && echo pong"
                 ))
+                .uid(0)
                 .timeout(Duration::from_secs(300)),
             )
             .unwrap();
@@ -504,10 +510,10 @@ fn one_vm_many_commands() {
         .unwrap_err();
     assert!(matches!(e, SandboxError::Timeout { .. }), "{e}");
     // console_tail(): what the guest kernel printed (a message at
-    // emergency level passes the quiet console).
+    // emergency level passes the quiet console; /dev/kmsg is root's).
     let marker = format!("kiln-console-marker-{}", std::process::id());
     let out = sb
-        .exec(sh(&format!("echo '<0>{marker}' > /dev/kmsg")))
+        .exec(sh(&format!("echo '<0>{marker}' > /dev/kmsg")).uid(0))
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     let tail = sb.console_tail();
@@ -515,7 +521,9 @@ fn one_vm_many_commands() {
 
     // A command that resets the guest: its error is the lost connection,
     // with the console's last lines in it; the VM's outcome is the reset.
-    let e = sb.exec(Command::new("reboot").arg("-f")).unwrap_err();
+    let e = sb
+        .exec(Command::new("reboot").arg("-f").uid(0))
+        .unwrap_err();
     assert!(matches!(e, SandboxError::Disconnected { .. }), "{e}");
     let text = e.to_string();
     assert!(

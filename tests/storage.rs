@@ -170,6 +170,8 @@ fn guest_uses_disks_and_rng() {
         .arg("--disk")
         .arg(format!("{},id=limited,bw={LIMITED_BW}", vdc.display()))
         .arg("--rng")
+        // Mounting, raw disks and /dev/hwrng are root's in the guest.
+        .args(["--user", "0"])
         .env("KILN_LOG", "info")
         .args(["--", "sh", "-c"])
         .arg(

@@ -261,7 +261,8 @@ pub struct CommandArgs {
     /// Forward kiln's stdin to the command (without -i its stdin is empty).
     #[arg(short = 'i', long = "interactive")]
     pub interactive: bool,
-    /// Run the command as this user (and group).
+    /// Run the command as this user and group (GID defaults to UID; without
+    /// --user: 65534:65534, unprivileged; --user 0 for guest root).
     #[arg(long = "user", value_name = "UID[:GID]", value_parser = parse_user)]
     pub user: Option<(u32, Option<u32>)>,
     /// The command kiln's init runs in the guest (default: /bin/sh).

@@ -178,9 +178,11 @@ pub struct GuestCommand {
     pub env: Vec<(String, String)>,
     /// Its working directory in the guest.
     pub workdir: Option<String>,
-    /// The user it runs as (default: root).
+    /// The user it runs as (0 is root); default: unprivileged, 65534
+    /// (`kiln_init::spec::DEFAULT_IDS`).
     pub uid: Option<u32>,
-    /// The group it runs as (default: root).
+    /// The group it runs as; default: the uid's number when `uid` is
+    /// given, else 65534.
     pub gid: Option<u32>,
 }
 

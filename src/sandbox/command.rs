@@ -92,13 +92,16 @@ impl Command {
         self
     }
 
-    /// Runs the command as this user id (default root).
+    /// Runs the command as this user id; `uid(0)` is guest root. Default:
+    /// 65534 (`nobody`), which cannot reach kiln's agent or its control
+    /// page (see README, Security model).
     pub fn uid(mut self, uid: u32) -> Self {
         self.spec.uid = Some(uid);
         self
     }
 
-    /// Runs the command with this group id (default root).
+    /// Runs the command with this group id (default: the number given to
+    /// `uid`, else 65534).
     pub fn gid(mut self, gid: u32) -> Self {
         self.spec.gid = Some(gid);
         self

@@ -49,6 +49,9 @@ pub struct AgentConfig {
     /// Reap every child of the process (the agent is PID 1), not only the
     /// commands it started.
     pub reap_orphans: bool,
+    /// The uid and gid of a command whose spec names none (`None`: the
+    /// agent's own); see `ExecSpec::ids`.
+    pub default_ids: Option<(u32, u32)>,
 }
 
 /// Why `serve` returned normally.
@@ -374,7 +377,7 @@ impl Agent {
                 return self.send(&m);
             }
         }
-        let mut cmd = spec.to_command();
+        let mut cmd = spec.to_command(self.cfg.default_ids);
         cmd.stdin(if opts.stdin {
             Stdio::piped()
         } else {
@@ -693,7 +696,13 @@ pub fn guest_main(port: u32) -> u32 {
             return EXIT_INIT_FAILED;
         }
     };
-    let code = match serve(conn, AgentConfig { reap_orphans: true }) {
+    let code = match serve(
+        conn,
+        AgentConfig {
+            reap_orphans: true,
+            default_ids: Some(crate::spec::DEFAULT_IDS),
+        },
+    ) {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("kiln-agent: {e}");

@@ -7,7 +7,7 @@
 #![cfg_attr(not(test), no_main)]
 #![cfg_attr(test, allow(dead_code))]
 
-use kiln_init::spec::ExecSpec;
+use kiln_init::spec::{ExecSpec, DEFAULT_IDS};
 use kiln_init::{
     control, EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND, ROOT_PARAM, SPEC_PATH,
 };
@@ -95,7 +95,7 @@ fn run() -> u32 {
             return EXIT_INIT_FAILED;
         }
     }
-    let pid = match spec.to_command().spawn() {
+    let pid = match spec.to_command(Some(DEFAULT_IDS)).spawn() {
         Ok(child) => child.id() as libc::pid_t,
         Err(e) => {
             let name = String::from_utf8_lossy(&spec.argv[0]);
@@ -408,7 +408,7 @@ mod tests {
     fn command_uses_the_spec_environment_and_a_default_path() {
         let mut spec = ExecSpec::new(["prog", "a b", "c"]);
         spec.env.push((b"X".to_vec(), b"1".to_vec()));
-        let cmd = spec.to_command();
+        let cmd = spec.to_command(None);
         let envs: Vec<_> = cmd
             .get_envs()
             .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
@@ -417,7 +417,7 @@ mod tests {
         assert!(envs.contains(&("PATH".into(), Some(OsStr::from_bytes(DEFAULT_PATH).into()))));
         assert_eq!(cmd.get_args().collect::<Vec<_>>(), ["a b", "c"]);
         spec.env.push((b"PATH".to_vec(), b"/x".to_vec()));
-        let cmd = spec.to_command();
+        let cmd = spec.to_command(None);
         let paths: Vec<_> = cmd.get_envs().filter(|(k, _)| *k == "PATH").collect();
         assert_eq!(paths, [(OsStr::new("PATH"), Some(OsStr::new("/x")))]);
     }

@@ -35,6 +35,11 @@ pub const PLATFORM_ENV: &str = "GLIBC_TUNABLES";
 const MAGIC: &[u8; 4] = b"KXSP";
 /// Format version written by `encode` and the only one `decode` accepts.
 pub const VERSION: u8 = 1;
+/// The user and group kiln's init runs a command as when its spec names
+/// none: `nobody` and `nogroup`. An unprivileged command cannot open
+/// `/dev/mem` (kiln's control page) nor trace, read or signal init and its
+/// agent (root's processes).
+pub const DEFAULT_IDS: (u32, u32) = (65534, 65534);
 /// Linux's HOST_NAME_MAX.
 const HOSTNAME_MAX: usize = 64;
 
@@ -54,9 +59,9 @@ pub struct ExecSpec {
     pub env: Vec<(Vec<u8>, Vec<u8>)>,
     /// The working directory (default: the one init runs in).
     pub cwd: Option<Vec<u8>>,
-    /// The user id to run as (default: root).
+    /// The user id to run as (0 is root; default: see [`ExecSpec::ids`]).
     pub uid: Option<u32>,
-    /// The group id to run as (default: root).
+    /// The group id to run as (default: see [`ExecSpec::ids`]).
     pub gid: Option<u32>,
     /// Guest hostname; init uses "kiln" if unset.
     pub hostname: Option<Vec<u8>>,
@@ -118,14 +123,19 @@ impl std::error::Error for SpecError {}
 
 impl ExecSpec {
     /// The process to start: the spec's environment only (plus a default
-    /// `PATH` and init's [`PLATFORM_ENV`]), its working directory and ids.
-    /// Callers add stdio.
-    pub fn to_command(&self) -> Command {
-        self.to_command_with(std::env::var_os(PLATFORM_ENV))
+    /// `PATH` and init's [`PLATFORM_ENV`]), its working directory and ids
+    /// (`default_ids` when it names none: see [`ExecSpec::ids`]). Callers
+    /// add stdio.
+    pub fn to_command(&self, default_ids: Option<(u32, u32)>) -> Command {
+        self.to_command_with(std::env::var_os(PLATFORM_ENV), default_ids)
     }
 
     /// `to_command` with init's [`PLATFORM_ENV`] value given.
-    pub fn to_command_with(&self, platform: Option<OsString>) -> Command {
+    pub fn to_command_with(
+        &self,
+        platform: Option<OsString>,
+        default_ids: Option<(u32, u32)>,
+    ) -> Command {
         let os = OsStr::from_bytes;
         let mut cmd = Command::new(os(&self.argv[0]));
         cmd.args(self.argv[1..].iter().map(|a| os(a))).env_clear();
@@ -149,13 +159,42 @@ impl ExecSpec {
         if let Some(cwd) = &self.cwd {
             cmd.current_dir(os(cwd));
         }
-        if let Some(gid) = self.gid {
+        // std also drops the supplementary groups when it changes the uid
+        // of a root parent.
+        let (uid, gid) = self.ids(default_ids);
+        if let Some(gid) = gid {
             cmd.gid(gid);
         }
-        if let Some(uid) = self.uid {
+        if let Some(uid) = uid {
             cmd.uid(uid);
         }
+        if uid.is_some_and(|uid| uid != 0) {
+            // SAFETY: prctl is async-signal-safe and touches no parent state.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // No set-uid program or file capability gives an
+                    // unprivileged command root's powers back.
+                    match libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) {
+                        0 => Ok(()),
+                        _ => Err(std::io::Error::last_os_error()),
+                    }
+                });
+            }
+        }
         cmd
+    }
+
+    /// The user and group the command runs as (`None`: the caller's own):
+    /// the spec's; a uid given alone brings the group of the same number
+    /// (uid 0 alone is root:root); a spec that names neither takes
+    /// `default_ids` (kiln's init passes [`DEFAULT_IDS`]).
+    pub fn ids(&self, default_ids: Option<(u32, u32)>) -> (Option<u32>, Option<u32>) {
+        let uid = self.uid.or(default_ids.map(|(uid, _)| uid));
+        let gid = self.gid.or(match self.uid {
+            Some(uid) => Some(uid),
+            None => default_ids.map(|(_, gid)| gid),
+        });
+        (uid, gid)
     }
 
     /// A spec running `argv` with an empty environment and default attributes.
@@ -321,11 +360,30 @@ mod tests {
     }
 
     #[test]
+    fn ids_default_to_the_given_user_and_a_lone_uid_brings_its_group() {
+        let ids = |uid, gid, default| {
+            let spec = ExecSpec {
+                uid,
+                gid,
+                ..ExecSpec::new(["id"])
+            };
+            spec.ids(default)
+        };
+        let nobody = Some(DEFAULT_IDS);
+        assert_eq!(ids(None, None, nobody), (Some(65534), Some(65534)));
+        assert_eq!(ids(None, None, None), (None, None), "the caller's own");
+        assert_eq!(ids(Some(0), None, nobody), (Some(0), Some(0)));
+        assert_eq!(ids(Some(7), None, nobody), (Some(7), Some(7)));
+        assert_eq!(ids(Some(7), Some(8), nobody), (Some(7), Some(8)));
+        assert_eq!(ids(None, Some(8), nobody), (Some(65534), Some(8)));
+    }
+
+    #[test]
     fn init_passes_its_platform_variable_on() {
         let platform = || Some(OsString::from("glibc.cpu.hwcaps=-AVX2"));
         let mut spec = ExecSpec::new(["prog"]);
         spec.env.push((b"A".to_vec(), b"1".to_vec()));
-        let cmd = spec.to_command_with(platform());
+        let cmd = spec.to_command_with(platform(), None);
         assert_eq!(
             env_of(&cmd, PLATFORM_ENV),
             Some(Some("glibc.cpu.hwcaps=-AVX2".into()))
@@ -337,19 +395,25 @@ mod tests {
         spec.env
             .push((PLATFORM_ENV.into(), b"glibc.malloc.check=3".to_vec()));
         assert_eq!(
-            env_of(&spec.to_command_with(platform()), PLATFORM_ENV),
+            env_of(&spec.to_command_with(platform(), None), PLATFORM_ENV),
             Some(Some("glibc.cpu.hwcaps=-AVX2:glibc.malloc.check=3".into()))
         );
         // Without a platform value (hardware KVM, or the agent run on a
         // host) the spec's environment is untouched.
         assert_eq!(
-            env_of(&spec.to_command_with(None), PLATFORM_ENV),
+            env_of(&spec.to_command_with(None, None), PLATFORM_ENV),
             Some(Some("glibc.malloc.check=3".into()))
         );
         let plain = ExecSpec::new(["prog"]);
-        assert_eq!(env_of(&plain.to_command_with(None), PLATFORM_ENV), None);
         assert_eq!(
-            env_of(&plain.to_command_with(Some(OsString::new())), PLATFORM_ENV),
+            env_of(&plain.to_command_with(None, None), PLATFORM_ENV),
+            None
+        );
+        assert_eq!(
+            env_of(
+                &plain.to_command_with(Some(OsString::new()), None),
+                PLATFORM_ENV
+            ),
             None
         );
     }
@@ -359,12 +423,15 @@ mod tests {
         let plain = ExecSpec::new(["prog"]);
         let path = |cmd: &Command| env_of(cmd, "PATH").flatten();
         assert_eq!(
-            path(&plain.to_command_with(None)),
+            path(&plain.to_command_with(None, None)),
             Some(OsStr::from_bytes(DEFAULT_PATH).to_owned())
         );
         let mut own = ExecSpec::new(["prog"]);
         own.env.push((b"PATH".to_vec(), b"/opt/bin".to_vec()));
-        assert_eq!(path(&own.to_command_with(None)), Some("/opt/bin".into()));
+        assert_eq!(
+            path(&own.to_command_with(None, None)),
+            Some("/opt/bin".into())
+        );
     }
 
     #[test]
