@@ -32,7 +32,7 @@ mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -289,9 +289,12 @@ struct Driver {
     block_requests: u64,
     /// Host vsock ports with a listening socket while the VM runs.
     vsock_listeners: Vec<u32>,
-    /// Checks the host side of those listeners while the guest waits at
-    /// its prompt.
-    at_prompt: Option<fn(&[UnixListener])>,
+    /// Connections the host makes to guest ports once the guest printed
+    /// its first value (the script starts with a read): the port, and what
+    /// the host sends right behind its `CONNECT` line.
+    vsock_connects: Vec<(u32, Vec<u8>)>,
+    /// Checks the host's vsock ends while the guest waits at its prompt.
+    at_prompt: Option<fn(&HostEnds)>,
     /// The VM has a virtio console (hvc0): kiln's input goes there, not to
     /// the UART.
     console: bool,
@@ -643,6 +646,13 @@ fn packet_socket() -> OwnedFd {
     socket
 }
 
+/// The host's ends of a case's vsock: a listener for each of
+/// `Driver::vsock_listeners`, and the connections of `vsock_connects`.
+struct HostEnds {
+    listeners: Vec<UnixListener>,
+    connected: Vec<UnixStream>,
+}
+
 /// Stops the VM when a check fails while it waits at its prompt, so the
 /// failure is reported at once (not after the VM's timeout).
 struct StopOnPanic(kiln::VmStopper);
@@ -743,13 +753,17 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     let dir = Scratch::new(&format!("hostile-{name}"));
     let (mut config, disk, image) = case_config(&dir, &d);
     let (reads, console_expected, at_prompt) = (d.s.reads, d.console, d.at_prompt);
-    let listeners: Vec<UnixListener> = d
-        .vsock_listeners
-        .iter()
-        .map(|port| {
-            UnixListener::bind(dir.path(&format!("vsock_{port}"))).expect("binding a vsock port")
-        })
-        .collect();
+    let mut host = HostEnds {
+        listeners: d
+            .vsock_listeners
+            .iter()
+            .map(|port| {
+                UnixListener::bind(dir.path(&format!("vsock_{port}")))
+                    .expect("binding a vsock port")
+            })
+            .collect(),
+        connected: Vec::new(),
+    };
     // A backstop only: every case ends by the guest's own report.
     config.timeout = Some(common::HANG_LIMIT / 2);
 
@@ -768,6 +782,24 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         None => kiln::spawn(config, io, Instant::now()),
     }
     .expect("spawning the hostile VM");
+    // Once the guest printed its first value: kiln built its devices (and
+    // bound the vsock socket) before the guest ran.
+    if !d.vsock_connects.is_empty() {
+        assert!(
+            capture.wait_for(b"\n", common::HANG_LIMIT),
+            "{name}: the guest printed nothing"
+        );
+    }
+    for (port, data) in &d.vsock_connects {
+        let mut stream =
+            UnixStream::connect(dir.path("vsock")).expect("connecting to kiln's vsock");
+        let mut bytes = format!("CONNECT {port}\n").into_bytes();
+        bytes.extend_from_slice(data);
+        // kiln reads nothing past the line until the guest accepts: the
+        // bytes wait in the socket's buffer.
+        stream.write_all(&bytes).expect("writing to kiln's vsock");
+        host.connected.push(stream);
+    }
     // The prompt, or the VM's end (then nothing more is coming).
     let (prompted, ended) = std::thread::scope(|s| {
         // Dropped while the closure unwinds, before the scope joins.
@@ -782,7 +814,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         if prompted {
             check_bystanders(name, rss_before);
             if let Some(check) = at_prompt {
-                check(&listeners);
+                check(&host);
             }
             go.write_all(b"g").expect("releasing the hostile guest");
         }
@@ -1361,6 +1393,15 @@ fn a_notification_storm_serves_each_chain_once() {
     });
 }
 
+// vsock packet types and ops.
+const STREAM: u16 = 1;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+
 /// A vsock packet header (struct virtio_vsock_hdr).
 fn vsock_header(
     src_cid: u64,
@@ -1385,10 +1426,6 @@ fn vsock_header(
 
 #[test]
 fn vsock_packets_with_bad_ops_lengths_and_cids() {
-    const STREAM: u16 = 1;
-    const OP_REQUEST: u16 = 1;
-    const OP_RST: u16 = 3;
-    const OP_RW: u16 = 5;
     let mut d = Driver::default();
     let mut rx = Ring::at(VSOCK_RINGS[0]);
     let mut tx = Ring::at(VSOCK_RINGS[1]);
@@ -1740,7 +1777,7 @@ fn virtio_console_prints_only_whole_chains_and_skips_unusable_input_buffers() {
 
 /// What the host end of a guest's vsock connection reads now, without
 /// waiting, and whether kiln keeps it open (no end of file yet).
-fn host_end_state(stream: &mut std::os::unix::net::UnixStream) -> (Vec<u8>, bool) {
+fn host_end_state(mut stream: &UnixStream) -> (Vec<u8>, bool) {
     use std::io::Read as _;
     stream.set_nonblocking(true).expect("non-blocking");
     let mut got = Vec::new();
@@ -1757,10 +1794,6 @@ fn host_end_state(stream: &mut std::os::unix::net::UnixStream) -> (Vec<u8>, bool
 
 #[test]
 fn vsock_bad_packets_on_live_connections_reset_them() {
-    const STREAM: u16 = 1;
-    const OP_REQUEST: u16 = 1;
-    const OP_RESPONSE: u16 = 2;
-    const OP_RW: u16 = 5;
     let mut d = Driver::default();
     let mut rx = Ring::at(VSOCK_RINGS[0]);
     let mut tx = Ring::at(VSOCK_RINGS[1]);
@@ -1801,10 +1834,10 @@ fn vsock_bad_packets_on_live_connections_reset_them() {
     let mut rng = d.rng_running();
     d.barrier(&mut rng);
     let status = d.status(VSOCK);
-    d.at_prompt = Some(|listeners| {
+    d.at_prompt = Some(|host| {
         // Connections arrive in the order of the guest's requests.
         let states: Vec<(Vec<u8>, bool)> = (0..5)
-            .map(|_| host_end_state(&mut listeners[0].accept().expect("accept").0))
+            .map(|_| host_end_state(&host.listeners[0].accept().expect("accept").0))
             .collect();
         let closed = (Vec::new(), false);
         assert_eq!(
@@ -2134,5 +2167,204 @@ fn net_tx_headers_with_garbage_offload_fields() {
             seen.2 == rounds.sent,
             "the frames reached the TAP unchanged"
         );
+    });
+}
+
+// ---- vsock credit.
+
+/// A guest packet on the host-initiated connection of the credit case:
+/// guest port `CREDIT_GUEST_PORT` to kiln's first host-side port, with the
+/// guest's `buf_alloc` and `fwd_cnt`.
+fn credit_packet(op: u16, buf_alloc: u32, fwd_cnt: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut p = vsock_header(
+        GUEST_CID,
+        2,
+        CREDIT_GUEST_PORT,
+        KILN_FIRST_PORT,
+        len,
+        STREAM,
+        op,
+    )
+    .to_vec();
+    p[36..40].copy_from_slice(&buf_alloc.to_le_bytes());
+    p[40..44].copy_from_slice(&fwd_cnt.to_le_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The guest port the host connects to, and the first port kiln gives a
+/// host-initiated connection (`FIRST_LOCAL_PORT` in devices/src/virtio/vsock).
+const CREDIT_GUEST_PORT: u32 = 1201;
+const KILN_FIRST_PORT: u32 = 1 << 30;
+/// Payload room in each of the case's 256-byte receive buffers.
+const RX_ROOM: u32 = 0x100 - 44;
+
+/// The bytes the host sends the guest: byte `i` is `i % 251`.
+fn host_data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+impl Driver {
+    /// Sends `packets` (at most a ring's worth) on vsock's `tx` and waits
+    /// until the device took them all.
+    fn vsock_send(&mut self, tx: &mut Ring, packets: &[Vec<u8>]) {
+        for packet in packets {
+            let slot = tx.next_avail % QSIZE;
+            let at = PACKETS + 0x100 * u64::from(slot);
+            self.s.copy(at, packet);
+            self.chain(tx, slot, &[(at, packet.len() as u32, 0)]);
+            self.publish(tx, slot);
+        }
+        self.notify(VSOCK, 1);
+        self.wait_used(tx, tx.next_avail);
+    }
+
+    /// Posts `n` receive buffers of 256 bytes on vsock's `rx`.
+    fn vsock_rx_buffers(&mut self, rx: &mut Ring, n: u16) {
+        for _ in 0..n {
+            let slot = rx.next_avail % QSIZE;
+            let buf = (RX_BUFFERS + 0x100 * u64::from(slot), 0x100, WRITE);
+            self.chain(rx, slot, &[buf]);
+            self.publish(rx, slot);
+        }
+        self.notify(VSOCK, 0);
+    }
+
+    /// Receive packet `i` (its place in the used ring): (op, used length,
+    /// first payload byte).
+    fn vsock_received(&mut self, rx: &Ring, i: u16) -> [Read; 3] {
+        let buf = RX_BUFFERS + 0x100 * u64::from(i % QSIZE);
+        [
+            self.s.r16(buf + 30),
+            self.s.r32(rx.used_elem(i).1),
+            self.s.r8(buf + 44),
+        ]
+    }
+}
+
+#[test]
+fn vsock_credit_that_overflows_wraps_or_storms() {
+    let mut d = Driver::default();
+    let mut rx = Ring::at(VSOCK_RINGS[0]);
+    let mut tx = Ring::at(VSOCK_RINGS[1]);
+    // The host connects to guest port 1201 (after this first read) and has
+    // 32 KiB for it at once.
+    let cid = d.s.r32(VSOCK + CONFIG);
+    d.vsock_connects = vec![(CREDIT_GUEST_PORT, host_data(32 << 10))];
+    d.negotiate(VSOCK, VERSION_1);
+    d.queue(VSOCK, 0, &mut rx);
+    d.queue(VSOCK, 1, &mut tx);
+    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
+    d.driver_ok(VSOCK);
+    let mut rng = d.rng_running();
+    // Reads of (op, length, first payload byte) of each packet received,
+    // and of how many were received after each step (behind a barrier).
+    let mut received = Vec::new();
+    let mut counts = Vec::new();
+    let mut step = |d: &mut Driver, rx: &Ring, rng: &mut Ring, upto: u16| {
+        d.wait_used(rx, upto);
+        d.barrier(rng);
+        counts.push(d.s.r16(rx.used_idx()));
+        let from = received.len() as u16;
+        received.extend((from..upto).map(|i| d.vsock_received(rx, i)));
+    };
+    // Kiln's REQUEST; the guest accepts with room for 100 bytes: one
+    // packet of 100, though three more buffers wait.
+    d.vsock_rx_buffers(&mut rx, 4);
+    step(&mut d, &rx, &mut rng, 1);
+    let request_ports = [16, 20].map(|at| d.s.r32(RX_BUFFERS + at));
+    d.vsock_send(&mut tx, &[credit_packet(OP_RESPONSE, 100, 0, &[])]);
+    step(&mut d, &rx, &mut rng, 2);
+    // It consumed 50: 50 more.
+    d.vsock_send(&mut tx, &[credit_packet(OP_CREDIT_UPDATE, 100, 50, &[])]);
+    step(&mut d, &rx, &mut rng, 3);
+    // fwd_cnt going backwards, then past what was ever sent (the
+    // difference wraps): no credit, though 13 buffers wait.
+    d.vsock_rx_buffers(&mut rx, 12);
+    d.vsock_send(
+        &mut tx,
+        &[
+            credit_packet(OP_CREDIT_UPDATE, 100, 10, &[]),
+            credit_packet(OP_CREDIT_UPDATE, 100, 1000, &[]),
+        ],
+    );
+    step(&mut d, &rx, &mut rng, 3);
+    // buf_alloc u32::MAX and fwd_cnt behind 0 (wrapped): credit near
+    // u32::MAX, one buffer's worth per buffer, the data in order.
+    d.vsock_send(
+        &mut tx,
+        &[credit_packet(
+            OP_CREDIT_UPDATE,
+            u32::MAX,
+            u32::MAX - 15,
+            &[],
+        )],
+    );
+    step(&mut d, &rx, &mut rng, 16);
+    // 64 credit requests with no room (buf_alloc 0) and fwd_cnt all over
+    // u32: one credit update answers them all.
+    let fwd_cnts = [0, u32::MAX, 1 << 31, 150, 7, u32::MAX - 149, 1 << 30, 3];
+    for op in [OP_CREDIT_REQUEST, OP_CREDIT_UPDATE] {
+        for _ in 0..4 {
+            let storm: Vec<Vec<u8>> = (0..QSIZE)
+                .map(|i| credit_packet(op, 0, fwd_cnts[usize::from(i) % 8], &[]))
+                .collect();
+            d.vsock_send(&mut tx, &storm);
+        }
+        if op == OP_CREDIT_REQUEST {
+            d.vsock_rx_buffers(&mut rx, 4);
+        }
+        // 64 credit updates: no answer.
+        step(&mut d, &rx, &mut rng, 17);
+    }
+    // The connection still works both ways: the guest's data reaches the
+    // host, and room for 4096 more bytes brings 3 more packets (3 buffers).
+    d.vsock_send(&mut tx, &[credit_packet(OP_RW, 0, 0, b"hello")]);
+    let sent = 100 + 50 + 13 * RX_ROOM;
+    d.vsock_send(&mut tx, &[credit_packet(OP_CREDIT_UPDATE, 4096, sent, &[])]);
+    step(&mut d, &rx, &mut rng, 20);
+    let status = d.status(VSOCK);
+    d.at_prompt = Some(|host| {
+        let port = format!("OK {KILN_FIRST_PORT}\n");
+        let expect = ([port.as_bytes(), b"hello"].concat(), true);
+        assert_eq!(
+            host_end_state(&host.connected[0]),
+            expect,
+            "the host end: what it read, whether kiln keeps it open"
+        );
+    });
+    let recovery = recover(&mut d);
+    case!("vsock-credit", d, recovery, |seen| {
+        assert_eq!(seen.get(cid), GUEST_CID);
+        assert_eq!(
+            request_ports.map(|r| seen.get(r)),
+            [KILN_FIRST_PORT, CREDIT_GUEST_PORT].map(u64::from),
+            "the request's ports"
+        );
+        let counts: Vec<u64> = counts.iter().map(|&r| seen.get(r)).collect();
+        assert_eq!(
+            counts,
+            [1, 2, 3, 3, 16, 17, 17, 20],
+            "packets received after each step"
+        );
+        let received: Vec<[u64; 3]> = received.iter().map(|r| r.map(|r| seen.get(r))).collect();
+        let data = host_data(32 << 10);
+        let rw = |offset: u32, len: u32| {
+            [
+                u64::from(OP_RW),
+                44 + u64::from(len),
+                u64::from(data[offset as usize]),
+            ]
+        };
+        let mut expect = vec![[u64::from(OP_REQUEST), 44, 0], rw(0, 100), rw(100, 50)];
+        expect.extend((0..13).map(|k| rw(150 + k * RX_ROOM, RX_ROOM)));
+        expect.push([u64::from(OP_CREDIT_UPDATE), 44, 0]);
+        expect.extend((0..3).map(|k| rw(sent + k * RX_ROOM, RX_ROOM)));
+        assert_eq!(
+            received, expect,
+            "packets received: op, length, first payload byte"
+        );
+        assert_eq!(seen.get(status), u64::from(RUNNING));
     });
 }
