@@ -1656,41 +1656,52 @@ fn guest_mistakes_do_not_reach_the_host_log() {
     assert_eq!(stderr, "", "kiln's stderr");
 }
 
+impl Driver {
+    /// vsock running with 272 packets sent on its TX queue, each of which
+    /// earns a reset, and no receive buffers: it took 256 and holds the
+    /// reset for each, the last 16 wait in the ring. Returns its rx and tx
+    /// rings; an rng barrier was the last step.
+    fn vsock_held_back(&mut self) -> (Ring, Ring) {
+        let mut rx = Ring::at(VSOCK_RINGS[0]);
+        let mut tx = Ring::at(VSOCK_RINGS[1]);
+        self.negotiate(VSOCK, VERSION_1);
+        self.queue(VSOCK, 0, &mut rx);
+        self.queue(VSOCK, 1, &mut tx);
+        self.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
+        self.driver_ok(VSOCK);
+        self.s.copy(
+            PACKETS,
+            &vsock_header(GUEST_CID, 2, 1000, 2000, 0, 1, 99), // unknown op
+        );
+        for i in 0..QSIZE {
+            self.desc(&tx, i, (PACKETS, 44, 0), 0);
+        }
+        // 16 rounds of 16 packets: all taken.
+        for round in 1..=16 {
+            for i in 0..QSIZE {
+                self.publish(&mut tx, i);
+            }
+            self.notify(VSOCK, 1);
+            self.wait_used(&tx, round * QSIZE);
+        }
+        // 16 more, then an rng request as a barrier for the event thread.
+        for i in 0..QSIZE {
+            self.publish(&mut tx, i);
+        }
+        self.notify(VSOCK, 1);
+        let mut rng = self.rng_running();
+        self.barrier(&mut rng);
+        (rx, tx)
+    }
+}
+
 #[test]
 fn vsock_replies_the_guest_never_takes_are_bounded() {
     // Every packet below earns a reset the guest never makes room for: the
     // device holds at most 256 of them, then takes no more packets until
     // the guest posts receive buffers.
     let mut d = Driver::default();
-    let mut rx = Ring::at(VSOCK_RINGS[0]);
-    let mut tx = Ring::at(VSOCK_RINGS[1]);
-    d.negotiate(VSOCK, VERSION_1);
-    d.queue(VSOCK, 0, &mut rx);
-    d.queue(VSOCK, 1, &mut tx);
-    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
-    d.driver_ok(VSOCK);
-    d.s.copy(
-        PACKETS,
-        &vsock_header(GUEST_CID, 2, 1000, 2000, 0, 1, 99), // unknown op
-    );
-    for i in 0..QSIZE {
-        d.desc(&tx, i, (PACKETS, 44, 0), 0);
-    }
-    // 16 rounds of 16 packets: all taken.
-    for round in 1..=16 {
-        for i in 0..QSIZE {
-            d.publish(&mut tx, i);
-        }
-        d.notify(VSOCK, 1);
-        d.wait_used(&tx, round * QSIZE);
-    }
-    // 16 more, then an rng request as a barrier for the event thread.
-    for i in 0..QSIZE {
-        d.publish(&mut tx, i);
-    }
-    d.notify(VSOCK, 1);
-    let mut rng = d.rng_running();
-    d.barrier(&mut rng);
+    let (mut rx, tx) = d.vsock_held_back();
     let held_back = d.s.r16(tx.used_idx());
     // 16 receive buffers: 16 resets out, room for the 16 packets left.
     for i in 0..QSIZE {
@@ -2367,4 +2378,41 @@ fn vsock_credit_that_overflows_wraps_or_storms() {
         );
         assert_eq!(seen.get(status), u64::from(RUNNING));
     });
+}
+
+#[test]
+fn the_deadline_ends_a_vm_whose_event_thread_is_kept_busy() {
+    // A queue that never empties (vsock's TX, held back: 256 resets wait
+    // for receive buffers that never come) and one whose avail index is
+    // far ahead of its ring (rng's: it yields no chain, and must not make
+    // the device look again forever), notified without end: each notify
+    // wakes the event thread, which finds the queue as before. The VM's
+    // deadline must still end the run (a hang is caught by
+    // common::HANG_LIMIT).
+    if !require(have_kvm(), "/dev/kvm not accessible") {
+        return;
+    }
+    let _one = one_case();
+    let mut d = Driver::default();
+    let (_, tx) = d.vsock_held_back();
+    // Printed first: how many packets vsock took.
+    d.s.r16(tx.used_idx());
+    d.s.prompt_only();
+    d.s.w16(Ring::at(RNG_RING).avail() + 2, 1000);
+    for _ in 0..8 {
+        d.s.w32_times(RNG + REG_QUEUE_NOTIFY, 0, u32::MAX);
+        d.s.w32_times(VSOCK + REG_QUEUE_NOTIFY, 1, u32::MAX);
+    }
+    d.s.end(0);
+    let dir = Scratch::new("hostile-deadline");
+    let (mut config, _, _) = case_config(&dir, &d);
+    // Long enough for the set-up before the storm (a fraction of a second).
+    config.timeout = Some(std::time::Duration::from_secs(10));
+    let (report, out) = common::run_to_end(&config);
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(report.outcome, VmOutcome::Timeout, "console {out:?}");
+    assert_eq!(
+        out, "0000000000000100\n?\n",
+        "256 packets held back, then the storm"
+    );
 }
