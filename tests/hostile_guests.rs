@@ -1,6 +1,7 @@
 //! The hostile-guest suite: a guest drives kiln's virtio-mmio devices
-//! (block, rng, vsock, console) through the real transport the way a broken or
-//! malicious driver would, and each test asserts what kiln does about it.
+//! (block, rng, vsock, console, net) through the real transport the way a
+//! broken or malicious driver would, and each test asserts what kiln does
+//! about it.
 //!
 //! The guest is `resources/test-guests/mmio_script.S`, which runs a script
 //! of memory and MMIO accesses handed to it as its initrd; the scripts are
@@ -21,17 +22,27 @@
 //! polling until the VM's timeout (outcome `Timeout`), and a monitor that
 //! stopped serving events entirely would not even time out, which
 //! `common::HANG_LIMIT` turns into a failure. No assertion depends on time.
+//!
+//! A case with a net device (`Driver::tap`) runs its VM's TAP in a network
+//! namespace of its own, with a packet socket there that shows which of
+//! the guest's frames the TAP took (needs root). The net device is not
+//! part of step 3: the case itself resets it and sends a good frame last.
 
 mod common;
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use common::{guest_config, have_kvm, require, run_guest, wait_finished, Capture, Scratch};
-use kiln::config::{DiskConfig, VsockConfig};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+
+use common::{
+    guest_config, have_kvm, is_root, require, run_guest, wait_finished, Capture, Netns, Scratch,
+};
+use kiln::config::{DiskConfig, NetConfig, VsockConfig};
 use kiln::{ConsoleIo, VmOutcome};
 
 // ---- The script the guest runs (see mmio_script.S for the format).
@@ -153,6 +164,9 @@ const RNG: u64 = 0xd000_2000;
 const VSOCK: u64 = 0xd000_3000;
 /// The virtio console, when a case asks for one (`Driver::console`).
 const CONSOLE: u64 = 0xd000_4000;
+/// The virtio-net device, when a case asks for one (`Driver::tap`; never
+/// with a console).
+const NET: u64 = 0xd000_4000;
 /// Past the last device: the window no device claims (without a console).
 const UNCLAIMED_WINDOW: u64 = 0xd000_4000;
 /// The guest's vsock CID.
@@ -257,6 +271,7 @@ const BLOCK_RING: u64 = 0x30_0000;
 const RNG_RING: u64 = 0x31_0000;
 const VSOCK_RINGS: [u64; 3] = [0x32_0000, 0x33_0000, 0x34_0000];
 const CONSOLE_RINGS: [u64; 2] = [0x35_0000, 0x36_0000];
+const NET_RINGS: [u64; 2] = [0x37_0000, 0x38_0000];
 const HEADERS: u64 = 0x40_0000;
 const STATUSES: u64 = 0x40_1000;
 const DATA: u64 = 0x41_0000;
@@ -274,12 +289,18 @@ struct Driver {
     block_requests: u64,
     /// Host vsock ports with a listening socket while the VM runs.
     vsock_listeners: Vec<u32>,
-    /// Checks the host side of those listeners while the guest waits at
-    /// its prompt.
-    at_prompt: Option<fn(&[UnixListener])>,
+    /// Connections the host makes to guest ports once the guest printed
+    /// its first value (the script starts with a read): the port, and what
+    /// the host sends right behind its `CONNECT` line.
+    vsock_connects: Vec<(u32, Vec<u8>)>,
+    /// Checks the host's vsock ends while the guest waits at its prompt.
+    at_prompt: Option<fn(&HostEnds)>,
     /// The VM has a virtio console (hvc0): kiln's input goes there, not to
     /// the UART.
     console: bool,
+    /// The VM has a virtio-net device on `TAP`, in a network namespace of
+    /// the case's own (needs root).
+    tap: bool,
 }
 
 impl Driver {
@@ -506,6 +527,132 @@ fn disk_image(dir: &Scratch) -> (std::path::PathBuf, Vec<u8>) {
     (path, image)
 }
 
+/// The TAP of a case with a net device, in the case's own namespace.
+const TAP: &str = "tap0";
+/// The source MAC address of every frame a case sends but its last byte
+/// (the frame's number): how the TAP side tells the guest's frames from
+/// the host's own.
+const FRAME_SOURCE: [u8; 5] = [0x02, 0x6b, 0x69, 0x6c, 0x6e];
+
+/// The host side of a net case: `TAP` in a network namespace of the
+/// case's own, and a packet socket on it that sees every frame the TAP
+/// took from kiln.
+struct TapSide {
+    ns: Netns,
+    socket: OwnedFd,
+}
+
+impl TapSide {
+    /// None (after `require`'s message) without root or /dev/net/tun.
+    fn create(name: &str) -> Option<Self> {
+        if !require(is_root(), "needs root (network namespace, TAP)")
+            || !require(
+                std::path::Path::new("/dev/net/tun").exists(),
+                "/dev/net/tun does not exist",
+            )
+        {
+            return None;
+        }
+        let ns = Netns::create(
+            &format!("hostile-{name}"),
+            &[
+                // No IPv6: the host sends next to nothing on the TAP.
+                "sysctl -qw net.ipv6.conf.default.disable_ipv6=1",
+                "ip tuntap add dev tap0 mode tap",
+                "ip link set tap0 up",
+            ],
+        );
+        let socket = ns.on_thread(packet_socket);
+        Some(Self { ns, socket })
+    }
+
+    /// The guest's frames (by source address) the TAP took so far, in order.
+    fn frames(&self) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 1 << 17];
+        loop {
+            // SAFETY: `buf` is writable for its whole length.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                assert_eq!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock,
+                    "reading the TAP's frames: {e}"
+                );
+                return frames;
+            }
+            let frame = &buf[..n as usize];
+            if frame.get(6..11) == Some(&FRAME_SOURCE[..]) {
+                frames.push(frame.to_vec());
+            }
+        }
+    }
+}
+
+/// A non-blocking packet socket that receives every frame on `TAP` (in
+/// the calling thread's network namespace).
+fn packet_socket() -> OwnedFd {
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    let flags = libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, flags, all.into()) };
+    assert!(
+        fd >= 0,
+        "a packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a new descriptor that nothing else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(TAP).expect("a TAP name");
+    // SAFETY: a NUL-terminated name that outlives the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "{TAP}: {}", std::io::Error::last_os_error());
+    // SAFETY: sockaddr_ll is plain data, valid all zero.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = index as i32;
+    let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+    // SAFETY: `addr` is a sockaddr_ll of `len` bytes that outlives the call.
+    let rc = unsafe { libc::bind(fd, std::ptr::from_ref(&addr).cast(), len) };
+    assert_eq!(
+        rc,
+        0,
+        "binding to {TAP}: {}",
+        std::io::Error::last_os_error()
+    );
+    // Room for every frame a case sends, 64 KiB GSO frames among them.
+    let size: libc::c_int = 16 << 20;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int option of `len` bytes that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&size).cast(),
+            len,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    socket
+}
+
+/// The host's ends of a case's vsock: a listener for each of
+/// `Driver::vsock_listeners`, and the connections of `vsock_connects`.
+struct HostEnds {
+    listeners: Vec<UnixListener>,
+    connected: Vec<UnixStream>,
+}
+
 /// Stops the VM when a check fails while it waits at its prompt, so the
 /// failure is reported at once (not after the VM's timeout).
 struct StopOnPanic(kiln::VmStopper);
@@ -539,9 +686,10 @@ fn check_bystanders(name: &str, rss_before: u64) {
     );
 }
 
-/// The values the hostile guest printed (on the UART), and what reached
-/// kiln's output from the virtio console.
-struct Seen(Vec<u64>, Vec<u8>);
+/// The values the hostile guest printed (on the UART), what reached
+/// kiln's output from the virtio console, and the frames of the guest's
+/// that reached the TAP (cases with a net device), in order.
+struct Seen(Vec<u64>, Vec<u8>, Vec<Vec<u8>>);
 
 /// A byte of the guest's UART output: lowercase hex, '?' and newlines.
 /// Console output of a case uses none of them, so the two (which reach the
@@ -556,20 +704,13 @@ impl Seen {
     }
 }
 
-/// Runs `d`'s script (which must end with `recover` or `recovery_steps`)
-/// in a VM with a disk, rng and vsock (and a console if `d.console`);
-/// returns what the guest printed. See the module docs for everything this
-/// asserts. Callers hold `one_case`.
-fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
-    if !require(have_kvm(), "/dev/kvm not accessible") {
-        return None;
-    }
-    let dir = Scratch::new(&format!("hostile-{name}"));
-    let (disk, image) = disk_image(&dir);
+/// The VM `d`'s script runs in (written to `dir` with the disk): a disk,
+/// rng and vsock, a console if `d.console`, a net device on `TAP` if
+/// `d.tap`. Returns the config, the disk's path and its bytes.
+fn case_config(dir: &Scratch, d: &Driver) -> (kiln::config::VmConfig, PathBuf, Vec<u8>) {
+    let (disk, image) = disk_image(dir);
     let script = dir.path("script");
     fs::write(&script, d.s.bytes()).expect("writing the script");
-    let (reads, console_expected, at_prompt) = (d.s.reads, d.console, d.at_prompt);
-
     let mut config = guest_config("mmio_script");
     config.initrd = Some(script);
     // The initrd is the guest's own: kiln adds no init of its own to it.
@@ -581,20 +722,48 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         rate_limit: Default::default(),
     });
     config.rng = true;
-    if d.console {
-        config.console = kiln::config::ConsoleKind::Virtio;
-    }
     config.vsock = Some(VsockConfig {
         cid: GUEST_CID,
         socket: dir.path("vsock"),
     });
-    let listeners: Vec<UnixListener> = d
-        .vsock_listeners
-        .iter()
-        .map(|port| {
-            UnixListener::bind(dir.path(&format!("vsock_{port}"))).expect("binding a vsock port")
-        })
-        .collect();
+    if d.tap {
+        config.nets.push(NetConfig {
+            tap: TAP.into(),
+            mac: None,
+            rate_limit: Default::default(),
+        });
+    }
+    if d.console {
+        config.console = kiln::config::ConsoleKind::Virtio;
+    }
+    (config, disk, image)
+}
+
+/// Runs `d`'s script (which must end with `recover` or `recovery_steps`)
+/// in the VM of `case_config`; returns what the guest printed. See the module docs for everything this
+/// asserts. Callers hold `one_case`.
+fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
+    if !require(have_kvm(), "/dev/kvm not accessible") {
+        return None;
+    }
+    let tap = match d.tap {
+        true => Some(TapSide::create(name)?),
+        false => None,
+    };
+    let dir = Scratch::new(&format!("hostile-{name}"));
+    let (mut config, disk, image) = case_config(&dir, &d);
+    let (reads, console_expected, at_prompt) = (d.s.reads, d.console, d.at_prompt);
+    let mut host = HostEnds {
+        listeners: d
+            .vsock_listeners
+            .iter()
+            .map(|port| {
+                UnixListener::bind(dir.path(&format!("vsock_{port}")))
+                    .expect("binding a vsock port")
+            })
+            .collect(),
+        connected: Vec::new(),
+    };
     // A backstop only: every case ends by the guest's own report.
     config.timeout = Some(common::HANG_LIMIT / 2);
 
@@ -605,7 +774,32 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         output: Box::new(capture.clone()),
         input: Some(input),
     };
-    let vm = kiln::spawn(config, io, Instant::now()).expect("spawning the hostile VM");
+    let vm = match &tap {
+        // kiln opens the TAP in the namespace of the thread that spawns it.
+        Some(tap) => tap
+            .ns
+            .on_thread(move || kiln::spawn(config, io, Instant::now())),
+        None => kiln::spawn(config, io, Instant::now()),
+    }
+    .expect("spawning the hostile VM");
+    // Once the guest printed its first value: kiln built its devices (and
+    // bound the vsock socket) before the guest ran.
+    if !d.vsock_connects.is_empty() {
+        assert!(
+            capture.wait_for(b"\n", common::HANG_LIMIT),
+            "{name}: the guest printed nothing"
+        );
+    }
+    for (port, data) in &d.vsock_connects {
+        let mut stream =
+            UnixStream::connect(dir.path("vsock")).expect("connecting to kiln's vsock");
+        let mut bytes = format!("CONNECT {port}\n").into_bytes();
+        bytes.extend_from_slice(data);
+        // kiln reads nothing past the line until the guest accepts: the
+        // bytes wait in the socket's buffer.
+        stream.write_all(&bytes).expect("writing to kiln's vsock");
+        host.connected.push(stream);
+    }
     // The prompt, or the VM's end (then nothing more is coming).
     let (prompted, ended) = std::thread::scope(|s| {
         // Dropped while the closure unwinds, before the scope joins.
@@ -620,7 +814,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
         if prompted {
             check_bystanders(name, rss_before);
             if let Some(check) = at_prompt {
-                check(&listeners);
+                check(&host);
             }
             go.write_all(b"g").expect("releasing the hostile guest");
         }
@@ -652,7 +846,7 @@ fn run_case(name: &str, d: Driver, recovery: Recovery) -> Option<Seen> {
     if !console_expected {
         assert_eq!(console, b"", "{name}: output besides the guest's values");
     }
-    let seen = Seen(values, console);
+    let seen = Seen(values, console, tap.map(|t| t.frames()).unwrap_or_default());
     assert_eq!(
         seen.get(recovery.block_status),
         BLK_OK,
@@ -1199,6 +1393,15 @@ fn a_notification_storm_serves_each_chain_once() {
     });
 }
 
+// vsock packet types and ops.
+const STREAM: u16 = 1;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_RW: u16 = 5;
+const OP_CREDIT_UPDATE: u16 = 6;
+const OP_CREDIT_REQUEST: u16 = 7;
+
 /// A vsock packet header (struct virtio_vsock_hdr).
 fn vsock_header(
     src_cid: u64,
@@ -1223,10 +1426,6 @@ fn vsock_header(
 
 #[test]
 fn vsock_packets_with_bad_ops_lengths_and_cids() {
-    const STREAM: u16 = 1;
-    const OP_REQUEST: u16 = 1;
-    const OP_RST: u16 = 3;
-    const OP_RW: u16 = 5;
     let mut d = Driver::default();
     let mut rx = Ring::at(VSOCK_RINGS[0]);
     let mut tx = Ring::at(VSOCK_RINGS[1]);
@@ -1457,41 +1656,52 @@ fn guest_mistakes_do_not_reach_the_host_log() {
     assert_eq!(stderr, "", "kiln's stderr");
 }
 
+impl Driver {
+    /// vsock running with 272 packets sent on its TX queue, each of which
+    /// earns a reset, and no receive buffers: it took 256 and holds the
+    /// reset for each, the last 16 wait in the ring. Returns its rx and tx
+    /// rings; an rng barrier was the last step.
+    fn vsock_held_back(&mut self) -> (Ring, Ring) {
+        let mut rx = Ring::at(VSOCK_RINGS[0]);
+        let mut tx = Ring::at(VSOCK_RINGS[1]);
+        self.negotiate(VSOCK, VERSION_1);
+        self.queue(VSOCK, 0, &mut rx);
+        self.queue(VSOCK, 1, &mut tx);
+        self.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
+        self.driver_ok(VSOCK);
+        self.s.copy(
+            PACKETS,
+            &vsock_header(GUEST_CID, 2, 1000, 2000, 0, 1, 99), // unknown op
+        );
+        for i in 0..QSIZE {
+            self.desc(&tx, i, (PACKETS, 44, 0), 0);
+        }
+        // 16 rounds of 16 packets: all taken.
+        for round in 1..=16 {
+            for i in 0..QSIZE {
+                self.publish(&mut tx, i);
+            }
+            self.notify(VSOCK, 1);
+            self.wait_used(&tx, round * QSIZE);
+        }
+        // 16 more, then an rng request as a barrier for the event thread.
+        for i in 0..QSIZE {
+            self.publish(&mut tx, i);
+        }
+        self.notify(VSOCK, 1);
+        let mut rng = self.rng_running();
+        self.barrier(&mut rng);
+        (rx, tx)
+    }
+}
+
 #[test]
 fn vsock_replies_the_guest_never_takes_are_bounded() {
     // Every packet below earns a reset the guest never makes room for: the
     // device holds at most 256 of them, then takes no more packets until
     // the guest posts receive buffers.
     let mut d = Driver::default();
-    let mut rx = Ring::at(VSOCK_RINGS[0]);
-    let mut tx = Ring::at(VSOCK_RINGS[1]);
-    d.negotiate(VSOCK, VERSION_1);
-    d.queue(VSOCK, 0, &mut rx);
-    d.queue(VSOCK, 1, &mut tx);
-    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
-    d.driver_ok(VSOCK);
-    d.s.copy(
-        PACKETS,
-        &vsock_header(GUEST_CID, 2, 1000, 2000, 0, 1, 99), // unknown op
-    );
-    for i in 0..QSIZE {
-        d.desc(&tx, i, (PACKETS, 44, 0), 0);
-    }
-    // 16 rounds of 16 packets: all taken.
-    for round in 1..=16 {
-        for i in 0..QSIZE {
-            d.publish(&mut tx, i);
-        }
-        d.notify(VSOCK, 1);
-        d.wait_used(&tx, round * QSIZE);
-    }
-    // 16 more, then an rng request as a barrier for the event thread.
-    for i in 0..QSIZE {
-        d.publish(&mut tx, i);
-    }
-    d.notify(VSOCK, 1);
-    let mut rng = d.rng_running();
-    d.barrier(&mut rng);
+    let (mut rx, tx) = d.vsock_held_back();
     let held_back = d.s.r16(tx.used_idx());
     // 16 receive buffers: 16 resets out, room for the 16 packets left.
     for i in 0..QSIZE {
@@ -1578,7 +1788,7 @@ fn virtio_console_prints_only_whole_chains_and_skips_unusable_input_buffers() {
 
 /// What the host end of a guest's vsock connection reads now, without
 /// waiting, and whether kiln keeps it open (no end of file yet).
-fn host_end_state(stream: &mut std::os::unix::net::UnixStream) -> (Vec<u8>, bool) {
+fn host_end_state(mut stream: &UnixStream) -> (Vec<u8>, bool) {
     use std::io::Read as _;
     stream.set_nonblocking(true).expect("non-blocking");
     let mut got = Vec::new();
@@ -1595,10 +1805,6 @@ fn host_end_state(stream: &mut std::os::unix::net::UnixStream) -> (Vec<u8>, bool
 
 #[test]
 fn vsock_bad_packets_on_live_connections_reset_them() {
-    const STREAM: u16 = 1;
-    const OP_REQUEST: u16 = 1;
-    const OP_RESPONSE: u16 = 2;
-    const OP_RW: u16 = 5;
     let mut d = Driver::default();
     let mut rx = Ring::at(VSOCK_RINGS[0]);
     let mut tx = Ring::at(VSOCK_RINGS[1]);
@@ -1639,10 +1845,10 @@ fn vsock_bad_packets_on_live_connections_reset_them() {
     let mut rng = d.rng_running();
     d.barrier(&mut rng);
     let status = d.status(VSOCK);
-    d.at_prompt = Some(|listeners| {
+    d.at_prompt = Some(|host| {
         // Connections arrive in the order of the guest's requests.
         let states: Vec<(Vec<u8>, bool)> = (0..5)
-            .map(|_| host_end_state(&mut listeners[0].accept().expect("accept").0))
+            .map(|_| host_end_state(&host.listeners[0].accept().expect("accept").0))
             .collect();
         let closed = (Vec::new(), false);
         assert_eq!(
@@ -1661,4 +1867,552 @@ fn vsock_bad_packets_on_live_connections_reset_them() {
     case!("vsock-live", d, recovery, |seen| {
         assert_eq!(seen.get(status), u64::from(RUNNING));
     });
+}
+
+// ---- virtio-net: TX headers with garbage offload fields.
+
+const F_NET_CSUM: u64 = 1 << 0;
+const F_NET_HOST_TSO4: u64 = 1 << 11;
+const F_NET_HOST_TSO6: u64 = 1 << 12;
+const NEEDS_CSUM: u8 = 1;
+const DATA_VALID: u8 = 2;
+const GSO_TCPV4: u8 = 1;
+const GSO_UDP: u8 = 3;
+const GSO_ECN: u8 = 0x80;
+/// The longest frame virtio-net sends: 64 KiB plus Ethernet and VLAN
+/// headers (`MAX_FRAME_LEN` in devices/src/virtio/net).
+const NET_MAX_FRAME: usize = 65536 + 14 + 4 + 8;
+
+/// struct virtio_net_hdr_v1, as a TX chain starts.
+#[derive(Clone, Copy, Default)]
+struct NetHdr {
+    flags: u8,
+    gso_type: u8,
+    hdr_len: u16,
+    gso_size: u16,
+    csum_start: u16,
+    csum_offset: u16,
+    num_buffers: u16,
+}
+
+impl NetHdr {
+    fn bytes(self) -> Vec<u8> {
+        let mut h = vec![self.flags, self.gso_type];
+        for field in [
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+            self.num_buffers,
+        ] {
+            h.extend_from_slice(&field.to_le_bytes());
+        }
+        h
+    }
+}
+
+/// Frame number `n`: Ethernet to another host from `FRAME_SOURCE`:n,
+/// `len` bytes in all, the payload bytes all `n`.
+fn eth_frame(n: u8, len: usize) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1];
+    f.extend_from_slice(&FRAME_SOURCE);
+    f.push(n);
+    f.extend_from_slice(&0x88b5u16.to_be_bytes()); // local experimental
+    f.resize(len, n);
+    f
+}
+
+/// Frame `n` as an IPv4 TCP segment with `payload` bytes (of `n`): what
+/// segmentation offload takes. The TCP header starts at 34, its checksum
+/// at 34 + 16.
+fn tcp_frame(n: u8, payload: usize) -> Vec<u8> {
+    let mut f = eth_frame(n, 12);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 20 + payload) as u16;
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1]);
+    f.extend_from_slice(&[0x30, 0x39, 0x00, 0x50, 0, 0, 0, 1, 0, 0, 0, 0]);
+    f.extend_from_slice(&[0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    f.resize(f.len() + payload, n);
+    f
+}
+
+/// A TX chain: its buffers, its frame, and whether the TAP must see that
+/// frame (or the device must refuse it).
+struct TxChain {
+    bufs: Vec<Buf>,
+    frame: Vec<u8>,
+    sent: bool,
+}
+
+impl TxChain {
+    /// The chain's one buffer cut to `len` bytes.
+    fn cut_to(mut self, len: u32) -> Self {
+        self.bufs[0].1 = len;
+        self
+    }
+
+    /// The frame must reach the TAP.
+    fn sent(mut self) -> Self {
+        self.sent = true;
+        self
+    }
+}
+
+/// What a net case expects, and the reads that tell what happened.
+#[derive(Default)]
+struct NetRounds {
+    /// The frames the TAP must see, in order.
+    sent: Vec<Vec<u8>>,
+    /// Each TX chain's used length, and the device status after each round.
+    used_lens: Vec<Read>,
+    statuses: Vec<Read>,
+}
+
+impl Driver {
+    /// `hdr` and a frame of `len` bytes at `at` that starts with `head`
+    /// (the rest is filled with its number), as one buffer of a chain.
+    fn big_packet(&mut self, at: u64, hdr: NetHdr, head: &[u8], len: usize) -> TxChain {
+        let chain = self.tx_packet(at, hdr, head);
+        let rest = at + u64::from(chain.bufs[0].1);
+        self.s.fill(rest, (len - head.len()) as u32, head[11]);
+        chain.cut_to((12 + len) as u32)
+    }
+
+    /// `hdr` and `frame` at `at`, as one buffer of a chain.
+    fn tx_packet(&mut self, at: u64, hdr: NetHdr, frame: &[u8]) -> TxChain {
+        let mut bytes = hdr.bytes();
+        bytes.extend_from_slice(frame);
+        self.s.copy(at, &bytes);
+        TxChain {
+            bufs: vec![(at, bytes.len() as u32, 0)],
+            frame: frame.to_vec(),
+            sent: false,
+        }
+    }
+
+    /// One round: the net device reset and running with `features` (both
+    /// queues ready), `chains` published from descriptor 0 on and notified;
+    /// waits until the device used them all, then reads each used length
+    /// and the device status into `rounds`.
+    fn transmit(&mut self, rounds: &mut NetRounds, features: u64, chains: Vec<TxChain>) {
+        let (mut rx, mut tx) = (Ring::at(NET_RINGS[0]), Ring::at(NET_RINGS[1]));
+        self.negotiate(NET, VERSION_1 | features);
+        self.queue(NET, 0, &mut rx);
+        self.queue(NET, 1, &mut tx);
+        self.driver_ok(NET);
+        let mut first = 0;
+        for chain in &chains {
+            self.chain(&tx, first, &chain.bufs);
+            self.publish(&mut tx, first);
+            first += chain.bufs.len() as u16;
+        }
+        self.notify(NET, 1);
+        self.wait_used(&tx, tx.next_avail);
+        let lens = (0..tx.next_avail).map(|i| self.s.r32(tx.used_elem(i).1));
+        rounds.used_lens.extend(lens.collect::<Vec<_>>());
+        rounds.statuses.push(self.status(NET));
+        let sent = chains.into_iter().filter(|c| c.sent);
+        rounds.sent.extend(sent.map(|c| c.frame));
+    }
+}
+
+/// `base` changed by `change`.
+fn hdr(base: NetHdr, change: impl FnOnce(&mut NetHdr)) -> NetHdr {
+    let mut h = base;
+    change(&mut h);
+    h
+}
+
+/// Packet slots in guest memory: 4 KiB each, and two past 64 KiB.
+fn packet_slot(i: u64) -> u64 {
+    PACKETS + 0x1000 * i
+}
+const BIG_PACKETS: [u64; 2] = [0x90_0000, 0xa0_0000];
+
+#[test]
+fn net_tx_headers_with_garbage_offload_fields() {
+    let mut d = Driver {
+        tap: true,
+        ..Driver::default()
+    };
+    let plain = NetHdr::default();
+    let csum = NetHdr {
+        flags: NEEDS_CSUM,
+        csum_start: 34,
+        csum_offset: 16,
+        ..plain
+    };
+    let tso = NetHdr {
+        gso_type: GSO_TCPV4,
+        hdr_len: 54,
+        gso_size: 1000,
+        ..csum
+    };
+    let mut rounds = NetRounds::default();
+
+    // 1. No offloads negotiated.
+    let mut chains = vec![
+        d.tx_packet(packet_slot(0), plain, &eth_frame(1, 60)).sent(),
+        // NEEDS_CSUM without CSUM (and GSO, which needs it).
+        d.tx_packet(packet_slot(1), csum, &tcp_frame(2, 100)),
+        d.tx_packet(packet_slot(2), tso, &tcp_frame(3, 3000)),
+        // A flag the spec lacks.
+        d.tx_packet(
+            packet_slot(3),
+            hdr(plain, |h| h.flags = 0x80),
+            &eth_frame(4, 60),
+        ),
+        // DATA_VALID (a receive flag), num_buffers (a receive field), and
+        // checksum fields without NEEDS_CSUM: ignored, the frame is sent.
+        d.tx_packet(
+            packet_slot(4),
+            hdr(plain, |h| {
+                h.flags = DATA_VALID;
+                (h.csum_start, h.csum_offset, h.num_buffers) = (0xffff, 0xffff, 0xffff);
+            }),
+            &eth_frame(5, 60),
+        )
+        .sent(),
+        // hdr_len past the frame.
+        d.tx_packet(
+            packet_slot(5),
+            hdr(plain, |h| h.hdr_len = 0xffff),
+            &eth_frame(6, 60),
+        ),
+        // A chain shorter than the header, and one shorter than an
+        // Ethernet header after it.
+        d.tx_packet(packet_slot(6), plain, &[]).cut_to(8),
+        d.tx_packet(packet_slot(7), plain, &eth_frame(8, 13)),
+    ];
+    // The header split across descriptors (5 + 7 bytes, then the frame in
+    // two): the frame goes out whole.
+    let (at, split) = (packet_slot(8), eth_frame(9, 200));
+    d.s.copy(at, &plain.bytes());
+    d.s.copy(at + 0x100, &split);
+    chains.push(TxChain {
+        bufs: vec![
+            (at, 5, 0),
+            (at + 5, 7, 0),
+            (at + 0x100, 20, 0),
+            (at + 0x114, 180, 0),
+        ],
+        frame: split,
+        sent: true,
+    });
+    // A frame one byte over the longest.
+    chains.push(d.big_packet(BIG_PACKETS[0], plain, &eth_frame(10, 14), NET_MAX_FRAME + 1));
+    d.transmit(&mut rounds, 0, chains);
+
+    // 2. Checksum offload only: GSO was not negotiated.
+    let chains = vec![
+        d.tx_packet(packet_slot(0), csum, &tcp_frame(11, 100))
+            .sent(),
+        d.tx_packet(packet_slot(1), tso, &tcp_frame(12, 3000)),
+    ];
+    d.transmit(&mut rounds, F_NET_CSUM, chains);
+
+    // 3. Checksum and TCP segmentation offload (not ECN, not UDP).
+    let mut chains = vec![
+        d.tx_packet(packet_slot(0), tso, &tcp_frame(21, 3000))
+            .sent(),
+        d.tx_packet(packet_slot(1), csum, &tcp_frame(22, 100))
+            .sent(),
+    ];
+    let bad = [
+        // The ECN bit, unknown and UDP GSO types, GSO without NEEDS_CSUM.
+        hdr(tso, |h| h.gso_type |= GSO_ECN),
+        hdr(tso, |h| h.gso_type = 0x42),
+        hdr(tso, |h| h.gso_type = GSO_UDP),
+        hdr(tso, |h| h.flags = 0),
+        // gso_size 0, hdr_len past the frame.
+        hdr(tso, |h| h.gso_size = 0),
+        hdr(tso, |h| h.hdr_len = 0xffff),
+        // csum_start or csum_offset past the frame, and both near u16::MAX
+        // (their sum overflows 16 bits).
+        hdr(csum, |h| h.csum_start = 3100),
+        hdr(csum, |h| h.csum_offset = 3100),
+        hdr(csum, |h| (h.csum_start, h.csum_offset) = (0xfff0, 0xfff0)),
+    ];
+    for (i, bad) in bad.into_iter().enumerate() {
+        let n = 23 + i as u8;
+        chains.push(d.tx_packet(packet_slot(2 + i as u64), bad, &tcp_frame(n, 3000)));
+    }
+    // A GSO frame one byte over the longest.
+    chains.push(d.big_packet(BIG_PACKETS[1], tso, &tcp_frame(32, 0), NET_MAX_FRAME + 1));
+    d.transmit(
+        &mut rounds,
+        F_NET_CSUM | F_NET_HOST_TSO4 | F_NET_HOST_TSO6,
+        chains,
+    );
+
+    // 4. After all that (and a reset), a plain frame goes out.
+    let chains = vec![d
+        .tx_packet(packet_slot(0), plain, &eth_frame(40, 60))
+        .sent()];
+    d.transmit(&mut rounds, 0, chains);
+    d.reset(NET);
+
+    let recovery = recover(&mut d);
+    case!("net-tx", d, recovery, |seen| {
+        let lens: Vec<u64> = rounds.used_lens.iter().map(|&r| seen.get(r)).collect();
+        assert_eq!(
+            lens,
+            vec![0; 25],
+            "TX chains come back with nothing written"
+        );
+        let statuses: Vec<u64> = rounds.statuses.iter().map(|&r| seen.get(r)).collect();
+        assert_eq!(
+            statuses,
+            [u64::from(RUNNING); 4],
+            "net status after each round"
+        );
+        let numbers = |frames: &[Vec<u8>]| frames.iter().map(|f| f[11]).collect::<Vec<u8>>();
+        assert_eq!(
+            numbers(&seen.2),
+            [1, 5, 9, 11, 21, 22, 40],
+            "the frames that reached the TAP (by number)"
+        );
+        assert!(
+            seen.2 == rounds.sent,
+            "the frames reached the TAP unchanged"
+        );
+    });
+}
+
+// ---- vsock credit.
+
+/// A guest packet on the host-initiated connection of the credit case:
+/// guest port `CREDIT_GUEST_PORT` to kiln's first host-side port, with the
+/// guest's `buf_alloc` and `fwd_cnt`.
+fn credit_packet(op: u16, buf_alloc: u32, fwd_cnt: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut p = vsock_header(
+        GUEST_CID,
+        2,
+        CREDIT_GUEST_PORT,
+        KILN_FIRST_PORT,
+        len,
+        STREAM,
+        op,
+    )
+    .to_vec();
+    p[36..40].copy_from_slice(&buf_alloc.to_le_bytes());
+    p[40..44].copy_from_slice(&fwd_cnt.to_le_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The guest port the host connects to, and the first port kiln gives a
+/// host-initiated connection (`FIRST_LOCAL_PORT` in devices/src/virtio/vsock).
+const CREDIT_GUEST_PORT: u32 = 1201;
+const KILN_FIRST_PORT: u32 = 1 << 30;
+/// Payload room in each of the case's 256-byte receive buffers.
+const RX_ROOM: u32 = 0x100 - 44;
+
+/// The bytes the host sends the guest: byte `i` is `i % 251`.
+fn host_data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+impl Driver {
+    /// Sends `packets` (at most a ring's worth) on vsock's `tx` and waits
+    /// until the device took them all.
+    fn vsock_send(&mut self, tx: &mut Ring, packets: &[Vec<u8>]) {
+        for packet in packets {
+            let slot = tx.next_avail % QSIZE;
+            let at = PACKETS + 0x100 * u64::from(slot);
+            self.s.copy(at, packet);
+            self.chain(tx, slot, &[(at, packet.len() as u32, 0)]);
+            self.publish(tx, slot);
+        }
+        self.notify(VSOCK, 1);
+        self.wait_used(tx, tx.next_avail);
+    }
+
+    /// Posts `n` receive buffers of 256 bytes on vsock's `rx`.
+    fn vsock_rx_buffers(&mut self, rx: &mut Ring, n: u16) {
+        for _ in 0..n {
+            let slot = rx.next_avail % QSIZE;
+            let buf = (RX_BUFFERS + 0x100 * u64::from(slot), 0x100, WRITE);
+            self.chain(rx, slot, &[buf]);
+            self.publish(rx, slot);
+        }
+        self.notify(VSOCK, 0);
+    }
+
+    /// Receive packet `i` (its place in the used ring): (op, used length,
+    /// first payload byte).
+    fn vsock_received(&mut self, rx: &Ring, i: u16) -> [Read; 3] {
+        let buf = RX_BUFFERS + 0x100 * u64::from(i % QSIZE);
+        [
+            self.s.r16(buf + 30),
+            self.s.r32(rx.used_elem(i).1),
+            self.s.r8(buf + 44),
+        ]
+    }
+}
+
+#[test]
+fn vsock_credit_that_overflows_wraps_or_storms() {
+    let mut d = Driver::default();
+    let mut rx = Ring::at(VSOCK_RINGS[0]);
+    let mut tx = Ring::at(VSOCK_RINGS[1]);
+    // The host connects to guest port 1201 (after this first read) and has
+    // 32 KiB for it at once.
+    let cid = d.s.r32(VSOCK + CONFIG);
+    d.vsock_connects = vec![(CREDIT_GUEST_PORT, host_data(32 << 10))];
+    d.negotiate(VSOCK, VERSION_1);
+    d.queue(VSOCK, 0, &mut rx);
+    d.queue(VSOCK, 1, &mut tx);
+    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
+    d.driver_ok(VSOCK);
+    let mut rng = d.rng_running();
+    // Reads of (op, length, first payload byte) of each packet received,
+    // and of how many were received after each step (behind a barrier).
+    let mut received = Vec::new();
+    let mut counts = Vec::new();
+    let mut step = |d: &mut Driver, rx: &Ring, rng: &mut Ring, upto: u16| {
+        d.wait_used(rx, upto);
+        d.barrier(rng);
+        counts.push(d.s.r16(rx.used_idx()));
+        let from = received.len() as u16;
+        received.extend((from..upto).map(|i| d.vsock_received(rx, i)));
+    };
+    // Kiln's REQUEST; the guest accepts with room for 100 bytes: one
+    // packet of 100, though three more buffers wait.
+    d.vsock_rx_buffers(&mut rx, 4);
+    step(&mut d, &rx, &mut rng, 1);
+    let request_ports = [16, 20].map(|at| d.s.r32(RX_BUFFERS + at));
+    d.vsock_send(&mut tx, &[credit_packet(OP_RESPONSE, 100, 0, &[])]);
+    step(&mut d, &rx, &mut rng, 2);
+    // It consumed 50: 50 more.
+    d.vsock_send(&mut tx, &[credit_packet(OP_CREDIT_UPDATE, 100, 50, &[])]);
+    step(&mut d, &rx, &mut rng, 3);
+    // fwd_cnt going backwards, then past what was ever sent (the
+    // difference wraps): no credit, though 13 buffers wait.
+    d.vsock_rx_buffers(&mut rx, 12);
+    d.vsock_send(
+        &mut tx,
+        &[
+            credit_packet(OP_CREDIT_UPDATE, 100, 10, &[]),
+            credit_packet(OP_CREDIT_UPDATE, 100, 1000, &[]),
+        ],
+    );
+    step(&mut d, &rx, &mut rng, 3);
+    // buf_alloc u32::MAX and fwd_cnt behind 0 (wrapped): credit near
+    // u32::MAX, one buffer's worth per buffer, the data in order.
+    d.vsock_send(
+        &mut tx,
+        &[credit_packet(
+            OP_CREDIT_UPDATE,
+            u32::MAX,
+            u32::MAX - 15,
+            &[],
+        )],
+    );
+    step(&mut d, &rx, &mut rng, 16);
+    // 64 credit requests with no room (buf_alloc 0) and fwd_cnt all over
+    // u32: one credit update answers them all.
+    let fwd_cnts = [0, u32::MAX, 1 << 31, 150, 7, u32::MAX - 149, 1 << 30, 3];
+    for op in [OP_CREDIT_REQUEST, OP_CREDIT_UPDATE] {
+        for _ in 0..4 {
+            let storm: Vec<Vec<u8>> = (0..QSIZE)
+                .map(|i| credit_packet(op, 0, fwd_cnts[usize::from(i) % 8], &[]))
+                .collect();
+            d.vsock_send(&mut tx, &storm);
+        }
+        if op == OP_CREDIT_REQUEST {
+            d.vsock_rx_buffers(&mut rx, 4);
+        }
+        // 64 credit updates: no answer.
+        step(&mut d, &rx, &mut rng, 17);
+    }
+    // The connection still works both ways: the guest's data reaches the
+    // host, and room for 4096 more bytes brings 3 more packets (3 buffers).
+    d.vsock_send(&mut tx, &[credit_packet(OP_RW, 0, 0, b"hello")]);
+    let sent = 100 + 50 + 13 * RX_ROOM;
+    d.vsock_send(&mut tx, &[credit_packet(OP_CREDIT_UPDATE, 4096, sent, &[])]);
+    step(&mut d, &rx, &mut rng, 20);
+    let status = d.status(VSOCK);
+    d.at_prompt = Some(|host| {
+        let port = format!("OK {KILN_FIRST_PORT}\n");
+        let expect = ([port.as_bytes(), b"hello"].concat(), true);
+        assert_eq!(
+            host_end_state(&host.connected[0]),
+            expect,
+            "the host end: what it read, whether kiln keeps it open"
+        );
+    });
+    let recovery = recover(&mut d);
+    case!("vsock-credit", d, recovery, |seen| {
+        assert_eq!(seen.get(cid), GUEST_CID);
+        assert_eq!(
+            request_ports.map(|r| seen.get(r)),
+            [KILN_FIRST_PORT, CREDIT_GUEST_PORT].map(u64::from),
+            "the request's ports"
+        );
+        let counts: Vec<u64> = counts.iter().map(|&r| seen.get(r)).collect();
+        assert_eq!(
+            counts,
+            [1, 2, 3, 3, 16, 17, 17, 20],
+            "packets received after each step"
+        );
+        let received: Vec<[u64; 3]> = received.iter().map(|r| r.map(|r| seen.get(r))).collect();
+        let data = host_data(32 << 10);
+        let rw = |offset: u32, len: u32| {
+            [
+                u64::from(OP_RW),
+                44 + u64::from(len),
+                u64::from(data[offset as usize]),
+            ]
+        };
+        let mut expect = vec![[u64::from(OP_REQUEST), 44, 0], rw(0, 100), rw(100, 50)];
+        expect.extend((0..13).map(|k| rw(150 + k * RX_ROOM, RX_ROOM)));
+        expect.push([u64::from(OP_CREDIT_UPDATE), 44, 0]);
+        expect.extend((0..3).map(|k| rw(sent + k * RX_ROOM, RX_ROOM)));
+        assert_eq!(
+            received, expect,
+            "packets received: op, length, first payload byte"
+        );
+        assert_eq!(seen.get(status), u64::from(RUNNING));
+    });
+}
+
+#[test]
+fn the_deadline_ends_a_vm_whose_event_thread_is_kept_busy() {
+    // A queue that never empties (vsock's TX, held back: 256 resets wait
+    // for receive buffers that never come) and one whose avail index is
+    // far ahead of its ring (rng's: it yields no chain, and must not make
+    // the device look again forever), notified without end: each notify
+    // wakes the event thread, which finds the queue as before. The VM's
+    // deadline must still end the run (a hang is caught by
+    // common::HANG_LIMIT).
+    if !require(have_kvm(), "/dev/kvm not accessible") {
+        return;
+    }
+    let _one = one_case();
+    let mut d = Driver::default();
+    let (_, tx) = d.vsock_held_back();
+    // Printed first: how many packets vsock took.
+    d.s.r16(tx.used_idx());
+    d.s.prompt_only();
+    d.s.w16(Ring::at(RNG_RING).avail() + 2, 1000);
+    for _ in 0..8 {
+        d.s.w32_times(RNG + REG_QUEUE_NOTIFY, 0, u32::MAX);
+        d.s.w32_times(VSOCK + REG_QUEUE_NOTIFY, 1, u32::MAX);
+    }
+    d.s.end(0);
+    let dir = Scratch::new("hostile-deadline");
+    let (mut config, _, _) = case_config(&dir, &d);
+    // Long enough for the set-up before the storm (a fraction of a second).
+    config.timeout = Some(std::time::Duration::from_secs(10));
+    let (report, out) = common::run_to_end(&config);
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(report.outcome, VmOutcome::Timeout, "console {out:?}");
+    assert_eq!(
+        out, "0000000000000100\n?\n",
+        "256 packets held back, then the storm"
+    );
 }

@@ -3,7 +3,8 @@
 //! backend (a datagram socket standing in for the TAP). Every frame the
 //! device sends out must be one the TAP can take as it is: a whole Ethernet
 //! frame within the size limit behind a header that only asks for the
-//! offloads the driver negotiated.
+//! offloads the driver negotiated, with its lengths and offsets within the
+//! frame.
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -147,6 +148,25 @@ fn check_tx_frame(frame: &[u8], features: u64) {
     assert!(
         allowed,
         "GSO type {gso} sent to the TAP (features {features:#x})"
+    );
+    // What the TAP refuses besides: lengths and offsets past the frame, a
+    // segment size of 0.
+    let field = |at: usize| u32::from(u16::from_le_bytes([frame[at], frame[at + 1]]));
+    let frame_len = (frame.len() - VNET_HDR_LEN) as u32;
+    assert!(
+        field(2) <= frame_len,
+        "hdr_len {} sent with a {frame_len} byte frame",
+        field(2)
+    );
+    assert!(
+        flags == 0 || field(6) + field(8) + 2 <= frame_len,
+        "checksum at {} + {} sent with a {frame_len} byte frame",
+        field(6),
+        field(8)
+    );
+    assert!(
+        u32::from(gso) == vn::VIRTIO_NET_HDR_GSO_NONE || field(4) != 0,
+        "GSO with gso_size 0 sent to the TAP"
     );
 }
 

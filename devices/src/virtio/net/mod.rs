@@ -10,7 +10,9 @@
 //!
 //! Every frame carries a 12-byte `virtio_net_hdr_v1` in both directions, the
 //! same layout the TAP uses (IFF_VNET_HDR, TUNSETVNETHDRSZ 12), so headers
-//! pass through after a check against the negotiated offloads.
+//! pass through after a check against the negotiated offloads and the frame
+//! (no length or offset past it, no GSO segment size of 0: what the TAP
+//! would refuse is refused as the guest's mistake, not sent).
 //!
 //! A rate limit ([`Net::with_rate_limit`]) applies to each direction on
 //! its own, with the same rates: a frame is charged its bytes (without the
@@ -184,7 +186,8 @@ device_counters! {
         /// Longest TX frame (without the virtio header).
         tx_max_frame,
         /// TX chains the guest got wrong, or headers with offloads it did
-        /// not negotiate (completed with length 0, not sent).
+        /// not negotiate or lengths and offsets past their frame
+        /// (completed with length 0, not sent).
         tx_malformed,
         /// Times the transmit rate limit held the TX queue.
         tx_rate_limited,

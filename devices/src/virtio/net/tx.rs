@@ -68,7 +68,8 @@ fn transmit(
         counters.tx_malformed.inc();
         return;
     }
-    let Some(gso) = check_tx_header(&mut frame[..VNET_HDR_LEN], features) else {
+    let frame_len = (len - VNET_HDR_LEN) as u32;
+    let Some(gso) = check_tx_header(&mut frame[..VNET_HDR_LEN], features, frame_len) else {
         counters.tx_malformed.inc();
         return;
     };
@@ -104,9 +105,10 @@ fn transmit(
     }
 }
 
-/// Checks a TX header from the guest against what it negotiated; returns
-/// whether it is a GSO frame, or None for a malformed one.
-fn check_tx_header(hdr: &mut [u8], features: u64) -> Option<bool> {
+/// Checks a TX header from the guest against what it negotiated and the
+/// frame behind it (`frame_len` bytes); returns whether it is a GSO frame,
+/// or None for a malformed one.
+fn check_tx_header(hdr: &mut [u8], features: u64, frame_len: u32) -> Option<bool> {
     let flags = hdr[0];
     if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 {
         return None;
@@ -126,6 +128,18 @@ fn check_tx_header(hdr: &mut [u8], features: u64) -> Option<bool> {
     };
     // Segmentation needs the checksum offload the spec ties it to.
     if gso && hdr[0] & HDR_F_NEEDS_CSUM == 0 {
+        return None;
+    }
+    // Lengths and offsets past the frame, and a segment size of 0, which
+    // the TAP refuses too: refused here, they are the guest's mistake
+    // (counted as such), not the backend's.
+    let field = |at: usize| u32::from(u16::from_le_bytes([hdr[at], hdr[at + 1]]));
+    let (hdr_len, gso_size, csum_start, csum_offset) = (field(2), field(4), field(6), field(8));
+    let csum_end = csum_start + csum_offset + 2;
+    if hdr_len > frame_len
+        || (hdr[0] & HDR_F_NEEDS_CSUM != 0 && csum_end > frame_len)
+        || (gso && gso_size == 0)
+    {
         return None;
     }
     Some(gso)
