@@ -75,7 +75,7 @@ pub(super) fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), 
     };
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        plan.check_access(config, ids)?;
+        plan.check_access(ids)?;
     }
     config.run_as = plan.enter(jail)?;
     plan.apply(config);

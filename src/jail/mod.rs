@@ -114,6 +114,8 @@ pub struct JailPlan {
     cwd: PathBuf,
     /// Whether the jail gets its own network namespace (no TAP).
     new_network: bool,
+    /// The vsock socket's directory on the host.
+    vsock_dir: Option<PathBuf>,
     /// The vsock socket's path inside the jail.
     vsock_socket: Option<PathBuf>,
     /// An image root's scratch directory inside the jail.
@@ -154,12 +156,13 @@ impl JailPlan {
         // into the jail, where they resolve against the jail's root, and
         // would shadow the files shown under it. The run is told the new
         // places (`apply`).
-        let mut vsock_socket = None;
+        let (mut vsock_dir, mut vsock_socket) = (None, None);
         if let Some(vsock) = &config.vsock {
             // kiln creates its socket there and connects to the _PORT ones.
             let socket = absolute(&vsock.socket);
             let dir = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
-            binds.push(Bind::shown_at(VSOCK_DIR, dir));
+            binds.push(Bind::shown_at(VSOCK_DIR, dir.clone()));
+            vsock_dir = Some(dir);
             vsock_socket = socket
                 .file_name()
                 .map(|name| Path::new(VSOCK_DIR).join(name));
@@ -208,6 +211,7 @@ impl JailPlan {
             scratch_dirs,
             cwd,
             new_network: config.nets.is_empty(),
+            vsock_dir,
             vsock_socket,
             scratch_dir,
         })
@@ -227,12 +231,10 @@ impl JailPlan {
 
     /// Checks what only the jail's ids can tell: kiln, once it is `ids`,
     /// must still create and remove its vsock socket in its directory.
-    pub fn check_access(&self, config: &VmConfig, ids: Credentials) -> Result<(), JailError> {
-        let Some(vsock) = &config.vsock else {
+    pub fn check_access(&self, ids: Credentials) -> Result<(), JailError> {
+        let Some(dir) = &self.vsock_dir else {
             return Ok(());
         };
-        let socket = lexically_normal(&self.cwd.join(&vsock.socket));
-        let dir = socket.parent().unwrap_or(Path::new("/"));
         let meta = std::fs::metadata(dir).map_err(JailError::step(format!(
             "--vsock: reading {}",
             dir.display()

@@ -162,17 +162,12 @@ impl VmProcess {
 
     /// Stops the VM (closes its lifeline); [`wait`](Self::wait) collects it.
     pub(crate) fn stop(&self) {
-        self.lifeline
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        cut(&self.lifeline);
     }
 
     pub(crate) fn stopper(&self) -> VmStopper {
         let lifeline = self.lifeline.clone();
-        VmStopper::from_fn(move || {
-            lifeline.lock().unwrap_or_else(|e| e.into_inner()).take();
-        })
+        VmStopper::from_fn(move || cut(&lifeline))
     }
 
     /// Hangs up (POLLHUP) once the child has exited, or is readable once it
@@ -286,4 +281,9 @@ fn pipe() -> crate::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: pipe2 succeeded: both descriptors are open and owned here.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Closes a VM process's lifeline (its stdin): the process stops its VM.
+fn cut(lifeline: &Mutex<Option<ChildStdin>>) {
+    lifeline.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
