@@ -68,6 +68,43 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
     Ok(GuestMemoryMmap::from_ranges(&ranges)?)
 }
 
+/// Maps guest memory of `mem_bytes` from `file` (the regions one after
+/// another, as [`write_guest_memory`] writes them) privately: pages are
+/// read lazily and a guest write copies its page, so `file` (opened
+/// read-only) is never written.
+pub fn map_guest_memory_file(
+    mem_bytes: u64,
+    file: &std::fs::File,
+) -> std::io::Result<GuestMemoryMmap> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for (start, len) in ram_ranges(mem_bytes) {
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(file.try_clone()?, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(std::io::Error::other)?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| std::io::Error::other("guest memory overflows"))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(std::io::Error::other)
+}
+
+/// Writes every region of `mem` to `file`, one after another.
+pub fn write_guest_memory(mem: &GuestMemoryMmap, file: &mut std::fs::File) -> std::io::Result<()> {
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        mem.write_all_volatile_to(region.start_addr(), file, region.len() as usize)
+            .map_err(std::io::Error::other)?;
+    }
+    Ok(())
+}
+
 // The MP table sits in the reserved EBDA area below the legacy hole.
 const _: () = assert!(MPTABLE_START < EBDA_END);
 

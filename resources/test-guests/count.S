@@ -1,0 +1,176 @@
+/*
+ * count: a guest to pause, snapshot and restore while it makes exits
+ * (tests/snapshot.rs).
+ *
+ * With interrupts off, installs an IDT at 0x1000 (every vector ->
+ * `unexpected`, which reports 99; vector 0x20 -> `irq0`), initialises both
+ * 8259s (vectors 0x20/0x28, only IRQ0 unmasked) and arms the PIT (channel
+ * 0, mode 0, 100 ticks). It polls the master PIC's IRR until IRQ0 is
+ * pending (97 if it never is), then turns the PIT off (mode 5: KVM arms no
+ * timer for it, so a restored PIT cannot fire again). The interrupt stays
+ * pending: it can only arrive once the guest enables interrupts.
+ * Prints "pending\n", then the lines "0\n", "1\n", ... (one `outb` per
+ * byte) and reads the UART's line status after each line. Once a byte has
+ * arrived on the UART (it is never read), prints "end\n", runs 10000 loop
+ * iterations with interrupts on and reports 10 + the number of IRQ0
+ * interrupts taken: 11 when the pending interrupt arrived exactly once.
+ */
+	.equ	IDT, 0x1000
+	.equ	TICKS, 0x3000		/* IRQ0 interrupts taken */
+	.equ	COM1, 0x3f8
+
+	.code64
+	.text
+	.globl	_start
+_start:
+	cli
+	mov	$0xd0000000, %r15d	/* control page, for every exit report */
+	movl	$0, TICKS
+
+	lea	unexpected(%rip), %rax
+	call	make_gate
+	mov	$IDT, %edi
+	mov	$256, %ecx
+1:	mov	%rax, (%rdi)
+	movq	$0, 8(%rdi)
+	add	$16, %rdi
+	loop	1b
+	lea	irq0(%rip), %rax
+	call	make_gate
+	mov	%rax, IDT + 0x20 * 16
+	lidt	idtr(%rip)
+
+	/* 8259 master (0x20/0x21) and slave (0xa0/0xa1). */
+	mov	$0x11, %al		/* ICW1: edge, cascade, ICW4 follows */
+	outb	%al, $0x20
+	outb	%al, $0xa0
+	mov	$0x20, %al		/* ICW2: vector bases */
+	outb	%al, $0x21
+	mov	$0x28, %al
+	outb	%al, $0xa1
+	mov	$0x04, %al		/* ICW3: slave on IRQ2 */
+	outb	%al, $0x21
+	mov	$0x02, %al
+	outb	%al, $0xa1
+	mov	$0x01, %al		/* ICW4: 8086 mode */
+	outb	%al, $0x21
+	outb	%al, $0xa1
+	mov	$0xfe, %al		/* OCW1: only IRQ0 unmasked */
+	outb	%al, $0x21
+	mov	$0xff, %al
+	outb	%al, $0xa1
+
+	/* PIT channel 0: lobyte/hibyte, mode 0 (one interrupt), 100 ticks. */
+	mov	$0x30, %al
+	outb	%al, $0x43
+	mov	$100, %al
+	outb	%al, $0x40
+	xor	%al, %al
+	outb	%al, $0x40
+
+	/* Wait for IRQ0 in the master's IRR (OCW3 0x0a selects it). */
+	mov	$1000000, %ecx
+1:	mov	$0x0a, %al
+	outb	%al, $0x20
+	inb	$0x20, %al
+	test	$1, %al
+	jnz	2f
+	loop	1b
+	movl	$97, 8(%r15)
+	jmp	halt
+
+	/* PIT off: channel 0 in mode 5, reloaded. */
+2:	mov	$0x3a, %al
+	outb	%al, $0x43
+	mov	$0xff, %al
+	outb	%al, $0x40
+	outb	%al, $0x40
+
+	lea	pending(%rip), %rsi
+	mov	$pending_len, %ecx
+	call	print
+
+	xor	%ebx, %ebx		/* the line number */
+line:	mov	%ebx, %eax
+	call	print_decimal
+	mov	$'\n', %al
+	mov	$COM1, %dx
+	outb	%al, %dx
+	inc	%ebx
+	mov	$COM1 + 5, %dx		/* line status: bit 0 = a byte arrived */
+	inb	%dx, %al
+	test	$1, %al
+	jz	line
+
+	lea	end(%rip), %rsi
+	mov	$end_len, %ecx
+	call	print
+	sti
+	mov	$10000, %ecx
+1:	loop	1b
+	cli
+	mov	TICKS, %eax
+	add	$10, %eax
+	mov	%eax, 8(%r15)		/* exit report */
+halt:	hlt
+	jmp	halt
+
+irq0:
+	incl	TICKS
+	push	%rax
+	mov	$0x20, %al		/* non-specific EOI */
+	outb	%al, $0x20
+	pop	%rax
+	iretq
+
+unexpected:
+	movl	$99, 8(%r15)
+	jmp	halt
+
+/* Prints ecx bytes from rsi. */
+print:
+	mov	$COM1, %dx
+1:	lodsb
+	outb	%al, %dx
+	loop	1b
+	ret
+
+/* Prints eax in decimal. Clobbers eax, ecx, edx, esi. */
+print_decimal:
+	mov	$10, %ecx
+	xor	%esi, %esi
+1:	xor	%edx, %edx
+	div	%ecx
+	add	$'0', %dl
+	push	%rdx
+	inc	%esi
+	test	%eax, %eax
+	jnz	1b
+	mov	$COM1, %dx
+2:	pop	%rax
+	outb	%al, %dx
+	dec	%esi
+	jnz	2b
+	ret
+
+/* rax = handler address (below 4 GiB) -> rax = low half of a 64-bit
+ * interrupt gate: selector 0x10, present, DPL 0, type 0xe. */
+make_gate:
+	mov	%rax, %rdx
+	and	$0xffff, %eax
+	or	$0x10 << 16, %eax
+	shr	$16, %rdx
+	shl	$48, %rdx
+	or	%rdx, %rax
+	movabs	$0x00008e0000000000, %rdx
+	or	%rdx, %rax
+	ret
+
+	.balign	8
+idtr:	.word	256 * 16 - 1
+	.quad	IDT
+
+pending: .ascii	"pending\n"
+	.equ	pending_len, . - pending
+end:	.ascii	"end\n"
+	.equ	end_len, . - end
