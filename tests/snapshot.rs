@@ -81,8 +81,13 @@ struct Saved {
 /// Starts `count`, waits until it has printed line 20 and saves it into
 /// `dir`.
 fn save_counting_guest(dir: &Path) -> Saved {
+    save_guest(count_config(), dir)
+}
+
+/// As `save_counting_guest`, for `count` with this configuration.
+fn save_guest(config: VmConfig, dir: &Path) -> Saved {
     let (io, capture, input) = console();
-    let vm = kiln::spawn(count_config(), io, Instant::now()).expect("kiln::spawn");
+    let vm = kiln::spawn(config, io, Instant::now()).expect("kiln::spawn");
     assert!(
         capture.wait_for(b"\n20\n", HANG_LIMIT),
         "count never printed 20: {:?}",
@@ -137,6 +142,17 @@ fn a_guest_paused_mid_run_continues_exactly_after_resume_and_after_restore() {
     } = save_counting_guest(&dir);
     eprintln!("save: {save:?}; {}", file_sizes(&dir));
     let saved = tree_listing(&dir);
+    // A second save into the same directory is refused and changes nothing.
+    let again = snapshot::save(&vm, &dir).unwrap_err();
+    assert!(
+        matches!(&again, SnapshotError::Io { source, .. } if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{again:?}"
+    );
+    assert_eq!(
+        tree_listing(&dir),
+        saved,
+        "a refused save changed the snapshot"
+    );
 
     // The paused original goes on from where it was.
     input.write_all(b"x").unwrap();
@@ -165,6 +181,25 @@ fn a_guest_paused_mid_run_continues_exactly_after_resume_and_after_restore() {
     let (outcome, again, _) = restore_to_end(&dir);
     let mut whole = before;
     whole.extend_from_slice(&again);
+    assert_complete_count(&whole);
+    assert_eq!(outcome, INTERRUPT_ONCE);
+}
+
+/// Two vCPUs: vCPU 1 never gets a startup IPI and waits inside KVM_RUN; it
+/// is paused, saved and restored in that state next to the counting vCPU 0.
+#[test]
+fn a_two_vcpu_guest_restores_with_both_vcpus() {
+    require_kvm!();
+    let scratch = Scratch::new("snapshot-smp");
+    let dir = scratch.path("snap");
+    let mut config = count_config();
+    config.vcpus = 2;
+    let saved = save_guest(config, &dir);
+    saved.vm.stop();
+    assert_eq!(saved.vm.wait().unwrap().outcome, VmOutcome::Stopped);
+    let (outcome, after, _) = restore_to_end(&dir);
+    let mut whole = saved.before;
+    whole.extend_from_slice(&after);
     assert_complete_count(&whole);
     assert_eq!(outcome, INTERRUPT_ONCE);
 }

@@ -73,9 +73,12 @@ pub(crate) fn write_state(
         .create_new(true)
         .open(path)
         .map_err(SnapshotError::io("create", path))?;
-    for part in [MAGIC, &header, b"\n", &state] {
-        file.write_all(part)
-            .map_err(SnapshotError::io("write", path))?;
+    let written = [MAGIC, &header, b"\n", &state]
+        .iter()
+        .try_for_each(|part| file.write_all(part));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(path); // created above: no one else's
+        return Err(SnapshotError::io("write", path)(e));
     }
     Ok((MAGIC.len() + header.len() + 1 + state.len()) as u64)
 }

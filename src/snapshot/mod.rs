@@ -86,14 +86,6 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     };
 
     std::fs::create_dir_all(dir).map_err(SnapshotError::io("create directory", dir))?;
-    let memory_path = dir.join(MEMORY_FILE);
-    let mut memory = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&memory_path)
-        .map_err(SnapshotError::io("create", &memory_path))?;
-    crate::memory::write_guest_memory(&running.mem, &mut memory)
-        .map_err(SnapshotError::io("write", &memory_path))?;
     let header = Header {
         format_version: FORMAT_VERSION,
         kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -104,13 +96,37 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
         state_bytes: 0,
         state_crc32: 0,
     };
-    let state_bytes = format::write_state(&dir.join(STATE_FILE), header, &saved)?;
+    let state_bytes = write_files(dir, &running.mem, header, &saved)?;
     Ok(SaveReport {
         pause,
         total: started.elapsed(),
         state_bytes,
         memory_bytes: saved.config.mem_bytes,
     })
+}
+
+/// Writes the memory file, then the state file; what this call created is
+/// removed again if either fails (an existing file is refused, never
+/// touched). Returns the state file's size.
+fn write_files(
+    dir: &Path,
+    mem: &vm_memory::GuestMemoryMmap,
+    header: Header,
+    saved: &SavedVm,
+) -> Result<u64, SnapshotError> {
+    let memory_path = dir.join(MEMORY_FILE);
+    let mut memory = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&memory_path)
+        .map_err(SnapshotError::io("create", &memory_path))?;
+    let written = crate::memory::write_guest_memory(mem, &mut memory)
+        .map_err(SnapshotError::io("write", &memory_path))
+        .and_then(|()| format::write_state(&dir.join(STATE_FILE), header, saved));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&memory_path);
+    }
+    written
 }
 
 /// Lets a VM paused by [`save`] run on.
