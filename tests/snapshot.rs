@@ -378,3 +378,30 @@ fn each_damage_to_a_snapshot_is_one_typed_error_and_the_directory_stays() {
         assert_eq!(tree_listing(&dir), listing, "{what}: the directory changed");
     }
 }
+
+/// A VM with a virtio device (whose state is not saved yet) is refused
+/// before it is paused: it runs on, and nothing is written.
+#[test]
+fn a_vm_with_virtio_devices_is_refused_and_runs_on() {
+    require_kvm!();
+    let scratch = Scratch::new("snapshot-virtio");
+    let dir = scratch.path("snap");
+    let mut config = count_config();
+    config.rng = true;
+    let (io, capture, mut input) = console();
+    let vm = kiln::spawn(config, io, Instant::now()).expect("kiln::spawn");
+    assert!(
+        capture.wait_for(b"\n20\n", HANG_LIMIT),
+        "count never printed 20"
+    );
+    let refused = snapshot::save(&vm, &dir).unwrap_err();
+    assert!(
+        matches!(&refused, SnapshotError::Unsupported(m) if m.contains("virtio")),
+        "{refused:?}"
+    );
+    assert!(!dir.exists(), "a refused save wrote {}", dir.display());
+    input.write_all(b"x").unwrap();
+    assert!(common::wait_finished(&vm), "the VM did not run on");
+    assert_eq!(vm.wait().unwrap().outcome, INTERRUPT_ONCE);
+    assert_complete_count(&capture.bytes());
+}

@@ -59,8 +59,12 @@ pub enum SnapshotError {
         source: kvm_ioctls::Error,
     },
     /// KVM did not take every saved value (e.g. an MSR).
-    #[error("snapshot: KVM {what}")]
-    Rejected { what: String },
+    #[error("snapshot: KVM {0}")]
+    Rejected(String),
+    /// What this kiln cannot snapshot yet (virtio devices, AMX state, a
+    /// KVM without KVM_CAP_IMMEDIATE_EXIT).
+    #[error("cannot snapshot: {0}")]
+    Unsupported(String),
     /// Reading or writing a snapshot file failed.
     #[error("cannot {what} {path}: {source}")]
     Io {

@@ -60,9 +60,20 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     let started = Instant::now();
     let running = vm.running().ok_or(SnapshotError::NotRunning)?;
     if crate::vmm::has_virtio_devices(&running.config) {
-        return Err(SnapshotError::Rejected {
-            what: "VM has virtio devices, whose state is not saved yet".into(),
-        });
+        return Err(SnapshotError::Unsupported(
+            "the VM has virtio devices, whose state is not saved yet".into(),
+        ));
+    }
+    // Without it KVM ignores `immediate_exit`: a vCPU could not complete
+    // its exit without running the guest on (see `vcpu::complete_exit`).
+    if !running
+        .vm
+        .kvm()
+        .check_extension(kvm_ioctls::Cap::ImmediateExit)
+    {
+        return Err(SnapshotError::Unsupported(
+            "KVM lacks KVM_CAP_IMMEDIATE_EXIT: a vCPU cannot be paused at a safe point".into(),
+        ));
     }
     vcpu_state::check_xsave_size(running.vm.fd())?;
     let msr_indices = Arc::new(vcpu_state::msrs_to_save(running.vm.kvm())?);

@@ -107,8 +107,8 @@ impl VcpuState {
     /// saved frequency, in the order it was read (CPUID first: KVM checks
     /// the rest against it).
     pub(crate) fn restore(&self, vcpu: &VcpuFd) -> Result<(), SnapshotError> {
-        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| SnapshotError::Rejected {
-            what: format!("KVM_SET_CPUID2: {} entries: {e:?}", self.cpuid.len()),
+        let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| {
+            SnapshotError::Unsupported(format!("{} CPUID entries: {e:?}", self.cpuid.len()))
         })?;
         vcpu.set_cpuid2(&cpuid)
             .map_err(SnapshotError::kvm("KVM_SET_CPUID2"))?;
@@ -133,9 +133,10 @@ impl VcpuState {
                 .set_msrs(&msrs)
                 .map_err(SnapshotError::kvm("KVM_SET_MSRS"))?;
             if written != chunk.len() {
-                return Err(SnapshotError::Rejected {
-                    what: format!("KVM_SET_MSRS refused MSR {:#x}", chunk[written].index),
-                });
+                return Err(SnapshotError::Rejected(format!(
+                    "KVM_SET_MSRS refused MSR {:#x}",
+                    chunk[written].index
+                )));
             }
         }
         vcpu.set_vcpu_events(&self.vcpu_events)
@@ -177,16 +178,16 @@ pub(crate) fn tsc_khz(vcpu: &VcpuFd) -> Result<u32, SnapshotError> {
 pub(crate) fn check_xsave_size(kvm_vm: &kvm_ioctls::VmFd) -> Result<(), SnapshotError> {
     let size = kvm_vm.check_extension_int(Cap::Xsave2);
     if size > std::mem::size_of::<kvm_xsave>() as i32 {
-        return Err(SnapshotError::Rejected {
-            what: format!("XSAVE area of {size} bytes (larger than 4 KiB) is not supported yet"),
-        });
+        return Err(SnapshotError::Unsupported(format!(
+            "an XSAVE area of {size} bytes (larger than 4 KiB: AMX)"
+        )));
     }
     Ok(())
 }
 
 fn msr_list(entries: &[kvm_msr_entry]) -> Result<Msrs, SnapshotError> {
-    Msrs::from_entries(entries).map_err(|e| SnapshotError::Rejected {
-        what: format!("MSR list of {} entries: {e:?}", entries.len()),
+    Msrs::from_entries(entries).map_err(|e| {
+        SnapshotError::Unsupported(format!("an MSR list of {} entries: {e:?}", entries.len()))
     })
 }
 
