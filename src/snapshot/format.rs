@@ -24,6 +24,9 @@ pub(crate) const MEMORY_FILE: &str = "memory";
 const MAGIC: &[u8] = b"kiln-snapshot\n";
 /// Changed whenever a kiln could misread an older state file.
 pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Far above any real state file (tens of kilobytes per vCPU): a larger
+/// file is refused before it is read into memory.
+const MAX_STATE_FILE: u64 = 64 << 20;
 
 /// What a restore checks before it reads the state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,11 +89,25 @@ pub(crate) fn write_state(
 /// Reads and checks a state file: magic, complete, format version,
 /// checksum, then decodes it.
 pub(crate) fn read_state(path: &Path) -> Result<(Header, SavedVm), SnapshotError> {
-    let bytes = std::fs::read(path).map_err(SnapshotError::io("read", path))?;
     let corrupt = |reason: String| SnapshotError::Corrupt {
         path: path.to_owned(),
         reason,
     };
+    let file = crate::boot::open_regular_file(path).map_err(SnapshotError::io("open", path))?;
+    let size = file
+        .metadata()
+        .map_err(SnapshotError::io("read the size of", path))?
+        .len();
+    let mut bytes = Vec::new();
+    if size <= MAX_STATE_FILE {
+        // Bounded even if the file grows meanwhile.
+        let mut bounded = std::io::Read::take(file, MAX_STATE_FILE + 1);
+        std::io::Read::read_to_end(&mut bounded, &mut bytes)
+            .map_err(SnapshotError::io("read", path))?;
+    }
+    if size > MAX_STATE_FILE || bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(corrupt(format!("larger than {} MiB", MAX_STATE_FILE >> 20)));
+    }
     let Some(rest) = bytes.strip_prefix(MAGIC) else {
         return Err(match MAGIC.starts_with(&bytes) {
             true => SnapshotError::Truncated(path.to_owned()),
@@ -241,8 +258,22 @@ mod tests {
         *flipped.last_mut().unwrap() ^= 0x20;
         let e = read_back(&flipped);
         assert!(matches!(e, SnapshotError::Checksum(_)), "{e:?}");
+        // Refused without reading it: a file too large, a FIFO (whose open
+        // would wait for a writer).
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_len(MAX_STATE_FILE + 1).unwrap();
+        let e = read_state(&path).err().expect("a file too large");
+        assert!(
+            matches!(&e, SnapshotError::Corrupt { reason, .. } if reason.contains("larger")),
+            "{e:?}"
+        );
         std::fs::remove_file(&path).unwrap();
         let e = read_state(&path).err().expect("no file");
         assert!(matches!(e, SnapshotError::Missing(_)), "{e:?}");
+        let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let e = read_state(&path).err().expect("a FIFO");
+        assert!(matches!(e, SnapshotError::Io { .. }), "{e:?}");
     }
 }

@@ -189,7 +189,8 @@ impl Snapshot {
             );
         }
         let memory_path: PathBuf = dir.join(MEMORY_FILE);
-        let memory = File::open(&memory_path).map_err(SnapshotError::io("open", &memory_path))?;
+        let memory = crate::boot::open_regular_file(&memory_path)
+            .map_err(SnapshotError::io("open", &memory_path))?;
         let found = memory
             .metadata()
             .map_err(SnapshotError::io("read the size of", &memory_path))?

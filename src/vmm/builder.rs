@@ -109,6 +109,7 @@ pub(crate) fn build_restored(
     life: &Arc<Lifecycle>,
 ) -> Result<BuiltVm> {
     let config = &snapshot.saved.config;
+    validate(config)?;
     install_kick_handler()?;
     let mem = memory::map_guest_memory_file(config.mem_bytes, &snapshot.memory)
         .map_err(Error::io("mapping the snapshot's memory file"))?;
