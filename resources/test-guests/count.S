@@ -15,7 +15,8 @@
  * iterations with interrupts on and reports 10 + the number of IRQ0
  * interrupts taken: 11 when the pending interrupt arrived exactly once.
  */
-	.equ	IDT, 0x1000
+#include "idt_pic.inc"
+
 	.equ	TICKS, 0x3000		/* IRQ0 interrupts taken */
 	.equ	COM1, 0x3f8
 
@@ -27,38 +28,9 @@ _start:
 	mov	$0xd0000000, %r15d	/* control page, for every exit report */
 	movl	$0, TICKS
 
-	lea	unexpected(%rip), %rax
-	call	make_gate
-	mov	$IDT, %edi
-	mov	$256, %ecx
-1:	mov	%rax, (%rdi)
-	movq	$0, 8(%rdi)
-	add	$16, %rdi
-	loop	1b
-	lea	irq0(%rip), %rax
-	call	make_gate
-	mov	%rax, IDT + 0x20 * 16
-	lidt	idtr(%rip)
+	install_idt unexpected, 0x20, irq0
 
-	/* 8259 master (0x20/0x21) and slave (0xa0/0xa1). */
-	mov	$0x11, %al		/* ICW1: edge, cascade, ICW4 follows */
-	outb	%al, $0x20
-	outb	%al, $0xa0
-	mov	$0x20, %al		/* ICW2: vector bases */
-	outb	%al, $0x21
-	mov	$0x28, %al
-	outb	%al, $0xa1
-	mov	$0x04, %al		/* ICW3: slave on IRQ2 */
-	outb	%al, $0x21
-	mov	$0x02, %al
-	outb	%al, $0xa1
-	mov	$0x01, %al		/* ICW4: 8086 mode */
-	outb	%al, $0x21
-	outb	%al, $0xa1
-	mov	$0xfe, %al		/* OCW1: only IRQ0 unmasked */
-	outb	%al, $0x21
-	mov	$0xff, %al
-	outb	%al, $0xa1
+	init_pics 0xfe		/* only IRQ0 unmasked */
 
 	/* PIT channel 0: lobyte/hibyte, mode 0 (one interrupt), 100 ticks. */
 	mov	$0x30, %al
@@ -153,22 +125,7 @@ print_decimal:
 	jnz	2b
 	ret
 
-/* rax = handler address (below 4 GiB) -> rax = low half of a 64-bit
- * interrupt gate: selector 0x10, present, DPL 0, type 0xe. */
-make_gate:
-	mov	%rax, %rdx
-	and	$0xffff, %eax
-	or	$0x10 << 16, %eax
-	shr	$16, %rdx
-	shl	$48, %rdx
-	or	%rdx, %rax
-	movabs	$0x00008e0000000000, %rdx
-	or	%rdx, %rax
-	ret
-
-	.balign	8
-idtr:	.word	256 * 16 - 1
-	.quad	IDT
+	idt_helpers
 
 pending: .ascii	"pending\n"
 	.equ	pending_len, . - pending
