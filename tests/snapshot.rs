@@ -117,12 +117,16 @@ fn restore_to_end(dir: &Path) -> (VmOutcome, Vec<u8>, Option<std::time::Duration
     (report.outcome, capture.bytes(), report.startup)
 }
 
+/// The files' sizes, and the disk space they take (the memory file is sparse).
 fn file_sizes(dir: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
     ["vmstate", "memory"]
         .map(|name| {
+            let meta = fs::metadata(dir.join(name)).unwrap();
             format!(
-                "{name} {} bytes",
-                fs::metadata(dir.join(name)).unwrap().len()
+                "{name} {} bytes ({} on disk)",
+                meta.len(),
+                meta.blocks() * 512
             )
         })
         .join(", ")
