@@ -5,15 +5,18 @@
 //!
 //! Done: vCPU state in Firecracker's order (`vcpu_state.rs`), the PIT,
 //! KVM clock and interrupt controllers (`vm_state.rs`), guest memory
-//! written to a file and mapped MAP_PRIVATE at restore (the file is never
-//! written), a versioned state file with a header and a checksum
-//! (`format.rs`), typed errors (`error.rs`), the TSC frequency check.
+//! written to a sparse file and mapped MAP_PRIVATE at restore (the file is
+//! opened read-only and never written), a versioned state file with a
+//! header and a checksum (`format.rs`), typed errors (`error.rs`), the TSC
+//! frequency check (refused where KVM cannot scale the TSC, as on PVM).
+//! The pause itself is `crate::pause`.
 //!
 //! Not done yet: device state (the UART, the i8042 and the control page
 //! restart fresh; virtio devices are not saved, so a VM with any is
-//! refused), `--cpus N` is restored but untested, XSAVE areas larger than
-//! 4 KiB (AMX), the CLI and the sandbox API. Internal for now: the
-//! functions here are public only for kiln's tests.
+//! refused), XSAVE areas larger than 4 KiB (AMX), the CLI and the sandbox
+//! API. A restored VM runs with the saved configuration (its seccomp mode,
+//! timeout and jail ids): the front ends will pass their own. Internal for
+//! now: the functions here are public only for kiln's tests.
 
 mod error;
 mod format;
