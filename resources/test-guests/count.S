@@ -9,8 +9,9 @@
  * pending (97 if it never is), then turns the PIT off (mode 5: KVM arms no
  * timer for it, so a restored PIT cannot fire again). The interrupt stays
  * pending: it can only arrive once the guest enables interrupts.
- * Prints "pending\n", then the lines "0\n", "1\n", ... (one `outb` per
- * byte) and reads the UART's line status after each line. Once a byte has
+ * Prints "pending\n", then the lines "0\n", "1\n", ... (per byte: one
+ * `inb` of the UART's line status, then one `outb`) and reads the line
+ * status once more after each line. Once a byte has
  * arrived on the UART (it is never read), prints "end\n", runs 10000 loop
  * iterations with interrupts on and reports 10 + the number of IRQ0
  * interrupts taken: 11 when the pending interrupt arrived exactly once.
@@ -66,8 +67,7 @@ _start:
 line:	mov	%ebx, %eax
 	call	print_decimal
 	mov	$'\n', %al
-	mov	$COM1, %dx
-	outb	%al, %dx
+	call	putc
 	inc	%ebx
 	mov	$COM1 + 5, %dx		/* line status: bit 0 = a byte arrived */
 	inb	%dx, %al
@@ -99,11 +99,24 @@ unexpected:
 	movl	$99, 8(%r15)
 	jmp	halt
 
+/* Prints al once the UART can take it (line status bit 5, which it
+ * always sets: one port read and one port write per byte, as a driver
+ * makes). Clobbers ah, dx. */
+putc:
+	mov	%al, %ah
+	mov	$COM1 + 5, %dx
+1:	inb	%dx, %al
+	test	$0x20, %al
+	jz	1b
+	mov	%ah, %al
+	mov	$COM1, %dx
+	outb	%al, %dx
+	ret
+
 /* Prints ecx bytes from rsi. */
 print:
-	mov	$COM1, %dx
 1:	lodsb
-	outb	%al, %dx
+	call	putc
 	loop	1b
 	ret
 
@@ -118,9 +131,8 @@ print_decimal:
 	inc	%esi
 	test	%eax, %eax
 	jnz	1b
-	mov	$COM1, %dx
 2:	pop	%rax
-	outb	%al, %dx
+	call	putc
 	dec	%esi
 	jnz	2b
 	ret
