@@ -135,6 +135,10 @@ pub enum Error {
     /// [`VmConfig::seccomp`](crate::VmConfig::seccomp)); the guest never ran.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// A snapshot could not be saved or restored (not a public feature yet).
+    #[doc(hidden)]
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// The thread [`spawn`](crate::spawn) started panicked (a kiln bug);
     /// its vCPUs were stopped and joined first. Returned by
     /// [`VmHandle::wait`](crate::VmHandle::wait).

@@ -188,6 +188,8 @@ pub mod error;
 pub mod jail;
 pub mod outcome;
 pub mod sandbox;
+#[doc(hidden)]
+pub mod snapshot;
 
 // The `kiln` binary (src/main.rs, a crate of its own) is the only user.
 #[doc(hidden)]
@@ -223,6 +225,7 @@ mod initramfs;
 mod layout;
 mod lifecycle;
 mod memory;
+mod pause;
 mod rootfs;
 mod seccomp;
 #[cfg(test)]

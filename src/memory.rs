@@ -68,6 +68,66 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
     Ok(GuestMemoryMmap::from_ranges(&ranges)?)
 }
 
+/// Maps guest memory of `mem_bytes` from `file` (the regions one after
+/// another, as [`write_guest_memory`] writes them) privately: pages are
+/// read lazily and a guest write copies its page, so `file` (opened
+/// read-only) is never written.
+pub fn map_guest_memory_file(
+    mem_bytes: u64,
+    file: &std::fs::File,
+) -> std::io::Result<GuestMemoryMmap> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for (start, len) in ram_ranges(mem_bytes) {
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(file.try_clone()?, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(std::io::Error::other)?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| std::io::Error::other("guest memory overflows"))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(std::io::Error::other)
+}
+
+/// Writes every region of `mem` to `file` (new and empty), one after
+/// another. Chunks of zeros are skipped: they stay holes, which read back as
+/// zeros, so the file takes only the disk space of the memory in use.
+pub fn write_guest_memory(mem: &GuestMemoryMmap, file: &mut std::fs::File) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    const CHUNK: usize = 64 << 10;
+    // Compared whole (memcmp): a byte loop is slow in debug builds.
+    static ZEROS: [u8; CHUNK] = [0; CHUNK];
+    let mut buf = vec![0u8; CHUNK];
+    let mut end = 0;
+    for region in mem.iter() {
+        let len = region.len();
+        let mut done = 0;
+        while done < len {
+            let n = CHUNK.min((len - done) as usize);
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, region.start_addr().unchecked_add(done))
+                .map_err(std::io::Error::other)?;
+            match *chunk == ZEROS[..n] {
+                true => {
+                    file.seek(SeekFrom::Current(n as i64))?;
+                }
+                false => file.write_all(chunk)?,
+            }
+            done += n as u64;
+        }
+        end += len;
+    }
+    // A hole at the end still counts in the file's size.
+    file.set_len(end)
+}
+
 // The MP table sits in the reserved EBDA area below the legacy hole.
 const _: () = assert!(MPTABLE_START < EBDA_END);
 
@@ -135,6 +195,43 @@ mod tests {
             let end = e820.last().map(|e| e.0 + e.1).unwrap();
             assert!(end <= FOUR_GIB.max(mem + (FOUR_GIB - MMIO_HOLE_START)));
         }
+    }
+
+    /// Guest memory written to a file and mapped back privately reads the
+    /// same; zeros take no disk space; guest writes never reach the file.
+    #[test]
+    fn a_memory_file_maps_back_privately() {
+        use std::os::unix::fs::MetadataExt;
+        use vm_memory::Bytes;
+        const SIZE: u64 = 4 << 20;
+        let dir = crate::rootfs::tests::TempDir::new("memory-file");
+        let path = dir.0.join("memory");
+        let mem = create_guest_memory(SIZE).unwrap();
+        mem.write_obj(0x1234_5678_u32, GuestAddress(0x10)).unwrap();
+        mem.write_obj(0xabcd_u16, GuestAddress(SIZE - 2)).unwrap();
+        let mut file = std::fs::File::create_new(&path).unwrap();
+        write_guest_memory(&mem, &mut file).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), SIZE);
+        assert!(meta.blocks() * 512 < SIZE / 2, "{} blocks", meta.blocks());
+        let written = std::fs::read(&path).unwrap();
+
+        let file = std::fs::File::open(&path).unwrap();
+        let mapped = map_guest_memory_file(SIZE, &file).unwrap();
+        assert_eq!(
+            mapped.read_obj::<u32>(GuestAddress(0x10)).unwrap(),
+            0x1234_5678
+        );
+        assert_eq!(
+            mapped.read_obj::<u16>(GuestAddress(SIZE - 2)).unwrap(),
+            0xabcd
+        );
+        assert_eq!(mapped.read_obj::<u64>(GuestAddress(SIZE / 2)).unwrap(), 0);
+        mapped.write_obj(0xffu8, GuestAddress(0x10)).unwrap();
+        mapped.write_obj(0xffu8, GuestAddress(SIZE / 2)).unwrap();
+        assert_eq!(mapped.read_obj::<u8>(GuestAddress(SIZE / 2)).unwrap(), 0xff);
+        drop(mapped);
+        assert!(std::fs::read(&path).unwrap() == written, "the file changed");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use crate::device_manager::Buses;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
+use crate::pause::Pause;
 use crate::seccomp::{self, ThreadKind};
 
 /// How often each kind of VM exit happened (per vCPU, summed over all of
@@ -43,7 +44,7 @@ impl std::ops::AddAssign for ExitCounts {
 }
 
 /// The signal that interrupts a blocked KVM_RUN so a vCPU thread can stop.
-fn kick_signal() -> i32 {
+pub(crate) fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
@@ -77,6 +78,7 @@ impl VcpuThread {
         vcpu: VcpuFd,
         buses: &Buses,
         life: Arc<Lifecycle>,
+        pause: Arc<Pause>,
         seccomp: SeccompMode,
         start: Receiver<()>,
     ) -> Result<Self> {
@@ -90,7 +92,7 @@ impl VcpuThread {
                 let _finished = finished_tx; // dropped on return or unwind
                 let _end_on_panic = EndOnPanic(&life, id);
                 match start.recv() {
-                    Ok(()) => run_loop(id, vcpu, &pio, &mmio, &life),
+                    Ok(()) => run_loop(id, vcpu, &pio, &mmio, &life, &pause),
                     Err(_) => ExitCounts::default(),
                 }
             },
@@ -138,14 +140,27 @@ impl Drop for EndOnPanic<'_> {
     }
 }
 
-fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, life: &Lifecycle) -> ExitCounts {
+fn run_loop(
+    id: u8,
+    mut vcpu: VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    life: &Lifecycle,
+    pause: &Pause,
+) -> ExitCounts {
     let mut counts = ExitCounts::default();
+    let _kickable = pause.register(usize::from(id));
     life.mark_first_run();
     #[cfg(test)]
     if id == 1 && life.panic_vcpu1.load(std::sync::atomic::Ordering::SeqCst) {
         panic!("fault injection: vCPU 1 panics");
     }
     while !life.is_stopping() {
+        if pause.is_requested() {
+            complete_exit(id, &mut vcpu, pio, mmio, life, &mut counts);
+            pause.park(usize::from(id), &vcpu);
+            continue;
+        }
         match vcpu.run() {
             Ok(exit) => {
                 if let Some(outcome) = handle_exit(exit, pio, mmio, &mut counts) {
@@ -168,6 +183,36 @@ fn run_loop(id: u8, mut vcpu: VcpuFd, pio: &Bus, mmio: &Bus, life: &Lifecycle) -
         }
     }
     counts
+}
+
+/// Completes the exit the vCPU last returned without running the guest
+/// further: KVM finishes an MMIO or port read (and the instruction) only at
+/// the next KVM_RUN, which `immediate_exit` makes return at once. An exit
+/// that needs another round (the next chunk of a string I/O) is served first.
+fn complete_exit(
+    id: u8,
+    vcpu: &mut VcpuFd,
+    pio: &Bus,
+    mmio: &Bus,
+    life: &Lifecycle,
+    counts: &mut ExitCounts,
+) {
+    vcpu.set_kvm_immediate_exit(1);
+    while !life.is_stopping() {
+        match vcpu.run() {
+            Ok(exit) => {
+                if let Some(outcome) = handle_exit(exit, pio, mmio, counts) {
+                    life.finish(outcome);
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR => break,
+            Err(e) if e.errno() == libc::EAGAIN => {}
+            Err(e) => life.finish(VmOutcome::KvmFailure(format!(
+                "vCPU {id}: KVM_RUN (completing an exit) failed: {e}"
+            ))),
+        }
+    }
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 /// Handles one exit; returns the VM's outcome if this exit ends it.

@@ -96,6 +96,11 @@ impl Vm {
             .map_err(Error::kvm("KVM_CREATE_VCPU"))
     }
 
+    /// /dev/kvm, for system-wide queries.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
     pub fn fd(&self) -> &VmFd {
         &self.fd
     }

@@ -12,7 +12,8 @@
  * 99 = an unexpected vector was taken.
  * The UART is never polled: the byte arrives only if the interrupt does.
  */
-	.equ	IDT, 0x1000
+#include "idt_pic.inc"
+
 	.equ	RX, 0x3000		/* [0] = byte, [1] = 1 ok / 2 bad IIR */
 	.equ	COM1, 0x3f8
 
@@ -22,38 +23,9 @@
 _start:
 	mov	$0xd0000000, %r15d	/* control page, for every exit report */
 
-	lea	unexpected(%rip), %rax
-	call	make_gate
-	mov	$IDT, %edi
-	mov	$256, %ecx
-1:	mov	%rax, (%rdi)
-	movq	$0, 8(%rdi)
-	add	$16, %rdi
-	loop	1b
-	lea	irq4(%rip), %rax
-	call	make_gate
-	mov	%rax, IDT + 0x24 * 16
-	lidt	idtr(%rip)
+	install_idt unexpected, 0x24, irq4
 
-	/* 8259 master (0x20/0x21) and slave (0xa0/0xa1). */
-	mov	$0x11, %al		/* ICW1: edge, cascade, ICW4 follows */
-	outb	%al, $0x20
-	outb	%al, $0xa0
-	mov	$0x20, %al		/* ICW2: vector bases */
-	outb	%al, $0x21
-	mov	$0x28, %al
-	outb	%al, $0xa1
-	mov	$0x04, %al		/* ICW3: slave on IRQ2 */
-	outb	%al, $0x21
-	mov	$0x02, %al
-	outb	%al, $0xa1
-	mov	$0x01, %al		/* ICW4: 8086 mode */
-	outb	%al, $0x21
-	outb	%al, $0xa1
-	mov	$0xef, %al		/* OCW1: only IRQ4 unmasked */
-	outb	%al, $0x21
-	mov	$0xff, %al
-	outb	%al, $0xa1
+	init_pics 0xef		/* only IRQ4 unmasked */
 
 	/* UART: 8N1, DTR|RTS|OUT2, received-data interrupt on. */
 	mov	$COM1 + 3, %dx
@@ -111,22 +83,7 @@ unexpected:
 1:	hlt
 	jmp	1b
 
-/* rax = handler address (below 4 GiB) -> rax = low half of a 64-bit
- * interrupt gate: selector 0x10, present, DPL 0, type 0xe. */
-make_gate:
-	mov	%rax, %rdx
-	and	$0xffff, %eax
-	or	$0x10 << 16, %eax
-	shr	$16, %rdx
-	shl	$48, %rdx
-	or	%rdx, %rax
-	movabs	$0x00008e0000000000, %rdx
-	or	%rdx, %rax
-	ret
-
-	.balign	8
-idtr:	.word	256 * 16 - 1
-	.quad	IDT
+	idt_helpers
 
 ready:	.ascii	"ready\n"
 	.equ	ready_len, . - ready

@@ -20,30 +20,36 @@ use vm_memory::GuestMemoryError;
 
 use crate::error::{Error, Result};
 
-/// Opens the kernel or initrd file the user named (`what` says which):
-/// only a regular file, since opening a FIFO waits for a writer and a
-/// device such as /dev/zero never ends, and at most `max_len` bytes when
-/// given, so that nothing larger than guest memory is read into the host's.
+/// Opens `path` for reading, only if it is a regular file: opening a FIFO
+/// waits for a writer and a device such as /dev/zero never ends.
+pub(crate) fn open_regular_file(path: &Path) -> io::Result<File> {
+    // O_NONBLOCK: a FIFO opens at once (and is then refused); reads of a
+    // regular file ignore the flag.
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
+/// Opens the kernel or initrd file the user named (`what` says which), a
+/// regular file only ([`open_regular_file`]), and at most `max_len` bytes
+/// when given, so that nothing larger than guest memory is read into the
+/// host's.
 pub(crate) fn open_input(what: &'static str, path: &Path, max_len: Option<u64>) -> Result<File> {
     let error = |source| Error::ReadFile {
         what,
         path: path.to_owned(),
         source,
     };
-    // O_NONBLOCK: a FIFO opens at once (and is then refused); reads of a
-    // regular file ignore the flag.
-    let file = File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(error)?;
+    let file = open_regular_file(path).map_err(error)?;
     let meta = file.metadata().map_err(error)?;
-    if !meta.is_file() {
-        return Err(error(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        )));
-    }
     match max_len {
         Some(max) if meta.len() > max => Err(error(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -43,6 +43,63 @@ vmm_sys_util::ioctl_ior_nr!(
     0x81,
     kvm_bindings::kvm_regs
 );
+// A paused vCPU's state, read on its own thread for a snapshot
+// (src/snapshot/vcpu_state.rs).
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_MP_STATE,
+    kvm_bindings::KVMIO,
+    0x98,
+    kvm_bindings::kvm_mp_state
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_SREGS,
+    kvm_bindings::KVMIO,
+    0x83,
+    kvm_bindings::kvm_sregs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_DEBUGREGS,
+    kvm_bindings::KVMIO,
+    0xa1,
+    kvm_bindings::kvm_debugregs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_LAPIC,
+    kvm_bindings::KVMIO,
+    0x8e,
+    kvm_bindings::kvm_lapic_state
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_CPUID2,
+    kvm_bindings::KVMIO,
+    0x91,
+    kvm_bindings::kvm_cpuid2
+);
+vmm_sys_util::ioctl_io_nr!(KVM_GET_TSC_KHZ, kvm_bindings::KVMIO, 0xa3);
 
 /// The allow-list of `kind` for threads of process `pid`: the signals
 /// a thread may send go to this process only, so a thread taken over
@@ -184,7 +241,19 @@ impl List {
     fn vcpu(&mut self) {
         self.allow_ioctls(&[
             KVM_RUN() as u64,
-            KVM_GET_REGS() as u64, // the registers logged after a failure
+            KVM_GET_REGS() as u64, // the registers logged after a failure, and a snapshot's
+            // A paused vCPU's state for a snapshot, read on its own thread
+            // (`Pause::on_vcpu`), in Firecracker's order.
+            KVM_GET_MP_STATE() as u64,
+            KVM_GET_SREGS() as u64,
+            KVM_GET_XSAVE() as u64,
+            KVM_GET_XCRS() as u64,
+            KVM_GET_DEBUGREGS() as u64,
+            KVM_GET_LAPIC() as u64,
+            KVM_GET_CPUID2() as u64,
+            KVM_GET_MSRS() as u64,
+            KVM_GET_VCPU_EVENTS() as u64,
+            KVM_GET_TSC_KHZ() as u64, // the frequency a snapshot records
             // virtio-net: the guest's offloads, set when the driver starts
             // the device (a status write, served on the vCPU thread).
             libc::TUNSETOFFLOAD,
@@ -346,5 +415,10 @@ mod tests {
     fn kvm_ioctl_numbers_are_the_kernels() {
         assert_eq!(KVM_RUN(), 0xae80);
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
+        // As in linux/kvm.h's numbers on x86-64.
+        assert_eq!(KVM_GET_MSRS(), 0xc008_ae88);
+        assert_eq!(KVM_GET_CPUID2(), 0xc008_ae91);
+        assert_eq!(KVM_GET_TSC_KHZ(), 0xaea3);
+        assert_eq!(KVM_GET_LAPIC(), 0x8400_ae8e);
     }
 }

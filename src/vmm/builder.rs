@@ -29,6 +29,7 @@ use crate::host_profile::HostProfile;
 use crate::lifecycle::Lifecycle;
 use crate::rootfs::{self, Rootfs, RootfsError};
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::Snapshot;
 use crate::vcpu::install_kick_handler;
 use crate::vm::Vm;
 use crate::{initramfs, memory};
@@ -96,6 +97,46 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
         event_loop,
         panic_watch,
     })
+}
+
+/// Builds a fresh VM from `snapshot` (its files already checked): guest
+/// memory mapped privately from the memory file, the devices every kiln VM
+/// has (fresh: their state is not saved yet), and the vCPUs and the VM
+/// restored to the saved state.
+pub(crate) fn build_restored(
+    snapshot: &Snapshot,
+    io: ConsoleIo,
+    life: &Arc<Lifecycle>,
+) -> Result<BuiltVm> {
+    let config = &snapshot.saved.config;
+    validate(config)?;
+    install_kick_handler()?;
+    let mem = memory::map_guest_memory_file(config.mem_bytes, &snapshot.memory)
+        .map_err(Error::io("mapping the snapshot's memory file"))?;
+    let vm = Vm::new(&mem)?;
+    let (output, panic_watch) = ConsoleOutput::new(io.output);
+    let mut event_loop = EventLoop::new()?;
+    let mut devices = DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output))?;
+    if let Some(input) = io.input {
+        devices.attach_serial_input(input)?;
+    }
+    devices.watch_vm_events(life, panic_watch.clone())?;
+    let buses = devices.into_buses();
+    let vcpus = snapshot.restore_into(&vm)?;
+    Ok(BuiltVm {
+        vm,
+        mem,
+        vcpus,
+        buses,
+        event_loop,
+        panic_watch,
+    })
+}
+
+/// Whether a VM built from `config` has virtio devices (a root image
+/// included): their state is not in a snapshot yet.
+pub(crate) fn has_virtio_devices(config: &VmConfig) -> bool {
+    config.rootfs.is_some() || !virtio_slots(config, None).is_empty()
 }
 
 /// Where the set-up gives up once the VM has been asked to stop (a signal

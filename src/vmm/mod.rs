@@ -5,12 +5,13 @@
 mod builder;
 
 pub use builder::kernel_cmdline;
+pub(crate) use builder::{build_restored, has_virtio_devices, BuiltVm};
 
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
@@ -18,9 +19,10 @@ use crate::console::PanicWatch;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
+use crate::pause::Pause;
 use crate::seccomp::{self, ThreadKind};
 use crate::vcpu::{ExitCounts, VcpuThread};
-use builder::BuiltVm;
+use crate::vm::Vm;
 
 /// Where the guest console goes and where its input comes from.
 pub struct ConsoleIo {
@@ -89,24 +91,53 @@ pub(crate) fn spawn_gated(
     io: ConsoleIo,
     started: Instant,
 ) -> Result<(VmHandle, GuestGate)> {
+    let build_config = config.clone();
+    spawn_built(config, started, move |life| {
+        builder::build(&build_config, io, life)
+    })
+}
+
+/// As [`spawn_gated`], with the VM that `build` makes (booted from
+/// `config`, or restored from a snapshot whose saved config is `config`).
+pub(crate) fn spawn_built(
+    config: VmConfig,
+    started: Instant,
+    build: impl FnOnce(&Arc<Lifecycle>) -> Result<BuiltVm> + Send + 'static,
+) -> Result<(VmHandle, GuestGate)> {
     let life = Arc::new(Lifecycle::new(started).map_err(Error::io("creating the exit eventfd"))?);
     let vm_life = life.clone();
+    let running = Arc::new(Mutex::new(None));
+    let vm_running = running.clone();
     let (finished, finished_tx) = finished_pipe()?;
     let (gate, gate_rx) = std::sync::mpsc::sync_channel(1);
     let thread = std::thread::Builder::new()
         .name("kiln-vmm".into())
         .spawn(move || {
             let _finished = finished_tx; // closed when the thread ends
-            run_with(&config, io, vm_life, gate_rx)
+            run_with(&config, build, vm_life, gate_rx, &vm_running)
         })
         .map_err(Error::io("spawning the VM thread"))?;
     let vm = VmHandle {
         life,
         thread: Some(thread),
         finished,
+        running,
     };
     Ok((vm, GuestGate(gate)))
 }
+
+/// What a running VM shares with its handle for pausing and saving it.
+#[derive(Clone)]
+pub(crate) struct RunningVm {
+    pub pause: Arc<Pause>,
+    pub vm: Arc<Vm>,
+    pub mem: vm_memory::GuestMemoryMmap,
+    /// The configuration the VM was built from (a restored VM: the saved one).
+    pub config: Arc<VmConfig>,
+}
+
+/// Set while the VM's vCPU threads exist.
+type RunningSlot = Arc<Mutex<Option<RunningVm>>>;
 
 /// Lets a VM from [`spawn_gated`] start its guest; dropped unopened, the
 /// VM ends (outcome [`VmOutcome::Stopped`]) without running it.
@@ -140,6 +171,7 @@ pub struct VmHandle {
     thread: Option<std::thread::JoinHandle<Result<RunReport>>>,
     /// Read end of `finished_pipe`.
     finished: OwnedFd,
+    running: RunningSlot,
 }
 
 /// Stops a VM from any thread (cheap to clone), e.g. from a signal
@@ -181,6 +213,15 @@ impl VmHandle {
         VmStopper(StopTarget::Vm(self.life.clone()))
     }
 
+    /// The running VM's shared parts; `None` before it is built or once
+    /// its vCPUs are gone.
+    pub(crate) fn running(&self) -> Option<RunningVm> {
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Asks the VM to stop (outcome `Stopped`); `wait` collects the report.
     pub fn stop(&self) {
         self.life.finish(VmOutcome::Stopped);
@@ -216,9 +257,10 @@ impl Drop for VmHandle {
 }
 fn run_with(
     config: &VmConfig,
-    io: ConsoleIo,
+    build: impl FnOnce(&Arc<Lifecycle>) -> Result<BuiltVm>,
     life: Arc<Lifecycle>,
     gate: Receiver<()>,
+    running: &RunningSlot,
 ) -> Result<RunReport> {
     let BuiltVm {
         vm,
@@ -227,7 +269,7 @@ fn run_with(
         buses,
         mut event_loop,
         panic_watch,
-    } = match builder::build(config, io, &life) {
+    } = match build(&life) {
         Ok(built) => built,
         // Asked to stop while it was set up (a signal during a long scratch
         // copy): the VM ended before it ran, as the stop says.
@@ -252,15 +294,26 @@ fn run_with(
 
     // Every thread filters itself before the guest's first instruction: the
     // vCPU threads wait for their start until this one has its filter too.
+    let vm = Arc::new(vm);
+    let pause = Arc::new(Pause::new(vcpus.len()));
     let mut threads = VcpuThreads {
         threads: Vec::with_capacity(vcpus.len()),
         life: life.clone(),
+        pause: pause.clone(),
+        running: running.clone(),
     };
+    *running.lock().unwrap_or_else(|e| e.into_inner()) = Some(RunningVm {
+        pause: pause.clone(),
+        vm: vm.clone(),
+        mem: mem.clone(),
+        config: Arc::new(config.clone()),
+    });
     let mut starts = Vec::with_capacity(vcpus.len());
     let mut filtered = Ok(());
     for (id, fd) in vcpus.into_iter().enumerate() {
         let (start, start_rx) = std::sync::mpsc::channel();
-        match VcpuThread::spawn(id as u8, fd, &buses, life.clone(), config.seccomp, start_rx) {
+        let (life, pause) = (life.clone(), pause.clone());
+        match VcpuThread::spawn(id as u8, fd, &buses, life, pause, config.seccomp, start_rx) {
             Ok(t) => {
                 threads.threads.push(t);
                 starts.push(start);
@@ -315,12 +368,17 @@ fn run_with(
 struct VcpuThreads {
     threads: Vec<VcpuThread>,
     life: Arc<Lifecycle>,
+    /// Released as the VM stops, so that paused vCPUs can end.
+    pause: Arc<Pause>,
+    /// Emptied once the vCPUs are gone: nothing pauses or saves the VM after.
+    running: RunningSlot,
 }
 
 impl VcpuThreads {
     /// Stops the VM (if nothing else has) and joins every vCPU thread.
     fn stop_and_join(&mut self) -> ExitCounts {
         let mut exits = ExitCounts::default();
+        *self.running.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if self.threads.is_empty() {
             return exits;
         }
@@ -328,6 +386,7 @@ impl VcpuThreads {
             true => VmOutcome::KvmFailure("the VM thread panicked (a kiln bug)".into()),
             false => VmOutcome::Stopped,
         });
+        self.pause.release();
         for t in self.threads.drain(..) {
             exits += t.stop_and_join();
         }

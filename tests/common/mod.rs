@@ -78,7 +78,8 @@ pub fn test_guest_source(name: &str) -> PathBuf {
 
 /// Assembles and links `resources/test-guests/NAME.S` with the host's gcc
 /// into a static ELF entered at 0x200000, cached under the target directory
-/// and rebuilt when the source is newer than the cached binary.
+/// and rebuilt when the source, or a `.inc` file it may include, is newer
+/// than the cached binary.
 pub fn test_guest(name: &str) -> PathBuf {
     // One build at a time within a test binary; the rename below keeps a
     // concurrent reader (another test binary) from seeing a half-written file.
@@ -88,6 +89,13 @@ pub fn test_guest(name: &str) -> PathBuf {
     let src = test_guest_source(name);
     let src_time =
         modified(&src).unwrap_or_else(|e| panic!("test guest source {}: {e}", src.display()));
+    let includes = fs::read_dir(src.parent().expect("the guests' directory"))
+        .expect("listing the test guests")
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "inc"));
+    let src_time = includes
+        .filter_map(|path| modified(&path).ok())
+        .fold(src_time, SystemTime::max);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-guests");
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     let out = dir.join(format!("{name}.elf"));

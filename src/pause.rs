@@ -1,0 +1,226 @@
+//! Pausing a running VM at a safe point, without ending it: each vCPU
+//! completes the exit it is in (KVM_RUN with `immediate_exit`, as KVM asks
+//! before its state is read), then parks on its own thread, where work that
+//! needs its file descriptor (reading its state) runs, until the VM is
+//! resumed or stops.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvm_ioctls::VcpuFd;
+
+/// Work for a parked vCPU's thread.
+type VcpuWork = Box<dyn FnOnce(&VcpuFd) + Send>;
+
+/// Why a pause or the work of a parked vCPU did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum PauseError {
+    #[error("the VM has ended")]
+    Ended,
+    #[error("the VM is not paused")]
+    NotPaused,
+}
+
+/// One VM's pause: shared by its vCPU threads and whoever pauses it.
+pub(crate) struct Pause {
+    /// Read by every vCPU before each KVM_RUN (cheaply, without the lock).
+    requested: AtomicBool,
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+struct PauseState {
+    requested: bool,
+    /// The VM is stopping: parked vCPUs leave and none parks again.
+    released: bool,
+    vcpus: Vec<VcpuSlot>,
+}
+
+#[derive(Default)]
+struct VcpuSlot {
+    /// The kernel thread id while the vCPU's loop runs (the kick's target).
+    tid: Option<libc::pid_t>,
+    parked: bool,
+    work: Option<VcpuWork>,
+}
+
+impl Pause {
+    pub(crate) fn new(vcpus: usize) -> Self {
+        Self {
+            requested: AtomicBool::new(false),
+            state: Mutex::new(PauseState {
+                requested: false,
+                released: false,
+                vcpus: (0..vcpus).map(|_| VcpuSlot::default()).collect(),
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the vCPU must complete its exit and park before running on.
+    pub(crate) fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Called by vCPU `id`'s thread as its loop starts: it can be kicked
+    /// until the returned guard is dropped.
+    pub(crate) fn register(&self, id: usize) -> Registered<'_> {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        self.lock().vcpus[id].tid = Some(tid);
+        Registered { pause: self, id }
+    }
+
+    /// Parks vCPU `id` (its exit completed) until the VM is resumed or
+    /// released, running the work handed to it meanwhile.
+    pub(crate) fn park(&self, id: usize, vcpu: &VcpuFd) {
+        let mut state = self.lock();
+        state.vcpus[id].parked = true;
+        self.changed.notify_all();
+        while state.requested && !state.released {
+            if let Some(work) = state.vcpus[id].work.take() {
+                drop(state);
+                work(vcpu);
+                state = self.lock();
+                continue;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.vcpus[id].parked = false;
+        self.changed.notify_all();
+    }
+
+    /// Pauses every vCPU: returns once each has completed its exit and
+    /// parked. A vCPU that has not started yet parks before its first
+    /// KVM_RUN. Kicks repeat every millisecond: a kick that lands just
+    /// before a vCPU enters KVM_RUN is lost (as in `VcpuThread::stop_and_join`).
+    pub(crate) fn pause(&self) -> Result<(), PauseError> {
+        let mut state = self.lock();
+        state.requested = true;
+        self.requested.store(true, Ordering::SeqCst);
+        loop {
+            if state.released {
+                return Err(PauseError::Ended);
+            }
+            if state.vcpus.iter().all(|v| v.parked) {
+                return Ok(());
+            }
+            for vcpu in state.vcpus.iter().filter(|v| !v.parked) {
+                if let Some(tid) = vcpu.tid {
+                    kick(tid);
+                }
+            }
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets the parked vCPUs run the guest again.
+    pub(crate) fn resume(&self) {
+        let mut state = self.lock();
+        state.requested = false;
+        self.requested.store(false, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// The VM is stopping: wakes every parked vCPU (so that it can end)
+    /// and fails every pause from now on.
+    pub(crate) fn release(&self) {
+        self.lock().released = true;
+        self.changed.notify_all();
+    }
+
+    /// Runs `work` on paused vCPU `id`'s thread (with its file descriptor)
+    /// and returns its result.
+    pub(crate) fn on_vcpu<T: Send + 'static>(
+        &self,
+        id: usize,
+        work: impl FnOnce(&VcpuFd) -> T + Send + 'static,
+    ) -> Result<T, PauseError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let mut state = self.lock();
+            if state.released {
+                return Err(PauseError::Ended);
+            }
+            if !state.requested || !state.vcpus[id].parked {
+                return Err(PauseError::NotPaused);
+            }
+            state.vcpus[id].work = Some(Box::new(move |fd| {
+                let _ = tx.send(work(fd));
+            }));
+            self.changed.notify_all();
+        }
+        // The sender goes with the work: dropped unrun if the VM ends first.
+        rx.recv().map_err(|_| PauseError::Ended)
+    }
+
+    /// The number of vCPUs.
+    pub(crate) fn vcpus(&self) -> usize {
+        self.lock().vcpus.len()
+    }
+}
+
+/// A vCPU loop's registration for kicks ([`Pause::register`]).
+pub(crate) struct Registered<'a> {
+    pause: &'a Pause,
+    id: usize,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pause.lock();
+        let slot = &mut state.vcpus[self.id];
+        slot.tid = None;
+        // Work handed over as the loop ended is dropped: its waiter sees the end.
+        slot.work = None;
+    }
+}
+
+/// Interrupts thread `tid` of this process in KVM_RUN (the vCPU kick
+/// signal, whose handler does nothing).
+fn kick(tid: libc::pid_t) {
+    // SAFETY: tgkill takes plain integers; `tid` is a live thread of this
+    // process (it is registered, and deregisters under the same lock).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::getpid(),
+            tid,
+            crate::vcpu::kick_signal(),
+        )
+    };
+    if rc != 0 {
+        log::warn!(
+            "cannot kick vCPU thread {tid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pause_of_an_ended_vm_fails_and_a_parked_vcpu_takes_no_work_after_the_end() {
+        let pause = Pause::new(1);
+        pause.release();
+        assert_eq!(pause.pause(), Err(PauseError::Ended));
+        assert_eq!(pause.on_vcpu(0, |_| ()).unwrap_err(), PauseError::Ended);
+    }
+
+    #[test]
+    fn work_needs_a_parked_vcpu() {
+        let pause = Pause::new(1);
+        assert_eq!(pause.on_vcpu(0, |_| ()).unwrap_err(), PauseError::NotPaused);
+    }
+}
