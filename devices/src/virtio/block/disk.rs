@@ -60,7 +60,7 @@ pub enum DiskError {
     /// (missing, read-only, not the user's).
     #[error("cannot make an overlay file in {}: {source}", dir.display())]
     OverlayFile {
-        /// The directory (`memfd` for memory).
+        /// The directory (`memory (memfd)` for memory).
         dir: PathBuf,
         /// Why it failed.
         #[source]
@@ -120,8 +120,13 @@ impl DiskImage {
             path: path.to_path_buf(),
             source,
         })?;
-        let upper = unnamed_file_at(place)
+        let (upper, dir) = unnamed_file_at(place)
             .map_err(|(dir, source)| DiskError::OverlayFile { dir, source })?;
+        log::info!(
+            "disk {}: copy-on-write, its writes in an unnamed file in {}",
+            path.display(),
+            dir.display()
+        );
         Self::over(base, stamp, upper, path, id, is_file)
     }
 
@@ -185,7 +190,7 @@ impl DiskImage {
     }
 
     /// A disk on a file the caller opened (read-write unless `read_only`),
-    /// e.g. a private scratch copy nobody else can see: it is not locked.
+    /// e.g. a private copy nobody else can see: it is not locked.
     /// `path` names the disk in messages.
     pub fn from_file(
         file: File,

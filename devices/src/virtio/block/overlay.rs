@@ -209,20 +209,33 @@ pub enum OverlayPlace<'a> {
     FirstOf(&'a [PathBuf]),
 }
 
-/// A new unnamed file for an overlay, at `place`. The error names the
-/// directory that could not take it.
-pub(crate) fn unnamed_file_at(place: OverlayPlace<'_>) -> Result<File, (PathBuf, io::Error)> {
-    match place {
-        OverlayPlace::Only(dir) => unnamed_file(dir).map_err(|e| (dir.to_owned(), e)),
-        OverlayPlace::FirstOf(dirs) => {
-            for dir in dirs {
-                match unnamed_file(dir) {
-                    Ok(file) => return Ok(file),
-                    Err(e) => log::info!("overlay: no file in {}: {e}", dir.display()),
-                }
+/// Where [`unnamed_file_at`] puts memory's file, in messages.
+pub(crate) const MEMORY: &str = "memory (memfd)";
+
+/// A new unnamed file for an overlay, at `place`, and the directory it is
+/// in ([`MEMORY`] for a memfd). The error names the directory that could not
+/// take it.
+pub(crate) fn unnamed_file_at(
+    place: OverlayPlace<'_>,
+) -> Result<(File, PathBuf), (PathBuf, io::Error)> {
+    let dirs = match place {
+        OverlayPlace::Only(dir) => {
+            return match unnamed_file(dir) {
+                Ok(file) => Ok((file, dir.to_owned())),
+                Err(e) => Err((dir.to_owned(), e)),
             }
-            memfd().map_err(|e| (PathBuf::from("memfd"), e))
         }
+        OverlayPlace::FirstOf(dirs) => dirs,
+    };
+    for dir in dirs {
+        match unnamed_file(dir) {
+            Ok(file) => return Ok((file, dir.clone())),
+            Err(e) => log::info!("overlay: no file in {}: {e}", dir.display()),
+        }
+    }
+    match memfd() {
+        Ok(file) => Ok((file, PathBuf::from(MEMORY))),
+        Err(e) => Err((PathBuf::from(MEMORY), e)),
     }
 }
 
