@@ -293,3 +293,59 @@ fn a_changed_base_is_refused() {
     let stamp = super::overlay::BaseStamp::of(&base).unwrap();
     super::overlay::Overlay::new(base, stamp, memfd().unwrap()).unwrap();
 }
+
+/// One operation of [`any_operations_match_a_plain_copy`]: kind, first
+/// sector, sectors.
+type Op = (u8, u64, u64);
+
+/// Applies `op` to the disk and the model; a read compares them.
+fn apply(disk: &DiskImage, model: &mut [u8], (kind, sector, sectors): Op) -> Result<(), String> {
+    let total = model.len() as u64 / 512;
+    let start = sector % total;
+    let len = sectors.clamp(1, total - start) * 512;
+    let (offset, end) = ((start * 512) as usize, (start * 512 + len) as usize);
+    match kind % 5 {
+        0 => {
+            if read(disk, offset as u64, len) != model[offset..end] {
+                return Err(format!("read of {len} at {offset} differs"));
+            }
+        }
+        1 => {
+            let data: Vec<u8> = (0..len).map(|i| (i as u8) ^ kind ^ 0xa5).collect();
+            disk.write_at(&data, offset as u64).unwrap();
+            model[offset..end].copy_from_slice(&data);
+        }
+        2 => {
+            disk.punch_hole(offset as u64, len).unwrap();
+            model[offset..end].fill(0);
+        }
+        3 => {
+            disk.write_zeroes(offset as u64, len).unwrap();
+            model[offset..end].fill(0);
+        }
+        _ => disk.sync().unwrap(),
+    }
+    Ok(())
+}
+
+proptest::proptest! {
+    /// Any sequence of operations (shrunk to a shortest failing one when it
+    /// breaks): the disk reads as a plain copy that took the same operations.
+    #[test]
+    fn any_operations_match_a_plain_copy(
+        ops in proptest::collection::vec(
+            (proptest::prelude::any::<u8>(), 0..SIZE / 512, 1..3 * CHUNK / 512),
+            1..40,
+        ),
+    ) {
+        let (disk, base) = memfd_overlay(SIZE);
+        let mut model = pattern(SIZE);
+        for op in ops {
+            if let Err(e) = apply(&disk, &mut model, op) {
+                proptest::prop_assert!(false, "{:?}: {}", op, e);
+            }
+        }
+        proptest::prop_assert!(read(&disk, 0, SIZE) == model, "final contents");
+        proptest::prop_assert!(contents(&base, SIZE) == pattern(SIZE), "the base changed");
+    }
+}
