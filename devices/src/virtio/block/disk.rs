@@ -115,7 +115,7 @@ impl DiskImage {
         id: Option<&str>,
     ) -> Result<Self, DiskError> {
         let id = checked_id(id, path)?;
-        let (base, is_file) = open_locked(path, true)?;
+        let (base, _) = open_locked(path, true)?;
         let stamp = BaseStamp::of(&base).map_err(|source| DiskError::Open {
             path: path.to_path_buf(),
             source,
@@ -127,7 +127,7 @@ impl DiskImage {
             path.display(),
             dir.display()
         );
-        Self::over(base, stamp, upper, path, id, is_file)
+        Self::over(base, stamp, upper, path, id)
     }
 
     /// A copy-on-write disk over the open `base` (only ever read) whose
@@ -144,7 +144,7 @@ impl DiskImage {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::over(base, stamp, overlay, path, id, true)
+        Self::over(base, stamp, overlay, path, id)
     }
 
     fn over(
@@ -153,7 +153,6 @@ impl DiskImage {
         upper: File,
         path: &Path,
         id: [u8; ID_BYTES],
-        is_file: bool,
     ) -> Result<Self, DiskError> {
         let overlay = Overlay::new(base, stamp, upper).map_err(|source| match source.kind() {
             std::io::ErrorKind::InvalidData => DiskError::BaseChanged(path.to_path_buf()),
@@ -162,7 +161,8 @@ impl DiskImage {
                 source,
             },
         })?;
-        Self::with_backing(Backing::Overlay(overlay), path, false, id, is_file)
+        // The overlay's own file system decides about hole punching.
+        Self::with_backing(Backing::Overlay(overlay), path, false, id, false)
     }
 
     /// Fails with [`DiskError::BaseChanged`] if the base of an overlay disk

@@ -18,7 +18,7 @@
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 #[cfg(test)]
 use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
@@ -42,7 +42,8 @@ impl BaseStamp {
     pub(crate) fn of(base: &File) -> io::Result<Self> {
         let meta = base.metadata()?;
         Ok(Self {
-            size: meta.len(),
+            // A block device has no length in its metadata: seek to its end.
+            size: (&mut &*base).seek(SeekFrom::End(0))?,
             mtime: (meta.mtime(), meta.mtime_nsec()),
         })
     }
