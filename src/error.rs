@@ -88,11 +88,11 @@ pub enum Error {
     /// cannot be read or does not fit in guest memory.
     #[error("initramfs: {0}")]
     Initramfs(#[from] InitramfsError),
-    /// `rootfs` is not usable: unreadable, of no kind kiln knows, or an image
-    /// that cannot be copied.
+    /// `rootfs` is not usable: unreadable, or of no kind kiln knows.
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
-    /// The image of an image `--rootfs` cannot be used as a disk.
+    /// The image of an image `--rootfs` cannot be used as a disk (or its
+    /// overlay cannot be made).
     #[error("invalid configuration: --rootfs: {0}")]
     RootfsImage(#[source] DiskError),
     /// The boot information cannot be put into guest memory (mostly: an

@@ -297,7 +297,7 @@ fn ext4_root_and_data_disk() {
         "ext4",
         "# an ext4 image root and a data disk: root.img is left as it was, data.img keeps the file",
     );
-    // The guest wrote /etc/motd in its scratch copy of root.img only.
+    // The guest wrote /etc/motd in its overlay of root.img only.
     let motd = Command::new("debugfs")
         .args(["-R", "cat /etc/motd"])
         .arg(dir.path("root.img"))

@@ -155,7 +155,7 @@ const OUTPUT_LIMIT: usize = 1 << 20;
 
 /// `Sandbox::builder().rootfs(root.ext4)` next to a read-only user disk:
 /// several execs see the image (and each other's writes), the user disk is
-/// vdb, and the image is unchanged and its scratch copy gone afterwards.
+/// vdb, and the image is unchanged and its overlay gone afterwards.
 #[test]
 fn ext4_root_through_the_sandbox_api() {
     if !prerequisites(&["mkfs.ext4", "mkfifo"]) {
@@ -262,7 +262,7 @@ fn ext4_root_through_the_sandbox_api() {
     assert!(fs::read(&image).unwrap() == before, "the image changed");
     assert_eq!(fs::metadata(&image).unwrap().mtime(), mtime);
     assert_eq!(fs::read(&data).unwrap(), marker);
-    // The scratch copy had no name and its descriptor is closed.
+    // The overlay had no name and its descriptor is closed.
     let open_deleted: Vec<String> = fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|e| fs::read_link(e.ok()?.path()).ok())

@@ -119,13 +119,15 @@ pub struct VmArgs {
     pub initrd: Option<PathBuf>,
     /// The guest's root file system, told apart by content: a directory or a
     /// tar archive (plain or gzip, e.g. from `docker export`) is packed into
-    /// the initramfs; an ext2/3/4 image is attached as /dev/vda (a private
-    /// scratch copy: the original is never written; --disk images then start
-    /// at /dev/vdb) and kiln's init switches root into it.
+    /// the initramfs; an ext2/3/4 image is attached as /dev/vda (copy-on-write:
+    /// the original is only read, the guest's writes go to a private unnamed
+    /// file; --disk images then start at /dev/vdb) and kiln's init switches
+    /// root into it.
     #[arg(long, value_name = "PATH")]
     pub rootfs: Option<PathBuf>,
-    /// Where the scratch copy of an image --rootfs goes (default: next to
-    /// the image, else $TMPDIR when its directory takes no new file).
+    /// Where the guest's writes to an image --rootfs go, an unnamed file
+    /// (default: next to the image, else $TMPDIR when its directory takes no
+    /// new file).
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
     /// Extra kernel command-line words, appended after kiln's defaults.

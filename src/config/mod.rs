@@ -56,16 +56,15 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The root file system, told apart by content (the README's "Root file
     /// systems"): a directory or tar archive (plain or gzip) packed into the
-    /// initramfs next to kiln's init, or an ext2/3/4 image attached (as a
-    /// scratch copy: the original is never written) as the first disk and
-    /// switched to. A directory or archive root lives in guest RAM and is
+    /// initramfs next to kiln's init, or an ext2/3/4 image attached (copy-on-
+    /// write: the original is only read) as the first disk and switched to. A directory or archive root lives in guest RAM and is
     /// refused if it does not fit.
     pub rootfs: Option<PathBuf>,
-    /// Where the scratch copy of an image `rootfs` goes (an unnamed file,
-    /// as large as the image at most). Default: the image's own directory
-    /// (a disk that already holds the image, and where a reflink can share
-    /// its blocks), else the temporary directory (`$TMPDIR`, else `/tmp`,
-    /// often RAM) when the image's directory takes no new file.
+    /// Where the overlay of an image `rootfs` goes: an unnamed sparse file
+    /// holding what the guest writes, as large as the image at most.
+    /// Default: the image's own directory (a disk that already holds the
+    /// image), else the temporary directory (`$TMPDIR`, else `/tmp`, often
+    /// RAM) when the image's directory takes no new file, else memory.
     pub scratch_dir: Option<PathBuf>,
     /// Appended to kiln's default kernel command line.
     pub extra_cmdline: Option<String>,

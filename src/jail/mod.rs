@@ -8,7 +8,7 @@
 //!   (read-only unless writable), the vsock socket's directory, /dev/kvm
 //!   (and /dev/net/tun with a TAP), each at its own path so the rest of
 //!   kiln opens the paths it was given; an empty $TMPDIR (the host's with
-//!   an image root, for its scratch copy);
+//!   an image root, for its overlay);
 //! - no inherited descriptors but stdio, no core dumps (guest memory),
 //!   not dumpable (no ptrace by other processes of the same uid), no new
 //!   privileges, an empty capability bounding set, bounded descriptors;
@@ -173,8 +173,8 @@ impl JailPlan {
         }
         // An empty $TMPDIR of the jail's own (the sandbox's socket directory).
         let scratch_dirs = vec![absolute(&std::env::temp_dir())];
-        // An image root's scratch copy (see rootfs::scratch_copy), made
-        // before kiln drops its privileges: --scratch-dir, else the image's
+        // An image root's overlay file (see rootfs::root_disk), made before
+        // kiln drops its privileges: --scratch-dir, else the image's
         // own directory if it takes a new file, else the host's $TMPDIR.
         let image_root = match &config.rootfs {
             Some(path) => matches!(Rootfs::detect(path), Ok(Rootfs::Image(_))),

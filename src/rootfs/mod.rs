@@ -5,9 +5,10 @@
 //!   the archive is converted entry by entry in memory, never unpacked on
 //!   the host;
 //! - an **ext2/3/4 image** is attached as the first virtio-blk disk
-//!   (`/dev/vda`, serial `kiln-rootfs`), backed by a private scratch copy
-//!   (next to the image, or in `scratch_dir`) that disappears with the VM, and kiln's init mounts it and switches
-//!   root into it (`kiln.root=/dev/vda` on the kernel command line).
+//!   (`/dev/vda`, serial `kiln-rootfs`): a copy-on-write disk over the image,
+//!   its writes in a private unnamed file (next to the image, or in
+//!   `scratch_dir`) that disappears with the VM; kiln's init mounts it and
+//!   switches root into it (`kiln.root=/dev/vda` on the kernel command line).
 //!
 //! The kind is told by content, not by the file name. The original is only
 //! ever read.
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cpio::{CpioBuilder, CpioError};
 
-pub use scratch::scratch_copy;
+pub use scratch::root_disk;
 pub use tar::append_tar;
 
 /// The virtio-blk serial of an image root.
@@ -46,7 +47,7 @@ pub enum Rootfs {
         /// Whether it is gzip-compressed.
         gzip: bool,
     },
-    /// An ext2/3/4 file system image, attached as a disk (a scratch copy).
+    /// An ext2/3/4 file system image, attached as a copy-on-write disk.
     Image(PathBuf),
 }
 
@@ -72,17 +73,6 @@ pub enum RootfsError {
     /// Gzip-compressed, but what it holds is not a tar archive.
     #[error("rootfs {}: gzip data, but not a gzip-compressed tar archive", .0.display())]
     GzipNotTar(PathBuf),
-    /// The private scratch copy of an image root cannot be made (its
-    /// directory takes no file, no room there, or the image is locked by a
-    /// kiln that writes it).
-    #[error("rootfs {}: cannot make a scratch copy: {source}", path.display())]
-    Copy {
-        /// The image as configured.
-        path: PathBuf,
-        /// Why the copy failed.
-        #[source]
-        source: io::Error,
-    },
 }
 
 impl Rootfs {

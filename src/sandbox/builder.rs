@@ -160,8 +160,9 @@ impl SandboxBuilder {
     /// The guest's root file system: a host directory, a tar archive (plain
     /// or gzip, e.g. from `docker export`) or an ext2/3/4 image, told apart
     /// by content. Directories and archives are packed into the initramfs;
-    /// an image is attached as /dev/vda through a private scratch copy (the
-    /// original is never written, the copy vanishes with the VM) and every
+    /// an image is attached as /dev/vda copy-on-write (the original is only
+    /// read; the guest's writes go to a private unnamed file that vanishes
+    /// with the VM) and every
     /// command runs inside it. See [`VmConfig::rootfs`] and the README's
     /// "Root file systems".
     pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
@@ -169,7 +170,7 @@ impl SandboxBuilder {
         self
     }
 
-    /// Where the scratch copy of an image root goes (see
+    /// Where the overlay (the guest's writes) of an image root goes (see
     /// [`VmConfig::scratch_dir`]; default: next to the image).
     pub fn scratch_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.scratch_dir = Some(dir.into());

@@ -270,7 +270,9 @@ impl List {
             libc::SYS_read,  // eventfds, the TAP, console input
             libc::SYS_readv, // the TAP
             libc::SYS_writev,
-            libc::SYS_pread64, // virtio-blk
+            // virtio-blk; an overlay disk (an image root) reads two files,
+            // its base and its overlay, and writes only the overlay.
+            libc::SYS_pread64,
             libc::SYS_pwrite64,
             libc::SYS_fdatasync, // virtio-blk flush
             libc::SYS_getrandom, // virtio-rng
@@ -284,7 +286,8 @@ impl List {
             libc::SYS_timerfd_settime,
         ]);
         // virtio-blk discard (a hole punched) and write-zeroes (a range
-        // zeroed), both within the file's size.
+        // zeroed), both within the file's size; an overlay disk punches
+        // holes in its overlay for both.
         for mode in [libc::FALLOC_FL_PUNCH_HOLE, libc::FALLOC_FL_ZERO_RANGE] {
             let mode = (mode | libc::FALLOC_FL_KEEP_SIZE) as u64;
             self.allow_if(libc::SYS_fallocate, &[arg_eq(1, mode)]);

@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::host_profile::HostProfile;
 use crate::lifecycle::Lifecycle;
-use crate::rootfs::{self, Rootfs, RootfsError};
+use crate::rootfs::{self, Rootfs};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::Snapshot;
 use crate::vcpu::install_kick_handler;
@@ -75,10 +75,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     let mut event_loop = EventLoop::new()?;
     let mut devices =
         DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
-    let stop = || life.is_stopping();
-    if let Some(input) =
-        attach_virtio_devices(&slots, &mut devices, &output, io.input, config, &stop)?
-    {
+    if let Some(input) = attach_virtio_devices(&slots, &mut devices, &output, io.input, config)? {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
@@ -141,7 +138,7 @@ pub(crate) fn has_virtio_devices(config: &VmConfig) -> bool {
 
 /// Where the set-up gives up once the VM has been asked to stop (a signal
 /// to `kiln run`, [`VmHandle::stop`](crate::VmHandle::stop)): between its
-/// steps, and within the long ones (a scratch copy).
+/// steps.
 fn stop_point(life: &Lifecycle) -> Result<()> {
     match life.is_stopping() {
         true => Err(Error::Io {
@@ -229,7 +226,7 @@ fn build_cmdline(
 /// One virtio device of a VM; its place in [`virtio_slots`] is its MMIO
 /// window and IRQ, and the guest's name for it.
 enum VirtioSlot<'a> {
-    /// The image, and where its scratch copy goes.
+    /// The image, and where its overlay (the guest's writes) goes.
     RootImage(&'a Path, Option<&'a Path>),
     Disk(&'a DiskConfig),
     Rng(&'a RateLimit),
@@ -290,22 +287,15 @@ fn attach_virtio_devices(
     output: &SharedWriter,
     mut input: Option<File>,
     config: &VmConfig,
-    stop: &dyn Fn() -> bool,
 ) -> Result<Option<File>> {
     let (seccomp, run_as) = (config.seccomp, config.run_as);
     use kiln_devices::virtio::net::{MacAddr, Net};
     for slot in slots {
         match *slot {
             VirtioSlot::RootImage(path, scratch_dir) => {
-                // Unnamed: closing it (when the VM ends, whatever way) deletes it.
-                let copy = rootfs::scratch_copy(path, scratch_dir, stop).map_err(|source| {
-                    RootfsError::Copy {
-                        path: path.to_owned(),
-                        source,
-                    }
-                })?;
-                let image = DiskImage::from_file(copy, path, false, Some(rootfs::IMAGE_DISK_ID))
-                    .map_err(Error::RootfsImage)?;
+                // Its writes go to an unnamed file: closing it (when the VM
+                // ends, whatever way) deletes them.
+                let image = rootfs::root_disk(path, scratch_dir).map_err(Error::RootfsImage)?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
                 devices.attach_virtio(block)?;
             }

@@ -1,7 +1,8 @@
 //! virtio-blk: request chains from a hostile driver, parsed and executed
-//! against a disk image in a memfd. Beyond the bounds every target has, the
-//! image never grows (no access past its end) and a read-only image never
-//! changes.
+//! against a disk image in a memfd, or a copy-on-write overlay disk over one
+//! (its overlay another memfd). Beyond the bounds every target has, the image
+//! never grows (no access past its end), a read-only image never changes,
+//! and an overlay's base is never written.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
@@ -20,8 +21,9 @@ pub const TARGET: Target = Target {
     name: "block",
     run,
     // The bounce buffer (at most one SIZE_MAX piece), parsed chains and
-    // requests (a ring of segments), the discard ranges and the event loop.
-    memory_cap: SIZE_MAX as usize + (512 << 10),
+    // requests (a ring of segments), the discard ranges and the event loop,
+    // and an overlay's copy-up of one chunk.
+    memory_cap: SIZE_MAX as usize + (512 << 10) + (64 << 10),
     memory_per_input_byte: 0,
     seeds,
 };
@@ -57,14 +59,21 @@ pub(crate) fn memfd(size: u64) -> File {
 fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let sectors = u64::from(input.u8());
-    let read_only = input.bool();
+    // Bit 0: read-only; else bit 1: an overlay disk.
+    let mode = input.u8();
+    let read_only = mode & 1 == 1;
+    let overlay = !read_only && mode & 2 == 2;
     let size = sectors * SECTOR_SIZE;
     let file = memfd(size);
     let pattern: Vec<u8> = (0..size).map(|i| (i * 7 + i / 512) as u8).collect();
     file.write_all_at(&pattern, 0).expect("memfd write");
     let check = file.try_clone().expect("dup");
-    let disk = DiskImage::from_file(file, Path::new("fuzz.img"), read_only, Some("fuzz-disk"))
-        .expect("a memfd of whole sectors is a disk");
+    let path = Path::new("fuzz.img");
+    let disk = match overlay {
+        true => DiskImage::overlay_on(file, memfd(0), path, Some("fuzz-disk")),
+        false => DiskImage::from_file(file, path, read_only, Some("fuzz-disk")),
+    }
+    .expect("a memfd of whole sectors is a disk");
     let mut h = Harness::new(Block::new(disk).expect("eventfd"));
     while !input.is_empty() {
         match input.u8() % OPS {
@@ -75,10 +84,13 @@ fn run(data: &[u8]) {
     drop(h);
     let now = check.metadata().expect("fstat").len();
     assert_eq!(now, size, "the guest changed the size of its disk image");
-    if read_only {
+    if read_only || overlay {
         let mut after = vec![0u8; size as usize];
         check.read_exact_at(&mut after, 0).expect("memfd read");
-        assert!(after == pattern, "the guest wrote to a read-only disk");
+        assert!(
+            after == pattern,
+            "the guest wrote to a read-only disk or a base"
+        );
     }
 }
 
@@ -164,6 +176,17 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     script_request(&mut s, 0, 3, &[1024], &[]);
     let read_only = s.build();
 
+    // The same writes, reads and discards on an overlay disk, across its
+    // first 64 KiB chunk boundary (sector 128).
+    let mut s = Script::new();
+    s.u8(200).u8(2).activate(1, 16, features);
+    script_request(&mut s, 1, 126, &[2048], &[0xcd; 2048]);
+    script_request(&mut s, 0, 120, &[8192], &[]);
+    script_request(&mut s, 4, 0, &[16], &segment);
+    script_request(&mut s, 5, 0, &[16], &segment);
+    script_request(&mut s, 2, 0, &[], &[]);
+    let overlay = s.build();
+
     // The raw chain Linux builds for one 4 KiB read, through the ring ops.
     let raw = Script::new()
         .u8(64)
@@ -188,6 +211,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("write-read-flush-id", rw),
         ("discard-write-zeroes", discard),
         ("read-only", read_only),
+        ("overlay", overlay),
         ("raw-read-chain", raw),
     ]
 }

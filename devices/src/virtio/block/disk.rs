@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
+use super::overlay::{unnamed_file_at, BaseStamp, Overlay, OverlayPlace};
+
 /// virtio-blk's sector: every offset and length the guest gives is in these.
 pub(crate) const SECTOR_SIZE: u64 = 512;
 /// Length of the id string GET_ID returns (not NUL-terminated at 20 bytes).
@@ -50,15 +52,39 @@ pub enum DiskError {
     /// excludes everyone, a reader excludes writers.
     #[error("disk image {0} is in use by another process (locked)")]
     Locked(PathBuf),
+    /// The base of an overlay disk changed (size or modification time)
+    /// since it was opened.
+    #[error("disk image {0} changed while it was in use as a base")]
+    BaseChanged(PathBuf),
+    /// The unnamed file of an overlay disk cannot be made in this directory
+    /// (missing, read-only, not the user's).
+    #[error("cannot make an overlay file in {}: {source}", dir.display())]
+    OverlayFile {
+        /// The directory (`memory (memfd)` for memory).
+        dir: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The serial is longer than virtio-blk can report.
     #[error("disk id '{0}' is longer than 20 bytes")]
     IdTooLong(String),
 }
 
-/// An open raw disk image and what the host file system allows on it.
+/// Where a disk's bytes are.
+#[derive(Debug)]
+enum Backing {
+    /// A raw image file, read and written in place.
+    Raw(File),
+    /// A base image only read, under an overlay that takes the writes.
+    Overlay(Overlay),
+}
+
+/// An open disk (a raw image, or a copy-on-write overlay over one) and what
+/// the host file system allows on it.
 #[derive(Debug)]
 pub struct DiskImage {
-    file: File,
+    backing: Backing,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -73,43 +99,98 @@ impl DiskImage {
     /// from the file name.
     pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, DiskError> {
         let id = checked_id(id, path)?;
-        // Look before opening: opening a FIFO would block, a directory may succeed.
-        let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => DiskError::NotFound(path.to_path_buf()),
+        let (file, is_file) = open_locked(path, read_only)?;
+        Self::with_backing(Backing::Raw(file), path, read_only, id, is_file)
+    }
+
+    /// A copy-on-write disk over the image at `path`: the image is opened
+    /// read-only and locked shared (a kiln that writes it, `--disk`, makes
+    /// this fail, and none can open it for writing meanwhile), and every
+    /// write the guest makes goes to a private unnamed file at `place`
+    /// (sparse: it costs only what the guest writes, up to the image's size).
+    /// An image that changed while the disk was set up is refused.
+    pub fn overlay(
+        path: &Path,
+        place: OverlayPlace<'_>,
+        id: Option<&str>,
+    ) -> Result<Self, DiskError> {
+        let id = checked_id(id, path)?;
+        let (base, _) = open_locked(path, true)?;
+        let stamp = BaseStamp::of(&base).map_err(|source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (upper, dir) = unnamed_file_at(place)
+            .map_err(|(dir, source)| DiskError::OverlayFile { dir, source })?;
+        log::info!(
+            "disk {}: copy-on-write, its writes in an unnamed file in {}",
+            path.display(),
+            dir.display()
+        );
+        Self::over(base, stamp, upper, path, id)
+    }
+
+    /// A copy-on-write disk over the open `base` (only ever read) whose
+    /// writes go to `overlay`, an empty file nobody else writes (e.g. a
+    /// memfd). Neither is locked. `path` names the disk in messages.
+    pub fn overlay_on(
+        base: File,
+        overlay: File,
+        path: &Path,
+        id: Option<&str>,
+    ) -> Result<Self, DiskError> {
+        let id = checked_id(id, path)?;
+        let stamp = BaseStamp::of(&base).map_err(|source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::over(base, stamp, overlay, path, id)
+    }
+
+    fn over(
+        base: File,
+        stamp: BaseStamp,
+        upper: File,
+        path: &Path,
+        id: [u8; ID_BYTES],
+    ) -> Result<Self, DiskError> {
+        let overlay = Overlay::new(base, stamp, upper).map_err(|source| match source.kind() {
+            std::io::ErrorKind::InvalidData => DiskError::BaseChanged(path.to_path_buf()),
             _ => DiskError::Open {
                 path: path.to_path_buf(),
                 source,
             },
         })?;
-        if meta.is_dir() {
-            return Err(DiskError::Directory(path.to_path_buf()));
-        }
-        if !meta.is_file() && !meta.file_type().is_block_device() {
-            return Err(DiskError::NotAFile(path.to_path_buf()));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| DiskError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        lock(&file, read_only).map_err(|source| {
-            if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                DiskError::Locked(path.to_path_buf())
-            } else {
-                DiskError::Open {
-                    path: path.to_path_buf(),
+        // The overlay's own file system decides about hole punching.
+        Self::with_backing(Backing::Overlay(overlay), path, false, id, false)
+    }
+
+    /// Fails with [`DiskError::BaseChanged`] if the base of an overlay disk
+    /// is no longer the size or has no longer the modification time it had
+    /// when it was opened (a raw disk always passes).
+    pub fn check_base(&self) -> Result<(), DiskError> {
+        match &self.backing {
+            Backing::Raw(_) => Ok(()),
+            Backing::Overlay(o) => o.check_base().map_err(|source| match source.kind() {
+                std::io::ErrorKind::InvalidData => DiskError::BaseChanged(self.path.clone()),
+                _ => DiskError::Open {
+                    path: self.path.clone(),
                     source,
-                }
-            }
-        })?;
-        Self::with_file(file, path, read_only, id, meta.is_file())
+                },
+            }),
+        }
+    }
+
+    /// The unnamed file an overlay disk writes to (none for a raw disk).
+    pub fn overlay_file(&self) -> Option<&File> {
+        match &self.backing {
+            Backing::Raw(_) => None,
+            Backing::Overlay(o) => Some(o.overlay_file()),
+        }
     }
 
     /// A disk on a file the caller opened (read-write unless `read_only`),
-    /// e.g. a private scratch copy nobody else can see: it is not locked.
+    /// e.g. a private copy nobody else can see: it is not locked.
     /// `path` names the disk in messages.
     pub fn from_file(
         file: File,
@@ -125,22 +206,25 @@ impl DiskImage {
         if !meta.is_file() && !meta.file_type().is_block_device() {
             return Err(DiskError::NotAFile(path.to_path_buf()));
         }
-        Self::with_file(file, path, read_only, id, meta.is_file())
+        Self::with_backing(Backing::Raw(file), path, read_only, id, meta.is_file())
     }
 
-    fn with_file(
-        mut file: File,
+    fn with_backing(
+        backing: Backing,
         path: &Path,
         read_only: bool,
         id: [u8; ID_BYTES],
         is_file: bool,
     ) -> Result<Self, DiskError> {
-        let size = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| DiskError::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let size = match &backing {
+            // A block device has no length in its metadata: seek to its end.
+            Backing::Raw(file) => (&mut &*file).seek(SeekFrom::End(0)),
+            Backing::Overlay(o) => Ok(o.size()),
+        }
+        .map_err(|source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         if size & (SECTOR_SIZE - 1) != 0 {
             return Err(DiskError::BadSize {
                 path: path.to_path_buf(),
@@ -149,10 +233,15 @@ impl DiskImage {
         }
         // Punching a hole past the end changes nothing, but tells whether the
         // file system supports it.
-        let punch_hole =
-            !read_only && is_file && fallocate(&file, PUNCH_HOLE_MODE, size, SECTOR_SIZE).is_ok();
+        let punch_hole = !read_only
+            && match &backing {
+                Backing::Raw(file) => {
+                    is_file && fallocate(file, PUNCH_HOLE_MODE, size, SECTOR_SIZE).is_ok()
+                }
+                Backing::Overlay(o) => o.can_punch_holes(),
+            };
         Ok(Self {
-            file,
+            backing,
             path: path.to_path_buf(),
             size,
             read_only,
@@ -192,31 +281,85 @@ impl DiskImage {
     }
 
     pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match &self.backing {
+            Backing::Raw(file) => file.read_exact_at(buf, offset),
+            Backing::Overlay(o) => o.read_at(buf, offset),
+        }
     }
 
     pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match &self.backing {
+            Backing::Raw(file) => file.write_all_at(buf, offset),
+            Backing::Overlay(o) => o.write_at(buf, offset),
+        }
     }
 
     /// Makes written data durable (`fdatasync`).
     pub(crate) fn sync(&self) -> std::io::Result<()> {
-        self.file.sync_data()
+        match &self.backing {
+            Backing::Raw(file) => file.sync_data(),
+            Backing::Overlay(o) => o.sync(),
+        }
     }
 
     /// Deallocates a range: it reads back as zeroes.
     pub(crate) fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        fallocate(&self.file, PUNCH_HOLE_MODE, offset, len)
+        match &self.backing {
+            Backing::Raw(file) => fallocate(file, PUNCH_HOLE_MODE, offset, len),
+            Backing::Overlay(o) => o.zero(offset, len),
+        }
     }
 
     /// Zeroes a range in place where the file system can; elsewhere punches
-    /// a hole, which reads back as zeroes too.
+    /// a hole, which reads back as zeroes too (an overlay always punches).
     pub(crate) fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        match fallocate(&self.file, ZERO_RANGE_MODE, offset, len) {
+        let Backing::Raw(file) = &self.backing else {
+            return self.punch_hole(offset, len);
+        };
+        match fallocate(file, ZERO_RANGE_MODE, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => self.punch_hole(offset, len),
             other => other,
         }
     }
+}
+
+/// Opens the image at `path` (read-write unless `read_only`) after checking
+/// what it is, and locks it (shared when read-only). Also tells whether it is
+/// a regular file (else a block device).
+fn open_locked(path: &Path, read_only: bool) -> Result<(File, bool), DiskError> {
+    // Look before opening: opening a FIFO would block, a directory may succeed.
+    let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => DiskError::NotFound(path.to_path_buf()),
+        _ => DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    if meta.is_dir() {
+        return Err(DiskError::Directory(path.to_path_buf()));
+    }
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(DiskError::NotAFile(path.to_path_buf()));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    lock(&file, read_only).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            DiskError::Locked(path.to_path_buf())
+        } else {
+            DiskError::Open {
+                path: path.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    Ok((file, meta.is_file()))
 }
 
 fn lock(file: &File, shared: bool) -> std::io::Result<()> {

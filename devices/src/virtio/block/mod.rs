@@ -1,4 +1,6 @@
-//! virtio-blk (device id 2): a raw disk image served from the event loop.
+//! virtio-blk (device id 2): a raw disk image, or a copy-on-write overlay
+//! over one (`overlay`: the image only read, the writes in a private
+//! unnamed file), served from the event loop.
 //!
 //! Every request is parsed from its descriptor chain before any byte moves
 //! (`request`); a chain that breaks a rule is answered with
@@ -12,6 +14,7 @@
 //! limit cannot pay for yet stays in the ring until the limit's timer fires.
 
 mod disk;
+mod overlay;
 mod request;
 
 use std::sync::Arc;
@@ -32,6 +35,7 @@ use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::rate_limiter::{RateLimit, Throttle};
 pub use disk::{DiskError, DiskImage};
 pub(crate) use disk::{ID_BYTES, SECTOR_SIZE};
+pub use overlay::OverlayPlace;
 
 /// virtio device id of a block device.
 pub(crate) const DEVICE_ID_BLOCK: u32 = 2;
@@ -436,5 +440,7 @@ impl MutEventSubscriber for Block {
     }
 }
 
+#[cfg(test)]
+mod overlay_tests;
 #[cfg(test)]
 mod tests;

@@ -129,8 +129,11 @@ struct Rig<'a> {
 
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMemoryMmap, img: &TempImage, ro: bool) -> Self {
+        Self::serving(mem, block(img, ro))
+    }
+
+    fn serving(mem: &'a GuestMemoryMmap, mut blk: Block) -> Self {
         let q = MockSplitQueue::new(mem, QSIZE);
-        let mut blk = block(img, ro);
         activate(&mut blk, mem, &q);
         Self { mem, q, blk }
     }
@@ -288,6 +291,61 @@ fn write_then_read_round_trip() {
     assert_eq!(back, pattern);
 
     assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, None), (0, 1));
+}
+
+/// An overlay disk through the device: a write that straddles chunks, a
+/// read over written and unwritten chunks, a write-zeroes over base bytes;
+/// what the guest reads is what it wrote, the image is never written, the
+/// device offers the image's size, writes, discard and write-zeroes.
+#[test]
+fn an_overlay_disk_serves_requests_and_never_writes_its_base() {
+    let img = TempImage::new("overlay.img", 256 << 10);
+    let before = img.bytes();
+    let dir = img.0.parent().unwrap().to_path_buf();
+    let disk = DiskImage::overlay(&img.0, OverlayPlace::Only(&dir), Some("cow")).unwrap();
+    let mem = memory();
+    let mut rig = Rig::serving(&mem, Block::new(disk).unwrap());
+    let features = rig.blk.features();
+    assert_eq!(features & (1 << VIRTIO_BLK_F_RO), 0);
+    assert_ne!(features & (1 << VIRTIO_BLK_F_DISCARD), 0);
+    assert_ne!(features & (1 << VIRTIO_BLK_F_WRITE_ZEROES), 0);
+    let mut capacity = [0u8; 8];
+    rig.blk.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), (256 << 10) / 512);
+
+    let mut model = before.clone();
+    // 8 KiB from 4 KiB before the first chunk boundary (64 KiB).
+    let written: Vec<u8> = (0..8192u32).map(|i| (i * 13 + 1) as u8).collect();
+    mem.write_slice(&written, GuestAddress(DATA)).unwrap();
+    let sector = (60 << 10) / 512;
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_OUT, sector, Some((8192, false))),
+        (0, 1)
+    );
+    model[60 << 10..68 << 10].copy_from_slice(&written);
+    // Write-zeroes over 2 sectors of the never-written third chunk.
+    let mut seg = [0u8; 16];
+    seg[0..8].copy_from_slice(&(((128 << 10) + 512) / 512u64).to_le_bytes());
+    seg[8..12].copy_from_slice(&2u32.to_le_bytes());
+    mem.write_slice(&seg, GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, false))),
+        (0, 1)
+    );
+    model[(128 << 10) + 512..(128 << 10) + 1536].fill(0);
+    assert_eq!(rig.request(VIRTIO_BLK_T_FLUSH, 0, None), (0, 1));
+    // All of it in one read (more than one chunk on each side).
+    mem.write_slice(&vec![0xffu8; 256 << 10], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        rig.request(VIRTIO_BLK_T_IN, 0, Some((256 << 10, true))),
+        (0, (256 << 10) + 1)
+    );
+    let mut back = vec![0u8; 256 << 10];
+    mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+    assert!(back == model, "the guest reads what it wrote over the base");
+    assert!(img.bytes() == before, "the base image was written");
+    rig.blk.disk().check_base().unwrap();
 }
 
 #[test]
