@@ -261,6 +261,18 @@ impl SandboxBuilder {
         Ok(crate::vmm::kernel_cmdline(&config)?)
     }
 
+    /// How long `build` waits for the agent (`None`: until it connects or
+    /// the VM ends). With a VM timeout and no boot timeout, the VM's own
+    /// timeout ends the wait (reported as the VM's outcome).
+    fn agent_wait_limit(&self) -> Option<Duration> {
+        match (self.config.boot_timeout, self.config.timeout) {
+            (Some(b), _) => Some(b),
+            (None, Some(t)) => Some(t + Duration::from_secs(5)),
+            (None, None) if self.no_default_boot_timeout => None,
+            (None, None) => Some(DEFAULT_BOOT_TIMEOUT),
+        }
+    }
+
     /// The VM a sandbox boots: the caller's config plus the agent's vsock
     /// device (on `socket`) and port.
     pub(crate) fn vm_config(&self, socket: PathBuf) -> Result<VmConfig> {
@@ -327,18 +339,11 @@ impl SandboxBuilder {
             }
         }
 
+        let limit = self.agent_wait_limit();
         let console = ConsoleRing::new(self.console);
         let io = ConsoleIo {
             output: Box::new(console.clone()),
             input: None,
-        };
-        // With a VM timeout and no boot timeout, the VM's own timeout ends
-        // the wait (reported as the VM's outcome).
-        let limit = match (config.boot_timeout, config.timeout) {
-            (Some(b), _) => Some(b),
-            (None, Some(t)) => Some(t + Duration::from_secs(5)),
-            (None, None) if self.no_default_boot_timeout => None,
-            (None, None) => Some(DEFAULT_BOOT_TIMEOUT),
         };
         let seccomp = config.seccomp;
         let vm = match self.isolation {
@@ -585,6 +590,29 @@ mod tests {
         assert_eq!(ring.tail().as_bytes(), &all[all.len() - 2048..]);
         // The console is shared: a clone sees the same bytes.
         assert_eq!(ring.clone().raw().len(), 64 << 10);
+    }
+
+    /// README: the wait for the agent is `.boot_timeout(d)`, else the VM's
+    /// timeout (plus 5 s: the VM's end reports first), else 300 s; `kiln
+    /// run` has no default (`None`: no limit).
+    #[test]
+    fn the_agent_wait_is_the_boot_timeout_else_the_vm_timeout_else_300_s() {
+        let builder = || SandboxBuilder::default().kernel("vmlinux");
+        let secs = Duration::from_secs;
+        assert_eq!(builder().agent_wait_limit(), Some(secs(300)));
+        assert_eq!(
+            builder().timeout(secs(10)).agent_wait_limit(),
+            Some(secs(15))
+        );
+        let both = builder().timeout(secs(10)).boot_timeout(secs(600));
+        assert_eq!(both.agent_wait_limit(), Some(secs(600)));
+        let cli = || builder().without_default_boot_timeout();
+        assert_eq!(cli().agent_wait_limit(), None);
+        assert_eq!(cli().timeout(secs(10)).agent_wait_limit(), Some(secs(15)));
+        assert_eq!(
+            cli().boot_timeout(secs(1)).agent_wait_limit(),
+            Some(secs(1))
+        );
     }
 
     /// README: `.console_kind(..)` on the builder picks the guest's console:
