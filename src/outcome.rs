@@ -1,7 +1,7 @@
 //! How a VM run ended, and the process exit status kiln maps it to.
 //!
 //! The guest command's own status passes through unchanged; the statuses kiln
-//! adds for other endings are in the documented 120-125 range, each with a
+//! adds for other endings are in the documented 119-125 range, each with a
 //! one-line reason on stderr. This is the README's "Exit status" table, as
 //! [`VmOutcome::exit_status`] computes it:
 //!
@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | 0-255 | [`Exited`](VmOutcome::Exited) | the command's own exit status |
 //! | 128+N | [`Signaled`](VmOutcome::Signaled) | the command was killed by signal N |
+//! | 119 | none: the sandbox's [`BootTimeout`](crate::sandbox::SandboxError::BootTimeout) | `kiln run`'s `--boot-timeout` passed before kiln's guest agent connected (the VM was stopped) |
 //! | 120 | [`GuestReset`](VmOutcome::GuestReset) | the guest reset or powered off before the command reported its status |
 //! | 121 | [`KernelPanic`](VmOutcome::KernelPanic) | the guest kernel panicked |
 //! | 122 | [`TripleFault`](VmOutcome::TripleFault) | the guest triple-faulted |
@@ -34,6 +35,9 @@
 
 use std::fmt;
 
+/// Exit status for: kiln's guest agent did not connect within `kiln run`'s
+/// `--boot-timeout` (not a [`VmOutcome`]: the VM was still booting).
+pub const STATUS_BOOT_TIMEOUT: i32 = 119;
 /// Exit status for: the guest reset or halted before the command reported.
 pub const STATUS_NO_REPORT: i32 = 120;
 /// Exit status for: the guest kernel panicked.
@@ -130,6 +134,7 @@ mod tests {
         assert_eq!(VmOutcome::Exited(3).exit_status(), 3);
         assert_eq!(VmOutcome::Signaled(9).exit_status(), 137);
         let kiln_statuses = [
+            STATUS_BOOT_TIMEOUT,
             VmOutcome::GuestReset.exit_status(),
             VmOutcome::KernelPanic(None).exit_status(),
             VmOutcome::TripleFault.exit_status(),
@@ -137,6 +142,6 @@ mod tests {
             VmOutcome::Timeout.exit_status(),
             STATUS_KILN_ERROR,
         ];
-        assert_eq!(kiln_statuses, [120, 121, 122, 123, 124, 125]);
+        assert_eq!(kiln_statuses, [119, 120, 121, 122, 123, 124, 125]);
     }
 }

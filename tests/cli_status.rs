@@ -2,7 +2,7 @@
 //! (resources/test-guests; no kernel boot, milliseconds each): a guest KVM
 //! cannot run (123) and a triple fault (122). Each is one line on stderr
 //! naming why, and nothing on stdout. The other statuses of README's table
-//! go through the binary in tests/tiny_guests.rs (120, 121, 124, 125) and
+//! go through the binary in tests/tiny_guests.rs (119, 120, 121, 124, 125) and
 //! tests/linux_boot.rs (the command's own, 128+N).
 
 mod common;

@@ -42,9 +42,17 @@ fn fifty_sandboxes_leave_no_threads_or_fds_behind() {
             }
             other => panic!("hello guest: {:?}", other.err()),
         }
-        // A guest that never answers: BootTimeout, the VM is stopped.
+        // A guest that never answers: BootTimeout naming the limit, the
+        // VM is stopped.
         match boot(&halt, 100) {
-            Err(SandboxError::BootTimeout { .. }) => {}
+            Err(e @ SandboxError::BootTimeout { timeout, .. }) => {
+                assert_eq!(timeout, Duration::from_millis(100));
+                let text = e.to_string();
+                assert!(
+                    text.starts_with("the guest agent did not connect within 100ms"),
+                    "{text}"
+                );
+            }
             other => panic!("halt guest: {:?}", other.err()),
         }
     };

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{
     guest_config, have_kvm, require, run_guest, run_guest_after, run_to_end, test_guest, Scratch,
 };
-use kiln::outcome::{STATUS_KILN_ERROR, STATUS_NO_REPORT, STATUS_TIMEOUT};
+use kiln::outcome::{STATUS_BOOT_TIMEOUT, STATUS_KILN_ERROR, STATUS_NO_REPORT, STATUS_TIMEOUT};
 use kiln::VmOutcome;
 
 macro_rules! require_kvm {
@@ -63,9 +63,15 @@ fn assert_one_line(out: &Output, needle: &str) {
 /// kiln refused `args` before the guest ran: status 125, one stderr line
 /// holding `needle`, nothing on stdout.
 fn assert_refused(out: &Output, args: &[&str], needle: &str) {
+    assert_kiln_ended(out, STATUS_KILN_ERROR, args, needle);
+}
+
+/// kiln ended the run of `args` itself, with `status` and one stderr line
+/// holding `needle`; nothing on stdout.
+fn assert_kiln_ended(out: &Output, status: i32, args: &[&str], needle: &str) {
     assert_eq!(
         out.status.code(),
-        Some(STATUS_KILN_ERROR),
+        Some(status),
         "{args:?}: stderr {}",
         stderr_of(out)
     );
@@ -307,17 +313,120 @@ fn timeout_stops_a_spinning_guest() {
         "stopped early: {took:?}"
     );
 
+    // Through the CLI; a longer --boot-timeout changes nothing: a
+    // --timeout that ends the boot first is still 124.
     let guest = test_guest("spin");
-    let out = kiln(&[
-        "--kernel",
-        path_str(&guest),
-        "--mem",
-        "32M",
-        "--timeout",
-        "300ms",
-    ]);
-    assert_eq!(out.status.code(), Some(STATUS_TIMEOUT));
-    assert_one_line(&out, "timeout");
+    for extra in [vec![], vec!["--boot-timeout", "60s"]] {
+        let mut args = vec!["--kernel", path_str(&guest), "--mem", "32M"];
+        args.extend(["--timeout", "300ms"]);
+        args.extend(&extra);
+        let out = kiln(&args);
+        assert_kiln_ended(
+            &out,
+            STATUS_TIMEOUT,
+            &args,
+            "kiln: timeout expired, VM stopped",
+        );
+    }
+}
+
+/// README: `--boot-timeout` bounds the wait for kiln's guest agent (a tiny
+/// guest never runs it) with its own status, 119, and one line naming the
+/// limit, whether or not a longer `--timeout` is given; nothing on stdout.
+#[test]
+fn boot_timeout_ends_the_wait_for_the_agent_with_its_own_status() {
+    require_kvm!();
+    let guest = test_guest("spin");
+    for extra in [vec![], vec!["--timeout", "60s"]] {
+        let mut args = vec!["--kernel", path_str(&guest), "--mem", "32M"];
+        args.extend(["--boot-timeout", "1s"]);
+        args.extend(&extra);
+        let out = kiln(&args);
+        assert_kiln_ended(
+            &out,
+            STATUS_BOOT_TIMEOUT,
+            &args,
+            "kiln: the guest agent did not connect within 1s (--boot-timeout), VM stopped: ",
+        );
+        assert!(stderr_of(&out).contains("try an image root or a longer --boot-timeout"));
+    }
+}
+
+/// `--boot-timeout` where no agent runs (`--vsock`: the device is the
+/// user's; an initrd's own init) is refused with one line, status 125.
+#[test]
+fn boot_timeout_without_the_agent_is_refused() {
+    require_kvm!();
+    let scratch = Scratch::new("boot-timeout-refused");
+    common::hand_to_jail(&scratch.0);
+    let initrd = scratch.path("initrd.cpio");
+    fs::write(&initrd, b"not read").unwrap();
+    let vsock = format!("cid=3,socket={}", path_str(&scratch.path("v.sock")));
+    let guest = test_guest("hello");
+    for no_agent in [
+        vec!["--vsock", vsock.as_str()],
+        vec!["--initrd", path_str(&initrd), "--cmdline", "rdinit=/init"],
+    ] {
+        let mut args = vec!["--kernel", path_str(&guest), "--mem", "32M"];
+        args.extend(&no_agent);
+        args.extend(["--boot-timeout", "1s"]);
+        assert_refused(
+            &kiln(&args),
+            &args,
+            "--boot-timeout is the wait for kiln's guest agent, which does not run with --vsock or an initrd's own init (rdinit=)",
+        );
+    }
+}
+
+/// README: a directory root that makes an initramfs of 16 MiB or more gets
+/// one warning line with its size and the image-root advice; the run goes
+/// on. A small root gets none.
+#[test]
+fn a_large_directory_root_gets_a_warning() {
+    require_kvm!();
+    let scratch = Scratch::new("large-root");
+    let (small, large) = (scratch.path("small"), scratch.path("large"));
+    fs::create_dir(&small).unwrap();
+    fs::create_dir(&large).unwrap();
+    // 16 MiB of zeros (a hole: nothing on disk), plus kiln's init.
+    let file = fs::File::create(large.join("blob")).unwrap();
+    file.set_len(16 << 20).unwrap();
+    common::hand_to_jail(&scratch.0);
+    let guest = test_guest("hello");
+    let run = |root: &Path| {
+        kiln(&[
+            "--kernel",
+            path_str(&guest),
+            "--mem",
+            "64M",
+            "--timeout",
+            "30s",
+            "--rootfs",
+            path_str(root),
+        ])
+    };
+    let out = run(&large);
+    assert_eq!(out.status.code(), Some(42), "{}", stderr_of(&out));
+    assert_eq!(out.stdout, b"hello from a tiny kiln guest\n");
+    let warned = format!("rootfs {}: ", path_str(&large));
+    assert_one_line(&out, &warned);
+    // The whole initramfs: the 16 MiB and kiln's init.
+    let err = stderr_of(&out);
+    let mib = err
+        .split(&warned)
+        .nth(1)
+        .and_then(|t| t.split_once(" MiB of initramfs, "));
+    let mib: u64 = mib.and_then(|(n, _)| n.parse().ok()).expect(&err);
+    assert!(mib > 16, "{err}");
+    assert!(
+        stderr_of(&out).contains("which the guest kernel unpacks before anything runs")
+            && stderr_of(&out).contains("an ext4 image root needs no unpacking"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = run(&small);
+    assert_eq!(out.status.code(), Some(42), "{}", stderr_of(&out));
+    assert!(out.stderr.is_empty(), "{}", stderr_of(&out));
 }
 
 #[test]
@@ -420,6 +529,9 @@ fn cli_rejects_bad_options_with_one_line() {
         (vec!["--cpus", "0"], "--cpus"),
         (vec!["--mem", "lots"], "--mem"),
         (vec!["--cpus=-1"], "--cpus"),
+        (vec!["--boot-timeout", "0"], "--boot-timeout"),
+        (vec!["--boot-timeout", "soon"], "--boot-timeout"),
+        (vec!["--boot-timeout=-1s"], "--boot-timeout"),
     ] {
         let mut all = vec!["--kernel", guest];
         all.extend(&args);

@@ -46,6 +46,7 @@ Exit status: the command's own status (128+N if killed by signal N), or:
   121  the guest kernel panicked
   122  the guest triple-faulted
   123  KVM could not run the guest (e.g. an instruction its emulator lacks)
+  119  the guest agent did not connect within --boot-timeout
   124  --timeout expired
   125  kiln itself failed (bad option, unreadable kernel or --rootfs, no /dev/kvm, ...)";
 
@@ -147,6 +148,11 @@ pub struct VmArgs {
     /// Stop the VM after this long (e.g. 30s, 2m, 500ms); exit status 124.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+    /// How long to wait for kiln's guest agent to connect (same syntax as
+    /// --timeout; default: no limit but --timeout); exit status 119 when
+    /// it passes. Not with --vsock or an initrd's own init (no agent).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub boot_timeout: Option<Duration>,
     /// Show the guest kernel's log and kiln's own timing messages.
     #[arg(short, long)]
     pub verbose: bool,
@@ -214,6 +220,7 @@ impl From<VmArgs> for VmConfig {
             mem_bytes,
             vcpus,
             timeout,
+            boot_timeout,
             verbose,
             use_pvh,
             console,
@@ -232,6 +239,7 @@ impl From<VmArgs> for VmConfig {
             mem_bytes,
             vcpus,
             timeout,
+            boot_timeout,
             verbose,
             use_pvh,
             console,
@@ -361,6 +369,7 @@ mod tests {
         "--mem=1G",
         "--cpus=2",
         "--timeout=30s",
+        "--boot-timeout=10m",
         "-v",
         "--no-pvh",
         "--console=virtio",

@@ -14,7 +14,7 @@ use super::terminal::{stdio_console, BootConsole, RawTerminal};
 use super::{CommandArgs, RunArgs};
 use crate::config::{Credentials, GuestCommand, SeccompMode};
 use crate::jail::{JailConfig, JailError, JailPlan};
-use crate::outcome::{STATUS_KILN_ERROR, STATUS_TIMEOUT};
+use crate::outcome::{STATUS_BOOT_TIMEOUT, STATUS_KILN_ERROR};
 use crate::sandbox::{self, ExitStatus, Isolation, SandboxBuilder, SandboxError};
 use crate::seccomp::{self, ThreadKind};
 use crate::{VmConfig, VmOutcome, VmStopper};
@@ -171,8 +171,11 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
         false => Box::new(boot_console.clone()),
     };
     let (flag, slot) = (interrupted.clone(), stopper.clone());
-    // kiln run is jailed as a whole: its VM runs on its own threads.
+    // kiln run is jailed as a whole: its VM runs on its own threads. Its
+    // user sees the boot: no wait for the agent unless asked (--boot-timeout,
+    // --timeout).
     let builder = SandboxBuilder::from(config)
+        .without_default_boot_timeout()
         .isolation(Isolation::InProcess)
         .console_output(console)
         .on_vm_started(move |vm| {
@@ -195,12 +198,16 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
             }
             return outcome.exit_status();
         }
+        // One line: the console has gone to stdout (or stderr with -v).
+        Err(SandboxError::BootTimeout { timeout, .. }) => {
+            eprintln!(
+                "kiln: the guest agent did not connect within {timeout:?} (--boot-timeout), VM stopped: the guest kernel may still be unpacking a directory or tar root (try an image root or a longer --boot-timeout)"
+            );
+            return STATUS_BOOT_TIMEOUT;
+        }
         Err(e) => {
             eprintln!("kiln: {e}");
-            return match e {
-                SandboxError::BootTimeout { .. } => STATUS_TIMEOUT,
-                _ => STATUS_KILN_ERROR,
-            };
+            return STATUS_KILN_ERROR;
         }
     };
     boot_console.agent_up();

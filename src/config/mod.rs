@@ -77,6 +77,12 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Wall-clock limit for the whole VM.
     pub timeout: Option<Duration>,
+    /// How long a sandbox (and `kiln run`'s agent path) waits for kiln's
+    /// guest agent to connect; it stops the VM when the limit passes. Only
+    /// for a VM with the agent (`agent_port`): a VM without it refuses the
+    /// setting. Default: see
+    /// [`SandboxBuilder::boot_timeout`](crate::sandbox::SandboxBuilder::boot_timeout).
+    pub boot_timeout: Option<Duration>,
     /// What kiln's init runs when there is no agent (`agent_port` unset).
     pub command: GuestCommand,
     /// Show the guest kernel's log on the console.
@@ -131,6 +137,7 @@ impl Default for VmConfig {
             mem_bytes: DEFAULT_MEM_BYTES,
             vcpus: 1,
             timeout: None,
+            boot_timeout: None,
             command: GuestCommand::default(),
             verbose: false,
             use_pvh: true,
@@ -590,6 +597,7 @@ mod tests {
         c.mem_bytes = 1 << 30;
         c.vcpus = 2;
         c.timeout = Some(Duration::from_millis(1500));
+        c.boot_timeout = Some(Duration::from_secs(600));
         c.command = GuestCommand {
             argv: vec![
                 "sh".into(),

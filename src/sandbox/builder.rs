@@ -25,18 +25,21 @@ const AGENT_PORT: u32 = 1024;
 const GUEST_CID: u64 = 3;
 /// Console bytes kept for error messages.
 const CONSOLE_KEEP: usize = 64 << 10;
-/// Without a VM timeout, how long the agent may take to connect.
+/// Without a boot or VM timeout, how long the agent may take to connect
+/// (unless [`SandboxBuilder::without_default_boot_timeout`]).
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Builds a [`Sandbox`]: `Sandbox::builder().kernel(..).build()`, or from a
 /// whole [`VmConfig`] (`SandboxBuilder::from(config)`). The VM options are the
 /// config's; the builder adds only what a sandbox needs: the agent's vsock
-/// device and port, how long to wait for the agent, the console copy, the
+/// device and port, the console copy, the
 /// default output limit and a hook that gets the VM's stopper at start.
 #[derive(Default)]
 pub struct SandboxBuilder {
     config: VmConfig,
-    boot_timeout: Option<Duration>,
+    /// No `DEFAULT_BOOT_TIMEOUT`: `kiln run` waits for the agent until a
+    /// boot or VM timeout it was given, or the user, ends it.
+    no_default_boot_timeout: bool,
     console: Option<Box<dyn Write + Send>>,
     output_limit: Option<usize>,
     on_vm_started: Option<Box<dyn FnOnce(VmStopper) + Send>>,
@@ -202,9 +205,20 @@ impl SandboxBuilder {
         self
     }
 
-    /// How long to wait for the guest agent (default: the VM timeout, else 300 s).
+    /// How long to wait for the guest agent to connect (default: the VM
+    /// timeout, else 300 s); `build` fails with
+    /// [`SandboxError::BootTimeout`] naming it when it passes. Sets
+    /// [`VmConfig::boot_timeout`].
     pub fn boot_timeout(mut self, limit: Duration) -> Self {
-        self.boot_timeout = Some(limit);
+        self.config.boot_timeout = Some(limit);
+        self
+    }
+
+    /// No 300 s default: without a boot or VM timeout, `build` waits for
+    /// the agent until it connects or the VM ends (`kiln run`, whose user
+    /// sees the boot and can stop it).
+    pub(crate) fn without_default_boot_timeout(mut self) -> Self {
+        self.no_default_boot_timeout = true;
         self
     }
 
@@ -246,6 +260,18 @@ impl SandboxBuilder {
         // The socket's path never reaches the guest.
         let config = self.vm_config(PathBuf::from("vsock.sock"))?;
         Ok(crate::vmm::kernel_cmdline(&config)?)
+    }
+
+    /// How long `build` waits for the agent (`None`: until it connects or
+    /// the VM ends). With a VM timeout and no boot timeout, the VM's own
+    /// timeout ends the wait (reported as the VM's outcome).
+    fn agent_wait_limit(&self) -> Option<Duration> {
+        match (self.config.boot_timeout, self.config.timeout) {
+            (Some(b), _) => Some(b),
+            (None, Some(t)) => Some(t + Duration::from_secs(5)),
+            (None, None) if self.no_default_boot_timeout => None,
+            (None, None) => Some(DEFAULT_BOOT_TIMEOUT),
+        }
     }
 
     /// The VM a sandbox boots: the caller's config plus the agent's vsock
@@ -314,17 +340,11 @@ impl SandboxBuilder {
             }
         }
 
+        let limit = self.agent_wait_limit();
         let console = ConsoleRing::new(self.console);
         let io = ConsoleIo {
             output: Box::new(console.clone()),
             input: None,
-        };
-        // With a VM timeout and no boot timeout, the VM's own timeout ends
-        // the wait (reported as the VM's outcome).
-        let limit = match (self.boot_timeout, config.timeout) {
-            (Some(b), _) => b,
-            (None, Some(t)) => t + Duration::from_secs(5),
-            (None, None) => DEFAULT_BOOT_TIMEOUT,
         };
         let seccomp = config.seccomp;
         let vm = match self.isolation {
@@ -366,7 +386,8 @@ impl SandboxBuilder {
                 SandboxVm::Process(vm)
             }
         };
-        let deadline = started + limit;
+        // No deadline past what an Instant can hold.
+        let deadline = limit.and_then(|l| started.checked_add(l));
         let stream = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
@@ -376,27 +397,33 @@ impl SandboxBuilder {
             if vm.is_finished() {
                 return Err(vm_ended(vm, &console));
             }
-            if Instant::now() >= deadline {
-                drop(vm);
-                return Err(SandboxError::BootTimeout {
-                    timeout: limit,
-                    console: console.tail(),
-                });
+            if let (Some(limit), Some(deadline)) = (limit, deadline) {
+                if Instant::now() >= deadline {
+                    drop(vm);
+                    return Err(SandboxError::BootTimeout {
+                        timeout: limit,
+                        console: console.tail(),
+                    });
+                }
             }
             // The agent's connection and the VM's end (a stop included) wake
             // this at once; the timer only serves the deadline.
             wait_readable(
                 &listener,
                 vm.finished_fd(),
-                deadline.saturating_duration_since(Instant::now()),
+                deadline.map(|d| d.saturating_duration_since(Instant::now())),
             );
         };
         drop(listener);
         stream
             .set_nonblocking(false)
             .map_err(SandboxError::io("agent socket"))?;
+        // The agent greets as it connects: without a deadline, as long as
+        // the default boot wait.
         let hello_timeout = deadline
-            .saturating_duration_since(Instant::now())
+            .map_or(DEFAULT_BOOT_TIMEOUT, |d| {
+                d.saturating_duration_since(Instant::now())
+            })
             .max(Duration::from_secs(5));
         let mut sandbox =
             Sandbox::start(stream, hello_timeout, console, Some(vm), Some(dir), seccomp)?;
@@ -407,15 +434,17 @@ impl SandboxBuilder {
 }
 
 /// Sleeps until `listener` has a connection waiting, the VM has ended
-/// (`vm_finished` hangs up) or `max` has passed (the deadline): the agent's
-/// connection, or the VM's end, is seen at once.
-fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Duration) {
+/// (`vm_finished` hangs up) or `max` has passed (the deadline; `None`: no
+/// deadline): the agent's connection, or the VM's end, is seen at once.
+fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Option<Duration>) {
     let mut fds = [listener.as_raw_fd(), vm_finished.as_raw_fd()].map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     });
-    let millis = max.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+    let millis = max.map_or(-1, |max| {
+        max.as_millis().min(libc::c_int::MAX as u128) as libc::c_int
+    });
     // SAFETY: `fds` is a valid array of two pollfds for the duration of the
     // call, and both descriptors stay open (borrowed from their owners).
     unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
@@ -562,6 +591,29 @@ mod tests {
         assert_eq!(ring.tail().as_bytes(), &all[all.len() - 2048..]);
         // The console is shared: a clone sees the same bytes.
         assert_eq!(ring.clone().raw().len(), 64 << 10);
+    }
+
+    /// README: the wait for the agent is `.boot_timeout(d)`, else the VM's
+    /// timeout (plus 5 s: the VM's end reports first), else 300 s; `kiln
+    /// run` has no default (`None`: no limit).
+    #[test]
+    fn the_agent_wait_is_the_boot_timeout_else_the_vm_timeout_else_300_s() {
+        let builder = || SandboxBuilder::default().kernel("vmlinux");
+        let secs = Duration::from_secs;
+        assert_eq!(builder().agent_wait_limit(), Some(secs(300)));
+        assert_eq!(
+            builder().timeout(secs(10)).agent_wait_limit(),
+            Some(secs(15))
+        );
+        let both = builder().timeout(secs(10)).boot_timeout(secs(600));
+        assert_eq!(both.agent_wait_limit(), Some(secs(600)));
+        let cli = || builder().without_default_boot_timeout();
+        assert_eq!(cli().agent_wait_limit(), None);
+        assert_eq!(cli().timeout(secs(10)).agent_wait_limit(), Some(secs(15)));
+        assert_eq!(
+            cli().boot_timeout(secs(1)).agent_wait_limit(),
+            Some(secs(1))
+        );
     }
 
     /// README: `.console_kind(..)` on the builder picks the guest's console:

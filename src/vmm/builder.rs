@@ -158,6 +158,11 @@ fn validate(config: &VmConfig) -> Result<()> {
             mptable::MAX_CPUS
         )));
     }
+    if config.boot_timeout.is_some() && config.agent_port.is_none() {
+        return Err(Error::Config(
+            "--boot-timeout is the wait for kiln's guest agent, which does not run with --vsock or an initrd's own init (rdinit=)".into(),
+        ));
+    }
     for (i, net) in config.nets.iter().enumerate() {
         if config.nets[..i].iter().any(|n| n.tap == net.tap) {
             return Err(Error::Config(format!(
@@ -394,6 +399,9 @@ fn load_kernel_and_initramfs(
     let stop = Box::new(move || life.is_stopping());
     let kiln_archive =
         initramfs::kiln_initramfs_with(&spec, config.agent_port, rootfs, limit, Some(stop))?;
+    if let Some(warning) = rootfs.and_then(|r| r.large_root_warning(kiln_archive.len())) {
+        log::warn!("{warning}");
+    }
     initramfs.extend_from_slice(&kiln_archive);
     let initrd = boot::params::load_initrd(mem, &kernel, config.mem_bytes, &initramfs)?;
     Ok((kernel, Some(initrd)))
