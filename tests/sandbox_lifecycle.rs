@@ -64,8 +64,8 @@ fn fifty_sandboxes_leave_no_threads_or_fds_behind() {
     }
     assert_eq!(count("/proc/self/fd"), fds, "file descriptors leaked");
     assert_eq!(count("/proc/self/task"), threads, "threads leaked");
-    // The socket directories (kiln-sandbox-PID-...) are removed too.
-    let mine = format!("kiln-sandbox-{}-", std::process::id());
+    // The socket directories (kiln-PID-...) are removed too.
+    let mine = format!("kiln-{}-", std::process::id());
     let left: Vec<_> = std::fs::read_dir(std::env::temp_dir())
         .unwrap()
         .filter_map(|e| e.ok())

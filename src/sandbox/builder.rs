@@ -310,6 +310,8 @@ impl SandboxBuilder {
         let config = self.vm_config(socket.clone())?;
         let mut agent_path = socket.into_os_string();
         agent_path.push(format!("_{AGENT_PORT}"));
+        fits_a_socket_address(Path::new(&agent_path))
+            .map_err(SandboxError::io("binding the agent socket"))?;
         // Listening before boot: the agent connects as soon as it starts.
         let listener = UnixListener::bind(&agent_path)
             .map_err(SandboxError::io("binding the agent socket"))?;
@@ -520,6 +522,24 @@ impl Write for ConsoleRing {
     }
 }
 
+/// A Unix socket's path holds at most 107 bytes: a longer one is refused
+/// naming the setting that makes it long, not with the kernel's bare EINVAL.
+fn fits_a_socket_address(path: &Path) -> io::Result<()> {
+    const SOCKET_PATH_MAX: usize = 107;
+    let len = path.as_os_str().len();
+    match len <= SOCKET_PATH_MAX {
+        true => Ok(()),
+        false => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is {len} bytes, over the {SOCKET_PATH_MAX} a Unix socket's path takes: \
+                 set TMPDIR to a shorter directory",
+                path.display()
+            ),
+        )),
+    }
+}
+
 /// A private (0700) directory for the VM's sockets, removed on drop.
 pub(crate) struct TempDir(PathBuf);
 
@@ -530,8 +550,8 @@ impl TempDir {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
-        let path =
-            std::env::temp_dir().join(format!("kiln-sandbox-{}-{n}-{nanos:x}", std::process::id()));
+        // Short: the agent's socket path inside must fit a sockaddr_un.
+        let path = std::env::temp_dir().join(format!("kiln-{}-{n}-{nanos:x}", std::process::id()));
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
@@ -553,6 +573,17 @@ impl Drop for TempDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_path_too_long_names_tmpdir() {
+        let fits = PathBuf::from(format!("/{}", "a".repeat(106)));
+        assert!(fits_a_socket_address(&fits).is_ok());
+        let long = PathBuf::from(format!("/{}", "a".repeat(107)));
+        let e = fits_a_socket_address(&long).unwrap_err().to_string();
+        assert!(e.contains("108 bytes") && e.contains("set TMPDIR"), "{e}");
+        let e = SandboxError::io("binding the agent socket")(io::Error::other(e)).to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
 
     /// A writer whose bytes the test can read back.
     #[derive(Clone, Default)]
