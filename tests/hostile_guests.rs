@@ -437,6 +437,29 @@ impl Driver {
         self.wait_used(rng, rng.next_avail);
     }
 
+    /// vsock set up and running (its event queue too); returns its rx and
+    /// tx rings.
+    fn vsock_running(&mut self) -> (Ring, Ring) {
+        let mut rx = Ring::at(VSOCK_RINGS[0]);
+        let mut tx = Ring::at(VSOCK_RINGS[1]);
+        self.negotiate(VSOCK, VERSION_1);
+        self.queue(VSOCK, 0, &mut rx);
+        self.queue(VSOCK, 1, &mut tx);
+        self.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
+        self.driver_ok(VSOCK);
+        (rx, tx)
+    }
+
+    /// Posts `n` 256-byte receive buffers on vsock (heads 0..n, buffer i at
+    /// `RX_BUFFERS + 0x100 * i`) and notifies.
+    fn post_vsock_rx(&mut self, rx: &mut Ring, n: u16) {
+        for i in 0..n {
+            self.chain(rx, i, &[(RX_BUFFERS + 0x100 * u64::from(i), 0x100, WRITE)]);
+            self.publish(rx, i);
+        }
+        self.notify(VSOCK, 0);
+    }
+
     /// rng set up and running.
     fn rng_running(&mut self) -> Ring {
         let mut ring = Ring::at(RNG_RING);
@@ -1339,17 +1362,8 @@ fn device_reset_in_the_middle_of_requests() {
         after_reset.push(d.status(RNG));
     }
     // vsock reset while it holds the driver's receive buffers.
-    let mut rx = Ring::at(VSOCK_RINGS[0]);
-    d.negotiate(VSOCK, VERSION_1);
-    d.queue(VSOCK, 0, &mut rx);
-    d.queue(VSOCK, 1, &mut Ring::at(VSOCK_RINGS[1]));
-    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
-    d.driver_ok(VSOCK);
-    for i in 0..8u16 {
-        d.chain(&rx, i, &[(RX_BUFFERS + 0x100 * u64::from(i), 0x100, WRITE)]);
-        d.publish(&mut rx, i);
-    }
-    d.notify(VSOCK, 0);
+    let (mut rx, _) = d.vsock_running();
+    d.post_vsock_rx(&mut rx, 8);
     d.reset(VSOCK);
     after_reset.push(d.status(VSOCK));
     let recovery = recover(&mut d);
@@ -1427,18 +1441,8 @@ fn vsock_header(
 #[test]
 fn vsock_packets_with_bad_ops_lengths_and_cids() {
     let mut d = Driver::default();
-    let mut rx = Ring::at(VSOCK_RINGS[0]);
-    let mut tx = Ring::at(VSOCK_RINGS[1]);
-    d.negotiate(VSOCK, VERSION_1);
-    d.queue(VSOCK, 0, &mut rx);
-    d.queue(VSOCK, 1, &mut tx);
-    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
-    d.driver_ok(VSOCK);
-    for i in 0..8u16 {
-        d.chain(&rx, i, &[(RX_BUFFERS + 0x100 * u64::from(i), 0x100, WRITE)]);
-        d.publish(&mut rx, i);
-    }
-    d.notify(VSOCK, 0);
+    let (mut rx, mut tx) = d.vsock_running();
+    d.post_vsock_rx(&mut rx, 8);
     let host = 2;
     // Ports 2004 and 2005 have listeners: only the packets' CID and type
     // keep them from connecting.
@@ -1712,13 +1716,7 @@ impl Driver {
     /// reset for each, the last 16 wait in the ring. Returns its rx and tx
     /// rings; an rng barrier was the last step.
     fn vsock_held_back(&mut self) -> (Ring, Ring) {
-        let mut rx = Ring::at(VSOCK_RINGS[0]);
-        let mut tx = Ring::at(VSOCK_RINGS[1]);
-        self.negotiate(VSOCK, VERSION_1);
-        self.queue(VSOCK, 0, &mut rx);
-        self.queue(VSOCK, 1, &mut tx);
-        self.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
-        self.driver_ok(VSOCK);
+        let (rx, mut tx) = self.vsock_running();
         self.s.copy(
             PACKETS,
             &vsock_header(GUEST_CID, 2, 1000, 2000, 0, 1, 99), // unknown op
@@ -1754,11 +1752,7 @@ fn vsock_replies_the_guest_never_takes_are_bounded() {
     let (mut rx, tx) = d.vsock_held_back();
     let held_back = d.s.r16(tx.used_idx());
     // 16 receive buffers: 16 resets out, room for the 16 packets left.
-    for i in 0..QSIZE {
-        d.chain(&rx, i, &[(RX_BUFFERS + 0x100 * u64::from(i), 0x100, WRITE)]);
-        d.publish(&mut rx, i);
-    }
-    d.notify(VSOCK, 0);
+    d.post_vsock_rx(&mut rx, QSIZE);
     d.wait_used(&rx, QSIZE);
     d.wait_used(&tx, 17 * QSIZE);
     let first_op = d.s.r16(RX_BUFFERS + 30);
@@ -1856,18 +1850,8 @@ fn host_end_state(mut stream: &UnixStream) -> (Vec<u8>, bool) {
 #[test]
 fn vsock_bad_packets_on_live_connections_reset_them() {
     let mut d = Driver::default();
-    let mut rx = Ring::at(VSOCK_RINGS[0]);
-    let mut tx = Ring::at(VSOCK_RINGS[1]);
-    d.negotiate(VSOCK, VERSION_1);
-    d.queue(VSOCK, 0, &mut rx);
-    d.queue(VSOCK, 1, &mut tx);
-    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
-    d.driver_ok(VSOCK);
-    for i in 0..QSIZE {
-        d.chain(&rx, i, &[(RX_BUFFERS + 0x100 * u64::from(i), 0x100, WRITE)]);
-        d.publish(&mut rx, i);
-    }
-    d.notify(VSOCK, 0);
+    let (mut rx, mut tx) = d.vsock_running();
+    d.post_vsock_rx(&mut rx, QSIZE);
     // Five connections to host port 2100 (kiln connects each to its
     // listener), then one bad packet on each of the first four.
     d.vsock_listeners = vec![2100];
@@ -2307,17 +2291,11 @@ impl Driver {
 #[test]
 fn vsock_credit_that_overflows_wraps_or_storms() {
     let mut d = Driver::default();
-    let mut rx = Ring::at(VSOCK_RINGS[0]);
-    let mut tx = Ring::at(VSOCK_RINGS[1]);
     // The host connects to guest port 1201 (after this first read) and has
     // 32 KiB for it at once.
     let cid = d.s.r32(VSOCK + CONFIG);
     d.vsock_connects = vec![(CREDIT_GUEST_PORT, host_data(32 << 10))];
-    d.negotiate(VSOCK, VERSION_1);
-    d.queue(VSOCK, 0, &mut rx);
-    d.queue(VSOCK, 1, &mut tx);
-    d.queue(VSOCK, 2, &mut Ring::at(VSOCK_RINGS[2]));
-    d.driver_ok(VSOCK);
+    let (mut rx, mut tx) = d.vsock_running();
     let mut rng = d.rng_running();
     // Reads of (op, length, first payload byte) of each packet received,
     // and of how many were received after each step (behind a barrier).
