@@ -255,6 +255,7 @@ impl From<VmArgs> for VmConfig {
             agent_port: None,
             // The jail's (`JailArgs`), once it is entered.
             run_as: None,
+            restore_from: None,
         }
     }
 }
@@ -389,7 +390,7 @@ mod tests {
         let json = |c: &VmConfig| serde_json::to_value(c).unwrap();
         let (set, default) = (json(&config), json(&VmConfig::default()));
         // What `kiln run` sets apart from its VM options (run_as: the jail).
-        let not_vm_options = ["command", "agent_port", "run_as"];
+        let not_vm_options = ["command", "agent_port", "run_as", "restore_from"];
         for (field, value) in default.as_object().unwrap() {
             assert_eq!(
                 set[field] != *value,

@@ -114,6 +114,12 @@ pub struct VmConfig {
     /// runs one VM and nothing else: `kiln run`'s jail sets it (see
     /// `kiln::jail`); an embedder's own threads would change too.
     pub run_as: Option<Credentials>,
+    /// Start from the snapshot in this directory (`kiln snapshot create`)
+    /// instead of booting. The snapshot gives everything the guest sees:
+    /// memory size, vCPUs, devices, kernel command line, root; this config
+    /// gives only the host side (see `restored_from`): the vsock socket,
+    /// seccomp, jail ids, timeouts, log level. The directory is only read.
+    pub restore_from: Option<PathBuf>,
 }
 
 /// A uid and gid to run as.
@@ -150,6 +156,7 @@ impl Default for VmConfig {
             agent_port: None,
             seccomp: SeccompMode::On,
             run_as: None,
+            restore_from: None,
         }
     }
 }
@@ -161,6 +168,27 @@ impl VmConfig {
             kernel: kernel.into(),
             ..Self::default()
         }
+    }
+
+    /// The configuration of a VM restored from a snapshot saved with
+    /// `saved`, asked for with `self`: the guest-visible options are the
+    /// snapshot's (they are in its memory), the host-side ones are `self`'s:
+    /// the vsock device's socket (its CID stays), seccomp, jail ids, timeouts
+    /// and log level. Disks and TAPs are reopened by the names in `saved`.
+    pub(crate) fn restored_from(&self, saved: &VmConfig) -> VmConfig {
+        let mut config = saved.clone();
+        if let (Some(vsock), Some(ours)) = (config.vsock.as_mut(), self.vsock.as_ref()) {
+            vsock.socket = ours.socket.clone();
+        }
+        config.timeout = self.timeout;
+        config.boot_timeout = self.boot_timeout;
+        config.verbose = self.verbose;
+        config.seccomp = self.seccomp;
+        config.run_as = self.run_as;
+        config.scratch_dir = self.scratch_dir.clone();
+        config.command = self.command.clone();
+        config.restore_from = self.restore_from.clone();
+        config
     }
 
     /// The user's own init when the guest is a user initrd started by it

@@ -159,8 +159,9 @@ pub fn resume(vm: &VmHandle) {
 pub fn restore(dir: &Path, io: ConsoleIo, started: Instant) -> crate::Result<VmHandle> {
     let snapshot = Snapshot::open(dir)?;
     let config = snapshot.saved.config.clone();
+    let build_config = config.clone();
     let (vm, gate) = crate::vmm::spawn_built(config, started, move |life| {
-        crate::vmm::build_restored(&snapshot, io, life)
+        crate::vmm::build_restored(&snapshot, &build_config, io, life)
     })?;
     gate.open();
     Ok(vm)
@@ -175,7 +176,7 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
-    fn open(dir: &Path) -> Result<Self, SnapshotError> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, SnapshotError> {
         let (header, saved) = format::read_state(&dir.join(STATE_FILE))?;
         let host = HostCpu::detect();
         if host.vendor != header.host_cpu.vendor {

@@ -100,12 +100,14 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
 /// memory mapped privately from the memory file, the devices every kiln VM
 /// has (fresh: their state is not saved yet), and the vCPUs and the VM
 /// restored to the saved state.
+/// `config` is the VM's configuration (the saved one with the restoring
+/// front end's host side: `VmConfig::restored_from`).
 pub(crate) fn build_restored(
     snapshot: &Snapshot,
+    config: &VmConfig,
     io: ConsoleIo,
     life: &Arc<Lifecycle>,
 ) -> Result<BuiltVm> {
-    let config = &snapshot.saved.config;
     validate(config)?;
     install_kick_handler()?;
     let mem = memory::map_guest_memory_file(config.mem_bytes, &snapshot.memory)

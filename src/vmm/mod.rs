@@ -21,6 +21,7 @@ use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
 use crate::pause::Pause;
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::Snapshot;
 use crate::vcpu::{ExitCounts, VcpuThread};
 use crate::vm::Vm;
 
@@ -85,12 +86,22 @@ pub fn spawn(config: VmConfig, io: ConsoleIo, started: Instant) -> Result<VmHand
 
 /// As [`spawn`], but the guest does not start before [`GuestGate::open`]:
 /// the caller can first install its own seccomp filter (which a thread
-/// started after it would inherit). The VM is built meanwhile.
+/// started after it would inherit). The VM is built meanwhile. A config
+/// with [`restore_from`](VmConfig::restore_from) has its snapshot's files
+/// checked here, before any thread starts.
 pub(crate) fn spawn_gated(
     config: VmConfig,
     io: ConsoleIo,
     started: Instant,
 ) -> Result<(VmHandle, GuestGate)> {
+    if let Some(dir) = &config.restore_from {
+        let snapshot = Snapshot::open(dir)?;
+        let config = config.restored_from(&snapshot.saved.config);
+        let build_config = config.clone();
+        return spawn_built(config, started, move |life| {
+            builder::build_restored(&snapshot, &build_config, io, life)
+        });
+    }
     let build_config = config.clone();
     spawn_built(config, started, move |life| {
         builder::build(&build_config, io, life)
