@@ -924,3 +924,46 @@ fn exceeding_the_output_limit_kills_the_command_and_its_group() {
     sb.shutdown().unwrap();
     assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
 }
+
+/// The host's first frame is FRESH: the host's wall clock and entropy of
+/// its own for every connection (after a snapshot restore, each copy of the
+/// guest seeds its random pool and sets its clock from it).
+#[test]
+fn the_first_host_frame_gives_the_agent_entropy_and_the_clock() {
+    use kiln_init::protocol::{FRESH_ENTROPY, VERSION};
+    let first_host_frame = || {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let mut hello = Vec::new();
+        Msg::Hello { version: VERSION }.encode(&mut hello).unwrap();
+        guest.write_all(&hello).unwrap();
+        let before = std::time::SystemTime::now();
+        let sb = Sandbox::connect(host, Duration::from_secs(10)).unwrap();
+        let (mut decoder, mut buf) = (Decoder::new(), [0u8; 256]);
+        let msg = loop {
+            if let Some(msg) = decoder.next_msg().unwrap() {
+                break msg;
+            }
+            let n = guest.read(&mut buf).unwrap();
+            assert!(n > 0, "the host sent nothing");
+            decoder.feed(&buf[..n]);
+        };
+        let after = std::time::SystemTime::now();
+        drop(sb);
+        let Msg::Fresh {
+            realtime_ns,
+            entropy,
+        } = msg
+        else {
+            panic!("the host's first frame is {msg:?}");
+        };
+        let ns = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+        };
+        assert!((ns(before)..=ns(after)).contains(&realtime_ns));
+        assert_eq!(entropy.len(), FRESH_ENTROPY);
+        entropy
+    };
+    let (a, b) = (first_host_frame(), first_host_frame());
+    assert_ne!(a, b, "two connections got the same entropy");
+    assert!(a.iter().any(|&x| x != 0));
+}

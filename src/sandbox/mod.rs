@@ -328,12 +328,22 @@ impl Sandbox {
         }
         read.set_read_timeout(None)
             .map_err(SandboxError::io("socket timeout"))?;
-        let writer = stream
+        let mut writer = stream
             .try_clone()
             .map_err(SandboxError::io("cloning the socket"))?;
         writer
             .set_write_timeout(Some(SEND_TIMEOUT))
             .map_err(SandboxError::io("socket timeout"))?;
+        // Before any command: this copy of the guest gets its own entropy
+        // and today's time (see `fresh`).
+        let mut frame = Vec::new();
+        fresh()?.encode(&mut frame)?;
+        writer
+            .write_all(&frame)
+            .map_err(|e| SandboxError::Disconnected {
+                reason: format!("sending the agent its entropy and clock: {e}"),
+                console: console.tail(),
+            })?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             cond: Condvar::new(),
@@ -625,4 +635,33 @@ fn end(st: &mut State, id: u32, end: End) {
         Some(e) => e.end = Some(end),
         None => {}
     }
+}
+
+/// The `FRESH` frame: the host's wall clock and entropy from getrandom(2),
+/// which the agent applies before any command runs (after a snapshot
+/// restore, each copy's only source of its own random state).
+fn fresh() -> Result<Msg> {
+    let mut entropy = [0u8; protocol::FRESH_ENTROPY];
+    let mut filled = 0;
+    while filled < entropy.len() {
+        let rest = &mut entropy[filled..];
+        // SAFETY: the pointer and length describe `rest`, which getrandom fills.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match n {
+            n if n > 0 => filled += n as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(SandboxError::io("reading entropy for the guest")(e));
+                }
+            }
+        }
+    }
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    Ok(Msg::Fresh {
+        realtime_ns,
+        entropy,
+    })
 }

@@ -71,7 +71,7 @@ fn frame_len(bytes: &[u8]) -> usize {
 /// canonically.
 fn check_round_trip(msg: &Msg, original: &[u8], again: &[u8]) {
     match msg {
-        Msg::Hello { .. } | Msg::Shutdown => {
+        Msg::Hello { .. } | Msg::Shutdown | Msg::Fresh { .. } => {
             assert_eq!(original[..5], again[..5]);
             assert_eq!(original[9..], again[9..]);
         }

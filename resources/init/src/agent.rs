@@ -18,7 +18,7 @@
 
 use crate::protocol::{
     encode_data, Decoder, ExecOptions, ExitReason, ExitStatus, Msg, ProtocolError, Stream,
-    K_STDERR, K_STDOUT, MAX_DATA, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW, VERSION,
+    FRESH_ENTROPY, K_STDERR, K_STDOUT, MAX_DATA, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW, VERSION,
 };
 use crate::spec::ExecSpec;
 use crate::{EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND};
@@ -52,6 +52,10 @@ pub struct AgentConfig {
     /// The uid and gid of a command whose spec names none (`None`: the
     /// agent's own); see `ExecSpec::ids`.
     pub default_ids: Option<(u32, u32)>,
+    /// Apply the host's `FRESH` (entropy into the guest's random pool, the
+    /// wall clock): the guest agent does; a host test's agent, which may
+    /// not touch its host's clock, only accepts the frame.
+    pub apply_fresh: bool,
 }
 
 /// Why `serve` returned normally.
@@ -73,6 +77,9 @@ pub enum AgentError {
     Protocol(ProtocolError),
     /// The host broke the flow-control rules.
     Violation(&'static str),
+    /// The host's entropy or clock could not be applied: no command may
+    /// run with the random state or clock of another copy of this guest.
+    Fresh(io::Error),
 }
 
 impl std::fmt::Display for AgentError {
@@ -81,6 +88,7 @@ impl std::fmt::Display for AgentError {
             Self::Io(e) => write!(f, "connection: {e}"),
             Self::Protocol(e) => write!(f, "protocol error: {e}"),
             Self::Violation(what) => write!(f, "protocol violation: {what}"),
+            Self::Fresh(e) => write!(f, "cannot apply the host's entropy and clock: {e}"),
         }
     }
 }
@@ -339,6 +347,14 @@ impl Agent {
                 }
             }
             Msg::Shutdown => return Ok(true),
+            Msg::Fresh {
+                realtime_ns,
+                entropy,
+            } => {
+                if self.cfg.apply_fresh {
+                    apply_fresh(realtime_ns, &entropy).map_err(AgentError::Fresh)?;
+                }
+            }
             _ => {
                 return Err(AgentError::Violation(
                     "a guest-to-host message from the host",
@@ -635,6 +651,65 @@ fn describe(e: &io::Error) -> String {
     }
 }
 
+/// `RNDADDENTROPY` (`_IOW('R', 0x03, int[2])`): add bytes and credit them.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` (`_IO('R', 0x07)`): reseed the CRNG from the pool now.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// `struct rand_pool_info` with its buffer.
+#[repr(C)]
+struct RandPoolInfo {
+    entropy_count: libc::c_int,
+    buf_size: libc::c_int,
+    buf: [u8; FRESH_ENTROPY],
+}
+
+/// Mixes `entropy` into the guest kernel's pool and reseeds its CRNG, so
+/// that from here on this guest's random numbers differ from those of any
+/// other copy of the same snapshot; then sets the wall clock, which stood
+/// still while the snapshot waited. Needs CAP_SYS_ADMIN and CAP_SYS_TIME
+/// (the agent is PID 1, root).
+fn apply_fresh(realtime_ns: u64, entropy: &[u8; FRESH_ENTROPY]) -> io::Result<()> {
+    let random = std::fs::File::open("/dev/urandom")?;
+    let info = RandPoolInfo {
+        entropy_count: (FRESH_ENTROPY * 8) as libc::c_int,
+        buf_size: FRESH_ENTROPY as libc::c_int,
+        buf: *entropy,
+    };
+    // SAFETY: `info` is a valid rand_pool_info whose buf_size bytes follow
+    // the two ints; the kernel only reads it.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, &info) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: an ioctl without an argument on an open descriptor.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let now = libc::timespec {
+        tv_sec: (realtime_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (realtime_ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `now` is a valid timespec, only read.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &now) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether `e` (from `serve`) is the vsock transport's reset: the guest was
+/// restored from a snapshot and every connection from before is gone (the
+/// kernel sets ECONNRESET on them; reads then fail with ENOTCONN). A host
+/// that closes the connection gives end of file instead.
+fn is_transport_reset(e: &AgentError) -> bool {
+    let AgentError::Io(e) = e else {
+        return false;
+    };
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNRESET) | Some(libc::ENOTCONN)
+    )
+}
+
 /// The port in `/kiln/agent`, if the initramfs asks for agent mode.
 pub fn requested_port() -> Option<Result<u32, String>> {
     let text = std::fs::read_to_string(AGENT_PATH).ok()?;
@@ -684,29 +759,36 @@ pub fn connect_vsock(port: u32) -> io::Result<OwnedFd> {
 /// Agent mode as PID 1: connect to the host at `port`, serve until
 /// SHUTDOWN, then end every process. Returns the exit report for init
 /// (0 after an orderly shutdown), which then syncs and reboots.
+///
+/// When the vsock transport is reset (this guest was restored from a
+/// snapshot by a new kiln), the agent connects again and serves the new
+/// host, whose first frame (`FRESH`) gives this copy its own entropy and
+/// clock; commands of before the snapshot were killed with the connection.
 pub fn guest_main(port: u32) -> u32 {
     // SAFETY: setting a signal disposition; no handler code involved.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // SAFETY: the pointer and length describe a static byte string.
     unsafe { libc::sethostname(c"kiln".as_ptr(), 4) };
-    let conn = match connect_vsock(port) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("kiln-agent: cannot connect to the host (vsock port {port}): {e}");
-            return EXIT_INIT_FAILED;
-        }
+    let config = AgentConfig {
+        reap_orphans: true,
+        default_ids: Some(crate::spec::DEFAULT_IDS),
+        apply_fresh: true,
     };
-    let code = match serve(
-        conn,
-        AgentConfig {
-            reap_orphans: true,
-            default_ids: Some(crate::spec::DEFAULT_IDS),
-        },
-    ) {
-        Ok(_) => 0,
-        Err(e) => {
-            eprintln!("kiln-agent: {e}");
-            EXIT_INIT_FAILED
+    let code = loop {
+        let conn = match connect_vsock(port) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("kiln-agent: cannot connect to the host (vsock port {port}): {e}");
+                break EXIT_INIT_FAILED;
+            }
+        };
+        match serve(conn, config.clone()) {
+            Ok(_) => break 0,
+            Err(e) if is_transport_reset(&e) => continue,
+            Err(e) => {
+                eprintln!("kiln-agent: {e}");
+                break EXIT_INIT_FAILED;
+            }
         }
     };
     // SAFETY: PID 1 signalling every other process; plain syscalls.
@@ -715,4 +797,24 @@ pub fn guest_main(port: u32) -> u32 {
         while libc::waitpid(-1, std::ptr::null_mut(), 0) > 0 {}
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a reset connection (what a restored guest's kernel reports for
+    /// every vsock socket of before) makes the guest agent connect again;
+    /// anything else ends it as before.
+    #[test]
+    fn only_a_transport_reset_reconnects() {
+        let os = |n| AgentError::Io(io::Error::from_raw_os_error(n));
+        assert!(is_transport_reset(&os(libc::ECONNRESET)));
+        assert!(is_transport_reset(&os(libc::ENOTCONN)));
+        assert!(!is_transport_reset(&os(libc::EPIPE)));
+        assert!(!is_transport_reset(&os(libc::EIO)));
+        assert!(!is_transport_reset(&AgentError::Violation("x")));
+        let fresh = AgentError::Fresh(io::Error::from_raw_os_error(libc::EPERM));
+        assert!(!is_transport_reset(&fresh));
+    }
 }

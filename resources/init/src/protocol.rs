@@ -22,13 +22,16 @@
 //! slow consumer of one exec never blocks another.
 //!
 //! The first frame is the agent's `HELLO` carrying [`VERSION`]; the host
-//! refuses other versions.
+//! refuses other versions. The host's first frame is `FRESH`: the wall
+//! clock and host entropy, which the agent applies before any command runs
+//! (on every connection: after a snapshot restore the agent reconnects, and
+//! each copy of the guest must get its own random state and today's time).
 
 use crate::spec::{ExecSpec, SpecError};
 use std::fmt;
 
 /// Protocol version in `HELLO`.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest payload of any frame (an `EXEC` with its whole spec).
@@ -43,6 +46,8 @@ pub const STDIN_WINDOW: u32 = 256 << 10;
 pub const OUTPUT_WINDOW: u32 = 256 << 10;
 /// Most execs an agent runs at once; more are refused with `EXEC_FAILED`.
 pub const MAX_EXECS: usize = 256;
+/// Bytes of host entropy in `FRESH` (512 bits: the guest's pool is 256).
+pub const FRESH_ENTROPY: usize = 64;
 
 // Frame kinds (the `kind` byte), host to guest; each is a `Msg` variant.
 /// Frame kind of [`Msg::Exec`].
@@ -57,6 +62,8 @@ pub const K_SIGNAL: u8 = 0x04;
 pub const K_SHUTDOWN: u8 = 0x05;
 /// Frame kind of [`Msg::Credit`].
 pub const K_CREDIT: u8 = 0x06;
+/// Frame kind of [`Msg::Fresh`].
+pub const K_FRESH: u8 = 0x07;
 // Guest to host: the high bit is set.
 /// Frame kind of [`Msg::Hello`].
 pub const K_HELLO: u8 = 0x81;
@@ -154,6 +161,15 @@ pub enum Msg {
         stream: Stream,
         /// Bytes returned to the window.
         bytes: u32,
+    },
+    /// Host, first frame: the host's wall clock and fresh entropy. The
+    /// agent mixes the entropy into the guest's pool and reseeds its CRNG,
+    /// then sets the guest's clock, before it handles the next frame.
+    Fresh {
+        /// CLOCK_REALTIME on the host, in nanoseconds since the epoch.
+        realtime_ns: u64,
+        /// [`FRESH_ENTROPY`] bytes from the host's getrandom(2).
+        entropy: [u8; FRESH_ENTROPY],
     },
     /// Agent, first frame: the protocol version it speaks.
     Hello {
@@ -261,6 +277,7 @@ fn max_payload(kind: u8) -> Result<usize, ProtocolError> {
         K_STDIN_EOF | K_SHUTDOWN => 0,
         K_SIGNAL | K_HELLO | K_STARTED | K_STDIN_CREDIT => 4,
         K_CREDIT => 5,
+        K_FRESH => 8 + FRESH_ENTROPY,
         K_EXITED => 6,
         k => return Err(ProtocolError::UnknownKind(k)),
     })
@@ -304,6 +321,14 @@ impl Msg {
                 }];
                 p.extend_from_slice(&bytes.to_le_bytes());
                 (K_CREDIT, *id, p)
+            }
+            Msg::Fresh {
+                realtime_ns,
+                entropy,
+            } => {
+                let mut p = realtime_ns.to_le_bytes().to_vec();
+                p.extend_from_slice(entropy);
+                (K_FRESH, 0, p)
             }
             Msg::Hello { version } => (K_HELLO, 0, u32b(*version)),
             Msg::Started { id, pid } => (K_STARTED, *id, u32b(*pid)),
@@ -396,6 +421,15 @@ impl Msg {
                     id,
                     stream,
                     bytes: u32_of(&p[1..], "CREDIT")?,
+                }
+            }
+            K_FRESH => {
+                if p.len() != 8 + FRESH_ENTROPY {
+                    return Err(ProtocolError::BadPayload("FRESH"));
+                }
+                Msg::Fresh {
+                    realtime_ns: u64::from_le_bytes(p[..8].try_into().expect("8 bytes")),
+                    entropy: p[8..].try_into().expect("FRESH_ENTROPY bytes"),
                 }
             }
             K_HELLO => Msg::Hello {
@@ -545,6 +579,10 @@ mod tests {
                 stream: Stream::Stderr,
                 bytes: 77,
             },
+            Msg::Fresh {
+                realtime_ns: u64::MAX - 1,
+                entropy: std::array::from_fn(|i| i as u8),
+            },
             Msg::Hello { version: VERSION },
             Msg::Started { id: 4, pid: 99 },
             Msg::Stdout {
@@ -689,6 +727,18 @@ mod tests {
                 Msg::StdinCredit { id: 9, bytes: 300 },
                 vec![4, 0, 0, 0, 0x87, 9, 0, 0, 0, 0x2c, 0x01, 0, 0],
             ),
+            (
+                Msg::Fresh {
+                    realtime_ns: 0x0102_0304_0506_0708,
+                    entropy: [0xee; FRESH_ENTROPY],
+                },
+                [
+                    vec![72, 0, 0, 0, 0x07, 0, 0, 0, 0],
+                    vec![8, 7, 6, 5, 4, 3, 2, 1],
+                    vec![0xee; FRESH_ENTROPY],
+                ]
+                .concat(),
+            ),
         ];
         for (msg, bytes) in frames {
             let mut out = Vec::new();
@@ -705,7 +755,7 @@ mod tests {
             }
         }
         assert_eq!(HEADER_LEN, 9);
-        assert_eq!(VERSION, 1);
+        assert_eq!(VERSION, 2);
     }
 
     #[test]
@@ -905,7 +955,7 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_bad_payloads_are_errors() {
-        for kind in [0u8, 0x07, 0x80, 0x88, 0xff] {
+        for kind in [0u8, 0x08, 0x80, 0x88, 0xff] {
             let mut h = Vec::new();
             header(&mut h, kind, 1, 0);
             let mut d = Decoder::new();
@@ -923,6 +973,8 @@ mod tests {
             (K_EXITED, &[0, 0, 0, 0, 0, 9]),
             (K_EXITED, &[0, 0, 0, 0, 0]),
             (K_EXEC_FAILED, &[1]),
+            (K_FRESH, &[0; 8]),
+            (K_FRESH, &[0; 8 + FRESH_ENTROPY - 1]),
             (K_EXEC, &[0, 1, 2]),
             (K_EXEC, &[2, 0, 0, 0, 0, 0, 0, 0, 0]),
             (K_EXEC, &[0, 0, 0, 0, 0, 0, 0, 0, 0, b'K', b'X']),
