@@ -14,6 +14,9 @@ fn main() -> ExitCode {
             command: Command::Run(args),
         }) => cli::run::run(*args, started),
         Ok(Cli {
+            command: Command::Snapshot(command),
+        }) => cli::snapshot::run(command),
+        Ok(Cli {
             command: Command::SandboxVm,
         }) => cli::sandbox_vm::run(started),
         Err(e) => cli::report_usage_error(&e),

@@ -4,6 +4,7 @@
 pub mod run;
 pub mod sandbox_vm;
 pub mod signals;
+pub mod snapshot;
 pub mod terminal;
 
 use std::ffi::OsString;
@@ -34,6 +35,9 @@ pub enum Command {
     /// Boot a fresh VM, run CMD in it with kiln's init, and exit with CMD's status.
     #[command(after_help = EXIT_STATUS_HELP)]
     Run(Box<RunArgs>),
+    /// Save a ready VM to start copies of it with `kiln run --from DIR`.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Runs a sandbox's VM for the sandbox API (`Isolation::Process`): a spec
     /// on stdin, the console on stdout, a report on descriptor 3.
     #[command(name = "sandbox-vm", hide = true)]
@@ -113,8 +117,19 @@ fn parse_on_off(text: &str) -> Result<bool, String> {
 #[derive(Clone, Debug, clap::Args)]
 pub struct VmArgs {
     /// Guest kernel: ELF vmlinux (booted through its PVH entry when present) or bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "restore_from")]
+    pub kernel: Option<PathBuf>,
+    /// Start from the snapshot in DIR (`kiln snapshot create`) instead of
+    /// booting. The snapshot fixes what the guest sees (kernel, memory,
+    /// vCPUs, devices, root, command line): those options are not given.
+    /// DIR is only read; any number of runs may start from it at once, each
+    /// with its own copy of the guest, fresh entropy and the host's clock.
+    #[arg(
+        long = "from",
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "rootfs", "extra_cmdline", "mem_bytes", "vcpus", "use_pvh", "console", "vsock", "disks", "rng", "nets"]
+    )]
+    pub restore_from: Option<PathBuf>,
     /// Initramfs to boot; kiln's init is appended to it and runs CMD on top of it (with `--cmdline rdinit=PATH` your own init runs instead, and kiln adds nothing)
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -229,9 +244,11 @@ impl From<VmArgs> for VmConfig {
             rng,
             nets,
             seccomp,
+            restore_from,
         } = args;
         VmConfig {
-            kernel,
+            kernel: kernel.unwrap_or_default(),
+            restore_from,
             initrd,
             rootfs,
             scratch_dir,
@@ -255,7 +272,6 @@ impl From<VmArgs> for VmConfig {
             agent_port: None,
             // The jail's (`JailArgs`), once it is entered.
             run_as: None,
-            restore_from: None,
         }
     }
 }
@@ -336,7 +352,7 @@ mod tests {
         let full = ["kiln", "run"].iter().chain(args).copied();
         Cli::try_parse_from(full).map(|c| match c.command {
             Command::Run(r) => *r,
-            Command::SandboxVm => panic!("not `kiln run`"),
+            _ => panic!("not `kiln run`"),
         })
     }
 
@@ -389,7 +405,8 @@ mod tests {
         let config = VmConfig::from(parse(EVERY_VM_OPTION).unwrap().vm);
         let json = |c: &VmConfig| serde_json::to_value(c).unwrap();
         let (set, default) = (json(&config), json(&VmConfig::default()));
-        // What `kiln run` sets apart from its VM options (run_as: the jail).
+        // What `kiln run` sets apart from its VM options (run_as: the jail);
+        // --from excludes the guest's options (its own test below).
         let not_vm_options = ["command", "agent_port", "run_as", "restore_from"];
         for (field, value) in default.as_object().unwrap() {
             assert_eq!(
@@ -420,6 +437,49 @@ mod tests {
             },
             agent_config
         );
+    }
+
+    /// `--from` reaches the config, takes the host-side options, and refuses
+    /// every option the snapshot fixes, each with a line naming it.
+    #[test]
+    fn from_takes_the_host_side_options_only() {
+        let r = parse(&[
+            "--from",
+            "snap",
+            "--timeout=5s",
+            "-v",
+            "--seccomp=log",
+            "--",
+            "id",
+        ])
+        .unwrap();
+        let c = VmConfig::from(r.vm);
+        assert_eq!(
+            c.restore_from.as_deref(),
+            Some(std::path::Path::new("snap"))
+        );
+        assert_eq!(c.timeout, Some(Duration::from_secs(5)));
+        assert!(c.kernel.as_os_str().is_empty());
+        let guest_options = EVERY_VM_OPTION.iter().filter(|o| {
+            let host_side = [
+                "--timeout",
+                "--boot-timeout",
+                "-v",
+                "--scratch-dir",
+                "--seccomp",
+            ];
+            !host_side.iter().any(|h| o.starts_with(h))
+        });
+        for option in guest_options {
+            let e = parse(&["--from=snap", option]).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{option}"
+            );
+        }
+        let e = parse(&["--", "id"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::{CommandArgs, RunArgs};
 use crate::config::{Credentials, GuestCommand, SeccompMode};
 use crate::jail::{JailConfig, JailError, JailPlan};
 use crate::outcome::{STATUS_BOOT_TIMEOUT, STATUS_KILN_ERROR};
-use crate::sandbox::{self, ExitStatus, Isolation, SandboxBuilder, SandboxError};
+use crate::sandbox::{self, ExitStatus, Isolation, Sandbox, SandboxBuilder, SandboxError};
 use crate::seccomp::{self, ThreadKind};
 use crate::{VmConfig, VmOutcome, VmStopper};
 
@@ -69,6 +69,15 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
 /// (`run_as`) once it is built.
 pub(super) fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), JailError> {
     let plan = JailPlan::for_vm(config)?;
+    enter_jail_with(jail, config, plan)
+}
+
+/// As [`enter_jail`], with the plan made (and added to) by the caller.
+pub(super) fn enter_jail_with(
+    jail: JailConfig,
+    config: &mut VmConfig,
+    plan: JailPlan,
+) -> Result<(), JailError> {
     let ids = Credentials {
         uid: jail.uid,
         gid: jail.gid,
@@ -147,101 +156,135 @@ fn run_classic(config: VmConfig, started: Instant) -> crate::Result<i32> {
 /// kiln's with -i (else empty). The guest console goes to stderr with -v;
 /// without -v it goes to stdout until the agent is up, and is dropped after.
 fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
-    let mode = config.seccomp;
-    let signals = StopSignals::block();
-    // A signal stops the VM through its stopper, which the builder hands
-    // over as soon as the VM runs; one that came earlier is seen then.
-    let interrupted = Arc::new(AtomicI32::new(0));
-    let stopper: Arc<Mutex<Option<VmStopper>>> = Arc::default();
-    let (flag, slot) = (interrupted.clone(), stopper.clone());
-    let watching = signals.on_signal(mode, move |sig| {
-        flag.store(sig, Ordering::SeqCst);
-        if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            s.stop(VmOutcome::Interrupted(sig as u8));
+    let vm = match AgentVm::start(config) {
+        Ok(vm) => vm,
+        Err(status) => return status,
+    };
+    let result = vm.run(command);
+    vm.finish(result)
+}
+
+/// A VM whose guest agent is up, started as `kiln run` starts it (in this
+/// process, which the jail holds as a whole), with a signal stopping it.
+pub(super) struct AgentVm {
+    pub(super) sandbox: Sandbox,
+    interrupted: Arc<AtomicI32>,
+    mode: SeccompMode,
+}
+
+impl AgentVm {
+    /// Boots (or restores) the VM of `config` and waits for its agent; on
+    /// failure, the error is reported and the exit status returned.
+    pub(super) fn start(config: VmConfig) -> Result<AgentVm, i32> {
+        let mode = config.seccomp;
+        let signals = StopSignals::block();
+        // A signal stops the VM through its stopper, which the builder hands
+        // over as soon as the VM runs; one that came earlier is seen then.
+        let interrupted = Arc::new(AtomicI32::new(0));
+        let stopper: Arc<Mutex<Option<VmStopper>>> = Arc::default();
+        let (flag, slot) = (interrupted.clone(), stopper.clone());
+        let watching = signals.on_signal(mode, move |sig| {
+            flag.store(sig, Ordering::SeqCst);
+            if let Some(s) = slot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                s.stop(VmOutcome::Interrupted(sig as u8));
+            }
+        });
+        if let Err(e) = watching {
+            eprintln!("kiln: spawning the signal thread: {e}");
+            return Err(STATUS_KILN_ERROR);
         }
-    });
-    if let Err(e) = watching {
-        eprintln!("kiln: spawning the signal thread: {e}");
-        return STATUS_KILN_ERROR;
+
+        let boot_console = BootConsole::default();
+        let console: Box<dyn Write + Send> = match config.verbose {
+            true => Box::new(io::stderr()),
+            false => Box::new(boot_console.clone()),
+        };
+        let (flag, slot) = (interrupted.clone(), stopper.clone());
+        // kiln run is jailed as a whole: its VM runs on its own threads. Its
+        // user sees the boot: no wait for the agent unless asked (--boot-timeout,
+        // --timeout).
+        let builder = SandboxBuilder::from(config)
+            .without_default_boot_timeout()
+            .isolation(Isolation::InProcess)
+            .console_output(console)
+            .on_vm_started(move |vm| {
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                let sig = flag.load(Ordering::SeqCst);
+                if sig != 0 {
+                    vm.stop(VmOutcome::Interrupted(sig as u8));
+                }
+                *slot = Some(vm);
+            })
+            // This thread is filtered once the VM's thread has started (so that it
+            // does not inherit the filter) and before the guest starts.
+            .before_guest_starts(move || Ok(seccomp::install(ThreadKind::CliMain, mode)?));
+        let sandbox = match builder.build() {
+            Ok(sandbox) => sandbox,
+            Err(SandboxError::BootFailed { outcome, .. }) => {
+                // The console has already gone to stdout (or stderr with -v).
+                if !outcome.is_command_exit() {
+                    eprintln!("kiln: {outcome}");
+                }
+                return Err(outcome.exit_status());
+            }
+            // One line: the console has gone to stdout (or stderr with -v).
+            Err(SandboxError::BootTimeout { timeout, .. }) => {
+                eprintln!(
+                    "kiln: the guest agent did not connect within {timeout:?} (--boot-timeout), VM stopped: the guest kernel may still be unpacking a directory or tar root (try an image root or a longer --boot-timeout)"
+                );
+                return Err(STATUS_BOOT_TIMEOUT);
+            }
+            Err(e) => {
+                eprintln!("kiln: {e}");
+                return Err(STATUS_KILN_ERROR);
+            }
+        };
+        boot_console.agent_up();
+        Ok(AgentVm {
+            sandbox,
+            interrupted,
+            mode,
+        })
     }
 
-    let boot_console = BootConsole::default();
-    let console: Box<dyn Write + Send> = match config.verbose {
-        true => Box::new(io::stderr()),
-        false => Box::new(boot_console.clone()),
-    };
-    let (flag, slot) = (interrupted.clone(), stopper.clone());
-    // kiln run is jailed as a whole: its VM runs on its own threads. Its
-    // user sees the boot: no wait for the agent unless asked (--boot-timeout,
-    // --timeout).
-    let builder = SandboxBuilder::from(config)
-        .without_default_boot_timeout()
-        .isolation(Isolation::InProcess)
-        .console_output(console)
-        .on_vm_started(move |vm| {
-            let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
-            let sig = flag.load(Ordering::SeqCst);
-            if sig != 0 {
-                vm.stop(VmOutcome::Interrupted(sig as u8));
-            }
-            *slot = Some(vm);
-        })
-        // This thread is filtered once the VM's thread has started (so that it
-        // does not inherit the filter) and before the guest starts.
-        .before_guest_starts(move || Ok(seccomp::install(ThreadKind::CliMain, mode)?));
-    let sandbox = match builder.build() {
-        Ok(sandbox) => sandbox,
-        Err(SandboxError::BootFailed { outcome, .. }) => {
-            // The console has already gone to stdout (or stderr with -v).
-            if !outcome.is_command_exit() {
-                eprintln!("kiln: {outcome}");
-            }
-            return outcome.exit_status();
-        }
-        // One line: the console has gone to stdout (or stderr with -v).
-        Err(SandboxError::BootTimeout { timeout, .. }) => {
-            eprintln!(
-                "kiln: the guest agent did not connect within {timeout:?} (--boot-timeout), VM stopped: the guest kernel may still be unpacking a directory or tar root (try an image root or a longer --boot-timeout)"
-            );
-            return STATUS_BOOT_TIMEOUT;
-        }
-        Err(e) => {
-            eprintln!("kiln: {e}");
-            return STATUS_KILN_ERROR;
-        }
-    };
-    boot_console.agent_up();
+    /// Runs `command` with kiln's stdio until it ends.
+    pub(super) fn run(&self, command: &CommandArgs) -> sandbox::Result<ExitStatus> {
+        self.sandbox
+            .spawn(command.to_sandbox_command())
+            .and_then(|process| forward_stdio(process, self.mode))
+    }
 
-    let result = sandbox
-        .spawn(command.to_sandbox_command())
-        .and_then(|process| forward_stdio(process, mode));
-    let outcome = sandbox.shutdown();
-    let sig = interrupted.load(Ordering::SeqCst);
-    match result {
-        _ if sig != 0 => {
-            eprintln!("kiln: {}", VmOutcome::Interrupted(sig as u8));
-            128 + sig
-        }
-        Ok(ExitStatus::Code(c)) => c & 0xff,
-        Ok(ExitStatus::Signal(s)) => {
-            log::info!("command killed by signal {s}");
-            128 + s
-        }
-        // The command's end was not reported: the VM's outcome says why.
-        Err(e) => match outcome {
-            Ok(Some(o)) if !o.is_command_exit() || o == VmOutcome::Exited(0) => {
-                let o = match o {
-                    VmOutcome::Exited(0) => VmOutcome::GuestReset,
-                    o => o,
-                };
-                eprintln!("kiln: {o}");
-                o.exit_status()
+    /// Shuts the VM down; kiln's exit status for a command that ended with
+    /// `result`.
+    pub(super) fn finish(self, result: sandbox::Result<ExitStatus>) -> i32 {
+        let outcome = self.sandbox.shutdown();
+        let sig = self.interrupted.load(Ordering::SeqCst);
+        match result {
+            _ if sig != 0 => {
+                eprintln!("kiln: {}", VmOutcome::Interrupted(sig as u8));
+                128 + sig
             }
-            _ => {
-                eprintln!("kiln: {e}");
-                STATUS_KILN_ERROR
+            Ok(ExitStatus::Code(c)) => c & 0xff,
+            Ok(ExitStatus::Signal(s)) => {
+                log::info!("command killed by signal {s}");
+                128 + s
             }
-        },
+            // The command's end was not reported: the VM's outcome says why.
+            Err(e) => match outcome {
+                Ok(Some(o)) if !o.is_command_exit() || o == VmOutcome::Exited(0) => {
+                    let o = match o {
+                        VmOutcome::Exited(0) => VmOutcome::GuestReset,
+                        o => o,
+                    };
+                    eprintln!("kiln: {o}");
+                    o.exit_status()
+                }
+                _ => {
+                    eprintln!("kiln: {e}");
+                    STATUS_KILN_ERROR
+                }
+            },
+        }
     }
 }
 

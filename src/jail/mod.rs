@@ -126,6 +126,8 @@ pub struct JailPlan {
 const VSOCK_DIR: &str = "/.kiln/vsock";
 /// Where the jail shows an image root's scratch directory.
 const SCRATCH_DIR: &str = "/.kiln/scratch";
+/// Where the jail shows the directory `kiln snapshot create` writes.
+const OUTPUT_DIR: &str = "/.kiln/output";
 
 /// Whether `dir` takes a new (unnamed, at once gone) file.
 fn takes_a_new_file(dir: &Path) -> bool {
@@ -144,6 +146,28 @@ impl JailPlan {
         let cwd = std::env::current_dir().map_err(JailError::step("reading the directory"))?;
         let absolute = |p: &Path| lexically_normal(&cwd.join(p));
         let mut binds = Vec::new();
+        // A restored VM opens what its snapshot names (its disks, its image
+        // root); a snapshot that cannot be read is left for the restore to
+        // report, as other unreadable paths are.
+        // The snapshot's directory is shown at its own path (messages name
+        // it): it holds only the files kiln wrote, no links.
+        let restored;
+        let config = match &config.restore_from {
+            Some(dir) => {
+                binds.push(Bind::file(absolute(dir), false));
+                match crate::snapshot::saved_config(dir) {
+                    Ok(saved) => {
+                        restored = VmConfig {
+                            vsock: config.vsock.clone(),
+                            ..config.restored_from(&saved)
+                        };
+                        &restored
+                    }
+                    Err(_) => config,
+                }
+            }
+            None => config,
+        };
         let mut read_only = |p: &Path| binds.push(Bind::file(absolute(p), false));
         read_only(&config.kernel);
         config.initrd.as_deref().map(&mut read_only);
@@ -161,7 +185,7 @@ impl JailPlan {
             // kiln creates its socket there and connects to the _PORT ones.
             let socket = absolute(&vsock.socket);
             let dir = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
-            binds.push(Bind::shown_at(VSOCK_DIR, dir.clone()));
+            binds.push(Bind::shown_at(VSOCK_DIR, dir.clone(), true));
             vsock_dir = Some(dir);
             vsock_socket = socket
                 .file_name()
@@ -191,7 +215,7 @@ impl JailPlan {
                 (Some(dir), _) => binds.push(Bind::file(absolute(dir), true)),
                 (None, dir) => {
                     let dir = dir.unwrap_or_else(std::env::temp_dir);
-                    binds.push(Bind::shown_at(SCRATCH_DIR, dir));
+                    binds.push(Bind::shown_at(SCRATCH_DIR, dir, true));
                     scratch_dir = Some(PathBuf::from(SCRATCH_DIR));
                 }
             }
@@ -215,6 +239,14 @@ impl JailPlan {
             vsock_socket,
             scratch_dir,
         })
+    }
+
+    /// Adds the directory `kiln snapshot create` writes (writable); returns
+    /// its path inside the jail.
+    pub fn add_output_dir(&mut self, dir: &Path) -> PathBuf {
+        let dir = lexically_normal(&self.cwd.join(dir));
+        self.binds.push(Bind::shown_at(OUTPUT_DIR, dir, true));
+        PathBuf::from(OUTPUT_DIR)
     }
 
     /// Points `config` at the jail's own places for the directories it shows
@@ -302,12 +334,12 @@ impl Bind {
         }
     }
 
-    /// The host directory `source`, shown at `path`, writable.
-    fn shown_at(path: &str, source: PathBuf) -> Self {
+    /// The host directory `source`, shown at `path`.
+    fn shown_at(path: &str, source: PathBuf, writable: bool) -> Self {
         Self {
             path: PathBuf::from(path),
             source,
-            writable: true,
+            writable,
             device: false,
         }
     }

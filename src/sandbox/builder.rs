@@ -154,9 +154,25 @@ impl SandboxBuilder {
         self
     }
 
-    /// The guest kernel (vmlinux or bzImage); required.
+    /// The guest kernel (vmlinux or bzImage); required, unless the
+    /// sandbox starts [`from_snapshot`](Self::from_snapshot).
     pub fn kernel(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.kernel = path.into();
+        self
+    }
+
+    /// Start from the snapshot in `dir` (written by [`Sandbox::snapshot`]
+    /// or `kiln snapshot create`) instead of booting: the sandbox is ready
+    /// as soon as the restored guest's agent reconnects, in milliseconds.
+    /// The snapshot fixes everything the guest sees (memory, vCPUs, devices,
+    /// root); of this builder only the host side counts: timeouts,
+    /// isolation, jail, seccomp, console output. `dir` is only read, and
+    /// any number of sandboxes may start from it at once: each maps its
+    /// memory copy-on-write, writes its own disk overlay, and gets fresh
+    /// entropy and the host's clock before its first command (see the
+    /// README's Snapshots section for what that does not cover).
+    pub fn from_snapshot(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.restore_from = Some(dir.into());
         self
     }
 
@@ -257,6 +273,10 @@ impl SandboxBuilder {
     /// vsock device included), without booting anything. Fails as `build`
     /// would on the same configuration.
     pub fn kernel_cmdline(&self) -> Result<String> {
+        if let Some(dir) = &self.config.restore_from {
+            let saved = crate::snapshot::saved_config(dir).map_err(crate::Error::from)?;
+            return Ok(crate::vmm::kernel_cmdline(&saved)?);
+        }
         // The socket's path never reaches the guest.
         let config = self.vm_config(PathBuf::from("vsock.sock"))?;
         Ok(crate::vmm::kernel_cmdline(&config)?)
@@ -277,7 +297,7 @@ impl SandboxBuilder {
     /// The VM a sandbox boots: the caller's config plus the agent's vsock
     /// device (on `socket`) and port.
     pub(crate) fn vm_config(&self, socket: PathBuf) -> Result<VmConfig> {
-        if self.config.kernel.as_os_str().is_empty() {
+        if self.config.kernel.as_os_str().is_empty() && self.config.restore_from.is_none() {
             return Err(SandboxError::Config(
                 "no kernel given (.kernel(path))".into(),
             ));
@@ -287,6 +307,17 @@ impl SandboxBuilder {
                 "the sandbox adds its own vsock device and agent port; the config must have neither"
                     .into(),
             ));
+        }
+        if let Some(dir) = &self.config.restore_from {
+            let saved = crate::snapshot::saved_config(dir).map_err(crate::Error::from)?;
+            let agent = saved.vsock.as_ref().map(|v| v.cid) == Some(GUEST_CID)
+                && saved.agent_port == Some(AGENT_PORT);
+            if !agent {
+                return Err(SandboxError::Config(format!(
+                    "snapshot {} has no kiln guest agent to run commands (take one with `kiln snapshot create` or Sandbox::snapshot)",
+                    dir.display()
+                )));
+            }
         }
         let mut config = self.config.clone();
         config.vsock = Some(VsockConfig {
@@ -456,6 +487,10 @@ fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Opti
 /// configuration, the root, the disks), so that the error keeps its type:
 /// a VM process reports only a message ([`crate::Error::VmProcess`]).
 fn preflight(config: &VmConfig) -> crate::Result<()> {
+    if let Some(dir) = &config.restore_from {
+        crate::snapshot::saved_config(dir)?;
+        return Ok(());
+    }
     crate::vmm::kernel_cmdline(config)?;
     for disk in &config.disks {
         kiln_devices::virtio::block::DiskImage::open(

@@ -380,6 +380,39 @@ impl Sandbox {
         vm.as_ref().map(SandboxVm::stopper)
     }
 
+    /// Saves this sandbox's VM into `dir` and lets it run on: every vCPU and
+    /// the device loop pause, the VM's state and memory are written (`dir`
+    /// is created; a snapshot already there is refused), and the VM
+    /// resumes. Commands running meanwhile only see a pause. Sandboxes
+    /// started [`from_snapshot`](SandboxBuilder::from_snapshot)`(dir)` begin
+    /// at this moment, without the commands that were running (their host
+    /// side is not in the copy).
+    ///
+    /// Needs the VM in this process ([`Isolation::InProcess`]); fails with
+    /// [`SandboxError::Vm`] holding a [`crate::snapshot::SnapshotError`]
+    /// when the VM cannot be saved.
+    pub fn snapshot(
+        &self,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<crate::snapshot::SaveReport> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        match vm.as_ref() {
+            Some(SandboxVm::InProcess(vm)) => {
+                let saved = crate::snapshot::save(vm, dir.as_ref());
+                // Paused only if the save got that far; resuming is harmless otherwise.
+                crate::snapshot::resume(vm);
+                Ok(saved.map_err(crate::Error::from)?)
+            }
+            Some(SandboxVm::Process(_)) => Err(SandboxError::Config(
+                "a snapshot of a sandbox needs its VM in this process (.isolation(Isolation::InProcess))"
+                    .into(),
+            )),
+            None => Err(SandboxError::Config(
+                "this sandbox has no VM (Sandbox::connect)".into(),
+            )),
+        }
+    }
+
     /// The last lines the guest printed on its console (kernel messages).
     pub fn console_tail(&self) -> String {
         self.shared.console.tail()

@@ -143,6 +143,12 @@ fn write_files(
     written
 }
 
+/// The VM configuration saved in the snapshot in `dir` (its state file
+/// read and checked): what a restore's jail and front ends plan with.
+pub(crate) fn saved_config(dir: &Path) -> Result<crate::VmConfig, SnapshotError> {
+    format::read_state(&dir.join(STATE_FILE)).map(|(_, saved)| saved.config)
+}
+
 /// Lets a VM paused by [`save`] run on.
 pub fn resume(vm: &VmHandle) {
     if let Some(running) = vm.running() {
