@@ -309,6 +309,23 @@ impl SandboxBuilder {
             ));
         }
         if let Some(dir) = &self.config.restore_from {
+            // Only the host side may be set: the rest is the snapshot's.
+            let host_side = VmConfig {
+                restore_from: self.config.restore_from.clone(),
+                timeout: self.config.timeout,
+                boot_timeout: self.config.boot_timeout,
+                verbose: self.config.verbose,
+                seccomp: self.config.seccomp,
+                run_as: self.config.run_as,
+                scratch_dir: self.config.scratch_dir.clone(),
+                command: self.config.command.clone(),
+                ..VmConfig::default()
+            };
+            if host_side != self.config {
+                return Err(SandboxError::Config(
+                    "from_snapshot: the snapshot fixes the kernel, memory, vCPUs, devices, root and command line; set only timeouts, seccomp, isolation and output".into(),
+                ));
+            }
             let saved = crate::snapshot::saved_config(dir).map_err(crate::Error::from)?;
             let agent = saved.vsock.as_ref().map(|v| v.cid) == Some(GUEST_CID)
                 && saved.agent_port == Some(AGENT_PORT);
@@ -608,6 +625,43 @@ impl Drop for TempDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sandbox from a snapshot takes host-side options only: a guest
+    /// option would be silently ignored otherwise.
+    #[test]
+    fn from_snapshot_refuses_guest_options() {
+        let socket = PathBuf::from("/d/vsock.sock");
+        let with = |b: SandboxBuilder| {
+            b.from_snapshot("/no/such/snapshot")
+                .vm_config(socket.clone())
+        };
+        for (i, builder) in [
+            Sandbox::builder().memory(512 << 20),
+            Sandbox::builder().vcpus(2),
+            Sandbox::builder().kernel("vmlinux"),
+            Sandbox::builder().rootfs("root"),
+            Sandbox::builder().rng(true),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            match with(builder) {
+                Err(SandboxError::Config(m)) => assert!(m.contains("snapshot fixes"), "{m}"),
+                other => panic!("builder {i}: {other:?}"),
+            }
+        }
+        // Host-side options pass this check (and then find no snapshot).
+        let host_side = Sandbox::builder()
+            .timeout(Duration::from_secs(5))
+            .seccomp(SeccompMode::Log)
+            .verbose(true);
+        match with(host_side) {
+            Err(SandboxError::Vm(crate::Error::Snapshot(e))) => {
+                assert!(e.to_string().contains("/no/such/snapshot"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_socket_path_too_long_names_tmpdir() {
