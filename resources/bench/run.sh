@@ -22,6 +22,10 @@
 #                           first KVM_RUN) and whole run (start to exit) with
 #                           the jail and the seccomp filters on, and each off
 #                  command  `kiln run ... -- echo hi` vs a conventional QEMU boot
+#                  snapshot kiln alone: `kiln run --from DIR -- echo hi` vs the
+#                           same command booting; restore to agent ready;
+#                           create time and sizes; 16 copies at once (wall
+#                           time, private memory per idle copy)
 #                  disk     virtio-blk: O_DIRECT dd of 64 MiB, random 4 KiB reads
 #                  net      virtio-net (only if `kiln run --help` lists --net)
 #   --out DIR    where BENCHMARKS.md/.json go (default: the repository root)
@@ -55,7 +59,7 @@ dry_run=0
 reps_override=""
 reps_boot_override=""
 reps_bootpath_override=""
-only="exits,startup,security,boot,bootpath,command,disk,net"
+only="exits,startup,security,boot,bootpath,command,snapshot,disk,net"
 out_dir="$root"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -77,15 +81,15 @@ declare -A want=()
 IFS=',' read -r -a sections <<< "$only"
 for s in "${sections[@]}"; do
     case "$s" in
-        exits|startup|security|stop|boot|bootpath|command|disk|net) want[$s]=1 ;;
+        exits|startup|security|stop|boot|bootpath|command|snapshot|disk|net) want[$s]=1 ;;
         memory|idle) want[boot]=1 ;;
-        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, disk, net)" ;;
+        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, snapshot, disk, net)" ;;
     esac
 done
 wants() { [ -n "${want[$1]:-}" ]; }
 if [ "$dry_run" = 1 ]; then
     # Only the identical-input rows have two sides to compare.
-    for s in exits startup security bootpath command; do unset "want[$s]"; done
+    for s in exits startup security bootpath command snapshot; do unset "want[$s]"; done
     [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk and net sections only"
 fi
 
@@ -155,7 +159,7 @@ fi
 kiln_help=$("$kiln" run --help 2>&1 || true)
 
 need_kernel=0
-for s in boot command disk net; do wants $s && need_kernel=1; done
+for s in boot command snapshot disk net; do wants $s && need_kernel=1; done
 vmlinux=""; bzimage=""
 if [ "$need_kernel" = 1 ]; then
     if [ -f "$root/target/guest/vmlinux" ]; then
@@ -859,6 +863,75 @@ run_command() {
     done
 }
 
+# ------------------------------------------------------- 2c. snapshots
+# kiln alone (QEMU's own save/restore is not measured here): one snapshot
+# of the busybox root booted to kiln's agent, then copies of it.
+run_snapshot() {
+    local rootfs="$root/target/guest/rootfs" snap="$work/snapshot" rep t0 t1
+    [ -d "$rootfs" ] || { note "snapshot: target/guest/rootfs missing (run resources/setup.sh)"; record_na snapshot_restore_first_line_ms; return 0; }
+    log "snapshots: create once, then $reps restores, $reps boots and 16 copies at once"
+    t0=$(date +%s%N)
+    "$kiln" snapshot create --kernel "$vmlinux" --rootfs "$rootfs" --output "$snap" \
+        >"$work/snapshot-create.out" 2>"$work/snapshot-create.err" ||
+        { fail_note "snapshot: kiln snapshot create failed (see $work/snapshot-create.err)"; return 0; }
+    t1=$(date +%s%N)
+    record snapshot_create_ms kiln "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')"
+    record snapshot_state_kib kiln "$(du -k --apparent-size "$snap/vmstate" | cut -f1)"
+    record snapshot_memory_disk_kib kiln "$(du -k "$snap/memory" | cut -f1)"
+    for rep in $(seq "$reps"); do
+        local base="$work/snapshot-restore-$rep"
+        KILN_LOG=info brun -t 300 -o "$base.out" -e "$base.err" -m hi -- "$kiln" run --from "$snap" -- echo hi ||
+            { fail_note "snapshot: benchrun failed"; continue; }
+        if [ "${R[marker]:-none}" = none ] || ! ok 0; then
+            fail_note "snapshot: restore $rep: no 'hi' or status ${R[status]:-?} (see $base.err)"; continue
+        fi
+        record snapshot_restore_first_line_ms kiln "$(ms "${R[marker]}")"
+        # "sandbox ready in 12.3ms": from the sandbox build (after the jail) to the agent's HELLO.
+        local ready
+        ready=$(sed -n 's/.*sandbox ready in \([0-9.]*\)\(m\{0,1\}\)s.*/\1 \2/p' "$base.err" | head -1)
+        [ -n "$ready" ] && record snapshot_restore_ready_ms kiln "$(awk -v v="${ready% *}" -v u="${ready#* }" 'BEGIN { printf "%.2f", u == "m" ? v : v * 1000 }')"
+    done
+    for rep in $(seq "$reps_boot"); do
+        local base="$work/snapshot-boot-$rep"
+        brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m hi -- "$kiln" run --kernel "$vmlinux" --rootfs "$rootfs" -- echo hi ||
+            { fail_note "snapshot: benchrun failed"; continue; }
+        [ "${R[marker]:-none}" = none ] && { fail_note "snapshot: boot $rep: no 'hi' (see $base.err)"; continue; }
+        record snapshot_boot_first_line_ms kiln "$(ms "${R[marker]}")"
+    done
+    snapshot_copies "$snap" 16
+}
+
+# snapshot_copies DIR N: N copies of DIR at once, each printing "ready" and
+# then idling: wall time until every copy printed, and each kiln process's
+# proportional set size (its private pages plus its share of the mapped
+# snapshot) while idle.
+snapshot_copies() {
+    local snap=$1 n=$2 i pids=() t0 t1 done_n pss
+    t0=$(date +%s%N)
+    for i in $(seq "$n"); do
+        "$kiln" run --from "$snap" -- sh -c 'echo ready; sleep 60' >"$work/copy-$i.out" 2>"$work/copy-$i.err" &
+        pids+=($!)
+    done
+    for _ in $(seq 6000); do
+        done_n=$(grep -l '^ready' "$work"/copy-*.out 2>/dev/null | wc -l)
+        [ "$done_n" -ge "$n" ] && break
+        sleep 0.01
+    done
+    t1=$(date +%s%N)
+    if [ "$done_n" -ge "$n" ]; then
+        record snapshot_copies16_wall_ms kiln "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')"
+        for i in "${pids[@]}"; do
+            pss=$(awk '/^Pss:/ { print $2 }' "/proc/$i/smaps_rollup" 2>/dev/null)
+            [ -n "$pss" ] && record snapshot_copy_pss_kib kiln "$pss"
+        done
+    else
+        fail_note "snapshot: only $done_n of $n copies printed 'ready' (see $work/copy-*.err)"
+    fi
+    kill "${pids[@]}" 2>/dev/null
+    wait "${pids[@]}" 2>/dev/null
+    return 0
+}
+
 # ------------------------------------------------------------ 5. devices
 # The kiln option syntax assumed here (--disk PATH, --net tap=NAME) is what
 # the device branches were heading for when this was written; adjust if the
@@ -950,6 +1023,7 @@ wants stop && run_stop
 wants boot && run_boot
 wants bootpath && run_bootpath
 wants command && run_command
+wants snapshot && run_snapshot
 wants disk && run_disk
 wants net && run_net
 elapsed=$(( $(date +%s) - started ))
