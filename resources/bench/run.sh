@@ -699,7 +699,12 @@ run_boot() {
     note_cpuid boot
     log "boot to init, memory, idle CPU: $reps_boot repetitions (each boot takes tens of seconds here)"
     for rep in $(seq "$reps_boot"); do
-        for mon in kiln qemu; do
+        # Who goes first alternates: a boot takes long enough for the host's
+        # load to drift within one repetition, and it should not favour one
+        # monitor in every repetition.
+        local order=(kiln qemu)
+        [ $((rep % 2)) = 0 ] && order=(qemu kiln)
+        for mon in "${order[@]}"; do
             [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
             local cmd=()
             case $mon in
