@@ -22,14 +22,15 @@ fn example(name: &str) -> PathBuf {
     profile_dir.join("examples").join(name)
 }
 
-#[test]
-fn sandbox_example_runs_its_checks() {
+/// Runs example `name` on the guest kernel and root with `args`: its
+/// stdout, once it exited 0; `None` where the test skips (no KVM, no kernel).
+fn run_example(name: &str, args: &[&str]) -> Option<String> {
     if !require(have_kvm(), "/dev/kvm not accessible")
         || !require(guest_kernel("vmlinux").is_some(), "guest kernel not built")
     {
-        return;
+        return None;
     }
-    let binary = example("sandbox");
+    let binary = example(name);
     assert!(
         binary.is_file(),
         "{} not built (cargo test builds examples)",
@@ -39,14 +40,23 @@ fn sandbox_example_runs_its_checks() {
     let out = Command::new(&binary)
         .arg(guest_kernel("vmlinux").unwrap())
         .arg(guest_rootfs())
+        .args(args)
         .output()
         .expect("running the example");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     eprintln!(
         "stdout:\n{stdout}\nstderr:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "the example failed: {}", out.status);
+    Some(stdout)
+}
+
+#[test]
+fn sandbox_example_runs_its_checks() {
+    let Some(stdout) = run_example("sandbox", &[]) else {
+        return;
+    };
     assert!(stdout.starts_with("sandbox ready in "), "{stdout}");
     for check in ["echo", "status", "env", "cwd", "stdin", "signal"] {
         assert!(
@@ -61,26 +71,9 @@ fn sandbox_example_runs_its_checks() {
 
 #[test]
 fn exec_bench_prints_a_row_per_repetition_and_a_summary() {
-    if !require(have_kvm(), "/dev/kvm not accessible")
-        || !require(guest_kernel("vmlinux").is_some(), "guest kernel not built")
-    {
+    let Some(stdout) = run_example("exec_bench", &["2", "1"]) else {
         return;
-    }
-    let binary = example("exec_bench");
-    assert!(binary.is_file(), "{} not built", binary.display());
-    let _vm = common::one_vm();
-    let out = Command::new(&binary)
-        .arg(guest_kernel("vmlinux").unwrap())
-        .arg(guest_rootfs())
-        .args(["2", "1"])
-        .output()
-        .expect("running the example");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "the example failed: {}", out.status);
+    };
     // Every figure is a positive number (the parsing run.sh does).
     let figure = |line: &str, key: &str| -> f64 {
         let word = line.split_whitespace().find_map(|w| w.strip_prefix(key));
