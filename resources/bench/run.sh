@@ -869,7 +869,7 @@ run_command() {
     done
 }
 
-# ------------------------------------------- 2c. exec round trip (issue 11)
+# ------------------------------------------- 2d. exec round trip (issue 11)
 # kiln alone: in one ready sandbox VM, Sandbox::exec of `sh -c 'echo hello'`
 # alternated command by command with a guest shell timing its own fork+exec
 # of the same command (examples/exec_bench.rs); one sample of each per
