@@ -13,6 +13,7 @@ pub mod console;
 pub mod counters;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub(crate) mod queue;
 pub mod rng;
 pub mod vsock;
@@ -114,6 +115,11 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {
         self.virtio_mut().reset();
     }
+    /// Called once the device was started again from a snapshot (after
+    /// [`activate`](Self::activate) with the saved queues): what the guest's
+    /// driver must learn about host state that did not survive (vsock: its
+    /// connections are gone). Nothing by default.
+    fn restored(&mut self) {}
     /// The device's counters, readable while it runs (logged at exit).
     fn counters(&self) -> Arc<dyn Counters> {
         self.virtio().counters()
@@ -154,6 +160,11 @@ impl Interrupt {
 
     pub(crate) fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets status `bits` saved in a snapshot and raises the line.
+    pub(crate) fn restore_status(&self, bits: u32) {
+        self.raise(bits);
     }
 
     pub(crate) fn ack(&self, bits: u32) {
