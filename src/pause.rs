@@ -3,12 +3,23 @@
 //! before its state is read), then parks on its own thread, where work that
 //! needs its file descriptor (reading its state) runs, until the VM is
 //! resumed or stops.
+//!
+//! The event thread pauses too ([`LoopPause`]): it serves every device's
+//! queues, so while it is parked no device touches guest memory or its
+//! queues, and a snapshot reads a state with no request half-done.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::VcpuFd;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet as EpollSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::lifecycle::Lifecycle;
 
 /// Work for a parked vCPU's thread.
 type VcpuWork = Box<dyn FnOnce(&VcpuFd) + Send>;
@@ -203,6 +214,121 @@ fn kick(tid: libc::pid_t) {
             "cannot kick vCPU thread {tid}: {}",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// Parks the event thread (the VM thread's event loop) between two events,
+/// so that no device runs while a snapshot is taken. Its other half, a
+/// [`LoopParker`], sits in the event loop.
+pub(crate) struct LoopPause {
+    request: EventFd,
+    resume: EventFd,
+    /// One message per park; closed when the event loop is gone.
+    parked: Mutex<Receiver<()>>,
+    paused: AtomicBool,
+}
+
+/// The event-loop subscriber that parks its thread when a [`LoopPause`]
+/// asks.
+pub(crate) struct LoopParker {
+    request: EventFd,
+    resume: EventFd,
+    life: Arc<Lifecycle>,
+    /// The resume eventfd and the VM's exit eventfd: a VM stopped while
+    /// paused ends (epoll_wait: the event thread's seccomp list has it).
+    wake: Epoll,
+    parked: SyncSender<()>,
+}
+
+const WAKE_RESUME: u64 = 0;
+const WAKE_EXIT: u64 = 1;
+
+impl LoopPause {
+    /// A pause for the event loop of the VM `life` belongs to, and the
+    /// subscriber to add to that loop.
+    pub(crate) fn new(life: Arc<Lifecycle>) -> std::io::Result<(Self, LoopParker)> {
+        let request = kiln_devices::new_eventfd()?;
+        let resume = kiln_devices::new_eventfd()?;
+        let wake = Epoll::new()?;
+        wake.ctl(
+            ControlOperation::Add,
+            resume.as_raw_fd(),
+            EpollEvent::new(EpollSet::IN, WAKE_RESUME),
+        )?;
+        // Edge-triggered: the exit eventfd is read by the loop, not here,
+        // and a level-triggered watch would spin until it is.
+        wake.ctl(
+            ControlOperation::Add,
+            life.exit_evt().as_raw_fd(),
+            EpollEvent::new(EpollSet::IN | EpollSet::EDGE_TRIGGERED, WAKE_EXIT),
+        )?;
+        let (parked, parked_rx) = std::sync::mpsc::sync_channel(1);
+        let parker = LoopParker {
+            request: request.try_clone()?,
+            resume: resume.try_clone()?,
+            life,
+            wake,
+            parked,
+        };
+        let pause = Self {
+            request,
+            resume,
+            parked: Mutex::new(parked_rx),
+            paused: AtomicBool::new(false),
+        };
+        Ok((pause, parker))
+    }
+
+    /// Returns once the event thread is parked (it finishes the event it
+    /// is serving first).
+    pub(crate) fn pause(&self) -> Result<(), PauseError> {
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if self.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.request.write(1).map_err(|_| PauseError::Ended)?;
+        // Closed once the event loop is gone: the VM has ended.
+        parked.recv().map_err(|_| PauseError::Ended)?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Lets a parked event thread go on.
+    pub(crate) fn resume(&self) {
+        let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if self.paused.swap(false, Ordering::SeqCst) {
+            let _ = self.resume.write(1);
+        }
+    }
+}
+
+impl MutEventSubscriber for LoopParker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.request, EventSet::IN)) {
+            log::error!("event loop: cannot watch pause requests: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.request.read();
+        if self.parked.try_send(()).is_err() {
+            return;
+        }
+        let mut events = [EpollEvent::default(); 2];
+        while !self.life.is_stopping() {
+            let ready = match self.wake.wait(-1, &mut events) {
+                Ok(n) => &events[..n],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("event loop: cannot wait for the end of a pause: {e}");
+                    return;
+                }
+            };
+            if ready.iter().any(|e| e.data() == WAKE_RESUME) {
+                let _ = self.resume.read();
+                return;
+            }
+        }
     }
 }
 

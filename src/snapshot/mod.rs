@@ -30,12 +30,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use error::SnapshotError;
-use format::{Header, SavedVm, FORMAT_VERSION, MEMORY_FILE, STATE_FILE};
+use format::{
+    disk_file, DevicesState, Header, SavedDisk, SavedVm, FORMAT_VERSION, MEMORY_FILE, STATE_FILE,
+};
 use host_cpu::HostCpu;
+use kiln_devices::virtio::SavedOverlay;
 use kvm_ioctls::VcpuFd;
 use vcpu_state::VcpuState;
 use vm_state::VmState;
 
+use crate::device_manager::DeviceHandles;
 use crate::pause::PauseError;
 use crate::vm::Vm;
 use crate::vmm::{ConsoleIo, VmHandle};
@@ -62,10 +66,9 @@ impl From<PauseError> for SnapshotError {
 pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     let started = Instant::now();
     let running = vm.running().ok_or(SnapshotError::NotRunning)?;
-    if crate::vmm::has_virtio_devices(&running.config) {
-        return Err(SnapshotError::Unsupported(
-            "the VM has virtio devices, whose state is not saved yet".into(),
-        ));
+    // A clone would write the user's file in place, as the VM saved does.
+    if let Some(disk) = running.config.disks.iter().find(|d| !d.read_only) {
+        return Err(SnapshotError::WritableDisk(disk.path.clone()));
     }
     // Without it KVM ignores `immediate_exit`: a vCPU could not complete
     // its exit without running the guest on (see `vcpu::complete_exit`).
@@ -81,6 +84,9 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     vcpu_state::check_xsave_size(running.vm.fd())?;
     let msr_indices = Arc::new(vcpu_state::msrs_to_save(running.vm.kvm())?);
     running.pause.pause()?;
+    // No device runs from here until `resume`: none touches guest memory
+    // or its queues while they are saved.
+    running.loop_pause.pause()?;
     let pause = started.elapsed();
 
     let mut vcpus = Vec::with_capacity(running.pause.vcpus());
@@ -93,10 +99,12 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
         );
     }
     let tsc_khz = running.pause.on_vcpu(0, vcpu_state::tsc_khz)??;
+    let (devices, overlays) = save_devices(&running.devices)?;
     let saved = SavedVm {
         config: (*running.config).clone(),
         vcpus,
         vm: VmState::save(running.vm.fd())?,
+        devices,
     };
 
     std::fs::create_dir_all(dir).map_err(SnapshotError::io("create directory", dir))?;
@@ -110,7 +118,7 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
         state_bytes: 0,
         state_crc32: 0,
     };
-    let state_bytes = write_files(dir, &running.mem, header, &saved)?;
+    let state_bytes = write_files(dir, &running.mem, &overlays, header, &saved)?;
     Ok(SaveReport {
         pause,
         total: started.elapsed(),
@@ -119,33 +127,90 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     })
 }
 
-/// Writes the memory file, then the state file; what this call created is
-/// removed again if either fails (an existing file is refused, never
-/// touched). Returns the state file's size.
+/// Every device's guest-visible state (the VM is paused, its event loop
+/// too), and the overlay files of its overlay disks by slot.
+fn save_devices(
+    devices: &DeviceHandles,
+) -> Result<(DevicesState, Vec<(usize, File)>), SnapshotError> {
+    let serial = devices.serial.lock().unwrap_or_else(|e| e.into_inner());
+    let mut state = DevicesState {
+        serial: serial.save(),
+        virtio: Vec::with_capacity(devices.virtio.len()),
+        disks: Vec::new(),
+    };
+    let mut overlays = Vec::new();
+    for (slot, transport) in devices.virtio.iter().enumerate() {
+        let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+        state.virtio.push(transport.save());
+        if let Some(overlay) = transport.disk_overlay() {
+            let SavedOverlay { file, state: map } =
+                overlay.map_err(|source| SnapshotError::Io {
+                    what: "duplicate",
+                    path: format!("the overlay of virtio slot {slot}").into(),
+                    source,
+                })?;
+            state.disks.push(SavedDisk { slot, overlay: map });
+            overlays.push((slot, file));
+        }
+    }
+    Ok((state, overlays))
+}
+
+/// Writes the memory file, each overlay disk's file, then the state file;
+/// what this call created is removed again if any fails (an existing file
+/// is refused, never touched). Returns the state file's size.
 fn write_files(
     dir: &Path,
     mem: &vm_memory::GuestMemoryMmap,
+    overlays: &[(usize, File)],
     header: Header,
     saved: &SavedVm,
 ) -> Result<u64, SnapshotError> {
-    let memory_path = dir.join(MEMORY_FILE);
-    let mut memory = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&memory_path)
-        .map_err(SnapshotError::io("create", &memory_path))?;
-    let written = crate::memory::write_guest_memory(mem, &mut memory)
-        .map_err(SnapshotError::io("write", &memory_path))
-        .and_then(|()| format::write_state(&dir.join(STATE_FILE), header, saved));
+    let mut created = Vec::new();
+    let write = || {
+        let memory_path = dir.join(MEMORY_FILE);
+        let mut memory = create_new(&memory_path)?;
+        created.push(memory_path.clone());
+        crate::memory::write_guest_memory(mem, &mut memory)
+            .map_err(SnapshotError::io("write", &memory_path))?;
+        for (slot, overlay) in overlays {
+            let path = dir.join(disk_file(*slot));
+            let file = create_new(&path)?;
+            created.push(path.clone());
+            let size = saved
+                .devices
+                .disks
+                .iter()
+                .find(|d| d.slot == *slot)
+                .map_or(0, |d| d.overlay.base.size());
+            kiln_devices::virtio::block::copy_sparse(overlay, &file, size)
+                .map_err(SnapshotError::io("write", &path))?;
+        }
+        format::write_state(&dir.join(STATE_FILE), header, saved)
+    };
+    let written = write();
     if written.is_err() {
-        let _ = std::fs::remove_file(&memory_path);
+        for path in created {
+            let _ = std::fs::remove_file(path);
+        }
     }
     written
+}
+
+/// A new file at `path` (an existing one is refused, never touched).
+fn create_new(path: &Path) -> Result<File, SnapshotError> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(SnapshotError::io("create", path))
 }
 
 /// Lets a VM paused by [`save`] run on.
 pub fn resume(vm: &VmHandle) {
     if let Some(running) = vm.running() {
+        running.loop_pause.resume();
         running.pause.resume();
     }
 }
@@ -169,6 +234,7 @@ pub fn restore(dir: &Path, io: ConsoleIo, started: Instant) -> crate::Result<VmH
 
 /// A snapshot directory whose files passed every check.
 pub(crate) struct Snapshot {
+    dir: PathBuf,
     header: Header,
     pub(crate) saved: SavedVm,
     /// Opened read-only: the restored VM maps it privately.
@@ -216,7 +282,12 @@ impl Snapshot {
                 ),
             });
         }
+        for disk in &saved.devices.disks {
+            let path = dir.join(disk_file(disk.slot));
+            crate::boot::open_regular_file(&path).map_err(SnapshotError::io("open", &path))?;
+        }
         Ok(Self {
+            dir: dir.to_owned(),
             header,
             saved,
             memory,
@@ -238,5 +309,54 @@ impl Snapshot {
         }
         self.saved.vm.restore(vm.fd())?;
         Ok(vcpus)
+    }
+
+    /// The image root at `path` (virtio slot 0) with the guest's writes
+    /// saved in this snapshot under a new overlay of its own (at
+    /// `scratch_dir`, as a boot puts it); the saved file is only read.
+    pub(crate) fn root_disk(
+        &self,
+        path: &Path,
+        scratch_dir: Option<&Path>,
+    ) -> Result<kiln_devices::virtio::block::DiskImage, kiln_devices::virtio::block::DiskError>
+    {
+        let Some(saved) = self.saved.devices.disks.iter().find(|d| d.slot == 0) else {
+            // Saved without an overlay: the slot check refuses it later.
+            return crate::rootfs::root_disk(path, scratch_dir);
+        };
+        let overlay_path = self.dir.join(disk_file(saved.slot));
+        let open_error = |source| kiln_devices::virtio::block::DiskError::Open {
+            path: overlay_path.clone(),
+            source,
+        };
+        let file = crate::boot::open_regular_file(&overlay_path).map_err(open_error)?;
+        crate::rootfs::root_disk_restored(path, scratch_dir, &file, &saved.overlay)
+    }
+
+    /// Applies the saved device states to `devices`, built from the
+    /// restored configuration: the same devices in the same slots, or a
+    /// [`SnapshotError::Devices`].
+    pub(crate) fn restore_devices(&self, devices: &DeviceHandles) -> Result<(), SnapshotError> {
+        let saved = &self.saved.devices;
+        if saved.virtio.len() != devices.virtio.len() {
+            return Err(SnapshotError::Devices(format!(
+                "{} virtio devices saved, the configuration builds {}",
+                saved.virtio.len(),
+                devices.virtio.len()
+            )));
+        }
+        for (slot, (state, transport)) in saved.virtio.iter().zip(&devices.virtio).enumerate() {
+            transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(state)
+                .map_err(|e| SnapshotError::Devices(format!("virtio slot {slot}: {e}")))?;
+        }
+        devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&saved.serial)
+            .map_err(|e| SnapshotError::Devices(e.to_string()))
     }
 }

@@ -270,6 +270,12 @@ impl MmioTransport {
         }
     }
 
+    /// The device's overlay disk, if it has one (see
+    /// [`VirtioDevice::disk_overlay`]).
+    pub fn disk_overlay(&self) -> Option<std::io::Result<super::SavedOverlay>> {
+        self.device().disk_overlay()
+    }
+
     /// Applies `state` (saved by [`MmioTransport::save`]) to this freshly
     /// built transport and its device, and, if the driver had the device
     /// running, starts it again with the saved queues, as DRIVER_OK would,

@@ -55,6 +55,15 @@ pub struct Activation {
     pub features: u64,
 }
 
+/// An overlay disk's writes as a snapshot saves them
+/// ([`VirtioDevice::disk_overlay`]).
+pub struct SavedOverlay {
+    /// A descriptor of the overlay's file (read while the VM is paused).
+    pub file: std::fs::File,
+    /// The base's stamp and the chunk map.
+    pub state: block::OverlayState,
+}
+
 /// Why a device refused to start. The transport then sets
 /// DEVICE_NEEDS_RESET and tells the driver; the VM goes on.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +129,11 @@ pub trait VirtioDevice: Send {
     /// driver must learn about host state that did not survive (vsock: its
     /// connections are gone). Nothing by default.
     fn restored(&mut self) {}
+    /// A copy-on-write disk's overlay (the guest's writes) and its chunk
+    /// map, for a snapshot; None for every other device.
+    fn disk_overlay(&self) -> Option<std::io::Result<SavedOverlay>> {
+        None
+    }
     /// The device's counters, readable while it runs (logged at exit).
     fn counters(&self) -> Arc<dyn Counters> {
         self.virtio().counters()
