@@ -349,4 +349,57 @@ mod tests {
         let pause = Pause::new(1);
         assert_eq!(pause.on_vcpu(0, |_| ()).unwrap_err(), PauseError::NotPaused);
     }
+
+    /// Counts its eventfd's events, noting whether the test had resumed
+    /// the loop by then.
+    struct Counter {
+        evt: EventFd,
+        resumed: Arc<AtomicBool>,
+        served: std::sync::mpsc::Sender<bool>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.evt.read();
+            let _ = self.served.send(self.resumed.load(Ordering::SeqCst));
+        }
+    }
+
+    /// While the event loop is paused it serves no event (one that arrives
+    /// meanwhile is served after the resume), and a VM that stops while
+    /// its loop is paused ends.
+    #[test]
+    fn a_paused_event_loop_serves_nothing_until_resumed_and_a_stop_ends_it() {
+        let life = Arc::new(Lifecycle::new(std::time::Instant::now()).unwrap());
+        let (pause, parker) = LoopPause::new(life.clone()).unwrap();
+        let evt = kiln_devices::new_eventfd().unwrap();
+        let resumed = Arc::new(AtomicBool::new(false));
+        let (served, served_rx) = std::sync::mpsc::channel();
+        let mut event_loop = crate::event_loop::EventLoop::new().unwrap();
+        event_loop.add(Box::new(parker));
+        event_loop.add(Box::new(Counter {
+            evt: evt.try_clone().unwrap(),
+            resumed: resumed.clone(),
+            served,
+        }));
+        let loop_life = life.clone();
+        let thread = std::thread::spawn(move || event_loop.run(&loop_life, None));
+
+        pause.pause().unwrap();
+        evt.write(1).unwrap();
+        // Served now, the event would have been served before this store.
+        resumed.store(true, Ordering::SeqCst);
+        pause.resume();
+        assert!(served_rx.recv().unwrap(), "served while paused");
+
+        pause.pause().unwrap();
+        life.finish(crate::outcome::VmOutcome::Stopped);
+        thread.join().unwrap().unwrap();
+        // The loop is gone: a pause fails instead of waiting forever.
+        pause.resume();
+        assert_eq!(pause.pause(), Err(PauseError::Ended));
+    }
 }

@@ -439,6 +439,72 @@ fn a_guest_with_virtio_devices_restores_with_them() {
     assert_complete_count(&[&saved.before[..], &after[..]].concat());
 }
 
+/// Rewrites the state file's state (JSON) with `edit`, and its header's
+/// size and checksum to match: a state file altered by someone who knows
+/// the format.
+fn edit_state(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("vmstate");
+    let bytes = fs::read(&path).unwrap();
+    let magic_end = bytes.iter().position(|&b| b == b'\n').unwrap() + 1;
+    let header_end = magic_end + bytes[magic_end..].iter().position(|&b| b == b'\n').unwrap();
+    let mut state: serde_json::Value = serde_json::from_slice(&bytes[header_end + 1..]).unwrap();
+    edit(&mut state);
+    let state = serde_json::to_vec(&state).unwrap();
+    let state_len = state.len();
+    fs::write(&path, [&bytes[..header_end + 1], &state[..]].concat()).unwrap();
+    edit_header(dir, |h| {
+        h["state_bytes"] = state_len.into();
+        h["state_crc32"] = crc32fast::hash(&state).into();
+    });
+}
+
+/// A snapshot whose saved devices do not fit the devices its configuration
+/// builds (one missing, another kind in the slot, a queue no driver could
+/// set up) is refused with one typed error, before the guest runs.
+#[test]
+fn saved_devices_that_do_not_fit_are_refused() {
+    require_kvm!();
+    let scratch = Scratch::new("snapshot-devices");
+    let good = scratch.path("good");
+    let mut config = count_config();
+    config.rng = true;
+    let saved = save_guest(config, &good);
+    saved.vm.stop();
+    saved.vm.wait().unwrap();
+
+    type Edit = fn(&mut serde_json::Value);
+    let edits: [(&str, Edit, &str); 3] = [
+        (
+            "a device missing",
+            |s| s["devices"]["virtio"] = serde_json::json!([]),
+            "0 virtio devices saved, the configuration builds 1",
+        ),
+        (
+            "another kind of device",
+            |s| s["devices"]["virtio"][0]["device_type"] = 19.into(),
+            "saved device type 19",
+        ),
+        (
+            "a queue size no driver can set",
+            |s| s["devices"]["virtio"][0]["queues"][0]["size"] = 3.into(),
+            "queue 0",
+        ),
+    ];
+    for (i, (what, edit, message)) in edits.into_iter().enumerate() {
+        let dir = scratch.path(&format!("edited-{i}"));
+        copy_snapshot(&good, &dir);
+        edit_state(&dir, edit);
+        let (io, capture, _input) = console();
+        let vm = snapshot::restore(&dir, io, Instant::now()).expect("the files are sound");
+        let e = vm.wait().expect_err(what);
+        assert!(
+            matches!(&e, Error::Snapshot(SnapshotError::Devices(m)) if m.contains(message)),
+            "{what}: {e}"
+        );
+        assert!(capture.bytes().is_empty(), "{what}: the guest ran");
+    }
+}
+
 /// A writable `--disk` (the user's file, written in place) cannot be
 /// cloned: the save is refused before the VM is paused; it runs on, and
 /// nothing is written.
@@ -528,6 +594,8 @@ fn a_linux_guest_with_an_image_root_counts_on_after_restore() {
         while :; do echo $i > /count; sync; echo 3 > /proc/sys/vm/drop_caches; \
         read k < /keep; echo \"tick $i $k\"; i=$((i+1)); done";
     config.command.argv = ["sh", "-c", script].map(Into::into).to_vec();
+    // Root: it writes to / and drops the page cache.
+    (config.command.uid, config.command.gid) = (Some(0), Some(0));
 
     let _vm = common::one_vm();
     let dir = scratch.path("snap");

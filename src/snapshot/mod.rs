@@ -1,22 +1,45 @@
 //! Snapshots of a running VM: pause it at a safe point, save the
-//! guest-visible KVM state of the VM and its vCPUs and guest memory into a
-//! directory, and restore that into a fresh VM (in this process or
-//! another) that resumes at the very next instruction.
+//! guest-visible state of the VM, its vCPUs and its devices and guest
+//! memory into a directory, and restore that into a fresh VM (in this
+//! process or another) that resumes at the very next instruction.
 //!
-//! Done: vCPU state in Firecracker's order (`vcpu_state.rs`), the PIT,
+//! Saved: vCPU state in Firecracker's order (`vcpu_state.rs`), the PIT,
 //! KVM clock and interrupt controllers (`vm_state.rs`), guest memory
 //! written to a sparse file and mapped MAP_PRIVATE at restore (the file is
 //! opened read-only and never written), a versioned state file with a
 //! header and a checksum (`format.rs`), typed errors (`error.rs`), the TSC
 //! frequency check (refused where KVM cannot scale the TSC, as on PVM).
-//! The pause itself is `crate::pause`.
+//! The pause itself is `crate::pause`: the vCPUs and the event thread, so
+//! no device touches guest memory or its queues while they are saved.
 //!
-//! Not done yet: device state (the UART, the i8042 and the control page
-//! restart fresh; virtio devices are not saved, so a VM with any is
-//! refused), XSAVE areas larger than 4 KiB (AMX), the CLI and the sandbox
-//! API. A restored VM runs with the saved configuration (its seccomp mode,
-//! timeout and jail ids): the front ends will pass their own. Internal for
-//! now: the functions here are public only for kiln's tests.
+//! Devices: the UART's registers and unread input, and every virtio
+//! device's transport (status, features, config space, each queue's size,
+//! addresses and indices: `kiln_devices::virtio::persist`), in slot order.
+//! A restore builds the devices a boot of the configuration would (same
+//! MMIO windows and IRQs), restores the vCPUs and interrupt controllers,
+//! then applies the saved states: a device the driver had running starts
+//! again with its saved queues without the guest doing anything. A device
+//! list or value that does not fit is [`SnapshotError::Devices`].
+//!
+//! Host resources are reopened, not saved: disk files by path, the TAP by
+//! name, the vsock socket anew. So every vsock connection from before is
+//! gone: the device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET once restored
+//! (the guest's sockets see a reset; kiln's agent reconnects). A net
+//! device's frames in flight are lost, as on a real link. An image root's
+//! overlay (what the guest wrote) is copied sparse into the snapshot
+//! (`disk<slot>.overlay`, with its chunk map in the state), and each
+//! restored VM starts its own new overlay from a copy of it; the base image
+//! must be unchanged (size and mtime), or the restore fails with
+//! `DiskError::BaseChanged`. A writable `--disk` (the user's file written
+//! in place) is refused at save ([`SnapshotError::WritableDisk`]); read-only
+//! disks are reopened by path.
+//!
+//! Not saved: the i8042 and the control page (they start fresh, as
+//! before device state was saved), the virtio console's host-side
+//! buffers, counters, XSAVE areas larger than 4 KiB (AMX). A read-only disk
+//! changed since the save is not detected (its config space keeps the
+//! saved capacity; requests past its end fail). The functions here are
+//! public only for kiln's front ends and tests.
 
 mod error;
 mod format;
