@@ -100,6 +100,11 @@ impl Harness {
     }
 
     fn activate(&mut self) {
+        self.activate_with_event_queue();
+    }
+
+    /// Activates the device; returns the driver's side of its event queue.
+    fn activate_with_event_queue(&mut self) -> DriverQueue {
         let ev = DriverQueue::new(self.mem, EV_RING);
         let queues = vec![self.rx.queue(), self.tx.queue(), ev.queue()];
         self.dev
@@ -113,6 +118,7 @@ impl Harness {
             })
             .unwrap();
         self.pump();
+        ev
     }
 
     fn pump(&mut self) {
@@ -1231,19 +1237,7 @@ fn bulk_guest_to_host_through_odd_tx_chains_is_byte_exact() {
 fn a_restored_device_sends_one_transport_reset_event() {
     const EV_BUF: u64 = 0x8_0000;
     let mut h = Harness::new();
-    let mut ev = DriverQueue::new(h.mem, EV_RING);
-    let queues = vec![h.rx.queue(), h.tx.queue(), ev.queue()];
-    h.dev
-        .lock()
-        .unwrap()
-        .activate(Activation {
-            mem: h.mem.clone(),
-            queues,
-            interrupt: Interrupt::new(IrqLine::new().unwrap()),
-            features: VIRTIO_F_VERSION_1,
-        })
-        .unwrap();
-    h.pump();
+    let mut ev = h.activate_with_event_queue();
     // A device that was booted, not restored, keeps the buffers.
     h.mem.write_obj(u32::MAX, GuestAddress(EV_BUF)).unwrap();
     ev.add(&[(EV_BUF, 4, VRING_DESC_F_WRITE)]);
@@ -1271,18 +1265,7 @@ fn a_restored_device_sends_one_transport_reset_event() {
 fn a_transport_reset_waits_for_an_event_buffer() {
     const EV_BUF: u64 = 0x8_0000;
     let mut h = Harness::new();
-    let mut ev = DriverQueue::new(h.mem, EV_RING);
-    let queues = vec![h.rx.queue(), h.tx.queue(), ev.queue()];
-    h.dev
-        .lock()
-        .unwrap()
-        .activate(Activation {
-            mem: h.mem.clone(),
-            queues,
-            interrupt: Interrupt::new(IrqLine::new().unwrap()),
-            features: VIRTIO_F_VERSION_1,
-        })
-        .unwrap();
+    let mut ev = h.activate_with_event_queue();
     h.dev.lock().unwrap().restored();
     h.pump();
     // Too small for an event: returned empty, the reset still pending.
