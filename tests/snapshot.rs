@@ -641,4 +641,13 @@ fn a_linux_guest_with_an_image_root_counts_on_after_restore() {
         image_before,
         "the image was written"
     );
+
+    // A truncated overlay is refused before anything runs.
+    truncate(&dir.join("disk0.overlay"), |size| size - 512);
+    let (io, _, _input) = console();
+    let e = snapshot::restore(&dir, io, Instant::now()).err();
+    assert!(
+        matches!(&e, Some(Error::Snapshot(SnapshotError::Truncated(p))) if p.ends_with("disk0.overlay")),
+        "{e:?}"
+    );
 }

@@ -306,8 +306,24 @@ impl Snapshot {
             });
         }
         for disk in &saved.devices.disks {
+            // As long as the disk: a shorter one would read as holes.
             let path = dir.join(disk_file(disk.slot));
-            crate::boot::open_regular_file(&path).map_err(SnapshotError::io("open", &path))?;
+            let file =
+                crate::boot::open_regular_file(&path).map_err(SnapshotError::io("open", &path))?;
+            let found = file
+                .metadata()
+                .map_err(SnapshotError::io("read the size of", &path))?
+                .len();
+            match found.cmp(&disk.overlay.base.size()) {
+                std::cmp::Ordering::Less => return Err(SnapshotError::Truncated(path)),
+                std::cmp::Ordering::Greater => {
+                    return Err(SnapshotError::Corrupt {
+                        path,
+                        reason: format!("larger than the disk ({found} bytes)"),
+                    })
+                }
+                std::cmp::Ordering::Equal => {}
+            }
         }
         Ok(Self {
             dir: dir.to_owned(),
