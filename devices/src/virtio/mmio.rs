@@ -217,10 +217,14 @@ impl MmioTransport {
             }
         }
         // The device gets its own copies; the transport keeps the register view.
-        let queues = self.queues.iter().map(|q| Queue::try_from(q.state()));
-        let queues = queues
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ActivateError::Device(format!("queue: {e}")))?;
+        // The transport checked every value as it was written: a queue
+        // that does not convert is the guest's doing, as a bad layout is.
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| Queue::try_from(q.state()).map_err(|_| ActivateError::BadQueue(i)));
+        let queues = queues.collect::<Result<Vec<_>, _>>()?;
         let activation = Activation {
             mem: self.mem.clone(),
             queues,
