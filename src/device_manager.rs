@@ -36,7 +36,16 @@ pub struct Buses {
     pub mmio: Bus,
 }
 
-/// Puts devices on one VM; [`DeviceManager::into_buses`] ends the placing.
+/// The devices whose guest-visible state a snapshot saves: the UART and
+/// every virtio device's transport, in slot order (the order of their MMIO
+/// windows).
+#[derive(Clone)]
+pub struct DeviceHandles {
+    pub serial: Arc<Mutex<SerialDevice>>,
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// Puts devices on one VM; [`DeviceManager::into_parts`] ends the placing.
 pub struct DeviceManager<'a> {
     vm: &'a Vm,
     mem: &'a GuestMemoryMmap,
@@ -44,7 +53,8 @@ pub struct DeviceManager<'a> {
     buses: Buses,
     serial: Arc<Mutex<SerialDevice>>,
     reset_evt: EventFd,
-    next_virtio_slot: usize,
+    /// In slot order: the next one goes in slot `virtio.len()`.
+    virtio: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl<'a> DeviceManager<'a> {
@@ -85,7 +95,7 @@ impl<'a> DeviceManager<'a> {
             buses: Buses { pio, mmio },
             serial,
             reset_evt,
-            next_virtio_slot: 0,
+            virtio: Vec::new(),
         })
     }
 
@@ -96,7 +106,7 @@ impl<'a> DeviceManager<'a> {
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
-        let (base, irq) = virtio_window(self.next_virtio_slot)?;
+        let (base, irq) = virtio_window(self.virtio.len())?;
         let line = IrqLine::new().map_err(Error::device_io("virtio IRQ"))?;
         self.vm.register_irq(line.eventfd(), irq)?;
         let notify = IoEventAddress::Mmio(base + REG_QUEUE_NOTIFY);
@@ -108,11 +118,12 @@ impl<'a> DeviceManager<'a> {
         }
         let device = Arc::new(Mutex::new(device));
         let transport = MmioTransport::new(device.clone(), self.mem.clone(), Interrupt::new(line));
+        let transport = Arc::new(Mutex::new(transport));
         self.buses
             .mmio
-            .insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+            .insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
         self.event_loop.add(Box::new(device) as Subscriber);
-        self.next_virtio_slot += 1;
+        self.virtio.push(transport);
         Ok(())
     }
 
@@ -145,12 +156,16 @@ impl<'a> DeviceManager<'a> {
     /// The highest IRQ line a device placed so far uses (the MP table routes
     /// the IOAPIC pins up to it).
     pub fn highest_irq(&self) -> u32 {
-        highest_irq(self.next_virtio_slot)
+        highest_irq(self.virtio.len())
     }
 
-    /// The buses, with every device placed.
-    pub fn into_buses(self) -> Buses {
-        self.buses
+    /// The buses, with every device placed, and the devices a snapshot saves.
+    pub fn into_parts(self) -> (Buses, DeviceHandles) {
+        let handles = DeviceHandles {
+            serial: self.serial,
+            virtio: self.virtio,
+        };
+        (self.buses, handles)
     }
 }
 

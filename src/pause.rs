@@ -3,12 +3,23 @@
 //! before its state is read), then parks on its own thread, where work that
 //! needs its file descriptor (reading its state) runs, until the VM is
 //! resumed or stops.
+//!
+//! The event thread pauses too ([`LoopPause`]): it serves every device's
+//! queues, so while it is parked no device touches guest memory or its
+//! queues, and a snapshot reads a state with no request half-done.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_ioctls::VcpuFd;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet as EpollSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::lifecycle::Lifecycle;
 
 /// Work for a parked vCPU's thread.
 type VcpuWork = Box<dyn FnOnce(&VcpuFd) + Send>;
@@ -206,6 +217,121 @@ fn kick(tid: libc::pid_t) {
     }
 }
 
+/// Parks the event thread (the VM thread's event loop) between two events,
+/// so that no device runs while a snapshot is taken. Its other half, a
+/// [`LoopParker`], sits in the event loop.
+pub(crate) struct LoopPause {
+    request: EventFd,
+    resume: EventFd,
+    /// One message per park; closed when the event loop is gone.
+    parked: Mutex<Receiver<()>>,
+    paused: AtomicBool,
+}
+
+/// The event-loop subscriber that parks its thread when a [`LoopPause`]
+/// asks.
+pub(crate) struct LoopParker {
+    request: EventFd,
+    resume: EventFd,
+    life: Arc<Lifecycle>,
+    /// The resume eventfd and the VM's exit eventfd: a VM stopped while
+    /// paused ends (epoll_wait: the event thread's seccomp list has it).
+    wake: Epoll,
+    parked: SyncSender<()>,
+}
+
+const WAKE_RESUME: u64 = 0;
+const WAKE_EXIT: u64 = 1;
+
+impl LoopPause {
+    /// A pause for the event loop of the VM `life` belongs to, and the
+    /// subscriber to add to that loop.
+    pub(crate) fn new(life: Arc<Lifecycle>) -> std::io::Result<(Self, LoopParker)> {
+        let request = kiln_devices::new_eventfd()?;
+        let resume = kiln_devices::new_eventfd()?;
+        let wake = Epoll::new()?;
+        wake.ctl(
+            ControlOperation::Add,
+            resume.as_raw_fd(),
+            EpollEvent::new(EpollSet::IN, WAKE_RESUME),
+        )?;
+        // Edge-triggered: the exit eventfd is read by the loop, not here,
+        // and a level-triggered watch would spin until it is.
+        wake.ctl(
+            ControlOperation::Add,
+            life.exit_evt().as_raw_fd(),
+            EpollEvent::new(EpollSet::IN | EpollSet::EDGE_TRIGGERED, WAKE_EXIT),
+        )?;
+        let (parked, parked_rx) = std::sync::mpsc::sync_channel(1);
+        let parker = LoopParker {
+            request: request.try_clone()?,
+            resume: resume.try_clone()?,
+            life,
+            wake,
+            parked,
+        };
+        let pause = Self {
+            request,
+            resume,
+            parked: Mutex::new(parked_rx),
+            paused: AtomicBool::new(false),
+        };
+        Ok((pause, parker))
+    }
+
+    /// Returns once the event thread is parked (it finishes the event it
+    /// is serving first).
+    pub(crate) fn pause(&self) -> Result<(), PauseError> {
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if self.paused.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.request.write(1).map_err(|_| PauseError::Ended)?;
+        // Closed once the event loop is gone: the VM has ended.
+        parked.recv().map_err(|_| PauseError::Ended)?;
+        self.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Lets a parked event thread go on.
+    pub(crate) fn resume(&self) {
+        let _parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        if self.paused.swap(false, Ordering::SeqCst) {
+            let _ = self.resume.write(1);
+        }
+    }
+}
+
+impl MutEventSubscriber for LoopParker {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.request, EventSet::IN)) {
+            log::error!("event loop: cannot watch pause requests: {e:?}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.request.read();
+        if self.parked.try_send(()).is_err() {
+            return;
+        }
+        let mut events = [EpollEvent::default(); 2];
+        while !self.life.is_stopping() {
+            let ready = match self.wake.wait(-1, &mut events) {
+                Ok(n) => &events[..n],
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("event loop: cannot wait for the end of a pause: {e}");
+                    return;
+                }
+            };
+            if ready.iter().any(|e| e.data() == WAKE_RESUME) {
+                let _ = self.resume.read();
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,5 +348,58 @@ mod tests {
     fn work_needs_a_parked_vcpu() {
         let pause = Pause::new(1);
         assert_eq!(pause.on_vcpu(0, |_| ()).unwrap_err(), PauseError::NotPaused);
+    }
+
+    /// Counts its eventfd's events, noting whether the test had resumed
+    /// the loop by then.
+    struct Counter {
+        evt: EventFd,
+        resumed: Arc<AtomicBool>,
+        served: std::sync::mpsc::Sender<bool>,
+    }
+
+    impl MutEventSubscriber for Counter {
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.evt, EventSet::IN)).unwrap();
+        }
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            let _ = self.evt.read();
+            let _ = self.served.send(self.resumed.load(Ordering::SeqCst));
+        }
+    }
+
+    /// While the event loop is paused it serves no event (one that arrives
+    /// meanwhile is served after the resume), and a VM that stops while
+    /// its loop is paused ends.
+    #[test]
+    fn a_paused_event_loop_serves_nothing_until_resumed_and_a_stop_ends_it() {
+        let life = Arc::new(Lifecycle::new(std::time::Instant::now()).unwrap());
+        let (pause, parker) = LoopPause::new(life.clone()).unwrap();
+        let evt = kiln_devices::new_eventfd().unwrap();
+        let resumed = Arc::new(AtomicBool::new(false));
+        let (served, served_rx) = std::sync::mpsc::channel();
+        let mut event_loop = crate::event_loop::EventLoop::new().unwrap();
+        event_loop.add(Box::new(parker));
+        event_loop.add(Box::new(Counter {
+            evt: evt.try_clone().unwrap(),
+            resumed: resumed.clone(),
+            served,
+        }));
+        let loop_life = life.clone();
+        let thread = std::thread::spawn(move || event_loop.run(&loop_life, None));
+
+        pause.pause().unwrap();
+        evt.write(1).unwrap();
+        // Served now, the event would have been served before this store.
+        resumed.store(true, Ordering::SeqCst);
+        pause.resume();
+        assert!(served_rx.recv().unwrap(), "served while paused");
+
+        pause.pause().unwrap();
+        life.finish(crate::outcome::VmOutcome::Stopped);
+        thread.join().unwrap().unwrap();
+        // The loop is gone: a pause fails instead of waiting forever.
+        pause.resume();
+        assert_eq!(pause.pause(), Err(PauseError::Ended));
     }
 }

@@ -2444,3 +2444,93 @@ fn the_deadline_ends_a_vm_whose_event_thread_is_kept_busy() {
         "256 packets held back, then the storm"
     );
 }
+
+/// Where the snapshot case's vsock event buffer is.
+const EVENT_BUFFER: u64 = 0x90_0000;
+
+/// A guest driving rng and vsock (its read-only disk idle) is saved while
+/// it waits at its prompt, and restored into a fresh VM: the restored
+/// devices go on from their saved queue indices (the chains rng returned
+/// before are not served again: a mark the guest put in used entry 0
+/// before the snapshot stays, and its next request is used entry 3), and
+/// vsock reports a transport reset (event id 0) in the event buffer the
+/// guest had posted before the snapshot, where the booted VM left it.
+#[test]
+fn driven_devices_go_on_from_their_saved_queues_after_a_restore() {
+    use kiln::snapshot;
+    if !require(have_kvm(), "/dev/kvm not accessible") {
+        return;
+    }
+    let _one = one_case();
+    let mut d = Driver::default();
+    let mut rng = d.rng_running();
+    d.barrier(&mut rng);
+    d.barrier(&mut rng);
+    d.vsock_running();
+    let mut events = Ring::at(VSOCK_RINGS[2]);
+    d.s.fill(EVENT_BUFFER, 4, 0xff);
+    d.chain(&events, 0, &[(EVENT_BUFFER, 4, WRITE)]);
+    d.publish(&mut events, 0);
+    d.notify(VSOCK, 2);
+    d.barrier(&mut rng); // vsock's notify taken, as the barrier says
+    let booted_events = d.s.r16(events.used_idx());
+    d.s.w32(rng.used_elem(0).1, 0xdead);
+    d.s.prompt();
+    // Restored from here on.
+    d.barrier(&mut rng);
+    let mark = d.s.r32(rng.used_elem(0).1);
+    let (fourth_id, fourth_len) = rng.used_elem(3);
+    let (fourth_id, fourth_len) = (d.s.r32(fourth_id), d.s.r32(fourth_len));
+    d.wait_used(&events, 1);
+    let event = d.s.r32(EVENT_BUFFER);
+    d.s.end(0);
+
+    let dir = Scratch::new("hostile-snapshot");
+    let (mut config, _disk, _image) = case_config(&dir, &d);
+    // A writable disk cannot be snapshotted.
+    config.disks[0].read_only = true;
+    config.timeout = Some(common::HANG_LIMIT / 2);
+    let console = || {
+        let capture = Capture::default();
+        let (input, go) = common::pipe();
+        let io = ConsoleIo {
+            output: Box::new(capture.clone()),
+            input: Some(input),
+        };
+        (io, capture, go)
+    };
+    let (io, booted, _go) = console();
+    let vm = kiln::spawn(config, io, Instant::now()).expect("spawning the VM");
+    assert!(
+        booted.wait_for(b"?\n", common::HANG_LIMIT),
+        "no prompt: {:?}",
+        String::from_utf8_lossy(&booted.bytes())
+    );
+    let snap = dir.path("snap");
+    snapshot::save(&vm, &snap).expect("saving the VM");
+    vm.stop();
+    vm.wait().unwrap();
+
+    let (io, restored, mut go) = console();
+    let vm = snapshot::restore(&snap, io, Instant::now()).expect("restoring");
+    go.write_all(b"g").unwrap();
+    assert!(wait_finished(&vm), "the restored VM did not end");
+    let report = vm.wait().expect("the restored VM's report");
+    let text = String::from_utf8_lossy(&[booted.bytes(), restored.bytes()].concat()).into_owned();
+    assert_eq!(report.outcome, VmOutcome::Exited(0), "{text:?}");
+    let values: Vec<u64> = text
+        .lines()
+        .filter(|&l| l != "?")
+        .map(|l| u64::from_str_radix(l, 16).unwrap_or_else(|_| panic!("line {l:?}")))
+        .collect();
+    assert_eq!(values.len(), d.s.reads, "{text:?}");
+    let seen = Seen(values, Vec::new(), Vec::new());
+    assert_eq!(seen.get(booted_events), 0, "an event before the snapshot");
+    assert_eq!(seen.get(mark), 0xdead, "rng served its old chains again");
+    assert_eq!(
+        (seen.get(fourth_id), seen.get(fourth_len)),
+        (3, 16),
+        "rng's request after the restore"
+    );
+    assert_eq!(seen.get(event), 0, "no transport reset event");
+}

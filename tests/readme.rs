@@ -52,6 +52,13 @@ const EXAMPLES: &[(&str, Check)] = &[
         Check::NotRun("needs a Docker engine and a registry"),
     ),
     (
+        "# boot once, warm up, save; then start copies of the ready VM",
+        Check::Runs {
+            status: 0,
+            stdout: &["warmed up", "a copy of its own"],
+        },
+    ),
+    (
         "# a gzip tar archive",
         Check::Runs {
             status: 0,
@@ -326,6 +333,20 @@ fn disks_by_example() {
         .output()
         .expect("running debugfs");
     assert_eq!(String::from_utf8_lossy(&f.stdout), "hi\n");
+}
+
+/// The snapshot example: the warm-up's file is in every copy, and what one
+/// copy writes is not in the next.
+#[test]
+fn snapshot_by_example() {
+    if !prerequisites() {
+        return;
+    }
+    let (_dir, stdout) = run_and_check(
+        "snapshot",
+        "# boot once, warm up, save; then start copies of the ready VM",
+    );
+    assert_eq!(stdout, "warmed up\na copy of its own\nwarmed up\n");
 }
 
 #[test]

@@ -564,6 +564,32 @@ fn credit_is_returned_only_for_what_the_reader_read() {
     assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
 }
 
+/// Credit goes back in batches, not per read: a command that prints a few
+/// lines costs the agent no CREDIT frame (in a VM each frame is a receive
+/// and a credit update of the guest kernel's own), whether its output is
+/// collected by `exec` or read from a spawned process's stdout.
+#[test]
+fn a_few_lines_of_output_cost_no_credit_frame() {
+    let (sb, tap, agent) = tapped_sandbox();
+    let out = sb.exec(sh("echo hello; sleep 0.1; echo there")).unwrap();
+    assert_eq!(out.stdout, b"hello\nthere\n");
+    let mut p = sb.spawn(Command::new("seq").args(["1", "1000"])).unwrap();
+    let mut text = Vec::new();
+    p.stdout().unwrap().read_to_end(&mut text).unwrap();
+    assert_eq!(text, seq_output(1000));
+    assert!(p.wait().unwrap().success());
+    settle(&sb);
+    let t = tap.tally();
+    for name in ["sh", "seq"] {
+        let id = t.id_of(name).unwrap();
+        assert!(t.stdout(id) > 0);
+        assert_eq!(t.credit(id), 0, "credit frames for {name}'s output");
+    }
+    drop(t);
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}
+
 /// README: "memory stays bounded whatever commands print, and a slow reader
 /// of one command never stalls another". A command that prints without end
 /// to a reader that has stopped holds one window on the host, while other

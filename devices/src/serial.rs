@@ -6,12 +6,14 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::SerialEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
+use crate::virtio::persist::RestoreError;
 
 /// The modem control register and its loopback bit: in loopback the UART's
 /// receiver hears only its own transmitter, nothing from outside.
@@ -31,6 +33,32 @@ impl SerialEvents for InputReady {
         // A failed write means the counter is saturated: already signalled.
         let _ = self.0.write(1);
     }
+}
+
+/// The UART's registers and the input the guest has not read yet: what a
+/// snapshot saves (vm-superio's `SerialState`, as serde data). Without the
+/// interrupt enable register the guest's 8250 driver waits forever for a
+/// transmit interrupt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// The receive FIFO.
+    pub input: Vec<u8>,
 }
 
 /// The guest's ttyS0 on the PIO bus (8 ports at 0x3f8 in the monitor's
@@ -53,6 +81,78 @@ impl SerialDevice {
             uart: Serial::with_events(irq, ready, out),
             loopback: false,
         })
+    }
+
+    /// The UART's guest-visible state (see [`SerialSnapshot`]).
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            input: s.in_buffer,
+        }
+    }
+
+    /// Puts this (fresh) UART into `saved`'s state, raising its interrupt
+    /// if one was pending. A receive FIFO larger than the UART's is refused
+    /// (the state is a file on disk); any register byte is one the guest
+    /// could have written. Keeps its IRQ line, input event and output.
+    pub fn restore(&mut self, saved: &SerialSnapshot) -> Result<(), RestoreError> {
+        let bad = |reason: String| RestoreError::BadValue {
+            device_type: 0,
+            reason: format!("serial: {reason}"),
+        };
+        let state = SerialState {
+            baud_divisor_low: saved.baud_divisor[0],
+            baud_divisor_high: saved.baud_divisor[1],
+            interrupt_enable: saved.interrupt_enable,
+            interrupt_identification: saved.interrupt_identification,
+            line_control: saved.line_control,
+            line_status: saved.line_status,
+            modem_control: saved.modem_control,
+            modem_status: saved.modem_status,
+            scratch: saved.scratch,
+            in_buffer: saved.input.clone(),
+        };
+        let capacity = self.uart.fifo_capacity() + self.uart.state().in_buffer.len();
+        if saved.input.len() > capacity {
+            return Err(bad(format!(
+                "{} bytes of input for a FIFO of {capacity}",
+                saved.input.len()
+            )));
+        }
+        // vm-superio builds a UART from a state only with its parts moved
+        // in: take them out of the current one (a stand-in holds their
+        // places meanwhile, on duplicates of the same eventfds).
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .duplicate()
+            .map_err(|e| bad(e.to_string()))?;
+        let ready = self
+            .uart
+            .events()
+            .0
+            .try_clone()
+            .map_err(|e| bad(e.to_string()))?;
+        let stand_in = Serial::with_events(irq, InputReady(ready), Box::new(io::sink()) as _);
+        let old = std::mem::replace(&mut self.uart, stand_in);
+        let irq = old
+            .interrupt_evt()
+            .duplicate()
+            .map_err(|e| bad(e.to_string()))?;
+        let ready = InputReady(old.events().0.try_clone().map_err(|e| bad(e.to_string()))?);
+        let out = old.into_writer();
+        self.uart = Serial::from_state(&state, irq, ready, out)
+            .map_err(|e| bad(format!("cannot rebuild the UART: {e:?}")))?;
+        self.loopback = saved.modem_control & MCR_LOOP != 0;
+        Ok(())
     }
 
     /// Fires when the guest has emptied the receive FIFO, or left loopback.
@@ -169,5 +269,53 @@ mod tests {
         let room = dev.input_room();
         assert_eq!(dev.enqueue_input(&vec![b'a'; room + 10]), room);
         assert_eq!(dev.enqueue_input(b"more"), 0);
+    }
+
+    #[test]
+    fn a_saved_uart_restores_its_registers_and_unread_input() {
+        let mut dev = SerialDevice::new(IrqLine::new().unwrap(), Box::new(io::sink())).unwrap();
+        dev.write(3, &[0x80]); // DLAB: the divisor latch
+        dev.write(0, &[0x0c]);
+        dev.write(3, &[0x03]); // 8N1
+        dev.write(1, &[0x03]); // IER: receive and transmit interrupts
+        dev.write(7, &[0x5a]);
+        dev.enqueue_input(b"ab");
+        let saved = dev.save();
+        assert_eq!(saved.interrupt_enable, 0x03);
+        assert_eq!(saved.input, b"ab");
+
+        let sink = Sink::default();
+        let irq = IrqLine::new().unwrap();
+        let probe = irq.try_clone().unwrap();
+        let mut fresh = SerialDevice::new(irq, Box::new(sink.clone())).unwrap();
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.save(), saved);
+        // Transmit empty and data available: raised for each.
+        assert!(
+            probe.eventfd().read().unwrap() >= 1,
+            "the pending interrupt"
+        );
+        let mut b = [0u8; 1];
+        fresh.read(0, &mut b);
+        assert_eq!(b[0], b'a');
+        fresh.read(1, &mut b);
+        assert_eq!(b[0], 0x03, "IER survives");
+        // Output still reaches the same writer, input is still taken.
+        fresh.write(0, b"x");
+        assert_eq!(&*sink.0.lock().unwrap(), b"x");
+        fresh.read(0, &mut b);
+        assert!(fresh.enqueue_input(b"c") == 1);
+    }
+
+    #[test]
+    fn a_saved_fifo_larger_than_the_uart_is_refused() {
+        let dev = SerialDevice::new(IrqLine::new().unwrap(), Box::new(io::sink())).unwrap();
+        let mut saved = dev.save();
+        saved.input = vec![b'a'; 65];
+        let mut fresh = SerialDevice::new(IrqLine::new().unwrap(), Box::new(io::sink())).unwrap();
+        let before = fresh.save();
+        let e = fresh.restore(&saved).unwrap_err();
+        assert!(matches!(e, RestoreError::BadValue { .. }), "{e:?}");
+        assert_eq!(fresh.save(), before);
     }
 }

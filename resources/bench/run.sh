@@ -26,6 +26,8 @@
 #                           same command booting; restore to agent ready;
 #                           create time and sizes; 16 copies at once (wall
 #                           time, private memory per idle copy)
+#                  exec     kiln alone: Sandbox::exec of `sh -c 'echo hello'` in
+#                           a ready VM vs the guest's own fork+exec of it
 #                  disk     virtio-blk: O_DIRECT dd of 64 MiB, random 4 KiB reads
 #                  net      virtio-net (only if `kiln run --help` lists --net)
 #   --out DIR    where BENCHMARKS.md/.json go (default: the repository root)
@@ -59,7 +61,7 @@ dry_run=0
 reps_override=""
 reps_boot_override=""
 reps_bootpath_override=""
-only="exits,startup,security,boot,bootpath,command,snapshot,disk,net"
+only="exits,startup,security,boot,bootpath,command,snapshot,exec,disk,net"
 out_dir="$root"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -72,7 +74,7 @@ while [ $# -gt 0 ]; do
         --reps-boot) [ $# -ge 2 ] || die "--reps-boot needs a number"; reps_boot_override=$2; shift ;;
         --reps-bootpath) [ $# -ge 2 ] || die "--reps-bootpath needs a number"; reps_bootpath_override=$2; shift ;;
         --dry-run) dry_run=1 ;;
-        -h|--help) sed -n '2,35s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,37s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -81,15 +83,15 @@ declare -A want=()
 IFS=',' read -r -a sections <<< "$only"
 for s in "${sections[@]}"; do
     case "$s" in
-        exits|startup|security|stop|boot|bootpath|command|snapshot|disk|net) want[$s]=1 ;;
+        exits|startup|security|stop|boot|bootpath|command|snapshot|exec|disk|net) want[$s]=1 ;;
         memory|idle) want[boot]=1 ;;
-        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, snapshot, disk, net)" ;;
+        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, snapshot, exec, disk, net)" ;;
     esac
 done
 wants() { [ -n "${want[$1]:-}" ]; }
 if [ "$dry_run" = 1 ]; then
     # Only the identical-input rows have two sides to compare.
-    for s in exits startup security bootpath command snapshot; do unset "want[$s]"; done
+    for s in exits startup security bootpath command snapshot exec; do unset "want[$s]"; done
     [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk and net sections only"
 fi
 
@@ -159,7 +161,7 @@ fi
 kiln_help=$("$kiln" run --help 2>&1 || true)
 
 need_kernel=0
-for s in boot command snapshot disk net; do wants $s && need_kernel=1; done
+for s in boot command snapshot exec disk net; do wants $s && need_kernel=1; done
 vmlinux=""; bzimage=""
 if [ "$need_kernel" = 1 ]; then
     if [ -f "$root/target/guest/vmlinux" ]; then
@@ -837,18 +839,26 @@ run_stop() {
 }
 
 # ------------------------------------------- 2b. first line of a command
-run_command() {
-    make_conventional_initramfs
-    local rootfs="$root/target/guest/rootfs"
+# guest_rootfs SECTION: sets rootfs to the root `kiln run --rootfs` and the
+# sandbox boot: resources/setup.sh links one; without it, a busybox root of
+# the same kind (made once per run).
+guest_rootfs() {
+    rootfs="$root/target/guest/rootfs"
+    [ -d "$rootfs" ] && return 0
+    rootfs="$work/rootfs"
     if [ ! -d "$rootfs" ]; then
-        # resources/setup.sh links one; without it, a busybox root of the same kind.
-        rootfs="$work/rootfs"
-        rm -rf "$rootfs"; mkdir -p "$rootfs/bin"
+        mkdir -p "$rootfs/bin"
         cp "$busybox" "$rootfs/bin/busybox"
         local a
         for a in sh echo cat ls mkdir mount sleep true false dd; do ln -s busybox "$rootfs/bin/$a"; done
-        note "command: target/guest/rootfs missing; kiln used a busybox root with 10 links"
     fi
+    note "$1: target/guest/rootfs missing; kiln used a busybox root with 10 links"
+}
+
+run_command() {
+    make_conventional_initramfs
+    local rootfs
+    guest_rootfs command
     log "first line of a command: $reps_boot repetitions"
     local rep mon
     for rep in $(seq "$reps_boot"); do
@@ -943,6 +953,34 @@ snapshot_copies() {
     return 0
 }
 
+# ------------------------------------------- 2d. exec round trip (issue 11)
+# kiln alone: in one ready sandbox VM, Sandbox::exec of `sh -c 'echo hello'`
+# alternated command by command with a guest shell timing its own fork+exec
+# of the same command (examples/exec_bench.rs); one sample of each per
+# repetition (the means of its pairs) and their ratio.
+run_exec() {
+    local rootfs pairs=10 out="$work/exec.out" err="$work/exec.err"
+    [ "$quick" = 1 ] && pairs=3
+    guest_rootfs exec
+    log "exec round trip: $reps repetitions of $pairs pairs (one boot)"
+    (cd "$root" && cargo build --release --quiet --example exec_bench) ||
+        { fail_note "exec: cargo build --example exec_bench failed"; return 0; }
+    KILN_BINARY="$kiln" "$root/target/release/examples/exec_bench" "$vmlinux" "$rootfs" "$reps" "$pairs" \
+        > "$out" 2> "$err" || { fail_note "exec: exec_bench failed (see $out, $err)"; return 0; }
+    local line
+    while read -r line; do
+        [[ "$line" == "exec-bench rep="* ]] || continue
+        local e g r
+        e=$(sed -n 's/.* exec_s=\([0-9.]*\).*/\1/p' <<< "$line")
+        g=$(sed -n 's/.* guest_s=\([0-9.]*\).*/\1/p' <<< "$line")
+        r=$(sed -n 's/.* ratio=\([0-9.]*\).*/\1/p' <<< "$line")
+        record exec_roundtrip_ms kiln "$(ms "$e")"
+        record exec_guest_ms kiln "$(ms "$g")"
+        record exec_ratio kiln "$r"
+    done < "$out"
+    note "exec: $(tail -n 1 "$out")"
+}
+
 # ------------------------------------------------------------ 5. devices
 # The kiln option syntax assumed here (--disk PATH, --net tap=NAME) is what
 # the device branches were heading for when this was written; adjust if the
@@ -1035,6 +1073,7 @@ wants boot && run_boot
 wants bootpath && run_bootpath
 wants command && run_command
 wants snapshot && run_snapshot
+wants exec && run_exec
 wants disk && run_disk
 wants net && run_net
 elapsed=$(( $(date +%s) - started ))

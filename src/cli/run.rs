@@ -156,7 +156,7 @@ fn run_classic(config: VmConfig, started: Instant) -> crate::Result<i32> {
 /// kiln's with -i (else empty). The guest console goes to stderr with -v;
 /// without -v it goes to stdout until the agent is up, and is dropped after.
 fn run_with_agent(config: VmConfig, command: &CommandArgs) -> i32 {
-    let vm = match AgentVm::start(config) {
+    let vm = match AgentVm::start(config, ThreadKind::CliMain) {
         Ok(vm) => vm,
         Err(status) => return status,
     };
@@ -174,8 +174,9 @@ pub(super) struct AgentVm {
 
 impl AgentVm {
     /// Boots (or restores) the VM of `config` and waits for its agent; on
-    /// failure, the error is reported and the exit status returned.
-    pub(super) fn start(config: VmConfig) -> Result<AgentVm, i32> {
+    /// failure, the error is reported and the exit status returned. This
+    /// thread takes the seccomp filter of `main` before the guest starts.
+    pub(super) fn start(config: VmConfig, main: ThreadKind) -> Result<AgentVm, i32> {
         let mode = config.seccomp;
         let signals = StopSignals::block();
         // A signal stops the VM through its stopper, which the builder hands
@@ -217,7 +218,7 @@ impl AgentVm {
             })
             // This thread is filtered once the VM's thread has started (so that it
             // does not inherit the filter) and before the guest starts.
-            .before_guest_starts(move || Ok(seccomp::install(ThreadKind::CliMain, mode)?));
+            .before_guest_starts(move || Ok(seccomp::install(main, mode)?));
         let sandbox = match builder.build() {
             Ok(sandbox) => sandbox,
             Err(SandboxError::BootFailed { outcome, .. }) => {

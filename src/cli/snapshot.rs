@@ -9,6 +9,7 @@ use super::{CommandArgs, JailArgs, VmArgs};
 use crate::jail::JailPlan;
 use crate::outcome::STATUS_KILN_ERROR;
 use crate::sandbox::ExitStatus;
+use crate::seccomp::ThreadKind;
 use crate::VmConfig;
 
 /// `kiln snapshot`'s sub-commands.
@@ -89,7 +90,8 @@ fn create(args: CreateArgs) -> i32 {
             }
         }
     }
-    let vm = match AgentVm::start(config) {
+    // This thread saves the VM: its filter allows that (and `kiln run`'s does not).
+    let vm = match AgentVm::start(config, ThreadKind::CliSnapshot) {
         Ok(vm) => vm,
         Err(status) => return status,
     };

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cpio::{CpioBuilder, CpioError};
 
-pub use scratch::root_disk;
+pub use scratch::{root_disk, root_disk_restored};
 pub use tar::append_tar;
 
 /// The virtio-blk serial of an image root.

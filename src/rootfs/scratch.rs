@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kiln_devices::virtio::block::{DiskError, DiskImage, OverlayPlace};
+use kiln_devices::virtio::block::{DiskError, DiskImage, OverlayPlace, OverlayState};
 
 use super::IMAGE_DISK_ID;
 
@@ -22,15 +22,31 @@ use super::IMAGE_DISK_ID;
 /// `--disk`, makes this fail), its writes in an unnamed file in `dir`
 /// (default: see [`scratch_dirs`]).
 pub fn root_disk(original: &Path, dir: Option<&Path>) -> Result<DiskImage, DiskError> {
-    let dirs;
-    let place = match dir {
-        Some(dir) => OverlayPlace::Only(dir),
-        None => {
-            dirs = scratch_dirs(original);
-            OverlayPlace::FirstOf(&dirs)
-        }
-    };
-    DiskImage::overlay(original, place, Some(IMAGE_DISK_ID))
+    in_place(original, dir, |place| {
+        DiskImage::overlay(original, place, Some(IMAGE_DISK_ID))
+    })
+}
+
+/// As [`root_disk`], with the guest's writes of a snapshot (`saved`, only
+/// read, and its chunk map `state`) copied into the new overlay.
+pub fn root_disk_restored(
+    original: &Path,
+    dir: Option<&Path>,
+    saved: &std::fs::File,
+    state: &OverlayState,
+) -> Result<DiskImage, DiskError> {
+    in_place(original, dir, |place| {
+        DiskImage::overlay_restored(original, place, Some(IMAGE_DISK_ID), saved, state)
+    })
+}
+
+/// Calls `make` with where the overlay of `original` goes: `dir`, or by
+/// default [`scratch_dirs`].
+fn in_place<T>(original: &Path, dir: Option<&Path>, make: impl FnOnce(OverlayPlace<'_>) -> T) -> T {
+    match dir {
+        Some(dir) => make(OverlayPlace::Only(dir)),
+        None => make(OverlayPlace::FirstOf(&scratch_dirs(original))),
+    }
 }
 
 /// Where the overlay of `original` may go when no directory is given, in

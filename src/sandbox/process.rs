@@ -6,13 +6,18 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kiln_init::protocol::{ExitReason, Msg, MAX_DATA};
+use kiln_init::protocol::{ExitReason, Msg, MAX_DATA, OUTPUT_WINDOW};
 
 use super::command::{Command, StdinMode};
 use super::{End, ExitStatus, Output, Result, SandboxError, Shared, State, HOST_TIMEOUT_SLACK};
 
-/// Credit is returned in batches of this size (or when a queue empties).
+/// Credit is returned in batches of this size, not per read: each frame to
+/// the agent costs the guest kernel a receive and a credit update of its
+/// own, and a command that printed a line needs none. The agent stalls
+/// only with a whole window unacknowledged, which by then is read and
+/// credited (the window is 8 batches).
 const CREDIT_BATCH: usize = 32 << 10;
+const _: () = assert!(CREDIT_BATCH < OUTPUT_WINDOW as usize);
 /// How long a killed command may take to report its end.
 const KILL_GRACE: Duration = Duration::from_secs(10);
 
@@ -113,19 +118,23 @@ impl Process {
         }
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         let (id, shared, name) = (self.id, self.shared.clone(), self.name.clone());
+        let mut uncredited = [0usize; 2];
         let result = self.wait_end(|st| {
             let e = st.execs.get_mut(&id).expect("present until finished");
-            let mut credits = [0usize; 2];
             for (s, buf) in [&mut stdout, &mut stderr].into_iter().enumerate() {
-                credits[s] = e.out[s].len();
+                uncredited[s] += e.out[s].len();
                 buf.extend(e.out[s].drain(..));
             }
-            for (s, n) in credits.into_iter().enumerate() {
+            let over = stdout.len() + stderr.len() > limit;
+            for (s, n) in uncredited.iter_mut().enumerate() {
                 // Small frames, sent under the state lock (the reader
                 // thread only writes for discarded streams, without it).
-                shared.credit(id, s, n);
+                // An ended command takes no more output: nothing is owed.
+                if e.end.is_none() && (over || *n >= CREDIT_BATCH) {
+                    shared.credit(id, s, std::mem::take(n));
+                }
             }
-            if stdout.len() + stderr.len() > limit {
+            if over {
                 e.discard = [true; 2];
                 return Err(SandboxError::OutputLimit {
                     command: name.clone(),
@@ -341,9 +350,8 @@ impl OutputReader {
                     *dst = src;
                 }
                 self.uncredited += n;
-                let drained = q.is_empty();
                 drop(st);
-                if drained || self.uncredited >= CREDIT_BATCH {
+                if self.uncredited >= CREDIT_BATCH {
                     self.shared.credit(self.id, self.stream, self.uncredited);
                     self.uncredited = 0;
                 }
@@ -364,15 +372,20 @@ impl Drop for OutputReader {
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         let mut n = self.uncredited;
+        // A command that has ended (or is forgotten) takes no more output.
+        let mut running = false;
         if let Some(e) = st.execs.get_mut(&self.id) {
             e.discard[self.stream] = true;
             n += e.out[self.stream].len();
             // Freed, not only emptied: a dropped process can stay known
             // for as long as the agent does not report its end.
             e.out[self.stream] = VecDeque::new();
+            running = e.end.is_none();
         }
         drop(st);
-        self.shared.credit(self.id, self.stream, n);
+        if running {
+            self.shared.credit(self.id, self.stream, n);
+        }
     }
 }
 

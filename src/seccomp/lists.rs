@@ -37,6 +37,33 @@ fn arg_masked(arg: u8, mask: u64, value: u64) -> Condition {
 
 // KVM ioctls, computed as kvm-ioctls computes them.
 vmm_sys_util::ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+// The VM's state for a snapshot (src/snapshot/vm_state.rs), read on the
+// thread that saves it.
+vmm_sys_util::ioctl_io_nr!(KVM_CHECK_EXTENSION, kvm_bindings::KVMIO, 0x03);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSR_INDEX_LIST,
+    kvm_bindings::KVMIO,
+    0x02,
+    kvm_bindings::kvm_msr_list
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_PIT2,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_pit_state2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_CLOCK,
+    kvm_bindings::KVMIO,
+    0x7c,
+    kvm_bindings::kvm_clock_data
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_IRQCHIP,
+    kvm_bindings::KVMIO,
+    0x62,
+    kvm_bindings::kvm_irqchip
+);
 vmm_sys_util::ioctl_ior_nr!(
     KVM_GET_REGS,
     kvm_bindings::KVMIO,
@@ -117,6 +144,10 @@ pub(super) fn rules(kind: ThreadKind, pid: u32) -> Rules {
         ThreadKind::ConsoleOutput => {} // writes and waits: the runtime's calls
         ThreadKind::SandboxHost => list.sandbox_host(),
         ThreadKind::CliMain => list.cli_main(),
+        ThreadKind::CliSnapshot => {
+            list.cli_main();
+            list.snapshot_save();
+        }
         ThreadKind::CliSignals => list.cli_signals(),
         ThreadKind::CliStdio => list.cli_stdio(),
     }
@@ -364,6 +395,34 @@ impl List {
             libc::TCSETS,  // the terminal restored (classic path)
         ]);
         self.threads();
+    }
+
+    /// What `snapshot::save` does on the thread that calls it (the vCPUs'
+    /// state is read on their own threads): pause the vCPUs (the kick),
+    /// read the VM's KVM state, write the snapshot's new files.
+    fn snapshot_save(&mut self) {
+        self.allow_ioctls(&[
+            KVM_CHECK_EXTENSION() as u64,
+            KVM_GET_MSR_INDEX_LIST() as u64,
+            KVM_GET_PIT2() as u64,
+            KVM_GET_CLOCK() as u64,
+            KVM_GET_IRQCHIP() as u64,
+        ]);
+        let kick = vmm_sys_util::signal::SIGRTMIN() as u64;
+        self.allow_if(
+            libc::SYS_tgkill,
+            &[arg_eq(0, self.own_pid), arg_eq(2, kick)],
+        );
+        self.allow(&[
+            libc::SYS_mkdir, // the directory (it exists: `kiln snapshot create` made it)
+            libc::SYS_lseek, // the memory file's holes
+            libc::SYS_ftruncate,
+            libc::SYS_pread64, // an image root's overlay, copied into the snapshot
+            libc::SYS_pwrite64,
+            libc::SYS_fsync,
+            libc::SYS_fstat,
+            libc::SYS_unlink, // what a failed save had created
+        ]);
     }
 
     /// Starting threads (the sandbox's reader, the stdio copiers), which

@@ -42,6 +42,9 @@ pub(crate) enum ThreadKind {
     SandboxHost,
     /// `kiln run`'s main thread once the VM is spawned.
     CliMain,
+    /// `kiln snapshot create`'s main thread: `CliMain`'s calls, and the
+    /// save (the VM's state reads, new files in the snapshot directory).
+    CliSnapshot,
     /// `kiln-signals`: `kiln run`'s stop-signal thread.
     CliSignals,
     /// `kiln run`'s stdin, stdout and stderr copiers.
@@ -50,19 +53,20 @@ pub(crate) enum ThreadKind {
 
 impl ThreadKind {
     #[cfg(test)]
-    const ALL: [ThreadKind; 7] = [
+    const ALL: [ThreadKind; 8] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::ConsoleOutput,
         ThreadKind::SandboxHost,
         ThreadKind::CliMain,
+        ThreadKind::CliSnapshot,
         ThreadKind::CliSignals,
         ThreadKind::CliStdio,
     ];
 
     /// Whether threads of this kind start threads under their filter.
     fn starts_threads(self) -> bool {
-        self == ThreadKind::CliMain
+        matches!(self, ThreadKind::CliMain | ThreadKind::CliSnapshot)
     }
 }
 
@@ -185,18 +189,32 @@ fn compile(kind: ThreadKind, log_only: bool, pid: u32) -> Result<Vec<BpfProgram>
 /// so this filter's answer is the one that counts. In log mode the open is
 /// logged and done, as every other call off a list is.
 fn no_file_opens(kind: ThreadKind, log_only: bool) -> Result<BpfProgram, String> {
+    let flags = |mask: i32, value: i32| {
+        SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(mask as u64),
+            value as u64,
+        )
+    };
+    let refused = |conditions: Vec<Result<SeccompCondition, _>>| {
+        conditions
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(SeccompRule::new)
+            .map_err(|e: seccompiler::BackendError| e.to_string())
+    };
+    let not_a_directory = || flags(libc::O_DIRECTORY, 0);
     let rules = match kind {
-        ThreadKind::CliMain => {
-            let directory = libc::O_DIRECTORY as u64;
-            let not_a_directory = SeccompCondition::new(
-                2,
-                SeccompCmpArgLen::Dword,
-                SeccompCmpOp::MaskedEq(directory),
-                0,
-            )
-            .and_then(|c| SeccompRule::new(vec![c]))
-            .map_err(|e| e.to_string())?;
-            vec![not_a_directory]
+        ThreadKind::CliMain => vec![refused(vec![not_a_directory()])?],
+        // The snapshot's files are new (O_CREAT | O_EXCL): any other open of
+        // a file is refused.
+        ThreadKind::CliSnapshot => {
+            let new_file = libc::O_CREAT | libc::O_EXCL;
+            [0, libc::O_CREAT, libc::O_EXCL]
+                .into_iter()
+                .map(|value| refused(vec![not_a_directory(), flags(new_file, value)]))
+                .collect::<Result<Vec<_>, _>>()?
         }
         _ => Vec::new(),
     };

@@ -176,7 +176,9 @@ fn child_case() {
                     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{kind:?}");
                     let dir = std::fs::read_dir("/proc/self");
                     match kind {
-                        ThreadKind::CliMain => assert!(dir.is_ok(), "{dir:?}"),
+                        ThreadKind::CliMain | ThreadKind::CliSnapshot => {
+                            assert!(dir.is_ok(), "{dir:?}")
+                        }
                         _ => assert_eq!(
                             dir.err().and_then(|e| e.raw_os_error()),
                             Some(libc::EACCES),
@@ -185,6 +187,32 @@ fn child_case() {
                     }
                 });
             }
+            // `kiln snapshot create`'s main thread creates new files only.
+            let dir = std::env::temp_dir().join(format!("kiln-seccomp-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let (new, existing) = (dir.join("new"), dir.join("existing"));
+            std::fs::write(&existing, b"x").unwrap();
+            let (n, e) = (new.clone(), existing.clone());
+            in_thread(ThreadKind::CliSnapshot, SeccompMode::On, move || {
+                let created = std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&n);
+                assert!(created.is_ok(), "{created:?}");
+                for open in [
+                    std::fs::File::options()
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(&e),
+                    std::fs::File::options().write(true).open(&e),
+                    std::fs::File::open(&e),
+                ] {
+                    let err = open.expect_err("an existing file was opened");
+                    assert_eq!(err.raw_os_error(), Some(libc::EACCES));
+                }
+            });
+            let _ = std::fs::remove_dir_all(&dir);
             println!("opens refused");
         }
         "log" => {

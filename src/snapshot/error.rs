@@ -61,6 +61,14 @@ pub enum SnapshotError {
     /// KVM did not take every saved value (e.g. an MSR).
     #[error("snapshot: KVM {0}")]
     Rejected(String),
+    /// The VM has a writable `--disk`: the user's file is written in place,
+    /// so a clone of the VM would write it too, under the other's feet.
+    #[error("cannot snapshot: --disk {0} is writable (a restored copy would write the same file); give it read-only")]
+    WritableDisk(PathBuf),
+    /// The saved devices do not fit the devices the configuration builds
+    /// (another configuration, or an altered state file).
+    #[error("snapshot devices do not match: {0}")]
+    Devices(String),
     /// What this kiln cannot snapshot yet (virtio devices, AMX state, a
     /// KVM without KVM_CAP_IMMEDIATE_EXIT).
     #[error("cannot snapshot: {0}")]

@@ -4,8 +4,12 @@
 //! of the state in the header. Guest memory is a file of its own, next to it.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use kiln_devices::serial::SerialSnapshot;
+use kiln_devices::virtio::block::OverlayState;
+use kiln_devices::virtio::persist::TransportState;
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +27,7 @@ pub(crate) const MEMORY_FILE: &str = "memory";
 /// How every state file starts.
 const MAGIC: &[u8] = b"kiln-snapshot\n";
 /// Changed whenever a kiln could misread an older state file.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 /// Far above any real state file (tens of kilobytes per vCPU): a larger
 /// file is refused before it is read into memory.
 const MAX_STATE_FILE: u64 = 64 << 20;
@@ -52,6 +56,32 @@ pub(crate) struct SavedVm {
     pub config: VmConfig,
     pub vcpus: Vec<VcpuState>,
     pub vm: VmState,
+    pub devices: DevicesState,
+}
+
+/// The devices' guest-visible state (version 2 on).
+#[derive(Serialize, Deserialize)]
+pub(crate) struct DevicesState {
+    pub serial: SerialSnapshot,
+    /// One per virtio device, in slot order (the order a boot of the saved
+    /// configuration attaches them).
+    pub virtio: Vec<TransportState>,
+    /// The overlay disks (an image root): what the guest wrote.
+    pub disks: Vec<SavedDisk>,
+}
+
+/// An overlay disk of a snapshot: its writes are in the file
+/// [`disk_file`]`(slot)` of the snapshot directory.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct SavedDisk {
+    /// The virtio slot of its device.
+    pub slot: usize,
+    pub overlay: OverlayState,
+}
+
+/// The name of the file that holds the overlay of the disk in `slot`.
+pub(crate) fn disk_file(slot: usize) -> String {
+    format!("disk{slot}.overlay")
 }
 
 /// Writes a new state file (an existing one is refused) and returns its
@@ -74,6 +104,7 @@ pub(crate) fn write_state(
     let mut file = std::fs::File::options()
         .write(true)
         .create_new(true)
+        .mode(0o600) // the owner's only, as the memory file
         .open(path)
         .map_err(SnapshotError::io("create", path))?;
     let written = [MAGIC, &header, b"\n", &state]
@@ -199,6 +230,28 @@ mod tests {
                 pic_slave: Default::default(),
                 ioapic: Default::default(),
             },
+            devices: DevicesState {
+                serial: SerialSnapshot {
+                    baud_divisor: [12, 0],
+                    interrupt_enable: 3,
+                    interrupt_identification: 1,
+                    line_control: 3,
+                    line_status: 0x60,
+                    modem_control: 8,
+                    modem_status: 0xb0,
+                    scratch: 0,
+                    input: b"in".to_vec(),
+                },
+                virtio: vec![TransportState {
+                    device_type: 19,
+                    status: 15,
+                    driver_features: 1 << 32,
+                    config: 3u64.to_le_bytes().to_vec(),
+                    queues: vec![Default::default(); 3],
+                    ..Default::default()
+                }],
+                disks: Vec::new(),
+            },
         }
     }
 
@@ -218,6 +271,8 @@ mod tests {
         assert_eq!(vcpu.xsave.region[100], 0xdead_beef);
         assert_eq!(vcpu.lapic.regs[0x350], 7);
         assert_eq!((vcpu.msrs[2].index, vcpu.msrs[2].data), (0x6e0, u64::MAX));
+        assert_eq!(state.devices.serial, saved().devices.serial);
+        assert_eq!(state.devices.virtio, saved().devices.virtio);
         // An existing snapshot is never overwritten.
         let again = write_state(&path, header(), &saved()).unwrap_err();
         assert!(matches!(again, SnapshotError::Io { .. }), "{again:?}");
@@ -246,7 +301,7 @@ mod tests {
                 e,
                 SnapshotError::FormatVersion {
                     found: 7,
-                    expected: 1,
+                    expected: 2,
                     ..
                 }
             ),

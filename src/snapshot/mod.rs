@@ -1,22 +1,45 @@
 //! Snapshots of a running VM: pause it at a safe point, save the
-//! guest-visible KVM state of the VM and its vCPUs and guest memory into a
-//! directory, and restore that into a fresh VM (in this process or
-//! another) that resumes at the very next instruction.
+//! guest-visible state of the VM, its vCPUs and its devices and guest
+//! memory into a directory, and restore that into a fresh VM (in this
+//! process or another) that resumes at the very next instruction.
 //!
-//! Done: vCPU state in Firecracker's order (`vcpu_state.rs`), the PIT,
+//! Saved: vCPU state in Firecracker's order (`vcpu_state.rs`), the PIT,
 //! KVM clock and interrupt controllers (`vm_state.rs`), guest memory
 //! written to a sparse file and mapped MAP_PRIVATE at restore (the file is
 //! opened read-only and never written), a versioned state file with a
 //! header and a checksum (`format.rs`), typed errors (`error.rs`), the TSC
 //! frequency check (refused where KVM cannot scale the TSC, as on PVM).
-//! The pause itself is `crate::pause`.
+//! The pause itself is `crate::pause`: the vCPUs and the event thread, so
+//! no device touches guest memory or its queues while they are saved.
 //!
-//! Not done yet: device state (the UART, the i8042 and the control page
-//! restart fresh; virtio devices are not saved, so a VM with any is
-//! refused), XSAVE areas larger than 4 KiB (AMX), the CLI and the sandbox
-//! API. A restored VM runs with the saved configuration (its seccomp mode,
-//! timeout and jail ids): the front ends will pass their own. Internal for
-//! now: the functions here are public only for kiln's tests.
+//! Devices: the UART's registers and unread input, and every virtio
+//! device's transport (status, features, config space, each queue's size,
+//! addresses and indices: `kiln_devices::virtio::persist`), in slot order.
+//! A restore builds the devices a boot of the configuration would (same
+//! MMIO windows and IRQs), restores the vCPUs and interrupt controllers,
+//! then applies the saved states: a device the driver had running starts
+//! again with its saved queues without the guest doing anything. A device
+//! list or value that does not fit is [`SnapshotError::Devices`].
+//!
+//! Host resources are reopened, not saved: disk files by path, the TAP by
+//! name, the vsock socket anew. So every vsock connection from before is
+//! gone: the device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET once restored
+//! (the guest's sockets see a reset; kiln's agent reconnects). A net
+//! device's frames in flight are lost, as on a real link. An image root's
+//! overlay (what the guest wrote) is copied sparse into the snapshot
+//! (`disk<slot>.overlay`, with its chunk map in the state), and each
+//! restored VM starts its own new overlay from a copy of it; the base image
+//! must be unchanged (size and mtime), or the restore fails with
+//! `DiskError::BaseChanged`. A writable `--disk` (the user's file written
+//! in place) is refused at save ([`SnapshotError::WritableDisk`]); read-only
+//! disks are reopened by path.
+//!
+//! Not saved: the i8042 and the control page (they start fresh, as
+//! before device state was saved), the virtio console's host-side
+//! buffers, counters, XSAVE areas larger than 4 KiB (AMX). A read-only disk
+//! changed since the save is not detected (its config space keeps the
+//! saved capacity; requests past its end fail). The functions here are
+//! public only for kiln's front ends and tests.
 
 mod error;
 mod format;
@@ -25,17 +48,22 @@ mod vcpu_state;
 mod vm_state;
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use error::SnapshotError;
-use format::{Header, SavedVm, FORMAT_VERSION, MEMORY_FILE, STATE_FILE};
+use format::{
+    disk_file, DevicesState, Header, SavedDisk, SavedVm, FORMAT_VERSION, MEMORY_FILE, STATE_FILE,
+};
 use host_cpu::HostCpu;
+use kiln_devices::virtio::SavedOverlay;
 use kvm_ioctls::VcpuFd;
 use vcpu_state::VcpuState;
 use vm_state::VmState;
 
+use crate::device_manager::DeviceHandles;
 use crate::pause::PauseError;
 use crate::vm::Vm;
 use crate::vmm::{ConsoleIo, VmHandle};
@@ -62,10 +90,9 @@ impl From<PauseError> for SnapshotError {
 pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     let started = Instant::now();
     let running = vm.running().ok_or(SnapshotError::NotRunning)?;
-    if crate::vmm::has_virtio_devices(&running.config) {
-        return Err(SnapshotError::Unsupported(
-            "the VM has virtio devices, whose state is not saved yet".into(),
-        ));
+    // A clone would write the user's file in place, as the VM saved does.
+    if let Some(disk) = running.config.disks.iter().find(|d| !d.read_only) {
+        return Err(SnapshotError::WritableDisk(disk.path.clone()));
     }
     // Without it KVM ignores `immediate_exit`: a vCPU could not complete
     // its exit without running the guest on (see `vcpu::complete_exit`).
@@ -81,6 +108,9 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     vcpu_state::check_xsave_size(running.vm.fd())?;
     let msr_indices = Arc::new(vcpu_state::msrs_to_save(running.vm.kvm())?);
     running.pause.pause()?;
+    // No device runs from here until `resume`: none touches guest memory
+    // or its queues while they are saved.
+    running.loop_pause.pause()?;
     let pause = started.elapsed();
 
     let mut vcpus = Vec::with_capacity(running.pause.vcpus());
@@ -93,10 +123,12 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
         );
     }
     let tsc_khz = running.pause.on_vcpu(0, vcpu_state::tsc_khz)??;
+    let (devices, overlays) = save_devices(&running.devices)?;
     let saved = SavedVm {
         config: (*running.config).clone(),
         vcpus,
         vm: VmState::save(running.vm.fd())?,
+        devices,
     };
 
     std::fs::create_dir_all(dir).map_err(SnapshotError::io("create directory", dir))?;
@@ -110,7 +142,7 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
         state_bytes: 0,
         state_crc32: 0,
     };
-    let state_bytes = write_files(dir, &running.mem, header, &saved)?;
+    let state_bytes = write_files(dir, &running.mem, &overlays, header, &saved)?;
     Ok(SaveReport {
         pause,
         total: started.elapsed(),
@@ -119,26 +151,72 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     })
 }
 
-/// Writes the memory file, then the state file; what this call created is
-/// removed again if either fails (an existing file is refused, never
-/// touched). Returns the state file's size.
+/// Every device's guest-visible state (the VM is paused, its event loop
+/// too), and the overlay files of its overlay disks by slot.
+fn save_devices(
+    devices: &DeviceHandles,
+) -> Result<(DevicesState, Vec<(usize, File)>), SnapshotError> {
+    let serial = devices.serial.lock().unwrap_or_else(|e| e.into_inner());
+    let mut state = DevicesState {
+        serial: serial.save(),
+        virtio: Vec::with_capacity(devices.virtio.len()),
+        disks: Vec::new(),
+    };
+    let mut overlays = Vec::new();
+    for (slot, transport) in devices.virtio.iter().enumerate() {
+        let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+        state.virtio.push(transport.save());
+        if let Some(overlay) = transport.disk_overlay() {
+            let SavedOverlay { file, state: map } =
+                overlay.map_err(|source| SnapshotError::Io {
+                    what: "duplicate",
+                    path: format!("the overlay of virtio slot {slot}").into(),
+                    source,
+                })?;
+            state.disks.push(SavedDisk { slot, overlay: map });
+            overlays.push((slot, file));
+        }
+    }
+    Ok((state, overlays))
+}
+
+/// Writes the memory file, each overlay disk's file, then the state file;
+/// what this call created is removed again if any fails (an existing file
+/// is refused, never touched). Returns the state file's size.
 fn write_files(
     dir: &Path,
     mem: &vm_memory::GuestMemoryMmap,
+    overlays: &[(usize, File)],
     header: Header,
     saved: &SavedVm,
 ) -> Result<u64, SnapshotError> {
-    let memory_path = dir.join(MEMORY_FILE);
-    let mut memory = File::options()
-        .write(true)
-        .create_new(true)
-        .open(&memory_path)
-        .map_err(SnapshotError::io("create", &memory_path))?;
-    let written = crate::memory::write_guest_memory(mem, &mut memory)
-        .map_err(SnapshotError::io("write", &memory_path))
-        .and_then(|()| format::write_state(&dir.join(STATE_FILE), header, saved));
+    let mut created = Vec::new();
+    let write = || {
+        let memory_path = dir.join(MEMORY_FILE);
+        let mut memory = create_new(&memory_path)?;
+        created.push(memory_path.clone());
+        crate::memory::write_guest_memory(mem, &mut memory)
+            .map_err(SnapshotError::io("write", &memory_path))?;
+        for (slot, overlay) in overlays {
+            let path = dir.join(disk_file(*slot));
+            let file = create_new(&path)?;
+            created.push(path.clone());
+            let size = saved
+                .devices
+                .disks
+                .iter()
+                .find(|d| d.slot == *slot)
+                .map_or(0, |d| d.overlay.base.size());
+            kiln_devices::virtio::block::copy_sparse(overlay, &file, size)
+                .map_err(SnapshotError::io("write", &path))?;
+        }
+        format::write_state(&dir.join(STATE_FILE), header, saved)
+    };
+    let written = write();
     if written.is_err() {
-        let _ = std::fs::remove_file(&memory_path);
+        for path in created {
+            let _ = std::fs::remove_file(path);
+        }
     }
     written
 }
@@ -149,9 +227,22 @@ pub(crate) fn saved_config(dir: &Path) -> Result<crate::VmConfig, SnapshotError>
     format::read_state(&dir.join(STATE_FILE)).map(|(_, saved)| saved.config)
 }
 
+/// A new file at `path` (an existing one is refused, never touched).
+fn create_new(path: &Path) -> Result<File, SnapshotError> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        // Guest memory and state: the owner's only.
+        .mode(0o600)
+        .open(path)
+        .map_err(SnapshotError::io("create", path))
+}
+
 /// Lets a VM paused by [`save`] run on.
 pub fn resume(vm: &VmHandle) {
     if let Some(running) = vm.running() {
+        running.loop_pause.resume();
         running.pause.resume();
     }
 }
@@ -175,6 +266,7 @@ pub fn restore(dir: &Path, io: ConsoleIo, started: Instant) -> crate::Result<VmH
 
 /// A snapshot directory whose files passed every check.
 pub(crate) struct Snapshot {
+    dir: PathBuf,
     header: Header,
     pub(crate) saved: SavedVm,
     /// Opened read-only: the restored VM maps it privately.
@@ -222,7 +314,28 @@ impl Snapshot {
                 ),
             });
         }
+        for disk in &saved.devices.disks {
+            // As long as the disk: a shorter one would read as holes.
+            let path = dir.join(disk_file(disk.slot));
+            let file =
+                crate::boot::open_regular_file(&path).map_err(SnapshotError::io("open", &path))?;
+            let found = file
+                .metadata()
+                .map_err(SnapshotError::io("read the size of", &path))?
+                .len();
+            match found.cmp(&disk.overlay.base.size()) {
+                std::cmp::Ordering::Less => return Err(SnapshotError::Truncated(path)),
+                std::cmp::Ordering::Greater => {
+                    return Err(SnapshotError::Corrupt {
+                        path,
+                        reason: format!("larger than the disk ({found} bytes)"),
+                    })
+                }
+                std::cmp::Ordering::Equal => {}
+            }
+        }
         Ok(Self {
+            dir: dir.to_owned(),
             header,
             saved,
             memory,
@@ -244,5 +357,54 @@ impl Snapshot {
         }
         self.saved.vm.restore(vm.fd())?;
         Ok(vcpus)
+    }
+
+    /// The image root at `path` (virtio slot 0) with the guest's writes
+    /// saved in this snapshot under a new overlay of its own (at
+    /// `scratch_dir`, as a boot puts it); the saved file is only read.
+    pub(crate) fn root_disk(
+        &self,
+        path: &Path,
+        scratch_dir: Option<&Path>,
+    ) -> Result<kiln_devices::virtio::block::DiskImage, kiln_devices::virtio::block::DiskError>
+    {
+        let Some(saved) = self.saved.devices.disks.iter().find(|d| d.slot == 0) else {
+            // Saved without an overlay: the slot check refuses it later.
+            return crate::rootfs::root_disk(path, scratch_dir);
+        };
+        let overlay_path = self.dir.join(disk_file(saved.slot));
+        let open_error = |source| kiln_devices::virtio::block::DiskError::Open {
+            path: overlay_path.clone(),
+            source,
+        };
+        let file = crate::boot::open_regular_file(&overlay_path).map_err(open_error)?;
+        crate::rootfs::root_disk_restored(path, scratch_dir, &file, &saved.overlay)
+    }
+
+    /// Applies the saved device states to `devices`, built from the
+    /// restored configuration: the same devices in the same slots, or a
+    /// [`SnapshotError::Devices`].
+    pub(crate) fn restore_devices(&self, devices: &DeviceHandles) -> Result<(), SnapshotError> {
+        let saved = &self.saved.devices;
+        if saved.virtio.len() != devices.virtio.len() {
+            return Err(SnapshotError::Devices(format!(
+                "{} virtio devices saved, the configuration builds {}",
+                saved.virtio.len(),
+                devices.virtio.len()
+            )));
+        }
+        for (slot, (state, transport)) in saved.virtio.iter().zip(&devices.virtio).enumerate() {
+            transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(state)
+                .map_err(|e| SnapshotError::Devices(format!("virtio slot {slot}: {e}")))?;
+        }
+        devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&saved.serial)
+            .map_err(|e| SnapshotError::Devices(e.to_string()))
     }
 }

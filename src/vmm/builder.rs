@@ -22,7 +22,7 @@ use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
 use crate::config::{ConsoleKind, DiskConfig, NetConfig, RateLimit, VmConfig, VsockConfig};
 use crate::console::{ConsoleOutput, PanicWatch};
-use crate::device_manager::{self, Buses, DeviceManager};
+use crate::device_manager::{self, Buses, DeviceHandles, DeviceManager};
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::host_profile::HostProfile;
@@ -41,6 +41,8 @@ pub(crate) struct BuiltVm {
     pub mem: GuestMemoryMmap,
     pub vcpus: Vec<VcpuFd>,
     pub buses: Buses,
+    /// The devices whose state a snapshot saves.
+    pub devices: DeviceHandles,
     /// Every device's host-side work and the VM's own events.
     pub event_loop: EventLoop,
     pub panic_watch: PanicWatch,
@@ -75,12 +77,15 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     let mut event_loop = EventLoop::new()?;
     let mut devices =
         DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
-    if let Some(input) = attach_virtio_devices(&slots, &mut devices, &output, io.input, config)? {
+    let root = RootDisk::Fresh;
+    if let Some(input) =
+        attach_virtio_devices(&slots, &mut devices, &output, io.input, config, root)?
+    {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
     let highest_irq = devices.highest_irq();
-    let buses = devices.into_buses();
+    let (buses, devices) = devices.into_parts();
 
     boot::params::write_boot_info(&mem, &kernel, &cmdline, initrd, config.mem_bytes)?;
     boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
@@ -92,15 +97,18 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
         mem,
         vcpus,
         buses,
+        devices,
         event_loop,
         panic_watch,
     })
 }
 
 /// Builds a fresh VM from `snapshot` (its files already checked): guest
-/// memory mapped privately from the memory file, the devices every kiln VM
-/// has (fresh: their state is not saved yet), and the vCPUs and the VM
-/// restored to the saved state.
+/// memory mapped privately from the memory file, the devices a boot of
+/// `config` would build (the same slot walk: the same MMIO windows and
+/// IRQs), the vCPUs and the VM restored to the saved state, then each
+/// device's saved state applied (after the interrupt controllers, so that
+/// an interrupt a device raises again is not overwritten).
 /// `config` is the VM's configuration (the saved one with the restoring
 /// front end's host side: `VmConfig::restored_from`).
 pub(crate) fn build_restored(
@@ -110,33 +118,36 @@ pub(crate) fn build_restored(
     life: &Arc<Lifecycle>,
 ) -> Result<BuiltVm> {
     validate(config)?;
+    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
+    let slots = virtio_slots(config, rootfs.as_ref());
     install_kick_handler()?;
     let mem = memory::map_guest_memory_file(config.mem_bytes, &snapshot.memory)
         .map_err(Error::io("mapping the snapshot's memory file"))?;
     let vm = Vm::new(&mem)?;
     let (output, panic_watch) = ConsoleOutput::new(io.output);
+    let output = SharedWriter::new(Box::new(output));
     let mut event_loop = EventLoop::new()?;
-    let mut devices = DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output))?;
-    if let Some(input) = io.input {
+    let mut devices =
+        DeviceManager::new(&vm, &mem, &mut event_loop, life, Box::new(output.clone()))?;
+    let root = RootDisk::Restored(snapshot);
+    if let Some(input) =
+        attach_virtio_devices(&slots, &mut devices, &output, io.input, config, root)?
+    {
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
-    let buses = devices.into_buses();
+    let (buses, devices) = devices.into_parts();
     let vcpus = snapshot.restore_into(&vm)?;
+    snapshot.restore_devices(&devices)?;
     Ok(BuiltVm {
         vm,
         mem,
         vcpus,
         buses,
+        devices,
         event_loop,
         panic_watch,
     })
-}
-
-/// Whether a VM built from `config` has virtio devices (a root image
-/// included): their state is not in a snapshot yet.
-pub(crate) fn has_virtio_devices(config: &VmConfig) -> bool {
-    config.rootfs.is_some() || !virtio_slots(config, None).is_empty()
 }
 
 /// Where the set-up gives up once the VM has been asked to stop (a signal
@@ -286,6 +297,15 @@ impl VirtioSlot<'_> {
     }
 }
 
+/// Where an image root's overlay (the guest's writes) starts from.
+#[derive(Clone, Copy)]
+enum RootDisk<'a> {
+    /// Empty: the guest sees the image as it is.
+    Fresh,
+    /// A copy of the overlay saved in this snapshot.
+    Restored(&'a Snapshot),
+}
+
 /// Creates and attaches the devices of `slots`, in order. With a virtio
 /// console, kiln's input and output become the guest's /dev/console (hvc0)
 /// and the UART gets no input. Returns the input the UART should read.
@@ -295,6 +315,7 @@ fn attach_virtio_devices(
     output: &SharedWriter,
     mut input: Option<File>,
     config: &VmConfig,
+    root: RootDisk<'_>,
 ) -> Result<Option<File>> {
     let (seccomp, run_as) = (config.seccomp, config.run_as);
     use kiln_devices::virtio::net::{MacAddr, Net};
@@ -303,7 +324,11 @@ fn attach_virtio_devices(
             VirtioSlot::RootImage(path, scratch_dir) => {
                 // Its writes go to an unnamed file: closing it (when the VM
                 // ends, whatever way) deletes them.
-                let image = rootfs::root_disk(path, scratch_dir).map_err(Error::RootfsImage)?;
+                let image = match root {
+                    RootDisk::Fresh => rootfs::root_disk(path, scratch_dir),
+                    RootDisk::Restored(snapshot) => snapshot.root_disk(path, scratch_dir),
+                }
+                .map_err(Error::RootfsImage)?;
                 let block = Block::new(image).map_err(Error::io("creating a virtio-blk device"))?;
                 devices.attach_virtio(block)?;
             }

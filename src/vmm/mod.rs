@@ -5,7 +5,7 @@
 mod builder;
 
 pub use builder::kernel_cmdline;
-pub(crate) use builder::{build_restored, has_virtio_devices, BuiltVm};
+pub(crate) use builder::{build_restored, BuiltVm};
 
 use std::fs::File;
 use std::io::Write;
@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::VmConfig;
 use crate::console::PanicWatch;
+use crate::device_manager::DeviceHandles;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
-use crate::pause::Pause;
+use crate::pause::{LoopPause, Pause};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::Snapshot;
 use crate::vcpu::{ExitCounts, VcpuThread};
@@ -145,6 +146,10 @@ pub(crate) struct RunningVm {
     pub mem: vm_memory::GuestMemoryMmap,
     /// The configuration the VM was built from (a restored VM: the saved one).
     pub config: Arc<VmConfig>,
+    /// Parks the event thread, so that no device runs during a save.
+    pub loop_pause: Arc<LoopPause>,
+    /// The devices whose state a snapshot saves.
+    pub devices: DeviceHandles,
 }
 
 /// Set while the VM's vCPU threads exist.
@@ -278,6 +283,7 @@ fn run_with(
         mem,
         vcpus,
         buses,
+        devices,
         mut event_loop,
         panic_watch,
     } = match build(&life) {
@@ -305,6 +311,9 @@ fn run_with(
 
     // Every thread filters itself before the guest's first instruction: the
     // vCPU threads wait for their start until this one has its filter too.
+    let (loop_pause, parker) =
+        LoopPause::new(life.clone()).map_err(Error::io("creating the event loop's pause"))?;
+    event_loop.add(Box::new(parker));
     let vm = Arc::new(vm);
     let pause = Arc::new(Pause::new(vcpus.len()));
     let mut threads = VcpuThreads {
@@ -318,6 +327,8 @@ fn run_with(
         vm: vm.clone(),
         mem: mem.clone(),
         config: Arc::new(config.clone()),
+        loop_pause: Arc::new(loop_pause),
+        devices,
     });
     let mut starts = Vec::with_capacity(vcpus.len());
     let mut filtered = Ok(());

@@ -88,6 +88,11 @@ impl VirtioCommon {
         self.config = config;
     }
 
+    /// The size of the config space.
+    pub(crate) fn config_len(&self) -> usize {
+        self.config.len()
+    }
+
     /// Copies `config[offset..]` into `data`; bytes past the end read as zero.
     pub(crate) fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);

@@ -15,8 +15,10 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
+use super::persist::{QueueSnapshot, RestoreError, TransportState};
 use super::{
-    ActivateError, Activation, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, Activation, Interrupt, VirtioDevice, INT_CONFIG_CHANGE, INT_USED_RING,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::bus::BusDevice;
 
@@ -58,6 +60,10 @@ pub(crate) const STATUS_DRIVER: u32 = 2;
 pub(crate) const STATUS_DRIVER_OK: u32 = 4;
 pub(crate) const STATUS_FEATURES_OK: u32 = 8;
 pub(crate) const STATUS_NEEDS_RESET: u32 = 64;
+const STATUS_FAILED: u32 = 128;
+/// Every status bit a driver (or the device's NEEDS_RESET) can set.
+const STATUS_KNOWN: u32 =
+    1 | STATUS_DRIVER | STATUS_DRIVER_OK | STATUS_FEATURES_OK | STATUS_NEEDS_RESET | STATUS_FAILED;
 
 /// The virtio-mmio (version 2) register window of one device, on the MMIO
 /// bus: feature negotiation, queue setup, status, interrupt status and the
@@ -185,29 +191,7 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
-        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        for (i, q) in self.queues.iter_mut().enumerate() {
-            q.set_event_idx(event_idx);
-            if q.ready() && !rings_fit(q, &self.mem) {
-                log::debug!("virtio-mmio: queue {i} has an invalid layout; device needs reset");
-                self.fail();
-                return;
-            }
-        }
-        // The device gets its own copies; the transport keeps the register view.
-        let queues = self.queues.iter().map(|q| Queue::try_from(q.state()));
-        let Ok(queues) = queues.collect::<Result<Vec<_>, _>>() else {
-            self.fail();
-            return;
-        };
-        let activation = Activation {
-            mem: self.mem.clone(),
-            queues,
-            interrupt: self.interrupt.clone(),
-            features: self.driver_features,
-        };
-        let result = self.device().activate(activation);
-        match result {
+        match self.start_device() {
             Ok(()) => {}
             // The guest's doing: see the module docs on log lines.
             Err(e @ ActivateError::BadQueue(_)) => {
@@ -219,6 +203,171 @@ impl MmioTransport {
                 self.fail();
             }
         }
+    }
+
+    /// Hands the device copies of the queues (at DRIVER_OK, or at a
+    /// restore: with the saved indices), once each ring is checked to lie
+    /// in guest memory.
+    fn start_device(&mut self) -> Result<(), ActivateError> {
+        let event_idx = self.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for (i, q) in self.queues.iter_mut().enumerate() {
+            q.set_event_idx(event_idx);
+            if q.ready() && !rings_fit(q, &self.mem) {
+                return Err(ActivateError::BadQueue(i));
+            }
+        }
+        // The device gets its own copies; the transport keeps the register view.
+        // The transport checked every value as it was written: a queue
+        // that does not convert is the guest's doing, as a bad layout is.
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| Queue::try_from(q.state()).map_err(|_| ActivateError::BadQueue(i)));
+        let queues = queues.collect::<Result<Vec<_>, _>>()?;
+        let activation = Activation {
+            mem: self.mem.clone(),
+            queues,
+            interrupt: self.interrupt.clone(),
+            features: self.driver_features,
+        };
+        self.device().activate(activation)
+    }
+
+    /// The guest-visible state: registers, config space, and each queue as
+    /// the device last left it (its own copy while it runs: the transport's
+    /// register view keeps the indices of DRIVER_OK).
+    ///
+    /// Taken while nothing else uses the device: the vCPUs and the event
+    /// loop are paused, so no request is half-done.
+    pub fn save(&self) -> TransportState {
+        let device = self.device();
+        let live = device.virtio().active().map(|a| &a.queues);
+        let queues = match live {
+            Some(queues) => queues.iter().map(|q| q.state()).collect::<Vec<_>>(),
+            None => self.queues.iter().map(|q| q.state()).collect(),
+        };
+        let mut config = vec![0; device.virtio().config_len()];
+        device.read_config(0, &mut config);
+        TransportState {
+            device_type: device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            config,
+            queues: queues
+                .into_iter()
+                .map(|q| QueueSnapshot {
+                    size: q.size,
+                    ready: q.ready,
+                    desc_table: q.desc_table,
+                    avail_ring: q.avail_ring,
+                    used_ring: q.used_ring,
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                })
+                .collect(),
+        }
+    }
+
+    /// The device's overlay disk, if it has one (see
+    /// [`VirtioDevice::disk_overlay`]).
+    pub fn disk_overlay(&self) -> Option<std::io::Result<super::SavedOverlay>> {
+        self.device().disk_overlay()
+    }
+
+    /// Applies `state` (saved by [`MmioTransport::save`]) to this freshly
+    /// built transport and its device, and, if the driver had the device
+    /// running, starts it again with the saved queues, as DRIVER_OK would,
+    /// without the guest doing anything; the device is then told it was
+    /// restored ([`VirtioDevice::restored`]). Every value is checked first:
+    /// on an error nothing was applied.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), RestoreError> {
+        let device_type = self.device().device_type();
+        let bad = |reason: String| RestoreError::BadValue {
+            device_type,
+            reason,
+        };
+        if state.device_type != device_type {
+            return Err(RestoreError::DeviceType {
+                saved: state.device_type,
+                built: device_type,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(RestoreError::QueueCount {
+                device_type,
+                saved: state.queues.len(),
+                built: self.queues.len(),
+            });
+        }
+        if state.status & !STATUS_KNOWN != 0 {
+            return Err(bad(format!("unknown status bits {:#x}", state.status)));
+        }
+        let features_ok = state.status & STATUS_FEATURES_OK != 0;
+        if state.status & STATUS_DRIVER_OK != 0 && !features_ok {
+            return Err(bad("DRIVER_OK without FEATURES_OK".into()));
+        }
+        // The device built now may offer less (e.g. a TAP without offloads).
+        if features_ok
+            && (state.driver_features & !self.offered_features != 0
+                || state.driver_features & VIRTIO_F_VERSION_1 == 0)
+        {
+            return Err(bad(format!(
+                "negotiated features {:#x} are not all offered ({:#x})",
+                state.driver_features, self.offered_features
+            )));
+        }
+        if state.interrupt_status & !(INT_USED_RING | INT_CONFIG_CHANGE) != 0 {
+            return Err(bad(format!(
+                "unknown interrupt status bits {:#x}",
+                state.interrupt_status
+            )));
+        }
+        let config_len = self.device().virtio().config_len();
+        if state.config.len() != config_len {
+            return Err(bad(format!(
+                "{} bytes of config space saved for {config_len}",
+                state.config.len()
+            )));
+        }
+        let event_idx = state.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for (index, (saved, built)) in state.queues.iter().zip(&self.queues).enumerate() {
+            let queue = restored_queue(saved, built.max_size(), event_idx, &self.mem).map_err(
+                |reason| RestoreError::BadQueue {
+                    device_type,
+                    queue: index,
+                    reason,
+                },
+            )?;
+            queues.push(queue);
+        }
+
+        self.queues = queues;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.config_generation = state.config_generation;
+        self.device().virtio_mut().set_config(state.config.clone());
+        let running = STATUS_DRIVER_OK | STATUS_NEEDS_RESET | STATUS_FAILED;
+        if state.status & running == STATUS_DRIVER_OK {
+            self.start_device()
+                .map_err(|e| bad(format!("cannot start the device again: {e}")))?;
+            self.device().restored();
+        }
+        if state.interrupt_status != 0 {
+            // Raised again: one the driver already saw is a spurious
+            // interrupt it ignores; one it had not seen would be lost.
+            self.interrupt.restore_status(state.interrupt_status);
+        }
+        Ok(())
     }
 
     fn fail(&mut self) {
@@ -326,6 +475,41 @@ impl MmioTransport {
     }
 }
 
+/// A queue of the device (its largest size `max_size`) as `saved` says,
+/// checked as the driver's register writes are (a size the device takes,
+/// aligned rings) and, if ready, with its rings inside guest memory.
+fn restored_queue(
+    saved: &QueueSnapshot,
+    max_size: u16,
+    event_idx: bool,
+    mem: &GuestMemoryMmap,
+) -> Result<Queue, String> {
+    let state = virtio_queue::QueueState {
+        max_size,
+        next_avail: saved.next_avail,
+        next_used: saved.next_used,
+        event_idx_enabled: event_idx,
+        size: saved.size,
+        ready: saved.ready,
+        desc_table: saved.desc_table,
+        avail_ring: saved.avail_ring,
+        used_ring: saved.used_ring,
+    };
+    let queue = Queue::try_from(state).map_err(|e| {
+        format!(
+            "size {} (at most {max_size}) or ring addresses {:#x}/{:#x}/{:#x}: {e}",
+            saved.size, saved.desc_table, saved.avail_ring, saved.used_ring
+        )
+    })?;
+    if queue.ready() && !rings_fit(&queue, mem) {
+        return Err(format!(
+            "rings at {:#x}/{:#x}/{:#x} of {} entries are not inside guest memory",
+            saved.desc_table, saved.avail_ring, saved.used_ring, saved.size
+        ));
+    }
+    Ok(queue)
+}
+
 /// The three rings of `queue` lie in `mem`: virtio-queue's `is_valid`
 /// without its error-level log lines (the guest picks the addresses).
 fn rings_fit(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
@@ -387,6 +571,7 @@ mod tests {
         virtio: VirtioCommon,
         activations: usize,
         resets: usize,
+        restored: usize,
     }
 
     impl VirtioDevice for Dummy {
@@ -399,10 +584,14 @@ mod tests {
         fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
             assert_eq!(a.queues.len(), 2);
             self.activations += 1;
-            Ok(())
+            self.virtio.activate(a)
         }
         fn reset(&mut self) {
             self.resets += 1;
+            self.virtio.reset();
+        }
+        fn restored(&mut self) {
+            self.restored += 1;
         }
     }
 
@@ -420,6 +609,7 @@ mod tests {
             virtio,
             activations: 0,
             resets: 0,
+            restored: 0,
         }));
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let t = MmioTransport::new(dev.clone(), mem, Interrupt::new(IrqLine::new().unwrap()));
@@ -569,5 +759,136 @@ mod tests {
         let (mut t, dev) = setup();
         w(&mut t, REG_QUEUE_NOTIFY, 1);
         assert_eq!(dev.lock().unwrap().queue_events()[1].read().unwrap(), 1);
+    }
+
+    /// A transport the driver set running, with the device 5 chains into
+    /// queue 0 (4 returned) and an interrupt not yet acknowledged.
+    fn running_transport() -> (MmioTransport, Arc<Mutex<Dummy>>) {
+        let (mut t, dev) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x10000);
+        setup_queue(&mut t, 1, 0x20000);
+        w(&mut t, REG_QUEUE_SEL, 1);
+        w(
+            &mut t,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        {
+            let mut d = dev.lock().unwrap();
+            let q = &mut d.virtio.active_mut().unwrap().queues[0];
+            q.set_next_avail(5);
+            q.set_next_used(4);
+        }
+        t.interrupt.signal_used_queue();
+        (t, dev)
+    }
+
+    #[test]
+    fn a_saved_transport_restores_onto_a_fresh_one_and_runs_again() {
+        let (t, _) = running_transport();
+        let state = t.save();
+        assert_eq!(state.device_type, 42);
+        assert_eq!(state.config, b"cfgbytes");
+        assert_eq!(state.interrupt_status, super::super::INT_USED_RING);
+        // The device's own copy of the queue, not the register view.
+        assert_eq!(
+            (state.queues[0].next_avail, state.queues[0].next_used),
+            (5, 4)
+        );
+        assert_eq!((state.queues[1].size, state.queues[1].ready), (16, true));
+
+        let (mut fresh, dev) = setup();
+        fresh.restore(&state).unwrap();
+        {
+            let d = dev.lock().unwrap();
+            assert_eq!(
+                (d.activations, d.restored),
+                (1, 1),
+                "started as at DRIVER_OK"
+            );
+            let q = &d.virtio.active().unwrap().queues[0];
+            assert_eq!((q.next_avail(), q.next_used()), (5, 4));
+        }
+        assert_eq!(fresh.save(), state);
+        assert_eq!(r(&mut fresh, REG_STATUS), state.status);
+        assert_eq!(r(&mut fresh, REG_QUEUE_READY), 1, "queue 1 stays selected");
+        assert_eq!(r(&mut fresh, REG_INTERRUPT_STATUS), state.interrupt_status);
+        // The driver can reset it as any running device.
+        w(&mut fresh, REG_STATUS, 0);
+        assert_eq!(dev.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn a_device_the_driver_had_not_started_is_not_started_by_a_restore() {
+        let (mut t, _) = setup();
+        negotiate(&mut t, 1);
+        setup_queue(&mut t, 0, 0x10000);
+        let state = t.save();
+        let (mut fresh, dev) = setup();
+        fresh.restore(&state).unwrap();
+        assert_eq!(dev.lock().unwrap().activations, 0);
+        assert_eq!(fresh.save(), state);
+        // The driver goes on where it was: queue 1, then DRIVER_OK.
+        setup_queue(&mut fresh, 1, 0x20000);
+        w(
+            &mut fresh,
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        assert_eq!(dev.lock().unwrap().activations, 1);
+    }
+
+    #[test]
+    fn bad_saved_values_are_typed_errors_and_change_nothing() {
+        let (t, _) = running_transport();
+        let good = t.save();
+        type Edit = fn(&mut TransportState);
+        let cases: &[(&str, Edit)] = &[
+            ("device type", |s| s.device_type = 7),
+            ("queue count", |s| {
+                s.queues.pop();
+            }),
+            ("size not a power of two", |s| s.queues[0].size = 3),
+            ("size above the maximum", |s| s.queues[0].size = 32),
+            ("size zero", |s| s.queues[0].size = 0),
+            ("misaligned ring", |s| s.queues[1].desc_table = 0x20001),
+            ("ring outside memory", |s| {
+                s.queues[0].used_ring = 0xfff0_0000
+            }),
+            ("ring past the end", |s| {
+                s.queues[0].used_ring = u64::MAX - 7
+            }),
+            ("DRIVER_OK alone", |s| s.status = STATUS_DRIVER_OK),
+            ("unknown status", |s| s.status |= 0x400),
+            ("features not offered", |s| s.driver_features |= 1 << 40),
+            ("no VERSION_1", |s| s.driver_features = 0),
+            ("interrupt bits", |s| s.interrupt_status = 0x80),
+            ("config size", |s| s.config.push(0)),
+        ];
+        for (what, edit) in cases {
+            let mut bad = good.clone();
+            edit(&mut bad);
+            let (mut fresh, dev) = setup();
+            let before = fresh.save();
+            let e = fresh.restore(&bad).expect_err(what);
+            let expected = match *what {
+                "device type" => matches!(
+                    e,
+                    RestoreError::DeviceType {
+                        saved: 7,
+                        built: 42
+                    }
+                ),
+                "queue count" => matches!(e, RestoreError::QueueCount { saved: 1, .. }),
+                w if w.contains("size") && w != "config size" || w.contains("ring") => {
+                    matches!(e, RestoreError::BadQueue { .. })
+                }
+                _ => matches!(e, RestoreError::BadValue { .. }),
+            };
+            assert!(expected, "{what}: {e:?}");
+            assert_eq!(fresh.save(), before, "{what}: the transport changed");
+            assert_eq!(dev.lock().unwrap().activations, 0, "{what}");
+        }
     }
 }

@@ -13,6 +13,7 @@ pub mod console;
 pub mod counters;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub(crate) mod queue;
 pub mod rng;
 pub mod vsock;
@@ -52,6 +53,15 @@ pub struct Activation {
     pub interrupt: Interrupt,
     /// Features the driver accepted.
     pub features: u64,
+}
+
+/// An overlay disk's writes as a snapshot saves them
+/// ([`VirtioDevice::disk_overlay`]).
+pub struct SavedOverlay {
+    /// A descriptor of the overlay's file (read while the VM is paused).
+    pub file: std::fs::File,
+    /// The base's stamp and the chunk map.
+    pub state: block::OverlayState,
 }
 
 /// Why a device refused to start. The transport then sets
@@ -114,6 +124,16 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) {
         self.virtio_mut().reset();
     }
+    /// Called once the device was started again from a snapshot (after
+    /// [`activate`](Self::activate) with the saved queues): what the guest's
+    /// driver must learn about host state that did not survive (vsock: its
+    /// connections are gone). Nothing by default.
+    fn restored(&mut self) {}
+    /// A copy-on-write disk's overlay (the guest's writes) and its chunk
+    /// map, for a snapshot; None for every other device.
+    fn disk_overlay(&self) -> Option<std::io::Result<SavedOverlay>> {
+        None
+    }
     /// The device's counters, readable while it runs (logged at exit).
     fn counters(&self) -> Arc<dyn Counters> {
         self.virtio().counters()
@@ -154,6 +174,11 @@ impl Interrupt {
 
     pub(crate) fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets status `bits` saved in a snapshot and raises the line.
+    pub(crate) fn restore_status(&self, bits: u32) {
+        self.raise(bits);
     }
 
     pub(crate) fn ack(&self, bits: u32) {

@@ -92,6 +92,10 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     use kiln_init::spec::ExecSpec;
     let msgs = [
         Msg::Hello { version: 1 },
+        Msg::Fresh {
+            realtime_ns: 1_700_000_000_000_000_000,
+            entropy: [7; kiln_init::protocol::FRESH_ENTROPY],
+        },
         Msg::Exec {
             id: 1,
             opts: ExecOptions {

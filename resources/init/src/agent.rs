@@ -20,6 +20,7 @@ use crate::protocol::{
     encode_data, Decoder, ExecOptions, ExitReason, ExitStatus, Msg, ProtocolError, Stream,
     FRESH_ENTROPY, K_STDERR, K_STDOUT, MAX_DATA, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW, VERSION,
 };
+use crate::spawn::Spawner;
 use crate::spec::ExecSpec;
 use crate::{EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND};
 use std::collections::{HashMap, VecDeque};
@@ -27,8 +28,6 @@ use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 /// Where the initramfs asks for agent mode (content: the host vsock port).
@@ -131,6 +130,7 @@ struct Agent {
     out: Vec<u8>,
     out_pos: usize,
     execs: HashMap<u32, Exec>,
+    spawner: Spawner,
 }
 
 /// Serves the protocol on `conn` (a connected stream socket) until the host
@@ -145,6 +145,7 @@ pub fn serve(conn: OwnedFd, cfg: AgentConfig) -> Result<Ended, AgentError> {
         out: Vec::new(),
         out_pos: 0,
         execs: HashMap::new(),
+        spawner: Spawner::default(),
     };
     let result = agent.run();
     agent.kill_all();
@@ -393,24 +394,7 @@ impl Agent {
                 return self.send(&m);
             }
         }
-        let mut cmd = spec.to_command(self.cfg.default_ids);
-        cmd.stdin(if opts.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        // SAFETY: setsid is async-signal-safe and touches no parent state.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = match cmd.spawn() {
+        let child = match self.spawner.spawn(spec, self.cfg.default_ids, opts.stdin) {
             Ok(c) => c,
             Err(e) => {
                 let (code, what) = match e.raw_os_error() {
@@ -420,16 +404,14 @@ impl Agent {
                 return self.send(&fail(code, format!("{name}: {what}")));
             }
         };
-        let pid = child.id() as libc::pid_t;
-        let take = |fd: Option<OwnedFd>| {
-            fd.inspect(|f| {
-                let _ = set_nonblocking(f.as_raw_fd());
-            })
+        let pid = child.pid;
+        let take = |fd: OwnedFd| {
+            let _ = set_nonblocking(fd.as_raw_fd());
+            fd
         };
-        let stdin = take(child.stdin.take().map(OwnedFd::from));
-        let stdout = take(child.stdout.take().map(OwnedFd::from));
-        let stderr = take(child.stderr.take().map(OwnedFd::from));
-        drop(child);
+        let stdin = child.stdin.map(take);
+        let stdout = Some(take(child.stdout));
+        let stderr = Some(take(child.stderr));
         // SAFETY: plain syscall; on success it returns a new fd we own.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         // SAFETY: a fresh fd returned by pidfd_open, owned by no one else.

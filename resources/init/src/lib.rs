@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod protocol;
+pub mod spawn;
 pub mod spec;
 
 /// Where kiln puts its init in the initramfs (`rdinit=` on the command line).

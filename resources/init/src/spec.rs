@@ -14,6 +14,7 @@
 //! version. Decoding is strict (unknown tags, duplicates and trailing bytes
 //! are errors) because both ends are built from this file.
 
+use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
@@ -139,23 +140,7 @@ impl ExecSpec {
         let os = OsStr::from_bytes;
         let mut cmd = Command::new(os(&self.argv[0]));
         cmd.args(self.argv[1..].iter().map(|a| os(a))).env_clear();
-        cmd.envs(self.env.iter().map(|(k, v)| (os(k), os(v))));
-        if !self.env.iter().any(|(k, _)| k == b"PATH") {
-            cmd.env("PATH", os(DEFAULT_PATH));
-        }
-        if let Some(mut value) = platform.filter(|v| !v.is_empty()) {
-            // The spec's last entry is the one the command would get.
-            let own = self
-                .env
-                .iter()
-                .rev()
-                .find(|(k, _)| k == PLATFORM_ENV.as_bytes());
-            if let Some((_, v)) = own.filter(|(_, v)| !v.is_empty()) {
-                value.push(":");
-                value.push(os(v));
-            }
-            cmd.env(PLATFORM_ENV, value);
-        }
+        cmd.envs(self.environment(platform));
         if let Some(cwd) = &self.cwd {
             cmd.current_dir(os(cwd));
         }
@@ -182,6 +167,26 @@ impl ExecSpec {
             }
         }
         cmd
+    }
+
+    /// The command's whole environment: the spec's entries (a name given
+    /// twice keeps its last value), `PATH` = [`DEFAULT_PATH`] unless the
+    /// spec sets one, and init's [`PLATFORM_ENV`] value (`platform`), to
+    /// which the spec's own value is appended (`platform:spec`): it can add
+    /// tunables, and wins for the ones it repeats.
+    pub fn environment(&self, platform: Option<OsString>) -> BTreeMap<OsString, OsString> {
+        let os = |b: &[u8]| OsStr::from_bytes(b).to_owned();
+        let mut env: BTreeMap<OsString, OsString> =
+            self.env.iter().map(|(k, v)| (os(k), os(v))).collect();
+        env.entry("PATH".into()).or_insert_with(|| os(DEFAULT_PATH));
+        if let Some(mut value) = platform.filter(|v| !v.is_empty()) {
+            if let Some(v) = env.get(OsStr::new(PLATFORM_ENV)).filter(|v| !v.is_empty()) {
+                value.push(":");
+                value.push(v);
+            }
+            env.insert(PLATFORM_ENV.into(), value);
+        }
+        env
     }
 
     /// The user and group the command runs as (`None`: the caller's own):

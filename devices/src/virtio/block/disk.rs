@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES;
 
-use super::overlay::{unnamed_file_at, BaseStamp, Overlay, OverlayPlace};
+use super::overlay::{
+    copy_sparse, unnamed_file_at, BaseStamp, Overlay, OverlayPlace, OverlayState,
+};
 
 /// virtio-blk's sector: every offset and length the guest gives is in these.
 pub(crate) const SECTOR_SIZE: u64 = 512;
@@ -163,6 +165,60 @@ impl DiskImage {
         })?;
         // The overlay's own file system decides about hole punching.
         Self::with_backing(Backing::Overlay(overlay), path, false, id, false)
+    }
+
+    /// A copy-on-write disk over the image at `path` (opened and locked as
+    /// by [`DiskImage::overlay`]) that starts with the guest's writes of a
+    /// snapshot: `saved`'s data (only read: copied, sparse, into a new
+    /// unnamed file at `place`) and `state`'s chunk map. A base whose size
+    /// or modification time is not the saved one is
+    /// [`DiskError::BaseChanged`]; a chunk map that does not fit the disk,
+    /// [`DiskError::Open`] with [`std::io::ErrorKind::InvalidInput`].
+    pub fn overlay_restored(
+        path: &Path,
+        place: OverlayPlace<'_>,
+        id: Option<&str>,
+        saved: &File,
+        state: &OverlayState,
+    ) -> Result<Self, DiskError> {
+        let id = checked_id(id, path)?;
+        let open_error = |source| DiskError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let (base, _) = open_locked(path, true)?;
+        let stamp = BaseStamp::of(&base).map_err(open_error)?;
+        if stamp != state.base {
+            return Err(DiskError::BaseChanged(path.to_path_buf()));
+        }
+        let (upper, dir) = unnamed_file_at(place)
+            .map_err(|(dir, source)| DiskError::OverlayFile { dir, source })?;
+        copy_sparse(saved, &upper, stamp.size()).map_err(|source| DiskError::OverlayFile {
+            dir: dir.clone(),
+            source,
+        })?;
+        log::info!(
+            "disk {}: copy-on-write from a snapshot's writes, in an unnamed file in {}",
+            path.display(),
+            dir.display()
+        );
+        let overlay = Overlay::with_chunks(base, stamp, upper, &state.chunks).map_err(
+            |source| match source.kind() {
+                std::io::ErrorKind::InvalidData => DiskError::BaseChanged(path.to_path_buf()),
+                _ => open_error(source),
+            },
+        )?;
+        Self::with_backing(Backing::Overlay(overlay), path, false, id, false)
+    }
+
+    /// What a snapshot of an overlay disk keeps: the base's stamp and the
+    /// chunk map (with a copy of [`DiskImage::overlay_file`]). None for a
+    /// raw disk.
+    pub fn overlay_state(&self) -> Option<OverlayState> {
+        match &self.backing {
+            Backing::Raw(_) => None,
+            Backing::Overlay(o) => Some(o.saved()),
+        }
     }
 
     /// Fails with [`DiskError::BaseChanged`] if the base of an overlay disk

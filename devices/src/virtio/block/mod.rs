@@ -31,11 +31,11 @@ use super::chain::{Chain, Cursor};
 use super::common::VirtioCommon;
 use super::counters::device_counters;
 use super::queue::Served;
-use super::{VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
+use super::{SavedOverlay, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::rate_limiter::{RateLimit, Throttle};
 pub use disk::{DiskError, DiskImage};
 pub(crate) use disk::{ID_BYTES, SECTOR_SIZE};
-pub use overlay::OverlayPlace;
+pub use overlay::{copy_sparse, BaseStamp, OverlayPlace, OverlayState};
 
 /// virtio device id of a block device.
 pub(crate) const DEVICE_ID_BLOCK: u32 = 2;
@@ -422,6 +422,12 @@ impl VirtioDevice for Block {
 
     fn virtio_mut(&mut self) -> &mut VirtioCommon {
         &mut self.virtio
+    }
+
+    fn disk_overlay(&self) -> Option<std::io::Result<SavedOverlay>> {
+        let state = self.disk.overlay_state()?;
+        let file = self.disk.overlay_file()?.try_clone();
+        Some(file.map(|file| SavedOverlay { file, state }))
     }
 }
 

@@ -19,7 +19,6 @@
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-#[cfg(test)]
 use std::os::fd::AsRawFd;
 use std::os::fd::FromRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -31,15 +30,22 @@ use super::disk::{fallocate, PUNCH_HOLE_MODE};
 pub(crate) const CHUNK: u64 = 64 << 10;
 
 /// What the base looked like when it was opened: a base whose size or
-/// modification time differs later was written meanwhile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct BaseStamp {
+/// modification time differs later was written meanwhile. A snapshot keeps
+/// it, to check the base at restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BaseStamp {
     size: u64,
     mtime: (i64, i64),
 }
 
 impl BaseStamp {
-    pub(crate) fn of(base: &File) -> io::Result<Self> {
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The stamp of `base` now.
+    pub fn of(base: &File) -> io::Result<Self> {
         let meta = base.metadata()?;
         Ok(Self {
             // A block device has no length in its metadata: seek to its end.
@@ -76,6 +82,47 @@ impl Overlay {
         };
         this.check_base()?;
         Ok(this)
+    }
+
+    /// An overlay over `base` whose chunks in `chunks` (a map saved by
+    /// [`Overlay::saved`]) are already in `overlay`. A map of another size
+    /// than `stamp`'s disk needs, or with chunks past its end, is refused
+    /// with [`io::ErrorKind::InvalidInput`] (it comes from a file on disk).
+    pub(crate) fn with_chunks(
+        base: File,
+        stamp: BaseStamp,
+        overlay: File,
+        chunks: &[u64],
+    ) -> io::Result<Self> {
+        let this = Self::new(base, stamp, overlay)?;
+        let total = stamp.size.div_ceil(CHUNK);
+        let last_word = chunks.last().copied().unwrap_or(0);
+        let past_end = match total % 64 {
+            0 => 0,
+            used => last_word >> used,
+        };
+        if chunks.len() != this.in_overlay.len() || past_end != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a chunk map of {} words for a disk of {total} chunks",
+                    chunks.len()
+                ),
+            ));
+        }
+        for (cell, &word) in this.in_overlay.iter().zip(chunks) {
+            cell.set(word);
+        }
+        Ok(this)
+    }
+
+    /// The base's stamp and which chunks live in the overlay: with a copy
+    /// of the overlay file, what [`Overlay::with_chunks`] starts from.
+    pub(crate) fn saved(&self) -> OverlayState {
+        OverlayState {
+            base: self.stamp,
+            chunks: self.in_overlay.iter().map(Cell::get).collect(),
+        }
     }
 
     /// Fails with [`io::ErrorKind::InvalidData`] if the base's size or
@@ -198,6 +245,59 @@ impl Overlay {
     pub(crate) fn can_punch_holes(&self) -> bool {
         fallocate(&self.overlay, PUNCH_HOLE_MODE, self.size(), 512).is_ok()
     }
+}
+
+/// What an overlay disk's snapshot holds besides the overlay's bytes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OverlayState {
+    /// The base as it was: a restore refuses a base that changed since.
+    pub base: BaseStamp,
+    /// One bit per chunk of [`CHUNK`] bytes, set if it is in the overlay.
+    pub chunks: Vec<u64>,
+}
+
+/// Copies the data of `from` (its first `len` bytes) into `to` at the same
+/// offsets, skipping holes (SEEK_DATA/SEEK_HOLE: the copy is as sparse as
+/// the source, and costs what was written, not the disk's size), and gives
+/// `to` the size `len`.
+pub fn copy_sparse(from: &File, to: &File, len: u64) -> io::Result<()> {
+    to.set_len(len)?;
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while at < len {
+        let Some(start) = seek_data(from, at, libc::SEEK_DATA)? else {
+            break; // only a hole is left
+        };
+        let end = seek_data(from, start, libc::SEEK_HOLE)?
+            .unwrap_or(len)
+            .min(len);
+        let mut pos = start;
+        while pos < end {
+            let n = (end - pos).min(buf.len() as u64) as usize;
+            from.read_exact_at(&mut buf[..n], pos)?;
+            to.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+        at = end;
+    }
+    Ok(())
+}
+
+/// lseek(`whence`) from `offset`; None past the last data (ENXIO).
+fn seek_data(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    // SAFETY: lseek on a descriptor `file` owns; it only moves the file
+    // position, which nothing relies on (every disk access is positional).
+    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    if found < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(found as u64))
 }
 
 /// Where an overlay's unnamed file may go.

@@ -330,3 +330,69 @@ proptest::proptest! {
         proptest::prop_assert!(contents(&base, SIZE) == pattern(SIZE), "the base changed");
     }
 }
+
+/// A snapshot's overlay disk: the overlay copied sparse with its chunk map
+/// starts a new disk that reads exactly what the old one did (written
+/// chunks, zeroed ranges, the base elsewhere), writes only its own new
+/// overlay (the saved copy is never written), and is refused over a base
+/// that changed or with a chunk map that does not fit.
+#[test]
+fn a_saved_overlay_starts_a_new_disk_that_reads_the_same() {
+    let t = TempDir::new("saved");
+    let path = t.image(SIZE);
+    let place = OverlayPlace::Only(&t.0);
+    let disk = DiskImage::overlay(&path, place, None).unwrap();
+    disk.write_at(&[0xaa; 4096], CHUNK + 512).unwrap();
+    disk.write_zeroes(3 * CHUNK, CHUNK).unwrap();
+    disk.write_at(&[0xbb; 512], SIZE - 512).unwrap();
+    let state = disk.overlay_state().unwrap();
+    let saved = super::overlay::unnamed_file(&t.0).unwrap();
+    super::copy_sparse(disk.overlay_file().unwrap(), &saved, SIZE).unwrap();
+    assert!(
+        saved.metadata().unwrap().blocks() * 512 < SIZE,
+        "the copy is not sparse"
+    );
+    let saved_bytes = contents(&saved, SIZE);
+
+    let restored = DiskImage::overlay_restored(&path, place, None, &saved, &state).unwrap();
+    assert_eq!(read(&restored, 0, SIZE), read(&disk, 0, SIZE));
+    restored.write_at(&[0xcc; 512], 0).unwrap();
+    assert_eq!(read(&restored, 0, 512), vec![0xcc; 512]);
+    assert_eq!(
+        contents(&saved, SIZE),
+        saved_bytes,
+        "the saved copy was written"
+    );
+    assert_eq!(
+        read(&disk, 0, 512),
+        pattern(512),
+        "the first disk saw the write"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        pattern(SIZE),
+        "the base changed"
+    );
+
+    // A chunk map of another size, or with a chunk past the disk's end.
+    let mut bad = state.clone();
+    bad.chunks.push(0);
+    let e = DiskImage::overlay_restored(&path, place, None, &saved, &bad).unwrap_err();
+    assert!(
+        matches!(&e, DiskError::Open { source, .. } if source.kind() == std::io::ErrorKind::InvalidInput),
+        "{e:?}"
+    );
+    let mut bad = state.clone();
+    bad.chunks[0] |= 1 << 63; // the disk has 6 chunks
+    let e = DiskImage::overlay_restored(&path, place, None, &saved, &bad).unwrap_err();
+    assert!(matches!(e, DiskError::Open { .. }), "{e:?}");
+
+    // The base changed since the save.
+    drop((disk, restored));
+    let other = OpenOptions::new().write(true).open(&path).unwrap();
+    other
+        .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1))
+        .unwrap();
+    let e = DiskImage::overlay_restored(&path, place, None, &saved, &state).unwrap_err();
+    assert!(matches!(e, DiskError::BaseChanged(_)), "{e:?}");
+}

@@ -1,8 +1,9 @@
 //! virtio-vsock (device ID 19): stream sockets between the guest and host
 //! programs, carried over Unix sockets on the host (see `muxer`).
 //!
-//! Three queues: rx (device to guest), tx (guest to device) and event (only
-//! filled by the driver; kiln never needs to report transport events).
+//! Three queues: rx (device to guest), tx (guest to device) and event (the
+//! driver's buffers for transport events: kiln sends one, a transport reset,
+//! after a restore from a snapshot, whose host sockets are all new).
 
 pub(crate) mod conn;
 pub(crate) mod muxer;
@@ -18,7 +19,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use super::chain::{Layout, Limits};
 use super::common::VirtioCommon;
 use super::counters::device_counters;
-use super::queue::Stop;
+use super::queue::{Served, Stop};
 use super::{VirtioDevice, VIRTIO_F_VERSION_1};
 use muxer::{Muxer, Poller, LISTENER_TOKEN};
 
@@ -31,6 +32,9 @@ pub(crate) const MAX_GUEST_CID: u64 = u32::MAX as u64 - 1;
 
 const RXQ: usize = 0;
 const TXQ: usize = 1;
+const EVQ: usize = 2;
+/// struct virtio_vsock_event { le32 id; } with id VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+const TRANSPORT_RESET_EVENT: [u8; 4] = 0u32.to_le_bytes();
 const QUEUE_SIZES: [u16; 3] = [256, 256, 256];
 /// Chains taken from one queue per turn before yielding to other devices.
 const CHAINS_PER_TURN: usize = 64;
@@ -95,6 +99,9 @@ pub struct Vsock {
     virtio: VirtioCommon,
     /// The host side: the Unix sockets and the connections over them.
     muxer: Muxer,
+    /// Restored from a snapshot, and the driver not yet told that every
+    /// connection it had is gone (sent as soon as it has an event buffer).
+    reset_pending: bool,
 }
 
 /// Validates a guest CID.
@@ -128,7 +135,43 @@ impl Vsock {
             counters,
         )
         .map_err(VsockError::EventFd)?;
-        Ok(Self { virtio, muxer })
+        Ok(Self {
+            virtio,
+            muxer,
+            reset_pending: false,
+        })
+    }
+
+    /// Sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET if it is pending and the
+    /// driver has posted an event buffer: the driver then resets every
+    /// socket it had (their host ends are gone) and reads the CID again.
+    fn send_transport_reset(&mut self) {
+        if !self.reset_pending {
+            return;
+        }
+        let shape = (
+            Layout::WriteOnly,
+            Limits::descriptors(QUEUE_SIZES[EVQ] as usize),
+        );
+        let mut sent = false;
+        // One chain: a too-small one is returned and the next tried later.
+        self.virtio.serve(EVQ, 1, shape, |mem, chain| {
+            match chain.writer().write_all(mem, &TRANSPORT_RESET_EVENT) {
+                Ok(()) => {
+                    sent = true;
+                    Served::Used(TRANSPORT_RESET_EVENT.len() as u32)
+                }
+                // Too small for an event: returned unused, as Linux would.
+                Err(_) => Served::Used(0),
+            }
+        });
+        if sent {
+            self.reset_pending = false;
+            log::info!(
+                "{}: told the guest its connections were reset (restored)",
+                self.virtio.label()
+            );
+        }
     }
 
     /// Moves data both ways until nothing more can move right now.
@@ -169,8 +212,15 @@ impl VirtioDevice for Vsock {
         &mut self.virtio
     }
 
+    fn restored(&mut self) {
+        self.reset_pending = true;
+        // Served on the event thread, as every queue is.
+        self.virtio.kick(EVQ);
+    }
+
     fn reset(&mut self) {
         self.virtio.reset();
+        self.reset_pending = false;
         self.muxer.reset();
         // The event thread takes the closed streams out of the poll set.
         self.virtio.kick(RXQ);
@@ -202,14 +252,15 @@ impl MutEventSubscriber for Vsock {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        // A queue kick needs no more than the run below (the event queue's
-        // buffers are only held: kiln has no transport events to report).
+        // A queue kick needs no more than the runs below (the event queue's
+        // buffers are held for a transport reset after a restore).
         if self.virtio.take_kick(&events).is_none() {
             match events.data() {
                 LISTENER_TOKEN => self.muxer.accept(),
                 token => self.muxer.conn_event(token, events.event_set()),
             }
         }
+        self.send_transport_reset();
         self.run_queues();
         self.muxer.sync(ops);
     }

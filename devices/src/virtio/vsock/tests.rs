@@ -100,6 +100,11 @@ impl Harness {
     }
 
     fn activate(&mut self) {
+        self.activate_with_event_queue();
+    }
+
+    /// Activates the device; returns the driver's side of its event queue.
+    fn activate_with_event_queue(&mut self) -> DriverQueue {
         let ev = DriverQueue::new(self.mem, EV_RING);
         let queues = vec![self.rx.queue(), self.tx.queue(), ev.queue()];
         self.dev
@@ -113,6 +118,7 @@ impl Harness {
             })
             .unwrap();
         self.pump();
+        ev
     }
 
     fn pump(&mut self) {
@@ -1222,4 +1228,57 @@ fn bulk_guest_to_host_through_odd_tx_chains_is_byte_exact() {
     for seed in 1..=3 {
         bulk_guest_to_host(seed, 3 << 20);
     }
+}
+
+/// After a restore the driver is told, once, on its event queue, that every
+/// connection is gone (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, id 0): as soon as
+/// it has posted an event buffer, and not before.
+#[test]
+fn a_restored_device_sends_one_transport_reset_event() {
+    const EV_BUF: u64 = 0x8_0000;
+    let mut h = Harness::new();
+    let mut ev = h.activate_with_event_queue();
+    // A device that was booted, not restored, keeps the buffers.
+    h.mem.write_obj(u32::MAX, GuestAddress(EV_BUF)).unwrap();
+    ev.add(&[(EV_BUF, 4, VRING_DESC_F_WRITE)]);
+    h.kick(EVQ);
+    h.pump();
+    assert!(ev.used().is_empty(), "no event without a restore");
+
+    h.dev.lock().unwrap().restored();
+    h.pump();
+    let used = ev.used();
+    assert_eq!(used, vec![(0, 4)], "the held buffer carries the reset");
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(EV_BUF)).unwrap(), 0);
+    // Once only.
+    h.mem
+        .write_obj(u32::MAX, GuestAddress(EV_BUF + 16))
+        .unwrap();
+    ev.add(&[(EV_BUF + 16, 4, VRING_DESC_F_WRITE)]);
+    h.kick(EVQ);
+    h.pump();
+    assert!(ev.used().is_empty(), "a second event");
+}
+
+/// Restored before the driver posted an event buffer: the reset waits for one.
+#[test]
+fn a_transport_reset_waits_for_an_event_buffer() {
+    const EV_BUF: u64 = 0x8_0000;
+    let mut h = Harness::new();
+    let mut ev = h.activate_with_event_queue();
+    h.dev.lock().unwrap().restored();
+    h.pump();
+    // Too small for an event: returned empty, the reset still pending.
+    ev.add(&[(EV_BUF, 2, VRING_DESC_F_WRITE)]);
+    h.kick(EVQ);
+    h.pump();
+    assert_eq!(ev.used(), vec![(0, 0)]);
+    h.mem
+        .write_obj(u32::MAX, GuestAddress(EV_BUF + 16))
+        .unwrap();
+    ev.add(&[(EV_BUF + 16, 4, VRING_DESC_F_WRITE)]);
+    h.kick(EVQ);
+    h.pump();
+    assert_eq!(ev.used(), vec![(1, 4)]);
+    assert_eq!(h.mem.read_obj::<u32>(GuestAddress(EV_BUF + 16)).unwrap(), 0);
 }

@@ -1,0 +1,531 @@
+//! Starting the agent's commands without copying the agent.
+//!
+//! `std::process::Command` forks when it must change ids or run `pre_exec`
+//! code (the agent does both): the kernel then copies the agent's page
+//! tables, the child takes copy-on-write faults until it execs, and the
+//! parent waits on a pipe for the exec. In a guest whose kernel code is
+//! emulated (PVM hosts) that is a large part of a command's start. Here the
+//! child is a `clone(CLONE_VM | CLONE_VFORK)`: it runs on a stack of its
+//! own in the agent's memory, makes only raw system calls on data prepared
+//! beforehand, and the agent resumes once it has exec'd (or failed, with
+//! its errno left in shared memory), as glibc's `posix_spawn` does.
+//!
+//! The command gets what `ExecSpec::to_command` gives it (environment, ids,
+//! working directory, `PR_SET_NO_NEW_PRIVS` for an unprivileged uid) plus a
+//! session of its own (setsid), its stdio, an empty signal mask and SIGPIPE
+//! at its default. `argv[0]` without a slash is searched in the command's
+//! own `PATH` as `execvp` does; directories without that name are skipped
+//! before the clone by a cheap existence check, since a failed `execve`
+//! builds and tears down a whole address space in the guest kernel.
+
+use crate::spec::{ExecSpec, PLATFORM_ENV};
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+/// The child's stack: it makes a handful of system calls, nothing more.
+const CHILD_STACK: usize = 64 << 10;
+/// The kernel's signal set size (64 signals).
+const SIGSET_BYTES: usize = 8;
+
+/// A started command: its pid and the agent's ends of its pipes.
+#[derive(Debug)]
+pub struct Child {
+    /// The command's pid (also its session and process group id).
+    pub pid: libc::pid_t,
+    /// Its stdin pipe, when asked for.
+    pub stdin: Option<OwnedFd>,
+    /// Its stdout pipe.
+    pub stdout: OwnedFd,
+    /// Its stderr pipe.
+    pub stderr: OwnedFd,
+}
+
+/// Reused child stacks (one at a time: the agent is suspended while a
+/// child runs on it), so only the first spawn faults its pages in.
+#[derive(Default)]
+pub struct Spawner {
+    stack: Vec<u8>,
+}
+
+/// Everything the child reads, prepared by the parent (the child must not
+/// allocate: it shares the parent's heap and the parent's allocator may be
+/// in any state).
+struct Plan {
+    /// Program paths to try, in order (`execvp`'s search, pre-filtered).
+    programs: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// The fds to put at 0, 1 and 2.
+    stdio: [RawFd; 3],
+    cwd: Option<CString>,
+    uid: Option<libc::uid_t>,
+    gid: Option<libc::gid_t>,
+    /// Drop supplementary groups (root changing its uid, as std does).
+    clear_groups: bool,
+    no_new_privs: bool,
+    /// Written by the child: the errno that stopped it (0: it exec'd).
+    error: libc::c_int,
+}
+
+impl Spawner {
+    /// Starts `spec` with `default_ids` when it names none (see
+    /// `ExecSpec::ids`); stdin is a pipe when `stdin`, else /dev/null.
+    /// Errors are those the command's start met (ENOENT for a program not
+    /// found, EACCES, a failed setuid or chdir ...).
+    pub fn spawn(
+        &mut self,
+        spec: &ExecSpec,
+        default_ids: Option<(u32, u32)>,
+        stdin: bool,
+    ) -> io::Result<Child> {
+        self.spawn_with(spec, std::env::var_os(PLATFORM_ENV), default_ids, stdin)
+    }
+
+    /// `spawn` with the agent's [`PLATFORM_ENV`] value given.
+    pub fn spawn_with(
+        &mut self,
+        spec: &ExecSpec,
+        platform: Option<OsString>,
+        default_ids: Option<(u32, u32)>,
+        stdin: bool,
+    ) -> io::Result<Child> {
+        let cstring = |b: &[u8]| CString::new(b).map_err(|_| einval());
+        let env = spec.environment(platform);
+        // execvp searches the command's own PATH (there is always one).
+        let path = env
+            .get(OsStr::new("PATH"))
+            .map_or(&[][..], |p| p.as_bytes());
+        let programs = search(&spec.argv[0], path)?;
+        let env: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()))
+            .collect::<io::Result<_>>()?;
+        let args: Vec<CString> = spec
+            .argv
+            .iter()
+            .map(|a| cstring(a))
+            .collect::<io::Result<_>>()?;
+        let cwd = spec.cwd.as_deref().map(cstring).transpose()?;
+
+        let (child_in, parent_in) = match stdin {
+            true => {
+                let (r, w) = pipe()?;
+                (r, Some(w))
+            }
+            false => (dev_null()?, None),
+        };
+        let (stdout, child_out) = pipe()?;
+        let (stderr, child_err) = pipe()?;
+        let (uid, gid) = spec.ids(default_ids);
+        // SAFETY: plain syscall without arguments.
+        let root = unsafe { libc::getuid() } == 0;
+        let mut plan = Plan {
+            argv: nul_terminated(&args),
+            envp: nul_terminated(&env),
+            programs,
+            stdio: [
+                child_in.as_raw_fd(),
+                child_out.as_raw_fd(),
+                child_err.as_raw_fd(),
+            ],
+            cwd,
+            uid,
+            gid,
+            clear_groups: uid.is_some() && root,
+            no_new_privs: uid.is_some_and(|u| u != 0),
+            error: 0,
+        };
+        if self.stack.len() < CHILD_STACK {
+            self.stack = vec![0u8; CHILD_STACK];
+        }
+        // The stack grows down from its (16-byte aligned) top.
+        let top = self.stack.as_mut_ptr_range().end as usize & !15;
+        let pid = with_signals_blocked(|| {
+            // SAFETY: `child` only makes raw system calls on `plan`, which
+            // lives (unmoved) until clone returns: CLONE_VFORK suspends this
+            // thread until the child has exec'd or exited. The stack is
+            // ours alone meanwhile. All signals are blocked, so no handler
+            // runs on the shared memory before the child resets its mask.
+            unsafe {
+                libc::clone(
+                    child,
+                    top as *mut libc::c_void,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    (&mut plan as *mut Plan).cast(),
+                )
+            }
+        });
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the child is done with `plan` (exec'd or exited).
+        let error = unsafe { std::ptr::read_volatile(&plan.error) };
+        if error != 0 {
+            // SAFETY: reaping the child that just exited; plain syscall.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+            return Err(io::Error::from_raw_os_error(error));
+        }
+        Ok(Child {
+            pid,
+            stdin: parent_in,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+/// The child: stdio, ids, working directory, signals, session, exec. Only
+/// raw system calls (no allocation, no locks, no libc state).
+extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `Plan`, alive and not touched by the
+    // parent until this child execs or exits.
+    let plan = unsafe { &mut *arg.cast::<Plan>() };
+    // SAFETY: raw system calls on fds, ids and strings the plan holds.
+    let error = unsafe { set_up(plan) };
+    // SAFETY: the parent reads it once this child has exited.
+    unsafe { std::ptr::write_volatile(&mut plan.error, error) };
+    // SAFETY: ends this child only (no atexit handlers, no stdio flush).
+    unsafe { libc::syscall(libc::SYS_exit, 127) };
+    127
+}
+
+/// Everything before the exec; returns the errno that stopped it.
+///
+/// # Safety
+/// Only in the child of a `CLONE_VM | CLONE_VFORK` clone, on a valid plan.
+unsafe fn set_up(plan: &Plan) -> libc::c_int {
+    let errno = || {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    let sys = |r: libc::c_long| if r < 0 { Err(errno()) } else { Ok(()) };
+    let steps = || -> Result<(), libc::c_int> {
+        for (to, &from) in plan.stdio.iter().enumerate() {
+            if from == to as RawFd {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                sys(libc::syscall(libc::SYS_fcntl, from, libc::F_SETFD, 0))?;
+            } else {
+                sys(libc::syscall(libc::SYS_dup2, from, to))?;
+            }
+        }
+        if plan.clear_groups {
+            sys(libc::syscall(
+                libc::SYS_setgroups,
+                0,
+                std::ptr::null::<libc::gid_t>(),
+            ))?;
+        }
+        if let Some(gid) = plan.gid {
+            sys(libc::syscall(libc::SYS_setgid, gid))?;
+        }
+        if let Some(uid) = plan.uid {
+            sys(libc::syscall(libc::SYS_setuid, uid))?;
+        }
+        if let Some(cwd) = &plan.cwd {
+            sys(libc::syscall(libc::SYS_chdir, cwd.as_ptr()))?;
+        }
+        // The agent ignores SIGPIPE; a command starts with the default.
+        // The kernel's struct sigaction: handler, flags, restorer, mask;
+        // all zero is SIG_DFL.
+        let default_action = [0u64; 4];
+        sys(libc::syscall(
+            libc::SYS_rt_sigaction,
+            libc::SIGPIPE,
+            default_action.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            SIGSET_BYTES,
+        ))?;
+        let no_signals = 0u64;
+        sys(libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &no_signals as *const u64,
+            std::ptr::null_mut::<u64>(),
+            SIGSET_BYTES,
+        ))?;
+        if plan.no_new_privs {
+            // No set-uid program or file capability gives an unprivileged
+            // command root's powers back.
+            sys(libc::syscall(
+                libc::SYS_prctl,
+                libc::PR_SET_NO_NEW_PRIVS,
+                1,
+                0,
+                0,
+                0,
+            ))?;
+        }
+        sys(libc::syscall(libc::SYS_setsid))?;
+        Ok(())
+    };
+    if let Err(e) = steps() {
+        return e;
+    }
+    exec(plan)
+}
+
+/// `execvp`'s loop over the candidates: a missing one is skipped, EACCES
+/// is remembered and the search goes on, any other error ends it; a file
+/// the kernel cannot execute (no `#!`) is run by `/bin/sh`.
+///
+/// # Safety
+/// As `set_up`.
+unsafe fn exec(plan: &Plan) -> libc::c_int {
+    let mut eacces = false;
+    let mut last = libc::ENOENT;
+    for program in &plan.programs {
+        libc::syscall(
+            libc::SYS_execve,
+            program.as_ptr(),
+            plan.argv.as_ptr(),
+            plan.envp.as_ptr(),
+        );
+        let e = io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        match e {
+            libc::EACCES => eacces = true,
+            libc::ENOENT | libc::ESTALE | libc::ENOTDIR | libc::ENODEV | libc::ETIMEDOUT => {}
+            libc::ENOEXEC => return script(plan, program),
+            e => return e,
+        }
+        last = e;
+    }
+    if eacces {
+        libc::EACCES
+    } else {
+        last
+    }
+}
+
+/// Runs `program` (not an executable format) as glibc's execvp does:
+/// `/bin/sh program args...`, on the child's stack (no allocation).
+///
+/// # Safety
+/// As `set_up`.
+unsafe fn script(plan: &Plan, program: &CString) -> libc::c_int {
+    const MAX_ARGS: usize = 1024;
+    let args = plan.argv.len() - 1; // without the terminating null
+    if args + 2 > MAX_ARGS {
+        return libc::E2BIG;
+    }
+    let mut argv = [std::ptr::null::<libc::c_char>(); MAX_ARGS];
+    argv[0] = c"/bin/sh".as_ptr();
+    argv[1] = program.as_ptr();
+    argv[2..args + 1].copy_from_slice(&plan.argv[1..args]);
+    libc::syscall(libc::SYS_execve, argv[0], argv.as_ptr(), plan.envp.as_ptr());
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// The paths `execvp` would try for `name` with `path` (its `PATH`), minus
+/// those that do not exist (`ENOENT`/`ENOTDIR`: execve would skip them
+/// too). A name with a slash is the one path. An empty list means not found.
+fn search(name: &[u8], path: &[u8]) -> io::Result<Vec<CString>> {
+    if name.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    let cstring = |b: Vec<u8>| CString::new(b).map_err(|_| einval());
+    if name.contains(&b'/') {
+        return Ok(vec![cstring(name.to_vec())?]);
+    }
+    let mut found = Vec::new();
+    for dir in path.split(|&b| b == b':') {
+        // An empty entry is the working directory, as for execvp.
+        let mut candidate = match dir.is_empty() {
+            true => Vec::new(),
+            false => [dir, b"/"].concat(),
+        };
+        candidate.extend_from_slice(name);
+        let candidate = cstring(candidate)?;
+        // SAFETY: a valid C string; plain syscall.
+        if unsafe { libc::access(candidate.as_ptr(), libc::F_OK) } != 0 {
+            let e = io::Error::last_os_error().raw_os_error();
+            if matches!(e, Some(libc::ENOENT | libc::ENOTDIR)) {
+                continue;
+            }
+        }
+        found.push(candidate);
+    }
+    if found.is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    Ok(found)
+}
+
+fn nul_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
+    let mut v: Vec<_> = strings.iter().map(|s| s.as_ptr()).collect();
+    v.push(std::ptr::null());
+    v
+}
+
+/// Runs `f` with every signal blocked in this thread.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is plain data; sigfillset and pthread_sigmask only
+    // read and write the sets given.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
+    }
+}
+
+/// A close-on-exec pipe: (read end, write end).
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: two fresh fds owned by no one else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn dev_null() -> io::Result<OwnedFd> {
+    // SAFETY: a valid C string; the fd is owned below.
+    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Runs `spec` to its end: (status, stdout, stderr).
+    fn run(spec: &ExecSpec, input: Option<&[u8]>) -> io::Result<(i32, String, String)> {
+        let child = Spawner::default().spawn_with(spec, None, None, input.is_some())?;
+        if let (Some(fd), Some(input)) = (child.stdin, input) {
+            std::fs::File::from(fd).write_all(input)?;
+        }
+        let read = |fd: OwnedFd| {
+            let mut s = String::new();
+            std::fs::File::from(fd).read_to_string(&mut s).map(|_| s)
+        };
+        let (out, err) = (read(child.stdout)?, read(child.stderr)?);
+        let mut st = 0;
+        // SAFETY: reaping our own child; `st` is a valid out pointer.
+        assert_eq!(unsafe { libc::waitpid(child.pid, &mut st, 0) }, child.pid);
+        Ok((libc::WEXITSTATUS(st), out, err))
+    }
+
+    fn sh(script: &str) -> ExecSpec {
+        ExecSpec::new(["sh", "-c", script])
+    }
+
+    /// The command reads its stdin pipe and writes both output pipes; it
+    /// leads its own session, and starts with no signal blocked and SIGPIPE
+    /// at its default, although this test process ignores it (as the agent
+    /// does).
+    #[test]
+    fn a_command_gets_its_pipes_a_session_and_default_signals() {
+        let script = "read x; echo \"got $x\"; grep -E '^Sig(Ign|Blk)' /proc/self/status; \
+                      echo sid=$(cut -d' ' -f6 /proc/self/stat) pid=$$; echo oops >&2; exit 3";
+        let (status, out, err) = run(&sh(script), Some(b"hi\n")).unwrap();
+        assert_eq!(status, 3);
+        assert_eq!(err, "oops\n");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "got hi");
+        assert_eq!(lines[1], "SigBlk:\t0000000000000000", "{out}");
+        // Only SIGPIPE is reset (as std does): other ignored signals of the
+        // agent's own parent stay ignored across exec.
+        let ignored = lines[2].strip_prefix("SigIgn:\t").unwrap();
+        let ignored = u64::from_str_radix(ignored, 16).unwrap();
+        assert_eq!(ignored & 1 << (libc::SIGPIPE - 1), 0, "{out}");
+        let (sid, pid) = lines[3].split_once(' ').unwrap();
+        assert_eq!(sid.strip_prefix("sid="), pid.strip_prefix("pid="), "{out}");
+        // Without stdin: /dev/null.
+        assert_eq!(run(&sh("cat; echo end"), None).unwrap().1, "end\n");
+    }
+
+    /// The spec's environment only (with the default PATH), and its
+    /// working directory.
+    #[test]
+    fn a_command_gets_the_specs_environment_and_directory() {
+        let mut spec = sh("echo \"$A|$PATH|$(pwd)\"; env | wc -l");
+        spec.env.push((b"A".to_vec(), b"1".to_vec()));
+        spec.env.push((b"A".to_vec(), b"2".to_vec()));
+        spec.cwd = Some(b"/tmp".to_vec());
+        let (_, out, _) = run(&spec, None).unwrap();
+        let path = String::from_utf8_lossy(crate::spec::DEFAULT_PATH);
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some(format!("2|{path}|/tmp").as_str()));
+        // A, PATH, and what sh itself adds (PWD, maybe SHLVL and _).
+        let count: usize = lines.next().unwrap().trim().parse().unwrap();
+        assert!((2..=5).contains(&count), "{count} variables: {out}");
+    }
+
+    /// execvp's search: missing directories and names are skipped, a file
+    /// without execute permission is passed over (and reported when nothing
+    /// else is found), a file without `#!` runs under /bin/sh, a name with a
+    /// slash is not searched; a start that fails in the child is an error.
+    #[test]
+    fn the_path_is_searched_as_execvp_does() {
+        let dir = std::env::temp_dir().join(format!("kiln-spawn-test-{}", std::process::id()));
+        let (a, b) = (dir.join("a"), dir.join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let file = |path: &std::path::Path, text: &str, mode: u32| {
+            std::fs::write(path, text).unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        file(&a.join("prog"), "#!/bin/sh\necho a\n", 0o644);
+        file(&b.join("prog"), "#!/bin/sh\necho b \"$@\"\n", 0o755);
+        file(&b.join("plain"), "echo plain \"$1\"\n", 0o755);
+        let with_path = |argv: &[&str], path: &str| {
+            let mut spec = ExecSpec::new(argv.iter().copied());
+            spec.env.push((b"PATH".to_vec(), path.into()));
+            run(&spec, None)
+        };
+        let (a_dir, b_dir) = (a.to_str().unwrap(), b.to_str().unwrap());
+        let path = format!("/nonexistent:{a_dir}:{b_dir}");
+        assert_eq!(with_path(&["prog", "x"], &path).unwrap().1, "b x\n");
+        assert_eq!(with_path(&["plain", "y"], &path).unwrap().1, "plain y\n");
+        let eacces = with_path(&["prog"], &format!("/nonexistent:{a_dir}")).unwrap_err();
+        assert_eq!(eacces.raw_os_error(), Some(libc::EACCES));
+        let missing = with_path(&["no-such-program"], &path).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+        let slash = format!("{b_dir}/prog");
+        assert_eq!(with_path(&[&slash], "/nonexistent").unwrap().1, "b\n");
+        let mut bad_cwd = sh("true");
+        bad_cwd.cwd = Some(b"/nonexistent".to_vec());
+        let e = run(&bad_cwd, None).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_search_keeps_only_paths_that_exist() {
+        let names = |name: &[u8], path: &[u8]| {
+            search(name, path).map(|v| v.into_iter().map(|c| c.into_bytes()).collect::<Vec<_>>())
+        };
+        assert_eq!(
+            names(b"sh", b"/nonexistent:/bin").unwrap(),
+            [b"/bin/sh".to_vec()]
+        );
+        assert_eq!(names(b"./x/y", b"/bin").unwrap(), [b"./x/y".to_vec()]);
+        for (name, path) in [(&b"sh"[..], &b"/nonexistent"[..]), (b"", b"/bin")] {
+            assert_eq!(
+                names(name, path).unwrap_err().raw_os_error(),
+                Some(libc::ENOENT)
+            );
+        }
+    }
+}
