@@ -153,6 +153,12 @@ impl<'a> DeviceManager<'a> {
         Ok(())
     }
 
+    /// The highest IRQ line a device placed so far uses (the MP table routes
+    /// the IOAPIC pins up to it).
+    pub fn highest_irq(&self) -> u32 {
+        highest_irq(self.virtio.len())
+    }
+
     /// The buses, with every device placed, and the devices a snapshot saves.
     pub fn into_parts(self) -> (Buses, DeviceHandles) {
         let handles = DeviceHandles {
@@ -176,6 +182,16 @@ fn virtio_window(slot: usize) -> Result<(u64, u32)> {
     Ok((base, VIRTIO_IRQ_BASE + slot as u32))
 }
 
+/// The highest IRQ line in use with `virtio_devices` virtio devices placed
+/// (the UART's alone without any).
+fn highest_irq(virtio_devices: usize) -> u32 {
+    let last_virtio = virtio_devices.checked_sub(1).map(virtio_window);
+    match last_virtio {
+        Some(Ok((_, irq))) => irq.max(SERIAL_IRQ),
+        _ => SERIAL_IRQ,
+    }
+}
+
 /// The kernel command-line word that tells the guest where the virtio
 /// device in `slot` is, so it finds it without probing.
 pub fn virtio_mmio_word(slot: usize) -> Result<String> {
@@ -184,4 +200,21 @@ pub fn virtio_mmio_word(slot: usize) -> Result<String> {
         "virtio_mmio.device={}K@{base:#x}:{irq}",
         VIRTIO_MMIO_SIZE >> 10
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The highest IRQ is the UART's, then the last virtio device's: the
+    /// 12th device is the first past the ISA IRQs (the MP table then routes
+    /// IOAPIC pin 16 too).
+    #[test]
+    fn highest_irq_is_the_last_device_line() {
+        for (devices, irq) in [(0, SERIAL_IRQ), (1, 5), (11, 15), (12, 16), (19, IRQ_MAX)] {
+            assert_eq!(highest_irq(devices), irq, "{devices} virtio devices");
+        }
+        let last = (IRQ_MAX - VIRTIO_IRQ_BASE) as usize;
+        assert_eq!(highest_irq(last + 1), virtio_window(last).unwrap().1);
+    }
 }

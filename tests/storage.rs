@@ -1,7 +1,8 @@
 //! virtio-blk and virtio-rng with a real Linux guest, in one boot: an ext4
 //! image written by the guest and checked on the host (debugfs, e2fsck), a
 //! read-only second disk with its own serial, /dev/hwrng, sequential
-//! throughput of the first disk, and a rate-limited third disk. Plus the
+//! throughput of the first disk, and a rate-limited third disk. In a second
+//! boot, twelve disks (the last ones on IRQs past the ISA ones). Plus the
 //! `--disk` errors, which need no boot.
 
 mod common;
@@ -352,6 +353,53 @@ fn guest_uses_disks_and_rng() {
 
 /// `--disk` mistakes end kiln with status 125 and one line naming the
 /// problem, before the guest runs.
+/// Twelve disks: the last virtio devices sit on IRQ 16 and above, past the
+/// ISA IRQs, where the guest sees a device only if kiln's MP table routes its
+/// IOAPIC pin (the table routes no pin beyond the highest device IRQ). The
+/// guest reads each disk's first line.
+#[test]
+fn disks_on_irqs_past_the_isa_ones_work() {
+    if !common::real_kernel_prerequisites(&[]) {
+        return;
+    }
+    const DISKS: usize = 12;
+    let scratch = Scratch::new("storage-irqs");
+    let mut run = kiln_cli();
+    run.arg("run")
+        .arg("--kernel")
+        .arg(guest_kernel("vmlinux").unwrap())
+        .arg("--rootfs")
+        .arg(guest_rootfs())
+        .args(["--timeout", BOOT_TIMEOUT]);
+    for n in 1..=DISKS {
+        let disk = scratch.path(&format!("disk{n}.img"));
+        let mut bytes = format!("kiln-disk-{n:02}\n").into_bytes();
+        bytes.resize(4096, 0);
+        fs::write(&disk, bytes).unwrap();
+        run.arg("--disk").arg(&disk);
+    }
+    // Raw disks are root's in the guest.
+    let out = run
+        .args(["--user", "0", "--", "sh", "-c"])
+        .arg("for d in /dev/vd*; do read -r line < $d; echo \"$d $line\"; done")
+        .output()
+        .expect("running kiln");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    for n in 1..=DISKS {
+        let marker = format!("kiln-disk-{n:02}");
+        assert!(
+            stdout.lines().any(|l| l.ends_with(&marker)),
+            "{marker} not read by the guest; stdout:\n{stdout}\nstderr:\n{stderr}"
+        );
+    }
+}
+
 #[test]
 fn disk_errors_are_one_line() {
     if !require(have_kvm(), "/dev/kvm not accessible")

@@ -9,6 +9,11 @@
  *       minflt=N       minor page faults of CMD (wait4 rusage)
  *       status=N | signal=N | timeout=1
  *       marker=S       fork to the first stdout line equal to MARKER (-m)
+ *       marker_cpu=S, marker_wait=S   at the marker: CPU time the process's
+ *                      live threads have run, and the time they spent
+ *                      runnable but waiting for a host CPU (run delay), each
+ *                      summed from /proc/PID/task/TID/schedstat. On a shared
+ *                      host marker - marker_wait is what load did not add.
  *       first_run=S    fork to the monitor's first KVM_RUN (-p SHIM)
  *       cpu_total_ms=, cpu_vcpu_ms=, cpu_kvm_kthread_ms=, cpu_other_ms=   (-i)
  *                      CPU time used in the idle window: whole process, its
@@ -164,6 +169,44 @@ static void cpu_sample(pid_t pid, long long *total, long long *vcpu, long long *
 			*other += t;
 	}
 	closedir(dir);
+}
+
+/* Nanoseconds run and waited (runnable, not running) by the live threads
+ * of PID (/proc/PID/task/TID/schedstat: run time, run delay, slices);
+ * -1 when unreadable. */
+static void schedstat_sample(pid_t pid, long long *run_ns, long long *wait_ns)
+{
+	char path[64];
+	*run_ns = -1;
+	*wait_ns = -1;
+	snprintf(path, sizeof(path), "/proc/%d/task", pid);
+	DIR *dir = opendir(path);
+	if (!dir)
+		return;
+	long long run = 0, wait = 0;
+	int seen = 0;
+	struct dirent *de;
+	while ((de = readdir(dir))) {
+		if (de->d_name[0] == '.')
+			continue;
+		char tpath[320];
+		snprintf(tpath, sizeof(tpath), "/proc/%d/task/%s/schedstat", pid, de->d_name);
+		FILE *f = fopen(tpath, "re");
+		if (!f)
+			continue;
+		long long r, w;
+		if (fscanf(f, "%lld %lld", &r, &w) == 2) {
+			run += r;
+			wait += w;
+			seen = 1;
+		}
+		fclose(f);
+	}
+	closedir(dir);
+	if (seen) {
+		*run_ns = run;
+		*wait_ns = wait;
+	}
 }
 
 struct mapping {
@@ -331,6 +374,7 @@ static int cmd_time(int argc, char **argv)
 
 	struct line_watch watch = { .marker = marker };
 	double t_marker = -1, deadline = t0 + timeout;
+	long long marker_run_ns = -1, marker_wait_ns = -1;
 	int eof = 0, timed_out = 0, status = 0;
 	/* Phase 1: until the marker (or EOF without a marker). */
 	while (!eof && !(marker && watch.found)) {
@@ -353,8 +397,10 @@ static int cmd_time(int argc, char **argv)
 		}
 		if (out)
 			fwrite(buf, 1, n, out);
-		if (marker && watch_feed(&watch, buf, n))
+		if (marker && watch_feed(&watch, buf, n)) {
 			t_marker = now();
+			schedstat_sample(pid, &marker_run_ns, &marker_wait_ns);
+		}
 	}
 
 	long long cpu0_total = 0, cpu0_vcpu = 0, cpu0_kthread = 0, cpu0_other = 0;
@@ -441,9 +487,12 @@ static int cmd_time(int argc, char **argv)
 	else if (WIFSIGNALED(status))
 		printf("signal=%d\n", WTERMSIG(status));
 	if (marker) {
-		if (t_marker >= 0)
+		if (t_marker >= 0) {
 			printf("marker=%.6f\n", t_marker - t0);
-		else
+			if (marker_run_ns >= 0)
+				printf("marker_cpu=%.6f\nmarker_wait=%.6f\n", marker_run_ns / 1e9,
+				       marker_wait_ns / 1e9);
+		} else
 			printf("marker=none\n");
 	}
 	if (shim) {

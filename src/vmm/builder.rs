@@ -84,11 +84,12 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
         devices.attach_serial_input(input)?;
     }
     devices.watch_vm_events(life, panic_watch.clone())?;
+    let highest_irq = devices.highest_irq();
     let (buses, devices) = devices.into_parts();
 
     boot::params::write_boot_info(&mem, &kernel, &cmdline, initrd, config.mem_bytes)?;
     boot::cpu_state::write_boot_tables(&mem, kernel.entry)?;
-    mptable::setup_mptable(&mem, config.vcpus)?;
+    mptable::setup_mptable(&mem, config.vcpus, highest_irq)?;
     let vcpus = create_vcpus(config, &vm, profile, kernel.entry)?;
     stop_point(life)?;
     Ok(BuiltVm {
