@@ -934,7 +934,8 @@ snapshot_copies() {
         pids+=($!)
     done
     for _ in $(seq 6000); do
-        done_n=$(grep -l '^ready' "$work"/copy-*.out 2>/dev/null | wc -l)
+        # (set -e and pipefail: no match yet is not a failure)
+        done_n=$(cat "$work"/copy-*.out 2>/dev/null | grep -c '^ready' || true)
         [ "$done_n" -ge "$n" ] && break
         sleep 0.01
     done
@@ -942,14 +943,14 @@ snapshot_copies() {
     if [ "$done_n" -ge "$n" ]; then
         record snapshot_copies16_wall_ms kiln "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')"
         for i in "${pids[@]}"; do
-            pss=$(awk '/^Pss:/ { print $2 }' "/proc/$i/smaps_rollup" 2>/dev/null)
+            pss=$(awk '/^Pss:/ { print $2 }' "/proc/$i/smaps_rollup" 2>/dev/null || true)
             [ -n "$pss" ] && record snapshot_copy_pss_kib kiln "$pss"
         done
     else
         fail_note "snapshot: only $done_n of $n copies printed 'ready' (see $work/copy-*.err)"
     fi
-    kill "${pids[@]}" 2>/dev/null
-    wait "${pids[@]}" 2>/dev/null
+    kill "${pids[@]}" 2>/dev/null || true
+    wait "${pids[@]}" 2>/dev/null || true
     return 0
 }
 
