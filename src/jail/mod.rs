@@ -147,10 +147,10 @@ impl JailPlan {
         let absolute = |p: &Path| lexically_normal(&cwd.join(p));
         let mut binds = Vec::new();
         // A restored VM opens what its snapshot names (its disks, its image
-        // root); a snapshot that cannot be read is left for the restore to
-        // report, as other unreadable paths are.
-        // The snapshot's directory is shown at its own path (messages name
-        // it): it holds only the files kiln wrote, no links.
+        // root): the plan is that of the restored configuration; a snapshot
+        // that cannot be read is left for the restore to report, as other
+        // unreadable paths are. The snapshot's directory is shown read-only
+        // at its own path (messages name it): it holds only kiln's files.
         let restored;
         let config = match &config.restore_from {
             Some(dir) => {
@@ -169,7 +169,10 @@ impl JailPlan {
             None => config,
         };
         let mut read_only = |p: &Path| binds.push(Bind::file(absolute(p), false));
-        read_only(&config.kernel);
+        // (No kernel: a restore whose snapshot cannot be read.)
+        if !config.kernel.as_os_str().is_empty() {
+            read_only(&config.kernel);
+        }
         config.initrd.as_deref().map(&mut read_only);
         config.rootfs.as_deref().map(&mut read_only);
         for disk in &config.disks {
@@ -185,7 +188,7 @@ impl JailPlan {
             // kiln creates its socket there and connects to the _PORT ones.
             let socket = absolute(&vsock.socket);
             let dir = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
-            binds.push(Bind::shown_at(VSOCK_DIR, dir.clone(), true));
+            binds.push(Bind::shown_at(VSOCK_DIR, dir.clone()));
             vsock_dir = Some(dir);
             vsock_socket = socket
                 .file_name()
@@ -215,7 +218,7 @@ impl JailPlan {
                 (Some(dir), _) => binds.push(Bind::file(absolute(dir), true)),
                 (None, dir) => {
                     let dir = dir.unwrap_or_else(std::env::temp_dir);
-                    binds.push(Bind::shown_at(SCRATCH_DIR, dir, true));
+                    binds.push(Bind::shown_at(SCRATCH_DIR, dir));
                     scratch_dir = Some(PathBuf::from(SCRATCH_DIR));
                 }
             }
@@ -245,7 +248,7 @@ impl JailPlan {
     /// its path inside the jail.
     pub fn add_output_dir(&mut self, dir: &Path) -> PathBuf {
         let dir = lexically_normal(&self.cwd.join(dir));
-        self.binds.push(Bind::shown_at(OUTPUT_DIR, dir, true));
+        self.binds.push(Bind::shown_at(OUTPUT_DIR, dir));
         PathBuf::from(OUTPUT_DIR)
     }
 
@@ -334,12 +337,12 @@ impl Bind {
         }
     }
 
-    /// The host directory `source`, shown at `path`.
-    fn shown_at(path: &str, source: PathBuf, writable: bool) -> Self {
+    /// The host directory `source`, shown at `path`, writable.
+    fn shown_at(path: &str, source: PathBuf) -> Self {
         Self {
             path: PathBuf::from(path),
             source,
-            writable,
+            writable: true,
             device: false,
         }
     }
@@ -436,5 +439,48 @@ mod tests {
             .binds
             .iter()
             .any(|b| b.path == Path::new("/dev/net/tun")));
+    }
+
+    /// A restore shows its snapshot read-only at its own path; a snapshot
+    /// that cannot be read leaves the rest of the plan to the caller's
+    /// config (the restore then reports it); `kiln snapshot create`'s
+    /// output is writable at kiln's own place.
+    #[test]
+    fn a_restore_shows_its_snapshot_and_a_create_its_output() {
+        let config = VmConfig {
+            restore_from: Some("/snap/ready".into()),
+            ..VmConfig::default()
+        };
+        let mut plan = JailPlan::for_vm(&config).unwrap();
+        let output = plan.add_output_dir(Path::new("/out/next"));
+        assert_eq!(output, Path::new("/.kiln/output"));
+        let binds: Vec<_> = plan
+            .binds
+            .iter()
+            .map(|b| {
+                (
+                    b.path.to_str().unwrap(),
+                    b.source.to_str().unwrap(),
+                    b.writable,
+                )
+            })
+            .collect();
+        assert!(
+            binds.contains(&("/snap/ready", "/snap/ready", false)),
+            "{binds:?}"
+        );
+        assert!(
+            binds.contains(&("/.kiln/output", "/out/next", true)),
+            "{binds:?}"
+        );
+        let mut applied = config.clone();
+        plan.apply(&mut applied);
+        assert_eq!(
+            applied.restore_from, config.restore_from,
+            "messages name the user's path"
+        );
+        // Nothing else of the host (/dev/kvm aside): no kernel was given, so
+        // no kernel path (the working directory) is shown.
+        assert_eq!(binds.len(), 3, "{binds:?}");
     }
 }
