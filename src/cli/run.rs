@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::signals::StopSignals;
 use super::terminal::{stdio_console, BootConsole, RawTerminal};
-use super::{CommandArgs, RunArgs};
+use super::{CommandArgs, JailArgs, RunArgs};
 use crate::config::{Credentials, GuestCommand, SeccompMode};
 use crate::jail::{JailConfig, JailError, JailPlan};
 use crate::outcome::{STATUS_BOOT_TIMEOUT, STATUS_KILN_ERROR};
@@ -28,22 +28,9 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
     if args.print_cmdline {
         return print_cmdline(config, agent);
     }
-    if let Some(limits) = &args.jail.cgroup {
-        // Before the jail, which hides /sys/fs/cgroup.
-        if let Err(e) = crate::jail::enter_cgroup(limits) {
-            eprintln!("kiln: {e}");
-            return STATUS_KILN_ERROR;
-        }
-    }
-    if let Some(jail) = args.jail.config() {
-        // First: the jail is entered while kiln has one thread.
-        match enter_jail(jail, &mut config) {
-            Ok(()) => log::info!("jail: entered"),
-            Err(e) => {
-                eprintln!("kiln: {e}");
-                return STATUS_KILN_ERROR;
-            }
-        }
+    if let Err(e) = confine(&args.jail, &mut config, |_| {}) {
+        eprintln!("kiln: {e}");
+        return STATUS_KILN_ERROR;
     }
     if agent {
         return run_with_agent(config, &args.command);
@@ -72,8 +59,29 @@ pub(super) fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), 
     enter_jail_with(jail, config, plan)
 }
 
+/// Enters `--cgroup`'s cgroup, then the jail (`add` may add to its plan),
+/// as every command that runs a VM does first thing, while kiln has one
+/// thread. Returns the one-line error.
+pub(super) fn confine(
+    args: &JailArgs,
+    config: &mut VmConfig,
+    add: impl FnOnce(&mut JailPlan),
+) -> Result<(), String> {
+    if let Some(limits) = &args.cgroup {
+        // Before the jail, which hides /sys/fs/cgroup.
+        crate::jail::enter_cgroup(limits).map_err(|e| e.to_string())?;
+    }
+    if let Some(jail) = args.config() {
+        let mut plan = JailPlan::for_vm(config).map_err(|e| e.to_string())?;
+        add(&mut plan);
+        enter_jail_with(jail, config, plan).map_err(|e| e.to_string())?;
+        log::info!("jail: entered");
+    }
+    Ok(())
+}
+
 /// As [`enter_jail`], with the plan made (and added to) by the caller.
-pub(super) fn enter_jail_with(
+fn enter_jail_with(
     jail: JailConfig,
     config: &mut VmConfig,
     plan: JailPlan,

@@ -4,9 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::run::{enter_jail_with, AgentVm};
+use super::run::{confine, AgentVm};
 use super::{CommandArgs, JailArgs, VmArgs};
-use crate::jail::JailPlan;
 use crate::outcome::STATUS_KILN_ERROR;
 use crate::sandbox::ExitStatus;
 use crate::seccomp::ThreadKind;
@@ -67,27 +66,17 @@ fn create(args: CreateArgs) -> i32 {
             return STATUS_KILN_ERROR;
         }
     };
-    if let Some(limits) = &args.jail.cgroup {
-        if let Err(e) = crate::jail::enter_cgroup(limits) {
-            eprintln!("kiln: {e}");
-            return STATUS_KILN_ERROR;
-        }
+    if let Err(e) = confine(&args.jail, &mut config, |plan| {
+        output = plan.add_output_dir(&args.output)
+    }) {
+        eprintln!("kiln: {e}");
+        return STATUS_KILN_ERROR;
     }
-    if let Some(jail) = args.jail.config() {
-        let entered = JailPlan::for_vm(&config).and_then(|mut plan| {
-            output = plan.add_output_dir(&args.output);
-            enter_jail_with(jail, &mut config, plan)
-        });
-        if let Err(e) = entered {
-            eprintln!("kiln: {e}");
+    // kiln writes the snapshot once it runs as the jail's ids.
+    if let Some(ids) = config.run_as {
+        if let Err(e) = std::os::unix::fs::chown(&output, Some(ids.uid), Some(ids.gid)) {
+            eprintln!("kiln: handing --output to the jail's ids: {e}");
             return STATUS_KILN_ERROR;
-        }
-        // kiln writes the snapshot once it runs as the jail's ids.
-        if let Some(ids) = config.run_as {
-            if let Err(e) = std::os::unix::fs::chown(&output, Some(ids.uid), Some(ids.gid)) {
-                eprintln!("kiln: handing --output to the jail's ids: {e}");
-                return STATUS_KILN_ERROR;
-            }
         }
     }
     // This thread saves the VM: its filter allows that (and `kiln run`'s does not).
