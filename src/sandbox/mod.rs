@@ -46,7 +46,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_init::protocol::{
-    self, Decoder, ExecOptions, ExitReason, Msg, Stream, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW,
+    self, Decoder, ExecOptions, ExitReason, Identity, Msg, Stream, MAX_EXECS, OUTPUT_WINDOW,
+    STDIN_WINDOW,
 };
 
 use crate::config::SeccompMode;
@@ -275,9 +276,19 @@ impl Sandbox {
     /// Its threads run under their seccomp filters ([`SeccompMode::On`]).
     pub fn connect(stream: UnixStream, hello_timeout: Duration) -> Result<Self> {
         let console = ConsoleRing::new(None);
-        Self::start(stream, hello_timeout, console, None, None, SeccompMode::On)
+        let identity = Identity::default();
+        Self::start(
+            stream,
+            hello_timeout,
+            console,
+            None,
+            None,
+            SeccompMode::On,
+            identity,
+        )
     }
 
+    /// Greets the agent on `stream` and sends it `FRESH` with `identity`.
     pub(crate) fn start(
         stream: UnixStream,
         hello_timeout: Duration,
@@ -285,6 +296,7 @@ impl Sandbox {
         vm: Option<SandboxVm>,
         dir: Option<TempDir>,
         seccomp: SeccompMode,
+        identity: Identity,
     ) -> Result<Self> {
         let mut read = stream
             .try_clone()
@@ -334,14 +346,14 @@ impl Sandbox {
         writer
             .set_write_timeout(Some(SEND_TIMEOUT))
             .map_err(SandboxError::io("socket timeout"))?;
-        // Before any command: this copy of the guest gets its own entropy
-        // and today's time (see `fresh`).
+        // Before any command: this copy of the guest gets its own entropy,
+        // today's time and its identity (see `fresh`).
         let mut frame = Vec::new();
-        fresh()?.encode(&mut frame)?;
+        fresh(identity)?.encode(&mut frame)?;
         writer
             .write_all(&frame)
             .map_err(|e| SandboxError::Disconnected {
-                reason: format!("sending the agent its entropy and clock: {e}"),
+                reason: format!("sending the agent its entropy, clock and identity: {e}"),
                 console: console.tail(),
             })?;
         let shared = Arc::new(Shared {
@@ -672,8 +684,9 @@ fn end(st: &mut State, id: u32, end: End) {
 
 /// The `FRESH` frame: the host's wall clock and entropy from getrandom(2),
 /// which the agent applies before any command runs (after a snapshot
-/// restore, each copy's only source of its own random state).
-fn fresh() -> Result<Msg> {
+/// restore, each copy's only source of its own random state), then
+/// `identity`.
+fn fresh(identity: Identity) -> Result<Msg> {
     let mut entropy = [0u8; protocol::FRESH_ENTROPY];
     let mut filled = 0;
     while filled < entropy.len() {
@@ -696,5 +709,6 @@ fn fresh() -> Result<Msg> {
     Ok(Msg::Fresh {
         realtime_ns,
         entropy,
+        identity,
     })
 }
