@@ -688,21 +688,8 @@ fn end(st: &mut State, id: u32, end: End) {
 /// `identity`.
 fn fresh(identity: Identity) -> Result<Msg> {
     let mut entropy = [0u8; protocol::FRESH_ENTROPY];
-    let mut filled = 0;
-    while filled < entropy.len() {
-        let rest = &mut entropy[filled..];
-        // SAFETY: the pointer and length describe `rest`, which getrandom fills.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        match n {
-            n if n > 0 => filled += n as usize,
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(SandboxError::io("reading entropy for the guest")(e));
-                }
-            }
-        }
-    }
+    kiln_init::identity::fill_random(&mut entropy)
+        .map_err(SandboxError::io("reading entropy for the guest"))?;
     let realtime_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));

@@ -58,9 +58,16 @@ fn renew_machine_id() -> Result<(), String> {
 /// 16 bytes from the guest kernel's CRNG.
 fn random_bytes() -> Result<[u8; 16], String> {
     let mut bytes = [0u8; 16];
+    fill_random(&mut bytes).map_err(|e| format!("getrandom: {e}"))?;
+    Ok(bytes)
+}
+
+/// Fills `buf` from getrandom(2) (the kernel's CRNG; the host's entropy
+/// for `FRESH` too).
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
     let mut filled = 0;
-    while filled < bytes.len() {
-        let rest = &mut bytes[filled..];
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
         // SAFETY: the pointer and length describe `rest`, which getrandom fills.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
         match n {
@@ -68,12 +75,12 @@ fn random_bytes() -> Result<[u8; 16], String> {
             _ => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(format!("getrandom: {e}"));
+                    return Err(e);
                 }
             }
         }
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// A machine id as systemd writes one: a random (version 4) UUID as 32
