@@ -6,10 +6,11 @@
 use crate::protocol::{Identity, MacChange};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
-/// The machine id files a root may have; `/var/lib/dbus/machine-id` is
+/// The machine id files a root may have; `var/lib/dbus/machine-id` is
 /// often a link to the first (then only the first is written).
-pub const MACHINE_ID_PATHS: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
+pub const MACHINE_ID_PATHS: [&str; 2] = ["etc/machine-id", "var/lib/dbus/machine-id"];
 /// Where the guest lists its interfaces.
 const INTERFACES: &str = "/sys/class/net";
 /// `ARPHRD_ETHER`: the address family of an Ethernet hardware address.
@@ -25,31 +26,32 @@ pub fn apply(identity: &Identity) -> Result<(), String> {
         }
     }
     if identity.new_machine_id {
-        renew_machine_id()?;
+        renew_machine_id(Path::new("/"))?;
     }
     set_macs(&identity.macs)
 }
 
 /// Writes a new random machine id (drawn after the host's entropy went
-/// into the pool: no other copy has it) to each machine id file the root
-/// has as a regular file; a root without one is left as it is.
-fn renew_machine_id() -> Result<(), String> {
+/// into the pool: no other copy has it) to each machine id file under
+/// `root` that is a regular file (all get the same id); a root without
+/// one is left as it is.
+fn renew_machine_id(root: &Path) -> Result<(), String> {
     let id = format_machine_id(random_bytes()?);
-    for path in MACHINE_ID_PATHS {
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
+    for path in MACHINE_ID_PATHS.map(|p| root.join(p)) {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;
         };
         if !meta.file_type().is_file() {
             continue;
         }
         // Replaced whole (a reader never sees half an id), with its mode.
-        let new = format!("{path}.kiln-new");
+        let new = path.with_extension("kiln-new");
         std::fs::write(&new, &id)
             .and_then(|()| std::fs::set_permissions(&new, meta.permissions()))
-            .and_then(|()| std::fs::rename(&new, path))
+            .and_then(|()| std::fs::rename(&new, &path))
             .map_err(|e| {
                 let _ = std::fs::remove_file(&new);
-                format!("writing a new {path}: {e}")
+                format!("writing a new {}: {e}", path.display())
             })?;
     }
     Ok(())
@@ -195,6 +197,55 @@ mod tests {
         assert!(a[..32]
             .bytes()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+    }
+
+    /// A regular machine id file gets a new id and keeps its mode; one
+    /// that links to the other is left a link (its target is renewed);
+    /// a regular dbus copy gets the same new id; a root without any gets
+    /// none.
+    #[test]
+    fn machine_id_files_are_replaced_where_the_root_has_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("kiln-machine-id-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (etc, dbus) = (root.join("etc"), root.join("var/lib/dbus"));
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&dbus).unwrap();
+        let old = "0123456789abcdef0123456789abcdef\n";
+        std::fs::write(etc.join("machine-id"), old).unwrap();
+        let read_only = std::fs::Permissions::from_mode(0o444);
+        std::fs::set_permissions(etc.join("machine-id"), read_only).unwrap();
+        // Absolute, as in a root: it is never followed.
+        std::os::unix::fs::symlink("/etc/machine-id", dbus.join("machine-id")).unwrap();
+        renew_machine_id(&root).unwrap();
+        let new = std::fs::read_to_string(etc.join("machine-id")).unwrap();
+        assert_ne!(new, old);
+        assert_eq!(new.len(), 33);
+        let mode = std::fs::metadata(etc.join("machine-id"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444);
+        assert!(std::fs::symlink_metadata(dbus.join("machine-id"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A regular dbus copy is renewed too, to the same id.
+        std::fs::remove_file(dbus.join("machine-id")).unwrap();
+        std::fs::write(dbus.join("machine-id"), old).unwrap();
+        renew_machine_id(&root).unwrap();
+        let (a, b) = (
+            std::fs::read_to_string(etc.join("machine-id")).unwrap(),
+            std::fs::read_to_string(dbus.join("machine-id")).unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_ne!(a, new);
+        // Nothing to renew: nothing made.
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&etc).unwrap();
+        renew_machine_id(&root).unwrap();
+        assert_eq!(std::fs::read_dir(&etc).unwrap().count(), 0);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
