@@ -978,10 +978,13 @@ fn the_first_host_frame_gives_the_agent_entropy_and_the_clock() {
         let Msg::Fresh {
             realtime_ns,
             entropy,
+            identity,
         } = msg
         else {
             panic!("the host's first frame is {msg:?}");
         };
+        // A sandbox over a connection asks for no identity of its own.
+        assert_eq!(identity, kiln_init::protocol::Identity::default());
         let ns = |t: std::time::SystemTime| {
             t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
         };

@@ -1,8 +1,9 @@
 //! Snapshots of real Linux guests, through the front ends users have:
 //! `kiln snapshot create` and `kiln run --from DIR`, and the sandbox API's
 //! `from_snapshot` and `snapshot`. A copy must run commands at once, as
-//! its own copy: its own exit status, random state, UUIDs and files, and
-//! the host's clock, however old the snapshot.
+//! its own copy: its own exit status, random state, UUIDs, files and
+//! machine id, the host's clock, however old the snapshot, and the
+//! hostname, TAPs and MACs asked for it.
 //!
 //! One boot (`kiln snapshot create`) serves most tests here; each boot
 //! costs tens of seconds on an emulating host, a restore a few seconds.
@@ -39,9 +40,17 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A snapshot taken by `kiln snapshot create` once per test binary: the
-/// busybox root, booted to the agent, after a warm-up command that leaves
-/// a file behind. Returns its directory and when it was written.
+/// The machine id the shared snapshot's root holds (the busybox root has
+/// none: the warm-up writes it, as a distribution's image would carry one).
+const SNAPSHOT_MACHINE_ID: &str = "0123456789abcdef0123456789abcdef";
+/// The shared snapshot's hostname (`--hostname` at boot).
+const SNAPSHOT_HOSTNAME: &str = "snap-host";
+
+/// A snapshot taken by `kiln snapshot create --hostname snap-host` once per
+/// test binary: the busybox root, booted to the agent, after a warm-up
+/// command that reports its hostname and whether the boot made a machine
+/// id (it must not), then leaves a file and a machine id behind. Returns
+/// its directory and when it was written.
 fn shared_snapshot() -> &'static (PathBuf, Instant) {
     static SNAPSHOT: OnceLock<(PathBuf, Instant)> = OnceLock::new();
     SNAPSHOT.get_or_init(|| {
@@ -52,25 +61,29 @@ fn shared_snapshot() -> &'static (PathBuf, Instant) {
         fs::create_dir_all(dir.parent().unwrap()).unwrap();
         let _vm = one_vm();
         let t = Instant::now();
+        let warmup = format!(
+            "echo warmed > /root/warm; read -r h < /proc/sys/kernel/hostname; \
+             if [ -e /etc/machine-id ]; then echo 'the boot made a machine id'; fi; \
+             echo {SNAPSHOT_MACHINE_ID} > /etc/machine-id; echo \"warm-up ran on $h\""
+        );
         let out = create(
             &dir,
-            &[],
-            &[
-                "--user",
-                "0",
-                "--",
-                "sh",
-                "-c",
-                "echo warmed > /root/warm; echo warm-up ran",
-            ],
+            &["--hostname", SNAPSHOT_HOSTNAME],
+            &["--user", "0", "--", "sh", "-c", &warmup],
         );
         eprintln!(
             "MEASURE kiln snapshot create (boot + warm-up + save): {:?}",
             t.elapsed()
         );
         assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout).lines().last(),
+            Some(format!("warm-up ran on {SNAPSHOT_HOSTNAME}").as_str()),
+            "{}",
+            text(&out.stdout)
+        );
         assert!(
-            text(&out.stdout).contains("warm-up ran"),
+            !text(&out.stdout).contains("machine id"),
             "{}",
             text(&out.stdout)
         );
@@ -142,20 +155,24 @@ fn listing(dir: &Path) -> Vec<(String, u64, u32, String)> {
 
 /// What one copy reports about itself, with one program besides the shell
 /// (each exec costs a restored guest on an emulating host a second or
-/// more): the warm-up's file, 16 random bytes, a UUID, a file of its own
-/// in the root, and its own exit status.
+/// more): the warm-up's file, 16 random bytes, a UUID, its hostname and
+/// machine id, a file of its own in the root, and its own exit status.
 const REPORT: &str = "read -r warm < /root/warm; echo \"$warm\"; \
     if [ -e /root/mine ]; then echo 'another copy wrote here'; fi; \
     echo mine > /root/mine; \
     od -An -N16 -tx1 /dev/urandom; \
     read -r uuid < /proc/sys/kernel/random/uuid; echo \"$uuid\"; \
+    read -r host < /proc/sys/kernel/hostname; echo \"$host\"; \
+    read -r id < /etc/machine-id; echo \"$id\"; \
     exit $COPY";
 
 /// Four copies at once from one snapshot: each runs at once with its own
-/// status, sees the warm-up's file but not the other copies' files, and
-/// draws its own random bytes and UUID; the snapshot directory is left as
-/// it was. Then, with the snapshot a minute old, a copy's clock is the
-/// host's, and a copy's stdin reaches its command (`-i`).
+/// status, sees the warm-up's file but not the other copies' files, draws
+/// its own random bytes and UUID, and has a machine id of its own (not the
+/// snapshot's); two are given a hostname each (`--hostname`), the other two
+/// keep the snapshot's. The snapshot directory is left as it was. Then,
+/// with the snapshot a minute old, a copy's clock is the host's, and a
+/// copy's stdin reaches its command (`-i`).
 #[test]
 fn copies_of_one_snapshot_are_independent() {
     if !prerequisites() {
@@ -179,12 +196,14 @@ fn copies_of_one_snapshot_are_independent() {
             let dir = dir.clone();
             std::thread::spawn(move || {
                 let copy = format!("COPY={i}");
+                let hostname = format!("--hostname=copy-{i}");
+                let mut args = vec!["--user", "0", "-e", &copy];
+                if i < 2 {
+                    args.push(&hostname);
+                }
+                args.extend(["--", "sh", "-c", REPORT]);
                 let t = Instant::now();
-                let out = run_from(
-                    &dir,
-                    &["--user", "0", "-e", &copy, "--", "sh", "-c", REPORT],
-                    b"",
-                );
+                let out = run_from(&dir, &args, b"");
                 eprintln!(
                     "MEASURE copy {i}: kiln run --from to exit: {:?}",
                     t.elapsed()
@@ -197,6 +216,7 @@ fn copies_of_one_snapshot_are_independent() {
     eprintln!("MEASURE 4 copies at once: {:?}", t.elapsed());
     let mut randoms = Vec::new();
     let mut uuids = Vec::new();
+    let mut machine_ids = Vec::new();
     for (i, out) in outputs.iter().enumerate() {
         let stdout = text(&out.stdout);
         assert_eq!(
@@ -206,15 +226,30 @@ fn copies_of_one_snapshot_are_independent() {
             text(&out.stderr)
         );
         let lines: Vec<&str> = stdout.lines().collect();
-        assert_eq!(lines.len(), 3, "copy {i}: {stdout:?} {}", text(&out.stderr));
+        assert_eq!(lines.len(), 5, "copy {i}: {stdout:?} {}", text(&out.stderr));
         assert_eq!(lines[0], "warmed", "copy {i}");
         let random: String = lines[1].split_whitespace().collect();
         assert_eq!(random.len(), 32, "copy {i}: {stdout:?}");
         assert_eq!(lines[2].len(), 36, "copy {i}: {stdout:?}");
+        let hostname = match i {
+            0 | 1 => format!("copy-{i}"),
+            _ => SNAPSHOT_HOSTNAME.to_string(),
+        };
+        assert_eq!(lines[3], hostname, "copy {i}'s hostname");
+        let id = lines[4];
+        assert!(
+            id.len() == 32 && id.bytes().all(|c| c.is_ascii_hexdigit()),
+            "copy {i}'s machine id {id:?}"
+        );
+        assert_ne!(
+            id, SNAPSHOT_MACHINE_ID,
+            "copy {i} kept the snapshot's machine id"
+        );
         randoms.push(random);
         uuids.push(lines[2].to_string());
+        machine_ids.push(id.to_string());
     }
-    for list in [&randoms, &uuids] {
+    for list in [&randoms, &uuids, &machine_ids] {
         let mut unique = list.clone();
         unique.sort();
         unique.dedup();
@@ -261,7 +296,8 @@ fn copies_of_one_snapshot_are_independent() {
 }
 
 /// The sandbox API: a sandbox restored from the snapshot (in a kiln
-/// process of its own, the default) serves `exec` and `spawn` with stdin;
+/// process of its own, the default) with a hostname of its own
+/// (`.hostname(..)`) serves `exec` and `spawn` with stdin;
 /// an in-process one is snapshotted live with `Sandbox::snapshot`, runs on,
 /// and a sandbox restored from that second snapshot holds what the first
 /// had written before it.
@@ -275,6 +311,7 @@ fn sandboxes_start_from_snapshots_and_take_them() {
     let t = Instant::now();
     let sandbox = Sandbox::builder()
         .from_snapshot(dir)
+        .hostname("sandbox-copy")
         .kiln_binary(env!("CARGO_BIN_EXE_kiln"))
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -282,10 +319,12 @@ fn sandboxes_start_from_snapshots_and_take_them() {
         "MEASURE Sandbox::builder().from_snapshot(..).build(): {:?}",
         t.elapsed()
     );
-    let out = sandbox.exec(Command::new("cat").arg("/root/warm")).unwrap();
+    let out = sandbox
+        .exec(Command::new("cat").args(["/root/warm", "/proc/sys/kernel/hostname"]))
+        .unwrap();
     assert_eq!(
         (out.status.code(), text(&out.stdout).as_str()),
-        (Some(0), "warmed\n")
+        (Some(0), "warmed\nsandbox-copy\n")
     );
     let mut cat = sandbox.spawn(Command::new("cat").stdin_piped()).unwrap();
     let mut stdin = cat.stdin().unwrap();
@@ -458,4 +497,220 @@ fn image_root_disk_and_two_cpus() {
         before,
         "a restore changed the snapshot directory"
     );
+}
+
+/// The snapshot's TAP and its guest's address, in the test's namespace.
+const SNAP_TAP: &str = "snap0";
+/// The TAPs the two copies move to; each has a network of its own.
+const COPY_TAPS: [&str; 2] = ["copya", "copyb"];
+/// The new MAC the first copy takes (the second keeps the snapshot's).
+const COPY_A_MAC: &str = "02:6b:69:6c:6e:0a";
+
+/// `kiln ARGS...` inside `ns`, quiet, stdio piped.
+fn kiln_in(ns: &common::Netns, args: &[&str]) -> std::process::Command {
+    let mut cmd = ns.exec([env!("CARGO_BIN_EXE_kiln")]);
+    cmd.args(args)
+        .env_remove("KILN_LOG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// The MAC the namespace has learnt for `ip` on `tap` (from the guest's
+/// own frames: its ARP request).
+fn neighbour_mac(ns: &common::Netns, ip: &str, tap: &str) -> Option<String> {
+    let out = common::run_checked(&mut ns.exec(["ip", "neigh", "show", ip, "dev", tap]));
+    let text = text(&out.stdout);
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == "lladdr")?;
+    words.next().map(str::to_string)
+}
+
+/// A snapshot with a read-only disk and a TAP, in a network namespace of
+/// the test's own (every TAP and peer in it): the guest pings its peer
+/// before the snapshot. Two copies then run at once, each moved to a TAP
+/// of its own (`--net tap=...`), the first with a new MAC, the second
+/// keeping the snapshot's: each takes an address on its TAP's network,
+/// pings its peer there and reads the disk, and the MAC the guest shows is
+/// the one the namespace learnt from its frames while the copy ran (the
+/// new one, or the snapshot's). A `--net` count that does not fit the
+/// snapshot and a TAP that does not exist are one line and status 125.
+#[test]
+fn a_snapshot_with_a_disk_and_a_tap_restores_on_other_taps() {
+    if !prerequisites()
+        || !require(common::is_root(), "needs root (network namespace, TAP)")
+        || !require(common::have_program("ip"), "iproute2 'ip' not installed")
+        || !require(
+            Path::new("/dev/net/tun").exists(),
+            "/dev/net/tun does not exist",
+        )
+    {
+        return;
+    }
+    let ns = common::Netns::create(
+        "snap-net",
+        &[
+            "ip tuntap add dev snap0 mode tap",
+            "ip addr add 10.0.3.1/24 dev snap0",
+            "ip link set snap0 up",
+            "ip tuntap add dev copya mode tap",
+            "ip addr add 10.0.4.1/24 dev copya",
+            "ip link set copya up",
+            "ip tuntap add dev copyb mode tap",
+            "ip addr add 10.0.5.1/24 dev copyb",
+            "ip link set copyb up",
+        ],
+    );
+    let scratch = Scratch::new("snapshot-net");
+    let data = scratch.path("data.img");
+    fs::write(&data, b"kiln-data-disk!!".repeat(256)).unwrap();
+    let dir = scratch.path("snap");
+    let kernel = guest_kernel("vmlinux").unwrap();
+    let root = guest_rootfs();
+
+    let _vm = one_vm();
+    let t = Instant::now();
+    let warmup = "ping -c 1 -W 30 10.0.3.1 > /dev/null && echo ping-ok; \
+        cat /sys/class/net/eth0/address";
+    let create = kiln_in(&ns, &["snapshot", "create", "--kernel"])
+        .arg(&kernel)
+        .arg("--rootfs")
+        .arg(&root)
+        .arg("--disk")
+        .arg(format!("{},ro", data.display()))
+        .args(["--net", &format!("tap={SNAP_TAP}")])
+        .args(["--cmdline", "ip=10.0.3.2::10.0.3.1:255.255.255.0::eth0:off"])
+        .args(["--boot-timeout", BOOT_TIMEOUT, "--output"])
+        .arg(&dir)
+        .args(["--warmup", "--user", "0", "--", "sh", "-c", warmup])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!(
+        "MEASURE snapshot create with a TAP and a disk: {:?}",
+        t.elapsed()
+    );
+    let stdout = text(&create.stdout);
+    assert_eq!(
+        create.status.code(),
+        Some(0),
+        "{stdout} {}",
+        text(&create.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    let ping_at = lines.iter().position(|l| *l == "ping-ok");
+    let snapshot_mac = ping_at
+        .and_then(|i| lines.get(i + 1))
+        .unwrap_or_else(|| panic!("the warm-up did not reach its peer: {stdout}"))
+        .to_string();
+    assert_ne!(snapshot_mac, COPY_A_MAC);
+
+    // Both copies at once: each pings its peer, then waits (on its stdin)
+    // while the test reads what the namespace learnt of its MAC.
+    let script = |net: u8| {
+        format!(
+            "ip addr flush dev eth0 && ip addr add 10.0.{net}.2/24 dev eth0 && \
+             ping -c 1 -W 30 10.0.{net}.1 > /dev/null && echo ping-ok; \
+             read -r go; cat /sys/class/net/eth0/address; head -c 16 /dev/vda"
+        )
+    };
+    let t = Instant::now();
+    let copies: Vec<(std::process::Child, u8, &str, String)> = [
+        (
+            4,
+            COPY_TAPS[0],
+            format!("tap={},mac={COPY_A_MAC}", COPY_TAPS[0]),
+            COPY_A_MAC.to_string(),
+        ),
+        (
+            5,
+            COPY_TAPS[1],
+            format!("tap={}", COPY_TAPS[1]),
+            snapshot_mac.clone(),
+        ),
+    ]
+    .into_iter()
+    .map(|(net, tap, option, mac)| {
+        let child = kiln_in(&ns, &["run", "--from"])
+            .arg(&dir)
+            .args([
+                "--net",
+                &option,
+                "-i",
+                "--user",
+                "0",
+                "--",
+                "sh",
+                "-c",
+                &script(net),
+            ])
+            .spawn()
+            .unwrap();
+        (child, net, tap, mac)
+    })
+    .collect();
+    for (mut child, net, tap, mac) in copies {
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        // (Anything the guest console printed before the agent was up
+        // comes first.)
+        let mut first = String::new();
+        while first != "ping-ok\n" {
+            first.clear();
+            if std::io::BufRead::read_line(&mut stdout, &mut first).unwrap() == 0 {
+                break;
+            }
+        }
+        let ip = format!("10.0.{net}.2");
+        let learnt = neighbour_mac(&ns, &ip, tap);
+        drop(child.stdin.take()); // the copy goes on
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            (out.status.code(), first.as_str(), rest.as_str()),
+            (
+                Some(0),
+                "ping-ok\n",
+                format!("{mac}\nkiln-data-disk!!").as_str()
+            ),
+            "the copy on {tap}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            learnt.as_deref(),
+            Some(mac.as_str()),
+            "the MAC on {tap}'s wire"
+        );
+    }
+    eprintln!("MEASURE 2 copies on other TAPs: {:?}", t.elapsed());
+
+    let before = listing(&dir);
+    for (args, needle) in [
+        (
+            vec!["--net", "tap=copya", "--net", "tap=copyb"],
+            "the snapshot has 1 network card(s), 2 given",
+        ),
+        (vec!["--net", "tap=nosuch0"], "'nosuch0' does not exist"),
+    ] {
+        let out = kiln_in(&ns, &["run", "--from"])
+            .arg(&dir)
+            .args(&args)
+            .args(["--", "true"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: the guest ran");
+    }
+    assert_eq!(
+        listing(&dir),
+        before,
+        "a restore changed the snapshot directory"
+    );
+    drop(ns);
 }

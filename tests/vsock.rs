@@ -208,9 +208,10 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
 
     // The guest connects out only once its listener listens, and the host
     // connects in only once the guest's connection has arrived: no retries.
-    // The classic path still runs the command with -e, -w and --user.
+    // The classic path still runs the command with -e, -w, --user and
+    // --hostname (init sets it from the exec spec).
     let script = format!(
-        "echo \"command-env=$KILN_CLASSIC cwd=$(pwd) ids=$(id -u):$(id -g)\"; \
+        "echo \"command-env=$KILN_CLASSIC cwd=$(pwd) ids=$(id -u):$(id -g) host=$(hostname)\"; \
          echo \"active=$(cat /sys/class/tty/console/active)\"; \
          sed 's/^/consoles: /' /proc/consoles; \
          echo hvc-marker=$((6*7)); \
@@ -236,6 +237,8 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
             "/tmp",
             "--user",
             "1000:1001",
+            "--hostname",
+            "classic-host",
         ])
         .args(["--", "sh", "-c", &script])
         .stdin(Stdio::null())
@@ -310,8 +313,8 @@ fn vsock_and_virtio_console_with_a_linux_guest() {
     };
     assert_eq!(
         value("command-env=").as_deref(),
-        Some("set by -e cwd=/tmp ids=1000:1001"),
-        "-e, -w and --user on the --vsock path"
+        Some("set by -e cwd=/tmp ids=1000:1001 host=classic-host"),
+        "-e, -w, --user and --hostname on the --vsock path"
     );
     // hvc0 is /dev/console and what the command printed came through it.
     let active = value("active=").expect("console list");

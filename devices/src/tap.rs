@@ -88,7 +88,7 @@ pub fn validate_ifname(name: &str) -> Result<(), TapError> {
 
 /// Whether a network interface with this name exists in the caller's
 /// network namespace.
-pub(crate) fn interface_exists(name: &str) -> bool {
+pub fn interface_exists(name: &str) -> bool {
     let Ok(c) = CString::new(name) else {
         return false;
     };

@@ -14,8 +14,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    parse_duration, parse_rng_rate_limit, parse_size, ConsoleKind, DiskConfig, GuestCommand,
-    NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
+    parse_duration, parse_hostname, parse_rng_rate_limit, parse_size, ConsoleKind, DiskConfig,
+    GuestCommand, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
 };
 use crate::outcome::STATUS_KILN_ERROR;
 
@@ -123,13 +123,21 @@ pub struct VmArgs {
     /// booting. The snapshot fixes what the guest sees (kernel, memory,
     /// vCPUs, devices, root, command line): those options are not given.
     /// DIR is only read; any number of runs may start from it at once, each
-    /// with its own copy of the guest, fresh entropy and the host's clock.
+    /// with its own copy of the guest, fresh entropy, the host's clock and
+    /// a new /etc/machine-id (where the root has one). --hostname names
+    /// the copy (else it keeps the snapshot's); --net, once per network
+    /// card of the snapshot and in order, moves the cards to other existing
+    /// TAPs, and mac= gives a card a new address.
     #[arg(
         long = "from",
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "rootfs", "extra_cmdline", "mem_bytes", "vcpus", "use_pvh", "console", "vsock", "disks", "rng", "nets"]
+        conflicts_with_all = ["kernel", "initrd", "rootfs", "extra_cmdline", "mem_bytes", "vcpus", "use_pvh", "console", "vsock", "disks", "rng"]
     )]
     pub restore_from: Option<PathBuf>,
+    /// The guest's hostname (default: kiln; with --from: the snapshot's):
+    /// letters, digits, '-' and '.', at most 64.
+    #[arg(long, value_name = "NAME", value_parser = parse_hostname)]
+    pub hostname: Option<String>,
     /// Initramfs to boot; kiln's init is appended to it and runs CMD on top of it (with `--cmdline rdinit=PATH` your own init runs instead, and kiln adds nothing)
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -212,7 +220,9 @@ pub struct VmArgs {
     /// and disappears when kiln exits. MAC defaults to a stable locally
     /// administered address derived from NAME. bw limits the frame bytes
     /// and pps the frames per second, each direction on its own (bw_burst,
-    /// pps_burst: a one-time allowance on top).
+    /// pps_burst: a one-time allowance on top). With --from: one per card
+    /// of the snapshot, in order, each an existing TAP; the card keeps its
+    /// MAC unless mac= is given.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=SIZE][,pps=N]")]
     pub nets: Vec<NetConfig>,
     /// The seccomp filters on kiln's threads: `on` (a system call outside a
@@ -245,10 +255,12 @@ impl From<VmArgs> for VmConfig {
             nets,
             seccomp,
             restore_from,
+            hostname,
         } = args;
         VmConfig {
             kernel: kernel.unwrap_or_default(),
             restore_from,
+            hostname,
             initrd,
             rootfs,
             scratch_dir,
@@ -395,6 +407,7 @@ mod tests {
         "--rng=ops=10",
         "--net=tap=t0,pps=100",
         "--seccomp=off",
+        "--hostname=h",
     ];
 
     /// A VM option reaches its own `VmConfig` field, and the sandbox path
@@ -467,6 +480,8 @@ mod tests {
                 "-v",
                 "--scratch-dir",
                 "--seccomp",
+                "--hostname",
+                "--net",
             ];
             !host_side.iter().any(|h| o.starts_with(h))
         });
@@ -480,6 +495,18 @@ mod tests {
         }
         let e = parse(&["--", "id"]).unwrap_err();
         assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        // A copy's own identity: its hostname, its cards' TAPs and MACs.
+        let r = parse(&[
+            "--from=snap",
+            "--hostname=copy-1",
+            "--net=tap=c0,mac=02:00:00:00:00:0a",
+        ])
+        .unwrap();
+        let c = VmConfig::from(r.vm);
+        assert_eq!(c.hostname.as_deref(), Some("copy-1"));
+        assert_eq!(c.nets[0].mac, Some([2, 0, 0, 0, 0, 0x0a]));
+        let e = parse(&["--from=snap", "--hostname=a b"]).unwrap_err();
+        assert!(e.to_string().contains("'a b' is not a hostname"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use kiln_init::protocol::{Identity, MacChange};
 use kiln_init::spec::ExecSpec;
 use serde::{Deserialize, Serialize};
 
@@ -114,11 +115,19 @@ pub struct VmConfig {
     /// runs one VM and nothing else: `kiln run`'s jail sets it (see
     /// `kiln::jail`); an embedder's own threads would change too.
     pub run_as: Option<Credentials>,
+    /// The guest's hostname (see `kiln_init::spec::valid_hostname`);
+    /// default: `kiln`. Set by kiln's init before the command runs, and
+    /// after a restore by its agent: a copy given none keeps its
+    /// snapshot's.
+    pub hostname: Option<String>,
     /// Start from the snapshot in this directory (`kiln snapshot create`)
     /// instead of booting. The snapshot gives everything the guest sees:
     /// memory size, vCPUs, devices, kernel command line, root; this config
     /// gives only the host side (see `restored_from`): the vsock socket,
-    /// seccomp, jail ids, timeouts, log level. The directory is only read.
+    /// seccomp, jail ids, timeouts, log level, and the copy's own identity:
+    /// `hostname`, and `nets` to move the snapshot's network cards to other
+    /// TAPs (one each, in order), with new MACs where given. The directory
+    /// is only read.
     pub restore_from: Option<PathBuf>,
 }
 
@@ -156,6 +165,7 @@ impl Default for VmConfig {
             agent_port: None,
             seccomp: SeccompMode::On,
             run_as: None,
+            hostname: None,
             restore_from: None,
         }
     }
@@ -174,9 +184,31 @@ impl VmConfig {
     /// `saved`, asked for with `self`: the guest-visible options are the
     /// snapshot's (they are in its memory), the host-side ones are `self`'s:
     /// the vsock device's socket (its CID stays), seccomp, jail ids, timeouts
-    /// and log level. Disks and TAPs are reopened by the names in `saved`.
-    pub(crate) fn restored_from(&self, saved: &VmConfig) -> VmConfig {
+    /// and log level; `self`'s hostname, else the snapshot's. Disks are
+    /// reopened by the names in `saved`, TAPs too unless `self` has `nets`:
+    /// then card i moves to `self`'s TAP i (and its rate limit), with
+    /// `self`'s MAC when it gives one. Every card's MAC is written out
+    /// (`mac` set): the config says what the guest's driver has. Fails with
+    /// a one-line reason when `self` has another number of cards.
+    pub(crate) fn restored_from(&self, saved: &VmConfig) -> Result<VmConfig, String> {
         let mut config = saved.clone();
+        if !self.nets.is_empty() && self.nets.len() != saved.nets.len() {
+            return Err(format!(
+                "--net: the snapshot has {} network card(s), {} given (with --from, one --net per card, in order)",
+                saved.nets.len(),
+                self.nets.len()
+            ));
+        }
+        for (i, net) in config.nets.iter_mut().enumerate() {
+            let mac = net.guest_mac();
+            if let Some(ours) = self.nets.get(i) {
+                *net = ours.clone();
+            }
+            net.mac = Some(net.mac.unwrap_or(mac));
+        }
+        if self.hostname.is_some() {
+            config.hostname = self.hostname.clone();
+        }
         if let (Some(vsock), Some(ours)) = (config.vsock.as_mut(), self.vsock.as_ref()) {
             vsock.socket = ours.socket.clone();
         }
@@ -188,7 +220,32 @@ impl VmConfig {
         config.scratch_dir = self.scratch_dir.clone();
         config.command = self.command.clone();
         config.restore_from = self.restore_from.clone();
-        config
+        Ok(config)
+    }
+
+    /// What the guest agent of this VM takes as the guest's own before any
+    /// command runs (the `FRESH` frame): the hostname, and for a VM
+    /// restored from a snapshot saved with `saved` (its config as
+    /// `restored_from` made it) a new machine id and the MACs of the cards
+    /// that changed.
+    pub(crate) fn guest_identity(&self, saved: Option<&VmConfig>) -> Identity {
+        let macs = saved.map_or_else(Vec::new, |saved| {
+            saved
+                .nets
+                .iter()
+                .zip(&self.nets)
+                .map(|(before, now)| MacChange {
+                    from: before.guest_mac(),
+                    to: now.guest_mac(),
+                })
+                .filter(|change| change.from != change.to)
+                .collect()
+        });
+        Identity {
+            hostname: self.hostname.as_ref().map(|h| h.as_bytes().to_vec()),
+            new_machine_id: saved.is_some(),
+            macs,
+        }
     }
 
     /// The user's own init when the guest is a user initrd started by it
@@ -412,6 +469,26 @@ const NET_RATE_KEYS: RateKeys = RateKeys {
     ops: "pps",
     ops_burst: "pps_burst",
 };
+
+impl NetConfig {
+    /// The MAC address the guest's card has: `mac`, else the one derived
+    /// from the TAP's name.
+    pub fn guest_mac(&self) -> [u8; 6] {
+        self.mac
+            .unwrap_or_else(|| kiln_devices::virtio::net::MacAddr::derived(&self.tap).0)
+    }
+}
+
+/// Checks a `--hostname` (see `kiln_init::spec::valid_hostname`).
+pub fn parse_hostname(text: &str) -> Result<String, String> {
+    match kiln_init::spec::valid_hostname(text.as_bytes()) {
+        true => Ok(text.to_string()),
+        false => Err(format!(
+            "'{text}' is not a hostname (1 to {} letters, digits, '-' or '.', not first)",
+            kiln_init::spec::HOSTNAME_MAX
+        )),
+    }
+}
 
 /// Parses `tap=NAME[,mac=MAC][,bw=SIZE][,pps=N]...`.
 impl FromStr for NetConfig {
@@ -690,6 +767,79 @@ mod tests {
             VsockConfig::from_str("cid=3").unwrap_err(),
             "missing socket= (expected cid=N,socket=PATH)"
         );
+    }
+
+    /// A restored copy takes the caller's hostname (else the snapshot's)
+    /// and, with `nets`, one TAP per saved card, in order: its MAC is the
+    /// caller's, else the one the guest has (even when it was derived from
+    /// the snapshot's TAP name). What the agent is told follows: a new
+    /// machine id for every copy, a MAC change only for a card that moved
+    /// to another address; a boot gets only its hostname.
+    #[test]
+    fn a_copy_takes_its_own_hostname_taps_and_macs() {
+        let net = |text: &str| text.parse::<NetConfig>().unwrap();
+        let mut saved = VmConfig::new("k");
+        saved.hostname = Some("snap".into());
+        saved.nets = vec![net("tap=s0"), net("tap=s1,mac=02:00:00:00:00:01")];
+        let derived = saved.nets[0].guest_mac();
+        assert_eq!(derived, kiln_devices::virtio::net::MacAddr::derived("s0").0);
+
+        let plain = VmConfig::default().restored_from(&saved).unwrap();
+        assert_eq!(plain.hostname.as_deref(), Some("snap"));
+        assert_eq!(plain.nets[0].tap, "s0");
+        assert_eq!(plain.nets[0].mac, Some(derived), "the MAC is written out");
+        let identity = plain.guest_identity(Some(&saved));
+        assert_eq!(identity.hostname.as_deref(), Some(&b"snap"[..]));
+        assert!(identity.new_machine_id && identity.macs.is_empty());
+
+        let ours = VmConfig {
+            hostname: Some("copy-1".into()),
+            nets: vec![net("tap=c0,pps=10"), net("tap=c1,mac=02:00:00:00:00:0a")],
+            ..VmConfig::default()
+        };
+        let copy = ours.restored_from(&saved).unwrap();
+        assert_eq!(copy.hostname.as_deref(), Some("copy-1"));
+        assert_eq!(
+            (copy.nets[0].tap.as_str(), copy.nets[0].mac),
+            ("c0", Some(derived))
+        );
+        assert_eq!(copy.nets[0].rate_limit.ops_per_sec, Some(10));
+        assert_eq!(copy.nets[1].mac, Some([2, 0, 0, 0, 0, 0x0a]));
+        let identity = copy.guest_identity(Some(&saved));
+        assert_eq!(
+            identity.macs,
+            [MacChange {
+                from: [2, 0, 0, 0, 0, 1],
+                to: [2, 0, 0, 0, 0, 0x0a]
+            }]
+        );
+
+        let short = VmConfig {
+            nets: vec![net("tap=c0")],
+            ..VmConfig::default()
+        };
+        let e = short.restored_from(&saved).unwrap_err();
+        assert_eq!(
+            e,
+            "--net: the snapshot has 2 network card(s), 1 given (with --from, one --net per card, in order)"
+        );
+
+        let boot = saved.guest_identity(None);
+        assert!(!boot.new_machine_id && boot.macs.is_empty());
+        assert_eq!(boot.hostname.as_deref(), Some(&b"snap"[..]));
+        assert_eq!(
+            VmConfig::default().guest_identity(None),
+            Identity::default()
+        );
+    }
+
+    #[test]
+    fn hostnames() {
+        assert_eq!(parse_hostname("copy-1.test"), Ok("copy-1.test".into()));
+        for bad in ["", "-x", "a b", "a/b", &"h".repeat(65)] {
+            let e = parse_hostname(bad).unwrap_err();
+            assert!(e.contains("is not a hostname"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -148,22 +148,24 @@ impl JailPlan {
         let mut binds = Vec::new();
         // A restored VM opens what its snapshot names (its disks, its image
         // root): the plan is that of the restored configuration; a snapshot
-        // that cannot be read is left for the restore to report, as other
-        // unreadable paths are. The snapshot's directory is shown read-only
-        // at its own path (messages name it): it holds only kiln's files.
+        // that cannot be read (or a `--net` count that does not fit it) is
+        // left for the restore to report, as other unreadable paths are.
+        // The snapshot's directory is shown read-only at its own path
+        // (messages name it): it holds only kiln's files.
         let restored;
         let config = match &config.restore_from {
             Some(dir) => {
                 binds.push(Bind::file(absolute(dir), false));
-                match crate::snapshot::saved_config(dir) {
-                    Ok(saved) => {
+                let saved = crate::snapshot::saved_config(dir).ok();
+                match saved.and_then(|saved| config.restored_from(&saved).ok()) {
+                    Some(copy) => {
                         restored = VmConfig {
                             vsock: config.vsock.clone(),
-                            ..config.restored_from(&saved)
+                            ..copy
                         };
                         &restored
                     }
-                    Err(_) => config,
+                    None => config,
                 }
             }
             None => config,

@@ -18,6 +18,7 @@ use crate::config::{
 };
 use crate::jail::JailConfig;
 use crate::{ConsoleIo, VmStopper};
+use kiln_init::protocol::Identity;
 
 /// The vsock port the agent connects to on the host.
 const AGENT_PORT: u32 = 1024;
@@ -166,13 +167,27 @@ impl SandboxBuilder {
     /// as soon as the restored guest's agent reconnects, in milliseconds.
     /// The snapshot fixes everything the guest sees (memory, vCPUs, devices,
     /// root); of this builder only the host side counts: timeouts,
-    /// isolation, jail, seccomp, console output. `dir` is only read, and
+    /// isolation, jail, seccomp, console output, and the copy's identity:
+    /// [`hostname`](Self::hostname), and [`net`](Self::net) once per card
+    /// of the snapshot, in order, to move the cards to other TAPs (an
+    /// existing TAP each; a `mac` gives the card a new address, which the
+    /// guest takes before the first command). `dir` is only read, and
     /// any number of sandboxes may start from it at once: each maps its
     /// memory copy-on-write, writes its own disk overlay, and gets fresh
-    /// entropy and the host's clock before its first command (see the
-    /// README's Snapshots section for what that does not cover).
+    /// entropy, the host's clock and a new machine id before its first
+    /// command (see the README's Snapshots section for what that does not
+    /// cover).
     pub fn from_snapshot(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.restore_from = Some(dir.into());
+        self
+    }
+
+    /// The guest's hostname (default `kiln`; see [`VmConfig::hostname`]):
+    /// set before the first command, also on a sandbox started
+    /// [`from_snapshot`](Self::from_snapshot) (without it, that one keeps
+    /// its snapshot's).
+    pub fn hostname(mut self, name: impl Into<String>) -> Self {
+        self.config.hostname = Some(name.into());
         self
     }
 
@@ -297,6 +312,13 @@ impl SandboxBuilder {
     /// The VM a sandbox boots: the caller's config plus the agent's vsock
     /// device (on `socket`) and port.
     pub(crate) fn vm_config(&self, socket: PathBuf) -> Result<VmConfig> {
+        self.vm_config_and_identity(socket)
+            .map(|(config, _)| config)
+    }
+
+    /// [`vm_config`](Self::vm_config), and the identity the guest's agent
+    /// takes before the first command (see `VmConfig::guest_identity`).
+    fn vm_config_and_identity(&self, socket: PathBuf) -> Result<(VmConfig, Identity)> {
         if self.config.kernel.as_os_str().is_empty() && self.config.restore_from.is_none() {
             return Err(SandboxError::Config(
                 "no kernel given (.kernel(path))".into(),
@@ -308,9 +330,12 @@ impl SandboxBuilder {
                     .into(),
             ));
         }
+        let mut identity = self.config.guest_identity(None);
         if let Some(dir) = &self.config.restore_from {
             // Only the host side may be set: the rest is the snapshot's.
             let host_side = VmConfig {
+                hostname: self.config.hostname.clone(),
+                nets: self.config.nets.clone(),
                 restore_from: self.config.restore_from.clone(),
                 timeout: self.config.timeout,
                 boot_timeout: self.config.boot_timeout,
@@ -323,7 +348,7 @@ impl SandboxBuilder {
             };
             if host_side != self.config {
                 return Err(SandboxError::Config(
-                    "from_snapshot: the snapshot fixes the kernel, memory, vCPUs, devices, root and command line; set only timeouts, seccomp, isolation and output".into(),
+                    "from_snapshot: the snapshot fixes the kernel, memory, vCPUs, devices, root and command line; set only timeouts, seccomp, isolation, output, hostname and nets".into(),
                 ));
             }
             let saved = crate::snapshot::saved_config(dir).map_err(crate::Error::from)?;
@@ -335,6 +360,11 @@ impl SandboxBuilder {
                     dir.display()
                 )));
             }
+            let restored = self
+                .config
+                .restored_from(&saved)
+                .map_err(SandboxError::Config)?;
+            identity = restored.guest_identity(Some(&saved));
         }
         let mut config = self.config.clone();
         config.vsock = Some(VsockConfig {
@@ -342,7 +372,7 @@ impl SandboxBuilder {
             socket,
         });
         config.agent_port = Some(AGENT_PORT);
-        Ok(config)
+        Ok((config, identity))
     }
 
     /// Boots the VM and waits for its agent. Fails with
@@ -355,7 +385,7 @@ impl SandboxBuilder {
         let started = Instant::now();
         let dir = TempDir::new()?;
         let socket = dir.path().join("vsock.sock");
-        let config = self.vm_config(socket.clone())?;
+        let (config, identity) = self.vm_config_and_identity(socket.clone())?;
         let mut agent_path = socket.into_os_string();
         agent_path.push(format!("_{AGENT_PORT}"));
         fits_a_socket_address(Path::new(&agent_path))
@@ -475,8 +505,15 @@ impl SandboxBuilder {
                 d.saturating_duration_since(Instant::now())
             })
             .max(Duration::from_secs(5));
-        let mut sandbox =
-            Sandbox::start(stream, hello_timeout, console, Some(vm), Some(dir), seccomp)?;
+        let mut sandbox = Sandbox::start(
+            stream,
+            hello_timeout,
+            console,
+            Some(vm),
+            Some(dir),
+            seccomp,
+            identity,
+        )?;
         sandbox.set_output_limit(self.output_limit.unwrap_or(DEFAULT_OUTPUT_LIMIT));
         log::info!("sandbox ready in {:?}", started.elapsed());
         Ok(sandbox)
@@ -650,11 +687,14 @@ mod tests {
                 other => panic!("builder {i}: {other:?}"),
             }
         }
-        // Host-side options pass this check (and then find no snapshot).
+        // Host-side options and the copy's identity pass this check (and
+        // then find no snapshot).
         let host_side = Sandbox::builder()
             .timeout(Duration::from_secs(5))
             .seccomp(SeccompMode::Log)
-            .verbose(true);
+            .verbose(true)
+            .hostname("copy")
+            .net("tap=c0,mac=02:00:00:00:00:0a".parse().unwrap());
         match with(host_side) {
             Err(SandboxError::Vm(crate::Error::Snapshot(e))) => {
                 assert!(e.to_string().contains("/no/such/snapshot"), "{e}")

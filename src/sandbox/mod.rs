@@ -46,7 +46,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_init::protocol::{
-    self, Decoder, ExecOptions, ExitReason, Msg, Stream, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW,
+    self, Decoder, ExecOptions, ExitReason, Identity, Msg, Stream, MAX_EXECS, OUTPUT_WINDOW,
+    STDIN_WINDOW,
 };
 
 use crate::config::SeccompMode;
@@ -275,9 +276,19 @@ impl Sandbox {
     /// Its threads run under their seccomp filters ([`SeccompMode::On`]).
     pub fn connect(stream: UnixStream, hello_timeout: Duration) -> Result<Self> {
         let console = ConsoleRing::new(None);
-        Self::start(stream, hello_timeout, console, None, None, SeccompMode::On)
+        let identity = Identity::default();
+        Self::start(
+            stream,
+            hello_timeout,
+            console,
+            None,
+            None,
+            SeccompMode::On,
+            identity,
+        )
     }
 
+    /// Greets the agent on `stream` and sends it `FRESH` with `identity`.
     pub(crate) fn start(
         stream: UnixStream,
         hello_timeout: Duration,
@@ -285,6 +296,7 @@ impl Sandbox {
         vm: Option<SandboxVm>,
         dir: Option<TempDir>,
         seccomp: SeccompMode,
+        identity: Identity,
     ) -> Result<Self> {
         let mut read = stream
             .try_clone()
@@ -334,14 +346,14 @@ impl Sandbox {
         writer
             .set_write_timeout(Some(SEND_TIMEOUT))
             .map_err(SandboxError::io("socket timeout"))?;
-        // Before any command: this copy of the guest gets its own entropy
-        // and today's time (see `fresh`).
+        // Before any command: this copy of the guest gets its own entropy,
+        // today's time and its identity (see `fresh`).
         let mut frame = Vec::new();
-        fresh()?.encode(&mut frame)?;
+        fresh(identity)?.encode(&mut frame)?;
         writer
             .write_all(&frame)
             .map_err(|e| SandboxError::Disconnected {
-                reason: format!("sending the agent its entropy and clock: {e}"),
+                reason: format!("sending the agent its entropy, clock and identity: {e}"),
                 console: console.tail(),
             })?;
         let shared = Arc::new(Shared {
@@ -672,29 +684,18 @@ fn end(st: &mut State, id: u32, end: End) {
 
 /// The `FRESH` frame: the host's wall clock and entropy from getrandom(2),
 /// which the agent applies before any command runs (after a snapshot
-/// restore, each copy's only source of its own random state).
-fn fresh() -> Result<Msg> {
+/// restore, each copy's only source of its own random state), then
+/// `identity`.
+fn fresh(identity: Identity) -> Result<Msg> {
     let mut entropy = [0u8; protocol::FRESH_ENTROPY];
-    let mut filled = 0;
-    while filled < entropy.len() {
-        let rest = &mut entropy[filled..];
-        // SAFETY: the pointer and length describe `rest`, which getrandom fills.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        match n {
-            n if n > 0 => filled += n as usize,
-            _ => {
-                let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(SandboxError::io("reading entropy for the guest")(e));
-                }
-            }
-        }
-    }
+    kiln_init::identity::fill_random(&mut entropy)
+        .map_err(SandboxError::io("reading entropy for the guest"))?;
     let realtime_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     Ok(Msg::Fresh {
         realtime_ns,
         entropy,
+        identity,
     })
 }

@@ -58,6 +58,7 @@ use format::{
     disk_file, DevicesState, Header, SavedDisk, SavedVm, FORMAT_VERSION, MEMORY_FILE, STATE_FILE,
 };
 use host_cpu::HostCpu;
+use kiln_devices::virtio::net::MacAddr;
 use kiln_devices::virtio::SavedOverlay;
 use kvm_ioctls::VcpuFd;
 use vcpu_state::VcpuState;
@@ -383,8 +384,13 @@ impl Snapshot {
 
     /// Applies the saved device states to `devices`, built from the
     /// restored configuration: the same devices in the same slots, or a
-    /// [`SnapshotError::Devices`].
-    pub(crate) fn restore_devices(&self, devices: &DeviceHandles) -> Result<(), SnapshotError> {
+    /// [`SnapshotError::Devices`]. The net device in each slot of `macs`
+    /// shows that MAC in its config space (a copy moved to a new address).
+    pub(crate) fn restore_devices(
+        &self,
+        devices: &DeviceHandles,
+        macs: &[(usize, [u8; 6])],
+    ) -> Result<(), SnapshotError> {
         let saved = &self.saved.devices;
         if saved.virtio.len() != devices.virtio.len() {
             return Err(SnapshotError::Devices(format!(
@@ -394,10 +400,15 @@ impl Snapshot {
             )));
         }
         for (slot, (state, transport)) in saved.virtio.iter().zip(&devices.virtio).enumerate() {
+            let mut state = std::borrow::Cow::Borrowed(state);
+            if let Some((_, mac)) = macs.iter().find(|(s, _)| *s == slot) {
+                let config = &mut state.to_mut().config;
+                kiln_devices::virtio::net::set_config_mac(config, MacAddr(*mac));
+            }
             transport
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .restore(state)
+                .restore(&state)
                 .map_err(|e| SnapshotError::Devices(format!("virtio slot {slot}: {e}")))?;
         }
         devices

@@ -118,6 +118,18 @@ pub(crate) fn build_restored(
     life: &Arc<Lifecycle>,
 ) -> Result<BuiltVm> {
     validate(config)?;
+    // A copy's guest had its network set up against its TAP: one that kiln
+    // would create now is down and unaddressed.
+    if let Some(net) = config
+        .nets
+        .iter()
+        .find(|n| !kiln_devices::tap::interface_exists(&n.tap))
+    {
+        return Err(Error::Config(format!(
+            "--net: TAP interface '{}' does not exist (a restored copy reopens an existing TAP; kiln creates one only for a boot)",
+            net.tap
+        )));
+    }
     let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
     let slots = virtio_slots(config, rootfs.as_ref());
     install_kick_handler()?;
@@ -138,7 +150,16 @@ pub(crate) fn build_restored(
     devices.watch_vm_events(life, panic_watch.clone())?;
     let (buses, devices) = devices.into_parts();
     let vcpus = snapshot.restore_into(&vm)?;
-    snapshot.restore_devices(&devices)?;
+    // The config names every card's MAC (`VmConfig::restored_from`).
+    let macs: Vec<(usize, [u8; 6])> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(slot, s)| match s {
+            VirtioSlot::Net(_, net) => Some((slot, net.guest_mac())),
+            _ => None,
+        })
+        .collect();
+    snapshot.restore_devices(&devices, &macs)?;
     Ok(BuiltVm {
         vm,
         mem,
@@ -176,6 +197,9 @@ fn validate(config: &VmConfig) -> Result<()> {
         return Err(Error::Config(
             "--boot-timeout is the wait for kiln's guest agent, which does not run with --vsock or an initrd's own init (rdinit=)".into(),
         ));
+    }
+    if let Some(name) = &config.hostname {
+        crate::config::parse_hostname(name).map_err(|e| Error::Config(format!("hostname: {e}")))?;
     }
     for (i, net) in config.nets.iter().enumerate() {
         if config.nets[..i].iter().any(|n| n.tap == net.tap) {
@@ -436,7 +460,8 @@ fn load_kernel_and_initramfs(
 }
 
 fn exec_spec(config: &VmConfig) -> Result<ExecSpec> {
-    let spec = config.command.to_exec_spec();
+    let mut spec = config.command.to_exec_spec();
+    spec.hostname = config.hostname.as_ref().map(|h| h.as_bytes().to_vec());
     spec.validate()
         .map_err(|e| Error::Config(format!("command: {e}")))?;
     Ok(spec)

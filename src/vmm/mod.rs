@@ -97,7 +97,9 @@ pub(crate) fn spawn_gated(
 ) -> Result<(VmHandle, GuestGate)> {
     if let Some(dir) = &config.restore_from {
         let snapshot = Snapshot::open(dir)?;
-        let config = config.restored_from(&snapshot.saved.config);
+        let config = config
+            .restored_from(&snapshot.saved.config)
+            .map_err(Error::Config)?;
         let build_config = config.clone();
         return spawn_built(config, started, move |life| {
             builder::build_restored(&snapshot, &build_config, io, life)

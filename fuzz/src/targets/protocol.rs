@@ -88,13 +88,21 @@ fn check_round_trip(msg: &Msg, original: &[u8], again: &[u8]) {
 }
 
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    use kiln_init::protocol::{ExecOptions, ExitReason, ExitStatus, Stream};
+    use kiln_init::protocol::{ExecOptions, ExitReason, ExitStatus, Identity, MacChange, Stream};
     use kiln_init::spec::ExecSpec;
     let msgs = [
         Msg::Hello { version: 1 },
         Msg::Fresh {
             realtime_ns: 1_700_000_000_000_000_000,
             entropy: [7; kiln_init::protocol::FRESH_ENTROPY],
+            identity: Identity {
+                hostname: Some(b"copy-1".to_vec()),
+                new_machine_id: true,
+                macs: vec![MacChange {
+                    from: [2, 0, 0, 0, 0, 1],
+                    to: [2, 0, 0, 0, 0, 2],
+                }],
+            },
         },
         Msg::Exec {
             id: 1,

@@ -52,8 +52,8 @@ pub struct AgentConfig {
     /// agent's own); see `ExecSpec::ids`.
     pub default_ids: Option<(u32, u32)>,
     /// Apply the host's `FRESH` (entropy into the guest's random pool, the
-    /// wall clock): the guest agent does; a host test's agent, which may
-    /// not touch its host's clock, only accepts the frame.
+    /// wall clock, the identity): the guest agent does; a host test's
+    /// agent, which may not touch its host's clock, only accepts the frame.
     pub apply_fresh: bool,
 }
 
@@ -79,6 +79,9 @@ pub enum AgentError {
     /// The host's entropy or clock could not be applied: no command may
     /// run with the random state or clock of another copy of this guest.
     Fresh(io::Error),
+    /// The identity the host asked for (hostname, machine id, MACs) could
+    /// not be taken: no command may run as another copy of this guest.
+    Identity(String),
 }
 
 impl std::fmt::Display for AgentError {
@@ -88,6 +91,7 @@ impl std::fmt::Display for AgentError {
             Self::Protocol(e) => write!(f, "protocol error: {e}"),
             Self::Violation(what) => write!(f, "protocol violation: {what}"),
             Self::Fresh(e) => write!(f, "cannot apply the host's entropy and clock: {e}"),
+            Self::Identity(e) => write!(f, "cannot take the identity the host asked for: {e}"),
         }
     }
 }
@@ -351,9 +355,12 @@ impl Agent {
             Msg::Fresh {
                 realtime_ns,
                 entropy,
+                identity,
             } => {
                 if self.cfg.apply_fresh {
                     apply_fresh(realtime_ns, &entropy).map_err(AgentError::Fresh)?;
+                    // After the reseed: a new machine id is drawn from it.
+                    crate::identity::apply(&identity).map_err(AgentError::Identity)?;
                 }
             }
             _ => {

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod identity;
 pub mod protocol;
 pub mod spawn;
 pub mod spec;

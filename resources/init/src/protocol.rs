@@ -23,15 +23,17 @@
 //!
 //! The first frame is the agent's `HELLO` carrying [`VERSION`]; the host
 //! refuses other versions. The host's first frame is `FRESH`: the wall
-//! clock and host entropy, which the agent applies before any command runs
+//! clock and host entropy, and the guest's [`Identity`] (hostname, a new
+//! machine id, new MACs), which the agent applies before any command runs
 //! (on every connection: after a snapshot restore the agent reconnects, and
-//! each copy of the guest must get its own random state and today's time).
+//! each copy of the guest must get its own random state, today's time and
+//! the identity asked for it).
 
-use crate::spec::{ExecSpec, SpecError};
+use crate::spec::{valid_hostname, ExecSpec, SpecError, HOSTNAME_MAX};
 use std::fmt;
 
-/// Protocol version in `HELLO`.
-pub const VERSION: u32 = 2;
+/// Protocol version in `HELLO` (3: `FRESH` carries an [`Identity`]).
+pub const VERSION: u32 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest payload of any frame (an `EXEC` with its whole spec).
@@ -48,6 +50,13 @@ pub const OUTPUT_WINDOW: u32 = 256 << 10;
 pub const MAX_EXECS: usize = 256;
 /// Bytes of host entropy in `FRESH` (512 bits: the guest's pool is 256).
 pub const FRESH_ENTROPY: usize = 64;
+/// Most MAC changes one `FRESH` carries (more than kiln's virtio slots).
+pub const MAX_MAC_CHANGES: usize = 16;
+/// `FRESH` flag: write a new machine id.
+const FRESH_NEW_MACHINE_ID: u8 = 1;
+/// Largest `FRESH` payload: clock, entropy, flags, hostname length and
+/// bytes, MAC count and changes.
+const MAX_FRESH: usize = 8 + FRESH_ENTROPY + 2 + HOSTNAME_MAX + 1 + MAX_MAC_CHANGES * 12;
 
 // Frame kinds (the `kind` byte), host to guest; each is a `Msg` variant.
 /// Frame kind of [`Msg::Exec`].
@@ -79,6 +88,99 @@ pub const K_EXITED: u8 = 0x85;
 pub const K_EXEC_FAILED: u8 = 0x86;
 /// Frame kind of [`Msg::StdinCredit`].
 pub const K_STDIN_CREDIT: u8 = 0x87;
+
+/// What a copy of the guest takes as its own, in `FRESH`: the agent sets
+/// it before any command runs. On the wire, after the clock and entropy:
+/// `flags u8 (1: new machine id) | hostname length u8 (0: keep) | hostname |
+/// count u8 | count x (MAC it has [6], MAC to set [6])`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Identity {
+    /// The hostname to set (see [`valid_hostname`]); `None` keeps the
+    /// guest's.
+    pub hostname: Option<Vec<u8>>,
+    /// Write a new random machine id to `/etc/machine-id` (and a regular
+    /// `/var/lib/dbus/machine-id`) where the root has one: a restored copy
+    /// never keeps its snapshot's.
+    pub new_machine_id: bool,
+    /// Interfaces that take a new MAC address, at most [`MAX_MAC_CHANGES`].
+    pub macs: Vec<MacChange>,
+}
+
+/// The interface whose MAC address is `from` takes `to` (a unicast,
+/// non-zero address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacChange {
+    /// The address the guest's driver read at boot.
+    pub from: [u8; 6],
+    /// The address the device has now.
+    pub to: [u8; 6],
+}
+
+impl Identity {
+    fn encode(&self, p: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let bad = || ProtocolError::BadPayload("FRESH");
+        p.push(match self.new_machine_id {
+            true => FRESH_NEW_MACHINE_ID,
+            false => 0,
+        });
+        let hostname = self.hostname.as_deref().unwrap_or_default();
+        if self.hostname.is_some() && !valid_hostname(hostname) {
+            return Err(bad());
+        }
+        p.push(hostname.len() as u8);
+        p.extend_from_slice(hostname);
+        if self.macs.len() > MAX_MAC_CHANGES || !self.macs.iter().all(|m| unicast(&m.to)) {
+            return Err(bad());
+        }
+        p.push(self.macs.len() as u8);
+        for change in &self.macs {
+            p.extend_from_slice(&change.from);
+            p.extend_from_slice(&change.to);
+        }
+        Ok(())
+    }
+
+    /// Parses exactly `p`; every length is checked before it is used.
+    fn decode(p: &[u8]) -> Result<Self, ProtocolError> {
+        let bad = || ProtocolError::BadPayload("FRESH");
+        let (&flags, rest) = p.split_first().ok_or_else(bad)?;
+        if flags & !FRESH_NEW_MACHINE_ID != 0 {
+            return Err(bad());
+        }
+        let (&len, rest) = rest.split_first().ok_or_else(bad)?;
+        let (hostname, rest) = rest.split_at_checked(usize::from(len)).ok_or_else(bad)?;
+        let hostname = match len {
+            0 => None,
+            _ if valid_hostname(hostname) => Some(hostname.to_vec()),
+            _ => return Err(bad()),
+        };
+        let (&count, rest) = rest.split_first().ok_or_else(bad)?;
+        let count = usize::from(count);
+        if count > MAX_MAC_CHANGES || rest.len() != count * 12 {
+            return Err(bad());
+        }
+        let macs: Vec<MacChange> = rest
+            .chunks_exact(12)
+            .map(|c| MacChange {
+                from: c[..6].try_into().expect("6 bytes"),
+                to: c[6..].try_into().expect("6 bytes"),
+            })
+            .collect();
+        if !macs.iter().all(|m| unicast(&m.to)) {
+            return Err(bad());
+        }
+        Ok(Self {
+            hostname,
+            new_machine_id: flags & FRESH_NEW_MACHINE_ID != 0,
+            macs,
+        })
+    }
+}
+
+/// A MAC address an interface can take: unicast, not all zeros.
+fn unicast(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 0 && *mac != [0; 6]
+}
 
 /// Which output stream a `CREDIT` is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -162,14 +264,17 @@ pub enum Msg {
         /// Bytes returned to the window.
         bytes: u32,
     },
-    /// Host, first frame: the host's wall clock and fresh entropy. The
-    /// agent mixes the entropy into the guest's pool and reseeds its CRNG,
-    /// then sets the guest's clock, before it handles the next frame.
+    /// Host, first frame: the host's wall clock, fresh entropy and the
+    /// guest's identity. The agent mixes the entropy into the guest's pool
+    /// and reseeds its CRNG, sets the guest's clock, then takes the
+    /// identity, before it handles the next frame.
     Fresh {
         /// CLOCK_REALTIME on the host, in nanoseconds since the epoch.
         realtime_ns: u64,
         /// [`FRESH_ENTROPY`] bytes from the host's getrandom(2).
         entropy: [u8; FRESH_ENTROPY],
+        /// Hostname, machine id and MACs to take.
+        identity: Identity,
     },
     /// Agent, first frame: the protocol version it speaks.
     Hello {
@@ -277,7 +382,7 @@ fn max_payload(kind: u8) -> Result<usize, ProtocolError> {
         K_STDIN_EOF | K_SHUTDOWN => 0,
         K_SIGNAL | K_HELLO | K_STARTED | K_STDIN_CREDIT => 4,
         K_CREDIT => 5,
-        K_FRESH => 8 + FRESH_ENTROPY,
+        K_FRESH => MAX_FRESH,
         K_EXITED => 6,
         k => return Err(ProtocolError::UnknownKind(k)),
     })
@@ -325,9 +430,11 @@ impl Msg {
             Msg::Fresh {
                 realtime_ns,
                 entropy,
+                identity,
             } => {
                 let mut p = realtime_ns.to_le_bytes().to_vec();
                 p.extend_from_slice(entropy);
+                identity.encode(&mut p)?;
                 (K_FRESH, 0, p)
             }
             Msg::Hello { version } => (K_HELLO, 0, u32b(*version)),
@@ -424,12 +531,14 @@ impl Msg {
                 }
             }
             K_FRESH => {
-                if p.len() != 8 + FRESH_ENTROPY {
+                if p.len() < 8 + FRESH_ENTROPY {
                     return Err(ProtocolError::BadPayload("FRESH"));
                 }
+                let (fixed, identity) = p.split_at(8 + FRESH_ENTROPY);
                 Msg::Fresh {
-                    realtime_ns: u64::from_le_bytes(p[..8].try_into().expect("8 bytes")),
-                    entropy: p[8..].try_into().expect("FRESH_ENTROPY bytes"),
+                    realtime_ns: u64::from_le_bytes(fixed[..8].try_into().expect("8 bytes")),
+                    entropy: fixed[8..].try_into().expect("FRESH_ENTROPY bytes"),
+                    identity: Identity::decode(identity)?,
                 }
             }
             K_HELLO => Msg::Hello {
@@ -582,6 +691,22 @@ mod tests {
             Msg::Fresh {
                 realtime_ns: u64::MAX - 1,
                 entropy: std::array::from_fn(|i| i as u8),
+                identity: Identity::default(),
+            },
+            Msg::Fresh {
+                realtime_ns: 1,
+                entropy: [0; FRESH_ENTROPY],
+                identity: Identity {
+                    hostname: Some(vec![b'h'; HOSTNAME_MAX]),
+                    new_machine_id: true,
+                    macs: vec![
+                        MacChange {
+                            from: [2, 0, 0, 0, 0, 1],
+                            to: [2, 0, 0, 0, 0, 2],
+                        };
+                        MAX_MAC_CHANGES
+                    ],
+                },
             },
             Msg::Hello { version: VERSION },
             Msg::Started { id: 4, pid: 99 },
@@ -731,11 +856,37 @@ mod tests {
                 Msg::Fresh {
                     realtime_ns: 0x0102_0304_0506_0708,
                     entropy: [0xee; FRESH_ENTROPY],
+                    identity: Identity::default(),
                 },
                 [
-                    vec![72, 0, 0, 0, 0x07, 0, 0, 0, 0],
+                    vec![75, 0, 0, 0, 0x07, 0, 0, 0, 0],
                     vec![8, 7, 6, 5, 4, 3, 2, 1],
                     vec![0xee; FRESH_ENTROPY],
+                    // no new machine id, no hostname, no MAC change
+                    vec![0, 0, 0],
+                ]
+                .concat(),
+            ),
+            (
+                Msg::Fresh {
+                    realtime_ns: 0,
+                    entropy: [0xee; FRESH_ENTROPY],
+                    identity: Identity {
+                        hostname: Some(b"c1".to_vec()),
+                        new_machine_id: true,
+                        macs: vec![MacChange {
+                            from: [2, 0, 0, 0, 0, 1],
+                            to: [2, 0, 0, 0, 0, 2],
+                        }],
+                    },
+                },
+                [
+                    vec![89, 0, 0, 0, 0x07, 0, 0, 0, 0],
+                    vec![0; 8],
+                    vec![0xee; FRESH_ENTROPY],
+                    // new machine id; hostname "c1"; one change: from, to
+                    vec![1, 2, b'c', b'1', 1],
+                    vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2],
                 ]
                 .concat(),
             ),
@@ -755,7 +906,7 @@ mod tests {
             }
         }
         assert_eq!(HEADER_LEN, 9);
-        assert_eq!(VERSION, 2);
+        assert_eq!(VERSION, 3);
     }
 
     #[test]
@@ -953,6 +1104,92 @@ mod tests {
         assert!(big.encode(&mut Vec::new()).is_err());
     }
 
+    /// A `FRESH` identity is parsed exactly: every length within the
+    /// payload and its limit, a hostname of valid characters, only known
+    /// flags, unicast MACs to set, no byte left over.
+    #[test]
+    fn fresh_identities_are_checked() {
+        let fresh = |identity: &[u8]| {
+            let mut p = vec![0; 8 + FRESH_ENTROPY];
+            p.extend_from_slice(identity);
+            Msg::decode(K_FRESH, 0, &p)
+        };
+        let mac = |from: u8, to: [u8; 6]| [&[2, 0, 0, 0, 0, from][..], &to].concat();
+        let ok = fresh(
+            &[
+                &[1, 3, b'a', b'-', b'1', 1][..],
+                &mac(1, [2, 0, 0, 0, 0, 9]),
+            ]
+            .concat(),
+        );
+        let Ok(Msg::Fresh { identity, .. }) = ok else {
+            panic!("{ok:?}")
+        };
+        assert_eq!(identity.hostname.as_deref(), Some(&b"a-1"[..]));
+        assert!(identity.new_machine_id);
+        assert_eq!(identity.macs[0].to, [2, 0, 0, 0, 0, 9]);
+        let too_many = [
+            &[0, 0, (MAX_MAC_CHANGES + 1) as u8][..],
+            &mac(1, [2; 6]).repeat(MAX_MAC_CHANGES + 1),
+        ]
+        .concat();
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("unknown flag", vec![2, 0, 0]),
+            ("hostname past the end", vec![0, 5, b'a', 0]),
+            (
+                "hostname too long",
+                [&[0, 65][..], &[b'a'; 65], &[0]].concat(),
+            ),
+            ("hostname with a space", vec![0, 3, b'a', b' ', b'b', 0]),
+            ("hostname with a slash", vec![0, 3, b'a', b'/', b'b', 0]),
+            ("hostname starting with '-'", vec![0, 2, b'-', b'a', 0]),
+            ("no count", vec![0, 0]),
+            (
+                "count past the end",
+                [&[0, 0, 2][..], &mac(1, [2; 6])].concat(),
+            ),
+            (
+                "a byte left over",
+                [&[0, 0, 1][..], &mac(1, [2; 6]), &[0]].concat(),
+            ),
+            ("too many changes", too_many),
+            (
+                "multicast MAC",
+                [&[0, 0, 1][..], &mac(1, [3, 0, 0, 0, 0, 1])].concat(),
+            ),
+            ("zero MAC", [&[0, 0, 1][..], &mac(1, [0; 6])].concat()),
+        ];
+        for (what, identity) in bad {
+            assert_eq!(
+                fresh(&identity),
+                Err(ProtocolError::BadPayload("FRESH")),
+                "{what}"
+            );
+        }
+        // The host cannot send what the agent would refuse.
+        let refused = |identity: Identity| {
+            Msg::Fresh {
+                realtime_ns: 0,
+                entropy: [0; FRESH_ENTROPY],
+                identity,
+            }
+            .encode(&mut Vec::new())
+        };
+        assert!(refused(Identity {
+            hostname: Some(b"a b".to_vec()),
+            ..Identity::default()
+        })
+        .is_err());
+        assert!(refused(Identity {
+            macs: vec![MacChange {
+                from: [2; 6],
+                to: [1; 6]
+            }],
+            ..Identity::default()
+        })
+        .is_err());
+    }
+
     #[test]
     fn unknown_kinds_and_bad_payloads_are_errors() {
         for kind in [0u8, 0x08, 0x80, 0x88, 0xff] {
@@ -975,6 +1212,7 @@ mod tests {
             (K_EXEC_FAILED, &[1]),
             (K_FRESH, &[0; 8]),
             (K_FRESH, &[0; 8 + FRESH_ENTROPY - 1]),
+            (K_FRESH, &[0; 8 + FRESH_ENTROPY]),
             (K_EXEC, &[0, 1, 2]),
             (K_EXEC, &[2, 0, 0, 0, 0, 0, 0, 0, 0]),
             (K_EXEC, &[0, 0, 0, 0, 0, 0, 0, 0, 0, b'K', b'X']),

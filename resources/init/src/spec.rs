@@ -42,7 +42,18 @@ pub const VERSION: u8 = 1;
 /// agent (root's processes).
 pub const DEFAULT_IDS: (u32, u32) = (65534, 65534);
 /// Linux's HOST_NAME_MAX.
-const HOSTNAME_MAX: usize = 64;
+pub const HOSTNAME_MAX: usize = 64;
+
+/// Whether `name` is a hostname kiln gives a guest: 1 to [`HOSTNAME_MAX`]
+/// bytes of ASCII letters, digits, `-` and `.`, not starting with `-` or
+/// `.` (RFC 1123 characters, checked loosely: no empty-label rule).
+pub fn valid_hostname(name: &[u8]) -> bool {
+    (1..=HOSTNAME_MAX).contains(&name.len())
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && !matches!(name[0], b'-' | b'.')
+}
 
 const TAG_ARG: u8 = 1;
 const TAG_ENV: u8 = 2;
@@ -89,7 +100,7 @@ pub enum SpecError {
     Nul(&'static str),
     /// An environment name that is empty or contains `=`.
     BadEnvName(Vec<u8>),
-    /// Empty or longer than 64 bytes.
+    /// Not a valid hostname (see [`valid_hostname`]).
     BadHostname,
     /// An empty working directory.
     EmptyCwd,
@@ -113,7 +124,10 @@ impl fmt::Display for SpecError {
                 "invalid environment variable name '{}'",
                 String::from_utf8_lossy(k)
             ),
-            Self::BadHostname => write!(f, "hostname must be 1 to {HOSTNAME_MAX} bytes"),
+            Self::BadHostname => write!(
+                f,
+                "hostname must be 1 to {HOSTNAME_MAX} letters, digits, '-' or '.' (not first)"
+            ),
             Self::EmptyCwd => write!(f, "working directory is empty"),
             Self::TooLong(n) => write!(f, "{n} is too long"),
         }
@@ -240,8 +254,7 @@ impl ExecSpec {
             }
         }
         if let Some(h) = &self.hostname {
-            no_nul(h, "the hostname")?;
-            if h.is_empty() || h.len() > HOSTNAME_MAX {
+            if !valid_hostname(h) {
                 return Err(SpecError::BadHostname);
             }
         }
@@ -447,11 +460,22 @@ mod tests {
             spec.validate()
         };
         assert_eq!(with(&[b'h'; 64]), Ok(()));
-        assert_eq!(with(&[b'h'; 65]), Err(SpecError::BadHostname));
-        assert_eq!(with(b""), Err(SpecError::BadHostname));
+        assert_eq!(with(b"copy-1.test"), Ok(()));
+        for bad in [
+            &[b'h'; 65][..],
+            b"",
+            b"-x",
+            b".x",
+            b"a b",
+            b"a\0b",
+            b"a/b",
+            b"\xc3\xa9",
+        ] {
+            assert_eq!(with(bad), Err(SpecError::BadHostname), "{bad:?}");
+        }
         assert_eq!(
             SpecError::BadHostname.to_string(),
-            "hostname must be 1 to 64 bytes"
+            "hostname must be 1 to 64 letters, digits, '-' or '.' (not first)"
         );
     }
 

@@ -133,7 +133,7 @@ impl MacAddr {
 
     /// A locally administered unicast address derived from `seed` (the TAP
     /// name): stable across runs, different for different interfaces.
-    pub(crate) fn derived(seed: &str) -> Self {
+    pub fn derived(seed: &str) -> Self {
         // FNV-1a, 64 bit.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in seed.bytes() {
@@ -241,6 +241,16 @@ impl Net<Tap> {
             source: e,
         })?;
         Ok(net.with_mtu(u16::try_from(mtu).unwrap_or(MAX_MTU)))
+    }
+}
+
+/// Puts `mac` into a saved net device's config space (`TransportState::
+/// config`), e.g. for a restored copy of a guest that takes a new address.
+/// A config space too short to hold one is left as it is (the restore then
+/// refuses its length).
+pub fn set_config_mac(config: &mut [u8], mac: MacAddr) {
+    if let Some(bytes) = config.get_mut(..6) {
+        bytes.copy_from_slice(&mac.0);
     }
 }
 

@@ -338,6 +338,24 @@ fn identity_config_space_and_mac() {
     );
 }
 
+/// A restored copy's new MAC goes into the saved config space where the
+/// driver reads it (bytes 0-5), leaving link status and MTU as saved; a
+/// config space too short for a MAC is left for the restore to refuse.
+#[test]
+fn a_new_mac_replaces_the_saved_one_in_the_config_space() {
+    let net = device_with_mtu(1500);
+    let mut saved = vec![0; net.virtio().config_len()];
+    net.read_config(0, &mut saved);
+    let mut config = saved.clone();
+    let mac = MacAddr([2, 0, 0, 0, 0, 0x0a]);
+    super::set_config_mac(&mut config, mac);
+    assert_eq!(&config[..6], &mac.0);
+    assert_eq!(config[6..], saved[6..], "link status and MTU as saved");
+    let mut short = vec![7; 5];
+    super::set_config_mac(&mut short, mac);
+    assert_eq!(short, [7; 5]);
+}
+
 /// A device on a socket of its own that offers `mtu`.
 fn device_with_mtu(mtu: u16) -> Net<SockBackend> {
     let (a, _b) = UnixDatagram::pair().unwrap();
