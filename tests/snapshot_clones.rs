@@ -260,6 +260,18 @@ fn copies_of_one_snapshot_are_independent() {
     );
 }
 
+/// `cat` started with `spawn` gets `line` on its stdin and gives it back.
+fn cat_through_spawn(sandbox: &Sandbox, line: &str) {
+    let mut cat = sandbox.spawn(Command::new("cat").stdin_piped()).unwrap();
+    let mut stdin = cat.stdin().unwrap();
+    stdin.write_all(line.as_bytes()).unwrap();
+    drop(stdin);
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut cat.stdout().unwrap(), &mut got).unwrap();
+    assert_eq!(got, line);
+    assert!(cat.wait().unwrap().success());
+}
+
 /// The sandbox API: a sandbox restored from the snapshot (in a kiln
 /// process of its own, the default, jailed) serves `exec` and `spawn` with
 /// stdin, is snapshotted live while idle with `Sandbox::snapshot` (its
@@ -293,21 +305,16 @@ fn sandboxes_start_from_snapshots_and_take_them() {
         (out.status.code(), text(&out.stdout).as_str()),
         (Some(0), "warmed\n")
     );
-    let mut cat = sandbox.spawn(Command::new("cat").stdin_piped()).unwrap();
-    let mut stdin = cat.stdin().unwrap();
-    stdin.write_all(b"through spawn\n").unwrap();
-    drop(stdin);
-    let mut got = String::new();
-    std::io::Read::read_to_string(&mut cat.stdout().unwrap(), &mut got).unwrap();
-    assert_eq!(got, "through spawn\n");
-    assert!(cat.wait().unwrap().success());
+    cat_through_spawn(&sandbox, "through spawn\n");
 
     // Snapshotted while idle, in its own (jailed) process.
+    // Bounded: a VM left paused fails the test instead of hanging it.
     let write = |line: &str| {
         Command::new("sh")
             .arg("-c")
             .arg(format!("echo {line} >> /tmp/live; cat /tmp/live"))
             .uid(0)
+            .timeout(Duration::from_secs(120))
     };
     assert!(sandbox.exec(write("process")).unwrap().status.success());
     let from_process = scratch.path("from-process");
@@ -364,14 +371,7 @@ fn sandboxes_start_from_snapshots_and_take_them() {
         .unwrap_or_else(|e| panic!("{e}"));
     let out = copy.exec(Command::new("cat").arg("/tmp/live")).unwrap();
     assert_eq!(text(&out.stdout), "process\n");
-    let mut cat = copy.spawn(Command::new("cat").stdin_piped()).unwrap();
-    let mut stdin = cat.stdin().unwrap();
-    stdin.write_all(b"into the copy\n").unwrap();
-    drop(stdin);
-    let mut got = String::new();
-    std::io::Read::read_to_string(&mut cat.stdout().unwrap(), &mut got).unwrap();
-    assert_eq!(got, "into the copy\n");
-    assert!(cat.wait().unwrap().success());
+    cat_through_spawn(&copy, "into the copy\n");
     // ... and once its VM process has ended, a snapshot fails at once
     // (the process's end of the control channel is closed) and leaves
     // nothing behind.

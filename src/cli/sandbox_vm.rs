@@ -258,7 +258,10 @@ mod tests {
         request(b"\x00garbage\n", None);
         let e = read_request(&child).unwrap_err();
         assert!(e.contains("a bad request"), "{e}");
-        request(&vec![b'x'; CONTROL_LINE_MAX + 1], None);
+        request(
+            &[vec![b'x'; CONTROL_LINE_MAX + 1], vec![b'\n']].concat(),
+            None,
+        );
         let e = read_request(&child).unwrap_err();
         assert!(e.contains("too long"), "{e}");
         drop(sandbox);
