@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use super::SnapshotError;
 
 /// An open snapshot directory and the path messages name it by.
-pub struct SnapshotDir {
+pub(crate) struct SnapshotDir {
     dir: File,
     /// As the caller named it: in messages only, never opened.
     shown: PathBuf,
@@ -25,7 +25,7 @@ impl SnapshotDir {
     /// Creates `path` (owner-only; its parents as needed) or takes it when
     /// it exists, and opens it. A snapshot already there is refused by the
     /// save (its files are only ever created new).
-    pub fn create(path: &Path) -> Result<Self, SnapshotError> {
+    pub(crate) fn create(path: &Path) -> Result<Self, SnapshotError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(SnapshotError::io("create directory", parent))?;

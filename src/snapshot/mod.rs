@@ -11,6 +11,9 @@
 //! frequency check (refused where KVM cannot scale the TSC, as on PVM).
 //! The pause itself is `crate::pause`: the vCPUs and the event thread, so
 //! no device touches guest memory or its queues while they are saved.
+//! Every file is created new relative to the open directory (`dir.rs`), so
+//! a sandbox's jailed VM process saves into a directory its sandbox opened
+//! and sent it, with the sandbox's view of the configuration.
 //!
 //! Devices: the UART's registers and unread input, and every virtio
 //! device's transport (status, features, config space, each queue's size,
