@@ -277,8 +277,8 @@ fn cat_through_spawn(sandbox: &Sandbox, line: &str) {
 /// stdin, is snapshotted live while idle with `Sandbox::snapshot` (its
 /// jailed process saves into the directory the sandbox opened), still
 /// serves `exec` after that pause, refuses a second snapshot into the same
-/// directory, and that snapshot restores in a process of its own and in
-/// this one. An in-process sandbox is snapshotted too, runs on, and a
+/// directory, and that snapshot restores in a process of its own, with
+/// `kiln run --from` and in this process. An in-process sandbox is snapshotted too, runs on, and a
 /// sandbox restored from that snapshot holds what it had written before.
 /// A sandbox whose VM process has ended gets an error from `snapshot`,
 /// not a wait.
@@ -384,6 +384,14 @@ fn sandboxes_start_from_snapshots_and_take_them() {
     assert!(!gone.exists(), "a failed snapshot left {}", gone.display());
     let _ = copy.shutdown();
 
+    // ... with `kiln run --from` ...
+    let out = run_from(&from_process, &["--", "cat", "/tmp/live"], b"");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "process\n"),
+        "{}",
+        text(&out.stderr)
+    );
     // ... and in this process.
     let copy = Sandbox::builder()
         .from_snapshot(&from_process)
