@@ -295,12 +295,29 @@ fn copies_of_one_snapshot_are_independent() {
     );
 }
 
+/// `cat` started with `spawn` gets `line` on its stdin and gives it back.
+fn cat_through_spawn(sandbox: &Sandbox, line: &str) {
+    let mut cat = sandbox.spawn(Command::new("cat").stdin_piped()).unwrap();
+    let mut stdin = cat.stdin().unwrap();
+    stdin.write_all(line.as_bytes()).unwrap();
+    drop(stdin);
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut cat.stdout().unwrap(), &mut got).unwrap();
+    assert_eq!(got, line);
+    assert!(cat.wait().unwrap().success());
+}
+
 /// The sandbox API: a sandbox restored from the snapshot (in a kiln
-/// process of its own, the default) with a hostname of its own
-/// (`.hostname(..)`) serves `exec` and `spawn` with stdin;
-/// an in-process one is snapshotted live with `Sandbox::snapshot`, runs on,
-/// and a sandbox restored from that second snapshot holds what the first
-/// had written before it.
+/// process of its own, the default, jailed) with a hostname of its own
+/// (`.hostname(..)`) serves `exec` and `spawn` with
+/// stdin, is snapshotted live while idle with `Sandbox::snapshot` (its
+/// jailed process saves into the directory the sandbox opened), still
+/// serves `exec` after that pause, refuses a second snapshot into the same
+/// directory, and that snapshot restores in a process of its own, with
+/// `kiln run --from` and in this process. An in-process sandbox is snapshotted too, runs on, and a
+/// sandbox restored from that snapshot holds what it had written before.
+/// A sandbox whose VM process has ended gets an error from `snapshot`,
+/// not a wait.
 #[test]
 fn sandboxes_start_from_snapshots_and_take_them() {
     if !prerequisites() {
@@ -308,6 +325,7 @@ fn sandboxes_start_from_snapshots_and_take_them() {
     }
     let (dir, _) = shared_snapshot();
     let _vm = one_vm();
+    let scratch = Scratch::new("snapshot-live");
     let t = Instant::now();
     let sandbox = Sandbox::builder()
         .from_snapshot(dir)
@@ -326,41 +344,112 @@ fn sandboxes_start_from_snapshots_and_take_them() {
         (out.status.code(), text(&out.stdout).as_str()),
         (Some(0), "warmed\nsandbox-copy\n")
     );
-    let mut cat = sandbox.spawn(Command::new("cat").stdin_piped()).unwrap();
-    let mut stdin = cat.stdin().unwrap();
-    stdin.write_all(b"through spawn\n").unwrap();
-    drop(stdin);
-    let mut got = String::new();
-    std::io::Read::read_to_string(&mut cat.stdout().unwrap(), &mut got).unwrap();
-    assert_eq!(got, "through spawn\n");
-    assert!(cat.wait().unwrap().success());
+    cat_through_spawn(&sandbox, "through spawn\n");
+
+    // Snapshotted while idle, in its own (jailed) process.
+    // Bounded: a VM left paused fails the test instead of hanging it.
+    let write = |line: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo {line} >> /tmp/live; cat /tmp/live"))
+            .uid(0)
+            .timeout(Duration::from_secs(120))
+    };
+    assert!(sandbox.exec(write("process")).unwrap().status.success());
+    let from_process = scratch.path("from-process");
+    let report = sandbox
+        .snapshot(&from_process)
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!(
+        "MEASURE Sandbox::snapshot, VM in its own process: paused in {:?}, saved in {:?}, state {} bytes",
+        report.pause, report.total, report.state_bytes
+    );
+    assert_eq!(
+        report.memory_bytes,
+        fs::metadata(from_process.join("memory")).unwrap().len()
+    );
+    let saved = listing(&from_process);
+    let names: Vec<_> = saved.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(names, ["memory", "vmstate"]);
+    assert_eq!(
+        saved[1].1, report.state_bytes,
+        "the report's state size is the file's"
+    );
+    for (name, _, mode, _) in &saved {
+        assert_eq!(mode & 0o077, 0, "{name} is readable by others");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&from_process).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the snapshot directory is its owner's");
+    // The saved configuration names the host's paths, not the jail's.
+    let state = text(&fs::read(from_process.join("vmstate")).unwrap());
+    assert!(!state.contains("/.kiln/"), "the jail's paths were saved");
+    // The pause did not break it; it runs on, and what it does now is
+    // not in the snapshot.
+    let out = sandbox.exec(write("after")).unwrap();
+    assert_eq!(text(&out.stdout), "process\nafter\n");
+    // A snapshot already there is refused, as for a VM in this process, and
+    // left as it was; the sandbox runs on.
+    let e = sandbox.snapshot(&from_process).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("{}", from_process.join("memory").display()))
+            && e.contains("File exists"),
+        "{e}"
+    );
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert_eq!(listing(&from_process), saved, "a refused save changed it");
+    let out = sandbox.exec(Command::new("cat").arg("/tmp/live")).unwrap();
+    assert_eq!(text(&out.stdout), "process\nafter\n");
     sandbox.shutdown().unwrap();
 
-    let scratch = Scratch::new("snapshot-live");
-    let second = scratch.path("second");
-    let live = Sandbox::builder()
-        .from_snapshot(dir)
+    // It restores in a process of its own (exec, spawn with stdin) ...
+    let copy = Sandbox::builder()
+        .from_snapshot(&from_process)
+        .kiln_binary(env!("CARGO_BIN_EXE_kiln"))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = copy.exec(Command::new("cat").arg("/tmp/live")).unwrap();
+    assert_eq!(text(&out.stdout), "process\n");
+    cat_through_spawn(&copy, "into the copy\n");
+    // ... and once its VM process has ended, a snapshot fails at once
+    // (the process's end of the control channel is closed) and leaves
+    // nothing behind.
+    copy.stopper()
+        .expect("a VM")
+        .stop(kiln::VmOutcome::Interrupted(15));
+    let gone = scratch.path("gone");
+    let e = copy.snapshot(&gone).unwrap_err().to_string();
+    assert!(e.contains("VM process ended"), "{e}");
+    assert!(!gone.exists(), "a failed snapshot left {}", gone.display());
+    let _ = copy.shutdown();
+
+    // ... with `kiln run --from` ...
+    let out = run_from(&from_process, &["--", "cat", "/tmp/live"], b"");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout).as_str()),
+        (Some(0), "process\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    // ... and in this process.
+    let copy = Sandbox::builder()
+        .from_snapshot(&from_process)
         .isolation(Isolation::InProcess)
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
-    let write = Command::new("sh")
-        .arg("-c")
-        .arg("echo before > /tmp/live")
-        .uid(0);
-    assert!(live.exec(write).unwrap().status.success());
-    let report = live.snapshot(&second).unwrap_or_else(|e| panic!("{e}"));
+    let out = copy.exec(Command::new("cat").arg("/tmp/live")).unwrap();
+    assert_eq!(text(&out.stdout), "process\n");
+
+    // A VM in this process is snapshotted the same way.
+    let second = scratch.path("second");
+    let report = copy.snapshot(&second).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
-        "MEASURE Sandbox::snapshot: paused in {:?}, saved in {:?}, state {} bytes",
+        "MEASURE Sandbox::snapshot, VM in this process: paused in {:?}, saved in {:?}, state {} bytes",
         report.pause, report.total, report.state_bytes
     );
-    // It runs on after the snapshot, and what it does now is not in it.
-    let after = Command::new("sh")
-        .arg("-c")
-        .arg("echo after >> /tmp/live; cat /tmp/live")
-        .uid(0);
-    let out = live.exec(after).unwrap();
-    assert_eq!(text(&out.stdout), "before\nafter\n");
-    live.shutdown().unwrap();
+    let out = copy.exec(write("in-process")).unwrap();
+    assert_eq!(text(&out.stdout), "process\nin-process\n");
+    copy.shutdown().unwrap();
 
     let restored = Sandbox::builder()
         .from_snapshot(&second)
@@ -368,7 +457,7 @@ fn sandboxes_start_from_snapshots_and_take_them() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let out = restored.exec(Command::new("cat").arg("/tmp/live")).unwrap();
-    assert_eq!(text(&out.stdout), "before\n");
+    assert_eq!(text(&out.stdout), "process\n");
     restored.shutdown().unwrap();
 }
 

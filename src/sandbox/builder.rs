@@ -456,7 +456,7 @@ impl SandboxBuilder {
                 })?;
                 preflight(&config)?;
                 let spec = VmProcessSpec { config, jail };
-                let vm = VmProcess::spawn(&binary, &spec, io.output, seccomp)?;
+                let vm = VmProcess::spawn(&binary, &spec, io.output, seccomp, owner)?;
                 if let Some(hook) = self.on_vm_started.take() {
                     hook(vm.stopper());
                 }

@@ -394,35 +394,36 @@ impl Sandbox {
 
     /// Saves this sandbox's VM into `dir` and lets it run on: every vCPU and
     /// the device loop pause, the VM's state and memory are written (`dir`
-    /// is created; a snapshot already there is refused), and the VM
-    /// resumes. Commands running meanwhile only see a pause. Sandboxes
-    /// started [`from_snapshot`](SandboxBuilder::from_snapshot)`(dir)` begin
-    /// at this moment, without the commands that were running (their host
-    /// side is not in the copy).
+    /// is created, owner-only; a snapshot already there is refused), and
+    /// the VM resumes. Commands running meanwhile only see a pause.
+    /// Sandboxes started [`from_snapshot`](SandboxBuilder::from_snapshot)`(dir)`
+    /// begin at this moment, without the commands that were running (their
+    /// host side is not in the copy).
     ///
-    /// Needs the VM in this process ([`Isolation::InProcess`]); fails with
-    /// [`SandboxError::Vm`] holding a [`crate::snapshot::SnapshotError`]
-    /// when the VM cannot be saved.
+    /// With either [`Isolation`]. A VM in a process of its own gets `dir`
+    /// opened (a descriptor, so its jail needs no view of the path) and
+    /// writes the files as its jail's user when the sandbox runs as root
+    /// (`dir` is handed to that user, as `kiln snapshot create` does).
+    ///
+    /// Fails with [`SandboxError::Vm`]: holding a
+    /// [`crate::snapshot::SnapshotError`] when `dir` cannot be created or
+    /// the VM in this process cannot be saved, or the VM process's one-line
+    /// message ([`crate::Error::VmProcess`]) when it cannot save its VM or
+    /// has ended. A failed save leaves no directory it created.
     pub fn snapshot(
         &self,
         dir: impl AsRef<std::path::Path>,
     ) -> Result<crate::snapshot::SaveReport> {
         let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
-        match vm.as_ref() {
-            Some(SandboxVm::InProcess(vm)) => {
-                let saved = crate::snapshot::save(vm, dir.as_ref());
-                // Paused only if the save got that far; resuming is harmless otherwise.
-                crate::snapshot::resume(vm);
-                Ok(saved.map_err(crate::Error::from)?)
-            }
-            Some(SandboxVm::Process(_)) => Err(SandboxError::Config(
-                "a snapshot of a sandbox needs its VM in this process (.isolation(Isolation::InProcess))"
-                    .into(),
-            )),
-            None => Err(SandboxError::Config(
+        let Some(vm) = vm.as_ref() else {
+            return Err(SandboxError::Config(
                 "this sandbox has no VM (Sandbox::connect)".into(),
-            )),
-        }
+            ));
+        };
+        Ok(crate::snapshot::SnapshotDir::save_new(
+            dir.as_ref(),
+            |dir| vm.snapshot(dir),
+        )?)
     }
 
     /// The last lines the guest printed on its console (kernel messages).

@@ -4,6 +4,7 @@
 use std::os::fd::BorrowedFd;
 
 use super::vm_process::VmProcess;
+use crate::snapshot::{SaveReport, SnapshotDir};
 use crate::{VmHandle, VmOutcome, VmStopper};
 
 /// Where a sandbox's VM runs.
@@ -56,6 +57,14 @@ impl SandboxVm {
         match self {
             Self::InProcess(vm) => vm.is_finished(),
             Self::Process(vm) => vm.is_finished(),
+        }
+    }
+
+    /// Saves the VM into `dir` and lets it run on.
+    pub(crate) fn snapshot(&self, dir: &SnapshotDir) -> crate::Result<SaveReport> {
+        match self {
+            Self::InProcess(vm) => Ok(crate::snapshot::save_live(vm, dir, None)?),
+            Self::Process(vm) => vm.snapshot(dir),
         }
     }
 

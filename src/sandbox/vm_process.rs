@@ -9,10 +9,17 @@
 //! [`VmProcessReport`] line to descriptor 3 and exits. Its stderr is the
 //! embedder's (kiln's warnings). The agent's socket is the sandbox's, in its
 //! private directory, as for a VM in the embedder's process.
+//!
+//! Descriptor 4 is the control channel, one end of a Unix socket pair: the
+//! sandbox sends a [`ControlRequest`] line (a snapshot, with the open
+//! directory to save into as the message's descriptor), the child answers
+//! with one [`ControlReply`] line. The child's end closes when it exits, so
+//! a sandbox waiting for an answer gets an error, not a hang.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
@@ -21,11 +28,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::config::SeccompMode;
+use crate::config::{Credentials, SeccompMode};
 use crate::error::Error;
 use crate::jail::JailConfig;
 use crate::seccomp::{self, ThreadKind};
+use crate::snapshot::{SaveReport, SnapshotDir};
 use crate::{VmConfig, VmOutcome, VmStopper};
 
 /// How long a stopped VM process may take to end before it is killed.
@@ -33,6 +42,13 @@ const END_GRACE: Duration = Duration::from_secs(10);
 
 /// The child's descriptor for its report.
 pub(crate) const REPORT_FD: i32 = 3;
+
+/// The child's descriptor for the control channel.
+pub(crate) const CONTROL_FD: i32 = 4;
+
+/// The longest line either side of the control channel reads (a request
+/// or an answer is a few hundred bytes).
+pub(crate) const CONTROL_LINE_MAX: usize = 64 << 10;
 
 /// The name of the hidden `kiln` subcommand that runs a sandbox's VM.
 pub(crate) const SUBCOMMAND: &str = "sandbox-vm";
@@ -53,6 +69,22 @@ pub(crate) enum VmProcessReport {
     /// The VM ran and ended so.
     Ended(VmOutcome),
     /// The VM could not be built or run: kiln's one-line message.
+    Failed(String),
+}
+
+/// What the sandbox asks of its VM process, one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ControlRequest {
+    /// Save the VM into the directory sent with this line (its descriptor)
+    /// and let it run on; `shown` names the directory in messages.
+    Snapshot { shown: PathBuf },
+}
+
+/// The VM process's answer to a [`ControlRequest`], one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum ControlReply {
+    Saved(SaveReport),
+    /// kiln's one-line message.
     Failed(String),
 }
 
@@ -81,41 +113,59 @@ pub(crate) struct VmProcess {
     lifeline: Arc<Mutex<Option<ChildStdin>>>,
     /// The read end of the report pipe: hangs up when the child has exited.
     report: File,
+    /// The sandbox's end of the control channel (one request at a time).
+    control: Mutex<UnixStream>,
+    /// The ids the child's VM runs as (a jailed child started by root).
+    owner: Option<Credentials>,
     console: Option<JoinHandle<()>>,
 }
 
 impl VmProcess {
     /// Starts `binary sandbox-vm` with `spec`; the guest console goes to
-    /// `console` (from a thread under `seccomp`'s filter).
+    /// `console` (from a thread under `seccomp`'s filter). `owner`: the ids
+    /// the child's VM runs as, when it drops to others.
     pub(crate) fn spawn(
         binary: &Path,
         spec: &VmProcessSpec,
         mut console: Box<dyn Write + Send>,
         seccomp: SeccompMode,
+        owner: Option<Credentials>,
     ) -> crate::Result<Self> {
         let line = serde_json::to_string(spec)
             .map_err(|e| Error::Config(format!("the sandbox's VM spec: {e}")))?;
         let (report_read, report_write) = pipe()?;
-        let target = report_write.as_raw_fd();
+        let (control, child_control) =
+            UnixStream::pair().map_err(Error::io("creating the sandbox's control socket"))?;
+        let targets = [
+            (report_write.as_raw_fd(), REPORT_FD),
+            (child_control.as_raw_fd(), CONTROL_FD),
+        ];
         let mut command = std::process::Command::new(binary);
         command
             .arg(SUBCOMMAND)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // SAFETY: dup2 and fcntl are async-signal-safe and touch only the
+        // SAFETY: fcntl and dup2 are async-signal-safe and touch only the
         // child's descriptor table: the report pipe's write end becomes its
-        // descriptor 3, open across exec (and nothing else of ours is).
+        // descriptor 3 and the control socket's end its 4, open across exec
+        // (and nothing else of ours is). Each is first copied above both
+        // (close-on-exec), so that placing one cannot close the other.
         unsafe {
             command.pre_exec(move || {
-                let ok = match target {
-                    REPORT_FD => libc::fcntl(REPORT_FD, libc::F_SETFD, 0) == 0,
-                    _ => libc::dup2(target, REPORT_FD) == REPORT_FD,
-                };
-                match ok {
-                    true => Ok(()),
-                    false => Err(io::Error::last_os_error()),
+                let mut copies = [0; 2];
+                for (copy, (from, _)) in copies.iter_mut().zip(targets) {
+                    *copy = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, CONTROL_FD + 1);
+                    if *copy < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
+                for (copy, (_, to)) in copies.into_iter().zip(targets) {
+                    if libc::dup2(copy, to) != to {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
             });
         }
         let mut child = command.spawn().map_err(|e| {
@@ -124,7 +174,9 @@ impl VmProcess {
                 binary.display()
             ))
         })?;
+        // The child's ends are its own: its exit closes them.
         drop(report_write);
+        drop(child_control);
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let sent = stdin
@@ -154,10 +206,58 @@ impl VmProcess {
             child: Mutex::new(child),
             lifeline: Arc::new(Mutex::new(Some(stdin))),
             report: File::from(report_read),
+            control: Mutex::new(control),
+            owner,
             console,
         };
         sent.map_err(Error::io("sending the sandbox's VM its spec"))?;
         Ok(process)
+    }
+
+    /// Has the child save its VM into `dir` and let it run on: the
+    /// directory goes over the control channel as a descriptor. Returns
+    /// the child's report, its one-line error, or an error once the child
+    /// has ended (its end of the channel is closed).
+    pub(crate) fn snapshot(&self, dir: &SnapshotDir) -> crate::Result<SaveReport> {
+        // The child writes as the ids its VM runs as.
+        if let Some(ids) = self.owner {
+            std::os::unix::fs::fchown(dir, Some(ids.uid), Some(ids.gid)).map_err(Error::io(
+                "handing the snapshot directory to the jail's ids",
+            ))?;
+        }
+        let request = ControlRequest::Snapshot {
+            shown: dir.shown_path().to_owned(),
+        };
+        let mut line = serde_json::to_vec(&request)
+            .map_err(|e| Error::VmProcess(format!("the snapshot request: {e}")))?;
+        line.push(b'\n');
+        let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = |e: io::Error| {
+            Error::VmProcess(format!(
+                "the sandbox's VM process cannot take the snapshot request (has it ended?): {e}"
+            ))
+        };
+        let sent = control
+            .send_with_fd(&line[..], dir.as_fd().as_raw_fd())
+            .map_err(|e| gone(io::Error::from_raw_os_error(e.errno())))?;
+        // The rest of a line cut short (the descriptor went with its start).
+        (&*control).write_all(&line[sent..]).map_err(gone)?;
+        let ended = |why: String| {
+            Error::VmProcess(format!(
+                "the sandbox's VM process ended before it saved the VM ({why})"
+            ))
+        };
+        let answer = read_line(&control).map_err(|e| ended(e.to_string()))?;
+        if answer.is_empty() {
+            return Err(ended("its control channel closed".into()));
+        }
+        match serde_json::from_slice::<ControlReply>(&answer) {
+            Ok(ControlReply::Saved(report)) => Ok(report),
+            Ok(ControlReply::Failed(message)) => Err(Error::VmProcess(message)),
+            Err(e) => Err(Error::VmProcess(format!(
+                "the sandbox's VM process answered the snapshot request with no report: {e}"
+            ))),
+        }
     }
 
     /// Stops the VM (closes its lifeline); [`wait`](Self::wait) collects it.
@@ -271,6 +371,27 @@ impl Drop for VmProcess {
     }
 }
 
+/// One line from `stream`, without its newline: empty at once when the
+/// stream has ended; at most [`CONTROL_LINE_MAX`] bytes are kept.
+pub(crate) fn read_line(mut stream: &UnixStream) -> io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return Ok(line),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let end = buf[..n].iter().position(|&b| b == b'\n');
+        let room = CONTROL_LINE_MAX.saturating_sub(line.len());
+        line.extend_from_slice(&buf[..end.unwrap_or(n).min(room)]);
+        if end.is_some() {
+            return Ok(line);
+        }
+    }
+}
+
 fn pipe() -> crate::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: a valid array of two ints for pipe2 to fill.
@@ -286,4 +407,64 @@ fn pipe() -> crate::Result<(OwnedFd, OwnedFd)> {
 /// Closes a VM process's lifeline (its stdin): the process stops its VM.
 fn cut(lifeline: &Mutex<Option<ChildStdin>>) {
     lifeline.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rootfs::tests::TempDir;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A VM process that is a shell script: it takes the spec, then runs `body`.
+    fn fake_vm_process(dir: &Path, name: &str, body: &str) -> VmProcess {
+        let script = dir.join(name);
+        std::fs::write(&script, format!("#!/bin/sh\nread -r spec\n{body}\n")).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = VmProcessSpec {
+            config: VmConfig::new("vmlinux"),
+            jail: None,
+        };
+        VmProcess::spawn(&script, &spec, Box::new(io::sink()), SeccompMode::Off, None).unwrap()
+    }
+
+    /// A snapshot asked of a VM process that has ended (or ends before it
+    /// answers) fails with one line and leaves no directory: the ended
+    /// process's end of the control channel is closed, so nothing waits.
+    #[test]
+    fn a_snapshot_of_an_ended_vm_process_fails_at_once() {
+        let tmp = TempDir::new("vm-process-ended");
+        let vm = fake_vm_process(&tmp.0, "ends", "exit 0");
+        let snap = tmp.0.join("snap");
+        let e = SnapshotDir::save_new(&snap, |dir| vm.snapshot(dir)).unwrap_err();
+        let message = e.to_string();
+        assert!(
+            matches!(e, Error::VmProcess(_)) && message.contains("ended before it saved"),
+            "{message}"
+        );
+        assert_eq!(message.lines().count(), 1, "{message}");
+        assert!(!snap.exists(), "a failed save left {}", snap.display());
+    }
+
+    /// An answer that is not a report (a VM process the guest took over)
+    /// is an error, not a panic or a wait.
+    #[test]
+    fn a_bad_answer_to_a_snapshot_is_an_error() {
+        let tmp = TempDir::new("vm-process-garbage");
+        // Answers nonsense, then lives on until its lifeline ends.
+        let vm = fake_vm_process(
+            &tmp.0,
+            "garbage",
+            "echo '{\"Saved\": 12}' >&4; read -r rest",
+        );
+        let e = SnapshotDir::save_new(&tmp.0.join("snap"), |dir| vm.snapshot(dir)).unwrap_err();
+        assert!(e.to_string().contains("with no report"), "{e}");
+        let vm_failed = fake_vm_process(
+            &tmp.0,
+            "failed",
+            "echo '{\"Failed\": \"no room\"}' >&4; read -r rest",
+        );
+        let e =
+            SnapshotDir::save_new(&tmp.0.join("snap"), |dir| vm_failed.snapshot(dir)).unwrap_err();
+        assert!(matches!(&e, Error::VmProcess(m) if m == "no room"), "{e}");
+    }
 }

@@ -148,6 +148,12 @@ pub(super) fn rules(kind: ThreadKind, pid: u32) -> Rules {
             list.cli_main();
             list.snapshot_save();
         }
+        ThreadKind::SandboxVm => {
+            list.cli_main();
+            list.snapshot_save();
+            // The sandbox's requests, with the snapshot directory's descriptor.
+            list.allow(&[libc::SYS_recvmsg]);
+        }
         ThreadKind::CliSignals => list.cli_signals(),
         ThreadKind::CliStdio => list.cli_stdio(),
     }
@@ -421,7 +427,7 @@ impl List {
             libc::SYS_pwrite64,
             libc::SYS_fsync,
             libc::SYS_fstat,
-            libc::SYS_unlink, // what a failed save had created
+            // unlinkat (`cli_main`'s): what a failed save had created.
         ]);
     }
 

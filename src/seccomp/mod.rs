@@ -45,6 +45,10 @@ pub(crate) enum ThreadKind {
     /// `kiln snapshot create`'s main thread: `CliMain`'s calls, and the
     /// save (the VM's state reads, new files in the snapshot directory).
     CliSnapshot,
+    /// `kiln sandbox-vm`'s main thread (the VM process of a sandbox):
+    /// `CliSnapshot`'s calls (it saves the VM when the sandbox asks), and
+    /// the requests on its control channel (recvmsg).
+    SandboxVm,
     /// `kiln-signals`: `kiln run`'s stop-signal thread.
     CliSignals,
     /// `kiln run`'s stdin, stdout and stderr copiers.
@@ -53,20 +57,24 @@ pub(crate) enum ThreadKind {
 
 impl ThreadKind {
     #[cfg(test)]
-    const ALL: [ThreadKind; 8] = [
+    const ALL: [ThreadKind; 9] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::ConsoleOutput,
         ThreadKind::SandboxHost,
         ThreadKind::CliMain,
         ThreadKind::CliSnapshot,
+        ThreadKind::SandboxVm,
         ThreadKind::CliSignals,
         ThreadKind::CliStdio,
     ];
 
     /// Whether threads of this kind start threads under their filter.
     fn starts_threads(self) -> bool {
-        matches!(self, ThreadKind::CliMain | ThreadKind::CliSnapshot)
+        matches!(
+            self,
+            ThreadKind::CliMain | ThreadKind::CliSnapshot | ThreadKind::SandboxVm
+        )
     }
 }
 
@@ -209,7 +217,7 @@ fn no_file_opens(kind: ThreadKind, log_only: bool) -> Result<BpfProgram, String>
         ThreadKind::CliMain => vec![refused(vec![not_a_directory()])?],
         // The snapshot's files are new (O_CREAT | O_EXCL): any other open of
         // a file is refused.
-        ThreadKind::CliSnapshot => {
+        ThreadKind::CliSnapshot | ThreadKind::SandboxVm => {
             let new_file = libc::O_CREAT | libc::O_EXCL;
             [0, libc::O_CREAT, libc::O_EXCL]
                 .into_iter()

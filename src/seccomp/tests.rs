@@ -176,7 +176,7 @@ fn child_case() {
                     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{kind:?}");
                     let dir = std::fs::read_dir("/proc/self");
                     match kind {
-                        ThreadKind::CliMain | ThreadKind::CliSnapshot => {
+                        ThreadKind::CliMain | ThreadKind::CliSnapshot | ThreadKind::SandboxVm => {
                             assert!(dir.is_ok(), "{dir:?}")
                         }
                         _ => assert_eq!(
@@ -187,31 +187,53 @@ fn child_case() {
                     }
                 });
             }
-            // `kiln snapshot create`'s main thread creates new files only.
+            // `kiln snapshot create`'s and `kiln sandbox-vm`'s main threads
+            // create new files only.
             let dir = std::env::temp_dir().join(format!("kiln-seccomp-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
-            let (new, existing) = (dir.join("new"), dir.join("existing"));
+            let existing = dir.join("existing");
             std::fs::write(&existing, b"x").unwrap();
-            let (n, e) = (new.clone(), existing.clone());
-            in_thread(ThreadKind::CliSnapshot, SeccompMode::On, move || {
-                let created = std::fs::File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(&n);
-                assert!(created.is_ok(), "{created:?}");
-                for open in [
-                    std::fs::File::options()
+            for kind in [ThreadKind::CliSnapshot, ThreadKind::SandboxVm] {
+                let (n, e) = (dir.join(format!("new-{kind:?}")), existing.clone());
+                in_thread(kind, SeccompMode::On, move || {
+                    let created = std::fs::File::options()
                         .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(&e),
-                    std::fs::File::options().write(true).open(&e),
-                    std::fs::File::open(&e),
-                ] {
-                    let err = open.expect_err("an existing file was opened");
-                    assert_eq!(err.raw_os_error(), Some(libc::EACCES));
-                }
+                        .create_new(true)
+                        .open(&n);
+                    assert!(created.is_ok(), "{kind:?}: {created:?}");
+                    for open in [
+                        std::fs::File::options()
+                            .write(true)
+                            .create(true)
+                            .truncate(false)
+                            .open(&e),
+                        std::fs::File::options().write(true).open(&e),
+                        std::fs::File::open(&e),
+                    ] {
+                        let err = open.expect_err("an existing file was opened");
+                        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{kind:?}");
+                    }
+                });
+            }
+            // `kiln sandbox-vm`'s saves where the sandbox's descriptor says:
+            // it takes the directory over its control socket and creates
+            // (and removes) a snapshot's file in it.
+            let (sandbox, child) = std::os::unix::net::UnixStream::pair().unwrap();
+            let opened = std::fs::File::open(&dir).unwrap();
+            use std::os::fd::AsRawFd;
+            use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+            sandbox.send_with_fd(&b"x"[..], opened.as_raw_fd()).unwrap();
+            let shown = dir.clone();
+            in_thread(ThreadKind::SandboxVm, SeccompMode::On, move || {
+                let (n, fd) = child.recv_with_fd(&mut [0u8; 1]).unwrap();
+                assert_eq!(n, 1);
+                let received = crate::snapshot::SnapshotDir::from_fd(fd.unwrap().into(), shown);
+                let received = received.unwrap();
+                let file = received.create_file("memory");
+                assert!(file.is_ok(), "{file:?}");
+                received.remove_file("memory");
             });
+            assert!(!dir.join("memory").exists());
             let _ = std::fs::remove_dir_all(&dir);
             println!("opens refused");
         }

@@ -4,7 +4,6 @@
 //! of the state in the header. Guest memory is a file of its own, next to it.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use kiln_devices::serial::SerialSnapshot;
@@ -13,6 +12,7 @@ use kiln_devices::virtio::persist::TransportState;
 use kvm_bindings::kvm_cpuid_entry2;
 use serde::{Deserialize, Serialize};
 
+use super::dir::SnapshotDir;
 use super::host_cpu::HostCpu;
 use super::vcpu_state::VcpuState;
 use super::vm_state::VmState;
@@ -84,35 +84,32 @@ pub(crate) fn disk_file(slot: usize) -> String {
     format!("disk{slot}.overlay")
 }
 
-/// Writes a new state file (an existing one is refused) and returns its
-/// size. `header`'s state fields are filled in here.
+/// Writes a new state file into `dir` (an existing one is refused) and
+/// returns its size. `header`'s state fields are filled in here.
 pub(crate) fn write_state(
-    path: &Path,
+    dir: &SnapshotDir,
     mut header: Header,
     saved: &SavedVm,
 ) -> Result<u64, SnapshotError> {
+    let path = dir.shown(STATE_FILE);
     let state = serde_json::to_vec(saved).map_err(|e| SnapshotError::Corrupt {
-        path: path.to_owned(),
+        path: path.clone(),
         reason: format!("cannot encode the state: {e}"),
     })?;
     header.state_bytes = state.len() as u64;
     header.state_crc32 = crc32fast::hash(&state);
     let header = serde_json::to_vec(&header).map_err(|e| SnapshotError::Corrupt {
-        path: path.to_owned(),
+        path: path.clone(),
         reason: format!("cannot encode the header: {e}"),
     })?;
-    let mut file = std::fs::File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600) // the owner's only, as the memory file
-        .open(path)
-        .map_err(SnapshotError::io("create", path))?;
+    // The owner's only, as the memory file.
+    let mut file = dir.create_file(STATE_FILE)?;
     let written = [MAGIC, &header, b"\n", &state]
         .iter()
         .try_for_each(|part| file.write_all(part));
     if let Err(e) = written {
-        let _ = std::fs::remove_file(path); // created above: no one else's
-        return Err(SnapshotError::io("write", path)(e));
+        dir.remove_file(STATE_FILE); // created above: no one else's
+        return Err(SnapshotError::io("write", &path)(e));
     }
     Ok((MAGIC.len() + header.len() + 1 + state.len()) as u64)
 }
@@ -259,7 +256,8 @@ mod tests {
     fn a_state_file_reads_back_as_written() {
         let dir = TempDir::new("snapshot-format");
         let path = dir.0.join(STATE_FILE);
-        let size = write_state(&path, header(), &saved()).unwrap();
+        let open = SnapshotDir::create(&dir.0).unwrap();
+        let size = write_state(&open, header(), &saved()).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
         let (read, state) = read_state(&path).unwrap();
         assert_eq!(read.host_cpu, header().host_cpu);
@@ -274,7 +272,7 @@ mod tests {
         assert_eq!(state.devices.serial, saved().devices.serial);
         assert_eq!(state.devices.virtio, saved().devices.virtio);
         // An existing snapshot is never overwritten.
-        let again = write_state(&path, header(), &saved()).unwrap_err();
+        let again = write_state(&open, header(), &saved()).unwrap_err();
         assert!(matches!(again, SnapshotError::Io { .. }), "{again:?}");
     }
 
@@ -282,7 +280,7 @@ mod tests {
     fn damaged_state_files_are_told_apart() {
         let dir = TempDir::new("snapshot-damage");
         let path = dir.0.join(STATE_FILE);
-        write_state(&path, header(), &saved()).unwrap();
+        write_state(&SnapshotDir::create(&dir.0).unwrap(), header(), &saved()).unwrap();
         let good = std::fs::read(&path).unwrap();
         let read_back = |bytes: &[u8]| {
             std::fs::write(&path, bytes).unwrap();

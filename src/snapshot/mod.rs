@@ -11,6 +11,9 @@
 //! frequency check (refused where KVM cannot scale the TSC, as on PVM).
 //! The pause itself is `crate::pause`: the vCPUs and the event thread, so
 //! no device touches guest memory or its queues while they are saved.
+//! Every file is created new relative to the open directory (`dir.rs`), so
+//! a sandbox's jailed VM process saves into a directory its sandbox opened
+//! and sent it, with the sandbox's view of the configuration.
 //!
 //! Devices: the UART's registers and unread input, and every virtio
 //! device's transport (status, features, config space, each queue's size,
@@ -41,6 +44,7 @@
 //! saved capacity; requests past its end fail). The functions here are
 //! public only for kiln's front ends and tests.
 
+mod dir;
 mod error;
 mod format;
 mod host_cpu;
@@ -48,11 +52,11 @@ mod vcpu_state;
 mod vm_state;
 
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub(crate) use dir::SnapshotDir;
 pub use error::SnapshotError;
 use format::{
     disk_file, DevicesState, Header, SavedDisk, SavedVm, FORMAT_VERSION, MEMORY_FILE, STATE_FILE,
@@ -70,7 +74,7 @@ use crate::vm::Vm;
 use crate::vmm::{ConsoleIo, VmHandle};
 
 /// What [`save`] did, measured.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct SaveReport {
     /// From the call to every vCPU parked.
     pub pause: Duration,
@@ -86,9 +90,35 @@ impl From<PauseError> for SnapshotError {
     }
 }
 
-/// Pauses `vm` and saves it into `dir` (created if needed; a snapshot
-/// already there is refused). The VM stays paused: [`resume`] it or stop it.
+/// Pauses `vm` and saves it into `dir` (created owner-only if needed; a
+/// snapshot already there is refused; a refused save leaves no directory
+/// it created). The VM stays paused: [`resume`] it or stop it.
 pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
+    SnapshotDir::save_new(dir, |dir| save_into(vm, dir, None))
+}
+
+/// Saves `vm` into `dir` as [`save`] does and lets it run on (resumed
+/// whether or not the save got as far as the pause).
+pub(crate) fn save_live(
+    vm: &VmHandle,
+    dir: &SnapshotDir,
+    host_side: Option<&crate::VmConfig>,
+) -> Result<SaveReport, SnapshotError> {
+    let saved = save_into(vm, dir, host_side);
+    resume(vm);
+    saved
+}
+
+/// Pauses `vm` and saves it into the open directory `dir`: the one save
+/// path. The saved configuration is the VM's own, with the host-side
+/// options (paths of sockets and scratch directories, ids; see
+/// [`VmConfig::restored_from`](crate::VmConfig)) of `host_side` when given:
+/// a jailed VM's own are those of its jail, a restore needs the host's.
+fn save_into(
+    vm: &VmHandle,
+    dir: &SnapshotDir,
+    host_side: Option<&crate::VmConfig>,
+) -> Result<SaveReport, SnapshotError> {
     let started = Instant::now();
     let running = vm.running().ok_or(SnapshotError::NotRunning)?;
     // A clone would write the user's file in place, as the VM saved does.
@@ -125,14 +155,19 @@ pub fn save(vm: &VmHandle, dir: &Path) -> Result<SaveReport, SnapshotError> {
     }
     let tsc_khz = running.pause.on_vcpu(0, vcpu_state::tsc_khz)??;
     let (devices, overlays) = save_devices(&running.devices)?;
+    let config = match host_side {
+        Some(host) => host
+            .restored_from(&running.config)
+            .map_err(SnapshotError::Devices)?,
+        None => (*running.config).clone(),
+    };
     let saved = SavedVm {
-        config: (*running.config).clone(),
+        config,
         vcpus,
         vm: VmState::save(running.vm.fd())?,
         devices,
     };
 
-    std::fs::create_dir_all(dir).map_err(SnapshotError::io("create directory", dir))?;
     let header = Header {
         format_version: FORMAT_VERSION,
         kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -185,7 +220,7 @@ fn save_devices(
 /// what this call created is removed again if any fails (an existing file
 /// is refused, never touched). Returns the state file's size.
 fn write_files(
-    dir: &Path,
+    dir: &SnapshotDir,
     mem: &vm_memory::GuestMemoryMmap,
     overlays: &[(usize, File)],
     header: Header,
@@ -193,15 +228,14 @@ fn write_files(
 ) -> Result<u64, SnapshotError> {
     let mut created = Vec::new();
     let write = || {
-        let memory_path = dir.join(MEMORY_FILE);
-        let mut memory = create_new(&memory_path)?;
-        created.push(memory_path.clone());
+        let mut memory = dir.create_file(MEMORY_FILE)?;
+        created.push(MEMORY_FILE.to_string());
         crate::memory::write_guest_memory(mem, &mut memory)
-            .map_err(SnapshotError::io("write", &memory_path))?;
+            .map_err(SnapshotError::io("write", &dir.shown(MEMORY_FILE)))?;
         for (slot, overlay) in overlays {
-            let path = dir.join(disk_file(*slot));
-            let file = create_new(&path)?;
-            created.push(path.clone());
+            let name = disk_file(*slot);
+            let file = dir.create_file(&name)?;
+            created.push(name.clone());
             let size = saved
                 .devices
                 .disks
@@ -209,14 +243,14 @@ fn write_files(
                 .find(|d| d.slot == *slot)
                 .map_or(0, |d| d.overlay.base.size());
             kiln_devices::virtio::block::copy_sparse(overlay, &file, size)
-                .map_err(SnapshotError::io("write", &path))?;
+                .map_err(SnapshotError::io("write", &dir.shown(&name)))?;
         }
-        format::write_state(&dir.join(STATE_FILE), header, saved)
+        format::write_state(dir, header, saved)
     };
     let written = write();
     if written.is_err() {
-        for path in created {
-            let _ = std::fs::remove_file(path);
+        for name in created {
+            dir.remove_file(&name);
         }
     }
     written
@@ -226,18 +260,6 @@ fn write_files(
 /// read and checked): what a restore's jail and front ends plan with.
 pub(crate) fn saved_config(dir: &Path) -> Result<crate::VmConfig, SnapshotError> {
     format::read_state(&dir.join(STATE_FILE)).map(|(_, saved)| saved.config)
-}
-
-/// A new file at `path` (an existing one is refused, never touched).
-fn create_new(path: &Path) -> Result<File, SnapshotError> {
-    File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        // Guest memory and state: the owner's only.
-        .mode(0o600)
-        .open(path)
-        .map_err(SnapshotError::io("create", path))
 }
 
 /// Lets a VM paused by [`save`] run on.
