@@ -232,21 +232,19 @@ impl VmProcess {
             .map_err(|e| Error::VmProcess(format!("the snapshot request: {e}")))?;
         line.push(b'\n');
         let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        let gone = |e: io::Error| {
-            Error::VmProcess(format!(
-                "the sandbox's VM process cannot take the snapshot request (has it ended?): {e}"
-            ))
-        };
-        let sent = control
-            .send_with_fd(&line[..], dir.as_fd().as_raw_fd())
-            .map_err(|e| gone(io::Error::from_raw_os_error(e.errno())))?;
-        // The rest of a line cut short (the descriptor went with its start).
-        (&*control).write_all(&line[sent..]).map_err(gone)?;
+        // Whether it ended before or after taking the request, the same words.
         let ended = |why: String| {
             Error::VmProcess(format!(
                 "the sandbox's VM process ended before it saved the VM ({why})"
             ))
         };
+        let sent = control
+            .send_with_fd(&line[..], dir.as_fd().as_raw_fd())
+            .map_err(|e| ended(io::Error::from_raw_os_error(e.errno()).to_string()))?;
+        // The rest of a line cut short (the descriptor went with its start).
+        (&*control)
+            .write_all(&line[sent..])
+            .map_err(|e| ended(e.to_string()))?;
         let answer = read_line(&control).map_err(|e| ended(e.to_string()))?;
         if answer.is_empty() {
             return Err(ended("its control channel closed".into()));
