@@ -22,10 +22,10 @@
 #                           first KVM_RUN) and whole run (start to exit) with
 #                           the jail and the seccomp filters on, and each off
 #                  command  `kiln run ... -- echo hi` vs a conventional QEMU boot
-#                  snapshot kiln alone: `kiln run --from DIR -- echo hi` vs the
-#                           same command booting; restore to agent ready;
-#                           create time and sizes; 16 copies at once (wall
-#                           time, private memory per idle copy)
+#                  snapshot `kiln run --from DIR -- echo hi` vs the same command
+#                           booting; restore to agent ready, and QEMU's own
+#                           save/restore (migrate to a file, -incoming) side
+#                           by side; create time, sizes; 16 copies at once
 #                  exec     kiln alone: Sandbox::exec of `sh -c 'echo hello'` in
 #                           a ready VM vs the guest's own fork+exec of it
 #                  disk     virtio-blk: O_DIRECT dd of 64 MiB, random 4 KiB reads
@@ -885,20 +885,29 @@ run_command() {
 }
 
 # ------------------------------------------------------- 2c. snapshots
-# kiln alone (QEMU's own save/restore is not measured here): one snapshot
-# of the busybox root booted to kiln's agent, then copies of it.
+# One snapshot of the busybox root booted to kiln's agent, then copies of
+# it; and QEMU's own save (`migrate "exec:cat > FILE"`) and restore
+# (`-incoming "exec:cat FILE"`) of a guest with the same kernel and command
+# line, restores interleaved with kiln's (snapshot_qemu_*).
 run_snapshot() {
     local rootfs="$root/target/guest/rootfs" snap="$work/snapshot" rep t0 t1
     [ -d "$rootfs" ] || { note "snapshot: target/guest/rootfs missing (run resources/setup.sh)"; record_na snapshot_restore_first_line_ms; return 0; }
     log "snapshots: create once, then $reps restores, $reps boots and 16 copies at once"
     t0=$(date +%s%N)
-    "$kiln" snapshot create --kernel "$vmlinux" --rootfs "$rootfs" --output "$snap" \
+    KILN_LOG=info "$kiln" snapshot create --kernel "$vmlinux" --rootfs "$rootfs" --output "$snap" \
         >"$work/snapshot-create.out" 2>"$work/snapshot-create.err" ||
         { fail_note "snapshot: kiln snapshot create failed (see $work/snapshot-create.err)"; return 0; }
     t1=$(date +%s%N)
     record snapshot_create_ms kiln "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e6 }')"
     record snapshot_state_kib kiln "$(du -k --apparent-size "$snap/vmstate" | cut -f1)"
     record snapshot_memory_disk_kib kiln "$(du -k "$snap/memory" | cut -f1)"
+    record restore_files_kib kiln "$(du -k -c "$snap/memory" "$snap/vmstate" | tail -1 | cut -f1)"
+    # "snapshot written to DIR in 123.4ms (paused in ...)": the save alone.
+    local saved
+    saved=$(sed -n 's/.*snapshot written to .* in \([0-9.]*\)\(m\{0,1\}\)s (paused.*/\1 \2/p' "$work/snapshot-create.err" | head -1)
+    [ -n "$saved" ] && record restore_save_ms kiln "$(secs_or_ms "$saved")"
+    snapshot_qemu_state=""
+    [ -n "$qemu" ] && snapshot_qemu_save "$snap"
     for rep in $(seq "$reps"); do
         local base="$work/snapshot-restore-$rep"
         KILN_LOG=info brun -t 300 -o "$base.out" -e "$base.err" -m hi -- "$kiln" run --from "$snap" -- echo hi ||
@@ -910,7 +919,12 @@ run_snapshot() {
         # "sandbox ready in 12.3ms": from the sandbox build (after the jail) to the agent's HELLO.
         local ready
         ready=$(sed -n 's/.*sandbox ready in \([0-9.]*\)\(m\{0,1\}\)s.*/\1 \2/p' "$base.err" | head -1)
-        [ -n "$ready" ] && record snapshot_restore_ready_ms kiln "$(awk -v v="${ready% *}" -v u="${ready#* }" 'BEGIN { printf "%.2f", u == "m" ? v : v * 1000 }')"
+        [ -n "$ready" ] && record snapshot_restore_ready_ms kiln "$(secs_or_ms "$ready")"
+        # "agent ready 45.6 ms after kiln started": the guest's first output
+        # after the resume (its agent's HELLO), from the process start.
+        ready=$(sed -n 's/.*agent ready \([0-9.]*\) ms after kiln started.*/\1/p' "$base.err" | head -1)
+        [ -n "$ready" ] && record restore_resume_ms kiln "$ready"
+        [ -n "$snapshot_qemu_state" ] && snapshot_qemu_restore "$rep"
     done
     for rep in $(seq "$reps_boot"); do
         local base="$work/snapshot-boot-$rep"
@@ -920,6 +934,99 @@ run_snapshot() {
         record snapshot_boot_first_line_ms kiln "$(ms "${R[marker]}")"
     done
     snapshot_copies "$snap" 16
+}
+
+# secs_or_ms "V U": a Debug-printed duration split into its number and
+# "m" (milliseconds) or "" (seconds), in milliseconds.
+secs_or_ms() {
+    awk -v v="${1% *}" -v u="${1#* }" 'BEGIN { printf "%.2f", u == "m" ? v : v * 1000 }'
+}
+
+# QEMU's guest for the restore row: the same vmlinux, memory (kiln's default
+# 256 MiB), one vCPU and kernel command line as kiln's (kiln's words for a
+# run without devices, from --print-cmdline), and the benchmark initramfs
+# whose /init prints KILN-BENCH-TICK every 50 ms from a shell loop
+# (bench_tick=1). QEMU has no vsock device here (no /dev/vhost-vsock) to run
+# kiln's agent, so the fair point is the guest's first output after the
+# resume: kiln's agent's HELLO over vsock, QEMU's first serial line (the
+# loop's 50 ms timer has expired by then: the guest's clock jumped with the
+# host's TSC, as kiln's does on PVM). The vCPU gets the snapshot's TSC
+# frequency (tsc-frequency=): without it QEMU refuses to save a guest that
+# sees an invariant TSC ("non-migratable CPU device (invtsc flag)").
+snapshot_qemu_cmd() {
+    local tsc_khz=$1 line base=() i
+    make_bench_initramfs
+    line=$(print_cmdline "$kiln" run --kernel "$vmlinux" --initrd "$work/bench-initramfs.cpio" \
+        --cpus 1 --cmdline "rdinit=/init bench_tick=1")
+    for ((i = 0; i < ${#qemu_base[@]}; i++)); do
+        base+=("${qemu_base[$i]}")
+        if [ "${qemu_base[$i]}" = -cpu ]; then
+            i=$((i + 1)); base+=("${qemu_base[$i]},tsc-frequency=${tsc_khz}000")
+        fi
+    done
+    snapshot_qemu=("$qemu" "${qemu_machine[@]}" "${base[@]}" -m 256M -kernel "$vmlinux"
+                   -initrd "$work/bench-initramfs.cpio" -append "$line")
+}
+
+# snapshot_qemu_save SNAP: boots QEMU's guest to its loop and saves it
+# through the human monitor on a pair of FIFOs (`migrate "exec:cat > FILE"`
+# while it runs: the restored copy then starts by itself); sets
+# snapshot_qemu_state to FILE, or on failure records n/a with the reason.
+snapshot_qemu_save() {
+    local snap=$1 tsc_khz mon="$work/qemu-hmp" state="$work/qemu-state.mig" out="$work/qemu-save.out" pid cat_pid hmp t0
+    tsc_khz=$(head -c 4096 "$snap/vmstate" | grep -o '"tsc_khz":[0-9]*' | head -1 | cut -d: -f2)
+    [ -n "$tsc_khz" ] || { fail_note "snapshot: no tsc_khz in $snap/vmstate"; record_na restore_resume_ms; return 0; }
+    snapshot_qemu_cmd "$tsc_khz"
+    rm -f "$mon.in" "$mon.out" "$state"; mkfifo "$mon.in" "$mon.out"
+    log "  QEMU: boot to the loop, then migrate to a file"
+    "${snapshot_qemu[@]}" -serial "file:$out" -chardev "pipe,id=hmp,path=$mon" -mon chardev=hmp,mode=readline \
+        </dev/null >"$work/qemu-save.log" 2>&1 &
+    pid=$!
+    # QEMU opens both FIFOs read-write, and so does this side's end of
+    # the input: no open blocks, even if QEMU does not start.
+    cat "$mon.out" > "$work/qemu-hmp.log" &
+    cat_pid=$!
+    exec {hmp}<>"$mon.in"
+    t0=$(date +%s)
+    until grep -q '^KILN-BENCH-TICK' "$out" 2>/dev/null; do
+        if ! kill -0 "$pid" 2>/dev/null || [ $(( $(date +%s) - t0 )) -gt "$boot_timeout" ]; then break; fi
+        sleep 0.2
+    done
+    if grep -q '^KILN-BENCH-TICK' "$out" 2>/dev/null; then
+        printf '%s\n' "migrate \"exec:cat > $state\"" 'info migrate' >&"$hmp"
+    fi
+    echo quit >&"$hmp"
+    exec {hmp}>&-
+    wait "$pid" 2>/dev/null || true
+    # The monitor's output ends with QEMU; a cat still waiting is let go.
+    for _ in $(seq 50); do kill -0 "$cat_pid" 2>/dev/null || break; sleep 0.1; done
+    kill "$cat_pid" 2>/dev/null || true
+    wait "$cat_pid" 2>/dev/null || true
+    local total
+    total=$(tr -d '\r' < "$work/qemu-hmp.log" | sed -n 's/^total time: \([0-9]*\) ms.*/\1/p' | tail -1)
+    if ! tr -d '\r' < "$work/qemu-hmp.log" | grep -q '^Migration status: completed' || [ ! -s "$state" ]; then
+        local why
+        why=$(tr -d '\r' < "$work/qemu-hmp.log" | grep -iE 'error|blocked|fail' | head -1)
+        note "snapshot: QEMU's save failed: ${why:-no completed migration} (see $work/qemu-hmp.log, $work/qemu-save.log)"
+        record_na restore_resume_ms
+        return 0
+    fi
+    [ -n "$total" ] && record restore_save_ms qemu "$total"
+    record restore_files_kib qemu "$(du -k "$state" | cut -f1)"
+    note "snapshot: QEMU's guest: ${snapshot_qemu[*]}"
+    snapshot_qemu_state=$state
+}
+
+# snapshot_qemu_restore REP: one restore of QEMU's saved guest, from the
+# process start to its first serial line.
+snapshot_qemu_restore() {
+    local base="$work/snapshot-qemu-restore-$1"
+    brun -t 300 -o "$base.out" -e "$base.err" -m KILN-BENCH-TICK -k -- \
+        "${snapshot_qemu[@]}" -serial stdio -incoming "exec:cat $snapshot_qemu_state" ||
+        { fail_note "snapshot: QEMU restore: benchrun failed"; return 0; }
+    [ "${R[marker]:-none}" != none ] ||
+        { fail_note "snapshot: QEMU restore $1: no line after the resume (see $base.out, $base.err)"; return 0; }
+    record restore_resume_ms qemu "$(ms "${R[marker]}")"
 }
 
 # snapshot_copies DIR N: N copies of DIR at once, each printing "ready" and

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -489,8 +489,7 @@ impl SandboxBuilder {
             // The agent's connection and the VM's end (a stop included) wake
             // this at once; the timer only serves the deadline.
             wait_readable(
-                &listener,
-                vm.finished_fd(),
+                &[listener.as_fd(), vm.finished_fd()],
                 deadline.map(|d| d.saturating_duration_since(Instant::now())),
             );
         };
@@ -520,21 +519,25 @@ impl SandboxBuilder {
     }
 }
 
-/// Sleeps until `listener` has a connection waiting, the VM has ended
-/// (`vm_finished` hangs up) or `max` has passed (the deadline; `None`: no
-/// deadline): the agent's connection, or the VM's end, is seen at once.
-fn wait_readable(listener: &UnixListener, vm_finished: BorrowedFd<'_>, max: Option<Duration>) {
-    let mut fds = [listener.as_raw_fd(), vm_finished.as_raw_fd()].map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
+/// Sleeps until one of `fds` is readable or hangs up (a connection
+/// waiting on a listener, a VM's end) or `max` has passed (`None`: no
+/// limit), and says whether one did: each is seen at once, no poll period.
+pub(super) fn wait_readable(fds: &[BorrowedFd<'_>], max: Option<Duration>) -> bool {
+    let mut fds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let millis = max.map_or(-1, |max| {
-        max.as_millis().min(libc::c_int::MAX as u128) as libc::c_int
+        // Rounded up: a deadline less than 1 ms away is not a busy loop.
+        max.as_micros().div_ceil(1000).min(libc::c_int::MAX as u128) as libc::c_int
     });
-    // SAFETY: `fds` is a valid array of two pollfds for the duration of the
-    // call, and both descriptors stay open (borrowed from their owners).
-    unsafe { libc::poll(fds.as_mut_ptr(), 2, millis) };
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the
+    // duration of the call, and every descriptor stays open (borrowed).
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) > 0 }
 }
 
 /// Finds here what the VM process would find wrong first (the

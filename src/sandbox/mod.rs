@@ -43,7 +43,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_init::protocol::{
     self, Decoder, ExecOptions, ExitReason, Identity, Msg, Stream, MAX_EXECS, OUTPUT_WINDOW,
@@ -527,10 +527,7 @@ impl Sandbox {
         let mut outcome = None;
         let mut result = Ok(());
         if let Some(vm) = vm {
-            let deadline = Instant::now() + SHUTDOWN_GRACE;
-            while !vm.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            vm.wait_finished(SHUTDOWN_GRACE);
             vm.stop();
             match vm.wait() {
                 Ok(end) => outcome = Some(end),

@@ -2,6 +2,7 @@
 //! ([`Isolation`]): the one handle the sandbox stops, waits on and collects.
 
 use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
 
 use super::vm_process::VmProcess;
 use crate::snapshot::{SaveReport, SnapshotDir};
@@ -65,6 +66,19 @@ impl SandboxVm {
         match self {
             Self::InProcess(vm) => Ok(crate::snapshot::save_live(vm, dir, None)?),
             Self::Process(vm) => vm.snapshot(dir),
+        }
+    }
+
+    /// Returns once the VM has ended (seen at once) or `max` has passed.
+    pub(crate) fn wait_finished(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        while !self.is_finished() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Ready means ended (or, for a VM process, reported and about to
+            // exit: `wait` collects it).
+            if left.is_zero() || super::builder::wait_readable(&[self.finished_fd()], Some(left)) {
+                return;
+            }
         }
     }
 

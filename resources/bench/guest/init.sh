@@ -7,6 +7,9 @@
 #   bench_randread=N    then N random 4 KiB O_DIRECT reads of /dev/vda
 #   bench_net=ME/PEER   configure eth0 as ME/24 and ping PEER
 #   bench_net_count=N   pings to send (default 20)
+#   bench_tick=1        print KILN-BENCH-TICK every 50 ms, from the shell
+#                       itself (no fork): the snapshot row's QEMU guest, whose
+#                       first line after a restore is the time to resume
 # Without any of them, reset at once (reboot=k: through the i8042).
 echo KILN-BENCH-INIT
 if [ -n "$bench_disk" ]; then
@@ -23,6 +26,13 @@ if [ -n "$bench_net" ]; then
     ifconfig eth0 "${bench_net%/*}" netmask 255.255.255.0 up
     ping -c "${bench_net_count:-20}" "${bench_net#*/}"
     echo KILN-BENCH-DONE
+fi
+if [ -n "$bench_tick" ]; then
+    # The console gives no input: each read waits out its 50 ms timer.
+    while :; do
+        read -r -t 0.05 _
+        echo KILN-BENCH-TICK
+    done
 fi
 if [ -n "$bench_idle" ]; then
     exec sleep 1000000
