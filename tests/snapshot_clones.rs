@@ -92,13 +92,17 @@ fn shared_snapshot() -> &'static (PathBuf, Instant) {
 }
 
 /// `kiln snapshot create --kernel vmlinux --rootfs busybox EXTRA --output
-/// DIR [--warmup WARMUP...]`.
+/// DIR [--warmup WARMUP...]`. The root is given relative to kiln's working
+/// directory (its parent), as a user in that directory would: the copies,
+/// started elsewhere, find it only if the snapshot names it absolutely.
 fn create(dir: &Path, extra: &[&str], warmup: &[&str]) -> Output {
+    let rootfs = guest_rootfs();
     let mut cmd = kiln_cli();
-    cmd.args(["snapshot", "create", "--kernel"])
+    cmd.current_dir(rootfs.parent().unwrap())
+        .args(["snapshot", "create", "--kernel"])
         .arg(guest_kernel("vmlinux").unwrap())
         .arg("--rootfs")
-        .arg(guest_rootfs())
+        .arg(rootfs.file_name().unwrap())
         .args(["--boot-timeout", BOOT_TIMEOUT])
         .args(extra)
         .arg("--output")

@@ -59,14 +59,17 @@ pub(super) fn enter_jail(jail: JailConfig, config: &mut VmConfig) -> Result<(), 
     enter_jail_with(jail, config, plan)
 }
 
-/// Enters `--cgroup`'s cgroup, then the jail (`add` may add to its plan),
-/// as every command that runs a VM does first thing, while kiln has one
-/// thread. Returns the one-line error.
+/// Makes `config`'s host paths absolute, enters `--cgroup`'s cgroup, then
+/// the jail (`add` may add to its plan), as every command that runs a VM
+/// does first thing, while kiln has one thread. Returns the one-line error.
 pub(super) fn confine(
     args: &JailArgs,
     config: &mut VmConfig,
     add: impl FnOnce(&mut JailPlan),
 ) -> Result<(), String> {
+    config
+        .make_host_paths_absolute()
+        .map_err(|e| format!("the working directory: {e}"))?;
     if let Some(limits) = &args.cgroup {
         // Before the jail, which hides /sys/fs/cgroup.
         crate::jail::enter_cgroup(limits).map_err(|e| e.to_string())?;

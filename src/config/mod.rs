@@ -172,6 +172,36 @@ impl Default for VmConfig {
 }
 
 impl VmConfig {
+    /// Makes the host files this config names absolute (against the
+    /// working directory): a snapshot saves the config and is restored from
+    /// anywhere, and the jail shows each file at its own path. The vsock
+    /// socket is left as given (its length is limited, and it is never
+    /// saved for another run).
+    pub(crate) fn make_host_paths_absolute(&mut self) -> std::io::Result<()> {
+        let absolute = |path: &mut PathBuf| -> std::io::Result<()> {
+            if !path.as_os_str().is_empty() {
+                *path = std::path::absolute(&*path)?;
+            }
+            Ok(())
+        };
+        absolute(&mut self.kernel)?;
+        for path in [
+            &mut self.initrd,
+            &mut self.rootfs,
+            &mut self.scratch_dir,
+            &mut self.restore_from,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            absolute(path)?;
+        }
+        for disk in &mut self.disks {
+            absolute(&mut disk.path)?;
+        }
+        Ok(())
+    }
+
     /// The defaults with this kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
@@ -675,6 +705,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Host files become absolute against the working directory; empty
+    /// paths (a restore's kernel) and the vsock socket stay as given.
+    #[test]
+    fn host_paths_become_absolute() {
+        let cwd = std::env::current_dir().unwrap();
+        let mut c = VmConfig {
+            rootfs: Some("root".into()),
+            initrd: Some("/abs/initrd".into()),
+            restore_from: Some("snap".into()),
+            disks: vec!["d.img,ro".parse().unwrap()],
+            vsock: Some("cid=3,socket=v.sock".parse().unwrap()),
+            ..VmConfig::default()
+        };
+        c.make_host_paths_absolute().unwrap();
+        assert_eq!(c.kernel, PathBuf::new());
+        assert_eq!(c.rootfs, Some(cwd.join("root")));
+        assert_eq!(c.initrd, Some(PathBuf::from("/abs/initrd")));
+        assert_eq!(c.restore_from, Some(cwd.join("snap")));
+        assert_eq!(c.disks[0].path, cwd.join("d.img"));
+        assert_eq!(c.vsock.unwrap().socket, PathBuf::from("v.sock"));
+    }
     use std::os::unix::ffi::OsStrExt;
 
     #[test]

@@ -383,6 +383,9 @@ impl SandboxBuilder {
     /// long; the VM is stopped in every case.
     pub fn build(mut self) -> Result<Sandbox> {
         let started = Instant::now();
+        self.config
+            .make_host_paths_absolute()
+            .map_err(SandboxError::io("the working directory"))?;
         let dir = TempDir::new()?;
         let socket = dir.path().join("vsock.sock");
         let (config, identity) = self.vm_config_and_identity(socket.clone())?;
