@@ -1,0 +1,216 @@
+//! Host directories shared with a real Linux guest (virtio-fs, the real
+//! virtiofsd), in one boot: a host file read in the guest, a file the
+//! guest writes seen on the host byte for byte, a read-only share that
+//! refuses writes in the guest (even remounted read-write there: virtiofsd
+//! enforces it) with its host files unchanged, two shares at once. Plus
+//! the `--share` errors, which need no boot.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+
+use common::{guest_kernel, guest_rootfs, kiln_cli, require, sha256_hex, Scratch};
+
+const TIMEOUT: &str = "1200s";
+
+const GUEST_SCRIPT: &str = r#"
+echo "host_file=$(cat /mnt/rw/from-host.txt)"
+seq 1 200000 | head -c 1048576 > /mnt/rw/deep/dir/pattern.bin && sync && echo write_rw=ok
+echo "guest_sha=$(sha256sum /mnt/rw/deep/dir/pattern.bin | cut -d' ' -f1)"
+echo "ro_file=$(cat /srv/ro/keep.txt)"
+grep -q ' /srv/ro virtiofs ro' /proc/mounts && echo ro_mount=ro
+if echo new > /srv/ro/new.txt 2>/dev/null; then echo ro_create=succeeded; else echo ro_create=failed; fi
+if echo more >> /srv/ro/keep.txt 2>/dev/null; then echo ro_append=succeeded; else echo ro_append=failed; fi
+mount -o remount,rw /srv/ro && echo remount_rw=ok
+if echo new > /srv/ro/new.txt 2>/dev/null; then echo rw_remount_create=succeeded; else echo rw_remount_create=failed; fi
+echo done=1
+"#;
+
+fn parse_kv(stdout: &str) -> HashMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn have_virtiofsd() -> bool {
+    require(
+        kiln::share::find_virtiofsd(None).is_ok(),
+        "virtiofsd not installed (run resources/setup.sh)",
+    )
+}
+
+/// One boot with a writable and a read-only share.
+#[test]
+fn guest_reads_and_writes_shared_directories() {
+    if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
+        return;
+    }
+    let _one = common::one_vm();
+    let scratch = Scratch::new("share-guest");
+    let rw = scratch.path("rw");
+    let ro = scratch.path("ro");
+    fs::create_dir_all(rw.join("deep/dir")).unwrap();
+    fs::create_dir_all(&ro).unwrap();
+    fs::write(rw.join("from-host.txt"), "written-on-the-host\n").unwrap();
+    fs::write(ro.join("keep.txt"), "read-only-content\n").unwrap();
+
+    let out = kiln_cli()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest_kernel("vmlinux").unwrap())
+        .arg("--rootfs")
+        .arg(guest_rootfs())
+        .args(["--timeout", TIMEOUT])
+        .arg("--share")
+        .arg(format!("{}:/mnt/rw", rw.display()))
+        .arg("--share")
+        .arg(format!("{}:/srv/ro,ro,cache=never", ro.display()))
+        // Writing a root-owned directory, remounting: root in the guest.
+        .args(["--user", "0"])
+        .args(["--", "sh", "-c", GUEST_SCRIPT])
+        .output()
+        .expect("running kiln");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "kiln exited {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kv = parse_kv(&stdout);
+    let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("<missing>");
+    assert_eq!(out.status.code(), Some(0), "guest script status");
+    assert_eq!(get("done"), "1");
+
+    // Host to guest, and guest to host byte for byte.
+    assert_eq!(get("host_file"), "written-on-the-host");
+    assert_eq!(get("write_rw"), "ok");
+    let pattern = common::seq_pattern();
+    assert_eq!(get("guest_sha"), sha256_hex(&pattern));
+    let written = fs::read(rw.join("deep/dir/pattern.bin")).unwrap();
+    assert!(
+        written == pattern,
+        "the host sees other bytes than the guest wrote"
+    );
+
+    // Read-only: readable, mounted ro, no write gets through, not even
+    // after the guest remounts it read-write (virtiofsd --readonly).
+    assert_eq!(get("ro_file"), "read-only-content");
+    assert_eq!(get("ro_mount"), "ro");
+    assert_eq!(get("ro_create"), "failed");
+    assert_eq!(get("ro_append"), "failed");
+    assert_eq!(get("remount_rw"), "ok");
+    assert_eq!(get("rw_remount_create"), "failed");
+    assert_eq!(
+        fs::read_to_string(ro.join("keep.txt")).unwrap(),
+        "read-only-content\n"
+    );
+    let names: Vec<_> = fs::read_dir(&ro)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["keep.txt"], "the read-only share changed");
+}
+
+/// Runs `kiln run` with `args` (no guest runs: each fails before boot) and
+/// returns its status and stderr, which must be one line.
+fn refused(args: &[&str], env: &[(&str, &Path)]) -> (Option<i32>, String) {
+    let mut cmd = kiln_cli();
+    cmd.args(["run", "--kernel", "/nonexistent/vmlinux"])
+        .args(args)
+        .env_remove("KILN_VIRTIOFSD");
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let out = cmd.output().expect("running kiln");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "not one line: {stderr}"
+    );
+    (out.status.code(), stderr)
+}
+
+/// Bad `--share` input: one line naming the problem, status 125.
+#[test]
+fn share_errors_are_one_line() {
+    let scratch = Scratch::new("share-errors");
+    let dir = scratch.path("dir");
+    fs::create_dir_all(&dir).unwrap();
+    let file = scratch.path("file");
+    fs::write(&file, "").unwrap();
+    let share = |host: &Path, rest: &str| format!("{}:{rest}", host.display());
+
+    let missing = scratch.path("missing");
+    let (status, err) = refused(&["--share", &share(&missing, "/mnt")], &[]);
+    assert_eq!(status, Some(125), "{err}");
+    assert!(
+        err.contains(&format!("--share: {}: No such file", missing.display())),
+        "{err}"
+    );
+
+    let (status, err) = refused(&["--share", &share(&file, "/mnt")], &[]);
+    assert_eq!(status, Some(125), "{err}");
+    assert!(err.contains("is not a directory"), "{err}");
+
+    for (bad, why) in [
+        (share(&dir, "mnt"), "absolute path"),
+        (dir.display().to_string(), "needs HOST_DIR:GUEST_PATH"),
+        (
+            share(&dir, "/mnt,cache=maybe"),
+            "'auto', 'always' or 'never'",
+        ),
+    ] {
+        let (status, err) = refused(&["--share", &bad], &[]);
+        assert_eq!(status, Some(125), "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+
+    let (status, err) = refused(
+        &[
+            "--share",
+            &share(&dir, "/a"),
+            "--share",
+            &share(&dir, "/a/"),
+        ],
+        &[],
+    );
+    assert_eq!(status, Some(125), "{err}");
+    assert!(err.contains("guest path /a/ is given twice"), "{err}");
+
+    // No virtiofsd anywhere kiln looks: how to install it.
+    let empty = scratch.path("empty");
+    fs::create_dir_all(&empty).unwrap();
+    let (status, err) = refused(
+        &["--share", &share(&dir, "/mnt")],
+        &[
+            ("PATH", &empty),
+            ("HOME", &empty),
+            ("KILN_CACHE_DIR", &empty),
+        ],
+    );
+    assert_eq!(status, Some(125), "{err}");
+    assert!(
+        err.contains("virtiofsd not found: install it with resources/setup.sh"),
+        "{err}"
+    );
+
+    let (status, err) = refused(
+        &[
+            "--share",
+            &share(&dir, "/mnt"),
+            "--virtiofsd",
+            "/nonexistent/virtiofsd",
+        ],
+        &[],
+    );
+    assert_eq!(status, Some(125), "{err}");
+    assert!(
+        err.contains("/nonexistent/virtiofsd is not an executable"),
+        "{err}"
+    );
+}
