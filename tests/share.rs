@@ -115,6 +115,77 @@ fn guest_reads_and_writes_shared_directories() {
     assert_eq!(names, ["keep.txt"], "the read-only share changed");
 }
 
+/// The pids of the processes whose command line mentions `dir`.
+fn processes_naming(dir: &Path) -> Vec<i32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}
+
+/// The sandbox API's `.share()`, with the VM in a jailed process of its
+/// own (the default isolation): commands see the shares, the host sees
+/// what they write, and the shares' virtiofsd processes end with the
+/// sandbox.
+#[test]
+fn sandbox_shares_reach_its_commands() {
+    use kiln::config::ShareConfig;
+    use kiln::sandbox::{Command, Sandbox};
+    if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
+        return;
+    }
+    let _one = common::one_vm();
+    let scratch = Scratch::new("share-sandbox");
+    let (data, out) = (scratch.path("data"), scratch.path("out"));
+    fs::create_dir_all(&data).unwrap();
+    fs::create_dir_all(&out).unwrap();
+    fs::write(data.join("in.txt"), "host-data\n").unwrap();
+    let share = |dir: &Path, rest: &str| -> ShareConfig {
+        format!("{}:{rest}", dir.display()).parse().unwrap()
+    };
+    let sandbox = Sandbox::builder()
+        .kernel(guest_kernel("vmlinux").unwrap())
+        .rootfs(guest_rootfs())
+        .timeout(std::time::Duration::from_secs(1200))
+        .boot_timeout(std::time::Duration::from_secs(600))
+        .share(share(&data, "/data,ro"))
+        .share(share(&out, "/out"))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // virtiofsd's namespace sandbox is a parent and a child per share.
+    let (data_daemon, out_daemon) = (processes_naming(&data), processes_naming(&out));
+    assert!(
+        !data_daemon.is_empty() && !out_daemon.is_empty(),
+        "a virtiofsd per share"
+    );
+    let daemons = [data_daemon, out_daemon].concat();
+    let result = sandbox
+        .exec(
+            Command::new("sh")
+                .arg("-c")
+                .arg("cat /data/in.txt; echo via-sandbox > /out/result.txt")
+                .uid(0),
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&result.stdout), "host-data\n");
+    assert_eq!(
+        fs::read_to_string(out.join("result.txt")).unwrap(),
+        "via-sandbox\n"
+    );
+    sandbox.shutdown().unwrap();
+    for pid in daemons {
+        assert!(
+            common::process_ended(pid),
+            "virtiofsd {pid} outlived its sandbox"
+        );
+    }
+}
+
 /// Runs `kiln run` with `args` (no guest runs: each fails before boot) and
 /// returns its status and stderr, which must be one line.
 fn refused(args: &[&str], env: &[(&str, &Path)]) -> (Option<i32>, String) {

@@ -67,6 +67,8 @@ fn read_spec() -> Result<VmProcessSpec, String> {
 
 fn run_vm(spec: VmProcessSpec, started: Instant) -> Result<VmOutcome, String> {
     let mut config = spec.config;
+    // Before the jail, which hides virtiofsd and the shared directories.
+    crate::share::start_early(&mut config).map_err(|e| e.to_string())?;
     if let Some(jail) = spec.jail {
         super::run::enter_jail(jail, &mut config).map_err(|e| e.to_string())?;
     }
