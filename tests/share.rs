@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
@@ -27,14 +26,6 @@ mount -o remount,rw /srv/ro && echo remount_rw=ok
 if echo new > /srv/ro/new.txt 2>/dev/null; then echo rw_remount_create=succeeded; else echo rw_remount_create=failed; fi
 echo done=1
 "#;
-
-fn parse_kv(stdout: &str) -> HashMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
 
 fn have_virtiofsd() -> bool {
     require(
@@ -74,13 +65,7 @@ fn guest_reads_and_writes_shared_directories() {
         .args(["--", "sh", "-c", GUEST_SCRIPT])
         .output()
         .expect("running kiln");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!(
-        "kiln exited {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kv = parse_kv(&stdout);
+    let kv = common::guest_report(&out);
     let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("<missing>");
     assert_eq!(out.status.code(), Some(0), "guest script status");
     assert_eq!(get("done"), "1");
