@@ -3,6 +3,9 @@
 //! kiln gives the device its identity and config space (the tag and the
 //! number of request queues); the backend serves the FUSE requests.
 
+use vm_memory::GuestMemoryMmap;
+
+use super::chain::Chain;
 use super::vhost_user::{VhostUserConnection, VhostUserDevice, VhostUserError};
 
 /// virtio device id of a file system device.
@@ -40,19 +43,43 @@ fn config_space(tag: &str) -> Vec<u8> {
     config
 }
 
+/// Size of a FUSE request's header (`fuse_in_header`): len, opcode,
+/// unique, nodeid, uid, gid, pid, padding.
+const FUSE_IN_HEADER: usize = 40;
+/// Size of a FUSE reply's header (`fuse_out_header`): len, error, unique.
+const FUSE_OUT_HEADER: usize = 16;
+
+/// kiln's own answer to a FUSE request once virtiofsd is gone: a reply
+/// header with EIO for the request's `unique`; nothing for a request
+/// without room for a reply (FORGET) or too short to be one.
+pub(crate) fn reply_eio(mem: &GuestMemoryMmap, chain: &Chain) -> u32 {
+    let mut request = [0u8; FUSE_IN_HEADER];
+    if chain.reader().read_exact(mem, &mut request).is_err()
+        || chain.writable_len() < FUSE_OUT_HEADER as u64
+    {
+        return 0;
+    }
+    let mut reply = [0u8; FUSE_OUT_HEADER];
+    reply[..4].copy_from_slice(&(FUSE_OUT_HEADER as u32).to_le_bytes());
+    reply[4..8].copy_from_slice(&(-libc::EIO).to_le_bytes());
+    reply[8..].copy_from_slice(&request[8..16]);
+    chain.writer().write(mem, &reply) as u32
+}
+
 /// A virtio-fs device with `tag`, served by the backend of `connection`.
 pub fn virtio_fs(
     tag: &str,
     connection: VhostUserConnection,
 ) -> Result<VhostUserDevice, VhostUserError> {
     validate_tag(tag).map_err(VhostUserError::Backend)?;
-    VhostUserDevice::new(
+    let device = VhostUserDevice::new(
         format!("fs {tag}"),
         DEVICE_ID_FS,
         &QUEUE_SIZES,
         config_space(tag),
         connection,
-    )
+    )?;
+    Ok(device.with_orphan_reply(reply_eio))
 }
 
 /// Queues a virtio-fs device has (the backend must serve as many).

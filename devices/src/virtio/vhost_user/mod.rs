@@ -9,10 +9,12 @@
 //! - The backend signals one call eventfd per queue; the event loop turns
 //!   that into the device's interrupt (a virtio-mmio interrupt needs its
 //!   status bit set, so the call cannot be the irqfd itself).
-//! - The backend's death (its socket hangs up) is logged once; the device
-//!   then stops: a later DRIVER_OK fails (DEVICE_NEEDS_RESET) and the
-//!   requests in flight are never answered, but nothing in kiln waits on
-//!   them.
+//! - The backend's death (its socket hangs up) is logged once. The device
+//!   then answers the guest's requests itself with the device type's error
+//!   reply (virtio-fs: EIO), those the backend took but never finished
+//!   included (from the used ring's index on: virtiofsd finishes a queue's
+//!   requests in order), so the guest's processes get errors instead of
+//!   waiting forever; a later DRIVER_OK fails (DEVICE_NEEDS_RESET).
 //!
 //! The messages that start and stop the rings run on the thread that
 //! writes the device status (a vCPU); see `connection` on waiting.
@@ -25,7 +27,12 @@ mod tests;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{Chain, Layout, Limits};
+use super::queue::Served;
 
 use super::common::VirtioCommon;
 use super::counters::device_counters;
@@ -49,9 +56,17 @@ device_counters! {
     }
 }
 
-/// Event data of the socket's hang-up; the call eventfds are the queue
-/// indices below it.
+/// Event data of the socket's hang-up. The kicks (watched once the
+/// backend is gone) are the queue indices, the calls follow them.
 const TOKEN_SOCKET: u32 = u32::MAX;
+/// Requests answered per event once the backend is gone, before yielding.
+const ORPHANS_PER_EVENT: usize = 64;
+/// A request's shape: what the driver sends, then room for the answer.
+const ORPHAN_SHAPE: (Layout, Limits) = (Layout::ReadThenWrite, Limits::descriptors(1024));
+
+/// How the device answers a request itself once the backend is gone (the
+/// device type's error reply); returns the bytes written into the chain.
+pub(crate) type OrphanReply = fn(&GuestMemoryMmap, &Chain) -> u32;
 
 /// A virtio device served by a vhost-user backend (see the module docs).
 pub struct VhostUserDevice {
@@ -62,6 +77,9 @@ pub struct VhostUserDevice {
     counters: Arc<VhostUserCounters>,
     /// Set once the backend hung up: nothing is sent to it any more.
     gone: bool,
+    /// The requests' error reply once the backend is gone (none: they are
+    /// left unanswered).
+    orphan_reply: Option<OrphanReply>,
 }
 
 impl VhostUserDevice {
@@ -103,7 +121,14 @@ impl VhostUserDevice {
             calls,
             counters,
             gone: false,
+            orphan_reply: None,
         })
+    }
+
+    /// Answers the guest's requests with `reply` once the backend is gone.
+    pub(crate) fn with_orphan_reply(mut self, reply: OrphanReply) -> Self {
+        self.orphan_reply = Some(reply);
+        self
     }
 
     /// Whether the backend hung up.
@@ -116,13 +141,51 @@ impl VhostUserDevice {
             return;
         }
         self.gone = true;
+        let answered = match self.orphan_reply {
+            Some(_) => "kiln answers the guest's requests to it with errors",
+            None => "the guest's requests to it get no answer",
+        };
         log::error!(
-            "{}: the vhost-user backend closed its connection; the device stops (the guest's requests to it get no answer)",
+            "{}: the vhost-user backend closed its connection; the device stops ({answered})",
             self.virtio.label()
         );
         let socket =
             Events::with_data_raw(self.connection.socket_fd(), TOKEN_SOCKET, EventSet::empty());
         let _ = ops.remove(socket);
+        if self.orphan_reply.is_some() {
+            self.take_over_queues();
+            self.virtio.watch_kicks(ops);
+            self.answer_orphans();
+        }
+    }
+
+    /// Resumes each running queue where the backend's answers stopped: the
+    /// used ring's index (the guest's memory, as the backend left it).
+    fn take_over_queues(&mut self) {
+        let Some(active) = self.virtio.active_mut() else {
+            return;
+        };
+        for queue in &mut active.queues {
+            let used_idx = GuestAddress(queue.used_ring().wrapping_add(2));
+            if let Ok(idx) = active.mem.read_obj::<u16>(used_idx) {
+                queue.set_next_avail(idx);
+                queue.set_next_used(idx);
+            }
+        }
+    }
+
+    /// Answers what waits in each queue with the error reply (up to a
+    /// budget per queue; the rest on the kick that `serve` leaves).
+    fn answer_orphans(&mut self) {
+        let Some(reply) = self.orphan_reply else {
+            return;
+        };
+        for queue in 0..self.calls.len() {
+            self.virtio
+                .serve(queue, ORPHANS_PER_EVENT, ORPHAN_SHAPE, |mem, chain| {
+                    Served::Used(reply(mem, chain))
+                });
+        }
     }
 }
 
@@ -176,8 +239,10 @@ impl VirtioDevice for VhostUserDevice {
 
 impl MutEventSubscriber for VhostUserDevice {
     fn init(&mut self, ops: &mut EventOps) {
+        let queues = self.calls.len() as u32;
         for (i, call) in self.calls.iter().enumerate() {
-            if let Err(e) = ops.add(Events::with_data(call, i as u32, EventSet::IN)) {
+            let token = queues + i as u32;
+            if let Err(e) = ops.add(Events::with_data(call, token, EventSet::IN)) {
                 log::error!("{}: cannot watch call {i}: {e:?}", self.virtio.label());
             }
         }
@@ -197,20 +262,30 @@ impl MutEventSubscriber for VhostUserDevice {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if events.data() == TOKEN_SOCKET {
-            let set = events.event_set();
-            if set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
-                self.backend_hung_up(ops);
+        let queues = self.calls.len() as u32;
+        match events.data() {
+            TOKEN_SOCKET => {
+                let set = events.event_set();
+                if set.intersects(EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+                    self.backend_hung_up(ops);
+                }
             }
-            return;
-        }
-        let Some(call) = self.calls.get(events.data() as usize) else {
-            return;
-        };
-        let _ = call.read();
-        self.counters.calls.inc();
-        if let Some(active) = self.virtio.active() {
-            active.interrupt.signal_used_queue();
+            // A kick: watched only once the backend is gone.
+            data if data < queues => {
+                if self.virtio.take_kick(&events).is_some() {
+                    self.answer_orphans();
+                }
+            }
+            data => {
+                let Some(call) = self.calls.get((data - queues) as usize) else {
+                    return;
+                };
+                let _ = call.read();
+                self.counters.calls.inc();
+                if let Some(active) = self.virtio.active() {
+                    active.interrupt.signal_used_queue();
+                }
+            }
         }
     }
 }

@@ -447,3 +447,76 @@ fn a_backend_hang_up_stops_the_device() {
         .unwrap_err();
     assert!(err.to_string().contains("gone"), "{err}");
 }
+
+/// Once the backend is gone, kiln answers the guest's FUSE requests itself
+/// with EIO: one the backend took but never finished (past the used ring's
+/// index; the one before it, finished, is left alone), and one the guest
+/// queues afterwards; a FORGET (no reply buffer) is returned empty.
+#[test]
+fn requests_after_the_backend_died_fail_with_eio() {
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    let (stream, mut peer) = backend(BACKEND_FEATURES, all_protocol_features());
+    let device = Arc::new(Mutex::new(fs_device(stream)));
+    let mut em = EventManager::<Arc<Mutex<VhostUserDevice>>>::new().unwrap();
+    em.add_subscriber(device.clone());
+    let mem = shared_memory();
+    let mut hiprio = DriverQueue::new(mem, 0x10000);
+    let mut requests = DriverQueue::new(mem, 0x20000);
+    let irq = IrqLine::new().unwrap();
+    let activation = Activation {
+        mem: mem.clone(),
+        queues: vec![hiprio.queue(), requests.queue()],
+        interrupt: Interrupt::new(irq.try_clone().unwrap()),
+        features: VIRTIO_F_VERSION_1,
+    };
+    let interrupt = activation.interrupt.clone();
+    device.lock().unwrap().activate(activation).unwrap();
+
+    // A FUSE request: a 40-byte header (unique at 8), room for a reply.
+    let request = |unique: u64, at: u64| {
+        let mut header = [0u8; 40];
+        header[8..16].copy_from_slice(&unique.to_le_bytes());
+        vm_memory::Bytes::write_slice(mem, &header, GuestAddress(at)).unwrap();
+    };
+    // One the backend finished: its reply stays as the backend wrote it.
+    request(0xaaaa, 0x3e000);
+    let done = requests.add(&[(0x3e000, 40, 0), (0x3f000, 256, VRING_DESC_F_WRITE)]);
+    vm_memory::Bytes::write_slice(mem, &[0xab; 16], GuestAddress(0x3f000)).unwrap();
+    let used = requests.used_addr();
+    vm_memory::Bytes::write_obj(mem, [u32::from(done), 16], GuestAddress(used + 4)).unwrap();
+    vm_memory::Bytes::write_obj(mem, 1u16, GuestAddress(used + 2)).unwrap();
+    // One it took and never finished.
+    request(0x1111, 0x40000);
+    let first = requests.add(&[(0x40000, 40, 0), (0x41000, 256, VRING_DESC_F_WRITE)]);
+    request(0, 0x42000);
+    hiprio.add(&[(0x42000, 40, 0)]);
+    peer.cut();
+    pump(&mut em);
+
+    let reply = |at: u64| {
+        let mut out = [0u8; 16];
+        vm_memory::Bytes::read_slice(mem, &mut out, GuestAddress(at)).unwrap();
+        let len = u32::from_le_bytes(out[..4].try_into().unwrap());
+        let error = i32::from_le_bytes(out[4..8].try_into().unwrap());
+        let unique = u64::from_le_bytes(out[8..].try_into().unwrap());
+        (len, error, unique)
+    };
+    assert_eq!(requests.used(), vec![(done, 16), (first, 16)]);
+    let mut finished = [0u8; 16];
+    vm_memory::Bytes::read_slice(mem, &mut finished, GuestAddress(0x3f000)).unwrap();
+    assert_eq!(
+        finished, [0xab; 16],
+        "a finished request was answered again"
+    );
+    assert_eq!(reply(0x41000), (16, -libc::EIO, 0x1111));
+    assert_eq!(hiprio.used().len(), 1, "the FORGET is returned");
+    assert_eq!(interrupt.status() & INT_USED_RING, INT_USED_RING);
+
+    // A request queued afterwards, with its kick (the KVM ioeventfd).
+    request(0x2222, 0x43000);
+    let second = requests.add(&[(0x43000, 40, 0), (0x44000, 64, VRING_DESC_F_WRITE)]);
+    device.lock().unwrap().queue_events()[1].write(1).unwrap();
+    crate::virtio::test_queue::assert_idle(&mut em);
+    assert_eq!(requests.used(), vec![(second, 16)]);
+    assert_eq!(reply(0x44000), (16, -libc::EIO, 0x2222));
+}
