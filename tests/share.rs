@@ -2,7 +2,8 @@
 //! virtiofsd), in one boot: a host file read in the guest, a file the
 //! guest writes seen on the host byte for byte, a read-only share that
 //! refuses writes in the guest (even remounted read-write there: virtiofsd
-//! enforces it) with its host files unchanged, two shares at once. Plus
+//! enforces it) with its host files unchanged, two shares at once. The
+//! sandbox API's `.share()`; virtiofsd killed under a running guest. Plus
 //! the `--share` errors, which need no boot.
 
 mod common;
@@ -100,15 +101,16 @@ fn guest_reads_and_writes_shared_directories() {
     assert_eq!(names, ["keep.txt"], "the read-only share changed");
 }
 
-/// The pids of the processes whose command line mentions `dir`.
-fn processes_naming(dir: &Path) -> Vec<i32> {
+/// The pids of the virtiofsd processes whose command line mentions `dir`.
+fn virtiofsd_serving(dir: &Path) -> Vec<i32> {
     let needle = dir.as_os_str().as_encoded_bytes();
     fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
-            fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+            fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "virtiofsd")
+                && fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
         })
         .collect()
 }
@@ -143,7 +145,7 @@ fn sandbox_shares_reach_its_commands() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     // virtiofsd's namespace sandbox is a parent and a child per share.
-    let (data_daemon, out_daemon) = (processes_naming(&data), processes_naming(&out));
+    let (data_daemon, out_daemon) = (virtiofsd_serving(&data), virtiofsd_serving(&out));
     assert!(
         !data_daemon.is_empty() && !out_daemon.is_empty(),
         "a virtiofsd per share"
@@ -169,6 +171,83 @@ fn sandbox_shares_reach_its_commands() {
             "virtiofsd {pid} outlived its sandbox"
         );
     }
+}
+
+/// virtiofsd killed under a running guest: kiln logs it, the guest's
+/// next accesses to the share fail (EIO) instead of hanging, the guest's
+/// command goes on and kiln exits with its status.
+#[test]
+fn a_killed_virtiofsd_fails_the_guests_requests_without_a_hang() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
+        return;
+    }
+    let _one = common::one_vm();
+    let scratch = Scratch::new("share-killed");
+    let dir = scratch.path("dir");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("before.txt"), "before\n").unwrap();
+    fs::write(dir.join("after.txt"), "after\n").unwrap();
+    let script = "echo \"before=$(cat /mnt/s/before.txt)\"; echo ready; read go; \
+                  if cat /mnt/s/after.txt; then echo after=read; else echo after=failed; fi; \
+                  if ls /mnt/s/new-dir; then echo lookup=ok; else echo lookup=failed; fi; echo done=1";
+    let mut kiln = kiln_cli()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest_kernel("vmlinux").unwrap())
+        .arg("--rootfs")
+        .arg(guest_rootfs())
+        .args(["--timeout", TIMEOUT, "-i"])
+        .arg("--share")
+        .arg(format!("{}:/mnt/s,cache=never", dir.display()))
+        .env("KILN_LOG", "error")
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running kiln");
+    let mut stdout = BufReader::new(kiln.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            panic!("kiln's output ended before the guest was ready: {lines:?}");
+        }
+        lines.push(line.trim_end().to_string());
+        if line.trim_end() == "ready" {
+            break;
+        }
+    }
+    let daemons = virtiofsd_serving(&dir);
+    assert!(!daemons.is_empty(), "no virtiofsd for the share");
+    for &pid in &daemons {
+        // SAFETY: kill with a pid read from /proc just now (virtiofsd's).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(
+            common::process_ended(pid),
+            "virtiofsd {pid} survived SIGKILL"
+        );
+    }
+    // kiln may have ended already if it did not survive: its stderr says why.
+    let _ = kiln.stdin.take().unwrap().write_all(b"go\n");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut kiln.stderr.take().unwrap(), &mut stderr).unwrap();
+    let status = kiln.wait().unwrap();
+    eprintln!("kiln exited {status:?}\nstdout:\n{lines:?}\n{rest}\nstderr:\n{stderr}");
+    assert_eq!(lines.first().map(String::as_str), Some("before=before"));
+    assert!(rest.contains("after=failed"), "{rest}");
+    assert!(rest.contains("lookup=failed"), "{rest}");
+    assert!(rest.contains("done=1"), "{rest}");
+    assert_eq!(status.code(), Some(0));
+    let logged = stderr
+        .lines()
+        .filter(|l| l.contains("the vhost-user backend closed its connection"))
+        .count();
+    assert_eq!(logged, 1, "{stderr}");
 }
 
 /// Runs `kiln run` with `args` (no guest runs: each fails before boot) and
