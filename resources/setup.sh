@@ -2,7 +2,8 @@
 # Prepares a Debian machine for kiln: installs the packages the guest kernel
 # build and the tests need (when missing), builds the guest kernel (cached by
 # the hash of its inputs, so a second run costs nothing) and a busybox root,
-# and links them under target/guest/ for the README commands and the tests.
+# and links them under target/guest/ for the README commands and the tests;
+# installs virtiofsd (`kiln run --share`), cached the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,7 @@ packages=(
   e2fsprogs iproute2 util-linux                                # disk and network tests
   qemu-system-x86                                              # benchmarks: QEMU microvm side by side
   strace                                                       # benchmarks: syscalls per exit / at start-up
+  libseccomp-dev libcap-ng-dev                                 # virtiofsd build (--share)
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -35,4 +37,5 @@ bzimage=$(printf '%s\n' "$out" | sed -n 's/^bzimage=//p' | tail -n 1)
 ln -sfn "$vmlinux" target/guest/vmlinux
 ln -sfn "$bzimage" target/guest/bzImage
 resources/guest/build-rootfs.sh target/guest/rootfs >&2
-echo "setup: guest kernel target/guest/vmlinux (and bzImage), root target/guest/rootfs" >&2
+virtiofsd=$(resources/install-virtiofsd.sh | sed -n 's/^virtiofsd=//p')
+echo "setup: guest kernel target/guest/vmlinux (and bzImage), root target/guest/rootfs, virtiofsd $virtiofsd" >&2

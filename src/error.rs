@@ -80,6 +80,10 @@ pub enum Error {
     /// TAP given twice, too many devices, an overlong command line, ...).
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A shared directory (`--share`) cannot be served: the directory, the
+    /// virtiofsd program, or its start and set-up.
+    #[error("--share: {0}")]
+    Share(String),
     /// The host cannot map guest memory of the configured size.
     #[error("guest memory: {0}")]
     Memory(#[from] vm_memory::mmap::FromRangesError),

@@ -228,6 +228,7 @@ mod memory;
 mod pause;
 mod rootfs;
 mod seccomp;
+pub mod share;
 #[cfg(test)]
 mod test_log;
 mod vcpu;

@@ -68,6 +68,44 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
     Ok(GuestMemoryMmap::from_ranges(&ranges)?)
 }
 
+/// Maps guest memory in a memfd (shared, lazily backed as anonymous memory
+/// is), so that a vhost-user backend can map it too: its descriptor is
+/// what kiln hands the backend.
+pub fn create_shared_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap> {
+    use std::os::fd::FromRawFd;
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let failed = |e: std::io::Error| Error::Io {
+        what: "creating shared guest memory (memfd)",
+        source: e,
+    };
+    // SAFETY: a NUL-terminated name and flags; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"kiln-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    let ranges = ram_ranges(mem_bytes);
+    let total: u64 = ranges.iter().map(|(_, len)| len).sum();
+    file.set_len(total).map_err(failed)?;
+    let mut regions = Vec::new();
+    let mut offset = 0;
+    for (start, len) in ranges {
+        let mapping = MmapRegionBuilder::new(len as usize)
+            .with_file_offset(FileOffset::new(file.try_clone().map_err(failed)?, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| failed(std::io::Error::other(e)))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| failed(std::io::Error::other("guest memory overflows")))?;
+        regions.push(region);
+        offset += len;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| failed(std::io::Error::other(e)))
+}
+
 /// Maps guest memory of `mem_bytes` from `file` (the regions one after
 /// another, as [`write_guest_memory`] writes them) privately: pages are
 /// read lazily and a guest write copies its page, so `file` (opened

@@ -59,6 +59,10 @@ const EXAMPLES: &[(&str, Check)] = &[
         },
     ),
     (
+        "# the guest reads your work tree and writes its results back (guest root: the directory is root's)",
+        Check::NotRun("a boot with the same options (a ro and a writable share) is tests/share.rs's"),
+    ),
+    (
         "# a gzip tar archive",
         Check::Runs {
             status: 0,

@@ -105,14 +105,6 @@ fn bench_mb() -> u64 {
         .unwrap_or(8)
 }
 
-fn parse_kv(stdout: &str) -> HashMap<String, String> {
-    stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
-
 /// One boot: ext4 on vda written by the guest, read-only vdb with its own
 /// serial, virtio-rng, and vda throughput; then host-side checks.
 #[test]
@@ -183,13 +175,7 @@ fn guest_uses_disks_and_rng() {
         )
         .output()
         .expect("running kiln");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!(
-        "kiln exited {:?}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kv = parse_kv(&stdout);
+    let kv = common::guest_report(&out);
     let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("<missing>");
     assert_eq!(out.status.code(), Some(0), "guest script status");
     assert_eq!(get("done"), "1");

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{
     parse_duration, parse_hostname, parse_rng_rate_limit, parse_size, ConsoleKind, DiskConfig,
-    GuestCommand, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
+    GuestCommand, NetConfig, RateLimit, SeccompMode, ShareConfig, VmConfig, VsockConfig,
 };
 use crate::outcome::STATUS_KILN_ERROR;
 
@@ -131,7 +131,7 @@ pub struct VmArgs {
     #[arg(
         long = "from",
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "rootfs", "extra_cmdline", "mem_bytes", "vcpus", "use_pvh", "console", "vsock", "disks", "rng"]
+        conflicts_with_all = ["kernel", "initrd", "rootfs", "extra_cmdline", "mem_bytes", "vcpus", "use_pvh", "console", "vsock", "disks", "rng", "shares", "virtiofsd"]
     )]
     pub restore_from: Option<PathBuf>,
     /// The guest's hostname (default: kiln; with --from: the snapshot's):
@@ -225,6 +225,20 @@ pub struct VmArgs {
     /// MAC unless mac= is given.
     #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,bw=SIZE][,pps=N]")]
     pub nets: Vec<NetConfig>,
+    /// Share the host directory HOST_DIR with the guest at GUEST_PATH, live
+    /// (virtio-fs; repeatable): kiln starts a virtiofsd for it and kiln's
+    /// init mounts it before the command runs. ro makes it read-only (on the
+    /// host side too); cache sets how long the guest may cache what it read
+    /// (auto, always, never).
+    #[arg(
+        long = "share",
+        value_name = "HOST_DIR:GUEST_PATH[,ro][,cache=auto|always|never]"
+    )]
+    pub shares: Vec<ShareConfig>,
+    /// The virtiofsd program for --share (default: $KILN_VIRTIOFSD, else
+    /// the one resources/setup.sh installed, else virtiofsd on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub virtiofsd: Option<PathBuf>,
     /// The seccomp filters on kiln's threads: `on` (a system call outside a
     /// thread's list kills kiln with a line naming it), `log` (allowed, and
     /// logged by the host kernel: dmesg), or `off` (for debugging only).
@@ -253,6 +267,8 @@ impl From<VmArgs> for VmConfig {
             disks,
             rng,
             nets,
+            shares,
+            virtiofsd,
             seccomp,
             restore_from,
             hostname,
@@ -277,6 +293,10 @@ impl From<VmArgs> for VmConfig {
             rng: rng.is_some(),
             rng_rate_limit: rng.unwrap_or_default(),
             nets,
+            shares,
+            virtiofsd,
+            // Started by the front end (`kiln run`) or the VM.
+            share_daemons: Default::default(),
             seccomp,
             // Not VM options: the command comes from `CommandArgs`, the
             // agent's port from the sandbox.
@@ -406,6 +426,8 @@ mod tests {
         "--disk=d.img,bw=1M",
         "--rng=ops=10",
         "--net=tap=t0,pps=100",
+        "--share=/srv:/mnt,ro",
+        "--virtiofsd=/v",
         "--seccomp=off",
         "--hostname=h",
     ];
@@ -536,6 +558,44 @@ mod tests {
         assert_eq!(c.timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.extra_cmdline.as_deref(), Some("ip=1"));
         assert!(c.verbose && !c.use_pvh);
+    }
+
+    #[test]
+    fn shares() {
+        let c: VmConfig = parse(&[
+            "--kernel",
+            "k",
+            "--share",
+            "/srv/a:b:/mnt/a",
+            "--share=/tmp:/out,ro,cache=never",
+            "--virtiofsd",
+            "/opt/virtiofsd",
+        ])
+        .unwrap()
+        .vm
+        .into();
+        assert_eq!(c.shares.len(), 2);
+        assert_eq!(c.shares[0].host_dir, PathBuf::from("/srv/a:b"));
+        assert_eq!(c.shares[0].guest_path, "/mnt/a");
+        assert!(!c.shares[0].read_only);
+        assert_eq!(c.shares[0].cache, crate::config::ShareCache::Auto);
+        assert!(c.shares[1].read_only);
+        assert_eq!(c.shares[1].cache, crate::config::ShareCache::Never);
+        assert_eq!(c.virtiofsd, Some(PathBuf::from("/opt/virtiofsd")));
+        for (bad, why) in [
+            ("/tmp", "needs HOST_DIR:GUEST_PATH"),
+            (":/mnt", "empty host directory"),
+            ("/tmp:mnt", "absolute path other than /"),
+            ("/tmp:/", "absolute path other than /"),
+            ("/tmp:/a b", "without spaces"),
+            ("/tmp:/a/../b", "must not contain . or .."),
+            ("/tmp:/a,rw", "unknown option 'rw'"),
+            ("/tmp:/a,cache=sometimes", "'auto', 'always' or 'never'"),
+            ("/tmp:/a,ro,ro", "given twice"),
+        ] {
+            let e = parse(&["--kernel", "k", "--share", bad]).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

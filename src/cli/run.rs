@@ -28,6 +28,11 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
     if args.print_cmdline {
         return print_cmdline(config, agent);
     }
+    // Before the jail, which hides virtiofsd and the shared directories.
+    if let Err(e) = crate::share::start_early(&mut config) {
+        eprintln!("kiln: {e}");
+        return STATUS_KILN_ERROR;
+    }
     if let Err(e) = confine(&args.jail, &mut config, |_| {}) {
         eprintln!("kiln: {e}");
         return STATUS_KILN_ERROR;

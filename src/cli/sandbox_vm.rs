@@ -90,6 +90,8 @@ fn run_vm(
     let mut config = spec.config;
     // The sandbox's view: a snapshot saves its host-side paths, not the jail's.
     let host_side = config.clone();
+    // Before the jail, which hides virtiofsd and the shared directories.
+    crate::share::start_early(&mut config).map_err(|e| e.to_string())?;
     if let Some(jail) = spec.jail {
         super::run::enter_jail(jail, &mut config).map_err(|e| e.to_string())?;
     }

@@ -103,6 +103,17 @@ pub struct VmConfig {
     pub rng_rate_limit: RateLimit,
     /// virtio-net devices, in guest order (eth0 first).
     pub nets: Vec<NetConfig>,
+    /// Host directories the guest sees live (virtio-fs, each served by a
+    /// virtiofsd that kiln starts), mounted by kiln's init before the
+    /// command runs.
+    pub shares: Vec<ShareConfig>,
+    /// The virtiofsd program for `shares`; default: `$KILN_VIRTIOFSD`, else
+    /// the one `resources/setup.sh` installed, else `virtiofsd` on PATH.
+    pub virtiofsd: Option<PathBuf>,
+    /// The shares' daemons, when a front end started them before it
+    /// entered its jail (`kiln run`); otherwise the VM starts them itself.
+    #[serde(skip)]
+    pub(crate) share_daemons: crate::share::StartedShares,
     /// Run kiln's guest agent instead of `command`: it connects to this host
     /// vsock port (needs `vsock`) and serves the sandbox protocol.
     pub agent_port: Option<u32>,
@@ -162,6 +173,9 @@ impl Default for VmConfig {
             rng: false,
             rng_rate_limit: RateLimit::default(),
             nets: Vec::new(),
+            shares: Vec::new(),
+            virtiofsd: None,
+            share_daemons: Default::default(),
             agent_port: None,
             seccomp: SeccompMode::On,
             run_as: None,
@@ -176,7 +190,8 @@ impl VmConfig {
     /// working directory): a snapshot saves the config and is restored from
     /// anywhere, and the jail shows each file at its own path. The vsock
     /// socket is left as given (its length is limited, and it is never
-    /// saved for another run).
+    /// saved for another run), and so is `virtiofsd` (a bare name is looked
+    /// up on PATH).
     pub(crate) fn make_host_paths_absolute(&mut self) -> std::io::Result<()> {
         let absolute = |path: &mut PathBuf| -> std::io::Result<()> {
             if !path.as_os_str().is_empty() {
@@ -198,6 +213,9 @@ impl VmConfig {
         }
         for disk in &mut self.disks {
             absolute(&mut disk.path)?;
+        }
+        for share in &mut self.shares {
+            absolute(&mut share.host_dir)?;
         }
         Ok(())
     }
@@ -540,6 +558,113 @@ impl FromStr for NetConfig {
     }
 }
 
+/// A host directory shared with the guest:
+/// `HOST_DIR:GUEST_PATH[,ro][,cache=auto|always|never]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareConfig {
+    /// The host directory (it must exist).
+    pub host_dir: PathBuf,
+    /// Where the guest sees it: an absolute path other than `/`, printable
+    /// ASCII without spaces (it travels on the kernel command line).
+    pub guest_path: String,
+    /// Read-only for the guest, enforced on the host side too (virtiofsd
+    /// `--readonly`), not only by the guest's mount flag.
+    #[serde(default)]
+    pub read_only: bool,
+    /// How long the guest may cache what it read (virtiofsd `--cache`).
+    #[serde(default)]
+    pub cache: ShareCache,
+}
+
+/// virtiofsd's caching policy for a share.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShareCache {
+    /// Cache for a short time (virtiofsd's default).
+    #[default]
+    Auto,
+    /// Cache as long as the guest likes: for directories only the guest changes.
+    Always,
+    /// No caching: every access asks the host (changes on the host show at once).
+    Never,
+}
+
+impl ShareCache {
+    /// virtiofsd's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShareCache::Auto => "auto",
+            ShareCache::Always => "always",
+            ShareCache::Never => "never",
+        }
+    }
+}
+
+static SHARE_SYNTAX: OptionSyntax = OptionSyntax {
+    usage: "HOST_DIR:GUEST_PATH[,ro][,cache=auto|always|never]",
+    leading_value: true,
+    values: &["cache"],
+    flags: &["ro"],
+};
+
+/// Parses `HOST_DIR:GUEST_PATH[,ro][,cache=auto|always|never]` (the last
+/// ':' splits the two paths; neither can contain ',').
+impl FromStr for ShareConfig {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let options = SHARE_SYNTAX.parse(text)?;
+        let Some((host_dir, guest_path)) = options.leading().rsplit_once(':') else {
+            return Err(format!(
+                "'{}' needs HOST_DIR:GUEST_PATH (expected {})",
+                options.leading(),
+                SHARE_SYNTAX.usage
+            ));
+        };
+        if host_dir.is_empty() {
+            return Err(format!(
+                "empty host directory (expected {})",
+                SHARE_SYNTAX.usage
+            ));
+        }
+        validate_guest_path(guest_path)?;
+        let cache = match options.value("cache") {
+            None | Some("auto") => ShareCache::Auto,
+            Some("always") => ShareCache::Always,
+            Some("never") => ShareCache::Never,
+            Some(other) => {
+                return Err(format!(
+                    "cache '{other}': the cache is 'auto', 'always' or 'never'"
+                ))
+            }
+        };
+        Ok(ShareConfig {
+            host_dir: PathBuf::from(host_dir),
+            guest_path: guest_path.to_string(),
+            read_only: options.flag("ro"),
+            cache,
+        })
+    }
+}
+
+/// A share's guest path: absolute, not `/`, no `.` or `..` parts,
+/// printable ASCII without spaces (it travels on the kernel command line).
+pub(crate) fn validate_guest_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.trim_end_matches('/').is_empty() {
+        return Err(format!(
+            "guest path '{path}' must be an absolute path other than /"
+        ));
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic() && b != b'"') {
+        return Err(format!(
+            "guest path '{path}' must be printable ASCII without spaces or quotes"
+        ));
+    }
+    if path.split('/').any(|part| part == "." || part == "..") {
+        return Err(format!("guest path '{path}' must not contain . or .."));
+    }
+    Ok(())
+}
+
 /// The guest's console (/dev/console): the UART (ttyS0) or a virtio console
 /// (hvc0). The UART is present either way.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -716,6 +841,7 @@ mod tests {
             initrd: Some("/abs/initrd".into()),
             restore_from: Some("snap".into()),
             disks: vec!["d.img,ro".parse().unwrap()],
+            shares: vec!["srv:/mnt".parse().unwrap()],
             vsock: Some("cid=3,socket=v.sock".parse().unwrap()),
             ..VmConfig::default()
         };
@@ -725,6 +851,7 @@ mod tests {
         assert_eq!(c.initrd, Some(PathBuf::from("/abs/initrd")));
         assert_eq!(c.restore_from, Some(cwd.join("snap")));
         assert_eq!(c.disks[0].path, cwd.join("d.img"));
+        assert_eq!(c.shares[0].host_dir, cwd.join("srv"));
         assert_eq!(c.vsock.unwrap().socket, PathBuf::from("v.sock"));
     }
     use std::os::unix::ffi::OsStrExt;

@@ -14,7 +14,8 @@ use super::vm::{Isolation, SandboxVm};
 use super::vm_process::{self, VmProcess, VmProcessSpec};
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
 use crate::config::{
-    ConsoleKind, Credentials, DiskConfig, NetConfig, RateLimit, SeccompMode, VmConfig, VsockConfig,
+    ConsoleKind, Credentials, DiskConfig, NetConfig, RateLimit, SeccompMode, ShareConfig, VmConfig,
+    VsockConfig,
 };
 use crate::jail::JailConfig;
 use crate::{ConsoleIo, VmStopper};
@@ -89,6 +90,14 @@ impl SandboxBuilder {
     /// Adds a virtio-net card on a host TAP (network is off without one).
     pub fn net(mut self, net: NetConfig) -> Self {
         self.config.nets.push(net);
+        self
+    }
+
+    /// Shares a host directory with the guest (virtio-fs, as `kiln run
+    /// --share`): kiln starts a virtiofsd for it and the guest's init
+    /// mounts it at its guest path before the agent runs.
+    pub fn share(mut self, share: ShareConfig) -> Self {
+        self.config.shares.push(share);
         self
     }
 

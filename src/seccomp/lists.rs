@@ -295,6 +295,13 @@ impl List {
             // the device (a status write, served on the vCPU thread).
             libc::TUNSETOFFLOAD,
         ]);
+        // vhost-user (virtio-fs): the messages that start and stop the
+        // backend's rings when the driver starts or resets the device (a
+        // status write, served on the vCPU thread), their eventfds and
+        // guest memory passed along. Sends never raise SIGPIPE; receives
+        // take no flags.
+        self.allow_if(libc::SYS_sendmsg, &[arg_eq(2, libc::MSG_NOSIGNAL as u64)]);
+        self.allow_if(libc::SYS_recvmsg, &[arg_eq(2, 0)]);
     }
 
     /// The VM thread once the VM is built: the event loop serving every

@@ -125,6 +125,14 @@ fn save_into(
     if let Some(disk) = running.config.disks.iter().find(|d| !d.read_only) {
         return Err(SnapshotError::WritableDisk(disk.path.clone()));
     }
+    // A restore would need its own virtiofsd, and the guest's open files
+    // on the share (held by the saved daemon) would be gone.
+    if let Some(share) = running.config.shares.first() {
+        return Err(SnapshotError::Unsupported(format!(
+            "a VM with shared directories (--share {}) cannot be snapshotted yet",
+            share.host_dir.display()
+        )));
+    }
     // Without it KVM ignores `immediate_exit`: a vCPU could not complete
     // its exit without running the guest on (see `vcpu::complete_exit`).
     if !running

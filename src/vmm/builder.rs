@@ -20,7 +20,9 @@ use vm_memory::GuestMemoryMmap;
 use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
-use crate::config::{ConsoleKind, DiskConfig, NetConfig, RateLimit, VmConfig, VsockConfig};
+use crate::config::{
+    ConsoleKind, DiskConfig, NetConfig, RateLimit, ShareConfig, VmConfig, VsockConfig,
+};
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, Buses, DeviceHandles, DeviceManager};
 use crate::error::{Error, Result};
@@ -59,7 +61,11 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
 
     // Load the guest before opening /dev/kvm, so a bad kernel, initrd or
     // root is reported as such even on a host without KVM.
-    let mem = memory::create_guest_memory(config.mem_bytes)?;
+    // A vhost-user backend maps guest memory from a file it is handed.
+    let mem = match config.shares.is_empty() {
+        true => memory::create_guest_memory(config.mem_bytes)?,
+        false => memory::create_shared_guest_memory(config.mem_bytes)?,
+    };
     let (kernel, initrd) = load_kernel_and_initramfs(config, &mem, rootfs.as_ref(), life)?;
     stop_point(life)?;
     let vm = Vm::new(&mem)?;
@@ -275,6 +281,8 @@ enum VirtioSlot<'a> {
     Rng(&'a RateLimit),
     Vsock(&'a VsockConfig),
     Net(usize, &'a NetConfig),
+    /// A shared directory (virtio-fs) and its index among the shares.
+    Share(usize, &'a ShareConfig),
     Console,
 }
 
@@ -299,6 +307,13 @@ fn virtio_slots<'a>(config: &'a VmConfig, rootfs: Option<&'a Rootfs>) -> Vec<Vir
             .enumerate()
             .map(|(i, n)| VirtioSlot::Net(i, n)),
     );
+    slots.extend(
+        config
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| VirtioSlot::Share(i, s)),
+    );
     if config.console == ConsoleKind::Virtio {
         slots.push(VirtioSlot::Console);
     }
@@ -316,6 +331,12 @@ impl VirtioSlot<'_> {
             )),
             // After the default console=ttyS0: the last console= is /dev/console.
             Self::Console => Some("console=hvc0".into()),
+            // What kiln's init mounts, where.
+            Self::Share(i, share) => Some(kiln_init::share_word(
+                &crate::share::tag(*i),
+                share.read_only,
+                &share.guest_path,
+            )),
             _ => None,
         }
     }
@@ -343,6 +364,11 @@ fn attach_virtio_devices(
 ) -> Result<Option<File>> {
     let (seccomp, run_as) = (config.seccomp, config.run_as);
     use kiln_devices::virtio::net::{MacAddr, Net};
+    let mut shares = match config.shares.is_empty() {
+        true => Vec::new(),
+        false => crate::share::devices(config)?,
+    }
+    .into_iter();
     for slot in slots {
         match *slot {
             VirtioSlot::RootImage(path, scratch_dir) => {
@@ -384,6 +410,10 @@ fn attach_virtio_devices(
                     .map_err(Error::io("creating a virtio-net device"))?;
                 log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
                 devices.attach_virtio(dev)?;
+            }
+            VirtioSlot::Share(..) => {
+                let fs = shares.next().expect("one device per share");
+                devices.attach_virtio(fs)?;
             }
             VirtioSlot::Console => {
                 // Its writer thread filters itself before it writes anything.

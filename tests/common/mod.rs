@@ -596,3 +596,20 @@ pub fn process_ended(pid: i32) -> bool {
     unsafe { libc::close(fd) };
     ready == 1
 }
+
+/// What a guest script printed as `key=value` lines, after showing kiln's
+/// status, stdout and stderr (for a failing test's log).
+#[allow(dead_code)]
+pub fn guest_report(out: &std::process::Output) -> std::collections::HashMap<String, String> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!(
+        "kiln exited {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}

@@ -11,11 +11,13 @@ pub(crate) mod chain;
 pub mod common;
 pub mod console;
 pub mod counters;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 pub mod persist;
 pub(crate) mod queue;
 pub mod rng;
+pub mod vhost_user;
 pub mod vsock;
 
 #[cfg(test)]
@@ -86,7 +88,8 @@ pub trait VirtioDevice: Send {
     fn virtio(&self) -> &VirtioCommon;
     /// The same, to change (activation, reset).
     fn virtio_mut(&mut self) -> &mut VirtioCommon;
-    /// Virtio device ID (2 = block, 1 = net, 3 = console, 4 = rng, 19 = vsock).
+    /// Virtio device ID (2 = block, 1 = net, 3 = console, 4 = rng, 19 = vsock,
+    /// 26 = fs).
     fn device_type(&self) -> u32 {
         self.virtio().device_type()
     }

@@ -37,6 +37,65 @@ pub const SPEC_PATH: &str = "/kiln/exec";
 /// it as a module parameter: it is neither init's argument nor environment.)
 pub const ROOT_PARAM: &str = "kiln.root";
 
+/// Kernel command-line parameter naming a shared directory (virtio-fs)
+/// that init mounts before it runs anything, once per share:
+/// `kiln.share=TAG,MODE,PATH` (MODE `ro` or `rw`; PATH absolute, the rest
+/// of the word). See [`share_word`] and [`share_params`].
+pub const SHARE_PARAM: &str = "kiln.share";
+
+/// One virtio-fs mount as init reads it from the command line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ShareMount {
+    /// The device's tag (the mount source).
+    pub tag: Vec<u8>,
+    /// Mounted read-only.
+    pub read_only: bool,
+    /// The mount point.
+    pub path: Vec<u8>,
+}
+
+/// The command-line word for a share (the monitor writes it).
+pub fn share_word(tag: &str, read_only: bool, path: &str) -> String {
+    let mode = if read_only { "ro" } else { "rw" };
+    format!("{SHARE_PARAM}={tag},{mode},{path}")
+}
+
+/// Every `kiln.share=` word of `cmdline`, in order; a malformed one is an
+/// error naming it (init then runs nothing).
+pub fn share_params(cmdline: &[u8]) -> Result<Vec<ShareMount>, String> {
+    let prefix = format!("{SHARE_PARAM}=");
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .filter_map(|word| word.strip_prefix(prefix.as_bytes()))
+        .map(|value| {
+            let mut parts = value.splitn(3, |&b| b == b',');
+            let (tag, mode, path) = (parts.next(), parts.next(), parts.next());
+            let bad = || {
+                format!(
+                    "{prefix}{}: expected TAG,ro|rw,PATH",
+                    String::from_utf8_lossy(value)
+                )
+            };
+            let (Some(tag), Some(mode), Some(path)) = (tag, mode, path) else {
+                return Err(bad());
+            };
+            let read_only = match mode {
+                b"ro" => true,
+                b"rw" => false,
+                _ => return Err(bad()),
+            };
+            if tag.is_empty() || !path.starts_with(b"/") {
+                return Err(bad());
+            }
+            Ok(ShareMount {
+                tag: tag.to_vec(),
+                read_only,
+                path: path.to_vec(),
+            })
+        })
+        .collect()
+}
+
 /// Exit codes init reports itself, as GNU `env` and shells use them.
 /// Init could not set up or read the spec (the command never ran).
 pub const EXIT_INIT_FAILED: u32 = 125;
@@ -67,4 +126,48 @@ pub mod control {
     pub const EXIT_KIND_CODE: u32 = 0;
     /// Exit kind: the command was killed by signal `code`.
     pub const EXIT_KIND_SIGNAL: u32 = 1;
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn share_words_round_trip() {
+        let line = format!(
+            "console=ttyS0 {} quiet {}",
+            share_word("kiln-share0", true, "/mnt/a,b:c"),
+            share_word("kiln-share1", false, "/work")
+        );
+        let mounts = share_params(line.as_bytes()).unwrap();
+        assert_eq!(
+            mounts,
+            vec![
+                ShareMount {
+                    tag: b"kiln-share0".to_vec(),
+                    read_only: true,
+                    path: b"/mnt/a,b:c".to_vec()
+                },
+                ShareMount {
+                    tag: b"kiln-share1".to_vec(),
+                    read_only: false,
+                    path: b"/work".to_vec()
+                },
+            ]
+        );
+        assert_eq!(share_params(b"console=ttyS0").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn malformed_share_words_are_errors() {
+        for bad in [
+            "kiln.share=t,ro",
+            "kiln.share=t,rx,/a",
+            "kiln.share=t,rw,a",
+            "kiln.share=,rw,/a",
+        ] {
+            let err = share_params(bad.as_bytes()).unwrap_err();
+            assert!(err.contains("expected TAG,ro|rw,PATH"), "{bad}: {err}");
+        }
+    }
 }

@@ -64,13 +64,15 @@ fn run() -> u32 {
         Some(_) => None,
         None => Some(read_spec()),
     };
-    if let Some(device) = std::fs::read("/proc/cmdline")
-        .ok()
-        .and_then(|c| root_param(&c))
-    {
+    let cmdline = std::fs::read("/proc/cmdline").unwrap_or_default();
+    if let Some(device) = root_param(&cmdline) {
         if let Err(msg) = switch_root(&device) {
             return fail_with(&msg);
         }
+    }
+    // In the final root, before anything runs.
+    if let Err(msg) = kiln_init::share_params(&cmdline).and_then(|m| mount_shares(&m)) {
+        return fail_with(&msg);
     }
     // Sandbox mode: serve many commands over vsock (see kiln_init::agent).
     if let Some(port) = agent {
@@ -283,6 +285,43 @@ fn write_reg(offset: usize, value: u32) {
         // offset lies inside it; MMIO needs a volatile access.
         unsafe { page.add(offset / 4).write_volatile(value) };
     }
+}
+
+/// Mounts each shared directory (virtio-fs) at its path, creating the
+/// directories on the way; the first failure is the error.
+fn mount_shares(mounts: &[kiln_init::ShareMount]) -> Result<(), String> {
+    for share in mounts {
+        let path = String::from_utf8_lossy(&share.path).into_owned();
+        let tag = String::from_utf8_lossy(&share.tag).into_owned();
+        std::fs::create_dir_all(OsStr::from_bytes(&share.path))
+            .map_err(|e| format!("cannot create the mount point {path} of share {tag}: {e}"))?;
+        let (src, target) = match (
+            CString::new(share.tag.clone()),
+            CString::new(share.path.clone()),
+        ) {
+            (Ok(src), Ok(target)) => (src, target),
+            _ => return Err(format!("share {tag}: NUL in its tag or path")),
+        };
+        let flags = match share.read_only {
+            true => libc::MS_RDONLY,
+            false => 0,
+        };
+        // SAFETY: NUL-terminated strings that outlive the call; no data.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                c"virtiofs".as_ptr(),
+                flags,
+                ptr::null(),
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(format!("cannot mount share {tag} at {path}: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// Mounts a filesystem, creating the mount point; logs failures.
