@@ -81,15 +81,34 @@ struct Daemon {
     child: Option<Child>,
 }
 
+/// Daemons left to their devices ([`Daemon::release`]) whose exit status
+/// is not collected yet: collected, without waiting, each time daemons
+/// are started in this process, so an embedder of in-process sandboxes
+/// keeps at most the exited daemons of the VMs that ended since its last
+/// start, not one zombie per share per VM for its whole life.
+static RELEASED: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+/// Collects the exit status of every released daemon that has exited.
+fn reap_released() {
+    let mut released = RELEASED.lock().unwrap_or_else(|e| e.into_inner());
+    released.retain_mut(|child| matches!(child.try_wait(), Ok(None)));
+}
+
 impl Daemon {
     /// Leaves the daemon to its connection, now a device's: it exits when
     /// the device (the VM) closes the socket. kiln does not signal or wait
     /// for it then: the VM's threads run under seccomp filters without
     /// kill(2) and wait4(2), and a kiln that dropped root (the jail) may
     /// not signal a daemon running as root. Its exit status is collected
-    /// when kiln exits (or by PR_SET_PDEATHSIG's end of it).
+    /// by the next start of daemons ([`RELEASED`]) or when kiln exits (or
+    /// by PR_SET_PDEATHSIG's end of it).
     fn release(mut self) {
-        self.child = None;
+        if let Some(child) = self.child.take() {
+            RELEASED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(child);
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -128,6 +147,9 @@ impl ShareDaemons {
             }
         }
         let program = find_virtiofsd(config.virtiofsd.as_deref())?;
+        // This thread may wait (it starts processes): the time to collect
+        // the daemons of VMs that have ended.
+        reap_released();
         let mut backends = Vec::new();
         for (index, share) in config.shares.iter().enumerate() {
             backends.push(Some(start_one(&program, index, share)?));
@@ -316,6 +338,27 @@ mod tests {
         assert_eq!(
             find_virtiofsd(Some(Path::new("/bin/sh"))).unwrap(),
             Path::new("/bin/sh")
+        );
+    }
+
+    /// A daemon left to its device is collected once it has exited, at
+    /// the next start: no zombie stays behind.
+    #[test]
+    fn released_daemons_are_collected_at_the_next_start() {
+        let child = Command::new("true").spawn().unwrap();
+        let proc_entry = PathBuf::from(format!("/proc/{}", child.id()));
+        Daemon { child: Some(child) }.release();
+        // Bounded: `true` exits at once; a daemon never collected stays a
+        // zombie, its /proc entry there for good.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while proc_entry.exists() && std::time::Instant::now() < deadline {
+            reap_released();
+            std::thread::yield_now();
+        }
+        assert!(
+            !proc_entry.exists(),
+            "{} was never collected",
+            proc_entry.display()
         );
     }
 
