@@ -78,9 +78,32 @@ pub enum RootfsError {
         .0.display()
     )]
     Unknown(PathBuf),
+    /// A shared root (`DIR,share`) that is not a directory.
+    #[error(
+        "rootfs {},share: not a directory (only a directory root is shared)",
+        .0.display()
+    )]
+    NotShareable(PathBuf),
     /// Gzip-compressed, but what it holds is not a tar archive.
     #[error("rootfs {}: gzip data, but not a gzip-compressed tar archive", .0.display())]
     GzipNotTar(PathBuf),
+}
+
+/// The root kiln packs into the initramfs or attaches as a disk: none for
+/// a shared root (`rootfs_share`, served by a virtiofsd like the shares),
+/// which must be a directory.
+pub(crate) fn packed_or_attached(
+    config: &crate::config::VmConfig,
+) -> Result<Option<Rootfs>, RootfsError> {
+    let Some(path) = config.rootfs.as_deref() else {
+        return Ok(None);
+    };
+    let rootfs = Rootfs::detect(path)?;
+    match (config.rootfs_share, rootfs) {
+        (None, rootfs) => Ok(Some(rootfs)),
+        (Some(_), Rootfs::Directory(_)) => Ok(None),
+        (Some(_), _) => Err(RootfsError::NotShareable(path.to_owned())),
+    }
 }
 
 impl Rootfs {
