@@ -165,6 +165,11 @@ fn a_shared_root_runs_commands_and_keeps_the_host_directory() {
     let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("<missing>");
     assert_eq!(out.status.code(), Some(0), "guest script status");
     assert_eq!(get("done"), "1");
+    assert_eq!(
+        common::tree_listing(&root),
+        before,
+        "the read-only shared root changed on the host"
+    );
     assert_eq!(get("marker"), "shared-root-marker");
     assert_eq!(get("ls_root"), "ok");
     assert_eq!(get("root_mount"), "overlay");
@@ -172,11 +177,6 @@ fn a_shared_root_runs_commands_and_keeps_the_host_directory() {
     assert_eq!(get("write"), "ok");
     assert_eq!(get("newfile"), "guest-wrote");
     assert_eq!(get("root_x"), "in-root");
-    assert_eq!(
-        common::tree_listing(&root),
-        before,
-        "the read-only shared root changed on the host"
-    );
 
     let out = run_on_shared_root(
         &root,
