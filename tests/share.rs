@@ -192,6 +192,50 @@ fn a_shared_root_runs_commands_and_keeps_the_host_directory() {
     );
 }
 
+/// The sandbox builder's `.shared_rootfs()` (the VM in its own jailed
+/// process): kiln's agent runs from the initramfs after the switch into
+/// the shared root, commands read the root's files and write to its RAM
+/// overlay, and the host directory is left as it was.
+#[test]
+fn sandbox_boots_a_shared_root() {
+    use kiln::config::RootShare;
+    use kiln::sandbox::{Command, Sandbox};
+    if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
+        return;
+    }
+    let _one = common::one_vm();
+    let scratch = Scratch::new("share-sandbox-root");
+    let root = scratch.path("root");
+    common::build_busybox_root(&root);
+    fs::write(root.join("etc/kiln-marker"), "sandbox-root\n").unwrap();
+    let before = common::tree_listing(&root);
+    let sandbox = Sandbox::builder()
+        .kernel(guest_kernel("vmlinux").unwrap())
+        .shared_rootfs(&root, RootShare::Overlay)
+        .timeout(std::time::Duration::from_secs(1200))
+        .boot_timeout(std::time::Duration::from_secs(600))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let result = sandbox
+        .exec(
+            Command::new("sh")
+                .arg("-c")
+                .arg("cat /etc/kiln-marker; echo written > /etc/new && cat /etc/new && grep -c '^overlay / overlay ' /proc/mounts")
+                .uid(0),
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&result.stdout),
+        "sandbox-root\nwritten\n1\n"
+    );
+    sandbox.shutdown().unwrap();
+    assert_eq!(
+        common::tree_listing(&root),
+        before,
+        "the sandbox's shared root changed on the host"
+    );
+}
+
 /// The pids of the virtiofsd processes whose command line mentions `dir`.
 fn virtiofsd_serving(dir: &Path) -> Vec<i32> {
     let needle = dir.as_os_str().as_encoded_bytes();
