@@ -18,12 +18,27 @@ use std::sync::{Arc, Mutex};
 use kiln_devices::virtio::fs::{self, virtio_fs};
 use kiln_devices::virtio::vhost_user::{VhostUserConnection, VhostUserDevice};
 
-use crate::config::{ShareConfig, VmConfig};
+use crate::config::{RootShare, ShareCache, ShareConfig, VmConfig};
 use crate::error::{Error, Result};
 
 /// The virtio-fs tag of share `index` (what init mounts).
 pub(crate) fn tag(index: usize) -> String {
     format!("kiln-share{index}")
+}
+
+/// Every share of `config`, in device order: its `shares`, then a shared
+/// root (`rootfs_share`), whose guest path `/` is never a `--share`'s.
+pub(crate) fn all_shares(config: &VmConfig) -> Vec<ShareConfig> {
+    let root = match (&config.rootfs, config.rootfs_share) {
+        (Some(dir), Some(mode)) => Some(ShareConfig {
+            host_dir: dir.clone(),
+            guest_path: "/".into(),
+            read_only: mode == RootShare::Overlay,
+            cache: ShareCache::Auto,
+        }),
+        _ => None,
+    };
+    config.shares.iter().cloned().chain(root).collect()
 }
 
 /// The descriptor virtiofsd gets its listening socket on (`--fd`).
@@ -51,7 +66,7 @@ impl Eq for StartedShares {}
 /// Starts the daemons of `config`'s shares now (see the module docs), so
 /// that the VM built from `config` later uses them. Nothing without shares.
 pub(crate) fn start_early(config: &mut VmConfig) -> Result<()> {
-    if config.shares.is_empty() || config.share_daemons.0.is_some() {
+    if all_shares(config).is_empty() || config.share_daemons.0.is_some() {
         return Ok(());
     }
     let daemons = ShareDaemons::start(config)?;
@@ -70,7 +85,7 @@ pub(crate) fn devices(config: &VmConfig) -> Result<Vec<VhostUserDevice>> {
             &started
         }
     };
-    (0..config.shares.len())
+    (0..all_shares(config).len())
         .map(|index| daemons.device(index))
         .collect()
 }
@@ -134,6 +149,8 @@ pub(crate) struct ShareDaemons {
 
 impl ShareDaemons {
     fn start(config: &VmConfig) -> Result<Self> {
+        // A shared root must be a directory (virtiofsd would fail later).
+        crate::rootfs::packed_or_attached(config)?;
         for (i, share) in config.shares.iter().enumerate() {
             check_share(share)?;
             if config.shares[..i]
@@ -151,7 +168,7 @@ impl ShareDaemons {
         // the daemons of VMs that have ended.
         reap_released();
         let mut backends = Vec::new();
-        for (index, share) in config.shares.iter().enumerate() {
+        for (index, share) in all_shares(config).iter().enumerate() {
             backends.push(Some(start_one(&program, index, share)?));
         }
         Ok(Self {

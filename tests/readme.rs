@@ -63,6 +63,10 @@ const EXAMPLES: &[(&str, Check)] = &[
         Check::NotRun("a boot with the same options (a ro and a writable share) is tests/share.rs's"),
     ),
     (
+        "# a shared root: nothing copied into the initramfs; the write stays in the guest's RAM overlay",
+        Check::NotRun("a boot with the same options (a read-only shared root the guest writes to) is tests/share.rs's a_shared_root_runs_commands_and_keeps_the_host_directory"),
+    ),
+    (
         "# a gzip tar archive",
         Check::Runs {
             status: 0,

@@ -101,6 +101,141 @@ fn guest_reads_and_writes_shared_directories() {
     assert_eq!(names, ["keep.txt"], "the read-only share changed");
 }
 
+const SHARED_ROOT_SCRIPT: &str = r#"
+echo "marker=$(cat /etc/kiln-marker)"
+ls / | grep -qx big.bin && echo ls_root=ok
+grep -q '^overlay / overlay ' /proc/mounts && echo root_mount=overlay
+echo "big_sha=$(sha256sum /big.bin | cut -d' ' -f1)"
+echo guest-wrote > /newfile && mkdir -p /root && echo in-root > /root/x && echo write=ok
+echo "newfile=$(cat /newfile)"
+echo "root_x=$(cat /root/x)"
+echo done=1
+"#;
+
+/// 64 MiB that differ from block to block (xorshift), for a hash check.
+fn big_pattern() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..(64 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
+/// `kiln run --rootfs DIR,share[,rw]` on a busybox root with a marker and
+/// a 64 MiB file; returns kiln's output.
+fn run_on_shared_root(root: &Path, options: &str, script: &str) -> std::process::Output {
+    kiln_cli()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest_kernel("vmlinux").unwrap())
+        .arg("--rootfs")
+        .arg(format!("{}{options}", root.display()))
+        .args(["--timeout", TIMEOUT])
+        .args(["--user", "0"])
+        .args(["--", "sh", "-c", script])
+        .output()
+        .expect("running kiln")
+}
+
+/// A root booted from a shared busybox directory (`--rootfs DIR,share`):
+/// the command runs in it, reads a marker and a 64 MiB file (hash equal
+/// to the host's) through the share; its writes are seen by later
+/// commands in the VM (a RAM overlay) and the host directory is left as it
+/// was. With `,rw` the guest's write is on the host.
+#[test]
+fn a_shared_root_runs_commands_and_keeps_the_host_directory() {
+    if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
+        return;
+    }
+    let _one = common::one_vm();
+    let scratch = Scratch::new("share-root");
+    let root = scratch.path("root");
+    common::build_busybox_root(&root);
+    fs::write(root.join("etc/kiln-marker"), "shared-root-marker\n").unwrap();
+    let big = big_pattern();
+    fs::write(root.join("big.bin"), &big).unwrap();
+    let before = common::tree_listing(&root);
+
+    let out = run_on_shared_root(&root, ",share", SHARED_ROOT_SCRIPT);
+    let kv = common::guest_report(&out);
+    let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("<missing>");
+    assert_eq!(out.status.code(), Some(0), "guest script status");
+    assert_eq!(get("done"), "1");
+    assert_eq!(
+        common::tree_listing(&root),
+        before,
+        "the read-only shared root changed on the host"
+    );
+    assert_eq!(get("marker"), "shared-root-marker");
+    assert_eq!(get("ls_root"), "ok");
+    assert_eq!(get("root_mount"), "overlay");
+    assert_eq!(get("big_sha"), sha256_hex(&big));
+    assert_eq!(get("write"), "ok");
+    assert_eq!(get("newfile"), "guest-wrote");
+    assert_eq!(get("root_x"), "in-root");
+
+    let out = run_on_shared_root(
+        &root,
+        ",share,rw",
+        "echo through > /rw-file && grep -q '^kiln-share0 / virtiofs rw' /proc/mounts && echo done=1",
+    );
+    let kv = common::guest_report(&out);
+    assert_eq!(out.status.code(), Some(0), "guest status");
+    assert_eq!(kv.get("done").map(String::as_str), Some("1"));
+    assert_eq!(
+        fs::read_to_string(root.join("rw-file")).unwrap(),
+        "through\n"
+    );
+}
+
+/// The sandbox builder's `.shared_rootfs()` (the VM in its own jailed
+/// process): kiln's agent runs from the initramfs after the switch into
+/// the shared root, commands read the root's files and write to its RAM
+/// overlay, and the host directory is left as it was.
+#[test]
+fn sandbox_boots_a_shared_root() {
+    use kiln::config::RootShare;
+    use kiln::sandbox::{Command, Sandbox};
+    if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
+        return;
+    }
+    let _one = common::one_vm();
+    let scratch = Scratch::new("share-sandbox-root");
+    let root = scratch.path("root");
+    common::build_busybox_root(&root);
+    fs::write(root.join("etc/kiln-marker"), "sandbox-root\n").unwrap();
+    let before = common::tree_listing(&root);
+    let sandbox = Sandbox::builder()
+        .kernel(guest_kernel("vmlinux").unwrap())
+        .shared_rootfs(&root, RootShare::Overlay)
+        .timeout(std::time::Duration::from_secs(1200))
+        .boot_timeout(std::time::Duration::from_secs(600))
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let result = sandbox
+        .exec(
+            Command::new("sh")
+                .arg("-c")
+                .arg("cat /etc/kiln-marker; echo written > /etc/new && cat /etc/new && grep -c '^overlay / overlay ' /proc/mounts")
+                .uid(0),
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&result.stdout),
+        "sandbox-root\nwritten\n1\n"
+    );
+    sandbox.shutdown().unwrap();
+    assert_eq!(
+        common::tree_listing(&root),
+        before,
+        "the sandbox's shared root changed on the host"
+    );
+}
+
 /// The pids of the virtiofsd processes whose command line mentions `dir`.
 fn virtiofsd_serving(dir: &Path) -> Vec<i32> {
     let needle = dir.as_os_str().as_encoded_bytes();
@@ -316,6 +451,26 @@ fn share_errors_are_one_line() {
     );
     assert_eq!(status, Some(125), "{err}");
     assert!(err.contains("guest path /a/ is given twice"), "{err}");
+
+    // A shared root: a directory, and only the options it knows.
+    let (status, err) = refused(&["--rootfs", &format!("{},share", file.display())], &[]);
+    assert_eq!(status, Some(125), "{err}");
+    assert!(
+        err.contains(&format!(
+            "rootfs {},share: not a directory (only a directory root is shared)",
+            file.display()
+        )),
+        "{err}"
+    );
+    let (status, err) = refused(
+        &["--rootfs", &format!("{},share,bogus", dir.display())],
+        &[],
+    );
+    assert_eq!(status, Some(125), "{err}");
+    assert!(
+        err.contains("a shared root takes 'share' or 'share,rw'"),
+        "{err}"
+    );
 
     // No virtiofsd anywhere kiln looks: how to install it.
     let empty = scratch.path("empty");

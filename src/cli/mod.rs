@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{
     parse_duration, parse_hostname, parse_rng_rate_limit, parse_size, ConsoleKind, DiskConfig,
-    GuestCommand, NetConfig, RateLimit, SeccompMode, ShareConfig, VmConfig, VsockConfig,
+    GuestCommand, NetConfig, RateLimit, RootfsArg, SeccompMode, ShareConfig, VmConfig, VsockConfig,
 };
 use crate::outcome::STATUS_KILN_ERROR;
 
@@ -146,9 +146,11 @@ pub struct VmArgs {
     /// the initramfs; an ext2/3/4 image is attached as /dev/vda (copy-on-write:
     /// the original is only read, the guest's writes go to a private unnamed
     /// file; --disk images then start at /dev/vdb) and kiln's init switches
-    /// root into it.
-    #[arg(long, value_name = "PATH")]
-    pub rootfs: Option<PathBuf>,
+    /// root into it. DIR,share shares a directory instead (virtio-fs, no
+    /// copy): read-only on the host, the guest's writes kept in a RAM
+    /// overlay; DIR,share,rw writes through to the host directory.
+    #[arg(long, value_name = "PATH|DIR,share[,rw]")]
+    pub rootfs: Option<RootfsArg>,
     /// Where the guest's writes to an image --rootfs go, an unnamed file
     /// (default: next to the image, else $TMPDIR when its directory takes no
     /// new file).
@@ -278,7 +280,8 @@ impl From<VmArgs> for VmConfig {
             restore_from,
             hostname,
             initrd,
-            rootfs,
+            rootfs_share: rootfs.as_ref().and_then(|r| r.share),
+            rootfs: rootfs.map(|r| r.path),
             scratch_dir,
             extra_cmdline,
             mem_bytes,
@@ -412,7 +415,7 @@ mod tests {
     const EVERY_VM_OPTION: &[&str] = &[
         "--kernel=k",
         "--initrd=i",
-        "--rootfs=r",
+        "--rootfs=r,share",
         "--scratch-dir=s",
         "--cmdline=ip=1",
         "--mem=1G",
@@ -558,6 +561,39 @@ mod tests {
         assert_eq!(c.timeout, Some(Duration::from_secs(30)));
         assert_eq!(c.extra_cmdline.as_deref(), Some("ip=1"));
         assert!(c.verbose && !c.use_pvh);
+    }
+
+    #[test]
+    fn a_rootfs_directory_is_packed_or_shared() {
+        use crate::config::RootShare;
+        let root = |arg: &str| {
+            let c = VmConfig::from(parse(&["--kernel", "k", "--rootfs", arg]).unwrap().vm);
+            (c.rootfs.unwrap(), c.rootfs_share)
+        };
+        assert_eq!(
+            root("/r,share"),
+            (PathBuf::from("/r"), Some(RootShare::Overlay))
+        );
+        assert_eq!(
+            root("/a,b,share,rw"),
+            ("/a,b".into(), Some(RootShare::Writable))
+        );
+        // A comma alone does not make options: a plain path, packed as today.
+        assert_eq!(root("/a,b"), ("/a,b".into(), None));
+        assert_eq!(root("/r,shared"), ("/r,shared".into(), None));
+        for (bad, why) in [
+            (
+                "/r,share,ro",
+                "'share,ro': a shared root takes 'share' or 'share,rw'",
+            ),
+            ("/r,share,rw,x", "'share,rw,x'"),
+            (",share", "empty directory"),
+        ] {
+            let err = parse(&["--kernel", "k", "--rootfs", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]

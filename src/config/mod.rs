@@ -61,6 +61,11 @@ pub struct VmConfig {
     /// write: the original is only read) as the first disk and switched to. A directory or archive root lives in guest RAM and is
     /// refused if it does not fit.
     pub rootfs: Option<PathBuf>,
+    /// Share the directory `rootfs` with the guest (virtio-fs, a virtiofsd
+    /// kiln starts) instead of packing it: kiln's init mounts the share and
+    /// switches root into it, so nothing is copied and start-up does not
+    /// grow with the root's size (`--rootfs DIR,share[,rw]`).
+    pub rootfs_share: Option<RootShare>,
     /// Where the overlay of an image `rootfs` goes: an unnamed sparse file
     /// holding what the guest writes, as large as the image at most.
     /// Default: the image's own directory (a disk that already holds the
@@ -142,6 +147,62 @@ pub struct VmConfig {
     pub restore_from: Option<PathBuf>,
 }
 
+/// How a shared root directory (`VmConfig::rootfs_share`) takes the
+/// guest's writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RootShare {
+    /// The host directory is shared read-only (virtiofsd `--readonly`);
+    /// the guest writes to a RAM overlay (overlayfs on tmpfs) that ends
+    /// with the VM, as with a packed root (`--rootfs DIR,share`).
+    Overlay,
+    /// The guest's writes go to the host directory (`--rootfs DIR,share,rw`).
+    Writable,
+}
+
+/// `--rootfs`: `PATH`, or a directory to share, `DIR,share[,rw]`. A path
+/// holding a comma is a plain path unless one of its comma-separated
+/// parts is `share`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RootfsArg {
+    /// The root (a directory, tar archive or ext2/3/4 image).
+    pub path: PathBuf,
+    /// Shared rather than packed.
+    pub share: Option<RootShare>,
+}
+
+impl FromStr for RootfsArg {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let Some((path, options)) = text
+            .match_indices(",share")
+            .map(|(i, _)| (&text[..i], &text[i + 1..]))
+            .find(|(_, rest)| rest.split(',').next() == Some("share"))
+        else {
+            return Ok(RootfsArg {
+                path: text.into(),
+                share: None,
+            });
+        };
+        if path.is_empty() {
+            return Err("empty directory (expected DIR,share[,rw])".into());
+        }
+        let share = match options {
+            "share" => RootShare::Overlay,
+            "share,rw" => RootShare::Writable,
+            _ => {
+                return Err(format!(
+                "'{options}': a shared root takes 'share' or 'share,rw' (expected DIR,share[,rw])"
+            ))
+            }
+        };
+        Ok(RootfsArg {
+            path: path.into(),
+            share: Some(share),
+        })
+    }
+}
+
 /// A uid and gid to run as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
@@ -158,6 +219,7 @@ impl Default for VmConfig {
             kernel: PathBuf::new(),
             initrd: None,
             rootfs: None,
+            rootfs_share: None,
             scratch_dir: None,
             extra_cmdline: None,
             mem_bytes: DEFAULT_MEM_BYTES,

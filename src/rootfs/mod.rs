@@ -78,9 +78,37 @@ pub enum RootfsError {
         .0.display()
     )]
     Unknown(PathBuf),
+    /// A shared root (`DIR,share`) that is not a directory.
+    #[error(
+        "rootfs {},share: not a directory (only a directory root is shared)",
+        .0.display()
+    )]
+    NotShareable(PathBuf),
     /// Gzip-compressed, but what it holds is not a tar archive.
     #[error("rootfs {}: gzip data, but not a gzip-compressed tar archive", .0.display())]
     GzipNotTar(PathBuf),
+}
+
+/// The root kiln packs into the initramfs or attaches as a disk: none for
+/// a shared root (`rootfs_share`, served by a virtiofsd like the shares),
+/// which must be a directory.
+pub(crate) fn packed_or_attached(
+    config: &crate::config::VmConfig,
+) -> Result<Option<Rootfs>, RootfsError> {
+    let Some(path) = config.rootfs.as_deref() else {
+        return Ok(None);
+    };
+    if config.rootfs_share.is_none() {
+        return Rootfs::detect(path).map(Some);
+    }
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(None),
+        Ok(_) => Err(RootfsError::NotShareable(path.to_owned())),
+        Err(source) => Err(RootfsError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 impl Rootfs {
@@ -367,6 +395,35 @@ pub(crate) mod tests {
             Rootfs::detect(&p("disk.tar")).unwrap(),
             Rootfs::Image(p("disk.tar"))
         );
+    }
+
+    /// A shared root is a directory, never packed; anything else (an
+    /// image or archive included) is refused in one line.
+    #[test]
+    fn a_shared_root_is_a_directory_and_is_not_packed() {
+        let t = TempDir::new("shared-root");
+        let mut config = crate::config::VmConfig::new("vmlinux");
+        config.rootfs = Some(t.0.clone());
+        assert_eq!(
+            packed_or_attached(&config).unwrap(),
+            Some(Rootfs::Directory(t.0.clone()))
+        );
+        config.rootfs_share = Some(crate::config::RootShare::Overlay);
+        assert_eq!(packed_or_attached(&config).unwrap(), None);
+        let tar = t.0.join("root.tar");
+        std::fs::write(&tar, small_tar(false)).unwrap();
+        config.rootfs = Some(tar.clone());
+        let e = packed_or_attached(&config).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "rootfs {},share: not a directory (only a directory root is shared)",
+                tar.display()
+            )
+        );
+        config.rootfs = Some(t.0.join("missing"));
+        let e = packed_or_attached(&config).unwrap_err().to_string();
+        assert!(e.contains("No such file"), "{e}");
     }
 
     #[test]

@@ -14,8 +14,8 @@ use super::vm::{Isolation, SandboxVm};
 use super::vm_process::{self, VmProcess, VmProcessSpec};
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
 use crate::config::{
-    ConsoleKind, Credentials, DiskConfig, NetConfig, RateLimit, SeccompMode, ShareConfig, VmConfig,
-    VsockConfig,
+    ConsoleKind, Credentials, DiskConfig, NetConfig, RateLimit, RootShare, SeccompMode,
+    ShareConfig, VmConfig, VsockConfig,
 };
 use crate::jail::JailConfig;
 use crate::{ConsoleIo, VmStopper};
@@ -210,6 +210,18 @@ impl SandboxBuilder {
     /// "Root file systems".
     pub fn rootfs(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.rootfs = Some(path.into());
+        self.config.rootfs_share = None;
+        self
+    }
+
+    /// A host directory as the guest's root, shared (virtio-fs, a
+    /// virtiofsd kiln starts) rather than packed: `RootShare::Overlay`
+    /// keeps the directory unchanged (the guest's writes stay in RAM),
+    /// `RootShare::Writable` writes through to it, as `kiln run --rootfs
+    /// DIR,share[,rw]` does. See [`VmConfig::rootfs_share`].
+    pub fn shared_rootfs(mut self, dir: impl Into<PathBuf>, mode: RootShare) -> Self {
+        self.config.rootfs = Some(dir.into());
+        self.config.rootfs_share = Some(mode);
         self
     }
 

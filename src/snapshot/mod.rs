@@ -133,6 +133,12 @@ fn save_into(
             share.host_dir.display()
         )));
     }
+    if let (Some(dir), Some(_)) = (&running.config.rootfs, running.config.rootfs_share) {
+        return Err(SnapshotError::Unsupported(format!(
+            "a VM with a shared root (--rootfs {},share) cannot be snapshotted yet",
+            dir.display()
+        )));
+    }
     // Without it KVM ignores `immediate_exit`: a vCPU could not complete
     // its exit without running the guest on (see `vcpu::complete_exit`).
     if !running

@@ -21,7 +21,7 @@ use super::ConsoleIo;
 use crate::boot::params::InitrdPlacement;
 use crate::boot::{self, cmdline::CmdlineParts, mptable, LoadedKernel};
 use crate::config::{
-    ConsoleKind, DiskConfig, NetConfig, RateLimit, ShareConfig, VmConfig, VsockConfig,
+    ConsoleKind, DiskConfig, NetConfig, RateLimit, RootShare, ShareConfig, VmConfig, VsockConfig,
 };
 use crate::console::{ConsoleOutput, PanicWatch};
 use crate::device_manager::{self, Buses, DeviceHandles, DeviceManager};
@@ -53,7 +53,7 @@ pub(crate) struct BuiltVm {
 /// Builds the VM `config` describes, reporting to `life`.
 pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> Result<BuiltVm> {
     validate(config)?;
-    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
+    let rootfs = rootfs::packed_or_attached(config)?;
     let profile = HostProfile::detect();
     let slots = virtio_slots(config, rootfs.as_ref());
     let cmdline = build_cmdline(config, &slots, profile)?;
@@ -62,7 +62,7 @@ pub(crate) fn build(config: &VmConfig, io: ConsoleIo, life: &Arc<Lifecycle>) -> 
     // Load the guest before opening /dev/kvm, so a bad kernel, initrd or
     // root is reported as such even on a host without KVM.
     // A vhost-user backend maps guest memory from a file it is handed.
-    let mem = match config.shares.is_empty() {
+    let mem = match crate::share::all_shares(config).is_empty() {
         true => memory::create_guest_memory(config.mem_bytes)?,
         false => memory::create_shared_guest_memory(config.mem_bytes)?,
     };
@@ -136,7 +136,7 @@ pub(crate) fn build_restored(
             net.tap
         )));
     }
-    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
+    let rootfs = rootfs::packed_or_attached(config)?;
     let slots = virtio_slots(config, rootfs.as_ref());
     install_kick_handler()?;
     let mem = memory::map_guest_memory_file(config.mem_bytes, &snapshot.memory)
@@ -240,7 +240,7 @@ fn validate(config: &VmConfig) -> Result<()> {
 /// ```
 pub fn kernel_cmdline(config: &VmConfig) -> Result<String> {
     validate(config)?;
-    let rootfs = config.rootfs.as_deref().map(Rootfs::detect).transpose()?;
+    let rootfs = rootfs::packed_or_attached(config)?;
     let slots = virtio_slots(config, rootfs.as_ref());
     let cmdline = build_cmdline(config, &slots, HostProfile::detect())?;
     Ok(cmdline_text(&cmdline))
@@ -283,6 +283,8 @@ enum VirtioSlot<'a> {
     Net(usize, &'a NetConfig),
     /// A shared directory (virtio-fs) and its index among the shares.
     Share(usize, &'a ShareConfig),
+    /// A shared root directory, its index among the shares (the last).
+    RootShare(usize, RootShare),
     Console,
 }
 
@@ -314,6 +316,9 @@ fn virtio_slots<'a>(config: &'a VmConfig, rootfs: Option<&'a Rootfs>) -> Vec<Vir
             .enumerate()
             .map(|(i, s)| VirtioSlot::Share(i, s)),
     );
+    if let (Some(_), Some(mode)) = (&config.rootfs, config.rootfs_share) {
+        slots.push(VirtioSlot::RootShare(config.shares.len(), mode));
+    }
     if config.console == ConsoleKind::Virtio {
         slots.push(VirtioSlot::Console);
     }
@@ -336,6 +341,11 @@ impl VirtioSlot<'_> {
                 &crate::share::tag(*i),
                 share.read_only,
                 &share.guest_path,
+            )),
+            // What kiln's init switches root into.
+            Self::RootShare(i, mode) => Some(kiln_init::share_root_word(
+                &crate::share::tag(*i),
+                *mode == RootShare::Overlay,
             )),
             _ => None,
         }
@@ -364,7 +374,7 @@ fn attach_virtio_devices(
 ) -> Result<Option<File>> {
     let (seccomp, run_as) = (config.seccomp, config.run_as);
     use kiln_devices::virtio::net::{MacAddr, Net};
-    let mut shares = match config.shares.is_empty() {
+    let mut shares = match crate::share::all_shares(config).is_empty() {
         true => Vec::new(),
         false => crate::share::devices(config)?,
     }
@@ -411,7 +421,7 @@ fn attach_virtio_devices(
                 log::info!("net: eth{i} on TAP '{}', MAC {}", net.tap, dev.mac());
                 devices.attach_virtio(dev)?;
             }
-            VirtioSlot::Share(..) => {
+            VirtioSlot::Share(..) | VirtioSlot::RootShare(..) => {
                 let fs = shares.next().expect("one device per share");
                 devices.attach_virtio(fs)?;
             }

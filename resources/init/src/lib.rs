@@ -37,6 +37,51 @@ pub const SPEC_PATH: &str = "/kiln/exec";
 /// it as a module parameter: it is neither init's argument nor environment.)
 pub const ROOT_PARAM: &str = "kiln.root";
 
+/// The `kiln.root=` value prefix of a shared root: `virtiofs:TAG` (the
+/// share is the root, writable) or `virtiofs:TAG,overlay` (the share,
+/// read-only, under a tmpfs overlay that takes the guest's writes).
+const SHARE_ROOT_PREFIX: &[u8] = b"virtiofs:";
+
+/// What a `kiln.root=` value names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RootSource {
+    /// A block device holding an ext2/3/4 file system.
+    Device(Vec<u8>),
+    /// A virtio-fs share.
+    Share {
+        /// The share's tag (the mount source).
+        tag: Vec<u8>,
+        /// Mounted read-only under a tmpfs overlay that takes the writes.
+        overlay: bool,
+    },
+}
+
+impl RootSource {
+    /// Reads a `kiln.root=` value (not empty).
+    pub fn parse(value: &[u8]) -> Self {
+        let Some(share) = value.strip_prefix(SHARE_ROOT_PREFIX) else {
+            return Self::Device(value.to_vec());
+        };
+        match share.strip_suffix(b",overlay") {
+            Some(tag) => Self::Share {
+                tag: tag.to_vec(),
+                overlay: true,
+            },
+            None => Self::Share {
+                tag: share.to_vec(),
+                overlay: false,
+            },
+        }
+    }
+}
+
+/// The command-line word for a shared root (the monitor writes it).
+pub fn share_root_word(tag: &str, overlay: bool) -> String {
+    let prefix = String::from_utf8_lossy(SHARE_ROOT_PREFIX);
+    let overlay = if overlay { ",overlay" } else { "" };
+    format!("{ROOT_PARAM}={prefix}{tag}{overlay}")
+}
+
 /// Kernel command-line parameter naming a shared directory (virtio-fs)
 /// that init mounts before it runs anything, once per share:
 /// `kiln.share=TAG,MODE,PATH` (MODE `ro` or `rw`; PATH absolute, the rest
@@ -131,6 +176,29 @@ pub mod control {
 #[cfg(test)]
 mod share_tests {
     use super::*;
+
+    #[test]
+    fn root_words_name_a_device_or_a_share() {
+        let value = |word: String| word.split_once('=').unwrap().1.as_bytes().to_vec();
+        assert_eq!(
+            RootSource::parse(&value(share_root_word("kiln-share2", true))),
+            RootSource::Share {
+                tag: b"kiln-share2".to_vec(),
+                overlay: true
+            }
+        );
+        assert_eq!(
+            RootSource::parse(&value(share_root_word("kiln-share0", false))),
+            RootSource::Share {
+                tag: b"kiln-share0".to_vec(),
+                overlay: false
+            }
+        );
+        assert_eq!(
+            RootSource::parse(b"/dev/vda"),
+            RootSource::Device(b"/dev/vda".to_vec())
+        );
+    }
 
     #[test]
     fn share_words_round_trip() {

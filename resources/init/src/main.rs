@@ -9,7 +9,8 @@
 
 use kiln_init::spec::{ExecSpec, DEFAULT_IDS};
 use kiln_init::{
-    control, EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND, ROOT_PARAM, SPEC_PATH,
+    control, RootSource, EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND, ROOT_PARAM,
+    SPEC_PATH,
 };
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
@@ -65,8 +66,8 @@ fn run() -> u32 {
         None => Some(read_spec()),
     };
     let cmdline = std::fs::read("/proc/cmdline").unwrap_or_default();
-    if let Some(device) = root_param(&cmdline) {
-        if let Err(msg) = switch_root(&device) {
+    if let Some(root) = root_param(&cmdline) {
+        if let Err(msg) = switch_root(&RootSource::parse(&root)) {
             return fail_with(&msg);
         }
     }
@@ -123,27 +124,91 @@ fn root_param(cmdline: &[u8]) -> Option<Vec<u8>> {
         .map(<[u8]>::to_vec)
 }
 
-/// Mounts `device` (ext2/3/4) and makes it the root, as switch_root(8)
-/// does: init's /dev, /proc, /sys and /tmp move into it, then it moves onto
-/// `/` and init chroots into it. The initramfs stays in memory, unreachable;
-/// init keeps running from it (and keeps its control page mapping).
-fn switch_root(device: &[u8]) -> Result<(), String> {
-    let name = String::from_utf8_lossy(device).into_owned();
-    let dev = CString::new(device).map_err(|_| format!("{ROOT_PARAM}: NUL in '{name}'"))?;
-    let start = Instant::now();
-    while std::fs::metadata(OsStr::from_bytes(device)).is_err()
-        && start.elapsed() < ROOT_DEVICE_TIMEOUT
-    {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// Where a shared root is mounted read-only under an overlay.
+const SHARED_LOWER: &CStr = c"/kiln/lower";
+/// The tmpfs holding an overlay's upper and work directories.
+const OVERLAY_RAM: &CStr = c"/kiln/overlay";
+
+/// Mounts `root` at [`NEW_ROOT`]: a device (ext2/3/4), or a virtio-fs
+/// share, alone or read-only under a tmpfs overlay that takes the
+/// guest's writes. Returns its name for messages.
+fn mount_new_root(root: &RootSource) -> Result<String, String> {
     // SAFETY: a NUL-terminated path.
     unsafe { libc::mkdir(NEW_ROOT.as_ptr(), 0o755) };
-    sys_mount(Some(&dev), NEW_ROOT, Some(c"ext4"), 0)
-        .map_err(|e| format!("cannot mount the root file system {name}: {}", describe(&e)))?;
+    let (tag, overlay) = match root {
+        RootSource::Device(device) => {
+            let name = String::from_utf8_lossy(device).into_owned();
+            let dev = CString::new(device.clone())
+                .map_err(|_| format!("{ROOT_PARAM}: NUL in '{name}'"))?;
+            let start = Instant::now();
+            while std::fs::metadata(OsStr::from_bytes(device)).is_err()
+                && start.elapsed() < ROOT_DEVICE_TIMEOUT
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            sys_mount(Some(&dev), NEW_ROOT, Some(c"ext4"), 0, None).map_err(|e| {
+                format!("cannot mount the root file system {name}: {}", describe(&e))
+            })?;
+            return Ok(name);
+        }
+        RootSource::Share { tag, overlay } => (tag, *overlay),
+    };
+    let name = format!("share {}", String::from_utf8_lossy(tag));
+    let src = CString::new(tag.clone()).map_err(|_| format!("{ROOT_PARAM}: NUL in {name}"))?;
+    let fail = |what: &str, e: io::Error| {
+        format!("cannot mount the root {name}: {what}: {}", describe(&e))
+    };
+    if !overlay {
+        sys_mount(Some(&src), NEW_ROOT, Some(c"virtiofs"), 0, None)
+            .map_err(|e| fail("virtiofs", e))?;
+        return Ok(name);
+    }
+    for dir in [SHARED_LOWER, OVERLAY_RAM] {
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::mkdir(dir.as_ptr(), 0o755) };
+    }
+    sys_mount(
+        Some(&src),
+        SHARED_LOWER,
+        Some(c"virtiofs"),
+        libc::MS_RDONLY,
+        None,
+    )
+    .map_err(|e| fail("virtiofs", e))?;
+    sys_mount(
+        Some(c"tmpfs"),
+        OVERLAY_RAM,
+        Some(c"tmpfs"),
+        0,
+        Some(c"mode=0755"),
+    )
+    .map_err(|e| fail("tmpfs", e))?;
+    for dir in [c"/kiln/overlay/upper", c"/kiln/overlay/work"] {
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::mkdir(dir.as_ptr(), 0o755) };
+    }
+    let layers = c"lowerdir=/kiln/lower,upperdir=/kiln/overlay/upper,workdir=/kiln/overlay/work";
+    sys_mount(
+        Some(c"overlay"),
+        NEW_ROOT,
+        Some(c"overlay"),
+        0,
+        Some(layers),
+    )
+    .map_err(|e| fail("overlay", e))?;
+    Ok(name)
+}
+
+/// Mounts `root` and makes it the root, as switch_root(8) does: init's
+/// /dev, /proc, /sys and /tmp move into it, then it moves onto `/` and
+/// init chroots into it. The initramfs stays in memory, unreachable; init
+/// keeps running from it (and keeps its control page mapping).
+fn switch_root(root: &RootSource) -> Result<(), String> {
+    let name = mount_new_root(root)?;
     for (old, new) in MOVED_MOUNTS {
         // SAFETY: a NUL-terminated path; an existing directory is fine.
         unsafe { libc::mkdir(new.as_ptr(), 0o755) };
-        if let Err(e) = sys_mount(Some(old), new, None, libc::MS_MOVE) {
+        if let Err(e) = sys_mount(Some(old), new, None, libc::MS_MOVE, None) {
             let what = format!("cannot move {} into {name}", old.to_string_lossy());
             warn(&what, &e);
         }
@@ -157,7 +222,7 @@ fn switch_root(device: &[u8]) -> Result<(), String> {
     };
     // SAFETY: NUL-terminated paths; plain syscalls.
     step("chdir", unsafe { libc::chdir(NEW_ROOT.as_ptr()) })?;
-    sys_mount(Some(c"."), c"/", None, libc::MS_MOVE)
+    sys_mount(Some(c"."), c"/", None, libc::MS_MOVE, None)
         .map_err(|e| format!("cannot switch root to {name}: move: {}", describe(&e)))?;
     // SAFETY: as above.
     step("chroot", unsafe { libc::chroot(c".".as_ptr()) })?;
@@ -165,17 +230,26 @@ fn switch_root(device: &[u8]) -> Result<(), String> {
     step("chdir", unsafe { libc::chdir(c"/".as_ptr()) })
 }
 
-/// mount(2) with optional source and type and no data.
+/// mount(2) with optional source, type and data.
 fn sys_mount(
     src: Option<&CStr>,
     target: &CStr,
     fstype: Option<&CStr>,
     flags: libc::c_ulong,
+    data: Option<&CStr>,
 ) -> io::Result<()> {
     let ptr = |s: Option<&CStr>| s.map_or(ptr::null(), CStr::as_ptr);
     // SAFETY: NUL-terminated strings (or null, which mount accepts for the
-    // source and type of a move) that outlive the call.
-    let r = unsafe { libc::mount(ptr(src), target.as_ptr(), ptr(fstype), flags, ptr::null()) };
+    // source, type and data of a move) that outlive the call.
+    let r = unsafe {
+        libc::mount(
+            ptr(src),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data).cast(),
+        )
+    };
     match r {
         0 => Ok(()),
         _ => Err(io::Error::last_os_error()),
