@@ -568,8 +568,9 @@ pub(super) fn wait_readable(fds: &[BorrowedFd<'_>], max: Option<Duration>) -> bo
 /// configuration, the root, the disks), so that the error keeps its type:
 /// a VM process reports only a message ([`crate::Error::VmProcess`]).
 fn preflight(config: &VmConfig) -> crate::Result<()> {
-    if let Some(dir) = &config.restore_from {
-        crate::snapshot::saved_config(dir)?;
+    if config.restore_from.is_some() {
+        // The snapshot's state was read, and its errors typed, by
+        // `vm_config_and_identity`, which made this config from it.
         return Ok(());
     }
     crate::vmm::kernel_cmdline(config)?;
