@@ -356,8 +356,12 @@ pub fn connect() -> Result<Connection, NetworkError> {
         if has_ingress_qdisc(&connection.netns, &carried.veth)? {
             return Err(NetworkError::IngressInUse(carried.veth));
         }
+        // The TAP must exist (persistent) for its qdisc and filters; kiln
+        // attaches to it by name when the VM starts. Only one made here is
+        // ever removed again.
+        Tap::create_persistent(&carried.tap)?;
         connection.network.interfaces.push(carried.clone());
-        attach(&connection.netns, &carried)?;
+        connect_both_ways(&connection.netns, &carried)?;
         log::info!(
             "network: {} carried into the VM through TAP '{}' (guest {} {})",
             carried.veth,
@@ -369,12 +373,9 @@ pub fn connect() -> Result<Connection, NetworkError> {
     Ok(connection)
 }
 
-/// Creates `carried`'s TAP and connects it and the veth both ways.
-fn attach(netns: &File, carried: &CarriedInterface) -> Result<(), NetworkError> {
+/// Brings `carried`'s TAP up and connects it and the veth both ways.
+fn connect_both_ways(netns: &File, carried: &CarriedInterface) -> Result<(), NetworkError> {
     let (veth, tap) = (carried.veth.as_str(), carried.tap.as_str());
-    // The TAP must exist (persistent) for its qdisc and filters; kiln
-    // attaches to it by name when the VM starts.
-    Tap::create_persistent(tap)?;
     let mtu = carried.guest.mtu.to_string();
     run(
         netns,
