@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{guest_kernel, have_kvm, have_program, is_root, require, run_checked, Netns, Scratch};
 use kiln::oci::network::{self, NetworkError};
@@ -328,11 +328,18 @@ fn a_dropped_connection_cleans_up_in_its_own_namespace() {
     }
     let (_host, container) = podman_style_network("ocinet-drop");
     let engine_left = eth0_state(&container);
-    let connection = container.on_thread(|| network::connect().unwrap_or_else(|e| panic!("{e}")));
+    let (connection, took) = container.on_thread(|| {
+        let started = Instant::now();
+        let connection = network::connect().unwrap_or_else(|e| panic!("{e}"));
+        (connection, started.elapsed())
+    });
+    eprintln!("MEASURE connect (one veth): {took:?}");
     let plain = connection.network().clone();
     assert!(link_exists(&container, "kilntap0"));
     assert_ne!(eth0_state(&container), engine_left, "eth0 has its filter");
+    let started = Instant::now();
     drop(connection);
+    eprintln!("MEASURE disconnect (drop): {:?}", started.elapsed());
     assert!(!link_exists(&container, "kilntap0"));
     assert_eq!(eth0_state(&container), engine_left);
     container
