@@ -26,12 +26,13 @@
 //! a process in the namespace itself (kiln's) cannot talk to the guest over
 //! the veth (the replies go to the guest); nothing of kiln's needs to.
 //!
-//! **iproute2.** This first version drives `ip` (JSON output, `ip -j`) and
-//! `tc` rather than rtnetlink: the u32 filter with a mirred action is a
-//! deep nest of netlink attributes, and `ip`/`tc` are on every host that
-//! runs a container engine (CNI plugins and podman need them). Every
-//! command runs in the namespace [`connect`] was called in (captured once),
-//! whichever thread later drops the [`Connection`].
+//! **rtnetlink, no iproute2.** Everything goes through a small hand-written
+//! rtnetlink client (`rtnetlink.rs`: links, addresses, routes, the qdisc
+//! and the filter) on a NETLINK_ROUTE socket, not through `ip`/`tc`: no
+//! dependency on the host's tools or their output format, no process
+//! started per step. The socket [`connect`] opens belongs to the
+//! namespace it was called in, so the [`Connection`] acts there whichever
+//! thread later drops it.
 //!
 //! [`Connection`] removes what it made (the TAPs, which takes their
 //! filters along, and the veths' ingress qdiscs) when dropped, on an error
@@ -40,12 +41,8 @@
 //! from inside the namespace.
 
 use std::fmt;
-use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 
 use kiln_devices::tap::{Tap, TapError};
 use kiln_devices::virtio::net::MacAddr;
@@ -53,50 +50,28 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::NetConfig;
 
+mod rtnetlink;
+
+use rtnetlink::{Address, Link, Route, Rtnl};
+
 /// The TAPs [`connect`] creates are named this followed by the carried
 /// interface's position (`kilntap0`, `kilntap1`, ...).
 pub const TAP_PREFIX: &str = "kilntap";
-
-/// The ingress qdisc's handle (`tc qdisc add ... ingress` gives it this).
-const INGRESS_PARENT: &str = "ffff:";
 
 /// Why the container's network cannot be carried into (or removed from
 /// around) its VM. Each message is one line naming the interface.
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
-    /// The calling thread's network namespace cannot be opened.
-    #[error("cannot open this thread's network namespace (/proc/thread-self/ns/net): {0}")]
-    Namespace(#[source] io::Error),
-    /// `ip` or `tc` cannot be started (iproute2 is not installed?).
-    #[error("interface '{iface}': cannot run '{program}' (iproute2 installed?): {source}")]
-    Tool {
-        /// The interface the command was about (`*` for all).
+    /// A netlink request failed (`*` when it was about every interface).
+    #[error("interface '{iface}': {what} failed: {source}")]
+    Netlink {
+        /// The interface.
         iface: String,
-        /// `ip` or `tc`.
-        program: &'static str,
-        /// Why it could not start.
+        /// What was asked, e.g. "adding the ingress qdisc".
+        what: &'static str,
+        /// The kernel's answer.
         #[source]
         source: io::Error,
-    },
-    /// An `ip` or `tc` command failed.
-    #[error("interface '{iface}': `{command}` failed: {stderr}")]
-    Command {
-        /// The interface the command was about (`*` for all).
-        iface: String,
-        /// The command line.
-        command: String,
-        /// Its error output, on one line.
-        stderr: String,
-    },
-    /// `ip -j` printed something this module does not understand.
-    #[error("interface '{iface}': unexpected output of `{command}`: {detail}")]
-    Output {
-        /// The interface the command was about (`*` for all).
-        iface: String,
-        /// The command line.
-        command: String,
-        /// What is wrong with it.
-        detail: String,
     },
     /// The TAP cannot be created (its error names it).
     #[error(transparent)]
@@ -115,6 +90,15 @@ pub enum NetworkError {
         /// The interface's address.
         address: Ipv4Cidr,
     },
+}
+
+/// Wraps a netlink error with the interface and the request.
+fn netlink<'a>(iface: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> NetworkError + 'a {
+    move |source| NetworkError::Netlink {
+        iface: iface.to_string(),
+        what,
+        source,
+    }
 }
 
 /// An IPv4 address with its prefix length (`10.88.0.2/24`).
@@ -158,12 +142,14 @@ pub struct Ipv6Cidr {
 }
 
 /// A route of the container's besides the connected subnets and the
-/// default route: `destination` (`10.89.0.0/16`, `fd00:1::/64`) through
-/// `gateway`, or on the link when there is none.
+/// default route: `destination/prefix` (`10.89.0.0/16`) through `gateway`,
+/// or on the link when there is none.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestRoute {
-    /// The destination prefix as `ip route` prints it.
-    pub destination: String,
+    /// The destination network.
+    pub destination: IpAddr,
+    /// Its prefix length.
+    pub prefix: u8,
     /// The next hop, if not on the link.
     pub gateway: Option<IpAddr>,
 }
@@ -241,8 +227,8 @@ impl ContainerNetwork {
     /// skipped, so this may run twice. Keeps going after an error and
     /// returns the first.
     pub fn disconnect(&self) -> Result<(), NetworkError> {
-        let here = current_netns()?;
-        disconnect_all(&here, &self.interfaces)
+        let mut rtnl = Rtnl::open().map_err(netlink("*", "opening a netlink socket"))?;
+        disconnect_all(&mut rtnl, &self.interfaces)
     }
 }
 
@@ -295,7 +281,8 @@ pub fn parse_nameservers(resolv_conf: &str) -> Vec<IpAddr> {
 #[derive(Debug)]
 pub struct Connection {
     network: ContainerNetwork,
-    netns: File,
+    /// Bound to the namespace of [`connect`].
+    rtnl: Rtnl,
     connected: bool,
 }
 
@@ -309,7 +296,7 @@ impl Connection {
     /// [`ContainerNetwork::disconnect`]), in the namespace of [`connect`].
     pub fn disconnect(mut self) -> Result<(), NetworkError> {
         self.connected = false;
-        disconnect_all(&self.netns, &self.network.interfaces)
+        disconnect_all(&mut self.rtnl, &self.network.interfaces)
     }
 
     /// Keeps the TAPs and filters (for a process that hands the VM over to
@@ -323,7 +310,7 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         if self.connected {
-            if let Err(e) = disconnect_all(&self.netns, &self.network.interfaces) {
+            if let Err(e) = disconnect_all(&mut self.rtnl, &self.network.interfaces) {
                 log::warn!("{e}");
             }
         }
@@ -339,21 +326,28 @@ impl Drop for Connection {
 /// by name where it runs; the sandbox's VM process inherits the calling
 /// thread's namespace).
 pub fn connect() -> Result<Connection, NetworkError> {
-    let netns = current_netns()?;
-    let links: Vec<IpLink> = ip_json(&netns, &["-j", "-d", "addr", "show"])?;
-    let routes4: Vec<IpRoute> = ip_json(&netns, &["-j", "-4", "route", "show", "table", "main"])?;
-    let routes6: Vec<IpRoute> = ip_json(&netns, &["-j", "-6", "route", "show", "table", "main"])?;
-    let planned = plan(&links, &routes4, &routes6)?;
+    let mut rtnl = Rtnl::open().map_err(netlink("*", "opening a netlink socket"))?;
+    let links = rtnl.links().map_err(netlink("*", "listing the links"))?;
+    let addresses = rtnl
+        .addresses()
+        .map_err(netlink("*", "listing the addresses"))?;
+    let routes4 = rtnl
+        .routes(libc::AF_INET)
+        .map_err(netlink("*", "listing the IPv4 routes"))?;
+    let routes6 = rtnl
+        .routes(libc::AF_INET6)
+        .map_err(netlink("*", "listing the IPv6 routes"))?;
+    let planned = plan(&links, &addresses, &routes4, &routes6);
 
     let mut connection = Connection {
         network: ContainerNetwork::default(),
-        netns,
+        rtnl,
         connected: true,
     };
-    for carried in planned {
+    for (veth_index, carried) in planned {
         // The veth's own filters would be replaced: refuse before making
         // anything for it (and so never remove the engine's qdisc).
-        if has_ingress_qdisc(&connection.netns, &carried.veth)? {
+        if has_ingress_qdisc(&mut connection.rtnl, &carried.veth, veth_index)? {
             return Err(NetworkError::IngressInUse(carried.veth));
         }
         // The TAP must exist (persistent) for its qdisc and filters; kiln
@@ -361,7 +355,7 @@ pub fn connect() -> Result<Connection, NetworkError> {
         // ever removed again.
         Tap::create_persistent(&carried.tap)?;
         connection.network.interfaces.push(carried.clone());
-        connect_both_ways(&connection.netns, &carried)?;
+        connect_both_ways(&mut connection.rtnl, &carried, veth_index)?;
         log::info!(
             "network: {} carried into the VM through TAP '{}' (guest {} {})",
             carried.veth,
@@ -374,63 +368,53 @@ pub fn connect() -> Result<Connection, NetworkError> {
 }
 
 /// Brings `carried`'s TAP up and connects it and the veth both ways.
-fn connect_both_ways(netns: &File, carried: &CarriedInterface) -> Result<(), NetworkError> {
+fn connect_both_ways(
+    rtnl: &mut Rtnl,
+    carried: &CarriedInterface,
+    veth_index: u32,
+) -> Result<(), NetworkError> {
     let (veth, tap) = (carried.veth.as_str(), carried.tap.as_str());
-    let mtu = carried.guest.mtu.to_string();
-    run(
-        netns,
-        tap,
-        "ip",
-        &["link", "set", "dev", tap, "mtu", &mtu, "up"],
-    )?;
-    for (from, to) in [(tap, veth), (veth, tap)] {
-        run(netns, from, "tc", &["qdisc", "add", "dev", from, "ingress"])?;
-        run(
-            netns,
-            from,
-            "tc",
-            &[
-                "filter",
-                "add",
-                "dev",
-                from,
-                "parent",
-                INGRESS_PARENT,
-                "protocol",
-                "all",
-                "u32",
-                "match",
-                "u32",
-                "0",
-                "0",
-                "action",
-                "mirred",
-                "egress",
-                "redirect",
-                "dev",
-                to,
-            ],
-        )?;
+    let tap_index = index_of(rtnl, tap)?.ok_or_else(|| NetworkError::Netlink {
+        iface: tap.to_string(),
+        what: "finding the new TAP",
+        source: io::Error::from_raw_os_error(libc::ENODEV),
+    })?;
+    rtnl.set_mtu_up(tap_index, carried.guest.mtu)
+        .map_err(netlink(tap, "setting the MTU and bringing it up"))?;
+    for (from, from_index, to_index) in
+        [(tap, tap_index, veth_index), (veth, veth_index, tap_index)]
+    {
+        rtnl.add_ingress_qdisc(from_index)
+            .map_err(netlink(from, "adding the ingress qdisc"))?;
+        rtnl.add_redirect_filter(from_index, to_index)
+            .map_err(netlink(from, "adding the mirred redirect filter"))?;
     }
     Ok(())
 }
 
 /// Removes each TAP and each veth's ingress qdisc that still exists.
-fn disconnect_all(netns: &File, interfaces: &[CarriedInterface]) -> Result<(), NetworkError> {
-    let links: Vec<IpLink> = ip_json(netns, &["-j", "link", "show"])?;
-    let exists = |name: &str| links.iter().any(|l| l.ifname == name);
+fn disconnect_all(rtnl: &mut Rtnl, interfaces: &[CarriedInterface]) -> Result<(), NetworkError> {
+    let links = rtnl.links().map_err(netlink("*", "listing the links"))?;
+    let index = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.index);
     let mut first_error = None;
     for carried in interfaces {
         let (veth, tap) = (carried.veth.as_str(), carried.tap.as_str());
         let mut steps: Vec<Result<(), NetworkError>> = Vec::new();
-        if exists(veth) {
-            steps.push(has_ingress_qdisc(netns, veth).and_then(|has| match has {
-                true => run(netns, veth, "tc", &["qdisc", "del", "dev", veth, "ingress"]).map(drop),
-                false => Ok(()),
+        if let Some(i) = index(veth) {
+            steps.push(has_ingress_qdisc(rtnl, veth, i).and_then(|has| {
+                match has {
+                    true => rtnl
+                        .delete_ingress_qdisc(i)
+                        .map_err(netlink(veth, "removing the ingress qdisc")),
+                    false => Ok(()),
+                }
             }));
         }
-        if exists(tap) {
-            steps.push(run(netns, tap, "ip", &["link", "del", "dev", tap]).map(drop));
+        if let Some(i) = index(tap) {
+            steps.push(
+                rtnl.delete_link(i)
+                    .map_err(netlink(tap, "deleting the TAP")),
+            );
         }
         for e in steps.into_iter().filter_map(Result::err) {
             log::debug!("{e}");
@@ -440,267 +424,111 @@ fn disconnect_all(netns: &File, interfaces: &[CarriedInterface]) -> Result<(), N
     first_error.map_or(Ok(()), Err)
 }
 
-fn has_ingress_qdisc(netns: &File, iface: &str) -> Result<bool, NetworkError> {
-    #[derive(Deserialize)]
-    struct Qdisc {
-        kind: String,
-    }
-    let args = ["-j", "qdisc", "show", "dev", iface];
-    let text = run(netns, iface, "tc", &args)?;
-    let qdiscs: Vec<Qdisc> = parse_json(&text, iface, "tc", &args)?;
-    Ok(qdiscs
-        .iter()
-        .any(|q| q.kind == "ingress" || q.kind == "clsact"))
+fn has_ingress_qdisc(rtnl: &mut Rtnl, iface: &str, index: u32) -> Result<bool, NetworkError> {
+    let kinds = rtnl
+        .qdisc_kinds(index)
+        .map_err(netlink(iface, "listing the qdiscs"))?;
+    Ok(kinds.iter().any(|k| k == "ingress" || k == "clsact"))
 }
 
-// ---- `ip -j` output, as far as this module reads it.
-
-#[derive(Debug, Deserialize)]
-struct IpLink {
-    ifname: String,
-    #[serde(default)]
-    flags: Vec<String>,
-    #[serde(default)]
-    mtu: u32,
-    address: Option<String>,
-    link_type: Option<String>,
-    #[serde(default)]
-    addr_info: Vec<IpAddrInfo>,
-    linkinfo: Option<IpLinkInfo>,
+fn index_of(rtnl: &mut Rtnl, name: &str) -> Result<Option<u32>, NetworkError> {
+    let links = rtnl.links().map_err(netlink(name, "listing the links"))?;
+    Ok(links.iter().find(|l| l.name == name).map(|l| l.index))
 }
 
-#[derive(Debug, Deserialize)]
-struct IpLinkInfo {
-    info_kind: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IpAddrInfo {
-    family: String,
-    local: Option<String>,
-    prefixlen: Option<u8>,
-    scope: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct IpRoute {
-    dst: String,
-    gateway: Option<String>,
-    dev: Option<String>,
-    protocol: Option<String>,
-}
-
-/// Which interfaces to carry and how the guest sees them (pure: the
-/// parsed `ip -j -d addr` and `ip -j route` of both families).
+/// Which interfaces to carry (with the veth's index) and how the guest
+/// sees them (pure: what the kernel listed).
 fn plan(
-    links: &[IpLink],
-    routes4: &[IpRoute],
-    routes6: &[IpRoute],
-) -> Result<Vec<CarriedInterface>, NetworkError> {
-    let bad = |iface: &str, detail: String| NetworkError::Output {
-        iface: iface.to_string(),
-        command: "ip -j -d addr show".into(),
-        detail,
-    };
+    links: &[Link],
+    addresses: &[Address],
+    routes4: &[Route],
+    routes6: &[Route],
+) -> Vec<(u32, CarriedInterface)> {
     let mut carried = Vec::new();
     for link in links {
-        let name = link.ifname.as_str();
-        let global = |family: &'static str| {
-            link.addr_info
-                .iter()
-                .filter(move |a| a.family == family && a.scope.as_deref() == Some("global"))
+        let name = link.name.as_str();
+        let global: Vec<&Address> = addresses
+            .iter()
+            .filter(|a| a.index == link.index && a.global)
+            .collect();
+        if link.loopback || link.kind.as_deref() == Some("tun") || global.is_empty() {
+            continue;
+        }
+        let Some(mac) = link.mac else {
+            log::warn!("network: interface '{name}' is not Ethernet: not carried into the VM");
+            continue;
         };
-        let is_tun = link
-            .linkinfo
-            .as_ref()
-            .is_some_and(|i| i.info_kind.as_deref() == Some("tun"));
-        if link.flags.iter().any(|f| f == "LOOPBACK") || is_tun {
-            continue;
-        }
-        if global("inet").chain(global("inet6")).next().is_none() {
-            continue;
-        }
-        if link.link_type.as_deref() != Some("ether") {
-            log::warn!(
-                "network: interface '{name}' is not Ethernet ({}): not carried into the VM",
-                link.link_type.as_deref().unwrap_or("unknown link type")
-            );
-            continue;
-        }
-        let mac = link
-            .address
-            .as_deref()
-            .ok_or_else(|| bad(name, "no MAC address".into()))
-            .and_then(|m| MacAddr::parse(m).map_err(|e| bad(name, e)))?;
-        let address = |a: &IpAddrInfo| -> Result<(IpAddr, u8), NetworkError> {
-            let text = a.local.as_deref().unwrap_or_default();
-            let addr = text
-                .parse()
-                .map_err(|_| bad(name, format!("address '{text}'")))?;
-            let prefix = a
-                .prefixlen
-                .ok_or_else(|| bad(name, format!("no prefix length for {text}")))?;
-            Ok((addr, prefix))
-        };
-        let mut ipv4 = Vec::new();
-        for a in global("inet") {
-            if let (IpAddr::V4(addr), prefix @ 0..=32) = address(a)? {
-                ipv4.push(Ipv4Cidr { addr, prefix });
-            }
-        }
-        let mut ipv6 = Vec::new();
-        for a in global("inet6") {
-            if let (IpAddr::V6(addr), prefix @ 0..=128) = address(a)? {
-                ipv6.push(Ipv6Cidr { addr, prefix });
-            }
-        }
+        let ipv4 = global
+            .iter()
+            .filter_map(|a| match a.addr {
+                IpAddr::V4(addr) => Some(Ipv4Cidr {
+                    addr,
+                    prefix: a.prefix,
+                }),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let ipv6 = global
+            .iter()
+            .filter_map(|a| match a.addr {
+                IpAddr::V6(addr) => Some(Ipv6Cidr {
+                    addr,
+                    prefix: a.prefix,
+                }),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        let (gateway4, routes_v4) = routes_of(link.index, routes4);
+        let (gateway6, routes_v6) = routes_of(link.index, routes6);
         let index = carried.len();
         let tap = format!("{TAP_PREFIX}{index}");
-        let (gateway4, routes_v4) = routes_of(name, routes4)?;
-        let (gateway6, routes_v6) = routes_of(name, routes6)?;
-        carried.push(CarriedInterface {
+        let interface = CarriedInterface {
             veth: name.to_string(),
             net: NetConfig {
                 tap: tap.clone(),
-                mac: Some(mac.0),
+                mac: Some(mac),
                 rate_limit: Default::default(),
             },
             tap,
             guest: GuestInterface {
                 device: format!("eth{index}"),
-                mac: mac.0,
+                mac,
                 mtu: link.mtu,
                 ipv4,
                 ipv6,
-                gateway4,
-                gateway6,
+                gateway4: gateway4.and_then(|g| match g {
+                    IpAddr::V4(g) => Some(g),
+                    IpAddr::V6(_) => None,
+                }),
+                gateway6: gateway6.and_then(|g| match g {
+                    IpAddr::V6(g) => Some(g),
+                    IpAddr::V4(_) => None,
+                }),
                 routes: routes_v4.into_iter().chain(routes_v6).collect(),
             },
-        });
+        };
+        carried.push((link.index, interface));
     }
-    Ok(carried)
+    carried
 }
 
-/// The default route's gateway through `dev` (of one family) and its other
-/// routes that the guest needs (not the kernel's connected ones).
-fn routes_of<A: std::str::FromStr + Copy + Into<IpAddr>>(
-    dev: &str,
-    routes: &[IpRoute],
-) -> Result<(Option<A>, Vec<GuestRoute>), NetworkError> {
-    let gateway_of = |r: &IpRoute| -> Result<Option<A>, NetworkError> {
-        r.gateway
-            .as_deref()
-            .map(|g| {
-                g.parse().map_err(|_| NetworkError::Output {
-                    iface: dev.to_string(),
-                    command: "ip -j route show table main".into(),
-                    detail: format!("gateway '{g}'"),
-                })
-            })
-            .transpose()
-    };
+/// The default route's gateway through link `index` (of one family) and
+/// its other routes that the guest needs (not the kernel's connected ones).
+fn routes_of(index: u32, routes: &[Route]) -> (Option<IpAddr>, Vec<GuestRoute>) {
     let mut default = None;
     let mut others = Vec::new();
-    for r in routes.iter().filter(|r| r.dev.as_deref() == Some(dev)) {
-        if r.dst == "default" {
-            default = default.or(gateway_of(r)?);
-        } else if r.protocol.as_deref() != Some("kernel") {
-            others.push(GuestRoute {
-                destination: r.dst.clone(),
-                gateway: gateway_of(r)?.map(Into::into),
-            });
+    for r in routes.iter().filter(|r| r.oif == Some(index)) {
+        match r.dst {
+            None => default = default.or(r.gateway),
+            Some(_) if r.kernel => {}
+            Some((destination, prefix)) => others.push(GuestRoute {
+                destination,
+                prefix,
+                gateway: r.gateway,
+            }),
         }
     }
-    Ok((default, others))
-}
-
-// ---- Running `ip` and `tc` in the captured namespace.
-
-fn current_netns() -> Result<File, NetworkError> {
-    File::open("/proc/thread-self/ns/net").map_err(NetworkError::Namespace)
-}
-
-fn ip_json<T: serde::de::DeserializeOwned>(
-    netns: &File,
-    args: &[&str],
-) -> Result<Vec<T>, NetworkError> {
-    let text = run(netns, "*", "ip", args)?;
-    parse_json(&text, "*", "ip", args)
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(
-    text: &str,
-    iface: &str,
-    program: &str,
-    args: &[&str],
-) -> Result<Vec<T>, NetworkError> {
-    // Without anything to list, `tc -j` prints nothing at all.
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    serde_json::from_str(text).map_err(|e| NetworkError::Output {
-        iface: iface.to_string(),
-        command: format!("{program} {}", args.join(" ")),
-        detail: e.to_string(),
-    })
-}
-
-/// Runs `program args` in `netns` and returns its standard output.
-fn run(
-    netns: &File,
-    iface: &str,
-    program: &'static str,
-    args: &[&str],
-) -> Result<String, NetworkError> {
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let fd = netns.as_raw_fd();
-    // SAFETY: the closure runs in the forked child before exec and only
-    // makes the setns system call (async-signal-safe) on `fd`, which the
-    // child inherited open (O_CLOEXEC closes it only at exec); it allocates
-    // nothing and touches no lock.
-    unsafe {
-        cmd.pre_exec(move || match libc::setns(fd, libc::CLONE_NEWNET) {
-            0 => Ok(()),
-            _ => Err(io::Error::last_os_error()),
-        });
-    }
-    let out = cmd.output().map_err(|source| NetworkError::Tool {
-        iface: iface.to_string(),
-        program,
-        source,
-    })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        return Err(NetworkError::Command {
-            iface: iface.to_string(),
-            command: format!("{program} {}", args.join(" ")),
-            stderr: one_line(&stderr, out.status),
-        });
-    }
-    String::from_utf8(out.stdout).map_err(|_| NetworkError::Output {
-        iface: iface.to_string(),
-        command: format!("{program} {}", args.join(" ")),
-        detail: "not UTF-8".into(),
-    })
-}
-
-/// A command's error output on one line (or its exit status when silent).
-fn one_line(stderr: &str, status: std::process::ExitStatus) -> String {
-    let text = stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ");
-    if text.is_empty() {
-        status.to_string()
-    } else {
-        text
-    }
+    (default, others)
 }
 
 #[cfg(test)]

@@ -1,44 +1,79 @@
 use super::*;
 
-/// `ip -j -d addr show` of a container namespace as podman leaves it
-/// (trimmed): lo, the veth eth0 (IPv4, IPv6 and a link-local address), a
-/// TAP (never carried) and a down veth without an address.
-const LINKS: &str = r#"[
- {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP","LOWER_UP"],"mtu":65536,"link_type":"loopback",
-  "address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},
- {"ifindex":2,"link":null,"ifname":"eth0","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1400,
-  "link_type":"ether","address":"32:4d:aa:6e:4d:f2","linkinfo":{"info_kind":"veth"},
-  "addr_info":[{"family":"inet","local":"10.88.0.2","prefixlen":24,"scope":"global","label":"eth0"},
-               {"family":"inet","local":"10.88.0.9","prefixlen":24,"scope":"global","secondary":true},
-               {"family":"inet6","local":"fd00::2","prefixlen":64,"scope":"global"},
-               {"family":"inet6","local":"fe80::304d:aaff:fe6e:4df2","prefixlen":64,"scope":"link"}]},
- {"ifindex":4,"ifname":"tp0","flags":["BROADCAST","MULTICAST"],"mtu":1500,"link_type":"ether",
-  "address":"1e:74:08:e0:7b:22","linkinfo":{"info_kind":"tun","info_data":{"type":"tap"}},
-  "addr_info":[{"family":"inet","local":"10.0.9.1","prefixlen":24,"scope":"global"}]},
- {"ifindex":5,"ifname":"v1","flags":["BROADCAST","MULTICAST"],"mtu":1500,"link_type":"ether",
-  "address":"ea:4e:a9:87:a6:27","addr_info":[]}
-]"#;
+/// A container namespace as podman leaves it, as the kernel lists it: lo,
+/// the veth eth0 (two IPv4 addresses, IPv6, a link-local address), a TAP
+/// with an address (never carried) and a veth without an address.
+fn links() -> Vec<Link> {
+    let link = |index, name: &str, mac, mtu, kind: Option<&str>| Link {
+        index,
+        name: name.into(),
+        loopback: index == 1,
+        mac,
+        mtu,
+        kind: kind.map(Into::into),
+    };
+    vec![
+        link(1, "lo", None, 65536, None),
+        link(2, "eth0", Some(MAC), 1400, Some("veth")),
+        link(4, "tp0", Some([2, 0, 0, 0, 0, 4]), 1500, Some("tun")),
+        link(5, "v1", Some([2, 0, 0, 0, 0, 5]), 1500, Some("veth")),
+    ]
+}
 
-const ROUTES4: &str = r#"[
- {"dst":"default","gateway":"10.88.0.1","dev":"eth0","flags":[]},
- {"dst":"10.88.0.0/24","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"10.88.0.2","flags":[]},
- {"dst":"10.89.0.0/16","gateway":"10.88.0.254","dev":"eth0","protocol":"static","flags":[]},
- {"dst":"10.0.9.0/24","dev":"tp0","protocol":"kernel","scope":"link","flags":[]}
-]"#;
+const MAC: [u8; 6] = [0x32, 0x4d, 0xaa, 0x6e, 0x4d, 0xf2];
 
-const ROUTES6: &str = r#"[
- {"dst":"fd00::/64","dev":"eth0","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},
- {"dst":"fd01::/64","dev":"eth0","metric":1024,"flags":[],"pref":"medium"},
- {"dst":"fe80::/64","dev":"eth0","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},
- {"dst":"default","gateway":"fd00::1","dev":"eth0","metric":1024,"flags":[],"pref":"medium"}
-]"#;
+fn addresses() -> Vec<Address> {
+    let addr = |index, text: &str, prefix, global| Address {
+        index,
+        addr: text.parse().unwrap(),
+        prefix,
+        global,
+    };
+    vec![
+        addr(1, "127.0.0.1", 8, false),
+        addr(2, "10.88.0.2", 24, true),
+        addr(2, "10.88.0.9", 24, true),
+        addr(2, "fd00::2", 64, true),
+        addr(2, "fe80::304d:aaff:fe6e:4df2", 64, false),
+        addr(4, "10.0.9.1", 24, true),
+    ]
+}
 
-fn parsed<T: serde::de::DeserializeOwned>(text: &str) -> Vec<T> {
-    parse_json(text, "*", "ip", &["-j"]).unwrap()
+fn route(oif: u32, dst: Option<(&str, u8)>, gateway: Option<&str>, kernel: bool) -> Route {
+    Route {
+        oif: Some(oif),
+        dst: dst.map(|(a, p)| (a.parse().unwrap(), p)),
+        gateway: gateway.map(|g| g.parse().unwrap()),
+        kernel,
+    }
+}
+
+fn routes4() -> Vec<Route> {
+    vec![
+        route(2, None, Some("10.88.0.1"), false),
+        route(2, Some(("10.88.0.0", 24)), None, true),
+        route(2, Some(("10.89.0.0", 16)), Some("10.88.0.254"), false),
+        route(4, Some(("10.0.9.0", 24)), None, true),
+    ]
+}
+
+fn routes6() -> Vec<Route> {
+    vec![
+        route(2, Some(("fd00::", 64)), None, true),
+        route(2, Some(("fd01::", 64)), None, false),
+        route(2, Some(("fe80::", 64)), None, true),
+        route(2, None, Some("fd00::1"), false),
+    ]
 }
 
 fn planned() -> Vec<CarriedInterface> {
-    plan(&parsed(LINKS), &parsed(ROUTES4), &parsed(ROUTES6)).unwrap()
+    plan(&links(), &addresses(), &routes4(), &routes6())
+        .into_iter()
+        .map(|(index, carried)| {
+            assert_eq!(index, 2, "the veth's index");
+            carried
+        })
+        .collect()
 }
 
 fn v4(text: &str) -> Ipv4Addr {
@@ -54,7 +89,7 @@ fn the_veth_is_carried_with_its_mac_mtu_addresses_and_routes() {
         "lo, the TAP and the bare veth stay: {carried:?}"
     );
     let eth0 = &carried[0];
-    let mac = [0x32, 0x4d, 0xaa, 0x6e, 0x4d, 0xf2];
+    let mac = MAC;
     assert_eq!(
         (eth0.veth.as_str(), eth0.tap.as_str()),
         ("eth0", "kilntap0")
@@ -91,11 +126,13 @@ fn the_veth_is_carried_with_its_mac_mtu_addresses_and_routes() {
             gateway6: Some("fd00::1".parse().unwrap()),
             routes: vec![
                 GuestRoute {
-                    destination: "10.89.0.0/16".into(),
+                    destination: "10.89.0.0".parse().unwrap(),
+                    prefix: 16,
                     gateway: Some("10.88.0.254".parse().unwrap()),
                 },
                 GuestRoute {
-                    destination: "fd01::/64".into(),
+                    destination: "fd01::".parse().unwrap(),
+                    prefix: 64,
                     gateway: None,
                 },
             ],
@@ -116,18 +153,27 @@ fn the_veth_is_carried_with_its_mac_mtu_addresses_and_routes() {
 
 #[test]
 fn a_namespace_without_addresses_carries_nothing() {
-    // `--network none`: lo only. A veth with only a link-local address is
-    // not carried either.
-    let links: Vec<IpLink> = parsed(
-        r#"[{"ifname":"lo","flags":["LOOPBACK","UP"],"mtu":65536,"link_type":"loopback",
-             "addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},
-            {"ifname":"eth0","flags":["UP"],"mtu":1500,"link_type":"ether","address":"32:4d:aa:6e:4d:f2",
-             "addr_info":[{"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#,
-    );
-    let network = ContainerNetwork {
-        interfaces: plan(&links, &parsed(ROUTES4), &parsed(ROUTES6)).unwrap(),
-    };
-    assert!(network.interfaces.is_empty(), "{network:?}");
+    // `--network none`: lo only. A veth with only a link-local address, or
+    // an interface that is not Ethernet, is not carried either.
+    let mut links = links();
+    links[3].mac = None;
+    let addresses = vec![
+        Address {
+            index: 2,
+            addr: "fe80::1".parse().unwrap(),
+            prefix: 64,
+            global: false,
+        },
+        Address {
+            index: 5,
+            addr: "10.1.1.1".parse().unwrap(),
+            prefix: 24,
+            global: true,
+        },
+    ];
+    let planned = plan(&links, &addresses, &routes4(), &routes6());
+    assert!(planned.is_empty(), "{planned:?}");
+    let network = ContainerNetwork::default();
     assert_eq!(network.kernel_ip_arg(&[]).unwrap(), None);
 }
 
@@ -233,54 +279,11 @@ fn nameservers_of_a_resolv_conf() {
 }
 
 #[test]
-fn bad_ip_output_is_one_line_naming_the_interface() {
-    let mut links: Vec<IpLink> = parsed(LINKS);
-    links[1].address = Some("zz".into());
-    let err = plan(&links, &[], &[]).unwrap_err().to_string();
-    assert!(
-        err.starts_with("interface 'eth0': unexpected output of `ip -j -d addr show`"),
-        "{err}"
-    );
-    assert_eq!(err.lines().count(), 1, "{err}");
-
-    let routes: Vec<IpRoute> = parsed(r#"[{"dst":"default","gateway":"10.88.0.x","dev":"eth0"}]"#);
-    let err = plan(&parsed(LINKS), &routes, &[]).unwrap_err().to_string();
-    assert!(
-        err.contains("'eth0'") && err.contains("gateway '10.88.0.x'"),
-        "{err}"
-    );
-
-    let err = parse_json::<IpLink>("[{", "eth0", "tc", &["-j", "qdisc"]).unwrap_err();
-    assert!(err
-        .to_string()
-        .starts_with("interface 'eth0': unexpected output of `tc -j qdisc`"));
-    assert!(parse_json::<IpLink>("\n", "*", "tc", &[])
-        .unwrap()
-        .is_empty());
-}
-
-#[test]
-fn a_failed_command_is_one_line() {
-    let out = std::process::Command::new("sh")
-        .args(["-c", "exit 2"])
-        .status()
-        .unwrap();
-    assert_eq!(one_line("Error: a\n\n  b \n", out), "Error: a; b");
-    assert_eq!(one_line("", out), "exit status: 2");
-    // Errors of real commands (neither touches the network).
-    let here = current_netns().unwrap();
-    let err = run(&here, "nope0", "false", &["link", "del", "nope0"]).unwrap_err();
+fn a_netlink_error_is_one_line_naming_the_interface() {
+    let err =
+        netlink("eth0", "adding the ingress qdisc")(io::Error::from_raw_os_error(libc::EEXIST));
     assert_eq!(
         err.to_string(),
-        "interface 'nope0': `false link del nope0` failed: exit status: 1"
+        "interface 'eth0': adding the ingress qdisc failed: File exists (os error 17)"
     );
-    let err = run(&here, "nope0", "kiln-no-such-tool", &[]).unwrap_err();
-    let text = err.to_string();
-    assert!(
-        text.starts_with(
-            "interface 'nope0': cannot run 'kiln-no-such-tool' (iproute2 installed?): "
-        ),
-        "{text}"
-    );
-    assert_eq!(text.lines().count(), 1, "{text}");
 }
