@@ -142,9 +142,11 @@ fn a_container_veth_is_carried_into_the_guest() {
     let engine_left = eth0_state(&container);
     let mac = eth0_mac(&container);
 
-    // What the OCI runtime does in the container's namespace: connect,
-    // then boot the VM there (the sandbox's VM process inherits it).
-    let (connection, sandbox) = container.on_thread(move || {
+    // What the OCI runtime does in the container's namespace (it has its
+    // path): connect, then boot the VM there (the sandbox's VM process
+    // inherits the thread's namespace).
+    let path = Path::new("/run/netns").join(container.name());
+    let in_container = network::in_namespace(&path, move || {
         let connection = network::connect().unwrap_or_else(|e| panic!("{e}"));
         let network = connection.network();
         let ip = network
@@ -169,6 +171,7 @@ fn a_container_veth_is_carried_into_the_guest() {
         let sandbox = builder.build().unwrap_or_else(|e| panic!("{e}"));
         (connection, sandbox)
     });
+    let (connection, sandbox) = in_container.unwrap_or_else(|e| panic!("{e}"));
 
     let carried = &connection.network().interfaces;
     assert_eq!(carried.len(), 1, "{carried:?}");
@@ -328,11 +331,14 @@ fn a_dropped_connection_cleans_up_in_its_own_namespace() {
     }
     let (_host, container) = podman_style_network("ocinet-drop");
     let engine_left = eth0_state(&container);
-    let (connection, took) = container.on_thread(|| {
+    // What the OCI runtime has is the namespace's path.
+    let path = Path::new("/run/netns").join(container.name());
+    let (connection, took) = network::in_namespace(&path, || {
         let started = Instant::now();
         let connection = network::connect().unwrap_or_else(|e| panic!("{e}"));
         (connection, started.elapsed())
-    });
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("MEASURE connect (one veth): {took:?}");
     let plain = connection.network().clone();
     assert!(link_exists(&container, "kilntap0"));
@@ -345,6 +351,19 @@ fn a_dropped_connection_cleans_up_in_its_own_namespace() {
     container
         .on_thread(move || plain.disconnect())
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A namespace that does not exist: one line naming it, `f` not run.
+#[test]
+fn joining_a_missing_namespace_names_it() {
+    let err = network::in_namespace(Path::new("/run/netns/kiln-no-such-ns"), || {
+        panic!("ran outside the namespace")
+    })
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cannot join the network namespace /run/netns/kiln-no-such-ns: No such file or directory (os error 2)"
+    );
 }
 
 /// Errors name the interface and leave nothing behind: a veth whose

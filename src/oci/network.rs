@@ -43,6 +43,8 @@
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
 use kiln_devices::tap::{Tap, TapError};
 use kiln_devices::virtio::net::MacAddr;
@@ -70,6 +72,15 @@ pub enum NetworkError {
         /// What was asked, e.g. "adding the ingress qdisc".
         what: &'static str,
         /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
+    /// The network namespace to join cannot be opened or joined.
+    #[error("cannot join the network namespace {path}: {source}")]
+    Namespace {
+        /// The namespace's path.
+        path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
@@ -317,8 +328,8 @@ impl Drop for Connection {
     }
 }
 
-/// Carries every non-loopback Ethernet interface of the calling thread's
-/// network namespace that has a global address into a VM: see the module
+/// Carries every non-loopback Ethernet interface (veth, or a TAP) of the
+/// calling thread's network namespace that has a global address into a VM: see the module
 /// documentation. A namespace with none (`--network none`) gives an empty
 /// network. On an error, what was made so far is removed again.
 ///
@@ -365,6 +376,39 @@ pub fn connect() -> Result<Connection, NetworkError> {
         );
     }
     Ok(connection)
+}
+
+/// Runs `f` on a thread of its own that joined the network namespace at
+/// `netns` (the path in the bundle's config.json, `/proc/PID/ns/net`,
+/// `/run/netns/NAME`) and returns what it returns: call [`connect`] and
+/// start the VM inside `f`, so that both happen in the container's
+/// namespace (threads and processes `f` starts stay there). The calling
+/// thread's own namespace is untouched; a panic in `f` is passed on.
+pub fn in_namespace<T: Send>(
+    netns: &Path,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, NetworkError> {
+    let error = |source| NetworkError::Namespace {
+        path: netns.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(netns).map_err(error)?;
+    let joined = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on an open namespace fd changes only this
+                // thread's network namespace (a thread of its own).
+                match unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } {
+                    0 => Ok(f()),
+                    _ => Err(io::Error::last_os_error()),
+                }
+            })
+            .join()
+    });
+    match joined {
+        Ok(result) => result.map_err(error),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 /// Brings `carried`'s TAP up and connects it and the veth both ways.
@@ -451,7 +495,10 @@ fn plan(
             .iter()
             .filter(|a| a.index == link.index && a.global)
             .collect();
-        if link.loopback || link.kind.as_deref() == Some("tun") || global.is_empty() {
+        // A TAP with an address is carried too (rootless podman's
+        // slirp4netns or pasta give the container one instead of a veth);
+        // kiln's own have none.
+        if link.loopback || global.is_empty() {
             continue;
         }
         let Some(mac) = link.mac else {

@@ -2,7 +2,8 @@ use super::*;
 
 /// A container namespace as podman leaves it, as the kernel lists it: lo,
 /// the veth eth0 (two IPv4 addresses, IPv6, a link-local address), a TAP
-/// with an address (never carried) and a veth without an address.
+/// with an address (as rootless podman's slirp4netns makes) and a veth
+/// without an address.
 fn links() -> Vec<Link> {
     let link = |index, name: &str, mac, mtu, kind: Option<&str>| Link {
         index,
@@ -67,13 +68,10 @@ fn routes6() -> Vec<Route> {
 }
 
 fn planned() -> Vec<CarriedInterface> {
-    plan(&links(), &addresses(), &routes4(), &routes6())
-        .into_iter()
-        .map(|(index, carried)| {
-            assert_eq!(index, 2, "the veth's index");
-            carried
-        })
-        .collect()
+    let planned = plan(&links(), &addresses(), &routes4(), &routes6());
+    let indexes: Vec<u32> = planned.iter().map(|(index, _)| *index).collect();
+    assert_eq!(indexes, vec![2, 4], "the carried links' indexes");
+    planned.into_iter().map(|(_, carried)| carried).collect()
 }
 
 fn v4(text: &str) -> Ipv4Addr {
@@ -83,11 +81,7 @@ fn v4(text: &str) -> Ipv4Addr {
 #[test]
 fn the_veth_is_carried_with_its_mac_mtu_addresses_and_routes() {
     let carried = planned();
-    assert_eq!(
-        carried.len(),
-        1,
-        "lo, the TAP and the bare veth stay: {carried:?}"
-    );
+    assert_eq!(carried.len(), 2, "lo and the bare veth stay: {carried:?}");
     let eth0 = &carried[0];
     let mac = MAC;
     assert_eq!(
@@ -141,7 +135,27 @@ fn the_veth_is_carried_with_its_mac_mtu_addresses_and_routes() {
     let network = ContainerNetwork {
         interfaces: carried.clone(),
     };
-    assert_eq!(network.nets(), vec![eth0.net.clone()]);
+    // The TAP with an address: the second card, IPv4 only, no gateway,
+    // its connected route left to the guest's kernel.
+    let tp0 = &carried[1];
+    assert_eq!((tp0.veth.as_str(), tp0.tap.as_str()), ("tp0", "kilntap1"));
+    assert_eq!(
+        tp0.guest,
+        GuestInterface {
+            device: "eth1".into(),
+            mac: [2, 0, 0, 0, 0, 4],
+            mtu: 1500,
+            ipv4: vec![Ipv4Cidr {
+                addr: v4("10.0.9.1"),
+                prefix: 24
+            }],
+            ipv6: vec![],
+            gateway4: None,
+            gateway6: None,
+            routes: vec![],
+        }
+    );
+    assert_eq!(network.nets(), vec![eth0.net.clone(), tp0.net.clone()]);
     // Plain data: it survives a trip through JSON (another process can
     // disconnect it).
     let json = serde_json::to_string(&network).unwrap();
