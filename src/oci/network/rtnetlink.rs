@@ -19,6 +19,8 @@ const NLMSG_DONE: u16 = 3;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+/// A dump part made while the list changed: the dump may be inconsistent.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_DUMP: u16 = 0x300;
@@ -210,8 +212,17 @@ impl Rtnl {
             .map(drop)
     }
 
+    /// A dump, made again (up to three times) while the kernel says the
+    /// list changed under it.
     fn dump(&mut self, kind: u16, header: &[u8]) -> io::Result<Vec<Vec<u8>>> {
-        self.transact(kind, NLM_F_REQUEST | NLM_F_DUMP, Request::new(header))
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.transact(kind, NLM_F_REQUEST | NLM_F_DUMP, Request::new(header)) {
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) && attempts < 3 => continue,
+                result => return result,
+            }
+        }
     }
 
     /// Sends one request and collects the payloads of its replies until
@@ -227,6 +238,7 @@ impl Rtnl {
         }
         let mut buf = vec![0u8; RECV_BUF];
         let mut payloads = Vec::new();
+        let mut interrupted = false;
         loop {
             // SAFETY: `buf` is a live buffer of `buf.len()` writable bytes.
             let n = unsafe {
@@ -248,14 +260,16 @@ impl Rtnl {
             if n > buf.len() {
                 return Err(io::Error::other("netlink reply larger than 64 KiB"));
             }
-            for (kind, seq, payload) in messages(&buf[..n]) {
+            for (kind, flags, seq, payload) in messages(&buf[..n]) {
                 if seq != self.seq {
                     continue;
                 }
+                interrupted |= flags & NLM_F_DUMP_INTR != 0;
                 match kind {
                     NLMSG_DONE | NLMSG_ERROR => {
                         let code = payload.get(..4).map_or(0, |b| i32_at(b, 0));
                         return match code {
+                            0 if interrupted => Err(io::Error::from_raw_os_error(libc::EINTR)),
                             0 => Ok(payloads),
                             _ => Err(io::Error::from_raw_os_error(code.saturating_neg())),
                         };
@@ -362,8 +376,8 @@ fn tcmsg(index: u32, handle: u32, parent: u32, info: u32) -> [u8; 20] {
     m
 }
 
-/// The netlink messages of one datagram: (type, sequence, payload).
-fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
+/// The netlink messages of one datagram: (type, flags, sequence, payload).
+fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, u16, u32, &[u8])> {
     std::iter::from_fn(move || {
         if buf.len() < NLMSG_HDR_LEN {
             return None;
@@ -372,7 +386,12 @@ fn messages(mut buf: &[u8]) -> impl Iterator<Item = (u16, u32, &[u8])> {
         if len < NLMSG_HDR_LEN || len > buf.len() {
             return None;
         }
-        let item = (u16_at(buf, 4), u32_at(buf, 8), &buf[NLMSG_HDR_LEN..len]);
+        let item = (
+            u16_at(buf, 4),
+            u16_at(buf, 6),
+            u32_at(buf, 8),
+            &buf[NLMSG_HDR_LEN..len],
+        );
         buf = &buf[len.next_multiple_of(4).min(buf.len())..];
         Some(item)
     })
@@ -519,10 +538,10 @@ mod tests {
         assert_eq!(msg.len() % 4, 0);
         let parsed: Vec<_> = messages(&msg).collect();
         assert_eq!(parsed.len(), 1);
-        let (kind, seq, payload) = parsed[0];
+        let (kind, flags, seq, payload) = parsed[0];
         assert_eq!(
-            (kind, seq, &payload[..4]),
-            (RTM_NEWLINK, 9, &[7, 0, 0, 0][..])
+            (kind, flags, seq, &payload[..4]),
+            (RTM_NEWLINK, NLM_F_REQUEST, 9, &[7, 0, 0, 0][..])
         );
         let top: Vec<_> = attrs(&payload[4..]).collect();
         assert_eq!(top.len(), 2);
@@ -557,7 +576,7 @@ mod tests {
     #[test]
     fn the_redirect_filter_request() {
         let msg = redirect_filter(2, 5).finish(RTM_NEWTFILTER, 0, 1);
-        let (_, _, payload) = messages(&msg).next().unwrap();
+        let (_, _, _, payload) = messages(&msg).next().unwrap();
         assert_eq!(u32_at(payload, 4), 2, "ifindex");
         assert_eq!(u32_at(payload, 12), INGRESS_HANDLE, "parent ffff:");
         assert_eq!(u32_at(payload, 16), 0x0300, "protocol all, big-endian");
