@@ -505,26 +505,19 @@ fn plan(
             log::warn!("network: interface '{name}' is not Ethernet: not carried into the VM");
             continue;
         };
-        let ipv4 = global
-            .iter()
-            .filter_map(|a| match a.addr {
-                IpAddr::V4(addr) => Some(Ipv4Cidr {
+        let (mut ipv4, mut ipv6) = (Vec::new(), Vec::new());
+        for a in &global {
+            match a.addr {
+                IpAddr::V4(addr) => ipv4.push(Ipv4Cidr {
                     addr,
                     prefix: a.prefix,
                 }),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        let ipv6 = global
-            .iter()
-            .filter_map(|a| match a.addr {
-                IpAddr::V6(addr) => Some(Ipv6Cidr {
+                IpAddr::V6(addr) => ipv6.push(Ipv6Cidr {
                     addr,
                     prefix: a.prefix,
                 }),
-                IpAddr::V4(_) => None,
-            })
-            .collect();
+            }
+        }
         let (gateway4, routes_v4) = routes_of(link.index, routes4);
         let (gateway6, routes_v6) = routes_of(link.index, routes6);
         let index = carried.len();
