@@ -353,6 +353,86 @@ fn a_dropped_connection_cleans_up_in_its_own_namespace() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// What `connect` reads from the kernel: a dual-stack eth0 with an extra
+/// route, and a second veth (eth1, no default route): two TAPs, two
+/// cards in order, each with its veth's MAC; both removed again.
+#[test]
+fn connect_reads_every_interface_with_its_addresses_and_routes() {
+    if !network_prerequisites() {
+        return;
+    }
+    let (host, container) = podman_style_network("ocinet-two");
+    for line in [
+        "ip -6 addr add fd00::2/64 dev eth0 nodad",
+        "ip -6 route add default via fd00::1 dev eth0",
+        "ip route add 10.89.0.0/16 via 10.88.0.254",
+        &format!(
+            "ip link add eth1 type veth peer name peer1 netns {}",
+            host.name()
+        ),
+        "ip addr add 172.16.0.2/20 dev eth1",
+        "ip link set eth1 up",
+    ] {
+        run_checked(&mut container.exec(line.split(' ')));
+    }
+    let engine_left = eth0_state(&container);
+    let eth1_mac = output(&container, &["cat", "/sys/class/net/eth1/address"]);
+    let connection = container.on_thread(|| network::connect().unwrap_or_else(|e| panic!("{e}")));
+    let network = connection.network().clone();
+    let summary: Vec<String> = network
+        .interfaces
+        .iter()
+        .map(|c| {
+            let g = &c.guest;
+            let mac = g.mac.map(|b| format!("{b:02x}")).join(":");
+            let ipv4: Vec<String> = g.ipv4.iter().map(ToString::to_string).collect();
+            let ipv6: Vec<String> = g
+                .ipv6
+                .iter()
+                .map(|a| format!("{}/{}", a.addr, a.prefix))
+                .collect();
+            let routes: Vec<String> = g
+                .routes
+                .iter()
+                .map(|r| format!("{}/{} via {:?}", r.destination, r.prefix, r.gateway))
+                .collect();
+            format!(
+                "{} {} {} {mac} mtu={} v4={ipv4:?} v6={ipv6:?} gw4={:?} gw6={:?} {routes:?}",
+                c.veth, c.tap, g.device, g.mtu, g.gateway4, g.gateway6
+            )
+        })
+        .collect();
+    let mac = eth0_mac(&container);
+    let eth1_mac = eth1_mac.trim();
+    assert_eq!(
+        summary,
+        vec![
+            format!(
+                "eth0 kilntap0 eth0 {mac} mtu=1400 v4=[\"10.88.0.2/24\"] v6=[\"fd00::2/64\"] \
+                 gw4=Some(10.88.0.1) gw6=Some(fd00::1) [\"10.89.0.0/16 via Some(10.88.0.254)\"]"
+            ),
+            format!(
+                "eth1 kilntap1 eth1 {eth1_mac} mtu=1500 v4=[\"172.16.0.2/20\"] v6=[] \
+                 gw4=None gw6=None []"
+            ),
+        ]
+    );
+    assert!(link_exists(&container, "kilntap0") && link_exists(&container, "kilntap1"));
+    assert_eq!(
+        network
+            .nets()
+            .iter()
+            .map(|n| n.tap.as_str())
+            .collect::<Vec<_>>(),
+        ["kilntap0", "kilntap1"]
+    );
+    connection.disconnect().unwrap_or_else(|e| panic!("{e}"));
+    assert!(!link_exists(&container, "kilntap0") && !link_exists(&container, "kilntap1"));
+    assert_eq!(eth0_state(&container), engine_left);
+    let eth1_qdiscs = output(&container, &["tc", "-j", "qdisc", "show", "dev", "eth1"]);
+    assert!(!eth1_qdiscs.contains("ingress"), "{eth1_qdiscs}");
+}
+
 /// A namespace that does not exist: one line naming it, `f` not run.
 #[test]
 fn joining_a_missing_namespace_names_it() {
