@@ -186,6 +186,7 @@
 pub mod config;
 pub mod error;
 pub mod jail;
+pub mod oci;
 pub mod outcome;
 pub mod sandbox;
 #[doc(hidden)]

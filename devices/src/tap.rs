@@ -57,6 +57,9 @@ pub enum TapError {
     /// single-queue TAP with a virtio-net header.
     #[error("interface '{0}' exists but is not a TAP usable with these flags (a TUN, a multi-queue TAP or another kind of device)")]
     NotATap(String),
+    /// A TAP to be created has a name already in use.
+    #[error("cannot create TAP interface '{0}': an interface of that name exists")]
+    Exists(String),
     /// Another TAP ioctl (or the device's eventfd) failed.
     #[error("TAP interface '{name}': {what} failed: {source}")]
     Ioctl {
@@ -164,6 +167,21 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Creates the TAP interface `name` with kiln's flags and makes it
+    /// persistent (TUNSETPERSIST): it stays, down and without an address,
+    /// after this returns, until someone deletes it (`ip link del`), so
+    /// that it can be configured before a VM attaches to it with
+    /// [`Tap::open`]'s flags. A name that already exists is refused
+    /// ([`TapError::Exists`]): the caller owns what it creates.
+    pub fn create_persistent(name: &str) -> Result<(), TapError> {
+        validate_ifname(name)?;
+        if interface_exists(name) {
+            return Err(TapError::Exists(name.to_string()));
+        }
+        let tap = Self::open(name)?;
+        tap.ioctl_val("TUNSETPERSIST", libc::TUNSETPERSIST as _, 1)
+    }
+
     /// The interface's MTU (SIOCGIFMTU).
     pub(crate) fn mtu(&self) -> Result<u32, TapError> {
         // SAFETY: creating a socket has no memory-safety preconditions.
@@ -223,7 +241,8 @@ impl Tap {
         req: libc::c_ulong,
         value: libc::c_ulong,
     ) -> Result<(), TapError> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value; no memory is accessed.
+        // SAFETY: TUNSETOFFLOAD and TUNSETPERSIST take their argument by
+        // value; no memory is accessed.
         let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), req as _, value) };
         self.check(ret, what)
     }
@@ -321,6 +340,16 @@ mod tests {
                 !interface_exists("kilntap0"),
                 "a created TAP is not persistent"
             );
+            // A persistent one stays after its creator's fd is closed, a
+            // VM can attach to it, and a second creation is refused.
+            Tap::create_persistent("kilntap1").expect("creating a persistent TAP");
+            assert!(interface_exists("kilntap1"));
+            let attached = Tap::open("kilntap1").expect("attaching to the persistent TAP");
+            let exists = Tap::create_persistent("kilntap1").unwrap_err();
+            assert!(matches!(exists, TapError::Exists(_)), "{exists}");
+            assert!(exists.to_string().contains("'kilntap1'"), "{exists}");
+            drop(attached);
+            assert!(interface_exists("kilntap1"), "persistent after detaching");
         })
         .join()
         .unwrap();

@@ -430,6 +430,11 @@ impl Netns {
         ns
     }
 
+    /// The namespace's name (for `ip link ... netns NAME`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// `args` run inside the namespace (`ip netns exec NAME ARGS...`).
     pub fn exec<'a>(&self, args: impl IntoIterator<Item = &'a str>) -> Command {
         let mut cmd = Command::new("ip");

@@ -1,0 +1,3 @@
+//! kiln as an OCI runtime (issue 13).
+
+pub mod network;
