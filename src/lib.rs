@@ -186,6 +186,8 @@
 pub mod config;
 pub mod error;
 pub mod jail;
+#[doc(hidden)]
+pub mod oci;
 pub mod outcome;
 pub mod sandbox;
 #[doc(hidden)]
