@@ -22,8 +22,12 @@ pub struct OciCli {
 /// Options before the command, as runc takes them.
 #[derive(Clone, Debug, Args)]
 pub struct GlobalArgs {
-    /// Where container state lives.
-    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
+    /// Where container state lives (default: `root` of the configuration
+    /// file, else /run/kiln-oci).
+    #[arg(long = "root", global = true)]
+    pub root_arg: Option<PathBuf>,
+    /// The state root in effect (resolved by `oci::main`).
+    #[arg(skip)]
     pub root: PathBuf,
     /// Write errors (and with --debug, progress) to this file.
     #[arg(long, global = true)]

@@ -31,7 +31,7 @@ use cli::{OciCli, OciCommand};
 
 /// Runs kiln-oci with the process's arguments; returns its exit status.
 pub fn main() -> i32 {
-    let cli = match OciCli::try_parse() {
+    let mut cli = match OciCli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -39,6 +39,14 @@ pub fn main() -> i32 {
         }
     };
     let logger = log::Logger::new(&cli.global);
+    match settings::state_root(&cli.global) {
+        Ok(root) => cli.global.root = root,
+        Err(msg) => {
+            logger.error(&msg);
+            eprintln!("kiln-oci: {msg}");
+            return 1;
+        }
+    }
     logger.debug(&format!(
         "{:?}",
         std::env::args().skip(1).collect::<Vec<_>>()

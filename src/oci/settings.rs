@@ -6,13 +6,18 @@
 //! kernel = "/usr/lib/kiln/vmlinux"
 //! memory = "512M"   # or a number of bytes
 //! vcpus = 2
+//! root = "/run/kiln-oci"   # the state root when --root is not given
 //! ```
+//!
+//! `root` belongs here rather than in an engine's runtime flags: podman
+//! passes its `--runtime-flag`s to create, start, exec and kill but not to
+//! the `delete` of its clean-up process, which would then look elsewhere.
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::cli::GlobalArgs;
+use super::cli::{GlobalArgs, DEFAULT_ROOT};
 use crate::config::{parse_size, DEFAULT_MEM_BYTES};
 
 /// The configuration file when neither `--config` nor the variable names one.
@@ -37,6 +42,7 @@ struct FileSettings {
     kernel: Option<PathBuf>,
     memory: Option<Size>,
     vcpus: Option<u8>,
+    root: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,15 +56,7 @@ enum Size {
 /// with one line when no kernel is configured or it is not a file, or the
 /// file (named explicitly, or present at the default place) is bad.
 pub fn resolve(global: &GlobalArgs) -> Result<Settings, String> {
-    let named = global
-        .config
-        .clone()
-        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
-    let file = match &named {
-        Some(path) => read(path)?,
-        None if Path::new(DEFAULT_CONFIG).exists() => read(Path::new(DEFAULT_CONFIG))?,
-        None => FileSettings::default(),
-    };
+    let file = file_settings(global)?;
     let kernel = global.kernel.clone().or(file.kernel).ok_or(
         "no guest kernel configured: pass --kernel PATH (podman: --runtime-flag kernel=PATH) \
          or set kernel in /etc/kiln/oci.toml",
@@ -78,6 +76,29 @@ pub fn resolve(global: &GlobalArgs) -> Result<Settings, String> {
         mem_bytes,
         vcpus: file.vcpus.unwrap_or(1),
     })
+}
+
+/// The state root: `--root`, else the file's `root`, else /run/kiln-oci.
+pub fn state_root(global: &GlobalArgs) -> Result<PathBuf, String> {
+    if let Some(root) = &global.root_arg {
+        return Ok(root.clone());
+    }
+    Ok(file_settings(global)?
+        .root
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)))
+}
+
+/// The configuration file's settings (none without a file).
+fn file_settings(global: &GlobalArgs) -> Result<FileSettings, String> {
+    let named = global
+        .config
+        .clone()
+        .or_else(|| std::env::var_os(CONFIG_ENV).map(PathBuf::from));
+    match &named {
+        Some(path) => read(path),
+        None if Path::new(DEFAULT_CONFIG).exists() => read(Path::new(DEFAULT_CONFIG)),
+        None => Ok(FileSettings::default()),
+    }
 }
 
 fn read(path: &Path) -> Result<FileSettings, String> {
@@ -100,10 +121,12 @@ mod tests {
     #[test]
     fn the_file_gives_kernel_memory_and_vcpus() {
         let s: FileSettings =
-            toml::from_str("kernel = \"/k\"\nmemory = \"512M\"\nvcpus = 2\n").unwrap();
+            toml::from_str("kernel = \"/k\"\nmemory = \"512M\"\nvcpus = 2\nroot = \"/r\"\n")
+                .unwrap();
         assert_eq!(s.kernel.as_deref(), Some(Path::new("/k")));
         assert!(matches!(s.memory, Some(Size::Text(ref t)) if t == "512M"));
         assert_eq!(s.vcpus, Some(2));
+        assert_eq!(s.root.as_deref(), Some(Path::new("/r")));
         let bytes: FileSettings = toml::from_str("memory = 1048576\n").unwrap();
         assert!(matches!(bytes.memory, Some(Size::Bytes(1048576))));
         assert!(toml::from_str::<FileSettings>("kernal = \"/k\"\n").is_err());
