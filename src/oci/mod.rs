@@ -18,6 +18,7 @@ pub mod cli;
 mod commands;
 pub mod control;
 mod exec;
+pub mod files;
 pub mod log;
 mod monitor;
 pub mod settings;

@@ -100,11 +100,7 @@ fn boot(
     let spec = spec::load(&saved.bundle)?;
     let plan = spec.plan(&saved.bundle)?;
     let command = spec.process()?.command()?;
-    for file in &plan.skipped_files {
-        logger.debug(&format!(
-            "bind-mounted file {file} left out (virtio-fs shares directories)"
-        ));
-    }
+    super::files::copy_into_root(&plan.root, &plan.files)?;
     for mount in &plan.skipped_mounts {
         logger.debug(&format!("mount {mount} left out"));
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::files::FileMount;
 use crate::config::{ShareCache, ShareConfig};
 use crate::sandbox::Command;
 
@@ -129,9 +130,9 @@ pub struct ContainerPlan {
     /// Directory bind mounts.
     pub shares: Vec<ShareConfig>,
     /// Files bind-mounted by the engine (/etc/hosts, /etc/resolv.conf,
-    /// ...): not reachable through virtio-fs (it shares directories);
-    /// left out, see the README's "OCI runtime".
-    pub skipped_files: Vec<String>,
+    /// ...): copied into the root (virtio-fs shares directories; see
+    /// `files`).
+    pub files: Vec<FileMount>,
     /// Mounts left out (tmpfs and other kinds besides the guest's own).
     pub skipped_mounts: Vec<String>,
     /// The guest's hostname.
@@ -194,7 +195,7 @@ impl Spec {
             root: root_path,
             readonly: root.readonly,
             shares: Vec::new(),
-            skipped_files: Vec::new(),
+            files: Vec::new(),
             skipped_mounts: Vec::new(),
             hostname: self.hostname.clone().filter(|h| !h.is_empty()),
         };
@@ -205,20 +206,22 @@ impl Spec {
             }
             let bind = mount.kind.as_deref() == Some("bind")
                 || mount.options.iter().any(|o| o == "bind" || o == "rbind");
-            match (bind, &mount.source) {
+            let source = mount.source.as_ref().map(|s| bundle.join(s));
+            match (bind, source) {
                 (true, Some(source)) if source.is_dir() => plan.shares.push(ShareConfig {
-                    host_dir: bundle.join(source),
+                    host_dir: source,
                     guest_path: mount.destination.clone(),
                     read_only: mount.options.iter().any(|o| o == "ro"),
                     cache: ShareCache::Auto,
                 }),
-                (true, Some(source)) if source.exists() => {
-                    plan.skipped_files.push(mount.destination.clone())
-                }
+                (true, Some(source)) if source.is_file() => plan.files.push(FileMount {
+                    source,
+                    destination: mount.destination.clone(),
+                }),
                 (true, source) => {
                     return Err(format!(
-                        "bind mount source {} for {} does not exist",
-                        source.as_deref().unwrap_or(Path::new("")).display(),
+                        "bind mount source {} for {} is neither a directory nor a regular file",
+                        source.unwrap_or_default().display(),
                         mount.destination
                     ))
                 }
