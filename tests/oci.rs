@@ -622,3 +622,139 @@ fn podman_detached_exec_diff_stop_logs_rm_as_with_runc() {
     );
     assert_eq!(kiln, runc, "kiln-oci against runc");
 }
+
+// ---- containerd: its runc shim with kiln-oci as the runc binary.
+
+/// A containerd of the test's own (its root, state and socket in a
+/// scratch directory), with `env` in its environment (its shims and their
+/// runtime inherit it).
+struct Containerd {
+    scratch: Scratch,
+    daemon: std::process::Child,
+}
+
+impl Containerd {
+    fn start(env: &[(&str, &Path)]) -> Self {
+        let scratch = Scratch::new_in(Path::new("/tmp"), "oci-ctrd");
+        let config = scratch.path("config.toml");
+        // The CRI plugin is not needed by `ctr` (and would start a CNI set-up).
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n",
+                root = scratch.path("root").display(),
+                state = scratch.path("state").display(),
+                sock = scratch.path("c.sock").display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(scratch.path("containerd.log")).unwrap());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let daemon = cmd.spawn().expect("starting containerd");
+        let containerd = Self { scratch, daemon };
+        // Ready when its socket accepts a connection.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let socket = containerd.scratch.path("c.sock");
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "containerd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        containerd
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.scratch.path("c.sock"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ctr")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill with the pid of a child this test owns and has not reaped.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn containerd_runs_a_container_with_kiln_oci_as_its_runc_binary_as_with_runc() {
+    if !podman_prerequisites()
+        || !require(
+            common::have_program("containerd") && common::have_program("ctr"),
+            "containerd not installed (run resources/setup.sh)",
+        )
+    {
+        return;
+    }
+    let _one = common::one_vm();
+    // The image: podman's busybox import, saved as an OCI archive.
+    let podman = Podman::new(Runtime::Runc);
+    let archive = podman.scratch.path("image.tar");
+    let out = podman.cmd(&[
+        "save",
+        "--format",
+        "oci-archive",
+        "-o",
+        archive.to_str().unwrap(),
+        IMAGE,
+    ]);
+    assert!(out.status.success(), "podman save: {}", text(&out.stderr));
+    // containerd's shim passes no kernel flag: kiln-oci's configuration
+    // file names it, through the environment containerd hands down.
+    let settings = podman.scratch.path("oci.toml");
+    let kernel = fs::canonicalize(guest_kernel("vmlinux").unwrap()).unwrap();
+    fs::write(&settings, format!("kernel = \"{}\"\n", kernel.display())).unwrap();
+    let containerd = Containerd::start(&[("KILN_OCI_CONFIG", &settings)]);
+    let out = containerd.ctr(&[
+        "images",
+        "import",
+        "--base-name",
+        IMAGE,
+        archive.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr images import: {}",
+        text(&out.stderr)
+    );
+    let image = format!("{IMAGE}:latest");
+    let case = |binary: &str, id: &str| {
+        seen(&containerd.ctr(&[
+            "run",
+            "--rm",
+            "--runc-binary",
+            binary,
+            &image,
+            id,
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ]))
+    };
+    let runc = case("runc", "with-runc");
+    let kiln = case(env!("CARGO_BIN_EXE_kiln-oci"), "with-kiln");
+    let expected = Seen {
+        stdout: "hi\n".into(),
+        status: Some(3),
+    };
+    assert_eq!(runc, expected, "the runc baseline");
+    assert_eq!(kiln, expected, "kiln-oci");
+    // The container is gone from containerd and from the shim's state root.
+    let listed = text(&containerd.ctr(&["containers", "ls", "-q"]).stdout);
+    assert!(!listed.contains("with-kiln"), "{listed}");
+    assert!(!Path::new("/run/containerd/runc/default/with-kiln").exists());
+}
