@@ -186,7 +186,6 @@
 pub mod config;
 pub mod error;
 pub mod jail;
-#[doc(hidden)]
 pub mod oci;
 pub mod outcome;
 pub mod sandbox;

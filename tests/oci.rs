@@ -581,6 +581,32 @@ fn kiln_oci_checks_on_a_running_container(id: &str) {
         text(&out.stderr),
         "kiln-oci: cannot start an already running container\n"
     );
+    // An exec whose stdin the caller holds open past the command's end
+    // leaves no thread behind in the monitor (its stdin copy ends with it).
+    let monitor = state["pid"].as_i64().unwrap();
+    let threads = || {
+        fs::read_dir(format!("/proc/{monitor}/task"))
+            .unwrap()
+            .count()
+    };
+    let before = threads();
+    let (stdin, held_open) = common::pipe();
+    let out = kiln_oci()
+        .args(["exec", id, "true"])
+        .stdin(Stdio::from(stdin))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while threads() != before {
+        assert!(
+            Instant::now() < deadline,
+            "the monitor has {} threads, {before} before the exec",
+            threads()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held_open);
     let bundle = state["bundle"].as_str().unwrap();
     let kernel = guest_kernel("vmlinux").unwrap();
     let out = kiln_oci()

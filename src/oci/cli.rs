@@ -13,8 +13,10 @@ pub const DEFAULT_ROOT: &str = "/run/kiln-oci";
 #[derive(Debug, Parser)]
 #[command(name = "kiln-oci", version, about)]
 pub struct OciCli {
+    /// The options before the command.
     #[command(flatten)]
     pub global: GlobalArgs,
+    /// The command.
     #[command(subcommand)]
     pub command: OciCommand,
 }
@@ -128,6 +130,7 @@ pub struct CreateArgs {
 /// `run`'s options: `create`'s, and --detach.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// `create`'s options.
     #[command(flatten)]
     pub create: CreateArgs,
     /// Return once the command started (else wait and exit with its status).
@@ -186,7 +189,7 @@ pub struct ExecArgs {
     /// A variable for the command, KEY=VALUE (repeatable).
     #[arg(short, long)]
     pub env: Vec<String>,
-    /// The user: UID[:GID].
+    /// The user: `UID[:GID]`.
     #[arg(short, long)]
     pub user: Option<String>,
     /// Accepted for runc compatibility (supplementary groups are not applied yet).

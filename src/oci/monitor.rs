@@ -5,7 +5,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -19,7 +19,7 @@ use super::spec::{self, ProcessSpec};
 use super::state;
 use crate::config::{parse_hostname, RootShare, VmConfig};
 use crate::sandbox::{
-    Command, ExitStatus, Process, Sandbox, SandboxBuilder, SandboxError, Signaller,
+    Command, ExitStatus, Process, ProcessStdin, Sandbox, SandboxBuilder, SandboxError, Signaller,
 };
 
 /// What the main loop hears from the control socket and the command.
@@ -277,11 +277,18 @@ fn run_main(process: Process) -> i32 {
 /// `stdio[1]` and `stdio[2]`; returns its status once both outputs ended.
 fn pump_and_wait(mut process: Process, stdio: [File; 3]) -> i32 {
     let [stdin, stdout, stderr] = stdio;
-    if let Some(input) = process.stdin() {
-        // Not joined: it may wait on the engine's end of stdin forever;
-        // it ends with the process (or at the input's end).
-        std::thread::spawn(move || copy(stdin, input));
-    }
+    // The engine may hold its end of stdin open past the command's end:
+    // the copy also stops when `ended` hangs up, after the command ended.
+    let (ended, ended_tx) = match pipe() {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            eprintln!("kiln-oci: making a pipe: {e}");
+            return 255;
+        }
+    };
+    let input = process
+        .stdin()
+        .map(|input| std::thread::spawn(move || copy_stdin(stdin, input, ended)));
     let outputs: Vec<JoinHandle<()>> = [
         process.stdout().map(|o| spawn_copy(o, stdout)),
         process.stderr().map(|e| spawn_copy(e, stderr)),
@@ -294,12 +301,63 @@ fn pump_and_wait(mut process: Process, stdio: [File; 3]) -> i32 {
     for output in outputs {
         let _ = output.join();
     }
-    match process.wait() {
+    let status = match process.wait() {
         Ok(ExitStatus::Code(c)) => c & 0xff,
         Ok(ExitStatus::Signal(s)) => 128 + s,
         Err(e) => {
             eprintln!("kiln-oci: {e}");
             255
+        }
+    };
+    drop(ended_tx);
+    if let Some(input) = input {
+        let _ = input.join();
+    }
+    status
+}
+
+/// A pipe's read and write ends.
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these descriptors, owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Copies the engine's stdin to the command until the input ends, the
+/// command stops taking it, or `ended` hangs up (the command has ended),
+/// so neither this thread nor the descriptor outlives the command.
+fn copy_stdin(stdin: File, mut input: ProcessStdin, ended: OwnedFd) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut fds = [stdin.as_raw_fd(), ended.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two valid pollfds for the duration of the call; both
+        // descriptors stay open (owned here).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        match (&stdin).read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if input.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }
