@@ -14,6 +14,7 @@ packages=(
   qemu-system-x86                                              # benchmarks: QEMU microvm side by side
   strace                                                       # benchmarks: syscalls per exit / at start-up
   libseccomp-dev libcap-ng-dev                                 # virtiofsd build (--share)
+  podman runc containerd                                       # OCI runtime tests (tests/oci.rs): engines, runc baseline
 )
 missing=()
 for p in "${packages[@]}"; do

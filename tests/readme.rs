@@ -67,6 +67,10 @@ const EXAMPLES: &[(&str, Check)] = &[
         Check::NotRun("a boot with the same options (a read-only shared root the guest writes to) is tests/share.rs's a_shared_root_runs_commands_and_keeps_the_host_directory"),
     ),
     (
+        "# kiln-oci for podman: install both binaries, then a container in a micro-VM",
+        Check::NotRun("installs into /usr/local and names the reader's IMAGE; tests/oci.rs runs podman with kiln-oci and these options"),
+    ),
+    (
         "# a gzip tar archive",
         Check::Runs {
             status: 0,

@@ -90,6 +90,16 @@ impl Process {
         self.shared.signal(self.id, signal)
     }
 
+    /// A handle that signals this command from another thread while this
+    /// one waits for it (the OCI runtime's container monitor: `kill`
+    /// arrives while its waiter thread is in [`wait`](Self::wait)).
+    pub(crate) fn signaller(&self) -> Signaller {
+        Signaller {
+            shared: self.shared.clone(),
+            id: self.id,
+        }
+    }
+
     /// SIGKILL to the command's process group.
     pub fn kill(&self) -> Result<()> {
         self.signal(libc::SIGKILL)
@@ -253,6 +263,20 @@ impl Drop for Process {
             self.stderr = None;
             self.finish(None);
         }
+    }
+}
+
+/// Sends signals to one command (see [`Process::signaller`]).
+#[derive(Clone)]
+pub(crate) struct Signaller {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl Signaller {
+    /// As [`Process::signal`].
+    pub(crate) fn signal(&self, signal: i32) -> Result<()> {
+        self.shared.signal(self.id, signal)
     }
 }
 

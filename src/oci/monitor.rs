@@ -1,0 +1,418 @@
+//! The container monitor: the host process whose life is the container's.
+//! Started by `create` (detached), it boots the VM, reports ready, serves
+//! the control socket, runs the command on `start` with its own stdio and
+//! exits with the command's status once the VM has ended.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::cli::{GlobalArgs, MonitorArgs};
+use super::control::{self, Reply, Request};
+use super::log::Logger;
+use super::spec::{self, ProcessSpec};
+use super::state;
+use crate::config::{parse_hostname, RootShare, VmConfig};
+use crate::sandbox::{
+    Command, ExitStatus, Process, ProcessStdin, Sandbox, SandboxBuilder, SandboxError, Signaller,
+};
+
+/// What the main loop hears from the control socket and the command.
+enum Event {
+    Start(Sender<Reply>),
+    Kill {
+        signal: i32,
+        all: bool,
+        reply: Sender<Reply>,
+    },
+    Shutdown(Sender<Reply>),
+    /// The container's command ended with this status.
+    Exited(i32),
+}
+
+/// What the connection threads share with the main loop.
+struct Shared {
+    /// Taken when the VM ends.
+    sandbox: Mutex<Option<Sandbox>>,
+    /// The running exec'd commands (for `kill --all`).
+    execs: Mutex<Vec<(u64, Signaller)>>,
+    logger: Logger,
+}
+
+/// Runs the monitor of container `args.id`; returns its exit status.
+pub fn run(global: &GlobalArgs, logger: &Logger, args: &MonitorArgs) -> i32 {
+    // SAFETY: `create` left this descriptor open for this process alone.
+    let mut ready = unsafe { File::from_raw_fd(args.ready_fd) };
+    // The VM's own processes must not hold the pipe: `create` reads to
+    // the end of the line, and a leaked write end would hide our end.
+    // SAFETY: fcntl on a descriptor this process owns.
+    unsafe { libc::fcntl(ready.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    let dir = global.root.join(&args.id);
+    let (sandbox, command, listener) = match boot(&dir, logger) {
+        Ok(booted) => booted,
+        Err(e) => {
+            logger.error(&e);
+            let line = e.lines().next().unwrap_or_default();
+            let _ = writeln!(ready, "{line}");
+            return 1;
+        }
+    };
+    let shared = Arc::new(Shared {
+        sandbox: Mutex::new(Some(sandbox)),
+        execs: Mutex::new(Vec::new()),
+        logger: logger.clone(),
+    });
+    let (tx, rx) = mpsc::channel();
+    let accept_shared = shared.clone();
+    let accept_tx = tx.clone();
+    std::thread::spawn(move || accept_loop(listener, accept_tx, accept_shared));
+    let _ = ready.write_all(b"ok\n");
+    drop(ready);
+    logger.debug(&format!("{}: VM up, waiting for start", args.id));
+    let status = main_loop(&shared, command, tx, rx);
+    logger.debug(&format!("{}: ending with status {status}", args.id));
+    let sandbox = shared
+        .sandbox
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(sandbox) = sandbox {
+        if let Err(e) = sandbox.shutdown() {
+            logger.warn(&format!("ending the VM: {e}"));
+        }
+    }
+    let _ = std::fs::remove_file(state::socket_path(&dir));
+    status
+}
+
+/// Boots the container's VM: one `VmConfig` from the saved settings and
+/// the bundle, through the sandbox builder.
+fn boot(
+    dir: &std::path::Path,
+    logger: &Logger,
+) -> Result<(Sandbox, Command, UnixListener), String> {
+    let saved = state::read_saved(dir)?;
+    let spec = spec::load(&saved.bundle)?;
+    let plan = spec.plan(&saved.bundle)?;
+    let command = spec.process()?.command()?;
+    super::files::copy_into_root(&plan.root, &plan.files)?;
+    for mount in &plan.skipped_mounts {
+        logger.debug(&format!("mount {mount} left out"));
+    }
+    let mut config = VmConfig::new(&saved.kernel);
+    config.mem_bytes = saved.mem_bytes;
+    config.vcpus = saved.vcpus;
+    config.rootfs = Some(plan.root);
+    config.rootfs_share = Some(match plan.readonly {
+        true => RootShare::Overlay,
+        false => RootShare::Writable,
+    });
+    config.shares = plan.shares;
+    config.hostname = plan
+        .hostname
+        .as_deref()
+        .map(parse_hostname)
+        .transpose()
+        .map_err(|e| format!("hostname: {e}"))?;
+    let mut builder = SandboxBuilder::from(config);
+    if let Some(kiln) = kiln_beside_us() {
+        builder = builder.kiln_binary(kiln);
+    }
+    let socket = state::socket_path(dir);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| format!("binding the control socket {}: {e}", socket.display()))?;
+    let sandbox = builder.build().map_err(|e| boot_error(&e))?;
+    Ok((sandbox, command, listener))
+}
+
+fn boot_error(e: &SandboxError) -> String {
+    format!("booting the container's VM: {e}")
+}
+
+/// The `kiln` binary next to kiln-oci (it runs the VM, `kiln sandbox-vm`).
+fn kiln_beside_us() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let kiln = exe.parent()?.join("kiln");
+    kiln.is_file().then_some(kiln)
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<Event>, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let (tx, shared) = (tx.clone(), shared.clone());
+        std::thread::spawn(move || serve(conn, tx, shared));
+    }
+}
+
+/// One connection: one request, its reply (an exec's two).
+fn serve(mut conn: UnixStream, tx: Sender<Event>, shared: Arc<Shared>) {
+    let (request, fds) = match control::recv_with_fds::<Request>(&mut conn) {
+        Ok(Some(got)) => got,
+        Ok(None) => return,
+        Err(e) => {
+            let _ = control::send(&mut conn, &Reply::Error(format!("bad request: {e}")));
+            return;
+        }
+    };
+    let (reply_tx, reply_rx) = mpsc::channel();
+    let event = match request {
+        Request::Exec(process) => return exec(conn, process, fds, &shared),
+        Request::Start => Event::Start(reply_tx),
+        Request::Kill { signal, all } => Event::Kill {
+            signal,
+            all,
+            reply: reply_tx,
+        },
+        Request::Shutdown => Event::Shutdown(reply_tx),
+    };
+    let reply = match tx.send(event) {
+        Ok(()) => reply_rx
+            .recv()
+            .unwrap_or(Reply::Error("the container is ending".into())),
+        Err(_) => Reply::Error("the container is ending".into()),
+    };
+    let _ = control::send(&mut conn, &reply);
+}
+
+/// The main loop: start, kill and shutdown requests, and the command's end.
+fn main_loop(
+    shared: &Arc<Shared>,
+    command: Command,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+) -> i32 {
+    let mut command = Some(command);
+    let mut main: Option<Signaller> = None;
+    while let Ok(event) = rx.recv() {
+        match event {
+            Event::Start(reply) => {
+                let Some(command) = command.take() else {
+                    let _ = reply.send(Reply::Error("the container has already started".into()));
+                    continue;
+                };
+                match spawn(shared, command) {
+                    Ok(process) => {
+                        main = Some(process.signaller());
+                        let tx = tx.clone();
+                        std::thread::spawn(move || {
+                            let status = run_main(process);
+                            let _ = tx.send(Event::Exited(status));
+                        });
+                        let _ = reply.send(Reply::Ok);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Reply::Error(e));
+                        return 127;
+                    }
+                }
+            }
+            Event::Kill { signal, all, reply } => {
+                if signal == 0 {
+                    let _ = reply.send(Reply::Ok);
+                    continue;
+                }
+                let Some(main) = &main else {
+                    // Before `start`: the container ends as runc's init
+                    // would, killed by the signal.
+                    let _ = reply.send(Reply::Ok);
+                    return 128 + signal;
+                };
+                let result = main.signal(signal);
+                if all {
+                    let execs = shared.execs.lock().unwrap_or_else(|e| e.into_inner());
+                    for (_, exec) in execs.iter() {
+                        let _ = exec.signal(signal);
+                    }
+                }
+                match result {
+                    Ok(()) => {
+                        let _ = reply.send(Reply::Ok);
+                    }
+                    Err(_) if signal == libc::SIGKILL => {
+                        // The agent is gone: SIGKILL ends the container anyway.
+                        let _ = reply.send(Reply::Ok);
+                        return 128 + signal;
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Reply::Error(format!("signalling the command: {e}")));
+                    }
+                }
+            }
+            Event::Shutdown(reply) => {
+                let _ = reply.send(Reply::Ok);
+                return 128 + libc::SIGKILL;
+            }
+            Event::Exited(status) => return status,
+        }
+    }
+    255
+}
+
+fn spawn(shared: &Shared, command: Command) -> Result<Process, String> {
+    let sandbox = shared.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+    let sandbox = sandbox.as_ref().ok_or("the container is ending")?;
+    sandbox.spawn(command).map_err(|e| e.to_string())
+}
+
+/// The container's command with the monitor's own stdio.
+fn run_main(process: Process) -> i32 {
+    // SAFETY: dup of the monitor's standard descriptors; each new one is
+    // owned by the File made from it.
+    let stdio = unsafe { [0, 1, 2].map(|fd| libc::dup(fd)) };
+    if stdio.iter().any(|&fd| fd < 0) {
+        return 255;
+    }
+    // SAFETY: each descriptor was just duplicated for this File alone.
+    let files = unsafe { stdio.map(|fd| File::from_raw_fd(fd)) };
+    pump_and_wait(process, files)
+}
+
+/// Copies `stdio[0]` to the command's stdin and its stdout and stderr to
+/// `stdio[1]` and `stdio[2]`; returns its status once both outputs ended.
+fn pump_and_wait(mut process: Process, stdio: [File; 3]) -> i32 {
+    let [stdin, stdout, stderr] = stdio;
+    // The engine may hold its end of stdin open past the command's end:
+    // the copy also stops when `ended` hangs up, after the command ended.
+    let (ended, ended_tx) = match pipe() {
+        Ok(pipe) => pipe,
+        Err(e) => {
+            eprintln!("kiln-oci: making a pipe: {e}");
+            return 255;
+        }
+    };
+    let input = process
+        .stdin()
+        .map(|input| std::thread::spawn(move || copy_stdin(stdin, input, ended)));
+    let outputs: Vec<JoinHandle<()>> = [
+        process.stdout().map(|o| spawn_copy(o, stdout)),
+        process.stderr().map(|e| spawn_copy(e, stderr)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    // Every byte is out before the end is collected: `wait` forgets the
+    // command's queued output.
+    for output in outputs {
+        let _ = output.join();
+    }
+    let status = match process.wait() {
+        Ok(ExitStatus::Code(c)) => c & 0xff,
+        Ok(ExitStatus::Signal(s)) => 128 + s,
+        Err(e) => {
+            eprintln!("kiln-oci: {e}");
+            255
+        }
+    };
+    drop(ended_tx);
+    if let Some(input) = input {
+        let _ = input.join();
+    }
+    status
+}
+
+/// A pipe's read and write ends.
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these descriptors, owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Copies the engine's stdin to the command until the input ends, the
+/// command stops taking it, or `ended` hangs up (the command has ended),
+/// so neither this thread nor the descriptor outlives the command.
+fn copy_stdin(stdin: File, mut input: ProcessStdin, ended: OwnedFd) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut fds = [stdin.as_raw_fd(), ended.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two valid pollfds for the duration of the call; both
+        // descriptors stay open (owned here).
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        match (&stdin).read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if input.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn spawn_copy(from: impl Read + Send + 'static, to: File) -> JoinHandle<()> {
+    std::thread::spawn(move || copy(from, to))
+}
+
+fn copy(mut from: impl Read, mut to: impl Write) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// `exec`: runs `process` with the three descriptors the client sent and
+/// answers `Started`, then `Exited(status)`.
+fn exec(mut conn: UnixStream, process: ProcessSpec, fds: Vec<File>, shared: &Shared) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let result = (|| {
+        let fds: [File; 3] = fds
+            .try_into()
+            .map_err(|_| "exec needs stdin, stdout and stderr".to_string())?;
+        let command = process.command()?;
+        Ok((spawn(shared, command)?, fds))
+    })();
+    let (process, fds) = match result {
+        Ok(got) => got,
+        Err(e) => {
+            shared.logger.error(&format!("exec: {e}"));
+            let _ = control::send(&mut conn, &Reply::Error(e));
+            return;
+        }
+    };
+    let key = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    shared
+        .execs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((key, process.signaller()));
+    let _ = control::send(&mut conn, &Reply::Started);
+    let status = pump_and_wait(process, fds);
+    shared
+        .execs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(k, _)| *k != key);
+    let _ = control::send(&mut conn, &Reply::Exited(status));
+}

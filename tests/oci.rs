@@ -1,0 +1,786 @@
+//! kiln-oci, the OCI runtime: real podman with kiln-oci as its runtime,
+//! each case compared with the same case under runc (the baseline), and
+//! the command line's bad-input errors, which need no VM.
+//!
+//! Every `podman run` with kiln-oci boots a VM (30-60 s on the PVM hosts),
+//! so the cases are few and each covers several claims. Podman runs with a
+//! private --root, --runroot and --tmpdir under a scratch directory, so
+//! nothing of the host's podman state is touched; kiln-oci keeps its state
+//! in its default root (/run/kiln-oci): podman's clean-up process runs
+//! `delete` without the runtime flags, so a `--runtime-flag root=` would
+//! not reach it (see the README's "OCI runtime").
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{guest_kernel, is_root, require, Scratch};
+use kiln::oci::state::{self, ContainerDir, Saved};
+
+/// How long a guest may take to boot and run a command here.
+const BOOT_LIMIT: Duration = Duration::from_secs(600);
+/// What podman's containers need on these hosts (../shared/ENVIRONMENT.md).
+const RUN_OPTIONS: [&str; 6] = [
+    "--network",
+    "none",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+];
+const IMAGE: &str = "localhost/kiln-oci-busybox";
+
+fn kiln_oci() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-oci"));
+    cmd.env_remove("KILN_OCI_CONFIG").stdin(Stdio::null());
+    cmd
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+// ---- Bad input: one-line errors, non-zero status, no state left, JSON log.
+
+/// A state root and bundle of the test's own.
+struct Cli {
+    scratch: Scratch,
+}
+
+impl Cli {
+    fn new(tag: &str) -> Self {
+        Self {
+            scratch: Scratch::new(tag),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.scratch.path("state")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.scratch.path("log.json")
+    }
+
+    /// kiln-oci with this test's root and a JSON log.
+    fn run(&self, args: &[&str]) -> Output {
+        kiln_oci()
+            .arg("--root")
+            .arg(self.root())
+            .arg("--log")
+            .arg(self.log())
+            .args(["--log-format", "json"])
+            .args(args)
+            .output()
+            .expect("running kiln-oci")
+    }
+
+    /// A bundle with `config` as its config.json and a root directory.
+    fn bundle(&self, config: Option<&str>) -> PathBuf {
+        let bundle = self.scratch.path("bundle");
+        fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        if let Some(config) = config {
+            fs::write(bundle.join("config.json"), config).unwrap();
+        }
+        bundle
+    }
+
+    /// Asserts `out` failed with one line on stderr holding `expected`, that
+    /// the JSON log's last entry is that error, and that no container
+    /// state was left.
+    fn assert_fails(&self, out: &Output, expected: &str) {
+        let stderr = text(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(stderr.starts_with("kiln-oci: "), "{stderr}");
+        assert!(stderr.contains(expected), "expected '{expected}': {stderr}");
+        let log = fs::read_to_string(self.log()).expect("the --log file");
+        let last = log.lines().last().expect("a log entry");
+        let entry: serde_json::Value = serde_json::from_str(last).expect("a JSON log line");
+        assert_eq!(entry["level"], "error", "{last}");
+        assert!(entry["msg"].as_str().unwrap().contains(expected), "{last}");
+        assert!(
+            entry["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{last}"
+        );
+        let left: Vec<_> = fs::read_dir(self.root())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "state left behind: {left:?}");
+    }
+}
+
+/// A minimal valid config.json (process `sh`, root `rootfs`).
+fn config_json(version: &str, terminal: bool) -> String {
+    format!(
+        r#"{{"ociVersion":"{version}","process":{{"terminal":{terminal},"user":{{"uid":0,"gid":0}},"args":["sh"],"cwd":"/"}},"root":{{"path":"rootfs"}}}}"#
+    )
+}
+
+#[test]
+fn create_refuses_a_bundle_without_config_json() {
+    let cli = Cli::new("oci-noconfig");
+    let bundle = cli.bundle(None);
+    let out = cli.run(&["create", "--bundle", bundle.to_str().unwrap(), "c1"]);
+    cli.assert_fails(&out, "config.json not found");
+}
+
+#[test]
+fn create_refuses_a_malformed_config_json() {
+    let cli = Cli::new("oci-malformed");
+    let bundle = cli.bundle(Some("{\"ociVersion\": \"1.0.2\", \"process\": "));
+    let out = cli.run(&["create", "--bundle", bundle.to_str().unwrap(), "c1"]);
+    cli.assert_fails(&out, "is not a valid OCI config");
+}
+
+#[test]
+fn create_refuses_another_oci_version() {
+    let cli = Cli::new("oci-version");
+    let bundle = cli.bundle(Some(&config_json("2.0.0", false)));
+    let out = cli.run(&["create", "--bundle", bundle.to_str().unwrap(), "c1"]);
+    cli.assert_fails(&out, "unsupported OCI version '2.0.0'");
+}
+
+#[test]
+fn create_without_a_kernel_says_how_to_configure_one() {
+    let cli = Cli::new("oci-nokernel");
+    let bundle = cli.bundle(Some(&config_json("1.0.2-dev", false)));
+    // An empty configuration file: no kernel anywhere (not /etc/kiln's).
+    let config = cli.scratch.path("oci.toml");
+    fs::write(&config, "").unwrap();
+    let out = cli.run(&[
+        "--config",
+        config.to_str().unwrap(),
+        "create",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "c1",
+    ]);
+    cli.assert_fails(&out, "no guest kernel configured: pass --kernel PATH");
+}
+
+#[test]
+fn create_refuses_a_terminal_until_supported() {
+    let cli = Cli::new("oci-terminal");
+    let bundle = cli.bundle(Some(&config_json("1.1.0", true)));
+    let out = cli.run(&["create", "--bundle", bundle.to_str().unwrap(), "c1"]);
+    cli.assert_fails(&out, "terminal not supported yet");
+}
+
+#[test]
+fn an_unknown_id_is_refused_by_every_command() {
+    let cli = Cli::new("oci-unknown");
+    for args in [
+        &["start", "nosuch"][..],
+        &["state", "nosuch"],
+        &["kill", "nosuch", "TERM"],
+        &["delete", "nosuch"],
+        &["exec", "nosuch", "true"],
+        &["ps", "nosuch"],
+    ] {
+        let out = cli.run(args);
+        cli.assert_fails(&out, "container \"nosuch\" does not exist");
+    }
+    // runc: deleting what is gone succeeds with --force.
+    assert!(cli.run(&["delete", "--force", "nosuch"]).status.success());
+    let out = cli.run(&["state", "../escape"]);
+    cli.assert_fails(&out, "invalid container id");
+}
+
+/// State made by the library's own types (no VM): a container whose
+/// monitor is this test process (alive, with its start time) or a process
+/// that has ended.
+fn saved(id: &str, pid: i32, started: bool) -> Saved {
+    let start = state::process_start(pid).map_or(1, |(s, _)| s);
+    Saved {
+        id: id.into(),
+        bundle: "/nonexistent".into(),
+        rootfs: "/nonexistent/rootfs".into(),
+        pid,
+        pid_start: start,
+        created: state::rfc3339_now(),
+        annotations: Default::default(),
+        started,
+        kernel: "/nonexistent/vmlinux".into(),
+        mem_bytes: 256 << 20,
+        vcpus: 1,
+    }
+}
+
+#[test]
+fn start_twice_create_in_use_and_start_of_a_stopped_container_are_refused() {
+    let cli = Cli::new("oci-states");
+    let me = std::process::id() as i32;
+    let dir = ContainerDir::create(&cli.root(), "running").unwrap();
+    dir.write(&saved("running", me, true)).unwrap();
+    drop(dir);
+    let out = cli.run(&["start", "running"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "kiln-oci: cannot start an already running container\n"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&cli.run(&["state", "running"]).stdout).unwrap();
+    assert_eq!(
+        (state["status"].as_str(), state["pid"].as_i64()),
+        (Some("running"), Some(me as i64))
+    );
+
+    // A monitor that has ended: a child reaped before its state is written.
+    let mut child = Command::new("true").spawn().unwrap();
+    let gone = child.id() as i32;
+    child.wait().unwrap();
+    let dir = ContainerDir::create(&cli.root(), "stopped").unwrap();
+    dir.write(&saved("stopped", gone, false)).unwrap();
+    drop(dir);
+    let out = cli.run(&["start", "stopped"]);
+    assert_eq!(
+        text(&out.stderr),
+        "kiln-oci: cannot start a container that has stopped\n"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&cli.run(&["state", "stopped"]).stdout).unwrap();
+    assert_eq!(
+        (state["status"].as_str(), state["pid"].as_i64()),
+        (Some("stopped"), Some(0))
+    );
+
+    // An id in use, before anything of the bundle is looked at past its
+    // config: the kernel is checked first, then the id.
+    let bundle = cli.bundle(Some(&config_json("1.0.2", false)));
+    let kernel = cli.scratch.path("vmlinux");
+    fs::write(&kernel, b"not booted").unwrap();
+    let out = cli.run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "create",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "running",
+    ]);
+    assert_eq!(
+        text(&out.stderr),
+        "kiln-oci: container with id exists: running\n"
+    );
+    assert_ne!(out.status.code(), Some(0));
+    // The existing container's state is untouched.
+    let still = ContainerDir::open(&cli.root(), "running")
+        .unwrap()
+        .read()
+        .unwrap();
+    assert_eq!((still.pid, still.started), (me, true));
+    // A running container is not deleted without --force; a stopped one is.
+    let out = cli.run(&["delete", "running"]);
+    assert!(
+        text(&out.stderr).contains("that is not stopped: running"),
+        "{out:?}"
+    );
+    assert!(cli.run(&["delete", "stopped"]).status.success());
+    assert!(!cli.root().join("stopped").exists());
+}
+
+// ---- Real podman, kiln-oci against runc.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Runtime {
+    Kiln,
+    Runc,
+}
+
+/// A private podman (its own storage, run and temporary directories) with
+/// the busybox image imported.
+struct Podman {
+    scratch: Scratch,
+    runtime: Runtime,
+}
+
+impl Podman {
+    fn new(runtime: Runtime) -> Self {
+        // Short paths: conmon's attach socket lives under --runroot.
+        let scratch = Scratch::new_in(Path::new("/tmp"), "oci");
+        let podman = Self { scratch, runtime };
+        let tar = podman.scratch.path("root.tar");
+        let rootfs = common::guest_rootfs();
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = podman.cmd(&["import", tar.to_str().unwrap(), IMAGE]);
+        assert!(out.status.success(), "podman import: {}", text(&out.stderr));
+        podman
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(self.scratch.path("storage"))
+            .arg("--runroot")
+            .arg(self.scratch.path("run"))
+            .arg("--tmpdir")
+            .arg(self.scratch.path("tmp"))
+            .args(["--cgroup-manager=cgroupfs", "--events-backend=file"]);
+        match self.runtime {
+            Runtime::Runc => cmd.args(["--runtime", "runc"]),
+            Runtime::Kiln => {
+                let kernel = guest_kernel("vmlinux").unwrap();
+                let kernel = fs::canonicalize(kernel).unwrap();
+                cmd.args(["--runtime", env!("CARGO_BIN_EXE_kiln-oci")])
+                    .arg("--runtime-flag")
+                    .arg(format!("kernel={}", kernel.display()))
+            }
+        };
+        cmd
+    }
+
+    fn cmd(&self, args: &[&str]) -> Output {
+        self.command()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running podman")
+    }
+
+    /// `podman run OPTIONS RUN_OPTIONS IMAGE ARGS`, with `stdin`.
+    fn run(&self, options: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = self.command();
+        cmd.arg("run")
+            .args(options)
+            .args(RUN_OPTIONS)
+            .arg(IMAGE)
+            .args(args);
+        let Some(input) = stdin else {
+            return cmd.stdin(Stdio::null()).output().expect("podman run");
+        };
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("podman run");
+        let mut pipe = child.stdin.take().unwrap();
+        let input = input.to_vec();
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = pipe.write_all(&input);
+        });
+        let out = child.wait_with_output().unwrap();
+        feeder.join().unwrap();
+        out
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // Containers a failed test left: removed (their VMs end with them),
+        // and the storage unmounted before the scratch directory goes.
+        let _ = self.cmd(&["rm", "-af", "-t", "0"]);
+        let _ = self.cmd(&["system", "reset", "-f"]);
+    }
+}
+
+fn podman_prerequisites() -> bool {
+    common::real_kernel_prerequisites(&["podman", "runc", "conmon", "tar"])
+        && require(
+            kiln::share::find_virtiofsd(None).is_ok(),
+            "virtiofsd not installed (run resources/setup.sh)",
+        )
+        && require(is_root(), "not root")
+}
+
+/// What a case printed and how it ended (podman's status).
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    stdout: String,
+    status: Option<i32>,
+}
+
+fn seen(out: &Output) -> Seen {
+    eprintln!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    Seen {
+        stdout: text(&out.stdout),
+        status: out.status.code(),
+    }
+}
+
+#[test]
+fn podman_run_rm_prints_and_exits_with_the_command_status_as_with_runc() {
+    if !podman_prerequisites() {
+        return;
+    }
+    let _one = common::one_vm();
+    let case = |runtime| {
+        let podman = Podman::new(runtime);
+        seen(&podman.run(&["--rm"], &["sh", "-c", "echo hi; exit 3"], None))
+    };
+    let runc = case(Runtime::Runc);
+    let kiln = case(Runtime::Kiln);
+    let expected = Seen {
+        stdout: "hi\n".into(),
+        status: Some(3),
+    };
+    assert_eq!(runc, expected, "the runc baseline");
+    assert_eq!(kiln, expected, "kiln-oci");
+}
+
+#[test]
+fn podman_run_interactive_with_env_workdir_and_user_as_with_runc() {
+    if !podman_prerequisites() {
+        return;
+    }
+    let _one = common::one_vm();
+    let script = r#"echo "$FOO $(pwd) $(id -u):$(id -g)"; cat; echo to-stderr >&2; exit 7"#;
+    let case = |runtime| {
+        let podman = Podman::new(runtime);
+        let options = [
+            "--rm",
+            "-i",
+            "-e",
+            "FOO=bar",
+            "-w",
+            "/tmp",
+            "-u",
+            "1000:1000",
+        ];
+        let out = podman.run(&options, &["sh", "-c", script], Some(b"line1\nline2\n"));
+        assert!(
+            text(&out.stderr).contains("to-stderr\n"),
+            "{runtime:?}: {out:?}"
+        );
+        seen(&out)
+    };
+    let runc = case(Runtime::Runc);
+    let kiln = case(Runtime::Kiln);
+    let expected = Seen {
+        stdout: "bar /tmp 1000:1000\nline1\nline2\n".into(),
+        status: Some(7),
+    };
+    assert_eq!(runc, expected, "the runc baseline");
+    assert_eq!(kiln, expected, "kiln-oci");
+}
+
+/// Waits for `path` to exist (a file the container makes in a shared
+/// directory), up to `BOOT_LIMIT`.
+fn wait_for_file(path: &Path) -> bool {
+    let deadline = Instant::now() + BOOT_LIMIT;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// Everything a detached container shows: exec (output and status), a
+/// directory volume, diff, stop (SIGTERM reaching the command's trap),
+/// logs, the exit code, rm.
+#[derive(Debug, PartialEq, Eq)]
+struct Detached {
+    exec: Seen,
+    diff: Vec<String>,
+    stop: Option<i32>,
+    logs: String,
+    exit_code: String,
+    rm: Option<i32>,
+}
+
+fn detached_case(runtime: Runtime) -> Detached {
+    let podman = Podman::new(runtime);
+    let shared = podman.scratch.path("shared");
+    fs::create_dir_all(&shared).unwrap();
+    let volume = format!("{}:/shared", shared.display());
+    let script = "trap 'echo got TERM; exit 0' TERM; echo started; touch /shared/ready; \
+                  while true; do sleep 1; done";
+    let out = podman.run(
+        &["-d", "--name", "c1", "-v", &volume],
+        &["sh", "-c", script],
+        None,
+    );
+    assert!(out.status.success(), "{runtime:?} run -d: {out:?}");
+    let id = text(&out.stdout).trim().to_string();
+    // The trap is set once the file exists (made through the volume).
+    assert!(
+        wait_for_file(&shared.join("ready")),
+        "{runtime:?}: the container never started"
+    );
+    let monitor: i32 = text(
+        &podman
+            .cmd(&["inspect", "c1", "--format", "{{.State.Pid}}"])
+            .stdout,
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let exec = seen(&podman.cmd(&[
+        "exec",
+        "c1",
+        "sh",
+        "-c",
+        "echo data > /root/written.txt; cat /root/written.txt; echo in-exec; exit 5",
+    ]));
+    let mut diff: Vec<String> = text(&podman.cmd(&["diff", "c1"]).stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    diff.sort();
+    if runtime == Runtime::Kiln {
+        kiln_oci_checks_on_a_running_container(&id);
+    }
+    let stop = podman.cmd(&["stop", "-t", "300", "c1"]).status.code();
+    let logs = text(&podman.cmd(&["logs", "c1"]).stdout);
+    let exit_code = text(
+        &podman
+            .cmd(&["inspect", "c1", "--format", "{{.State.ExitCode}}"])
+            .stdout,
+    );
+    if runtime == Runtime::Kiln {
+        // The monitor (the pid podman knows) ended with the command, the
+        // VM with it.
+        assert!(
+            common::process_ended(monitor),
+            "the monitor {monitor} still runs"
+        );
+    }
+    let rm = podman.cmd(&["rm", "c1"]).status.code();
+    if runtime == Runtime::Kiln {
+        let state = Path::new(kiln::oci::cli::DEFAULT_ROOT).join(&id);
+        assert!(!state.exists(), "{} left behind", state.display());
+    }
+    Detached {
+        exec,
+        diff,
+        stop,
+        logs,
+        exit_code,
+        rm,
+    }
+}
+
+/// kiln-oci's own commands on a container podman runs: state, start twice,
+/// create with the id in use.
+fn kiln_oci_checks_on_a_running_container(id: &str) {
+    let out = kiln_oci().args(["state", id]).output().unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["status"], "running", "{state}");
+    let out = kiln_oci().args(["start", id]).output().unwrap();
+    assert_eq!(
+        text(&out.stderr),
+        "kiln-oci: cannot start an already running container\n"
+    );
+    // An exec whose stdin the caller holds open past the command's end
+    // leaves no thread behind in the monitor (its stdin copy ends with it).
+    let monitor = state["pid"].as_i64().unwrap();
+    let threads = || {
+        fs::read_dir(format!("/proc/{monitor}/task"))
+            .unwrap()
+            .count()
+    };
+    let before = threads();
+    let (stdin, held_open) = common::pipe();
+    let out = kiln_oci()
+        .args(["exec", id, "true"])
+        .stdin(Stdio::from(stdin))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while threads() != before {
+        assert!(
+            Instant::now() < deadline,
+            "the monitor has {} threads, {before} before the exec",
+            threads()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held_open);
+    let bundle = state["bundle"].as_str().unwrap();
+    let kernel = guest_kernel("vmlinux").unwrap();
+    let out = kiln_oci()
+        .arg("--kernel")
+        .arg(kernel)
+        .args(["create", "--bundle", bundle, id])
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&out.stderr),
+        format!("kiln-oci: container with id exists: {id}\n")
+    );
+}
+
+#[test]
+fn podman_detached_exec_diff_stop_logs_rm_as_with_runc() {
+    if !podman_prerequisites() {
+        return;
+    }
+    let _one = common::one_vm();
+    let runc = detached_case(Runtime::Runc);
+    let kiln = detached_case(Runtime::Kiln);
+    assert_eq!(
+        runc.exec,
+        Seen {
+            stdout: "data\nin-exec\n".into(),
+            status: Some(5)
+        },
+        "the runc baseline"
+    );
+    assert!(
+        runc.diff.contains(&"A /root/written.txt".to_string()),
+        "{runc:?}"
+    );
+    assert_eq!(runc.logs, "started\ngot TERM\n", "{runc:?}");
+    assert_eq!(
+        (runc.stop, runc.exit_code.trim(), runc.rm),
+        (Some(0), "0", Some(0))
+    );
+    assert_eq!(kiln, runc, "kiln-oci against runc");
+}
+
+// ---- containerd: its runc shim with kiln-oci as the runc binary.
+
+/// A containerd of the test's own (its root, state and socket in a
+/// scratch directory), with `env` in its environment (its shims and their
+/// runtime inherit it).
+struct Containerd {
+    scratch: Scratch,
+    daemon: std::process::Child,
+}
+
+impl Containerd {
+    fn start(env: &[(&str, &Path)]) -> Self {
+        let scratch = Scratch::new_in(Path::new("/tmp"), "oci-ctrd");
+        let config = scratch.path("config.toml");
+        // The CRI plugin is not needed by `ctr` (and would start a CNI set-up).
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n",
+                root = scratch.path("root").display(),
+                state = scratch.path("state").display(),
+                sock = scratch.path("c.sock").display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(scratch.path("containerd.log")).unwrap());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let daemon = cmd.spawn().expect("starting containerd");
+        let containerd = Self { scratch, daemon };
+        // Ready when its socket accepts a connection.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let socket = containerd.scratch.path("c.sock");
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "containerd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        containerd
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(self.scratch.path("c.sock"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running ctr")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // SAFETY: kill with the pid of a child this test owns and has not reaped.
+        unsafe { libc::kill(self.daemon.id() as i32, libc::SIGTERM) };
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn containerd_runs_a_container_with_kiln_oci_as_its_runc_binary_as_with_runc() {
+    if !podman_prerequisites()
+        || !require(
+            common::have_program("containerd") && common::have_program("ctr"),
+            "containerd not installed (run resources/setup.sh)",
+        )
+    {
+        return;
+    }
+    let _one = common::one_vm();
+    // The image: podman's busybox import, saved as an OCI archive.
+    let podman = Podman::new(Runtime::Runc);
+    let archive = podman.scratch.path("image.tar");
+    let out = podman.cmd(&[
+        "save",
+        "--format",
+        "oci-archive",
+        "-o",
+        archive.to_str().unwrap(),
+        IMAGE,
+    ]);
+    assert!(out.status.success(), "podman save: {}", text(&out.stderr));
+    // containerd's shim passes no kernel flag: kiln-oci's configuration
+    // file names it, through the environment containerd hands down.
+    let settings = podman.scratch.path("oci.toml");
+    let kernel = fs::canonicalize(guest_kernel("vmlinux").unwrap()).unwrap();
+    fs::write(&settings, format!("kernel = \"{}\"\n", kernel.display())).unwrap();
+    let containerd = Containerd::start(&[("KILN_OCI_CONFIG", &settings)]);
+    let out = containerd.ctr(&[
+        "images",
+        "import",
+        "--base-name",
+        IMAGE,
+        archive.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr images import: {}",
+        text(&out.stderr)
+    );
+    let image = format!("{IMAGE}:latest");
+    let case = |binary: &str, id: &str| {
+        seen(&containerd.ctr(&[
+            "run",
+            "--rm",
+            "--runc-binary",
+            binary,
+            &image,
+            id,
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ]))
+    };
+    let runc = case("runc", "with-runc");
+    let kiln = case(env!("CARGO_BIN_EXE_kiln-oci"), "with-kiln");
+    let expected = Seen {
+        stdout: "hi\n".into(),
+        status: Some(3),
+    };
+    assert_eq!(runc, expected, "the runc baseline");
+    assert_eq!(kiln, expected, "kiln-oci");
+    // The container is gone from containerd and from the shim's state root.
+    let listed = text(&containerd.ctr(&["containers", "ls", "-q"]).stdout);
+    assert!(!listed.contains("with-kiln"), "{listed}");
+    assert!(!Path::new("/run/containerd/runc/default/with-kiln").exists());
+}
