@@ -4,7 +4,7 @@
 //! address detection), then its routes (the default ones included, on-link
 //! when the word says so).
 //!
-//! Four rtnetlink requests on a NETLINK_ROUTE socket, each acknowledged:
+//! Three kinds of rtnetlink request on a NETLINK_ROUTE socket, each acknowledged:
 //! RTM_NEWLINK, RTM_NEWADDR, RTM_NEWROUTE (the kernel's UAPI layouts, as
 //! the monitor's own client in src/oci/network/rtnetlink.rs writes them).
 //! Addresses and routes are created or replaced, so words that repeat what
