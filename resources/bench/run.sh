@@ -714,6 +714,7 @@ dry_run_rows() {
         echo "== $row"
         echo "kiln argv: $(printf '%q ' "${kiln_cmd[@]}")"
         echo "qemu argv: $(printf '%q ' "${qemu_cmd[@]}")"
+        [ "$row" = fs ] && echo "qemu virtiofsd argv: $(printf '%q ' "${fs_daemon_cmd[@]}")"
         [ ${#row_prefix[@]} -eq 0 ] || echo "both run under: ${row_prefix[*]}"
         echo "kiln cmdline (--print-cmdline): $kiln_line"
         local captured=1 mon
@@ -1230,10 +1231,11 @@ make_fs_share() {
 # its namespace sandbox, errors only); kiln hands its daemon a listening
 # descriptor (--fd) where QEMU's gets a socket path. It serves one
 # connection and exits when QEMU closes it; fs_daemon_stop ends it anyway.
+fs_daemon_cmd=("$virtiofsd" --socket-path="$fs_sock" --shared-dir "$fs_dir" --cache=auto
+               --sandbox=namespace --log-level=error)
 fs_daemon_start() {
     rm -f "$fs_sock"
-    "$virtiofsd" --socket-path="$fs_sock" --shared-dir "$fs_dir" --cache=auto \
-        --sandbox=namespace --log-level=error </dev/null >/dev/null 2>>"$work/virtiofsd-qemu.err" &
+    "${fs_daemon_cmd[@]}" </dev/null >/dev/null 2>>"$work/virtiofsd-qemu.err" &
     fs_daemon_pid=$!
     trap fs_daemon_stop EXIT
     local i
