@@ -1293,7 +1293,7 @@ run_fs() {
             local secs r b f
             secs=$(tr -d '\r' < "$base.out" | awk '/^real/ { m = $2; sub(/m$/, "", m); s = $3; sub(/s$/, "", s); print m * 60 + s }')
             b=$(sed -n 1p <<< "$secs"); r=$(sed -n 2p <<< "$secs"); f=$(sed -n 3p <<< "$secs")
-            [ -n "$r" ] && record fs_read_mbs "$mon" "$(awk -v s="$r" -v b="$b" -v m="$fs_mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.1f", m * 1.048576 / d }')"
+            [ -n "$r" ] && record fs_read_mbs "$mon" "$(awk -v s="$r" -v b="$b" -v m="$fs_mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.3f", m * 1.048576 / d }')"
             [ -n "$f" ] && record fs_find_stat_ms "$mon" "$(awk -v s="$f" 'BEGIN { printf "%.0f", s * 1000 }')"
         done
     done
