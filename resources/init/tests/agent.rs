@@ -37,12 +37,23 @@ impl Host {
     }
 
     fn recv(&mut self) -> Option<Msg> {
+        self.recv_or(|e| panic!("agent answers in time: {e}"))
+    }
+
+    /// As `recv`, calling `timed_out` when the agent does not answer in time.
+    fn recv_or(&mut self, timed_out: impl Fn(std::io::Error)) -> Option<Msg> {
         loop {
             if let Some(m) = self.dec.next_msg().unwrap() {
                 return Some(m);
             }
             let mut buf = [0u8; 65536];
-            let n = self.sock.read(&mut buf).expect("agent answers in time");
+            let n = match self.sock.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    timed_out(e);
+                    return None;
+                }
+            };
             if n == 0 {
                 return None;
             }
@@ -53,7 +64,11 @@ impl Host {
     fn exec(&mut self, id: u32, argv: &[&str], stdin: bool, timeout_ms: u64) {
         self.send(Msg::Exec {
             id,
-            opts: ExecOptions { stdin, timeout_ms },
+            opts: ExecOptions {
+                stdin,
+                timeout_ms,
+                terminal: None,
+            },
             spec: ExecSpec::new(argv.iter().copied()),
         });
     }
@@ -84,6 +99,46 @@ impl Host {
                 Msg::StdinCredit { .. } => {}
                 m @ (Msg::Exited { .. } | Msg::ExecFailed { .. }) => return (out, err, m),
                 other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// Starts `script` under `sh -c` on a terminal of `rows` x `cols`, with
+    /// stdin.
+    fn exec_on_terminal(&mut self, id: u32, script: &str, rows: u16, cols: u16) {
+        self.send(Msg::Exec {
+            id,
+            opts: ExecOptions {
+                stdin: true,
+                timeout_ms: 0,
+                terminal: Some(WindowSize { rows, cols }),
+            },
+            spec: ExecSpec::new(["sh", "-c", script]),
+        });
+    }
+
+    /// Reads exec `id`'s terminal output (granting credit) until `marker`
+    /// has appeared in it; returns all of it so far. There are no STDERR
+    /// frames on a terminal: one fails the test.
+    fn read_until(&mut self, id: u32, out: &mut Vec<u8>, marker: &str) {
+        while !String::from_utf8_lossy(out).contains(marker) {
+            let text = String::from_utf8_lossy(out).into_owned();
+            let timed_out = |e| panic!("waiting for {marker:?} in {text:?}: {e}");
+            match self.recv_or(timed_out).expect("connection open") {
+                Msg::Started { id: i, .. } if i == id => {}
+                Msg::StdinCredit { .. } => {}
+                Msg::Stdout { id: i, data } if i == id => {
+                    self.send(Msg::Credit {
+                        id,
+                        stream: Stream::Stdout,
+                        bytes: data.len() as u32,
+                    });
+                    out.extend(data);
+                }
+                other => panic!(
+                    "waiting for {marker:?} in {:?}: unexpected {other:?}",
+                    String::from_utf8_lossy(out)
+                ),
             }
         }
     }
@@ -362,4 +417,160 @@ fn frames_reassemble_from_one_byte_reads() {
     }
     d.finish().unwrap();
     assert_eq!(got, msgs);
+}
+
+/// A command on a terminal: `tty` names a pseudo-terminal, the size asked
+/// for is the terminal's, a `RESIZE` changes it and sends the command
+/// SIGWINCH, typed input arrives as from a keyboard (a line, and Ctrl-C as
+/// SIGINT to its foreground group), stderr is the terminal too (no STDERR
+/// frame), and the status comes after the last output.
+#[test]
+fn a_command_on_a_terminal_gets_its_size_resizes_and_keys() {
+    // A test started in the background by a shell starts with SIGINT
+    // ignored, and commands inherit ignored signals (as with std's
+    // Command); the guest's agent (PID 1) ignores none.
+    // SAFETY: setting a disposition to the default; no handler involved.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let mut h = Host::start();
+    let script = "trap 'echo winch-$(stty size | tr \\  x)' WINCH; \
+                  trap 'echo got-int; exit 7' INT; \
+                  tty; stty size; echo err >&2; echo ready; \
+                  until [ -n \"$line\" ]; do read line; done; echo \"line=$line\"; \
+                  sh -c 'echo sleeping; exec sleep 100'; \
+                  echo not-interrupted; exit 1";
+    h.exec_on_terminal(1, script, 24, 80);
+    let mut out = Vec::new();
+    h.read_until(1, &mut out, "ready\r\n");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{text:?}");
+    assert_eq!(lines[1], "24 80", "{text:?}");
+    // stderr on the terminal, with the terminal's newline translation.
+    assert_eq!(lines[2], "err", "{text:?}");
+    h.send(Msg::Resize {
+        id: 1,
+        size: WindowSize {
+            rows: 50,
+            cols: 132,
+        },
+    });
+    h.read_until(1, &mut out, "winch-50x132\r\n");
+    // The terminal echoes what is typed; the command reads the line (the
+    // loop: SIGWINCH's trap may interrupt a `read`).
+    h.send(Msg::Stdin {
+        id: 1,
+        data: b"hello\r".to_vec(),
+    });
+    h.read_until(1, &mut out, "line=hello\r\n");
+    // Ctrl-C: SIGINT to the foreground group (the sleep, and the shell,
+    // whose trap exits 7). The marker comes from the process that becomes
+    // the sleep, which has SIGINT at its default from its start: a shell
+    // that has not yet started its child would take the signal and wait.
+    h.read_until(1, &mut out, "sleeping\r\n");
+    h.send(Msg::Stdin {
+        id: 1,
+        data: vec![0x03],
+    });
+    h.read_until(1, &mut out, "got-int\r\n");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(!text.contains("not-interrupted"), "{text:?}");
+    match h.recv().expect("connection open") {
+        Msg::StdinCredit { .. } => assert_eq!(h.recv(), Some(exited(1, 7))),
+        m => assert_eq!(m, exited(1, 7)),
+    }
+    h.shutdown().unwrap();
+}
+
+/// Everything a command prints on its terminal reaches the host before its
+/// status (the master is drained to its end, EIO), within the credit
+/// window: 100 000 bytes ("y\n", sent as "y\r\n") across many frames.
+#[test]
+fn a_terminal_is_drained_before_the_status() {
+    let mut h = Host::start();
+    h.exec_on_terminal(1, "yes | head -c 100000; exit 4", 24, 80);
+    let (out, err, end) = h.collect(1);
+    assert!(err.is_empty());
+    assert_eq!(end, exited(1, 4));
+    assert_eq!(out, b"y\r\n".repeat(50_000));
+    h.shutdown().unwrap();
+}
+
+/// Hostile or mistaken terminal frames: a `RESIZE` for a command without a
+/// terminal (or for no command) is ignored; a size of 0, or a `RESIZE` of
+/// the wrong length, is a protocol error; stdin after its end is a
+/// violation on a terminal as on a pipe.
+#[test]
+fn bad_terminal_frames_are_refused_or_ignored() {
+    let mut h = Host::start();
+    h.exec(1, &["sh", "-c", "read x; echo \"$x\"; exit 2"], true, 0);
+    h.send(Msg::Resize {
+        id: 1,
+        size: WindowSize { rows: 5, cols: 5 },
+    });
+    h.send(Msg::Resize {
+        id: 99,
+        size: WindowSize { rows: 5, cols: 5 },
+    });
+    h.send(Msg::Stdin {
+        id: 1,
+        data: b"piped\n".to_vec(),
+    });
+    let (out, _, end) = h.collect(1);
+    assert_eq!((out, end), (b"piped\n".to_vec(), exited(1, 2)));
+    h.shutdown().unwrap();
+
+    let resize = |payload: &[u8]| {
+        [
+            &(payload.len() as u32).to_le_bytes()[..],
+            &[K_RESIZE, 1, 0, 0, 0],
+            payload,
+        ]
+        .concat()
+    };
+    let exec_zero_rows = {
+        let spec = ExecSpec::new(["true"]).encode().unwrap();
+        let p = [&[2u8][..], &[0; 8], &[0, 0, 80, 0], &spec].concat();
+        [&(p.len() as u32).to_le_bytes()[..], &[0x01, 1, 0, 0, 0], &p].concat()
+    };
+    for (what, bytes, error) in [
+        ("0 rows", resize(&[0, 0, 80, 0]), "RESIZE"),
+        ("0 columns", resize(&[24, 0, 0, 0]), "RESIZE"),
+        ("3 bytes", resize(&[24, 0, 80]), "RESIZE"),
+        ("an EXEC of 0 rows", exec_zero_rows, "EXEC"),
+    ] {
+        let mut h = Host::start();
+        h.sock.write_all(&bytes).unwrap();
+        let r = h.agent.take().unwrap().join().unwrap();
+        assert!(
+            matches!(r, Err(AgentError::Protocol(ProtocolError::BadPayload(e))) if e == error),
+            "{what}: {r:?}"
+        );
+    }
+    // A RESIZE longer than its kind allows is refused from its header.
+    let mut h = Host::start();
+    h.sock.write_all(&resize(&[0; 5])).unwrap();
+    let r = h.agent.take().unwrap().join().unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(AgentError::Protocol(ProtocolError::Oversize {
+                kind: K_RESIZE,
+                len: 5
+            }))
+        ),
+        "{r:?}"
+    );
+
+    let mut h = Host::start();
+    h.exec_on_terminal(1, "sleep 5", 24, 80);
+    h.send(Msg::StdinEof { id: 1 });
+    h.send(Msg::Stdin {
+        id: 1,
+        data: b"late".to_vec(),
+    });
+    let r = h.agent.take().unwrap().join().unwrap();
+    assert!(
+        matches!(r, Err(AgentError::Violation("stdin after STDIN_EOF"))),
+        "{r:?}"
+    );
 }
