@@ -268,6 +268,59 @@ fn one_vm_many_commands() {
         ExitStatus::Signal(9)
     );
 
+    // Command::tty: a guest terminal (devpts) of the size asked for, its
+    // stderr on it too; Process::resize changes the size (SIGWINCH);
+    // a Ctrl-C byte typed into it is SIGINT to the foreground group.
+    let out = sb
+        .exec(sh("tty; stty size; echo \"TERM=$TERM\"; echo err >&2").tty(24, 80))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{text:?}");
+    assert_eq!(lines[1..], ["24 80", "TERM=xterm", "err", ""], "{text:?}");
+    assert!(out.stderr.is_empty() && out.status.success(), "{out:?}");
+    let mut resized = sb
+        .spawn(
+            sh("trap 'stty size; exit 3' WINCH; echo ready; while :; do sleep 1; done").tty(24, 80),
+        )
+        .unwrap();
+    let mut out = resized.stdout().unwrap();
+    let mut seen = Vec::new();
+    let mut until = |out: &mut kiln::sandbox::ProcessStdout, marker: &[u8]| {
+        let mut buf = [0u8; 256];
+        while !seen.windows(marker.len()).any(|w| w == marker) {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "ended before {marker:?}: {seen:?}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    };
+    until(&mut out, b"ready\r\n");
+    resized.resize(30, 100).unwrap();
+    until(&mut out, b"30 100\r\n");
+    drop(out);
+    assert_eq!(resized.wait().unwrap(), ExitStatus::Code(3));
+    let mut interrupted = sb
+        .spawn(
+            sh("echo sleeping; exec sleep 100")
+                .tty(24, 80)
+                .stdin_piped(),
+        )
+        .unwrap();
+    let mut out = interrupted.stdout().unwrap();
+    let mut buf = [0u8; 64];
+    let mut seen = Vec::new();
+    while !seen.ends_with(b"sleeping\r\n") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "ended before the marker: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    interrupted.stdin().unwrap().write_all(&[0x03]).unwrap();
+    drop(out);
+    assert_eq!(
+        interrupted.wait().unwrap(),
+        ExitStatus::Signal(libc::SIGINT)
+    );
+
     // A command prints frames forged for every exec id, the running one's
     // included, on stdout and stderr: they reach it as its own output, and
     // the running command's output and status are untouched.

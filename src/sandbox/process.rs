@@ -100,15 +100,18 @@ impl Process {
     /// [`SandboxError::Disconnected`] when the VM is gone; a command that
     /// has already ended is not an error.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
-        if !self.terminal {
-            return Err(SandboxError::Terminal(format!(
-                "{} does not run on a terminal (Command::tty)",
-                self.name
-            )));
+        self.resizer().resize(rows, cols)
+    }
+
+    /// What [`resize`](Self::resize) does, as a handle of its own (for a
+    /// thread that follows the host terminal's size).
+    pub(crate) fn resizer(&self) -> Resizer {
+        Resizer {
+            shared: self.shared.clone(),
+            id: self.id,
+            name: self.name.clone(),
+            terminal: self.terminal,
         }
-        super::check_window_size(rows, cols)?;
-        let size = WindowSize { rows, cols };
-        self.shared.send(&Msg::Resize { id: self.id, size })
     }
 
     /// SIGKILL to the command's process group.
@@ -274,6 +277,28 @@ impl Drop for Process {
             self.stderr = None;
             self.finish(None);
         }
+    }
+}
+
+/// Resizes a command's terminal: see [`Process::resize`].
+pub(crate) struct Resizer {
+    shared: Arc<Shared>,
+    id: u32,
+    name: String,
+    terminal: bool,
+}
+
+impl Resizer {
+    pub(crate) fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if !self.terminal {
+            return Err(SandboxError::Terminal(format!(
+                "{} does not run on a terminal (Command::tty)",
+                self.name
+            )));
+        }
+        super::check_window_size(rows, cols)?;
+        let size = WindowSize { rows, cols };
+        self.shared.send(&Msg::Resize { id: self.id, size })
     }
 }
 
