@@ -5,7 +5,7 @@ use kiln_init::agent::{serve, AgentConfig, AgentError, Ended};
 use kiln_init::protocol::*;
 use kiln_init::spec::ExecSpec;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -483,15 +483,59 @@ fn a_command_on_a_terminal_gets_its_size_resizes_and_keys() {
 
 /// Everything a command prints on its terminal reaches the host before its
 /// status (the master is drained to its end, EIO), within the credit
-/// window: 100 000 bytes ("y\n", sent as "y\r\n") across many frames.
+/// window: the command prints a little more than a window ("y\n" 88 048
+/// times, sent as "y\r\n": 264 144 bytes, 2000 past the window: little
+/// enough for the terminal's buffers to hold) and exits while the agent,
+/// out of credit, still has the rest in the terminal; only then does the
+/// host give credit.
 #[test]
 fn a_terminal_is_drained_before_the_status() {
     let mut h = Host::start();
-    h.exec_on_terminal(1, "yes | head -c 100000; exit 4", 24, 80);
-    let (out, err, end) = h.collect(1);
+    h.exec_on_terminal(1, "yes | head -c 176096; exit 4", 24, 80);
+    let mut out = Vec::new();
+    let mut pid = 0;
+    while out.len() < OUTPUT_WINDOW as usize {
+        match h.recv().expect("connection open") {
+            Msg::Started { id: 1, pid: p } => pid = p as i32,
+            Msg::Stdout { id: 1, data } => out.extend(data),
+            m => panic!("unexpected {m:?} after {} bytes", out.len()),
+        }
+    }
+    assert_eq!(out.len(), OUTPUT_WINDOW as usize);
+    // The command (the agent's child, so this process's) has exited: its
+    // pidfd turns readable (or it is gone already: reaped by the agent).
+    // SAFETY: plain syscall; the fd is owned at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd >= 0 {
+        // SAFETY: a fresh fd owned by no one else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let mut pfd = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+        assert_eq!(ready, 1, "the command did not exit");
+    } else {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ESRCH),
+            "pidfd_open({pid}): {e}"
+        );
+    }
+    h.send(Msg::Credit {
+        id: 1,
+        stream: Stream::Stdout,
+        bytes: OUTPUT_WINDOW,
+    });
+    let (rest, err, end) = h.collect(1);
+    out.extend(rest);
     assert!(err.is_empty());
     assert_eq!(end, exited(1, 4));
-    assert_eq!(out, b"y\r\n".repeat(50_000));
+    assert_eq!(out.len(), 264_144);
+    assert!(out == b"y\r\n".repeat(88_048), "the output differs");
     h.shutdown().unwrap();
 }
 
@@ -540,6 +584,8 @@ fn bad_terminal_frames_are_refused_or_ignored() {
     ] {
         let mut h = Host::start();
         h.sock.write_all(&bytes).unwrap();
+        // An agent that took the frame ends at end of file, not an error.
+        h.sock.shutdown(std::net::Shutdown::Write).unwrap();
         let r = h.agent.take().unwrap().join().unwrap();
         assert!(
             matches!(r, Err(AgentError::Protocol(ProtocolError::BadPayload(e))) if e == error),
@@ -549,6 +595,7 @@ fn bad_terminal_frames_are_refused_or_ignored() {
     // A RESIZE longer than its kind allows is refused from its header.
     let mut h = Host::start();
     h.sock.write_all(&resize(&[0; 5])).unwrap();
+    h.sock.shutdown(std::net::Shutdown::Write).unwrap();
     let r = h.agent.take().unwrap().join().unwrap();
     assert!(
         matches!(
@@ -568,6 +615,7 @@ fn bad_terminal_frames_are_refused_or_ignored() {
         id: 1,
         data: b"late".to_vec(),
     });
+    h.sock.shutdown(std::net::Shutdown::Write).unwrap();
     let r = h.agent.take().unwrap().join().unwrap();
     assert!(
         matches!(r, Err(AgentError::Violation("stdin after STDIN_EOF"))),
