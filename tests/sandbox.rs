@@ -178,6 +178,17 @@ fn forged_frames() -> Vec<u8> {
     frames
 }
 
+/// Reads `out` into `seen` until `marker` is in it (the command's own
+/// output: it ends, failing the test, if the marker never comes).
+fn read_until(out: &mut kiln::sandbox::ProcessStdout, seen: &mut Vec<u8>, marker: &[u8]) {
+    let mut buf = [0u8; 256];
+    while !seen.windows(marker.len()).any(|w| w == marker) {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "ended before {marker:?}: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[test]
 fn one_vm_many_commands() {
     if !prerequisites() {
@@ -286,17 +297,9 @@ fn one_vm_many_commands() {
         .unwrap();
     let mut out = resized.stdout().unwrap();
     let mut seen = Vec::new();
-    let mut until = |out: &mut kiln::sandbox::ProcessStdout, marker: &[u8]| {
-        let mut buf = [0u8; 256];
-        while !seen.windows(marker.len()).any(|w| w == marker) {
-            let n = out.read(&mut buf).unwrap();
-            assert!(n > 0, "ended before {marker:?}: {seen:?}");
-            seen.extend_from_slice(&buf[..n]);
-        }
-    };
-    until(&mut out, b"ready\r\n");
+    read_until(&mut out, &mut seen, b"ready\r\n");
     resized.resize(30, 100).unwrap();
-    until(&mut out, b"30 100\r\n");
+    read_until(&mut out, &mut seen, b"30 100\r\n");
     drop(out);
     assert_eq!(resized.wait().unwrap(), ExitStatus::Code(3));
     let mut interrupted = sb
@@ -307,13 +310,7 @@ fn one_vm_many_commands() {
         )
         .unwrap();
     let mut out = interrupted.stdout().unwrap();
-    let mut buf = [0u8; 64];
-    let mut seen = Vec::new();
-    while !seen.ends_with(b"sleeping\r\n") {
-        let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "ended before the marker: {seen:?}");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut out, &mut Vec::new(), b"sleeping\r\n");
     interrupted.stdin().unwrap().write_all(&[0x03]).unwrap();
     drop(out);
     assert_eq!(

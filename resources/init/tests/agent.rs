@@ -80,14 +80,7 @@ impl Host {
             let m = self.recv().expect("connection open");
             match m {
                 Msg::Started { id: i, .. } if i == id => {}
-                Msg::Stdout { id: i, data } if i == id => {
-                    self.send(Msg::Credit {
-                        id,
-                        stream: Stream::Stdout,
-                        bytes: data.len() as u32,
-                    });
-                    out.extend(data);
-                }
+                Msg::Stdout { id: i, data } if i == id => self.take(id, &mut out, data),
                 Msg::Stderr { id: i, data } if i == id => {
                     self.send(Msg::Credit {
                         id,
@@ -101,6 +94,16 @@ impl Host {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+
+    /// Keeps exec `id`'s stdout `data` and gives its credit back.
+    fn take(&mut self, id: u32, out: &mut Vec<u8>, data: Vec<u8>) {
+        self.send(Msg::Credit {
+            id,
+            stream: Stream::Stdout,
+            bytes: data.len() as u32,
+        });
+        out.extend(data);
     }
 
     /// Starts `script` under `sh -c` on a terminal of `rows` x `cols`, with
@@ -127,14 +130,7 @@ impl Host {
             match self.recv_or(timed_out).expect("connection open") {
                 Msg::Started { id: i, .. } if i == id => {}
                 Msg::StdinCredit { .. } => {}
-                Msg::Stdout { id: i, data } if i == id => {
-                    self.send(Msg::Credit {
-                        id,
-                        stream: Stream::Stdout,
-                        bytes: data.len() as u32,
-                    });
-                    out.extend(data);
-                }
+                Msg::Stdout { id: i, data } if i == id => self.take(id, out, data),
                 other => panic!(
                     "waiting for {marker:?} in {:?}: unexpected {other:?}",
                     String::from_utf8_lossy(out)
