@@ -178,6 +178,17 @@ fn forged_frames() -> Vec<u8> {
     frames
 }
 
+/// Reads `out` into `seen` until `marker` is in it (the command's own
+/// output: it ends, failing the test, if the marker never comes).
+fn read_until(out: &mut kiln::sandbox::ProcessStdout, seen: &mut Vec<u8>, marker: &[u8]) {
+    let mut buf = [0u8; 256];
+    while !seen.windows(marker.len()).any(|w| w == marker) {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "ended before {marker:?}: {seen:?}");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
 #[test]
 fn one_vm_many_commands() {
     if !prerequisites() {
@@ -266,6 +277,45 @@ fn one_vm_many_commands() {
     assert_eq!(
         sb.exec(sh("kill -9 $$")).unwrap().status,
         ExitStatus::Signal(9)
+    );
+
+    // Command::tty: a guest terminal (devpts) of the size asked for, its
+    // stderr on it too; Process::resize changes the size (SIGWINCH);
+    // a Ctrl-C byte typed into it is SIGINT to the foreground group.
+    let out = sb
+        .exec(sh("tty; stty size; echo \"TERM=$TERM\"; echo err >&2").tty(24, 80))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{text:?}");
+    assert_eq!(lines[1..], ["24 80", "TERM=xterm", "err", ""], "{text:?}");
+    assert!(out.stderr.is_empty() && out.status.success(), "{out:?}");
+    let mut resized = sb
+        .spawn(
+            sh("trap 'stty size; exit 3' WINCH; echo ready; while :; do sleep 1; done").tty(24, 80),
+        )
+        .unwrap();
+    let mut out = resized.stdout().unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut out, &mut seen, b"ready\r\n");
+    resized.resize(30, 100).unwrap();
+    read_until(&mut out, &mut seen, b"30 100\r\n");
+    drop(out);
+    assert_eq!(resized.wait().unwrap(), ExitStatus::Code(3));
+    let mut interrupted = sb
+        .spawn(
+            sh("echo sleeping; exec sleep 100")
+                .tty(24, 80)
+                .stdin_piped(),
+        )
+        .unwrap();
+    let mut out = interrupted.stdout().unwrap();
+    read_until(&mut out, &mut Vec::new(), b"sleeping\r\n");
+    interrupted.stdin().unwrap().write_all(&[0x03]).unwrap();
+    drop(out);
+    assert_eq!(
+        interrupted.wait().unwrap(),
+        ExitStatus::Signal(libc::SIGINT)
     );
 
     // A command prints frames forged for every exec id, the running one's

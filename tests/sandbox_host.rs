@@ -996,3 +996,119 @@ fn the_first_host_frame_gives_the_agent_entropy_and_the_clock() {
     assert_ne!(a, b, "two connections got the same entropy");
     assert!(a.iter().any(|&x| x != 0));
 }
+
+/// Reads `stdout` on a thread of its own; `until` then waits (20 s at
+/// most) for a marker in what arrived.
+struct TerminalOutput {
+    chunks: std::sync::mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+}
+
+impl TerminalOutput {
+    fn new(mut stdout: impl Read + Send + 'static) -> Self {
+        let (tx, chunks) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            chunks,
+            seen: Vec::new(),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
+    fn until(&mut self, marker: &str) {
+        while !self.text().contains(marker) {
+            match self.chunks.recv_timeout(Duration::from_secs(20)) {
+                Ok(chunk) => self.seen.extend(chunk),
+                Err(e) => panic!("waiting for {marker:?} in {:?}: {e}", self.text()),
+            }
+        }
+    }
+}
+
+/// `Command::tty`: the command runs on a terminal of the size asked for
+/// (`TERM=xterm` unless set), stderr included, typed input is echoed and
+/// read as lines, `Process::resize` changes the size (SIGWINCH), Ctrl-C
+/// interrupts the foreground program; the status is the command's.
+/// Refused: a size of 0, a resize of a command without a terminal.
+#[test]
+fn tty_commands_get_a_terminal_that_resizes() {
+    // A test started in the background by a shell starts with SIGINT
+    // ignored, and commands inherit ignored signals (as with std's
+    // Command); the guest's agent (PID 1) ignores none.
+    // SAFETY: setting a disposition to the default; no handler involved.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let (sb, agent) = sandbox();
+    let out = sb
+        .exec(sh("tty; stty size; echo \"TERM=$TERM\"; echo err >&2").tty(24, 80))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{text:?}");
+    assert_eq!(lines[1..], ["24 80", "TERM=xterm", "err", ""], "{text:?}");
+    assert!(out.stderr.is_empty());
+    assert_eq!(out.status, ExitStatus::Code(0));
+    // TERM set by the caller, before or after tty().
+    for cmd in [
+        sh("echo $TERM").env("TERM", "vt100").tty(5, 5),
+        sh("echo $TERM").tty(5, 5).env("TERM", "vt100"),
+    ] {
+        assert_eq!(sb.exec(cmd).unwrap().stdout, b"vt100\r\n");
+    }
+
+    let script = "trap 'echo winch-$(stty size | tr \" \" x)' WINCH; \
+                  trap 'echo got-int' INT; echo ready; \
+                  until [ -n \"$line\" ]; do read line; done; echo \"line=$line\"; \
+                  sh -c 'echo sleeping; exec sleep 100'; echo \"after=$?\"; exit 7";
+    let mut process = sb.spawn(sh(script).tty(24, 80).stdin_piped()).unwrap();
+    let mut stdin = process.stdin().unwrap();
+    let mut out = TerminalOutput::new(process.stdout().unwrap());
+    out.until("ready\r\n");
+    process.resize(40, 100).unwrap();
+    out.until("winch-40x100\r\n");
+    stdin.write_all(b"typed\r").unwrap();
+    out.until("line=typed\r\n");
+    out.until("sleeping\r\n");
+    stdin.write_all(&[0x03]).unwrap();
+    // The sleep died of SIGINT (130), the shell trapped it and went on.
+    out.until("after=130\r\n");
+    assert!(
+        out.text().contains("typed\r\n"),
+        "no echo: {:?}",
+        out.text()
+    );
+    assert!(out.text().contains("got-int"), "{:?}", out.text());
+    assert_eq!(process.wait().unwrap(), ExitStatus::Code(7));
+    // A command that has ended: not an error.
+    process.resize(10, 10).unwrap();
+
+    let bad_size = sb.spawn(sh("true").tty(0, 80)).err().unwrap();
+    assert!(matches!(bad_size, SandboxError::Terminal(_)), "{bad_size}");
+    assert_eq!(
+        bad_size.to_string(),
+        "terminal: a window of 0 rows and 80 columns (each must be at least 1)"
+    );
+    let piped = sb.spawn(sh("read x; exit 3").stdin_piped()).unwrap();
+    let e = piped.resize(24, 80).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "terminal: sh does not run on a terminal (Command::tty)"
+    );
+    let on_tty = sb.spawn(sh("sleep 100").tty(24, 80)).unwrap();
+    assert!(matches!(
+        on_tty.resize(24, 0),
+        Err(SandboxError::Terminal(_))
+    ));
+    drop((piped, on_tty));
+    sb.shutdown().unwrap();
+    assert_eq!(agent.join().unwrap().unwrap(), Ended::Shutdown);
+}

@@ -38,6 +38,7 @@ applets=(
     ps kill poweroff reboot
     ip ifconfig nc ping
     devmem timeout
+    tty stty vi
 )
 
 available=" $("$busybox" --list | tr '\n' ' ') "

@@ -323,6 +323,12 @@ pub struct CommandArgs {
     /// Forward kiln's stdin to the command (without -i its stdin is empty).
     #[arg(short = 'i', long = "interactive")]
     pub interactive: bool,
+    /// Run the command on a terminal in the guest, of kiln's terminal's
+    /// size (24x80 when kiln has none), followed on SIGWINCH; with -i,
+    /// kiln's stdin must be a terminal, which is put in raw mode for the
+    /// run (every key, Ctrl-C included, goes to the guest).
+    #[arg(short = 't', long = "tty")]
+    pub tty: bool,
     /// Run the command as this user and group (GID defaults to UID; without
     /// --user: 65534:65534, unprivileged; --user 0 for guest root).
     #[arg(long = "user", value_name = "UID[:GID]", value_parser = parse_user)]

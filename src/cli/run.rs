@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::signals::StopSignals;
-use super::terminal::{stdio_console, BootConsole, RawTerminal};
+use super::signals::{self, StopSignals};
+use super::terminal::{stdio_console, window_size, BootConsole, RawTerminal};
 use super::{CommandArgs, JailArgs, RunArgs};
 use crate::config::{Credentials, GuestCommand, SeccompMode};
 use crate::jail::{JailConfig, JailError, JailPlan};
@@ -39,6 +39,10 @@ pub fn run(args: RunArgs, started: Instant) -> i32 {
     }
     if agent {
         return run_with_agent(config, &args.command, started);
+    }
+    if args.command.tty {
+        eprintln!("kiln: -t needs kiln's guest agent, which does not run with --vsock or an initrd's own init (rdinit=)");
+        return STATUS_KILN_ERROR;
     }
     // Classic: kiln's stdin is the guest console, so -i changes nothing.
     config.command = args.command.guest_command();
@@ -172,6 +176,22 @@ fn run_classic(config: VmConfig, started: Instant) -> crate::Result<i32> {
 /// kiln's with -i (else empty). The guest console goes to stderr with -v;
 /// without -v it goes to stdout until the agent is up, and is dropped after.
 fn run_with_agent(config: VmConfig, command: &CommandArgs, started: Instant) -> i32 {
+    // Read before the VM starts (this thread is filtered then); the raw
+    // mode is set once the agent is up (so the boot console is still
+    // written in the terminal's own mode) and restored when `terminal` is
+    // dropped, on every way out of this function.
+    let mut terminal = None;
+    let mut size = None;
+    if command.tty {
+        terminal = RawTerminal::read();
+        size = window_size();
+        // As docker run: -i with -t needs a terminal to read keys from;
+        // -t alone runs with whatever stdin is (the command reads none).
+        if command.interactive && terminal.is_none() {
+            eprintln!("kiln: the input device is not a TTY (-it needs kiln's stdin to be a terminal; use -i without -t)");
+            return STATUS_KILN_ERROR;
+        }
+    }
     let vm = match AgentVm::start(config, ThreadKind::CliMain) {
         Ok(vm) => vm,
         Err(status) => return status,
@@ -182,8 +202,15 @@ fn run_with_agent(config: VmConfig, command: &CommandArgs, started: Instant) -> 
         "agent ready {:.1} ms after kiln started",
         started.elapsed().as_secs_f64() * 1e3
     );
-    let result = vm.run(command);
-    vm.finish(result)
+    if command.interactive {
+        if let Some(terminal) = terminal.as_mut() {
+            terminal.pass_every_key();
+        }
+    }
+    let result = vm.run(command, size);
+    let status = vm.finish(result);
+    drop(terminal);
+    status
 }
 
 /// A VM whose guest agent is up, started as `kiln run` starts it (in this
@@ -270,11 +297,31 @@ impl AgentVm {
         })
     }
 
-    /// Runs `command` with kiln's stdio until it ends.
-    pub(super) fn run(&self, command: &CommandArgs) -> sandbox::Result<ExitStatus> {
-        self.sandbox
-            .spawn(command.to_sandbox_command())
-            .and_then(|process| forward_stdio(process, self.mode))
+    /// Runs `command` with kiln's stdio until it ends (on a guest terminal
+    /// with -t, of `size` at first, then following the size of kiln's
+    /// terminal).
+    pub(super) fn run(
+        &self,
+        command: &CommandArgs,
+        size: Option<(u16, u16)>,
+    ) -> sandbox::Result<ExitStatus> {
+        let mut cmd = command.to_sandbox_command();
+        if command.tty {
+            let (rows, cols) = size.unwrap_or(DEFAULT_WINDOW);
+            cmd = cmd.tty(rows, cols);
+        }
+        let process = self.sandbox.spawn(cmd)?;
+        let resizes = match command.tty {
+            true => Some(follow_window_size(&process, size, self.mode)?),
+            false => None,
+        };
+        let status = forward_stdio(process, self.mode);
+        if let Some(thread) = resizes {
+            // Dropping the sender ends the thread.
+            signals::on_window_change(None);
+            let _ = thread.join();
+        }
+        status
     }
 
     /// Shuts the VM down; kiln's exit status for a command that ended with
@@ -309,6 +356,40 @@ impl AgentVm {
             },
         }
     }
+}
+
+/// The window of a guest terminal when kiln's own has no size (docker's).
+const DEFAULT_WINDOW: (u16, u16) = (24, 80);
+
+/// Starts the thread that passes each new size of kiln's terminal to
+/// `process`'s (on SIGWINCH, and once at its start for a change during the
+/// boot); it ends once [`signals::on_window_change`] drops its sender.
+fn follow_window_size(
+    process: &sandbox::Process,
+    mut last: Option<(u16, u16)>,
+    mode: SeccompMode,
+) -> sandbox::Result<std::thread::JoinHandle<()>> {
+    let (changed, changes) = std::sync::mpsc::channel();
+    let resizer = process.resizer();
+    let follow = move || loop {
+        let size = window_size();
+        if let Some((rows, cols)) = size.filter(|_| size != last) {
+            if resizer.resize(rows, cols).is_err() {
+                break;
+            }
+            last = size;
+        }
+        if changes.recv().is_err() {
+            break;
+        }
+    };
+    // Before the thread's first look: no SIGWINCH is missed in between.
+    signals::on_window_change(Some(changed));
+    let thread = seccomp::spawn("kiln-winch".into(), ThreadKind::CliStdio, mode, follow);
+    if thread.is_err() {
+        signals::on_window_change(None);
+    }
+    thread.map_err(SandboxError::io("spawning the window size thread"))
 }
 
 /// Copies kiln's stdin to the command (with -i) and its stdout and stderr

@@ -85,7 +85,7 @@ fn create(args: CreateArgs) -> i32 {
         Err(status) => return status,
     };
     if args.warmup {
-        match vm.run(&args.command) {
+        match vm.run(&args.command, None) {
             Ok(ExitStatus::Code(0)) => {}
             result => {
                 let status = vm.finish(result);
@@ -130,6 +130,9 @@ fn check(config: &VmConfig, command: &CommandArgs, warmup: bool) -> Result<(), S
     }
     if !warmup && (command.guest_command().has_options() || command.interactive) {
         return Err("-e, -w, -i and --user are for the warm-up command (--warmup -- CMD)".into());
+    }
+    if command.tty {
+        return Err("-t is `kiln run`'s: a warm-up command runs without a terminal".into());
     }
     if !warmup && !command.argv.is_empty() {
         return Err("a command after -- is the warm-up command: give --warmup".into());

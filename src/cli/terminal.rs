@@ -25,15 +25,33 @@ fn dup_fd(fd: BorrowedFd<'_>) -> crate::Result<File> {
     Ok(File::from(owned))
 }
 
-/// Puts an interactive terminal in raw mode (keys go to the guest as typed,
-/// Ctrl-C still stops kiln) and restores it on drop.
+/// Puts an interactive terminal (kiln's stdin) in raw mode and restores it
+/// on drop.
 pub struct RawTerminal {
     saved: libc::termios,
+    /// Raw mode is on (the settings are restored on drop).
+    raw: bool,
 }
 
 impl RawTerminal {
-    /// None when stdin is not a terminal.
+    /// The guest console's mode: keys go to the guest as typed, Ctrl-C
+    /// still stops kiln, output newlines still return the carriage. None
+    /// when stdin is not a terminal.
     pub fn enter() -> Option<Self> {
+        let mut terminal = Self::read()?;
+        let mut raw = terminal.saved;
+        // SAFETY: `raw` is a valid termios copied from the terminal's.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        raw.c_lflag |= libc::ISIG;
+        raw.c_oflag |= libc::OPOST | libc::ONLCR;
+        terminal.set(&raw);
+        Some(terminal)
+    }
+
+    /// Reads stdin's settings (None when it is not a terminal), changing
+    /// nothing yet: [`RawTerminal::pass_every_key`] then needs no more than
+    /// to set them (a thread under kiln's seccomp filter may).
+    pub fn read() -> Option<Self> {
         if !io::stdin().is_terminal() {
             return None;
         }
@@ -43,22 +61,48 @@ impl RawTerminal {
         if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
             return None;
         }
-        let mut raw = saved;
+        Some(Self { saved, raw: false })
+    }
+
+    /// Full raw mode, for a command on a guest terminal (`-it`): every key
+    /// (Ctrl-C, Ctrl-Z, Ctrl-\\ included) goes to the guest, whose terminal
+    /// echoes and edits lines, and output is written as it comes (the
+    /// guest's terminal has made its newlines).
+    pub fn pass_every_key(&mut self) {
+        let mut raw = self.saved;
         // SAFETY: `raw` is a valid termios copied from the terminal's.
         unsafe { libc::cfmakeraw(&mut raw) };
-        raw.c_lflag |= libc::ISIG;
-        raw.c_oflag |= libc::OPOST | libc::ONLCR;
-        // SAFETY: fd 0 is a terminal and `raw` is a valid termios.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) };
-        Some(Self { saved })
+        self.set(&raw);
+    }
+
+    fn set(&mut self, mode: &libc::termios) {
+        // SAFETY: fd 0 is a terminal (`read` checked) and `mode` a valid
+        // termios made from its own.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, mode) };
+        self.raw = true;
     }
 }
 
 impl Drop for RawTerminal {
     fn drop(&mut self) {
-        // SAFETY: restores the settings read from the same terminal.
-        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+        if self.raw {
+            // SAFETY: restores the settings read from the same terminal.
+            unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+        }
     }
+}
+
+/// The size of kiln's terminal (its stdin's, else its stdout's), as (rows,
+/// columns); None when neither is a terminal or it reports no size.
+pub fn window_size() -> Option<(u16, u16)> {
+    [0, 1].into_iter().find_map(|fd| {
+        // SAFETY: winsize is plain data.
+        let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes a winsize into `size`, a valid one; on
+        // a descriptor that is not a terminal it fails (ENOTTY).
+        let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut size) } == 0;
+        (ok && size.ws_row > 0 && size.ws_col > 0).then_some((size.ws_row, size.ws_col))
+    })
 }
 
 /// The guest console while kiln waits for its agent: copied to stdout as it

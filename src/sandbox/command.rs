@@ -4,6 +4,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
+use kiln_init::protocol::WindowSize;
 use kiln_init::spec::ExecSpec;
 
 /// What the command's stdin is.
@@ -20,12 +21,14 @@ pub(crate) enum StdinMode {
 
 /// A command for [`Sandbox::exec`](super::Sandbox::exec) or
 /// [`Sandbox::spawn`](super::Sandbox::spawn): program, arguments,
-/// environment, working directory, user, stdin, timeout and output limit.
-/// Arguments and variables reach the guest byte for byte (no shell).
+/// environment, working directory, user, stdin, terminal, timeout and
+/// output limit. Arguments and variables reach the guest byte for byte (no
+/// shell).
 #[derive(Clone, Debug)]
 pub struct Command {
     pub(crate) spec: ExecSpec,
     pub(crate) stdin: StdinMode,
+    pub(crate) terminal: Option<WindowSize>,
     pub(crate) timeout: Option<Duration>,
     pub(crate) output_limit: Option<usize>,
 }
@@ -37,6 +40,7 @@ impl From<&crate::config::GuestCommand> for Command {
         Self {
             spec: command.to_exec_spec(),
             stdin: StdinMode::Null,
+            terminal: None,
             timeout: None,
             output_limit: None,
         }
@@ -50,6 +54,7 @@ impl Command {
         Self {
             spec: ExecSpec::new([program.as_ref().as_bytes()]),
             stdin: StdinMode::Null,
+            terminal: None,
             timeout: None,
             output_limit: None,
         }
@@ -116,6 +121,27 @@ impl Command {
     /// The command's stdin is written through `Process::stdin()` (spawn).
     pub fn stdin_piped(mut self) -> Self {
         self.stdin = StdinMode::Piped;
+        self
+    }
+
+    /// Runs the command on a new pseudo-terminal in the guest, of `rows`
+    /// lines and `cols` columns (as `docker run -t`): the terminal is its
+    /// stdin, stdout, stderr and controlling terminal, in a session of its
+    /// own. Everything it prints, stderr included, arrives on
+    /// `Process::stdout()` as the terminal shows it (`\n` as `\r\n`;
+    /// `stderr()` reads nothing); what `Process::stdin()` writes (with
+    /// [`stdin_piped`](Self::stdin_piped) or
+    /// [`stdin_bytes`](Self::stdin_bytes)) is typed into it, so the
+    /// terminal echoes it and a Ctrl-C byte (`0x03`) sends SIGINT to the
+    /// foreground process group. `Process::resize` changes the size
+    /// later (the command gets SIGWINCH). `TERM` is `xterm` unless
+    /// [`env`](Self::env) sets it. A size of 0 rows or columns makes
+    /// `spawn` fail with `SandboxError::Terminal`.
+    pub fn tty(mut self, rows: u16, cols: u16) -> Self {
+        self.terminal = Some(WindowSize { rows, cols });
+        if !self.spec.env.iter().any(|(k, _)| k == b"TERM") {
+            self.spec.env.push((b"TERM".to_vec(), b"xterm".to_vec()));
+        }
         self
     }
 

@@ -103,6 +103,12 @@ pub enum SandboxError {
     /// an empty working directory.
     #[error("invalid command: {0}")]
     Command(#[from] SpecError),
+    /// A terminal that cannot be had: a window size of 0 rows or columns
+    /// ([`Command::tty`](super::Command::tty),
+    /// [`Process::resize`](super::Process::resize)), or a resize of a
+    /// command that does not run on a terminal.
+    #[error("terminal: {0}")]
+    Terminal(String),
 }
 
 fn tail(console: &str) -> String {

@@ -244,6 +244,16 @@ impl Shared {
     }
 }
 
+/// A window size the agent takes: at least one row and one column.
+pub(crate) fn check_window_size(rows: u16, cols: u16) -> Result<()> {
+    match rows == 0 || cols == 0 {
+        true => Err(SandboxError::Terminal(format!(
+            "a window of {rows} rows and {cols} columns (each must be at least 1)"
+        ))),
+        false => Ok(()),
+    }
+}
+
 /// A booted VM running kiln's guest agent. `Sync`: commands can be started
 /// from several threads at once.
 ///
@@ -439,6 +449,9 @@ impl Sandbox {
     /// cannot take and [`SandboxError::Disconnected`] when the VM is gone.
     pub fn spawn(&self, cmd: Command) -> Result<Process> {
         cmd.spec.validate()?;
+        if let Some(size) = cmd.terminal {
+            check_window_size(size.rows, size.cols)?;
+        }
         let (id, stdin_bytes) = self.start_exec(&cmd)?;
         let mut process = Process::new(self.shared.clone(), id, &cmd);
         if let Some(bytes) = stdin_bytes {
@@ -500,6 +513,7 @@ impl Sandbox {
         let opts = ExecOptions {
             stdin,
             timeout_ms: cmd.timeout.map_or(0, |t| t.as_millis().max(1) as u64),
+            terminal: cmd.terminal,
         };
         let msg = Msg::Exec {
             id,

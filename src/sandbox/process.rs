@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kiln_init::protocol::{ExitReason, Msg, MAX_DATA, OUTPUT_WINDOW};
+use kiln_init::protocol::{ExitReason, Msg, WindowSize, MAX_DATA, OUTPUT_WINDOW};
 
 use super::command::{Command, StdinMode};
 use super::{End, ExitStatus, Output, Result, SandboxError, Shared, State, HOST_TIMEOUT_SLACK};
@@ -26,6 +26,8 @@ pub struct Process {
     shared: Arc<Shared>,
     id: u32,
     name: String,
+    /// It runs on a terminal (`Command::tty`).
+    terminal: bool,
     timeout: Option<Duration>,
     started: Instant,
     stdin: Option<ProcessStdin>,
@@ -54,6 +56,7 @@ impl Process {
         Self {
             id,
             name: cmd.name(),
+            terminal: cmd.terminal.is_some(),
             timeout: cmd.timeout,
             started: Instant::now(),
             stdin,
@@ -97,6 +100,27 @@ impl Process {
         Signaller {
             shared: self.shared.clone(),
             id: self.id,
+        }
+    }
+
+    /// Sets the size of the command's terminal (see `Command::tty`) to
+    /// `rows` lines and `cols` columns; the kernel sends its foreground
+    /// process group SIGWINCH. Fails with [`SandboxError::Terminal`] for a
+    /// command without a terminal or a size of 0, and with
+    /// [`SandboxError::Disconnected`] when the VM is gone; a command that
+    /// has already ended is not an error.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        self.resizer().resize(rows, cols)
+    }
+
+    /// What [`resize`](Self::resize) does, as a handle of its own (for a
+    /// thread that follows the host terminal's size).
+    pub(crate) fn resizer(&self) -> Resizer {
+        Resizer {
+            shared: self.shared.clone(),
+            id: self.id,
+            name: self.name.clone(),
+            terminal: self.terminal,
         }
     }
 
@@ -277,6 +301,28 @@ impl Signaller {
     /// As [`Process::signal`].
     pub(crate) fn signal(&self, signal: i32) -> Result<()> {
         self.shared.signal(self.id, signal)
+    }
+}
+
+/// Resizes a command's terminal: see [`Process::resize`].
+pub(crate) struct Resizer {
+    shared: Arc<Shared>,
+    id: u32,
+    name: String,
+    terminal: bool,
+}
+
+impl Resizer {
+    pub(crate) fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if !self.terminal {
+            return Err(SandboxError::Terminal(format!(
+                "{} does not run on a terminal (Command::tty)",
+                self.name
+            )));
+        }
+        super::check_window_size(rows, cols)?;
+        let size = WindowSize { rows, cols };
+        self.shared.send(&Msg::Resize { id: self.id, size })
     }
 }
 

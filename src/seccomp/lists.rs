@@ -407,6 +407,13 @@ impl List {
             libc::FIONBIO, // the agent's connection
             libc::TCSETS,  // the terminal restored (classic path)
         ]);
+        // glibc's tcsetattr reads the settings back (TCGETS) around its
+        // TCSETS: kiln's terminal (stdin) put in raw mode for `kiln run
+        // -it` once the agent is up, and restored at the end.
+        self.allow_if(libc::SYS_ioctl, &[arg_eq(0, 0), arg_eq(1, libc::TCGETS)]);
+        // Inherited by the threads this one starts: `kiln run -t`'s window
+        // size thread (see `cli_stdio`).
+        self.window_size();
         self.threads();
     }
 
@@ -479,6 +486,17 @@ impl List {
         // shutdown: the stdin copier's send ends the connection when the
         // agent stops reading.
         self.allow(&[libc::SYS_read, libc::SYS_sendto, libc::SYS_shutdown]);
+        // `kiln run -t`'s window size thread.
+        self.window_size();
+    }
+
+    /// The size of kiln's terminal (stdin's or stdout's), nothing else of
+    /// any descriptor.
+    fn window_size(&mut self) {
+        for fd in [0, 1] {
+            let request = arg_eq(1, libc::TIOCGWINSZ);
+            self.allow_if(libc::SYS_ioctl, &[arg_eq(0, fd), request]);
+        }
     }
 }
 

@@ -88,7 +88,9 @@ fn check_round_trip(msg: &Msg, original: &[u8], again: &[u8]) {
 }
 
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    use kiln_init::protocol::{ExecOptions, ExitReason, ExitStatus, Identity, MacChange, Stream};
+    use kiln_init::protocol::{
+        ExecOptions, ExitReason, ExitStatus, Identity, MacChange, Stream, WindowSize,
+    };
     use kiln_init::spec::ExecSpec;
     let msgs = [
         Msg::Hello { version: 1 },
@@ -109,8 +111,25 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             opts: ExecOptions {
                 stdin: true,
                 timeout_ms: 5000,
+                terminal: None,
             },
             spec: ExecSpec::new(["sh", "-c", "echo hi"]),
+        },
+        Msg::Exec {
+            id: 2,
+            opts: ExecOptions {
+                stdin: true,
+                timeout_ms: 0,
+                terminal: Some(WindowSize { rows: 24, cols: 80 }),
+            },
+            spec: ExecSpec::new(["sh"]),
+        },
+        Msg::Resize {
+            id: 2,
+            size: WindowSize {
+                rows: 50,
+                cols: 132,
+            },
         },
         Msg::Started { id: 1, pid: 42 },
         Msg::Stdout {

@@ -13,6 +13,12 @@
 //! exits, the rest of its process group is killed, its pipes are drained and
 //! `EXITED` follows its last output.
 //!
+//! A command run on a terminal (`ExecOptions::terminal`) has one output,
+//! the terminal's master, framed as stdout; the host's stdin is written to
+//! the master and `RESIZE` sets its window size. Its output ends when every
+//! holder of the slave side has closed it (the master then reads EIO, the
+//! normal end).
+//!
 //! [`serve`] works on any connected stream socket, so host tests drive it
 //! over a Unix socket pair without a VM.
 
@@ -20,7 +26,7 @@ use crate::protocol::{
     encode_data, Decoder, ExecOptions, ExitReason, ExitStatus, Msg, ProtocolError, Stream,
     FRESH_ENTROPY, K_STDERR, K_STDOUT, MAX_DATA, MAX_EXECS, OUTPUT_WINDOW, STDIN_WINDOW, VERSION,
 };
-use crate::spawn::Spawner;
+use crate::spawn::{Spawner, Stdio};
 use crate::spec::ExecSpec;
 use crate::{EXIT_CANNOT_EXECUTE, EXIT_INIT_FAILED, EXIT_NOT_FOUND};
 use std::collections::{HashMap, VecDeque};
@@ -118,6 +124,8 @@ struct Exec {
     timed_out: bool,
     deadline: Option<Instant>,
     exited_at: Option<Instant>,
+    /// The command runs on a terminal: `out[0]` is its master.
+    terminal: bool,
 }
 
 impl Exec {
@@ -335,6 +343,28 @@ impl Agent {
                     }
                 }
             }
+            Msg::Resize { id, size } => {
+                // A command without a terminal (or whose terminal is
+                // drained) has no size to set: ignored, like a signal for
+                // a command that has ended.
+                if let Some(Exec {
+                    terminal: true,
+                    out: [Some(master), _],
+                    ..
+                }) = self.execs.get(&id)
+                {
+                    let winsize = libc::winsize {
+                        ws_row: size.rows,
+                        ws_col: size.cols,
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
+                    // SAFETY: `winsize` is a valid struct the kernel only
+                    // reads; the master is an fd the exec owns. The kernel
+                    // sends the terminal's foreground group SIGWINCH.
+                    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
+                }
+            }
             Msg::Signal { id, signal } => {
                 if let Some(e) = self.execs.get(&id) {
                     if e.status.is_none() && (1..=64).contains(&signal) {
@@ -401,7 +431,11 @@ impl Agent {
                 return self.send(&m);
             }
         }
-        let child = match self.spawner.spawn(spec, self.cfg.default_ids, opts.stdin) {
+        let stdio = match opts.terminal {
+            Some(size) => Stdio::Terminal(size),
+            None => Stdio::Pipes { stdin: opts.stdin },
+        };
+        let child = match self.spawner.spawn(spec, self.cfg.default_ids, stdio) {
             Ok(c) => c,
             Err(e) => {
                 let (code, what) = match e.raw_os_error() {
@@ -416,9 +450,27 @@ impl Agent {
             let _ = set_nonblocking(fd.as_raw_fd());
             fd
         };
-        let stdin = child.stdin.map(take);
-        let stdout = Some(take(child.stdout));
-        let stderr = Some(take(child.stderr));
+        let stdout = take(child.stdout);
+        let stdin = match (opts.terminal, opts.stdin) {
+            // The host types into the terminal: its master, on an fd of its
+            // own so that the end of stdin does not end the output.
+            (Some(_), true) => match stdout.try_clone() {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    let m = fail(EXIT_INIT_FAILED, format!("{name}: {}", describe(&e)));
+                    // SAFETY: plain syscalls on our own child: it is killed
+                    // and reaped before anyone hears of it.
+                    unsafe {
+                        libc::kill(-pid, libc::SIGKILL);
+                        libc::waitpid(pid, std::ptr::null_mut(), 0);
+                    }
+                    return self.send(&m);
+                }
+            },
+            _ => child.stdin.map(take),
+        };
+        let stdout = Some(stdout);
+        let stderr = child.stderr.map(take);
         // SAFETY: plain syscall; on success it returns a new fd we own.
         let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         // SAFETY: a fresh fd returned by pidfd_open, owned by no one else.
@@ -440,6 +492,7 @@ impl Agent {
                 timed_out: false,
                 deadline,
                 exited_at: None,
+                terminal: opts.terminal.is_some(),
             },
         );
         self.send(&Msg::Started {

@@ -61,6 +61,16 @@ fn run() -> u32 {
     mount(c"sysfs", c"/sys", c"sysfs", quiet, c"");
     let tmp_flags = libc::MS_NOSUID | libc::MS_NODEV;
     mount(c"tmpfs", c"/tmp", c"tmpfs", tmp_flags, c"mode=1777");
+    // Terminals for commands run on one (`/dev/ptmx` finds its instance
+    // here); it moves with /dev into a new root.
+    let pts_flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+    mount(
+        c"devpts",
+        c"/dev/pts",
+        c"devpts",
+        pts_flags,
+        c"mode=0620,ptmxmode=0666",
+    );
     // Read what the initramfs asks for before a new root hides it.
     let agent = kiln_init::agent::requested_port();
     let spec = match agent {

@@ -28,12 +28,20 @@
 //! (on every connection: after a snapshot restore the agent reconnects, and
 //! each copy of the guest must get its own random state, today's time and
 //! the identity asked for it).
+//!
+//! Terminal mode: an `EXEC` may ask for a pseudo-terminal (with its first
+//! window size). The command then has the terminal's slave as its stdin,
+//! stdout and stderr and as its controlling terminal; `STDOUT` frames carry
+//! everything it prints (no `STDERR`), `STDIN` frames are typed into the
+//! terminal, and `RESIZE` sets the window size (the kernel sends the
+//! command's foreground process group SIGWINCH).
 
 use crate::spec::{valid_hostname, ExecSpec, SpecError, HOSTNAME_MAX};
 use std::fmt;
 
-/// Protocol version in `HELLO` (3: `FRESH` carries an [`Identity`]).
-pub const VERSION: u32 = 3;
+/// Protocol version in `HELLO` (3: `FRESH` carries an [`Identity`]; 4:
+/// `EXEC` may ask for a terminal, and `RESIZE` exists).
+pub const VERSION: u32 = 4;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest payload of any frame (an `EXEC` with its whole spec).
@@ -73,6 +81,8 @@ pub const K_SHUTDOWN: u8 = 0x05;
 pub const K_CREDIT: u8 = 0x06;
 /// Frame kind of [`Msg::Fresh`].
 pub const K_FRESH: u8 = 0x07;
+/// Frame kind of [`Msg::Resize`].
+pub const K_RESIZE: u8 = 0x08;
 // Guest to host: the high bit is set.
 /// Frame kind of [`Msg::Hello`].
 pub const K_HELLO: u8 = 0x81;
@@ -191,13 +201,59 @@ pub enum Stream {
     Stderr,
 }
 
-/// Per-exec options beside the spec.
+/// `EXEC` flag: the host sends stdin.
+const EXEC_STDIN: u8 = 1;
+/// `EXEC` flag: the command runs on a terminal; its window size follows
+/// the timeout.
+const EXEC_TERMINAL: u8 = 2;
+
+/// Per-exec options beside the spec. On the wire: `flags u8 (1: stdin, 2:
+/// terminal) | timeout ms u64 LE | (with a terminal) rows u16 LE | cols u16
+/// LE`, then the spec.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExecOptions {
-    /// The child's stdin is a pipe fed by `STDIN` frames (else /dev/null).
+    /// The host feeds the command's stdin with `STDIN` frames: a pipe, or
+    /// the terminal's input in terminal mode (else /dev/null, or a terminal
+    /// nobody types into).
     pub stdin: bool,
     /// The agent kills the exec's process group after this many ms (0: never).
     pub timeout_ms: u64,
+    /// Run the command on a pseudo-terminal of this first size (else on
+    /// pipes).
+    pub terminal: Option<WindowSize>,
+}
+
+/// A terminal's window size, in characters. Both are at least 1: a size
+/// of 0 (which the kernel takes as "unknown") is refused on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+impl WindowSize {
+    fn encode(&self, p: &mut Vec<u8>, what: &'static str) -> Result<(), ProtocolError> {
+        if self.rows == 0 || self.cols == 0 {
+            return Err(ProtocolError::BadPayload(what));
+        }
+        p.extend_from_slice(&self.rows.to_le_bytes());
+        p.extend_from_slice(&self.cols.to_le_bytes());
+        Ok(())
+    }
+
+    /// Parses exactly 4 bytes, neither field 0.
+    fn decode(p: &[u8], what: &'static str) -> Result<Self, ProtocolError> {
+        let bad = || ProtocolError::BadPayload(what);
+        let b: [u8; 4] = p.try_into().map_err(|_| bad())?;
+        let rows = u16::from_le_bytes([b[0], b[1]]);
+        let cols = u16::from_le_bytes([b[2], b[3]]);
+        if rows == 0 || cols == 0 {
+            return Err(bad());
+        }
+        Ok(Self { rows, cols })
+    }
 }
 
 /// How an exec ended.
@@ -244,6 +300,14 @@ pub enum Msg {
         /// The exec.
         id: u32,
     },
+    /// Host: the terminal of a command run in terminal mode has this
+    /// size now (ignored for a command without a terminal).
+    Resize {
+        /// The exec.
+        id: u32,
+        /// The new size.
+        size: WindowSize,
+    },
     /// Host: send this signal to the command's process group.
     Signal {
         /// The exec.
@@ -288,7 +352,8 @@ pub enum Msg {
         /// Its process id in the guest.
         pid: u32,
     },
-    /// Agent: bytes the command wrote to stdout, within [`OUTPUT_WINDOW`].
+    /// Agent: bytes the command wrote to stdout (in terminal mode:
+    /// everything the terminal shows), within [`OUTPUT_WINDOW`].
     Stdout {
         /// The exec.
         id: u32,
@@ -380,7 +445,7 @@ fn max_payload(kind: u8) -> Result<usize, ProtocolError> {
         K_STDIN | K_STDOUT | K_STDERR => MAX_DATA,
         K_EXEC_FAILED => 4 + MAX_MESSAGE,
         K_STDIN_EOF | K_SHUTDOWN => 0,
-        K_SIGNAL | K_HELLO | K_STARTED | K_STDIN_CREDIT => 4,
+        K_SIGNAL | K_HELLO | K_STARTED | K_STDIN_CREDIT | K_RESIZE => 4,
         K_CREDIT => 5,
         K_FRESH => MAX_FRESH,
         K_EXITED => 6,
@@ -410,14 +475,29 @@ impl Msg {
         let u32b = |v: u32| v.to_le_bytes().to_vec();
         let (kind, id, payload): (u8, u32, Vec<u8>) = match self {
             Msg::Exec { id, opts, spec } => {
-                let mut p = vec![u8::from(opts.stdin)];
+                let mut flags = 0;
+                if opts.stdin {
+                    flags |= EXEC_STDIN;
+                }
+                if opts.terminal.is_some() {
+                    flags |= EXEC_TERMINAL;
+                }
+                let mut p = vec![flags];
                 p.extend_from_slice(&opts.timeout_ms.to_le_bytes());
+                if let Some(size) = &opts.terminal {
+                    size.encode(&mut p, "EXEC")?;
+                }
                 p.extend(spec.encode().map_err(ProtocolError::BadSpec)?);
                 (K_EXEC, *id, p)
             }
             Msg::Stdin { id, data } => (K_STDIN, *id, data.clone()),
             Msg::StdinEof { id } => (K_STDIN_EOF, *id, Vec::new()),
             Msg::Signal { id, signal } => (K_SIGNAL, *id, u32b(*signal as u32)),
+            Msg::Resize { id, size } => {
+                let mut p = Vec::new();
+                size.encode(&mut p, "RESIZE")?;
+                (K_RESIZE, *id, p)
+            }
             Msg::Shutdown => (K_SHUTDOWN, 0, Vec::new()),
             Msg::Credit { id, stream, bytes } => {
                 let mut p = vec![match stream {
@@ -491,14 +571,25 @@ impl Msg {
         };
         Ok(match kind {
             K_EXEC => {
-                if p.len() < 9 || p[0] > 1 {
-                    return Err(ProtocolError::BadPayload("EXEC"));
+                let bad = || ProtocolError::BadPayload("EXEC");
+                let (&flags, rest) = p.split_first().ok_or_else(bad)?;
+                if flags & !(EXEC_STDIN | EXEC_TERMINAL) != 0 {
+                    return Err(bad());
                 }
-                let timeout_ms = u64::from_le_bytes(p[1..9].try_into().expect("8 bytes"));
-                let spec = ExecSpec::decode(&p[9..]).map_err(ProtocolError::BadSpec)?;
+                let (timeout, rest) = rest.split_at_checked(8).ok_or_else(bad)?;
+                let timeout_ms = u64::from_le_bytes(timeout.try_into().expect("8 bytes"));
+                let (terminal, rest) = match flags & EXEC_TERMINAL {
+                    0 => (None, rest),
+                    _ => {
+                        let (size, rest) = rest.split_at_checked(4).ok_or_else(bad)?;
+                        (Some(WindowSize::decode(size, "EXEC")?), rest)
+                    }
+                };
+                let spec = ExecSpec::decode(rest).map_err(ProtocolError::BadSpec)?;
                 let opts = ExecOptions {
-                    stdin: p[0] == 1,
+                    stdin: flags & EXEC_STDIN != 0,
                     timeout_ms,
+                    terminal,
                 };
                 Msg::Exec { id, opts, spec }
             }
@@ -513,6 +604,10 @@ impl Msg {
             K_SIGNAL => Msg::Signal {
                 id,
                 signal: u32_of(p, "SIGNAL")? as i32,
+            },
+            K_RESIZE => Msg::Resize {
+                id,
+                size: WindowSize::decode(p, "RESIZE")?,
             },
             K_SHUTDOWN => {
                 empty("SHUTDOWN")?;
@@ -673,8 +768,25 @@ mod tests {
                 opts: ExecOptions {
                     stdin: true,
                     timeout_ms: 1234,
+                    terminal: None,
                 },
                 spec,
+            },
+            Msg::Exec {
+                id: 8,
+                opts: ExecOptions {
+                    stdin: false,
+                    timeout_ms: 0,
+                    terminal: Some(WindowSize {
+                        rows: u16::MAX,
+                        cols: 1,
+                    }),
+                },
+                spec: ExecSpec::new(["sh"]),
+            },
+            Msg::Resize {
+                id: 8,
+                size: WindowSize { rows: 1, cols: 500 },
             },
             Msg::Stdin {
                 id: 1,
@@ -759,8 +871,9 @@ mod tests {
                     opts: ExecOptions {
                         stdin: true,
                         timeout_ms: 0x1122_3344_5566_7788,
+                        terminal: None,
                     },
-                    spec,
+                    spec: spec.clone(),
                 },
                 [
                     &[30, 0, 0, 0, 0x01, 0x0d, 0x0c, 0x0b, 0x0a][..],
@@ -772,6 +885,40 @@ mod tests {
                     &[4, 4, 0, 0, 0, 4, 3, 2, 1],
                 ]
                 .concat(),
+            ),
+            (
+                Msg::Exec {
+                    id: 2,
+                    opts: ExecOptions {
+                        stdin: true,
+                        timeout_ms: 0,
+                        terminal: Some(WindowSize {
+                            rows: 0x0102,
+                            cols: 80,
+                        }),
+                    },
+                    spec,
+                },
+                [
+                    &[34, 0, 0, 0, 0x01, 2, 0, 0, 0][..],
+                    // flags: stdin | terminal; no timeout; rows, cols u16 LE
+                    &[3, 0, 0, 0, 0, 0, 0, 0, 0],
+                    &[0x02, 0x01, 80, 0],
+                    b"KXSP\x01",
+                    &[1, 2, 0, 0, 0, b'l', b's'],
+                    &[4, 4, 0, 0, 0, 4, 3, 2, 1],
+                ]
+                .concat(),
+            ),
+            (
+                Msg::Resize {
+                    id: 3,
+                    size: WindowSize {
+                        rows: 24,
+                        cols: 0x0150,
+                    },
+                },
+                vec![4, 0, 0, 0, 0x08, 3, 0, 0, 0, 24, 0, 0x50, 0x01],
             ),
             (
                 Msg::Stdin {
@@ -906,7 +1053,7 @@ mod tests {
             }
         }
         assert_eq!(HEADER_LEN, 9);
-        assert_eq!(VERSION, 3);
+        assert_eq!(VERSION, 4);
     }
 
     #[test]
@@ -1190,9 +1337,63 @@ mod tests {
         .is_err());
     }
 
+    /// A window size of 0 rows or 0 columns is refused in `RESIZE` and in a
+    /// terminal `EXEC`, both ways; a terminal `EXEC` too short for its size
+    /// is malformed; the largest size (65535) is accepted.
+    #[test]
+    fn window_sizes_are_checked() {
+        let resize = |rows: u16, cols: u16| {
+            let p = [rows.to_le_bytes(), cols.to_le_bytes()].concat();
+            Msg::decode(K_RESIZE, 1, &p)
+        };
+        let bad_resize = Err(ProtocolError::BadPayload("RESIZE"));
+        assert_eq!(resize(0, 80), bad_resize);
+        assert_eq!(resize(24, 0), bad_resize);
+        assert_eq!(resize(0, 0), bad_resize);
+        let max = WindowSize {
+            rows: u16::MAX,
+            cols: u16::MAX,
+        };
+        assert_eq!(
+            resize(u16::MAX, u16::MAX),
+            Ok(Msg::Resize { id: 1, size: max })
+        );
+        let spec = ExecSpec::new(["sh"]).encode().unwrap();
+        let exec = |size: &[u8]| {
+            let p = [&[EXEC_TERMINAL][..], &[0; 8], size, &spec].concat();
+            Msg::decode(K_EXEC, 1, &p)
+        };
+        let bad_exec = Err(ProtocolError::BadPayload("EXEC"));
+        assert_eq!(exec(&[0, 0, 80, 0]), bad_exec);
+        assert_eq!(exec(&[24, 0, 0, 0]), bad_exec);
+        assert!(exec(&[24, 0, 80, 0]).is_ok());
+        // The size missing: the spec's magic is read as the size, then the
+        // rest is no spec.
+        assert!(exec(&[]).is_err());
+        let short = [&[EXEC_TERMINAL][..], &[0; 8], &[24, 0]].concat();
+        assert_eq!(Msg::decode(K_EXEC, 1, &short), bad_exec);
+        // The host cannot send what the agent would refuse.
+        for size in [
+            WindowSize { rows: 0, cols: 80 },
+            WindowSize { rows: 24, cols: 0 },
+        ] {
+            let resize = Msg::Resize { id: 1, size };
+            assert_eq!(resize.encode(&mut Vec::new()), bad_resize.clone().map(drop));
+            let exec = Msg::Exec {
+                id: 1,
+                opts: ExecOptions {
+                    terminal: Some(size),
+                    ..ExecOptions::default()
+                },
+                spec: ExecSpec::new(["sh"]),
+            };
+            assert_eq!(exec.encode(&mut Vec::new()), bad_exec.clone().map(drop));
+        }
+    }
+
     #[test]
     fn unknown_kinds_and_bad_payloads_are_errors() {
-        for kind in [0u8, 0x08, 0x80, 0x88, 0xff] {
+        for kind in [0u8, 0x09, 0x80, 0x88, 0xff] {
             let mut h = Vec::new();
             header(&mut h, kind, 1, 0);
             let mut d = Decoder::new();
@@ -1216,6 +1417,10 @@ mod tests {
             (K_EXEC, &[0, 1, 2]),
             (K_EXEC, &[2, 0, 0, 0, 0, 0, 0, 0, 0]),
             (K_EXEC, &[0, 0, 0, 0, 0, 0, 0, 0, 0, b'K', b'X']),
+            (K_EXEC, &[4, 0, 0, 0, 0, 0, 0, 0, 0]),
+            (K_RESIZE, &[]),
+            (K_RESIZE, &[24, 0, 80]),
+            (K_RESIZE, &[24, 0, 80, 0, 0]),
         ];
         for (kind, p) in bad {
             assert!(Msg::decode(*kind, 1, p).is_err(), "{kind:#x} {p:?}");

@@ -13,11 +13,13 @@
 //! The command gets what `ExecSpec::to_command` gives it (environment, ids,
 //! working directory, `PR_SET_NO_NEW_PRIVS` for an unprivileged uid) plus a
 //! session of its own (setsid), its stdio, an empty signal mask and SIGPIPE
-//! at its default. `argv[0]` without a slash is searched in the command's
+//! at its default; on a terminal (see [`Stdio::Terminal`]) that session's
+//! controlling terminal is the command's stdio. `argv[0]` without a slash is searched in the command's
 //! own `PATH` as `execvp` does; directories without that name are skipped
 //! before the clone by a cheap existence check, since a failed `execve`
 //! builds and tears down a whole address space in the guest kernel.
 
+use crate::protocol::WindowSize;
 use crate::spec::{ExecSpec, PLATFORM_ENV};
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
@@ -29,17 +31,33 @@ const CHILD_STACK: usize = 64 << 10;
 /// The kernel's signal set size (64 signals).
 const SIGSET_BYTES: usize = 8;
 
-/// A started command: its pid and the agent's ends of its pipes.
+/// A command's stdin, stdout and stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stdio {
+    /// Pipes for stdout and stderr; stdin a pipe when `stdin`, else
+    /// /dev/null.
+    Pipes {
+        /// Stdin is a pipe the agent writes.
+        stdin: bool,
+    },
+    /// A new pseudo-terminal of this window size: its slave is the
+    /// command's stdin, stdout, stderr and controlling terminal (owned by
+    /// the command's user); the agent keeps the master.
+    Terminal(WindowSize),
+}
+
+/// A started command: its pid and the agent's ends of its stdio.
 #[derive(Debug)]
 pub struct Child {
     /// The command's pid (also its session and process group id).
     pub pid: libc::pid_t,
-    /// Its stdin pipe, when asked for.
+    /// Its stdin pipe, when asked for (never with a terminal: the master
+    /// takes input).
     pub stdin: Option<OwnedFd>,
-    /// Its stdout pipe.
+    /// Its stdout pipe, or the terminal's master.
     pub stdout: OwnedFd,
-    /// Its stderr pipe.
-    pub stderr: OwnedFd,
+    /// Its stderr pipe (none with a terminal).
+    pub stderr: Option<OwnedFd>,
 }
 
 /// Reused child stacks (one at a time: the agent is suspended while a
@@ -59,6 +77,8 @@ struct Plan {
     envp: Vec<*const libc::c_char>,
     /// The fds to put at 0, 1 and 2.
     stdio: [RawFd; 3],
+    /// Make stdin the controlling terminal of the new session.
+    controlling_terminal: bool,
     cwd: Option<CString>,
     uid: Option<libc::uid_t>,
     gid: Option<libc::gid_t>,
@@ -71,14 +91,14 @@ struct Plan {
 
 impl Spawner {
     /// Starts `spec` with `default_ids` when it names none (see
-    /// `ExecSpec::ids`); stdin is a pipe when `stdin`, else /dev/null.
-    /// Errors are those the command's start met (ENOENT for a program not
-    /// found, EACCES, a failed setuid or chdir ...).
+    /// `ExecSpec::ids`), on `stdio`. Errors are those the command's start
+    /// met (ENOENT for a program not found, EACCES, a failed setuid or
+    /// chdir, no pseudo-terminal to be had ...).
     pub fn spawn(
         &mut self,
         spec: &ExecSpec,
         default_ids: Option<(u32, u32)>,
-        stdin: bool,
+        stdin: Stdio,
     ) -> io::Result<Child> {
         self.spawn_with(spec, std::env::var_os(PLATFORM_ENV), default_ids, stdin)
     }
@@ -89,7 +109,7 @@ impl Spawner {
         spec: &ExecSpec,
         platform: Option<OsString>,
         default_ids: Option<(u32, u32)>,
-        stdin: bool,
+        stdio: Stdio,
     ) -> io::Result<Child> {
         let cstring = |b: &[u8]| CString::new(b).map_err(|_| einval());
         let env = spec.environment(platform);
@@ -109,27 +129,42 @@ impl Spawner {
             .collect::<io::Result<_>>()?;
         let cwd = spec.cwd.as_deref().map(cstring).transpose()?;
 
-        let (child_in, parent_in) = match stdin {
-            true => {
-                let (r, w) = pipe()?;
-                (r, Some(w))
-            }
-            false => (dev_null()?, None),
-        };
-        let (stdout, child_out) = pipe()?;
-        let (stderr, child_err) = pipe()?;
         let (uid, gid) = spec.ids(default_ids);
+        // The agent's ends, and the fds the child takes as 0, 1 and 2
+        // (closed here once it has them).
+        let (parent_in, stdout, stderr, child_stdio) = match stdio {
+            Stdio::Pipes { stdin } => {
+                let (child_in, parent_in) = match stdin {
+                    true => {
+                        let (r, w) = pipe()?;
+                        (r, Some(w))
+                    }
+                    false => (dev_null()?, None),
+                };
+                let (stdout, child_out) = pipe()?;
+                let (stderr, child_err) = pipe()?;
+                (
+                    parent_in,
+                    stdout,
+                    Some(stderr),
+                    vec![child_in, child_out, child_err],
+                )
+            }
+            Stdio::Terminal(size) => {
+                let (master, slave) = open_terminal(size, uid, gid)?;
+                (None, master, None, vec![slave])
+            }
+        };
+        let controlling_terminal = matches!(stdio, Stdio::Terminal(_));
+        let fd_at = |i: usize| child_stdio[i.min(child_stdio.len() - 1)].as_raw_fd();
         // SAFETY: plain syscall without arguments.
         let root = unsafe { libc::getuid() } == 0;
         let mut plan = Plan {
             argv: nul_terminated(&args),
             envp: nul_terminated(&env),
             programs,
-            stdio: [
-                child_in.as_raw_fd(),
-                child_out.as_raw_fd(),
-                child_err.as_raw_fd(),
-            ],
+            stdio: [fd_at(0), fd_at(1), fd_at(2)],
+            controlling_terminal,
             cwd,
             uid,
             gid,
@@ -259,6 +294,10 @@ unsafe fn set_up(plan: &Plan) -> libc::c_int {
             ))?;
         }
         sys(libc::syscall(libc::SYS_setsid))?;
+        if plan.controlling_terminal {
+            // The new session has no terminal yet: stdin's becomes its own.
+            sys(libc::syscall(libc::SYS_ioctl, 0, libc::TIOCSCTTY, 0))?;
+        }
         Ok(())
     };
     if let Err(e) = steps() {
@@ -389,6 +428,61 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// A new pseudo-terminal of `size`: (master, slave), both close-on-exec,
+/// the master's slave side owned by `uid`/`gid` when given (the command's
+/// user, who may then reopen it by name, as `login` arranges).
+fn open_terminal(
+    size: WindowSize,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> io::Result<(OwnedFd, OwnedFd)> {
+    let check = |r: libc::c_int| match r {
+        r if r < 0 => Err(io::Error::last_os_error()),
+        r => Ok(r),
+    };
+    // SAFETY: plain syscall; the fd is owned below.
+    let master =
+        check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: a fresh fd owned by no one else.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let m = master.as_raw_fd();
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: calls on the master fd we own; `name` is a writable buffer of
+    // the given length, NUL-terminated by ptsname_r on success.
+    unsafe {
+        check(libc::grantpt(m))?;
+        check(libc::unlockpt(m))?;
+        let r = libc::ptsname_r(m, name.as_mut_ptr(), name.len());
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    let winsize = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: `winsize` is a valid struct the kernel only reads.
+    check(unsafe { libc::ioctl(m, libc::TIOCSWINSZ, &winsize) })?;
+    // SAFETY: `name` is NUL-terminated (ptsname_r succeeded); the fd is
+    // owned below.
+    let slave = check(unsafe {
+        libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a fresh fd owned by no one else.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    if uid.is_some() || gid.is_some() {
+        let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
+        // SAFETY: plain syscall on an fd we own; -1 keeps that id.
+        check(unsafe { libc::fchown(slave.as_raw_fd(), u, g) })?;
+    }
+    Ok((master, slave))
+}
+
 fn dev_null() -> io::Result<OwnedFd> {
     // SAFETY: a valid C string; the fd is owned below.
     let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
@@ -411,7 +505,10 @@ mod tests {
 
     /// Runs `spec` to its end: (status, stdout, stderr).
     fn run(spec: &ExecSpec, input: Option<&[u8]>) -> io::Result<(i32, String, String)> {
-        let child = Spawner::default().spawn_with(spec, None, None, input.is_some())?;
+        let stdio = Stdio::Pipes {
+            stdin: input.is_some(),
+        };
+        let child = Spawner::default().spawn_with(spec, None, None, stdio)?;
         if let (Some(fd), Some(input)) = (child.stdin, input) {
             std::fs::File::from(fd).write_all(input)?;
         }
@@ -419,7 +516,7 @@ mod tests {
             let mut s = String::new();
             std::fs::File::from(fd).read_to_string(&mut s).map(|_| s)
         };
-        let (out, err) = (read(child.stdout)?, read(child.stderr)?);
+        let (out, err) = (read(child.stdout)?, read(child.stderr.unwrap())?);
         let mut st = 0;
         // SAFETY: reaping our own child; `st` is a valid out pointer.
         assert_eq!(unsafe { libc::waitpid(child.pid, &mut st, 0) }, child.pid);

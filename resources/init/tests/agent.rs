@@ -5,7 +5,7 @@ use kiln_init::agent::{serve, AgentConfig, AgentError, Ended};
 use kiln_init::protocol::*;
 use kiln_init::spec::ExecSpec;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -37,12 +37,23 @@ impl Host {
     }
 
     fn recv(&mut self) -> Option<Msg> {
+        self.recv_or(|e| panic!("agent answers in time: {e}"))
+    }
+
+    /// As `recv`, calling `timed_out` when the agent does not answer in time.
+    fn recv_or(&mut self, timed_out: impl Fn(std::io::Error)) -> Option<Msg> {
         loop {
             if let Some(m) = self.dec.next_msg().unwrap() {
                 return Some(m);
             }
             let mut buf = [0u8; 65536];
-            let n = self.sock.read(&mut buf).expect("agent answers in time");
+            let n = match self.sock.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    timed_out(e);
+                    return None;
+                }
+            };
             if n == 0 {
                 return None;
             }
@@ -53,7 +64,11 @@ impl Host {
     fn exec(&mut self, id: u32, argv: &[&str], stdin: bool, timeout_ms: u64) {
         self.send(Msg::Exec {
             id,
-            opts: ExecOptions { stdin, timeout_ms },
+            opts: ExecOptions {
+                stdin,
+                timeout_ms,
+                terminal: None,
+            },
             spec: ExecSpec::new(argv.iter().copied()),
         });
     }
@@ -65,14 +80,7 @@ impl Host {
             let m = self.recv().expect("connection open");
             match m {
                 Msg::Started { id: i, .. } if i == id => {}
-                Msg::Stdout { id: i, data } if i == id => {
-                    self.send(Msg::Credit {
-                        id,
-                        stream: Stream::Stdout,
-                        bytes: data.len() as u32,
-                    });
-                    out.extend(data);
-                }
+                Msg::Stdout { id: i, data } if i == id => self.take(id, &mut out, data),
                 Msg::Stderr { id: i, data } if i == id => {
                     self.send(Msg::Credit {
                         id,
@@ -84,6 +92,49 @@ impl Host {
                 Msg::StdinCredit { .. } => {}
                 m @ (Msg::Exited { .. } | Msg::ExecFailed { .. }) => return (out, err, m),
                 other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// Keeps exec `id`'s stdout `data` and gives its credit back.
+    fn take(&mut self, id: u32, out: &mut Vec<u8>, data: Vec<u8>) {
+        self.send(Msg::Credit {
+            id,
+            stream: Stream::Stdout,
+            bytes: data.len() as u32,
+        });
+        out.extend(data);
+    }
+
+    /// Starts `script` under `sh -c` on a terminal of `rows` x `cols`, with
+    /// stdin.
+    fn exec_on_terminal(&mut self, id: u32, script: &str, rows: u16, cols: u16) {
+        self.send(Msg::Exec {
+            id,
+            opts: ExecOptions {
+                stdin: true,
+                timeout_ms: 0,
+                terminal: Some(WindowSize { rows, cols }),
+            },
+            spec: ExecSpec::new(["sh", "-c", script]),
+        });
+    }
+
+    /// Reads exec `id`'s terminal output (granting credit) until `marker`
+    /// has appeared in it; returns all of it so far. There are no STDERR
+    /// frames on a terminal: one fails the test.
+    fn read_until(&mut self, id: u32, out: &mut Vec<u8>, marker: &str) {
+        while !String::from_utf8_lossy(out).contains(marker) {
+            let text = String::from_utf8_lossy(out).into_owned();
+            let timed_out = |e| panic!("waiting for {marker:?} in {text:?}: {e}");
+            match self.recv_or(timed_out).expect("connection open") {
+                Msg::Started { id: i, .. } if i == id => {}
+                Msg::StdinCredit { .. } => {}
+                Msg::Stdout { id: i, data } if i == id => self.take(id, out, data),
+                other => panic!(
+                    "waiting for {marker:?} in {:?}: unexpected {other:?}",
+                    String::from_utf8_lossy(out)
+                ),
             }
         }
     }
@@ -362,4 +413,208 @@ fn frames_reassemble_from_one_byte_reads() {
     }
     d.finish().unwrap();
     assert_eq!(got, msgs);
+}
+
+/// A command on a terminal: `tty` names a pseudo-terminal, the size asked
+/// for is the terminal's, a `RESIZE` changes it and sends the command
+/// SIGWINCH, typed input arrives as from a keyboard (a line, and Ctrl-C as
+/// SIGINT to its foreground group), stderr is the terminal too (no STDERR
+/// frame), and the status comes after the last output.
+#[test]
+fn a_command_on_a_terminal_gets_its_size_resizes_and_keys() {
+    // A test started in the background by a shell starts with SIGINT
+    // ignored, and commands inherit ignored signals (as with std's
+    // Command); the guest's agent (PID 1) ignores none.
+    // SAFETY: setting a disposition to the default; no handler involved.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let mut h = Host::start();
+    let script = "trap 'echo winch-$(stty size | tr \\  x)' WINCH; \
+                  trap 'echo got-int; exit 7' INT; \
+                  tty; stty size; echo err >&2; echo ready; \
+                  until [ -n \"$line\" ]; do read line; done; echo \"line=$line\"; \
+                  sh -c 'echo sleeping; exec sleep 100'; \
+                  echo not-interrupted; exit 1";
+    h.exec_on_terminal(1, script, 24, 80);
+    let mut out = Vec::new();
+    h.read_until(1, &mut out, "ready\r\n");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let lines: Vec<&str> = text.split("\r\n").collect();
+    assert!(lines[0].starts_with("/dev/pts/"), "{text:?}");
+    assert_eq!(lines[1], "24 80", "{text:?}");
+    // stderr on the terminal, with the terminal's newline translation.
+    assert_eq!(lines[2], "err", "{text:?}");
+    h.send(Msg::Resize {
+        id: 1,
+        size: WindowSize {
+            rows: 50,
+            cols: 132,
+        },
+    });
+    h.read_until(1, &mut out, "winch-50x132\r\n");
+    // The terminal echoes what is typed; the command reads the line (the
+    // loop: SIGWINCH's trap may interrupt a `read`).
+    h.send(Msg::Stdin {
+        id: 1,
+        data: b"hello\r".to_vec(),
+    });
+    h.read_until(1, &mut out, "line=hello\r\n");
+    // Ctrl-C: SIGINT to the foreground group (the sleep, and the shell,
+    // whose trap exits 7). The marker comes from the process that becomes
+    // the sleep, which has SIGINT at its default from its start: a shell
+    // that has not yet started its child would take the signal and wait.
+    h.read_until(1, &mut out, "sleeping\r\n");
+    h.send(Msg::Stdin {
+        id: 1,
+        data: vec![0x03],
+    });
+    h.read_until(1, &mut out, "got-int\r\n");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(!text.contains("not-interrupted"), "{text:?}");
+    match h.recv().expect("connection open") {
+        Msg::StdinCredit { .. } => assert_eq!(h.recv(), Some(exited(1, 7))),
+        m => assert_eq!(m, exited(1, 7)),
+    }
+    h.shutdown().unwrap();
+}
+
+/// Everything a command prints on its terminal reaches the host before its
+/// status (the master is drained to its end, EIO), within the credit
+/// window: the command prints a little more than a window ("y\n" 88 048
+/// times, sent as "y\r\n": 264 144 bytes, 2000 past the window: little
+/// enough for the terminal's buffers to hold) and exits while the agent,
+/// out of credit, still has the rest in the terminal; only then does the
+/// host give credit.
+#[test]
+fn a_terminal_is_drained_before_the_status() {
+    let mut h = Host::start();
+    h.exec_on_terminal(1, "yes | head -c 176096; exit 4", 24, 80);
+    let mut out = Vec::new();
+    let mut pid = 0;
+    while out.len() < OUTPUT_WINDOW as usize {
+        match h.recv().expect("connection open") {
+            Msg::Started { id: 1, pid: p } => pid = p as i32,
+            Msg::Stdout { id: 1, data } => out.extend(data),
+            m => panic!("unexpected {m:?} after {} bytes", out.len()),
+        }
+    }
+    assert_eq!(out.len(), OUTPUT_WINDOW as usize);
+    // The command (the agent's child, so this process's) has exited: its
+    // pidfd turns readable (or it is gone already: reaped by the agent).
+    // SAFETY: plain syscall; the fd is owned at once.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd >= 0 {
+        // SAFETY: a fresh fd owned by no one else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let mut pfd = libc::pollfd {
+            fd: pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 20_000) };
+        assert_eq!(ready, 1, "the command did not exit");
+    } else {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ESRCH),
+            "pidfd_open({pid}): {e}"
+        );
+    }
+    h.send(Msg::Credit {
+        id: 1,
+        stream: Stream::Stdout,
+        bytes: OUTPUT_WINDOW,
+    });
+    let (rest, err, end) = h.collect(1);
+    out.extend(rest);
+    assert!(err.is_empty());
+    assert_eq!(end, exited(1, 4));
+    assert_eq!(out.len(), 264_144);
+    assert!(out == b"y\r\n".repeat(88_048), "the output differs");
+    h.shutdown().unwrap();
+}
+
+/// Hostile or mistaken terminal frames: a `RESIZE` for a command without a
+/// terminal (or for no command) is ignored; a size of 0, or a `RESIZE` of
+/// the wrong length, is a protocol error; stdin after its end is a
+/// violation on a terminal as on a pipe.
+#[test]
+fn bad_terminal_frames_are_refused_or_ignored() {
+    let mut h = Host::start();
+    h.exec(1, &["sh", "-c", "read x; echo \"$x\"; exit 2"], true, 0);
+    h.send(Msg::Resize {
+        id: 1,
+        size: WindowSize { rows: 5, cols: 5 },
+    });
+    h.send(Msg::Resize {
+        id: 99,
+        size: WindowSize { rows: 5, cols: 5 },
+    });
+    h.send(Msg::Stdin {
+        id: 1,
+        data: b"piped\n".to_vec(),
+    });
+    let (out, _, end) = h.collect(1);
+    assert_eq!((out, end), (b"piped\n".to_vec(), exited(1, 2)));
+    h.shutdown().unwrap();
+
+    let resize = |payload: &[u8]| {
+        [
+            &(payload.len() as u32).to_le_bytes()[..],
+            &[K_RESIZE, 1, 0, 0, 0],
+            payload,
+        ]
+        .concat()
+    };
+    let exec_zero_rows = {
+        let spec = ExecSpec::new(["true"]).encode().unwrap();
+        let p = [&[2u8][..], &[0; 8], &[0, 0, 80, 0], &spec].concat();
+        [&(p.len() as u32).to_le_bytes()[..], &[0x01, 1, 0, 0, 0], &p].concat()
+    };
+    for (what, bytes, error) in [
+        ("0 rows", resize(&[0, 0, 80, 0]), "RESIZE"),
+        ("0 columns", resize(&[24, 0, 0, 0]), "RESIZE"),
+        ("3 bytes", resize(&[24, 0, 80]), "RESIZE"),
+        ("an EXEC of 0 rows", exec_zero_rows, "EXEC"),
+    ] {
+        let mut h = Host::start();
+        h.sock.write_all(&bytes).unwrap();
+        // An agent that took the frame ends at end of file, not an error.
+        h.sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let r = h.agent.take().unwrap().join().unwrap();
+        assert!(
+            matches!(r, Err(AgentError::Protocol(ProtocolError::BadPayload(e))) if e == error),
+            "{what}: {r:?}"
+        );
+    }
+    // A RESIZE longer than its kind allows is refused from its header.
+    let mut h = Host::start();
+    h.sock.write_all(&resize(&[0; 5])).unwrap();
+    h.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = h.agent.take().unwrap().join().unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(AgentError::Protocol(ProtocolError::Oversize {
+                kind: K_RESIZE,
+                len: 5
+            }))
+        ),
+        "{r:?}"
+    );
+
+    let mut h = Host::start();
+    h.exec_on_terminal(1, "sleep 5", 24, 80);
+    h.send(Msg::StdinEof { id: 1 });
+    h.send(Msg::Stdin {
+        id: 1,
+        data: b"late".to_vec(),
+    });
+    h.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let r = h.agent.take().unwrap().join().unwrap();
+    assert!(
+        matches!(r, Err(AgentError::Violation("stdin after STDIN_EOF"))),
+        "{r:?}"
+    );
 }
