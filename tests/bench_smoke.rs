@@ -2,9 +2,11 @@
 //! - `--quick --only exits,startup,security,stop` (the parts that need no Linux guest) runs
 //!   to the end and writes BENCHMARKS.md and BENCHMARKS.json with numbers in
 //!   them. No assertion about the numbers themselves: timings depend on the host.
-//! - `--dry-run`: in the identical-input rows (boot, disk, net) kiln and QEMU
-//!   get the same guest: kernel, initramfs, memory, vCPUs, devices, kernel
-//!   command line word for word, and the KVM paravirt features kiln hides.
+//! - `--dry-run`: in the identical-input rows (boot, disk, net, fs) kiln and
+//!   QEMU get the same guest: kernel, initramfs, memory, vCPUs, devices (a
+//!   share: the same directory, served by the same virtiofsd with kiln's
+//!   options), kernel command line word for word, and the KVM paravirt
+//!   features kiln hides.
 //!   Every difference between the two invocations is named below with why.
 
 mod common;
@@ -139,7 +141,15 @@ fn kiln_median(json: &str, id: &str) -> Option<f64> {
 }
 
 /// The rows whose two sides must match.
-const IDENTICAL_ROWS: [&str; 3] = ["boot", "disk", "net"];
+const IDENTICAL_ROWS: [&str; 4] = ["boot", "disk", "net", "fs"];
+
+/// The options of QEMU's virtiofsd besides its socket and directory: those
+/// src/share.rs gives kiln's own daemon for a share without `cache=`.
+const VIRTIOFSD_OPTIONS: [&str; 3] = ["--cache=auto", "--sandbox=namespace", "--log-level=error"];
+
+/// kiln's virtio-fs request queue size (devices/src/virtio/fs), which
+/// QEMU's vhost-user-fs-device gets (its default is 128).
+const FS_QUEUE_SIZE: &str = "256";
 
 /// QEMU microvm options the identical-input rows may use, each with why (none
 /// of them changes what the guest is given besides what kiln has too).
@@ -235,6 +245,10 @@ fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
         && require(
             is_root() && have_program("ip"),
             "the net row needs root and ip (a network namespace)",
+        )
+        && require(
+            kiln::share::find_virtiofsd(None).is_ok(),
+            "the fs row needs virtiofsd (resources/setup.sh installs it)",
         ))
     {
         return;
@@ -243,7 +257,7 @@ fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
     let scratch = Scratch::new("bench-dry");
     let result = Command::new("bash")
         .arg(root.join("resources/bench/run.sh"))
-        .args(["--dry-run", "--only", "boot,disk,net"])
+        .args(["--dry-run", "--only", "boot,disk,net,fs"])
         .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
         .env("KILN_BENCH_WORK", scratch.path("work"))
         .output()
@@ -303,13 +317,18 @@ struct Guest {
     cpus: String,
     /// In the order the guest finds them (the virtio transports' order).
     devices: Vec<String>,
+    /// The virtiofsd program serving the shares (none: no share).
+    virtiofsd: String,
 }
 
 fn check_row(name: &str, row: &Row) {
     let kiln_argv = shell_words(one(name, row, "kiln argv"));
     let qemu_argv = shell_words(one(name, row, "qemu argv"));
     let (kiln, user_words) = kiln_guest(name, &kiln_argv);
-    let (qemu, qemu_line) = qemu_guest(name, &qemu_argv);
+    let daemon_argv = row
+        .get("qemu virtiofsd argv")
+        .map(|_| shell_words(one(name, row, "qemu virtiofsd argv")));
+    let (qemu, qemu_line) = qemu_guest(name, &qemu_argv, daemon_argv.as_deref());
     assert_eq!(
         kiln, qemu,
         "{name}: kiln's guest (left) and QEMU's (right) differ"
@@ -421,6 +440,17 @@ fn kiln_guest(row: &str, argv: &[String]) -> (Guest, String) {
             "--cmdline" => user = value(),
             "--disk" => guest.devices.push(format!("virtio-blk {}", value())),
             "--net" => guest.devices.push(format!("virtio-net {}", value())),
+            "--share" => {
+                // HOST_DIR:GUEST_PATH; the guest path (and the tag) reach
+                // the guest as kiln's kiln.share= word, compared with the
+                // rest of the command line.
+                let share = value();
+                let (dir, _) = share
+                    .rsplit_once(':')
+                    .unwrap_or_else(|| panic!("{row}: --share {share}"));
+                guest.devices.push(format!("virtio-fs {dir}"));
+            }
+            "--virtiofsd" => guest.virtiofsd = value(),
             other => panic!(
                 "{row}: kiln option '{other}' has no QEMU counterpart in this check; name one here"
             ),
@@ -429,9 +459,10 @@ fn kiln_guest(row: &str, argv: &[String]) -> (Guest, String) {
     (guest, user)
 }
 
-/// QEMU's guest from its invocation, and its `-append` line. Every option
-/// is either part of the guest (compared with kiln's) or named above.
-fn qemu_guest(row: &str, argv: &[String]) -> (Guest, String) {
+/// QEMU's guest from its invocation (and that of the virtiofsd the script
+/// starts for it, if any), and its `-append` line. Every option is either
+/// part of the guest (compared with kiln's) or named above.
+fn qemu_guest(row: &str, argv: &[String], daemon: Option<&[String]>) -> (Guest, String) {
     let mut guest = Guest {
         cpus: "1".into(),
         ..Default::default()
@@ -439,6 +470,40 @@ fn qemu_guest(row: &str, argv: &[String]) -> (Guest, String) {
     let mut line = String::new();
     let mut drives = BTreeMap::new();
     let mut netdevs = BTreeMap::new();
+    let mut sockets = BTreeMap::new();
+    // The memory backend the machine names, and the memfd objects by id.
+    let mut backend = None;
+    let mut memfds = BTreeMap::new();
+    let mut tags = Vec::new();
+    // virtiofsd: its socket and the directory it serves.
+    let served = daemon.map(|argv| {
+        guest.virtiofsd = argv[0].clone();
+        let mut socket = None;
+        let mut dir = None;
+        let mut args = argv[1..].iter();
+        while let Some(arg) = args.next() {
+            if let Some(path) = arg.strip_prefix("--socket-path=") {
+                socket = Some(path.to_string());
+            } else if arg == "--shared-dir" {
+                dir = args.next().cloned();
+            } else {
+                assert!(
+                    VIRTIOFSD_OPTIONS.contains(&arg.as_str()),
+                    "{row}: QEMU's virtiofsd option {arg} is not one kiln gives its own"
+                );
+            }
+        }
+        for option in VIRTIOFSD_OPTIONS {
+            assert!(
+                argv.iter().any(|a| a == option),
+                "{row}: QEMU's virtiofsd lacks {option}, which kiln gives its own"
+            );
+        }
+        (
+            socket.unwrap_or_else(|| panic!("{row}: virtiofsd without --socket-path")),
+            dir.unwrap_or_else(|| panic!("{row}: virtiofsd without --shared-dir")),
+        )
+    });
     let mut args = argv[1..].iter();
     while let Some(opt) = args.next() {
         if QEMU_NEUTRAL_FLAGS.contains(&opt.as_str()) {
@@ -450,7 +515,36 @@ fn qemu_guest(row: &str, argv: &[String]) -> (Guest, String) {
             .clone();
         match opt.as_str() {
             "-M" | "-machine" => {
+                // Guest RAM virtiofsd can map (checked below), as kiln's
+                // is with a share.
+                let value = match value.strip_suffix(",memory-backend=mem") {
+                    Some(rest) => {
+                        backend = Some("mem".to_string());
+                        rest.to_string()
+                    }
+                    None => value,
+                };
                 check_options(row, "-M", &value, "microvm", &QEMU_MACHINE_OPTIONS, true)
+            }
+            "-object" => {
+                let (kind, rest) = value.split_once(',').unwrap_or((&value, ""));
+                assert_eq!(kind, "memory-backend-memfd", "{row}: QEMU -object {value}");
+                let props = checked_properties(row, "-object", rest, |k, v| {
+                    matches!((k, v), ("id" | "size", _) | ("share", "on"))
+                });
+                assert_eq!(
+                    props.get("share").map(String::as_str),
+                    Some("on"),
+                    "{row}: {value}"
+                );
+                memfds.insert(props["id"].clone(), props["size"].clone());
+            }
+            "-chardev" => {
+                let (kind, rest) = value.split_once(',').unwrap_or((&value, ""));
+                assert_eq!(kind, "socket", "{row}: QEMU -chardev {value}");
+                let props =
+                    checked_properties(row, "-chardev", rest, |k, _| matches!(k, "id" | "path"));
+                sockets.insert(props["id"].clone(), props["path"].clone());
             }
             "-cpu" => check_options(row, "-cpu", &value, "host", &QEMU_CPU_OPTIONS, false),
             "-kernel" => guest.kernel = value,
@@ -495,6 +589,18 @@ fn qemu_guest(row: &str, argv: &[String]) -> (Guest, String) {
                     ("virtio-net-device", 1) => {
                         format!("virtio-net tap={}", netdevs[&props["netdev"]])
                     }
+                    ("vhost-user-fs-device", 3) => {
+                        let (socket, dir) = served
+                            .as_ref()
+                            .unwrap_or_else(|| panic!("{row}: {value} without a virtiofsd"));
+                        assert_eq!(
+                            &sockets[&props["chardev"]], socket,
+                            "{row}: the device's socket is not the virtiofsd's"
+                        );
+                        assert_eq!(props["queue-size"], FS_QUEUE_SIZE, "{row}: {value}");
+                        tags.push(props["tag"].clone());
+                        format!("virtio-fs {dir}")
+                    }
                     _ => {
                         panic!("{row}: QEMU -device {value} has no kiln counterpart in this check")
                     }
@@ -509,6 +615,26 @@ fn qemu_guest(row: &str, argv: &[String]) -> (Guest, String) {
                 );
             }
         }
+    }
+    // A share needs guest RAM the daemon can map: the machine's memory is a
+    // shared memfd of the guest's size.
+    if !tags.is_empty() {
+        let id = backend.unwrap_or_else(|| panic!("{row}: a share without memory-backend="));
+        assert_eq!(
+            memfds.get(&id),
+            Some(&guest.mem),
+            "{row}: the memory backend {id} is not a shared memfd of -m {}",
+            guest.mem
+        );
+    }
+    // Each tag is the one kiln gave its share (its kiln.share=TAG,... word,
+    // which QEMU's guest gets too).
+    for tag in tags {
+        assert!(
+            line.split_whitespace()
+                .any(|w| w.starts_with(&format!("kiln.share={tag},"))),
+            "{row}: tag {tag} is not the one on the command line: {line}"
+        );
     }
     (guest, line)
 }

@@ -6,8 +6,11 @@
 //! failure); nothing touches the host's own.
 //!
 //! `a_container_veth_is_carried_into_the_guest` boots ONE real guest on
-//! what `connect` returns and checks that the guest owns 10.88.0.2; the
-//! other tests need no VM. Needs root, iproute2 (`ip`, `tc`) and
+//! what `connect` returns, in a network as Kubernetes' Calico leaves it
+//! (eth0 10.88.0.2/32 and fd00::2/64, default route through 169.254.1.1
+//! on-link, an extra route; the peer owns 169.254.1.1 and fd00::1), with
+//! the `kiln.net=` words kiln's init applies, and checks that the guest
+//! owns both addresses and has the routes; the other tests need no VM. Needs root, iproute2 (`ip`, `tc`) and
 //! /dev/net/tun; the guest test also /dev/kvm, the recipe kernel and the
 //! static /bin/busybox (the guest's root, and the peer's ping).
 
@@ -44,26 +47,67 @@ fn network_prerequisites() -> bool {
 
 /// The two namespaces of a podman-style container network: (host, container).
 fn podman_style_network(tag: &str) -> (Netns, Netns) {
-    let host = Netns::create(&format!("{tag}-host"), &[]);
-    let container = Netns::create(
-        &format!("{tag}-ctr"),
+    veth_network(
+        tag,
+        &[format!("ip addr add {CONTAINER_IP}/24 dev eth0")],
+        &[format!("ip addr add {PEER_IP}/24 dev {PEER}")],
+        &[format!("ip route add default via {PEER_IP}")],
+    )
+}
+
+/// Calico's gateway: no subnet of the container holds it.
+const CALICO_GATEWAY: &str = "169.254.1.1";
+const CONTAINER_IP6: &str = "fd00::2";
+const PEER_IP6: &str = "fd00::1";
+
+/// The two namespaces of a Calico-style (Kubernetes) container network:
+/// eth0 holds CONTAINER_IP/32 and CONTAINER_IP6/64; the default route
+/// and 10.89.0.0/16 go through CALICO_GATEWAY "onlink" (Calico's own
+/// route to it), the IPv6 default through PEER_IP6. The peer owns the
+/// gateway (it answers ARP for it, as Calico's proxy ARP does) and
+/// PEER_IP6, and routes the /32 to its veth.
+fn calico_style_network(tag: &str) -> (Netns, Netns) {
+    veth_network(
+        tag,
         &[
-            &format!(
-                "ip link add eth0 type veth peer name {PEER} netns {}",
-                host.name()
-            ),
-            &format!("ip addr add {CONTAINER_IP}/24 dev eth0"),
-            &format!("ip link set eth0 mtu {MTU} up"),
+            format!("ip addr add {CONTAINER_IP}/32 dev eth0"),
+            format!("ip -6 addr add {CONTAINER_IP6}/64 dev eth0 nodad"),
         ],
+        &[
+            format!("ip addr add {CALICO_GATEWAY}/32 dev {PEER}"),
+            format!("ip -6 addr add {PEER_IP6}/64 dev {PEER} nodad"),
+            format!("ip route add {CONTAINER_IP}/32 dev {PEER}"),
+        ],
+        &[
+            format!("ip route add default via {CALICO_GATEWAY} dev eth0 onlink"),
+            format!("ip route add 10.89.0.0/16 via {CALICO_GATEWAY} dev eth0 onlink"),
+            format!("ip -6 route add default via {PEER_IP6} dev eth0"),
+        ],
+    )
+}
+
+/// (host, container) joined by a veth (eth0 in the container, PEER in
+/// the host, both with MTU and up), with the addresses of each end (the
+/// peer's lines run once it is up) and then the container's routes (after
+/// both ends are up: a route needs its link up).
+fn veth_network(tag: &str, eth0: &[String], peer: &[String], routes: &[String]) -> (Netns, Netns) {
+    let host = Netns::create(&format!("{tag}-host"), &[]);
+    let veth = format!(
+        "ip link add eth0 type veth peer name {PEER} netns {}",
+        host.name()
     );
-    for line in [
-        format!("ip addr add {PEER_IP}/24 dev {PEER}"),
-        format!("ip link set {PEER} mtu {MTU} up"),
-    ] {
+    let up = format!("ip link set eth0 mtu {MTU} up");
+    let mut setup = vec![veth.as_str()];
+    setup.extend(eth0.iter().map(String::as_str));
+    setup.push(&up);
+    let container = Netns::create(&format!("{tag}-ctr"), &setup);
+    let peer_up = format!("ip link set {PEER} mtu {MTU} up");
+    for line in [&peer_up].into_iter().chain(peer) {
         run_checked(&mut host.exec(line.split(' ')));
     }
-    // After both ends are up (the route needs the link up).
-    run_checked(&mut container.exec(["ip", "route", "add", "default", "via", PEER_IP]));
+    for line in routes {
+        run_checked(&mut container.exec(line.split(' ')));
+    }
     (host, container)
 }
 
@@ -139,24 +183,29 @@ fn a_container_veth_is_carried_into_the_guest() {
     let root = scratch.path("rootfs");
     common::build_busybox_root(&root);
 
-    let (host, container) = podman_style_network("ocinet");
+    let (host, container) = calico_style_network("ocinet");
     let engine_left = eth0_state(&container);
     let mac = eth0_mac(&container);
+    let mac_in_words = mac.clone();
 
     // What the OCI runtime does in the container's namespace (it has its
     // path): connect, then boot the VM there (the sandbox's VM process
-    // inherits the thread's namespace).
+    // inherits the thread's namespace), the network said in kiln.net=.
     let path = Path::new("/run/netns").join(container.name());
     let in_container = network::in_namespace(&path, move || {
         let connection = network::connect().unwrap_or_else(|e| panic!("{e}"));
         let network = connection.network();
-        let ip = network
-            .kernel_ip_arg(&network::parse_nameservers("nameserver 10.88.0.1\n"))
-            .unwrap_or_else(|e| panic!("{e}"))
-            .expect("an IPv4 interface");
+        // The kernel's ip= cannot say this network.
+        let err = network.kernel_ip_arg(&[]).unwrap_err();
+        assert!(matches!(err, NetworkError::GatewayOffLink { .. }), "{err}");
+        let words = network.kernel_net_words().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            ip,
-            format!("ip={CONTAINER_IP}::{PEER_IP}:255.255.255.0::eth0:off:{PEER_IP}")
+            words,
+            [format!(
+                "kiln.net={mac_in_words},mtu={MTU},addr={CONTAINER_IP}/32,addr={CONTAINER_IP6}/64,\
+                 gw={CALICO_GATEWAY}/onlink,gw={PEER_IP6},\
+                 route=10.89.0.0/16/{CALICO_GATEWAY}/onlink"
+            )]
         );
         let mut builder = Sandbox::builder()
             .kernel(kernel)
@@ -165,7 +214,7 @@ fn a_container_veth_is_carried_into_the_guest() {
             .vcpus(1)
             .timeout(Duration::from_secs(1200))
             .boot_timeout(Duration::from_secs(400))
-            .cmdline(ip);
+            .cmdline(words.join(" "));
         for net in network.nets() {
             builder = builder.net(net);
         }
@@ -202,7 +251,7 @@ fn a_container_veth_is_carried_into_the_guest() {
             Command::new("sh")
                 .arg("-c")
                 .arg(format!(
-                    "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; ping -c 3 -W 60 {PEER_IP}"
+                    "cat /sys/class/net/eth0/address /sys/class/net/eth0/mtu; ping -c 3 -W 60 {CALICO_GATEWAY}"
                 ))
                 .uid(0)
                 .timeout(Duration::from_secs(300)),
@@ -221,8 +270,43 @@ fn a_container_veth_is_carried_into_the_guest() {
         average_rtt(&text).unwrap_or_default()
     );
 
+    // Init added the routes: the default and the extra one through the
+    // on-link gateway (/proc/net/route: little-endian hex, flags
+    // UP|GATEWAY), and the IPv6 address.
+    let out = sandbox
+        .exec(
+            Command::new("sh")
+                .arg("-c")
+                .arg("ip route; ip -6 addr show dev eth0; ip -6 route; cat /proc/net/route"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let routes = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("guest routes: {routes}");
+    assert_eq!(out.status, ExitStatus::Code(0), "{routes}");
+    let table: Vec<Vec<&str>> = routes
+        .lines()
+        .filter(|l| l.starts_with("eth0\t"))
+        .map(|l| l.split_whitespace().take(8).collect())
+        .collect();
+    // Iface Destination Gateway Flags RefCnt Use Metric Mask
+    let gateway_hex = "0101FEA9"; // 169.254.1.1
+    for (destination, mask) in [("00000000", "00000000"), ("0000590A", "0000FFFF")] {
+        assert!(
+            table.iter().any(|r| r[1] == destination
+                && r[2] == gateway_hex
+                && r[3] == "0003"
+                && r[7] == mask),
+            "no route to {destination}/{mask} through {CALICO_GATEWAY}: {routes}"
+        );
+    }
+    assert!(
+        routes.contains(&format!("inet6 {CONTAINER_IP6}/64 scope global")),
+        "{routes}"
+    );
+
     // The guest serves a marker on PORT; the peer reads it (what a
-    // published port does). The guest says when it listens.
+    // published port does). The guest says when it listens (nc listens
+    // on IPv6's dual-stack `::` when the kernel has IPv6: /proc/net/tcp6).
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -234,7 +318,7 @@ fn a_container_veth_is_carried_into_the_guest() {
                 .arg("-c")
                 .arg(format!(
                     "echo {marker} | nc -l -p {PORT} & \
-                     while ! grep -q ':{PORT:04X} 00000000:0000 0A' /proc/net/tcp; do :; done; \
+                     while ! grep -sqE ':{PORT:04X} 0+:0000 0A' /proc/net/tcp /proc/net/tcp6; do :; done; \
                      echo listening; wait"
                 ))
                 .timeout(Duration::from_secs(300)),
@@ -286,6 +370,38 @@ fn a_container_veth_is_carried_into_the_guest() {
     );
     let echoes_after = snmp(&guest_snmp(&sandbox), "Icmp", "InEchos");
     assert_eq!(echoes_after - echoes_before, 3, "the guest answered");
+    let ping6 = host
+        .exec([
+            "/bin/busybox",
+            "ping",
+            "-6",
+            "-c",
+            "3",
+            "-W",
+            "60",
+            CONTAINER_IP6,
+        ])
+        .output()
+        .expect("running ping");
+    let ping6_text = String::from_utf8_lossy(&ping6.stdout).into_owned();
+    assert!(
+        ping6.status.success(),
+        "peer -> guest IPv6 ping: {ping6_text}"
+    );
+    assert!(ping6_text.contains("3 packets received"), "{ping6_text}");
+    let snmp6 = sandbox
+        .exec(Command::new("cat").arg("/proc/net/snmp6"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let snmp6 = String::from_utf8_lossy(&snmp6.stdout).into_owned();
+    let echo_replies = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Icmp6OutEchoReplies"))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert_eq!(
+        echo_replies,
+        Some(3),
+        "the guest answered over IPv6: {snmp6}"
+    );
     let namespace_snmp = output(&container, &["cat", "/proc/net/snmp"]);
     assert_eq!(snmp(&namespace_snmp, "Icmp", "InEchos"), 0);
     assert_eq!(snmp(&namespace_snmp, "Ip", "InReceives"), 0);

@@ -228,6 +228,15 @@ fn sandbox_boots_a_shared_root() {
         String::from_utf8_lossy(&result.stdout),
         "sandbox-root\nwritten\n1\n"
     );
+    // No snapshot of a shared root (the save refuses it; the VM runs on).
+    let err = sandbox
+        .snapshot(scratch.path("snap"))
+        .expect_err("a snapshot of a shared root was taken")
+        .to_string();
+    assert!(
+        err.contains("a VM with a shared root (--rootfs ") && err.contains("cannot be snapshotted"),
+        "{err}"
+    );
     sandbox.shutdown().unwrap();
     assert_eq!(
         common::tree_listing(&root),
@@ -298,6 +307,16 @@ fn sandbox_shares_reach_its_commands() {
     assert_eq!(
         fs::read_to_string(out.join("result.txt")).unwrap(),
         "via-sandbox\n"
+    );
+    // No snapshot of a VM with shares (the save refuses it).
+    let err = sandbox
+        .snapshot(scratch.path("snap"))
+        .expect_err("a snapshot of a VM with shares was taken")
+        .to_string();
+    assert!(
+        err.contains("a VM with shared directories (--share ")
+            && err.contains("cannot be snapshotted"),
+        "{err}"
     );
     sandbox.shutdown().unwrap();
     for pid in daemons {

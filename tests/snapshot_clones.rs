@@ -510,6 +510,38 @@ fn bad_snapshot_input_is_one_line_and_125() {
         .arg(scratch.path("out2"))
         .args(["--", "true"]);
     one_line(&cmd.output().unwrap(), "--warmup");
+
+    // Shared directories: refused before anything starts (no
+    // virtiofsd, no boot, no output directory).
+    let shared = scratch.path("shared");
+    fs::create_dir(&shared).unwrap();
+    for (option, value, needle) in [
+        (
+            "--share",
+            format!("{}:/mnt", shared.display()),
+            format!(
+                "a VM with shared directories (--share {}) cannot be snapshotted",
+                shared.display()
+            ),
+        ),
+        (
+            "--rootfs",
+            format!("{},share", shared.display()),
+            format!(
+                "a VM with a shared root (--rootfs {},share) cannot be snapshotted",
+                shared.display()
+            ),
+        ),
+    ] {
+        let out = scratch.path("out-shared");
+        let mut cmd = kiln_cli();
+        cmd.args([
+            "snapshot", "create", "--kernel", "k", option, &value, "--output",
+        ])
+        .arg(&out);
+        one_line(&cmd.output().unwrap(), &needle);
+        assert!(!out.exists(), "{option}: the output directory was made");
+    }
 }
 
 /// A snapshot of two vCPUs with an ext4 image root and a read-only data

@@ -30,17 +30,26 @@
 #                           a ready VM vs the guest's own fork+exec of it
 #                  disk     virtio-blk: O_DIRECT dd of 64 MiB, random 4 KiB reads
 #                  net      virtio-net (only if `kiln run --help` lists --net)
+#                  fs       virtio-fs with virtiofsd: read of a 64 MiB file and
+#                           find + stat over 5,000 files through a share (kiln
+#                           --share vs QEMU vhost-user-fs-device, each with its
+#                           own virtiofsd); kiln alone: `kiln run --rootfs`
+#                           time to first output, shared vs packed root, for a
+#                           50 MiB and a 250 MiB root
 #   --out DIR    where BENCHMARKS.md/.json go (default: the repository root)
 #   --reps N, --reps-boot N   override the repetitions (default 5, and 3 for
-#                anything that boots Linux; --quick: 1 and 1)
+#                anything that boots Linux; --quick: 1 and 1; the fs section's
+#                share rows take --reps, its root rows --reps-boot)
 #   --reps-bootpath N  repetitions of the bootpath section (default: --reps-boot)
 #   --dry-run    boot nothing and write no report: for each identical-input
-#                row (boot, disk, net) print both monitors' invocations, kernel
+#                row (boot, disk, net, fs) print both monitors' invocations, kernel
 #                command lines and the CPUID their vCPU gets (each monitor is
 #                stopped at its first KVM_RUN); tests/bench_smoke.rs checks it
 #
 # Environment: KILN_BIN (a kiln binary to use instead of building
-# target/release/kiln), KILN_BENCH_WORK (scratch root, default target/bench).
+# target/release/kiln), KILN_BENCH_WORK (scratch root, default target/bench),
+# KILN_BENCH_FS_MIB and KILN_BENCH_FS_FILES (the fs section's file size and
+# file count; default 64 and 5000, --quick 4 and 100).
 # Prerequisites are what resources/setup.sh installs (gcc, qemu-system-x86,
 # busybox-static, cpio, strace) and the guest kernel it builds.
 #
@@ -61,7 +70,7 @@ dry_run=0
 reps_override=""
 reps_boot_override=""
 reps_bootpath_override=""
-only="exits,startup,security,boot,bootpath,command,snapshot,exec,disk,net"
+only="exits,startup,security,boot,bootpath,command,snapshot,exec,disk,net,fs"
 out_dir="$root"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -74,7 +83,7 @@ while [ $# -gt 0 ]; do
         --reps-boot) [ $# -ge 2 ] || die "--reps-boot needs a number"; reps_boot_override=$2; shift ;;
         --reps-bootpath) [ $# -ge 2 ] || die "--reps-bootpath needs a number"; reps_bootpath_override=$2; shift ;;
         --dry-run) dry_run=1 ;;
-        -h|--help) sed -n '2,37s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,47s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -83,16 +92,16 @@ declare -A want=()
 IFS=',' read -r -a sections <<< "$only"
 for s in "${sections[@]}"; do
     case "$s" in
-        exits|startup|security|stop|boot|bootpath|command|snapshot|exec|disk|net) want[$s]=1 ;;
+        exits|startup|security|stop|boot|bootpath|command|snapshot|exec|disk|net|fs) want[$s]=1 ;;
         memory|idle) want[boot]=1 ;;
-        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, snapshot, exec, disk, net)" ;;
+        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, snapshot, exec, disk, net, fs)" ;;
     esac
 done
 wants() { [ -n "${want[$1]:-}" ]; }
 if [ "$dry_run" = 1 ]; then
     # Only the identical-input rows have two sides to compare.
     for s in exits startup security bootpath command snapshot exec; do unset "want[$s]"; done
-    [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk and net sections only"
+    [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk, net and fs sections only"
 fi
 
 if [ "$quick" = 1 ]; then
@@ -161,7 +170,7 @@ fi
 kiln_help=$("$kiln" run --help 2>&1 || true)
 
 need_kernel=0
-for s in boot command snapshot exec disk net; do wants $s && need_kernel=1; done
+for s in boot command snapshot exec disk net fs; do wants $s && need_kernel=1; done
 vmlinux=""; bzimage=""
 if [ "$need_kernel" = 1 ]; then
     if [ -f "$root/target/guest/vmlinux" ]; then
@@ -529,12 +538,24 @@ disk_img="$work/disk.img"
 if [ "$quick" = 1 ]; then disk_mib=16; disk_reads=200; net_count=5
 else disk_mib=64; disk_reads=2000; net_count=20; fi
 net_ns="kilnbench$$"; net_tap=kbtap0; net_host=10.213.0.1; net_guest=10.213.0.2
+# The fs row's shared directory (a 64 MiB file and a tree of 5,000 files),
+# QEMU's virtiofsd socket, and the virtiofsd both monitors run: the one kiln
+# itself would take (src/share.rs: $KILN_VIRTIOFSD, kiln's cache, PATH),
+# handed to kiln with --virtiofsd so the two are the same program.
+fs_dir="$work/fs-share"; fs_sock="$work/virtiofsd-qemu.sock"; fs_daemon_pid=""
+if [ "$quick" = 1 ]; then fs_mib=4; fs_files=100; else fs_mib=64; fs_files=5000; fi
+fs_mib=${KILN_BENCH_FS_MIB:-$fs_mib}; fs_files=${KILN_BENCH_FS_FILES:-$fs_files}
+[[ "$fs_mib" =~ ^[1-9][0-9]*$ && "$fs_files" =~ ^[1-9][0-9]*$ ]] ||
+    die "KILN_BENCH_FS_MIB and KILN_BENCH_FS_FILES must be positive numbers"
+fs_files_per_dir=100
+virtiofsd=${KILN_VIRTIOFSD:-${KILN_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/kiln}/virtiofsd}
+[ -x "$virtiofsd" ] || virtiofsd=$(command -v virtiofsd || true)
 
-# row_inputs ROW (boot, disk or net): sets kiln_cmd and qemu_cmd (the two
-# invocations), kiln_line and qemu_line (the kernel command lines they give)
-# and row_prefix (what both run under: the net row's namespace).
+# row_inputs ROW (boot, disk, net or fs): sets kiln_cmd and qemu_cmd (the
+# two invocations), kiln_line and qemu_line (the kernel command lines they
+# give) and row_prefix (what both run under: the net row's namespace).
 row_inputs() {
-    local row=$1 extra kiln_dev=() qemu_dev=()
+    local row=$1 extra kiln_dev=() qemu_dev=() machine=("${qemu_machine[@]}")
     row_prefix=()
     case $row in
         boot) extra="rdinit=/init bench_idle=1" ;;
@@ -547,13 +568,29 @@ row_inputs() {
              qemu_dev=(-netdev "tap,id=n0,ifname=$net_tap,script=no,downscript=no,vhost=off"
                        -device virtio-net-device,netdev=n0)
              row_prefix=(ip netns exec "$net_ns") ;;
+        fs) extra="rdinit=/init bench_fs=1"
+            kiln_dev=(--share "$fs_dir:/mnt" --virtiofsd "$virtiofsd") ;;
         *) die "row_inputs: unknown row $row" ;;
     esac
     kiln_cmd=("$kiln" run --kernel "$vmlinux" --initrd "$work/bench-initramfs.cpio"
               --mem "${guest_mem_mib}M" --cpus 1 "${kiln_dev[@]}" --cmdline "$extra")
     kiln_line=$(print_cmdline "${row_prefix[@]}" "${kiln_cmd[@]}")
     qemu_line=$(qemu_line_from "$kiln_line")
-    qemu_cmd=("$qemu" "${qemu_machine[@]}" "${qemu_base[@]}" -serial stdio
+    if [ "$row" = fs ]; then
+        # The tag kiln gave its share (its kiln.share= word, which both
+        # guests' /init read); guest RAM QEMU can share with virtiofsd
+        # (kiln's is a memfd too when it has a vhost-user device); kiln's
+        # request-queue size (devices/src/virtio/fs: 256; QEMU's default
+        # is 128, and it bounds the size of the guest's FUSE requests).
+        local tag
+        tag=$(sed -n 's/.*kiln\.share=\([^, ]*\),.*/\1/p' <<< "$kiln_line")
+        [ -n "$tag" ] || die "fs: no kiln.share= word in kiln's command line: $kiln_line"
+        machine[1]+=",memory-backend=mem"
+        qemu_dev=(-object "memory-backend-memfd,id=mem,size=${guest_mem_mib}M,share=on"
+                  -chardev "socket,id=fs0,path=$fs_sock"
+                  -device "vhost-user-fs-device,chardev=fs0,tag=$tag,queue-size=256")
+    fi
+    qemu_cmd=("$qemu" "${machine[@]}" "${qemu_base[@]}" -serial stdio
               -m "${guest_mem_mib}M" -kernel "$vmlinux" -initrd "$work/bench-initramfs.cpio"
               "${qemu_dev[@]}" -append "$qemu_line")
 }
@@ -570,9 +607,11 @@ capture() {
         qemu) cmd=("${qemu_cmd[@]}") ;;
     esac
     rm -f "$work/cpuid-$row-$mon.txt"
+    [ "$row" = fs ] && [ "$mon" = qemu ] && { fs_daemon_start || return 1; }
     "${row_prefix[@]}" env LD_PRELOAD="$shim" BENCH_CPUID_FILE="$work/cpuid-$row-$mon.txt" \
         BENCH_STOP_AT_FIRST_RUN=1 KILN_LOG=info "${cmd[@]}" \
         </dev/null >"$work/capture-$row-$mon.out" 2>"$work/capture-$row-$mon.err" || true
+    [ "$row" = fs ] && [ "$mon" = qemu ] && fs_daemon_stop
     [ -s "$work/cpuid-$row-$mon.txt" ]
 }
 
@@ -662,10 +701,12 @@ note_cpuid() {
 dry_run_rows() {
     local row
     make_bench_initramfs
-    for row in boot disk net; do
+    for row in boot disk net fs; do
         wants $row || continue
         case $row in
             disk) make_disk_image dry ;;
+            fs) fs_usable || { echo "== $row: skipped (no --share in kiln run --help, or no virtiofsd)"; continue; }
+                make_fs_share dry ;;
             net) if ! net_usable; then echo "== $row: skipped (no --net in kiln run --help, or no ip)"; continue; fi
                  net_ns_up; net_tap_up ;;
         esac
@@ -673,6 +714,7 @@ dry_run_rows() {
         echo "== $row"
         echo "kiln argv: $(printf '%q ' "${kiln_cmd[@]}")"
         echo "qemu argv: $(printf '%q ' "${qemu_cmd[@]}")"
+        [ "$row" = fs ] && echo "qemu virtiofsd argv: $(printf '%q ' "${fs_daemon_cmd[@]}")"
         [ ${#row_prefix[@]} -eq 0 ] || echo "both run under: ${row_prefix[*]}"
         echo "kiln cmdline (--print-cmdline): $kiln_line"
         local captured=1 mon
@@ -1167,6 +1209,131 @@ run_net() {
 
 record_na() { printf '%s\tna\t\n' "$1" >> "$samples"; }
 
+# ------------------------------------------------------- 5b. virtio-fs
+fs_usable() { grep -q -- '--share' <<< "$kiln_help" && [ -n "$virtiofsd" ]; }
+
+# The shared directory: big (fs_mib MiB of random data) and tree/ (fs_files
+# small files, fs_files_per_dir to a directory). A dry run only needs it to
+# exist.
+make_fs_share() {
+    rm -rf "$fs_dir"; mkdir -p "$fs_dir/tree"
+    [ "${1:-}" = dry ] && return 0
+    dd if=/dev/urandom of="$fs_dir/big" bs=1M count="$fs_mib" status=none
+    local i
+    for i in $(seq 0 $((fs_files - 1))); do
+        [ $((i % fs_files_per_dir)) = 0 ] && mkdir "$fs_dir/tree/d$((i / fs_files_per_dir))"
+        echo "$i" > "$fs_dir/tree/d$((i / fs_files_per_dir))/f$i"
+    done
+}
+
+# QEMU's virtiofsd on fs_sock, with the options kiln gives its own
+# (src/share.rs: the directory, --cache=auto for a share without cache=,
+# its namespace sandbox, errors only); kiln hands its daemon a listening
+# descriptor (--fd) where QEMU's gets a socket path. It serves one
+# connection and exits when QEMU closes it; fs_daemon_stop ends it anyway.
+fs_daemon_cmd=("$virtiofsd" --socket-path="$fs_sock" --shared-dir "$fs_dir" --cache=auto
+               --sandbox=namespace --log-level=error)
+fs_daemon_start() {
+    rm -f "$fs_sock"
+    "${fs_daemon_cmd[@]}" </dev/null >/dev/null 2>>"$work/virtiofsd-qemu.err" &
+    fs_daemon_pid=$!
+    trap fs_daemon_stop EXIT
+    local i
+    for i in $(seq 200); do
+        [ -S "$fs_sock" ] && return 0
+        kill -0 "$fs_daemon_pid" 2>/dev/null || break
+        sleep 0.05
+    done
+    fail_note "fs: QEMU's virtiofsd did not make its socket (see $work/virtiofsd-qemu.err)"
+    fs_daemon_stop
+    return 1
+}
+fs_daemon_stop() {
+    if [ -n "$fs_daemon_pid" ]; then
+        kill "$fs_daemon_pid" 2>/dev/null || true
+        wait "$fs_daemon_pid" 2>/dev/null || true
+        fs_daemon_pid=""
+    fi
+    trap - EXIT
+}
+
+# Through a share: the guest reads the big file (dd, 1 MiB blocks) and runs
+# find + stat over the tree, timed by busybox `time` inside the guest (boot
+# excluded), kiln --share vs QEMU vhost-user-fs-device, each with its own
+# virtiofsd on the same directory. Then kiln alone: shared vs packed root.
+run_fs() {
+    if ! fs_usable; then
+        note "fs: not available (kiln run --help lists no --share, or no virtiofsd: resources/setup.sh installs it)"
+        record_na fs_read_mbs; record_na fs_find_stat_ms
+        return 0
+    fi
+    make_bench_initramfs
+    make_fs_share
+    local rep mon
+    row_inputs fs
+    note_cpuid fs
+    note "fs: $($virtiofsd --version | head -1) for both monitors, the options kiln gives it (--shared-dir DIR --cache=auto --sandbox=namespace); a ${fs_mib} MiB file of random data and $fs_files files, $fs_files_per_dir to a directory, on $(df -T "$work" | awk 'NR == 2 { print $2 }') (host page cache warm); guest: dd bs=1M to /dev/null, then \`find tree -exec stat {} +\` (busybox); queue size 256 on both"
+    log "virtio-fs: $reps repetitions"
+    for rep in $(seq "$reps"); do
+        local order=(kiln qemu)
+        [ $((rep % 2)) = 0 ] && order=(qemu kiln)
+        for mon in "${order[@]}"; do
+            [ "$mon" = qemu ] && [ -z "$qemu" ] && continue
+            local cmd=() base="$work/fs-$mon-$rep"
+            case $mon in
+                kiln) cmd=("${kiln_cmd[@]}") ;;
+                qemu) cmd=("${qemu_cmd[@]}"); fs_daemon_start || continue ;;
+            esac
+            log "  fs $mon $rep/$reps"
+            brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m KILN-BENCH-DONE -k -- "${cmd[@]}" ||
+                fail_note "fs: $mon: benchrun failed"
+            [ "$mon" = qemu ] && fs_daemon_stop
+            [ "${R[marker]:-none}" != none ] || { fail_note "fs: $mon run $rep: no result (see $base.out, $base.err)"; continue; }
+            # busybox time: "real<TAB>0m 1.23s", for dd count=0, the read, find + stat.
+            local secs r b f
+            secs=$(tr -d '\r' < "$base.out" | awk '/^real/ { m = $2; sub(/m$/, "", m); s = $3; sub(/s$/, "", s); print m * 60 + s }')
+            b=$(sed -n 1p <<< "$secs"); r=$(sed -n 2p <<< "$secs"); f=$(sed -n 3p <<< "$secs")
+            [ -n "$r" ] && record fs_read_mbs "$mon" "$(awk -v s="$r" -v b="$b" -v m="$fs_mib" 'BEGIN { d = s - b; if (d <= 0) d = 0.01; printf "%.3f", m * 1.048576 / d }')"
+            [ -n "$f" ] && record fs_find_stat_ms "$mon" "$(awk -v s="$f" 'BEGIN { printf "%.0f", s * 1000 }')"
+        done
+    done
+    if [ "$quick" = 1 ]; then note "fs roots: skipped with --quick"; else fs_roots; fi
+}
+
+# kiln alone (QEMU has no counterpart of kiln's packing of a directory into
+# the initramfs): `kiln run --rootfs DIR -- echo hi` to its first line with
+# the root packed (DIR) and shared (DIR,share), for a busybox root padded
+# with random data to 50 and 250 MiB; 768 MiB of guest memory for all four
+# (the packed 250 MiB root lives in guest RAM twice while it unpacks).
+fs_roots() {
+    local rootfs size rep v
+    guest_rootfs fs
+    for size in 50 250; do
+        local dir="$work/fsroot-$size" used
+        rm -rf "$dir"; cp -a "$rootfs" "$dir"
+        used=$(du -s --block-size=1M "$dir" | cut -f1)
+        [ "$size" -gt "$used" ] &&
+            dd if=/dev/urandom of="$dir/pad" bs=1M count=$((size - used)) status=none
+    done
+    note "fs roots: $(for size in 50 250; do printf '%s MiB: %s; ' "$size" "$(du -sh --apparent-size "$work/fsroot-$size" | cut -f1)"; done)busybox root ($(basename "$rootfs")) plus a file of random data; --mem 768M"
+    log "shared vs packed root: 4 variants x $reps_boot repetitions"
+    for rep in $(seq "$reps_boot"); do
+        for v in shared50 packed50 shared250 packed250; do
+            local size=${v#shared}; size=${size#packed}
+            local arg="$work/fsroot-$size" base="$work/fsroot-$v-$rep"
+            [ "${v#shared}" != "$v" ] && arg+=",share"
+            log "  root $v $rep/$reps_boot"
+            brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -m hi -- \
+                "$kiln" run --kernel "$vmlinux" --rootfs "$arg" --mem 768M --virtiofsd "$virtiofsd" -- echo hi ||
+                { fail_note "fs roots: $v: benchrun failed"; continue; }
+            if [ "${R[marker]:-none}" = none ] || ! ok 0; then
+                fail_note "fs roots: $v run $rep: no 'hi' or status ${R[status]:-?} (see $base.out, $base.err)"; continue
+            fi
+            record "fsroot_${v}_ms" kiln "$(ms "${R[marker]}")"
+        done
+    done
+}
+
 # ------------------------------------------------------------------- run all
 if [ "$dry_run" = 1 ]; then
     dry_run_rows
@@ -1184,6 +1351,7 @@ wants snapshot && run_snapshot
 wants exec && run_exec
 wants disk && run_disk
 wants net && run_net
+wants fs && run_fs
 elapsed=$(( $(date +%s) - started ))
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 

@@ -140,6 +140,10 @@ fn check(config: &VmConfig, command: &CommandArgs, warmup: bool) -> Result<(), S
             disk.path.display()
         ));
     }
+    // Refused by the save too; here before a boot that could only fail.
+    if let Some(why) = crate::snapshot::shares_refusal(config) {
+        return Err(why);
+    }
     Ok(())
 }
 

@@ -14,9 +14,12 @@
 //!   the other: every frame that arrives on one leaves by the other;
 //! - the guest's card gets the veth's MAC, so the engine's ARP entries and
 //!   port forwarding (`-p`) still point where they did; the guest gets the
-//!   veth's addresses, gateway and routes ([`GuestInterface`], and the
-//!   kernel's `ip=` for the first IPv4 interface:
-//!   [`ContainerNetwork::kernel_ip_arg`]).
+//!   veth's addresses, gateways and routes ([`GuestInterface`]), as
+//!   `kiln.net=` words on its kernel command line that kiln's init applies
+//!   ([`ContainerNetwork::kernel_net_words`]: every interface, IPv4 and
+//!   IPv6, extra routes, on-link gateways; what the OCI runtime uses), or
+//!   the kernel's `ip=` for the first IPv4 interface
+//!   ([`ContainerNetwork::kernel_ip_arg`], for guests without kiln's init).
 //!
 //! **The veth keeps its address.** The ingress hook runs before the
 //! namespace's IP stack sees a frame and the redirect steals every frame,
@@ -51,6 +54,7 @@ use kiln_devices::virtio::net::MacAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::config::NetConfig;
+use kiln_init::net::{NetInterface, NetRoute};
 
 mod rtnetlink;
 
@@ -91,6 +95,15 @@ pub enum NetworkError {
     /// filters its traffic, and kiln does not take that over.
     #[error("interface '{0}' already has an ingress qdisc: kiln does not share it")]
     IngressInUse(String),
+    /// The interface's `kiln.net=` word would be over a bound (too many
+    /// addresses or routes, or too long), or there are too many interfaces.
+    #[error("interface '{iface}': the guest's kiln.net= word cannot say it: {reason}")]
+    NetWord {
+        /// The guest's interface.
+        iface: String,
+        /// What the bound is.
+        reason: String,
+    },
     /// The kernel's `ip=` only takes a gateway inside the interface's subnet.
     #[error("interface '{iface}': gateway {gateway} is outside {address}: the guest kernel's ip= cannot use it")]
     GatewayOffLink {
@@ -150,6 +163,16 @@ pub struct Ipv6Cidr {
     pub addr: Ipv6Addr,
     /// The prefix length (0 to 128).
     pub prefix: u8,
+}
+
+impl Ipv6Cidr {
+    /// Whether `ip` is in this address's subnet.
+    pub fn contains(&self, ip: Ipv6Addr) -> bool {
+        let mask = u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0);
+        u128::from(ip) & mask == u128::from(self.addr) & mask
+    }
 }
 
 /// A route of the container's besides the connected subnets and the
@@ -220,9 +243,11 @@ impl ContainerNetwork {
     /// IPv4 `nameservers` (the kernel shows them in /proc/net/pnp; the
     /// guest's /etc/resolv.conf is the bundle's). None without IPv4.
     ///
-    /// `ip=` configures one interface, IPv4 only, and a default route: the
-    /// other interfaces, IPv6 and [`GuestInterface::routes`] are in
-    /// [`Self::interfaces`] for a guest that applies them itself.
+    /// `ip=` configures one interface, IPv4 only, and a default route
+    /// through a gateway inside its subnet: the other interfaces, IPv6 and
+    /// [`GuestInterface::routes`] are lost. It is for guests without
+    /// kiln's init (`kiln run --cmdline`); kiln's own guests get
+    /// [`Self::kernel_net_words`].
     pub fn kernel_ip_arg(&self, nameservers: &[IpAddr]) -> Result<Option<String>, NetworkError> {
         let guests = self.interfaces.iter().map(|c| &c.guest);
         let chosen = guests
@@ -230,6 +255,35 @@ impl ContainerNetwork {
             .find(|g| g.gateway4.is_some() && !g.ipv4.is_empty())
             .or_else(|| guests.clone().find(|g| !g.ipv4.is_empty()));
         chosen.map(|g| kernel_ip_arg(g, nameservers)).transpose()
+    }
+
+    /// The `kiln.net=` words (one per interface, in card order) with which
+    /// kiln's guest init configures every interface before the command
+    /// runs: MAC, MTU, IPv4 and IPv6 addresses, default gateways and the
+    /// other routes, a gateway outside every subnet of its family marked
+    /// on-link (Calico's /32 behind 169.254.1.1). This is what the OCI
+    /// runtime puts on the command line, instead of [`Self::kernel_ip_arg`]
+    /// (not both); name servers come with the container's root
+    /// (/etc/resolv.conf). Format and bounds: [`kiln_init::net`].
+    pub fn kernel_net_words(&self) -> Result<Vec<String>, NetworkError> {
+        use kiln_init::net::MAX_INTERFACES;
+        if let Some(extra) = self.interfaces.get(MAX_INTERFACES) {
+            return Err(NetworkError::NetWord {
+                iface: extra.guest.device.clone(),
+                reason: format!("more than {MAX_INTERFACES} interfaces"),
+            });
+        }
+        self.interfaces
+            .iter()
+            .map(|c| {
+                net_interface(&c.guest)
+                    .word()
+                    .map_err(|reason| NetworkError::NetWord {
+                        iface: c.guest.device.clone(),
+                        reason,
+                    })
+            })
+            .collect()
     }
 
     /// Removes what [`connect`] made for these interfaces (each TAP, which
@@ -240,6 +294,42 @@ impl ContainerNetwork {
     pub fn disconnect(&self) -> Result<(), NetworkError> {
         let mut rtnl = Rtnl::open().map_err(netlink("*", "opening a netlink socket"))?;
         disconnect_all(&mut rtnl, &self.interfaces)
+    }
+}
+
+/// `guest` as init's [`NetInterface`]: the default routes first, each
+/// gateway on-link when no address of its family holds it (an IPv6
+/// link-local gateway is always on the link).
+fn net_interface(guest: &GuestInterface) -> NetInterface {
+    let onlink = |gateway: IpAddr| match gateway {
+        IpAddr::V4(gw) => !guest.ipv4.iter().any(|a| a.contains(gw)),
+        IpAddr::V6(gw) => !gw.is_unicast_link_local() && !guest.ipv6.iter().any(|a| a.contains(gw)),
+    };
+    let route = |destination: IpAddr, prefix, gateway: Option<IpAddr>| NetRoute {
+        destination,
+        prefix,
+        gateway,
+        onlink: gateway.is_some_and(onlink),
+    };
+    let defaults = [
+        guest
+            .gateway4
+            .map(|g| route(Ipv4Addr::UNSPECIFIED.into(), 0, Some(g.into()))),
+        guest
+            .gateway6
+            .map(|g| route(Ipv6Addr::UNSPECIFIED.into(), 0, Some(g.into()))),
+    ];
+    let others = guest
+        .routes
+        .iter()
+        .map(|r| route(r.destination, r.prefix, r.gateway));
+    NetInterface {
+        mac: guest.mac,
+        mtu: guest.mtu,
+        addresses: (guest.ipv4.iter().map(|a| (IpAddr::V4(a.addr), a.prefix)))
+            .chain(guest.ipv6.iter().map(|a| (IpAddr::V6(a.addr), a.prefix)))
+            .collect(),
+        routes: defaults.into_iter().flatten().chain(others).collect(),
     }
 }
 

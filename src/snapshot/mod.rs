@@ -109,6 +109,26 @@ pub(crate) fn save_live(
     saved
 }
 
+/// Why a VM of `config` cannot be snapshotted for its shared directories
+/// (`--share`, a shared root), if it has any: a restore would need its own
+/// virtiofsd, and the guest's open files on the share (held by the saved
+/// daemon) would be gone. `kiln snapshot create` asks before it boots.
+pub(crate) fn shares_refusal(config: &crate::VmConfig) -> Option<String> {
+    if let Some(share) = config.shares.first() {
+        return Some(format!(
+            "a VM with shared directories (--share {}) cannot be snapshotted yet",
+            share.host_dir.display()
+        ));
+    }
+    match (&config.rootfs, config.rootfs_share) {
+        (Some(dir), Some(_)) => Some(format!(
+            "a VM with a shared root (--rootfs {},share) cannot be snapshotted yet",
+            dir.display()
+        )),
+        _ => None,
+    }
+}
+
 /// Pauses `vm` and saves it into the open directory `dir`: the one save
 /// path. The saved configuration is the VM's own, with the host-side
 /// options (paths of sockets and scratch directories, ids; see
@@ -125,19 +145,8 @@ fn save_into(
     if let Some(disk) = running.config.disks.iter().find(|d| !d.read_only) {
         return Err(SnapshotError::WritableDisk(disk.path.clone()));
     }
-    // A restore would need its own virtiofsd, and the guest's open files
-    // on the share (held by the saved daemon) would be gone.
-    if let Some(share) = running.config.shares.first() {
-        return Err(SnapshotError::Unsupported(format!(
-            "a VM with shared directories (--share {}) cannot be snapshotted yet",
-            share.host_dir.display()
-        )));
-    }
-    if let (Some(dir), Some(_)) = (&running.config.rootfs, running.config.rootfs_share) {
-        return Err(SnapshotError::Unsupported(format!(
-            "a VM with a shared root (--rootfs {},share) cannot be snapshotted yet",
-            dir.display()
-        )));
+    if let Some(why) = shares_refusal(&running.config) {
+        return Err(SnapshotError::Unsupported(why));
     }
     // Without it KVM ignores `immediate_exit`: a vCPU could not complete
     // its exit without running the guest on (see `vcpu::complete_exit`).

@@ -23,6 +23,7 @@
 
 pub mod agent;
 pub mod identity;
+pub mod net;
 pub mod protocol;
 pub mod spawn;
 pub mod spec;

@@ -17,6 +17,8 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
+
+mod netconfig;
 use std::time::{Duration, Instant};
 
 /// Upper bound on waiting for the console to drain before reporting.
@@ -74,6 +76,16 @@ fn run() -> u32 {
     // In the final root, before anything runs.
     if let Err(msg) = kiln_init::share_params(&cmdline).and_then(|m| mount_shares(&m)) {
         return fail_with(&msg);
+    }
+    // The network as the host saw it (kiln.net=), before anything runs.
+    match kiln_init::net::net_params(&cmdline) {
+        Ok(interfaces) if interfaces.is_empty() => {}
+        Ok(interfaces) => {
+            if let Err(msg) = netconfig::apply(&interfaces) {
+                return fail_with(&msg);
+            }
+        }
+        Err(msg) => return fail_with(&msg),
     }
     // Sandbox mode: serve many commands over vsock (see kiln_init::agent).
     if let Some(port) = agent {

@@ -301,3 +301,108 @@ fn a_netlink_error_is_one_line_naming_the_interface() {
         "interface 'eth0': adding the ingress qdisc failed: File exists (os error 17)"
     );
 }
+
+#[test]
+fn net_words_say_every_interface_with_its_routes() {
+    let network = ContainerNetwork {
+        interfaces: planned(),
+    };
+    let words = network.kernel_net_words().unwrap();
+    assert_eq!(
+        words,
+        [
+            "kiln.net=32:4d:aa:6e:4d:f2,mtu=1400,addr=10.88.0.2/24,addr=10.88.0.9/24,\
+             addr=fd00::2/64,gw=10.88.0.1,gw=fd00::1,route=10.89.0.0/16/10.88.0.254,\
+             route=fd01::/64",
+            "kiln.net=02:00:00:00:00:04,mtu=1500,addr=10.0.9.1/24",
+        ]
+    );
+    // What init reads back is what the host meant.
+    let read = kiln_init::net::net_params(words.join(" ").as_bytes()).unwrap();
+    let meant: Vec<NetInterface> = network
+        .interfaces
+        .iter()
+        .map(|c| net_interface(&c.guest))
+        .collect();
+    assert_eq!(read, meant);
+    assert_eq!(
+        ContainerNetwork::default().kernel_net_words().unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn net_words_mark_gateways_outside_every_subnet_on_link() {
+    // Calico: a /32 with the default route and others through 169.254.1.1;
+    // IPv6 through a gateway outside the /128, and a link-local one.
+    let mut eth0 = planned().remove(0);
+    eth0.guest.ipv4 = vec![Ipv4Cidr {
+        addr: v4("10.88.0.2"),
+        prefix: 32,
+    }];
+    eth0.guest.ipv6 = vec![Ipv6Cidr {
+        addr: "fd00::2".parse().unwrap(),
+        prefix: 128,
+    }];
+    eth0.guest.gateway4 = Some(v4("169.254.1.1"));
+    eth0.guest.gateway6 = Some("fe80::1".parse().unwrap());
+    eth0.guest.routes = vec![
+        GuestRoute {
+            destination: "10.89.0.0".parse().unwrap(),
+            prefix: 16,
+            gateway: Some("169.254.1.1".parse().unwrap()),
+        },
+        GuestRoute {
+            destination: "fd02::".parse().unwrap(),
+            prefix: 64,
+            gateway: Some("fd00::1".parse().unwrap()),
+        },
+    ];
+    let network = ContainerNetwork {
+        interfaces: vec![eth0],
+    };
+    assert_eq!(
+        network.kernel_net_words().unwrap(),
+        [
+            "kiln.net=32:4d:aa:6e:4d:f2,mtu=1400,addr=10.88.0.2/32,addr=fd00::2/128,\
+          gw=169.254.1.1/onlink,gw=fe80::1,route=10.89.0.0/16/169.254.1.1/onlink,\
+          route=fd02::/64/fd00::1/onlink"
+        ]
+    );
+    // The same gateway inside a /24 is not on-link.
+    let v6 = Ipv6Cidr {
+        addr: "fd00::2".parse().unwrap(),
+        prefix: 64,
+    };
+    assert!(v6.contains("fd00::1".parse().unwrap()) && !v6.contains("fd01::1".parse().unwrap()));
+}
+
+#[test]
+fn net_words_over_a_bound_are_refused_naming_the_interface() {
+    let eth0 = planned().remove(0);
+    let mut big = eth0.clone();
+    big.guest.routes = (0..30)
+        .map(|i| GuestRoute {
+            destination: IpAddr::from([10, 100, i, 0]),
+            prefix: 24,
+            gateway: None,
+        })
+        .collect();
+    let network = ContainerNetwork {
+        interfaces: vec![big],
+    };
+    let err = network.kernel_net_words().unwrap_err().to_string();
+    assert!(
+        err.starts_with("interface 'eth0': the guest's kiln.net= word cannot say it: kiln.net=")
+            && err.ends_with("more than 24 items")
+            && !err.contains('\n'),
+        "{err}"
+    );
+    let network = ContainerNetwork {
+        interfaces: vec![eth0; 9],
+    };
+    assert_eq!(
+        network.kernel_net_words().unwrap_err().to_string(),
+        "interface 'eth0': the guest's kiln.net= word cannot say it: more than 8 interfaces"
+    );
+}
