@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -138,17 +137,8 @@ fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
     let (sandbox, connection) = match plan.network_namespace {
         None => (build(config)?, None),
         Some(namespace) => {
-            let nameservers = plan
-                .files
-                .iter()
-                .find(|f| f.destination == "/etc/resolv.conf")
-                .and_then(|f| std::fs::read_to_string(&f.source).ok())
-                .map(|text| network::parse_nameservers(&text))
-                .unwrap_or_default();
-            network::in_namespace(&namespace, || {
-                boot_in_namespace(dir, &namespace, config, &nameservers)
-            })
-            .map_err(|e| e.to_string())??
+            network::in_namespace(&namespace, || boot_in_namespace(dir, &namespace, config))
+                .map_err(|e| e.to_string())??
         }
     };
     Ok((sandbox, connection, command, listener))
@@ -156,12 +146,13 @@ fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
 
 /// Runs on a thread inside the container's network namespace: carries its
 /// interfaces into the VM and boots it there (the sandbox's VM process,
-/// which opens the TAPs by name, inherits this thread's namespace).
+/// which opens the TAPs by name, inherits this thread's namespace). The
+/// guest's init configures every interface from the `kiln.net=` words;
+/// name servers are the root's /etc/resolv.conf (the engine's, copied in).
 fn boot_in_namespace(
     dir: &std::path::Path,
     namespace: &std::path::Path,
     mut config: VmConfig,
-    nameservers: &[IpAddr],
 ) -> Result<(Sandbox, Option<Connection>), String> {
     let connection = network::connect().map_err(|e| format!("network: {e}"))?;
     let carried = connection.network().clone();
@@ -169,9 +160,10 @@ fn boot_in_namespace(
         return Ok((build(config)?, None));
     }
     config.nets = carried.nets();
-    config.extra_cmdline = carried
-        .kernel_ip_arg(nameservers)
+    let words = carried
+        .kernel_net_words()
         .map_err(|e| format!("network: {e}"))?;
+    config.extra_cmdline = Some(words.join(" "));
     let saved = state::SavedNetwork {
         namespace: namespace.to_path_buf(),
         network: carried,
