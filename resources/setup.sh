@@ -15,6 +15,7 @@ packages=(
   strace                                                       # benchmarks: syscalls per exit / at start-up
   libseccomp-dev libcap-ng-dev                                 # virtiofsd build (--share)
   podman runc containerd                                       # OCI runtime tests (tests/oci.rs): engines, runc baseline
+  containernetworking-plugins iptables                         # podman's default network (CNI bridge, -p port mapping)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -17,20 +17,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest_kernel, is_root, require, Scratch};
+use common::{guest_kernel, is_root, require, Netns, Scratch};
 use kiln::oci::state::{self, ContainerDir, Saved};
 
 /// How long a guest may take to boot and run a command here.
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
 /// What podman's containers need on these hosts (../shared/ENVIRONMENT.md).
-const RUN_OPTIONS: [&str; 6] = [
-    "--network",
-    "none",
+const RUN_OPTIONS: [&str; 4] = [
     "--ulimit",
     "nofile=20000:20000",
     "--ulimit",
     "nproc=32768:32768",
 ];
+/// The port the detached case publishes (`-p PUBLISHED_PORT:80`).
+const PUBLISHED_PORT: u16 = 8080;
+/// What the detached container serves on its port 80.
+const SERVED: &str = "served-by-the-container";
 const IMAGE: &str = "localhost/kiln-oci-busybox";
 
 fn kiln_oci() -> Command {
@@ -292,17 +294,36 @@ enum Runtime {
 }
 
 /// A private podman (its own storage, run and temporary directories) with
-/// the busybox image imported.
+/// the busybox image imported. Its containers have no network
+/// (`--network none`), or, with a network namespace of the test's own,
+/// podman's default bridge network made inside that namespace (podman runs
+/// there: its bridge, veths and iptables rules live and die with it).
 struct Podman {
     scratch: Scratch,
     runtime: Runtime,
+    /// Dropped after the containers (fields drop after `Drop::drop`).
+    netns: Option<Netns>,
 }
 
 impl Podman {
     fn new(runtime: Runtime) -> Self {
+        Self::new_with(runtime, None)
+    }
+
+    /// A podman that runs inside `netns`, its containers on its default
+    /// network.
+    fn in_netns(runtime: Runtime, netns: Netns) -> Self {
+        Self::new_with(runtime, Some(netns))
+    }
+
+    fn new_with(runtime: Runtime, netns: Option<Netns>) -> Self {
         // Short paths: conmon's attach socket lives under --runroot.
         let scratch = Scratch::new_in(Path::new("/tmp"), "oci");
-        let podman = Self { scratch, runtime };
+        let podman = Self {
+            scratch,
+            runtime,
+            netns,
+        };
         let tar = podman.scratch.path("root.tar");
         let rootfs = common::guest_rootfs();
         let status = Command::new("tar")
@@ -320,7 +341,17 @@ impl Podman {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new("podman");
+        let mut cmd = match &self.netns {
+            None => Command::new("podman"),
+            Some(netns) => {
+                // Only the network namespace: podman's mounts stay where
+                // its other calls (and the host) see them.
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{}", netns.name()))
+                    .arg("podman");
+                cmd
+            }
+        };
         cmd.arg("--root")
             .arg(self.scratch.path("storage"))
             .arg("--runroot")
@@ -352,11 +383,11 @@ impl Podman {
     /// `podman run OPTIONS RUN_OPTIONS IMAGE ARGS`, with `stdin`.
     fn run(&self, options: &[&str], args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut cmd = self.command();
-        cmd.arg("run")
-            .args(options)
-            .args(RUN_OPTIONS)
-            .arg(IMAGE)
-            .args(args);
+        cmd.arg("run").args(options).args(RUN_OPTIONS);
+        if self.netns.is_none() {
+            cmd.args(["--network", "none"]);
+        }
+        cmd.arg(IMAGE).args(args);
         let Some(input) = stdin else {
             return cmd.stdin(Stdio::null()).output().expect("podman run");
         };
@@ -416,33 +447,16 @@ fn seen(out: &Output) -> Seen {
     }
 }
 
+/// One `podman run --rm -i` per runtime: the command's output, its exit
+/// status, the engine's stdin, `-e`, `-w`, `-u UID:GID`, and its stderr.
 #[test]
-fn podman_run_rm_prints_and_exits_with_the_command_status_as_with_runc() {
+fn podman_run_rm_interactive_with_env_workdir_user_and_the_command_status_as_with_runc() {
     if !podman_prerequisites() {
         return;
     }
     let _one = common::one_vm();
-    let case = |runtime| {
-        let podman = Podman::new(runtime);
-        seen(&podman.run(&["--rm"], &["sh", "-c", "echo hi; exit 3"], None))
-    };
-    let runc = case(Runtime::Runc);
-    let kiln = case(Runtime::Kiln);
-    let expected = Seen {
-        stdout: "hi\n".into(),
-        status: Some(3),
-    };
-    assert_eq!(runc, expected, "the runc baseline");
-    assert_eq!(kiln, expected, "kiln-oci");
-}
-
-#[test]
-fn podman_run_interactive_with_env_workdir_and_user_as_with_runc() {
-    if !podman_prerequisites() {
-        return;
-    }
-    let _one = common::one_vm();
-    let script = r#"echo "$FOO $(pwd) $(id -u):$(id -g)"; cat; echo to-stderr >&2; exit 7"#;
+    let script =
+        r#"echo hi; echo "$FOO $(pwd) $(id -u):$(id -g)"; cat; echo to-stderr >&2; exit 3"#;
     let case = |runtime| {
         let podman = Podman::new(runtime);
         let options = [
@@ -465,8 +479,8 @@ fn podman_run_interactive_with_env_workdir_and_user_as_with_runc() {
     let runc = case(Runtime::Runc);
     let kiln = case(Runtime::Kiln);
     let expected = Seen {
-        stdout: "bar /tmp 1000:1000\nline1\nline2\n".into(),
-        status: Some(7),
+        stdout: "hi\nbar /tmp 1000:1000\nline1\nline2\n".into(),
+        status: Some(3),
     };
     assert_eq!(runc, expected, "the runc baseline");
     assert_eq!(kiln, expected, "kiln-oci");
@@ -485,11 +499,12 @@ fn wait_for_file(path: &Path) -> bool {
     false
 }
 
-/// Everything a detached container shows: exec (output and status), a
-/// directory volume, diff, stop (SIGTERM reaching the command's trap),
-/// logs, the exit code, rm.
+/// Everything a detached container shows: what it serves on its published
+/// port, exec (output and status), a directory volume, diff, stop (SIGTERM
+/// reaching the command's trap), logs, the exit code, rm.
 #[derive(Debug, PartialEq, Eq)]
 struct Detached {
+    served: String,
     exec: Seen,
     diff: Vec<String>,
     stop: Option<i32>,
@@ -499,24 +514,42 @@ struct Detached {
 }
 
 fn detached_case(runtime: Runtime) -> Detached {
-    let podman = Podman::new(runtime);
+    let tag = format!("oci-{}", format!("{runtime:?}").to_lowercase());
+    let podman = Podman::in_netns(runtime, Netns::create(&tag, &[]));
     let shared = podman.scratch.path("shared");
     fs::create_dir_all(&shared).unwrap();
     let volume = format!("{}:/shared", shared.display());
-    let script = "trap 'echo got TERM; exit 0' TERM; echo started; touch /shared/ready; \
-                  while true; do sleep 1; done";
+    let publish = format!("{PUBLISHED_PORT}:80");
+    // The server answers one connection; the container says it is ready
+    // once port 80 listens (0050, state 0A; tcp6 where the kernel has
+    // IPv6: nc listens on both there).
+    let script = format!(
+        "trap 'echo got TERM; exit 0' TERM; echo started; \
+         echo {SERVED} | nc -l -p 80 >/dev/null & \
+         while ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ':0050 0*:0000 0A'; \
+         do :; done; \
+         touch /shared/ready; while true; do sleep 1; done"
+    );
     let out = podman.run(
-        &["-d", "--name", "c1", "-v", &volume],
-        &["sh", "-c", script],
+        &["-d", "--name", "c1", "-v", &volume, "-p", &publish],
+        &["sh", "-c", &script],
         None,
     );
     assert!(out.status.success(), "{runtime:?} run -d: {out:?}");
     let id = text(&out.stdout).trim().to_string();
-    // The trap is set once the file exists (made through the volume).
+    // The trap is set and the server listens once the file exists (made
+    // through the volume).
     assert!(
         wait_for_file(&shared.join("ready")),
         "{runtime:?}: the container never started"
     );
+    // The published port, from podman's own namespace (its port mapping's
+    // DNAT to the container's address, then kiln's veth -> TAP redirect).
+    let served = podman
+        .netns
+        .as_ref()
+        .unwrap()
+        .on_thread(read_published_port);
     let monitor: i32 = text(
         &podman
             .cmd(&["inspect", "c1", "--format", "{{.State.Pid}}"])
@@ -561,12 +594,30 @@ fn detached_case(runtime: Runtime) -> Detached {
         assert!(!state.exists(), "{} left behind", state.display());
     }
     Detached {
+        served,
         exec,
         diff,
         stop,
         logs,
         exit_code,
         rm,
+    }
+}
+
+/// What the server behind `127.0.0.1:PUBLISHED_PORT` sends (or the error,
+/// which then differs from the runc baseline).
+fn read_published_port() -> String {
+    use std::io::Read;
+    let address = (std::net::Ipv4Addr::LOCALHOST, PUBLISHED_PORT).into();
+    let mut stream = match std::net::TcpStream::connect_timeout(&address, BOOT_LIMIT) {
+        Ok(stream) => stream,
+        Err(e) => return format!("connecting to the published port: {e}"),
+    };
+    let _ = stream.set_read_timeout(Some(BOOT_LIMIT));
+    let mut served = String::new();
+    match stream.read_to_string(&mut served) {
+        Ok(_) => served,
+        Err(e) => format!("reading the published port: {e} (after {served:?})"),
     }
 }
 
@@ -627,8 +678,18 @@ fn podman_detached_exec_diff_stop_logs_rm_as_with_runc() {
         return;
     }
     let _one = common::one_vm();
+    if !require(
+        common::have_program("nsenter") && common::have_program("iptables"),
+        "nsenter or iptables not installed (run resources/setup.sh)",
+    ) || !require(
+        Path::new("/usr/lib/cni/bridge").is_file(),
+        "CNI plugins not installed (containernetworking-plugins: run resources/setup.sh)",
+    ) {
+        return;
+    }
     let runc = detached_case(Runtime::Runc);
     let kiln = detached_case(Runtime::Kiln);
+    assert_eq!(runc.served, format!("{SERVED}\n"), "the runc baseline");
     assert_eq!(
         runc.exec,
         Seen {

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{guest_kernel, have_kvm, have_program, is_root, require, run_checked, Netns, Scratch};
 use kiln::oci::network::{self, NetworkError};
+use kiln::oci::state::{self, ContainerDir, Saved, SavedNetwork};
 use kiln::sandbox::{Command, ExitStatus, Sandbox};
 use kiln_devices::tap::TapError;
 
@@ -599,4 +600,65 @@ fn connect_errors_name_the_interface_and_leave_nothing() {
     );
     assert_eq!(eth0_state(&container), engine_left, "nothing left on eth0");
     assert!(link_exists(&container, "kilntap0"), "not ours: kept");
+}
+
+/// A container monitor that was killed (SIGKILL: no clean-up of its own)
+/// leaves its network connected and the record it saved: `kiln-oci delete`
+/// removes the TAP and the veth's filter inside the container's namespace,
+/// leaving eth0 as the engine made it; a record whose namespace the engine
+/// has already deleted is nothing to remove.
+#[test]
+fn delete_removes_the_network_a_killed_monitor_left() {
+    if !network_prerequisites() {
+        return;
+    }
+    let (_host, container) = podman_style_network("ocinet-del");
+    let engine_left = eth0_state(&container);
+    let path = Path::new("/run/netns").join(container.name());
+    let carried = network::in_namespace(&path, || network::connect().map(|c| c.keep()))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(link_exists(&container, "kilntap0"));
+    let scratch = Scratch::new("oci-delete-network");
+    let root = scratch.path("state");
+    let delete = |id: &str, namespace: &Path| {
+        let dir = ContainerDir::create(&root, id).unwrap_or_else(|e| panic!("{e}"));
+        // Its monitor has ended (pid 0: no such process).
+        let saved = Saved {
+            id: id.into(),
+            bundle: "/nonexistent".into(),
+            rootfs: "/nonexistent/rootfs".into(),
+            pid: 0,
+            pid_start: 0,
+            created: state::rfc3339_now(),
+            annotations: Default::default(),
+            started: true,
+            kernel: "/nonexistent/vmlinux".into(),
+            mem_bytes: 256 << 20,
+            vcpus: 1,
+        };
+        dir.write(&saved).unwrap_or_else(|e| panic!("{e}"));
+        let record = SavedNetwork {
+            namespace: namespace.to_path_buf(),
+            network: carried.clone(),
+        };
+        state::save_network(dir.path(), &record).unwrap_or_else(|e| panic!("{e}"));
+        drop(dir);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln-oci"))
+            .arg("--root")
+            .arg(&root)
+            .args(["delete", id])
+            .output()
+            .expect("running kiln-oci");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "delete: {stderr}"
+        );
+        assert!(!root.join(id).exists(), "the state of {id} is left");
+    };
+    delete("killed", &path);
+    assert!(!link_exists(&container, "kilntap0"), "the TAP is left");
+    assert_eq!(eth0_state(&container), engine_left);
+    delete("namespace-gone", &scratch.path("no-such-namespace"));
 }

@@ -67,6 +67,9 @@ pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result
         if outcome.is_err() {
             let _ = child.kill();
             let _ = child.wait();
+            if let Err(e) = state::release_network(dir.path()) {
+                logger.warn(&e);
+            }
         }
         outcome
     });
@@ -198,6 +201,7 @@ pub fn run(global: &GlobalArgs, logger: &Logger, args: &RunArgs) -> Result<i32, 
     if let Err(e) = start(global, id) {
         let _ = delete(
             global,
+            logger,
             &DeleteArgs {
                 force: true,
                 id: id.clone(),
@@ -212,6 +216,7 @@ pub fn run(global: &GlobalArgs, logger: &Logger, args: &RunArgs) -> Result<i32, 
     let status = wait_child(saved.pid);
     delete(
         global,
+        logger,
         &DeleteArgs {
             force: true,
             id: id.clone(),
@@ -273,7 +278,7 @@ pub fn kill(global: &GlobalArgs, args: &KillArgs) -> Result<i32, String> {
 
 /// `delete`: ends the VM (a running container only with --force) and
 /// removes the state.
-pub fn delete(global: &GlobalArgs, args: &DeleteArgs) -> Result<i32, String> {
+pub fn delete(global: &GlobalArgs, logger: &Logger, args: &DeleteArgs) -> Result<i32, String> {
     let dir = match ContainerDir::open(&global.root, &args.id) {
         Ok(dir) => dir,
         // runc: deleting what is gone succeeds with --force.
@@ -290,6 +295,10 @@ pub fn delete(global: &GlobalArgs, args: &DeleteArgs) -> Result<i32, String> {
             ))
         }
         Status::Created | Status::Running => end_monitor(&dir, &saved),
+    }
+    // A monitor that was killed left the container's network connected.
+    if let Err(e) = state::release_network(dir.path()) {
+        logger.warn(&e);
     }
     dir.remove()?;
     Ok(0)
@@ -430,7 +439,7 @@ pub fn features() -> Result<i32, String> {
         "annotations": {
             "io.github.kiln.runtime": "micro-vm",
             "io.github.kiln.terminal": "not supported yet",
-            "io.github.kiln.network": "not supported yet"
+            "io.github.kiln.network": "the network namespace's interfaces are carried into the VM (TAP + tc mirred redirect)"
         }
     });
     println!(

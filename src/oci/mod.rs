@@ -60,7 +60,7 @@ pub fn main() -> i32 {
         OciCommand::Run(args) => commands::run(global, &logger, &args),
         OciCommand::State(args) => commands::state(global, &args.id),
         OciCommand::Kill(args) => commands::kill(global, &args),
-        OciCommand::Delete(args) => commands::delete(global, &args),
+        OciCommand::Delete(args) => commands::delete(global, &logger, &args),
         OciCommand::Exec(args) => exec::exec(global, &args),
         OciCommand::Ps(args) => commands::ps(global, &args),
         OciCommand::List(args) => commands::list(global, &args),

@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use super::cli::{GlobalArgs, MonitorArgs};
 use super::control::{self, Reply, Request};
 use super::log::Logger;
+use super::network::{self, Connection};
 use super::spec::{self, ProcessSpec};
 use super::state;
 use crate::config::{parse_hostname, RootShare, VmConfig};
@@ -53,7 +54,7 @@ pub fn run(global: &GlobalArgs, logger: &Logger, args: &MonitorArgs) -> i32 {
     // SAFETY: fcntl on a descriptor this process owns.
     unsafe { libc::fcntl(ready.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     let dir = global.root.join(&args.id);
-    let (sandbox, command, listener) = match boot(&dir, logger) {
+    let (sandbox, connection, command, listener) = match boot(&dir, logger) {
         Ok(booted) => booted,
         Err(e) => {
             logger.error(&e);
@@ -86,16 +87,26 @@ pub fn run(global: &GlobalArgs, logger: &Logger, args: &MonitorArgs) -> i32 {
             logger.warn(&format!("ending the VM: {e}"));
         }
     }
+    // After the VM: its TAPs are free to go. A failure leaves the saved
+    // network for `delete` to try again.
+    if let Some(connection) = connection {
+        match connection.disconnect() {
+            Ok(()) => state::forget_network(&dir),
+            Err(e) => logger.warn(&format!("removing the container's network: {e}")),
+        }
+    }
     let _ = std::fs::remove_file(state::socket_path(&dir));
     status
 }
 
+/// The container's VM and, when the engine gave it a network, that network
+/// carried into it (disconnected when dropped).
+type Booted = (Sandbox, Option<Connection>, Command, UnixListener);
+
 /// Boots the container's VM: one `VmConfig` from the saved settings and
-/// the bundle, through the sandbox builder.
-fn boot(
-    dir: &std::path::Path,
-    logger: &Logger,
-) -> Result<(Sandbox, Command, UnixListener), String> {
+/// the bundle, through the sandbox builder; with a network namespace, in
+/// that namespace, with its interfaces carried in.
+fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
     let saved = state::read_saved(dir)?;
     let spec = spec::load(&saved.bundle)?;
     let plan = spec.plan(&saved.bundle)?;
@@ -119,16 +130,63 @@ fn boot(
         .map(parse_hostname)
         .transpose()
         .map_err(|e| format!("hostname: {e}"))?;
-    let mut builder = SandboxBuilder::from(config);
-    if let Some(kiln) = kiln_beside_us() {
-        builder = builder.kiln_binary(kiln);
-    }
     let socket = state::socket_path(dir);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .map_err(|e| format!("binding the control socket {}: {e}", socket.display()))?;
-    let sandbox = builder.build().map_err(|e| boot_error(&e))?;
-    Ok((sandbox, command, listener))
+    let (sandbox, connection) = match plan.network_namespace {
+        None => (build(config)?, None),
+        Some(namespace) => {
+            network::in_namespace(&namespace, || boot_in_namespace(dir, &namespace, config))
+                .map_err(|e| e.to_string())??
+        }
+    };
+    Ok((sandbox, connection, command, listener))
+}
+
+/// Runs on a thread inside the container's network namespace: carries its
+/// interfaces into the VM and boots it there (the sandbox's VM process,
+/// which opens the TAPs by name, inherits this thread's namespace). The
+/// guest's init configures every interface from the `kiln.net=` words;
+/// name servers are the root's /etc/resolv.conf (the engine's, copied in).
+fn boot_in_namespace(
+    dir: &std::path::Path,
+    namespace: &std::path::Path,
+    mut config: VmConfig,
+) -> Result<(Sandbox, Option<Connection>), String> {
+    let connection = network::connect().map_err(|e| format!("network: {e}"))?;
+    let carried = connection.network().clone();
+    if carried.interfaces.is_empty() {
+        return Ok((build(config)?, None));
+    }
+    config.nets = carried.nets();
+    let words = carried
+        .kernel_net_words()
+        .map_err(|e| format!("network: {e}"))?;
+    config.extra_cmdline = Some(words.join(" "));
+    let saved = state::SavedNetwork {
+        namespace: namespace.to_path_buf(),
+        network: carried,
+    };
+    state::save_network(dir, &saved)?;
+    match build(config) {
+        Ok(sandbox) => Ok((sandbox, Some(connection))),
+        Err(e) => {
+            // The connection goes with its drop; the record with it.
+            drop(connection);
+            state::forget_network(dir);
+            Err(e)
+        }
+    }
+}
+
+/// Builds the VM of `config` with the `kiln` beside kiln-oci.
+fn build(config: VmConfig) -> Result<Sandbox, String> {
+    let mut builder = SandboxBuilder::from(config);
+    if let Some(kiln) = kiln_beside_us() {
+        builder = builder.kiln_binary(kiln);
+    }
+    builder.build().map_err(|e| boot_error(&e))
 }
 
 fn boot_error(e: &SandboxError) -> String {

@@ -33,6 +33,26 @@ pub struct Spec {
     /// Annotations (reported by `state`).
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// `linux` (its namespaces).
+    pub linux: Option<LinuxSpec>,
+}
+
+/// `linux`, the part kiln-oci reads.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct LinuxSpec {
+    /// The namespaces the container joins or gets.
+    #[serde(default)]
+    pub namespaces: Vec<NamespaceSpec>,
+}
+
+/// `linux.namespaces[]`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct NamespaceSpec {
+    /// network, mount, pid, ...
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// An existing namespace to join (the engine's); none: a new one.
+    pub path: Option<PathBuf>,
 }
 
 /// `process` (also `exec --process`'s file).
@@ -137,6 +157,10 @@ pub struct ContainerPlan {
     pub skipped_mounts: Vec<String>,
     /// The guest's hostname.
     pub hostname: Option<String>,
+    /// The network namespace the engine made for the container (the
+    /// `network` namespace's path): its interfaces are carried into the
+    /// VM. None (a new, empty namespace, as `--network none`): no card.
+    pub network_namespace: Option<PathBuf>,
 }
 
 /// Reads `bundle`/config.json. Every error is one line naming the problem.
@@ -198,6 +222,13 @@ impl Spec {
             files: Vec::new(),
             skipped_mounts: Vec::new(),
             hostname: self.hostname.clone().filter(|h| !h.is_empty()),
+            network_namespace: self
+                .linux
+                .iter()
+                .flat_map(|l| &l.namespaces)
+                .find(|n| n.kind == "network")
+                .and_then(|n| n.path.clone())
+                .filter(|p| !p.as_os_str().is_empty()),
         };
         for mount in &self.mounts {
             let dest = mount.destination.trim_end_matches('/');
@@ -278,6 +309,25 @@ mod tests {
             let e = check_version(bad).unwrap_err();
             assert!(e.contains("unsupported OCI version"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_network_namespace_is_the_network_entry_with_a_path() {
+        let bundle = std::env::temp_dir().join(format!("kiln-spec-netns-{}", std::process::id()));
+        std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        let plan = |linux: &str| {
+            let json = format!(r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}}{linux}}}"#);
+            let spec: Spec = serde_json::from_str(&json).unwrap();
+            spec.plan(&bundle).unwrap().network_namespace
+        };
+        let engine_made = r#","linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/run/netns/cni-1"}]}"#;
+        assert_eq!(plan(engine_made), Some(PathBuf::from("/run/netns/cni-1")));
+        // A new, empty namespace (--network none), none at all, no linux.
+        let fresh = r#","linux":{"namespaces":[{"type":"network"},{"type":"mount","path":"/x"}]}"#;
+        assert_eq!(plan(fresh), None);
+        assert_eq!(plan(r#","linux":{}"#), None);
+        assert_eq!(plan(""), None);
+        std::fs::remove_dir_all(&bundle).unwrap();
     }
 
     #[test]

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::network::{self, ContainerNetwork, NetworkError};
+
 /// The OCI runtime-spec version kiln-oci reports.
 pub const OCI_VERSION: &str = "1.0.2";
 
@@ -184,6 +186,66 @@ impl ContainerDir {
         std::fs::remove_dir_all(&self.path)
             .map_err(|e| format!("removing {}: {e}", self.path.display()))
     }
+}
+
+/// The container's network as its monitor carried it into the VM (written
+/// before the VM boots, removed once the monitor has disconnected it), so
+/// that `delete` can remove the TAPs and filters of a monitor that died.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SavedNetwork {
+    /// The container's network namespace (config.json's path).
+    pub namespace: PathBuf,
+    /// What was carried.
+    pub network: ContainerNetwork,
+}
+
+/// Where a container directory keeps its [`SavedNetwork`].
+fn network_path(dir: &Path) -> PathBuf {
+    dir.join("network.json")
+}
+
+/// Saves `network` in container directory `dir` (atomically: the monitor
+/// writes it while `create` holds the directory's lock, so not through
+/// [`ContainerDir`]).
+pub fn save_network(dir: &Path, network: &SavedNetwork) -> Result<(), String> {
+    let path = network_path(dir);
+    let tmp = dir.join("network.json.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut file = File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec(network)?)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)
+    };
+    write().map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Forgets the saved network of `dir` (its monitor disconnected it).
+pub fn forget_network(dir: &Path) {
+    let _ = std::fs::remove_file(network_path(dir));
+}
+
+/// Removes what a monitor that did not end cleanly left of the
+/// container's network (nothing when it disconnected it itself), inside
+/// the container's namespace; a namespace the engine has already deleted
+/// took the TAPs with it.
+pub fn release_network(dir: &Path) -> Result<(), String> {
+    let path = network_path(dir);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    let saved: SavedNetwork = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+    match network::in_namespace(&saved.namespace, || saved.network.disconnect()) {
+        Ok(Ok(())) => {}
+        // Gone (ENOENT), or its bind mount is (EINVAL: a plain file).
+        Err(NetworkError::Namespace { source, .. })
+            if matches!(source.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) => {}
+        Ok(Err(e)) | Err(e) => return Err(format!("removing the container's network: {e}")),
+    }
+    forget_network(dir);
+    Ok(())
 }
 
 /// The control socket's path in a container directory.
