@@ -25,6 +25,8 @@ if echo new > /srv/ro/new.txt 2>/dev/null; then echo ro_create=succeeded; else e
 if echo more >> /srv/ro/keep.txt 2>/dev/null; then echo ro_append=succeeded; else echo ro_append=failed; fi
 mount -o remount,rw /srv/ro && echo remount_rw=ok
 if echo new > /srv/ro/new.txt 2>/dev/null; then echo rw_remount_create=succeeded; else echo rw_remount_create=failed; fi
+echo through > /rw-file && echo rw_root_write=ok
+grep -q '^kiln-share2 / virtiofs rw' /proc/mounts && echo rw_root_mount=rw
 echo done=1
 "#;
 
@@ -35,7 +37,9 @@ fn have_virtiofsd() -> bool {
     )
 }
 
-/// One boot with a writable and a read-only share.
+/// One boot with a writable and a read-only share, on a read-write shared
+/// root (`--rootfs DIR,share,rw`: `/` is the share itself, the guest's
+/// write is on the host). The root's tag follows the two shares'.
 #[test]
 fn guest_reads_and_writes_shared_directories() {
     if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
@@ -43,6 +47,8 @@ fn guest_reads_and_writes_shared_directories() {
     }
     let _one = common::one_vm();
     let scratch = Scratch::new("share-guest");
+    let root = scratch.path("root");
+    common::build_busybox_root(&root);
     let rw = scratch.path("rw");
     let ro = scratch.path("ro");
     fs::create_dir_all(rw.join("deep/dir")).unwrap();
@@ -55,7 +61,7 @@ fn guest_reads_and_writes_shared_directories() {
         .arg("--kernel")
         .arg(guest_kernel("vmlinux").unwrap())
         .arg("--rootfs")
-        .arg(guest_rootfs())
+        .arg(format!("{},share,rw", root.display()))
         .args(["--timeout", TIMEOUT])
         .arg("--share")
         .arg(format!("{}:/mnt/rw", rw.display()))
@@ -99,6 +105,20 @@ fn guest_reads_and_writes_shared_directories() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, ["keep.txt"], "the read-only share changed");
+
+    // The read-write shared root: `/` is the share, mounted rw, and the
+    // guest's write is on the host.
+    assert_eq!(get("rw_root_mount"), "rw", "/ is not the rw virtio-fs root");
+    assert_eq!(
+        get("rw_root_write"),
+        "ok",
+        "writing / of the rw shared root"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("rw-file")).unwrap(),
+        "through\n",
+        "the rw shared root's write is not on the host"
+    );
 }
 
 const SHARED_ROOT_SCRIPT: &str = r#"
@@ -125,27 +145,11 @@ fn big_pattern() -> Vec<u8> {
         .collect()
 }
 
-/// `kiln run --rootfs DIR,share[,rw]` on a busybox root with a marker and
-/// a 64 MiB file; returns kiln's output.
-fn run_on_shared_root(root: &Path, options: &str, script: &str) -> std::process::Output {
-    kiln_cli()
-        .arg("run")
-        .arg("--kernel")
-        .arg(guest_kernel("vmlinux").unwrap())
-        .arg("--rootfs")
-        .arg(format!("{}{options}", root.display()))
-        .args(["--timeout", TIMEOUT])
-        .args(["--user", "0"])
-        .args(["--", "sh", "-c", script])
-        .output()
-        .expect("running kiln")
-}
-
 /// A root booted from a shared busybox directory (`--rootfs DIR,share`):
 /// the command runs in it, reads a marker and a 64 MiB file (hash equal
 /// to the host's) through the share; its writes are seen by later
 /// commands in the VM (a RAM overlay) and the host directory is left as it
-/// was. With `,rw` the guest's write is on the host.
+/// was. (`,share,rw` boots in `guest_reads_and_writes_shared_directories`.)
 #[test]
 fn a_shared_root_runs_commands_and_keeps_the_host_directory() {
     if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
@@ -160,7 +164,17 @@ fn a_shared_root_runs_commands_and_keeps_the_host_directory() {
     fs::write(root.join("big.bin"), &big).unwrap();
     let before = common::tree_listing(&root);
 
-    let out = run_on_shared_root(&root, ",share", SHARED_ROOT_SCRIPT);
+    let out = kiln_cli()
+        .arg("run")
+        .arg("--kernel")
+        .arg(guest_kernel("vmlinux").unwrap())
+        .arg("--rootfs")
+        .arg(format!("{},share", root.display()))
+        .args(["--timeout", TIMEOUT])
+        .args(["--user", "0"])
+        .args(["--", "sh", "-c", SHARED_ROOT_SCRIPT])
+        .output()
+        .expect("running kiln");
     let kv = common::guest_report(&out);
     let get = |k: &str| kv.get(k).map(String::as_str).unwrap_or("<missing>");
     assert_eq!(out.status.code(), Some(0), "guest script status");
@@ -177,72 +191,6 @@ fn a_shared_root_runs_commands_and_keeps_the_host_directory() {
     assert_eq!(get("write"), "ok");
     assert_eq!(get("newfile"), "guest-wrote");
     assert_eq!(get("root_x"), "in-root");
-
-    let out = run_on_shared_root(
-        &root,
-        ",share,rw",
-        "echo through > /rw-file && grep -q '^kiln-share0 / virtiofs rw' /proc/mounts && echo done=1",
-    );
-    let kv = common::guest_report(&out);
-    assert_eq!(out.status.code(), Some(0), "guest status");
-    assert_eq!(kv.get("done").map(String::as_str), Some("1"));
-    assert_eq!(
-        fs::read_to_string(root.join("rw-file")).unwrap(),
-        "through\n"
-    );
-}
-
-/// The sandbox builder's `.shared_rootfs()` (the VM in its own jailed
-/// process): kiln's agent runs from the initramfs after the switch into
-/// the shared root, commands read the root's files and write to its RAM
-/// overlay, and the host directory is left as it was.
-#[test]
-fn sandbox_boots_a_shared_root() {
-    use kiln::config::RootShare;
-    use kiln::sandbox::{Command, Sandbox};
-    if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
-        return;
-    }
-    let _one = common::one_vm();
-    let scratch = Scratch::new("share-sandbox-root");
-    let root = scratch.path("root");
-    common::build_busybox_root(&root);
-    fs::write(root.join("etc/kiln-marker"), "sandbox-root\n").unwrap();
-    let before = common::tree_listing(&root);
-    let sandbox = Sandbox::builder()
-        .kernel(guest_kernel("vmlinux").unwrap())
-        .shared_rootfs(&root, RootShare::Overlay)
-        .timeout(std::time::Duration::from_secs(1200))
-        .boot_timeout(std::time::Duration::from_secs(600))
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let result = sandbox
-        .exec(
-            Command::new("sh")
-                .arg("-c")
-                .arg("cat /etc/kiln-marker; echo written > /etc/new && cat /etc/new && grep -c '^overlay / overlay ' /proc/mounts")
-                .uid(0),
-        )
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&result.stdout),
-        "sandbox-root\nwritten\n1\n"
-    );
-    // No snapshot of a shared root (the save refuses it; the VM runs on).
-    let err = sandbox
-        .snapshot(scratch.path("snap"))
-        .expect_err("a snapshot of a shared root was taken")
-        .to_string();
-    assert!(
-        err.contains("a VM with a shared root (--rootfs ") && err.contains("cannot be snapshotted"),
-        "{err}"
-    );
-    sandbox.shutdown().unwrap();
-    assert_eq!(
-        common::tree_listing(&root),
-        before,
-        "the sandbox's shared root changed on the host"
-    );
 }
 
 /// The pids of the virtiofsd processes whose command line mentions `dir`.
@@ -259,19 +207,26 @@ fn virtiofsd_serving(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
-/// The sandbox API's `.share()`, with the VM in a jailed process of its
-/// own (the default isolation): commands see the shares, the host sees
-/// what they write, and the shares' virtiofsd processes end with the
-/// sandbox.
+/// The sandbox builder's `.shared_rootfs()` and `.share()` in one sandbox
+/// (the VM in its own jailed process, the default isolation): kiln's agent
+/// runs from the initramfs after the switch into the shared root, commands
+/// read the root's files and write to its RAM overlay, and the host
+/// directory is left as it was; commands see the shares (a ro and a rw
+/// one), the host sees what they write, and the shares' virtiofsd
+/// processes end with the sandbox.
 #[test]
-fn sandbox_shares_reach_its_commands() {
-    use kiln::config::ShareConfig;
+fn sandbox_boots_a_shared_root_with_shares() {
+    use kiln::config::{RootShare, ShareConfig};
     use kiln::sandbox::{Command, Sandbox};
     if !common::real_kernel_prerequisites(&[]) || !have_virtiofsd() {
         return;
     }
     let _one = common::one_vm();
     let scratch = Scratch::new("share-sandbox");
+    let root = scratch.path("root");
+    common::build_busybox_root(&root);
+    fs::write(root.join("etc/kiln-marker"), "sandbox-root\n").unwrap();
+    let before = common::tree_listing(&root);
     let (data, out) = (scratch.path("data"), scratch.path("out"));
     fs::create_dir_all(&data).unwrap();
     fs::create_dir_all(&out).unwrap();
@@ -281,7 +236,7 @@ fn sandbox_shares_reach_its_commands() {
     };
     let sandbox = Sandbox::builder()
         .kernel(guest_kernel("vmlinux").unwrap())
-        .rootfs(guest_rootfs())
+        .shared_rootfs(&root, RootShare::Overlay)
         .timeout(std::time::Duration::from_secs(1200))
         .boot_timeout(std::time::Duration::from_secs(600))
         .share(share(&data, "/data,ro"))
@@ -295,6 +250,23 @@ fn sandbox_shares_reach_its_commands() {
         "a virtiofsd per share"
     );
     let daemons = [data_daemon, out_daemon].concat();
+
+    // The shared root, under its overlay.
+    let result = sandbox
+        .exec(
+            Command::new("sh")
+                .arg("-c")
+                .arg("cat /etc/kiln-marker; echo written > /etc/new && cat /etc/new && grep -c '^overlay / overlay ' /proc/mounts")
+                .uid(0),
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&result.stdout),
+        "sandbox-root\nwritten\n1\n",
+        "the sandbox's shared root"
+    );
+
+    // The shares.
     let result = sandbox
         .exec(
             Command::new("sh")
@@ -303,12 +275,19 @@ fn sandbox_shares_reach_its_commands() {
                 .uid(0),
         )
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&result.stdout), "host-data\n");
+    assert_eq!(
+        String::from_utf8_lossy(&result.stdout),
+        "host-data\n",
+        "the sandbox's ro share"
+    );
     assert_eq!(
         fs::read_to_string(out.join("result.txt")).unwrap(),
-        "via-sandbox\n"
+        "via-sandbox\n",
+        "the sandbox's rw share"
     );
-    // No snapshot of a VM with shares (the save refuses it).
+
+    // No snapshot of a VM with shares (the save refuses it; the VM runs
+    // on). With shares and a shared root, the refusal names the shares.
     let err = sandbox
         .snapshot(scratch.path("snap"))
         .expect_err("a snapshot of a VM with shares was taken")
@@ -325,6 +304,11 @@ fn sandbox_shares_reach_its_commands() {
             "virtiofsd {pid} outlived its sandbox"
         );
     }
+    assert_eq!(
+        common::tree_listing(&root),
+        before,
+        "the sandbox's shared root changed on the host"
+    );
 }
 
 /// virtiofsd killed under a running guest: kiln logs it, the guest's
