@@ -165,11 +165,14 @@ fn create_without_a_kernel_says_how_to_configure_one() {
 }
 
 #[test]
-fn create_refuses_a_terminal_until_supported() {
+fn create_of_a_terminal_without_a_console_socket_is_refused() {
     let cli = Cli::new("oci-terminal");
     let bundle = cli.bundle(Some(&config_json("1.1.0", true)));
     let out = cli.run(&["create", "--bundle", bundle.to_str().unwrap(), "c1"]);
-    cli.assert_fails(&out, "terminal not supported yet");
+    cli.assert_fails(
+        &out,
+        "cannot allocate a terminal without --console-socket (process.terminal is true)",
+    );
 }
 
 #[test]
@@ -484,6 +487,121 @@ fn podman_run_rm_interactive_with_env_workdir_user_and_the_command_status_as_wit
     };
     assert_eq!(runc, expected, "the runc baseline");
     assert_eq!(kiln, expected, "kiln-oci");
+}
+
+/// A pty of the test's own, as a person's terminal: its master read by
+/// the test, its slave podman's stdin, stdout and stderr.
+struct TestTerminal {
+    master: fs::File,
+    slave: fs::File,
+}
+
+impl TestTerminal {
+    fn open(rows: u16, cols: u16) -> Self {
+        use std::os::fd::FromRawFd;
+        let (mut master, mut slave) = (-1, -1);
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes the two descriptors; the name pointer
+        // and termios are null (not wanted), `size` a valid winsize.
+        let r = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty just returned these descriptors, owned here alone.
+        unsafe {
+            Self {
+                master: fs::File::from_raw_fd(master),
+                slave: fs::File::from_raw_fd(slave),
+            }
+        }
+    }
+
+    /// Runs `cmd` on the terminal; returns everything it showed (until
+    /// every holder of the slave has closed it) and its status. Fails
+    /// past `BOOT_LIMIT`.
+    fn run(self, mut cmd: Command) -> (String, Option<i32>) {
+        use std::io::Read;
+        let stdio = || Stdio::from(self.slave.try_clone().unwrap());
+        let mut child = cmd
+            .stdin(stdio())
+            .stdout(stdio())
+            .stderr(stdio())
+            .spawn()
+            .expect("spawning on the terminal");
+        // The command holds its copies of the slave until dropped.
+        drop(cmd);
+        drop(self.slave);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut master = self.master;
+        std::thread::spawn(move || {
+            let mut shown = Vec::new();
+            let mut buf = [0u8; 4096];
+            // EIO once the last slave descriptor is closed.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                shown.extend_from_slice(&buf[..n]);
+            }
+            let _ = tx.send(shown);
+        });
+        let shown = match rx.recv_timeout(BOOT_LIMIT) {
+            Ok(shown) => text(&shown),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the terminal was still open after {BOOT_LIMIT:?}");
+            }
+        };
+        let status = child.wait().unwrap().code();
+        eprintln!("status {status:?}, the terminal showed:\n{shown}");
+        (shown, status)
+    }
+}
+
+/// `podman run -it` on a terminal of the test's own, with each runtime:
+/// the command's stdio is a terminal in the container (`tty`), of the
+/// size of the test's (`stty size`), and its status is podman's.
+#[test]
+fn podman_run_it_gives_a_terminal_of_the_engines_size_as_with_runc() {
+    if !podman_prerequisites() {
+        return;
+    }
+    let _one = common::one_vm();
+    let (rows, cols) = (37, 111);
+    let case = |runtime| {
+        let podman = Podman::new(runtime);
+        let mut cmd = podman.command();
+        cmd.args(["run", "--rm", "-it"])
+            .args(RUN_OPTIONS)
+            .args(["--network", "none", IMAGE])
+            .args(["sh", "-c", "tty; stty size; exit 7"]);
+        let (shown, status) = TestTerminal::open(rows, cols).run(cmd);
+        let lines: Vec<&str> = shown.lines().map(str::trim).collect();
+        let tty = lines.iter().find(|l| l.starts_with("/dev/")).copied();
+        let is_pts = tty.is_some_and(|t| {
+            t.strip_prefix("/dev/pts/")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        let size = format!("{rows} {cols}");
+        (
+            is_pts,
+            lines.contains(&size.as_str()),
+            lines.contains(&"not a tty"),
+            status,
+        )
+    };
+    let expected = (true, true, false, Some(7));
+    assert_eq!(case(Runtime::Runc), expected, "the runc baseline");
+    assert_eq!(case(Runtime::Kiln), expected, "kiln-oci");
 }
 
 /// Waits for `path` to exist (a file the container makes in a shared

@@ -108,7 +108,7 @@ pub struct CreateArgs {
     /// Write the pid of the container's monitor process here.
     #[arg(long = "pid-file")]
     pub pid_file: Option<PathBuf>,
-    /// Where a terminal's master would be sent (terminals are not supported yet).
+    /// The Unix socket the terminal's master is sent to (process.terminal).
     #[arg(long = "console-socket")]
     pub console_socket: Option<PathBuf>,
     /// Accepted for runc compatibility.
@@ -177,10 +177,10 @@ pub struct ExecArgs {
     /// Write the pid of the process that waits for the command here.
     #[arg(long = "pid-file")]
     pub pid_file: Option<PathBuf>,
-    /// Where a terminal's master would be sent (terminals are not supported yet).
+    /// The Unix socket the terminal's master is sent to (with --tty).
     #[arg(long = "console-socket")]
     pub console_socket: Option<PathBuf>,
-    /// Run the command on a terminal (not supported yet).
+    /// Run the command on a terminal (its master goes to --console-socket).
     #[arg(short, long)]
     pub tty: bool,
     /// The working directory in the container.
@@ -256,6 +256,10 @@ pub struct MonitorArgs {
     /// The write end of `create`'s readiness pipe.
     #[arg(long = "ready-fd")]
     pub ready_fd: i32,
+    /// The container's terminal (the slave of the pty whose master went
+    /// to the engine), when process.terminal is true.
+    #[arg(long = "terminal-fd")]
+    pub terminal_fd: Option<i32>,
     /// The container id.
     pub id: String,
 }

@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Child;
@@ -14,7 +14,7 @@ use super::cli::{CreateArgs, DeleteArgs, GlobalArgs, KillArgs, ListArgs, PsArgs,
 use super::control::{self, Reply, Request};
 use super::log::Logger;
 use super::state::{self, ContainerDir, Saved, Status};
-use super::{settings, signal, spec};
+use super::{console, settings, signal, spec};
 
 /// How long `delete` waits for a monitor it asked to end before killing it.
 const MONITOR_END_GRACE: Duration = Duration::from_secs(30);
@@ -23,14 +23,13 @@ const MONITOR_END_GRACE: Duration = Duration::from_secs(30);
 /// up and writes the pid file. Leaves no state behind when it fails.
 pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result<i32, String> {
     state::check_id(&args.id)?;
-    if args.console_socket.is_some() {
-        return Err("terminal not supported yet (--console-socket)".into());
-    }
     let bundle = std::path::absolute(&args.bundle)
         .map_err(|e| format!("bundle {}: {e}", args.bundle.display()))?;
     let spec = spec::load(&bundle)?;
     let plan = spec.plan(&bundle)?;
-    spec.process()?.command()?;
+    let process = spec.process()?;
+    process.command()?;
+    let console_socket = console::socket_for(process.terminal, args.console_socket.as_deref())?;
     let settings = settings::resolve(global)?;
     let dir = ContainerDir::create(&global.root, &args.id)?;
     let mut saved = Saved {
@@ -47,10 +46,22 @@ pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result
         vcpus: settings.vcpus,
     };
     let result = dir.write(&saved).and_then(|()| {
+        let terminal = console_socket.map(console::hand_over).transpose()?;
         let mut argv = global_argv(global);
-        argv.extend(["monitor".into(), "--ready-fd".into()]);
+        argv.push("monitor".into());
+        if let Some(terminal) = &terminal {
+            argv.extend([
+                "--terminal-fd".into(),
+                terminal.as_raw_fd().to_string().into(),
+            ]);
+        }
+        argv.push("--ready-fd".into());
         let id = args.id.clone();
-        let (mut child, ready) = spawn_detached(argv, move |fd| vec![fd.into(), id.into()])?;
+        let inherited = terminal.as_ref().map(|t| t.as_raw_fd());
+        let (mut child, ready) =
+            spawn_detached(argv, inherited, move |fd| vec![fd.into(), id.into()])?;
+        // The monitor has its own copy.
+        drop(terminal);
         let outcome = (|| {
             let pid = child.id() as i32;
             let (start, _) =
@@ -106,10 +117,12 @@ pub(super) fn global_argv(global: &GlobalArgs) -> Vec<OsString> {
 /// Starts this program again with `argv` plus what `rest` makes of the
 /// readiness pipe's descriptor number, in a session of its own (no
 /// terminal signals from the engine's session), with this process's
-/// stdio; returns it and the pipe's read end. The child writes `ok` or
-/// its one-line error to the pipe.
+/// stdio and `inherited` (a descriptor named in `argv`); returns it and
+/// the pipe's read end. The child writes `ok` or its one-line error to
+/// the pipe.
 pub(super) fn spawn_detached(
     mut argv: Vec<OsString>,
+    inherited: Option<RawFd>,
     rest: impl FnOnce(String) -> Vec<OsString>,
 ) -> Result<(Child, File), String> {
     let exe = std::env::current_exe().map_err(|e| format!("finding kiln-oci itself: {e}"))?;
@@ -128,13 +141,15 @@ pub(super) fn spawn_detached(
     let mut command = std::process::Command::new(exe);
     command.args(argv);
     // SAFETY: the closure runs in the child between fork and exec and only
-    // makes async-signal-safe calls (setsid, fcntl) on a descriptor the
+    // makes async-signal-safe calls (setsid, fcntl) on descriptors the
     // child inherited.
     unsafe {
         command.pre_exec(move || {
             libc::setsid();
-            if libc::fcntl(write_fd, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
+            for fd in std::iter::once(write_fd).chain(inherited) {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -438,7 +453,7 @@ pub fn features() -> Result<i32, String> {
         },
         "annotations": {
             "io.github.kiln.runtime": "micro-vm",
-            "io.github.kiln.terminal": "not supported yet",
+            "io.github.kiln.terminal": "process.terminal: a host pty (master sent to --console-socket) copied to a guest terminal, its size followed",
             "io.github.kiln.network": "the network namespace's interfaces are carried into the VM (TAP + tc mirred redirect)"
         }
     });

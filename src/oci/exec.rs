@@ -7,24 +7,23 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
 
 use super::cli::{ExecArgs, GlobalArgs};
 use super::commands::{spawn_detached, wait_ready, write_pid_file};
+use super::console;
 use super::control::{self, Reply, Request};
 use super::spec::{self, ProcessSpec};
 use super::state::{ContainerDir, Status};
 
 /// Runs `kiln-oci exec`.
 pub fn exec(global: &GlobalArgs, args: &ExecArgs) -> Result<i32, String> {
-    if args.tty || args.console_socket.is_some() {
-        return Err("terminal not supported yet (exec --tty)".into());
-    }
     let saved = ContainerDir::open(&global.root, &args.id)?.read()?;
     if saved.status() == Status::Stopped {
         return Err("cannot exec in a stopped container".into());
     }
-    let process = match &args.process {
+    let mut process = match &args.process {
         Some(path) => {
             let text = std::fs::read(path)
                 .map_err(|e| format!("reading the process file {}: {e}", path.display()))?;
@@ -33,15 +32,22 @@ pub fn exec(global: &GlobalArgs, args: &ExecArgs) -> Result<i32, String> {
         }
         None => from_arguments(&saved.bundle, args)?,
     };
+    process.terminal |= args.tty;
     // Refused here, with one line, rather than by the monitor.
     process.command()?;
+    let console_socket = console::socket_for(process.terminal, args.console_socket.as_deref())?;
     if args.detach && args.ready_fd.is_none() {
         return detach(args);
     }
     // SAFETY: the waiter's readiness descriptor, left open by its parent
     // for this process alone.
     let mut ready = args.ready_fd.map(|fd| unsafe { File::from_raw_fd(fd) });
-    let result = run(&global.root.join(&args.id), process, &mut ready);
+    let result = run(
+        &global.root.join(&args.id),
+        process,
+        console_socket,
+        &mut ready,
+    );
     if let (Err(e), Some(ready)) = (&result, ready.as_mut()) {
         let _ = writeln!(ready, "{e}");
     }
@@ -56,7 +62,7 @@ fn from_arguments(bundle: &std::path::Path, args: &ExecArgs) -> Result<ProcessSp
     }
     let mut process = spec::load(bundle)?.process()?.clone();
     process.args = args.command.clone();
-    process.terminal = false;
+    process.terminal = false; // --tty says
     for entry in &args.env {
         let key = entry.split('=').next().unwrap_or_default();
         process
@@ -93,7 +99,7 @@ fn detach(args: &ExecArgs) -> Result<i32, String> {
         .ok_or("cannot find the exec command in the arguments")?;
     let (before, after) = argv.split_at(at + 1);
     let after = after.to_vec();
-    let (mut child, ready) = spawn_detached(before.to_vec(), move |fd| {
+    let (mut child, ready) = spawn_detached(before.to_vec(), None, move |fd| {
         let mut rest: Vec<OsString> = vec!["--ready-fd".into(), fd.into()];
         rest.extend(after);
         rest
@@ -110,15 +116,22 @@ fn detach(args: &ExecArgs) -> Result<i32, String> {
 }
 
 /// Asks the monitor of the container in `dir` to run `process` with this
-/// process's stdio; returns its status.
+/// process's stdio, or on a terminal whose master goes to
+/// `console_socket`; returns its status.
 fn run(
     dir: &std::path::Path,
     process: ProcessSpec,
+    console_socket: Option<&Path>,
     ready: &mut Option<File>,
 ) -> Result<i32, String> {
     let mut conn = control::connect(&super::state::socket_path(dir))?;
-    // This process's stdin, stdout and stderr.
-    control::send_with_fds(&mut conn, &Request::Exec(process), &[0, 1, 2])
+    let terminal = console_socket.map(console::hand_over).transpose()?;
+    // The terminal's slave, or this process's stdin, stdout and stderr.
+    let stdio = match &terminal {
+        Some(terminal) => [terminal.as_raw_fd(); 3],
+        None => [0, 1, 2],
+    };
+    control::send_with_fds(&mut conn, &Request::Exec(process), &stdio)
         .map_err(|e| format!("sending the command to the container monitor: {e}"))?;
     loop {
         match control::recv::<Reply>(&mut conn) {

@@ -16,6 +16,7 @@
 
 pub mod cli;
 mod commands;
+mod console;
 pub mod control;
 mod exec;
 pub mod files;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::cli::{GlobalArgs, MonitorArgs};
+use super::console;
 use super::control::{self, Reply, Request};
 use super::log::Logger;
 use super::network::{self, Connection};
@@ -53,6 +54,14 @@ pub fn run(global: &GlobalArgs, logger: &Logger, args: &MonitorArgs) -> i32 {
     // the end of the line, and a leaked write end would hide our end.
     // SAFETY: fcntl on a descriptor this process owns.
     unsafe { libc::fcntl(ready.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    // The same for the container's terminal, when it has one.
+    let terminal = args.terminal_fd.map(|fd| {
+        // SAFETY: `create` left this descriptor open for this process alone.
+        let terminal = unsafe { File::from_raw_fd(fd) };
+        // SAFETY: fcntl on a descriptor this process owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        terminal
+    });
     let dir = global.root.join(&args.id);
     let (sandbox, connection, command, listener) = match boot(&dir, logger) {
         Ok(booted) => booted,
@@ -75,7 +84,7 @@ pub fn run(global: &GlobalArgs, logger: &Logger, args: &MonitorArgs) -> i32 {
     let _ = ready.write_all(b"ok\n");
     drop(ready);
     logger.debug(&format!("{}: VM up, waiting for start", args.id));
-    let status = main_loop(&shared, command, tx, rx);
+    let status = main_loop(&shared, command, terminal, tx, rx);
     logger.debug(&format!("{}: ending with status {status}", args.id));
     let sandbox = shared
         .sandbox
@@ -239,13 +248,16 @@ fn serve(mut conn: UnixStream, tx: Sender<Event>, shared: Arc<Shared>) {
 }
 
 /// The main loop: start, kill and shutdown requests, and the command's end.
+/// The command runs with the monitor's stdio, or on `terminal`.
 fn main_loop(
     shared: &Arc<Shared>,
     command: Command,
+    terminal: Option<File>,
     tx: Sender<Event>,
     rx: Receiver<Event>,
 ) -> i32 {
     let mut command = Some(command);
+    let mut terminal = terminal;
     let mut main: Option<Signaller> = None;
     while let Ok(event) = rx.recv() {
         match event {
@@ -254,12 +266,18 @@ fn main_loop(
                     let _ = reply.send(Reply::Error("the container has already started".into()));
                     continue;
                 };
+                // The terminal's size now: the engine sets it after `create`.
+                let command = match &terminal {
+                    Some(terminal) => console::on_terminal(command, terminal),
+                    None => command,
+                };
                 match spawn(shared, command) {
                     Ok(process) => {
                         main = Some(process.signaller());
                         let tx = tx.clone();
+                        let terminal = terminal.take();
                         std::thread::spawn(move || {
-                            let status = run_main(process);
+                            let status = run_main(process, terminal);
                             let _ = tx.send(Event::Exited(status));
                         });
                         let _ = reply.send(Reply::Ok);
@@ -318,22 +336,29 @@ fn spawn(shared: &Shared, command: Command) -> Result<Process, String> {
     sandbox.spawn(command).map_err(|e| e.to_string())
 }
 
-/// The container's command with the monitor's own stdio.
-fn run_main(process: Process) -> i32 {
-    // SAFETY: dup of the monitor's standard descriptors; each new one is
-    // owned by the File made from it.
-    let stdio = unsafe { [0, 1, 2].map(|fd| libc::dup(fd)) };
+/// The container's command with the monitor's own stdio, or on `terminal`.
+fn run_main(process: Process, terminal: Option<File>) -> i32 {
+    let fds = match &terminal {
+        Some(terminal) => [terminal.as_raw_fd(); 3],
+        None => [0, 1, 2],
+    };
+    // SAFETY: dup of descriptors open in this process (the standard ones,
+    // or the terminal, held above); each new one is owned by the File
+    // made from it.
+    let stdio = unsafe { fds.map(|fd| libc::dup(fd)) };
     if stdio.iter().any(|&fd| fd < 0) {
         return 255;
     }
     // SAFETY: each descriptor was just duplicated for this File alone.
     let files = unsafe { stdio.map(|fd| File::from_raw_fd(fd)) };
-    pump_and_wait(process, files)
+    pump_and_wait(process, files, terminal)
 }
 
 /// Copies `stdio[0]` to the command's stdin and its stdout and stderr to
 /// `stdio[1]` and `stdio[2]`; returns its status once both outputs ended.
-fn pump_and_wait(mut process: Process, stdio: [File; 3]) -> i32 {
+/// On a `terminal` (the command's is a guest terminal), its size is
+/// followed meanwhile.
+fn pump_and_wait(mut process: Process, stdio: [File; 3], terminal: Option<File>) -> i32 {
     let [stdin, stdout, stderr] = stdio;
     // The engine may hold its end of stdin open past the command's end:
     // the copy also stops when `ended` hangs up, after the command ended.
@@ -344,6 +369,14 @@ fn pump_and_wait(mut process: Process, stdio: [File; 3]) -> i32 {
             return 255;
         }
     };
+    let resizes = terminal.and_then(|terminal| {
+        let ended = ended.try_clone().ok()?;
+        let resizer = process.resizer();
+        let resize = move |rows, cols| resizer.resize(rows, cols).is_ok();
+        Some(std::thread::spawn(move || {
+            console::follow_size(terminal, ended, resize)
+        }))
+    });
     let input = process
         .stdin()
         .map(|input| std::thread::spawn(move || copy_stdin(stdin, input, ended)));
@@ -368,8 +401,8 @@ fn pump_and_wait(mut process: Process, stdio: [File; 3]) -> i32 {
         }
     };
     drop(ended_tx);
-    if let Some(input) = input {
-        let _ = input.join();
+    for thread in [input, resizes].into_iter().flatten() {
+        let _ = thread.join();
     }
     status
 }
@@ -448,10 +481,22 @@ fn exec(mut conn: UnixStream, process: ProcessSpec, fds: Vec<File>, shared: &Sha
         let fds: [File; 3] = fds
             .try_into()
             .map_err(|_| "exec needs stdin, stdout and stderr".to_string())?;
-        let command = process.command()?;
-        Ok((spawn(shared, command)?, fds))
+        let mut command = process.command()?;
+        // The terminal is the three descriptors' one.
+        let terminal = match process.terminal {
+            true => Some(
+                fds[0]
+                    .try_clone()
+                    .map_err(|e| format!("the terminal: {e}"))?,
+            ),
+            false => None,
+        };
+        if let Some(terminal) = &terminal {
+            command = console::on_terminal(command, terminal);
+        }
+        Ok((spawn(shared, command)?, fds, terminal))
     })();
-    let (process, fds) = match result {
+    let (process, fds, terminal) = match result {
         Ok(got) => got,
         Err(e) => {
             shared.logger.error(&format!("exec: {e}"));
@@ -466,7 +511,7 @@ fn exec(mut conn: UnixStream, process: ProcessSpec, fds: Vec<File>, shared: &Sha
         .unwrap_or_else(|e| e.into_inner())
         .push((key, process.signaller()));
     let _ = control::send(&mut conn, &Reply::Started);
-    let status = pump_and_wait(process, fds);
+    let status = pump_and_wait(process, fds, terminal);
     shared
         .execs
         .lock()

@@ -276,11 +276,9 @@ impl Spec {
 
 impl ProcessSpec {
     /// The guest command: program, arguments, environment, working
-    /// directory and ids; stdin piped (the monitor feeds it its own).
+    /// directory and ids; stdin piped (the monitor feeds it its own). A
+    /// terminal is the monitor's to add (it knows the size).
     pub fn command(&self) -> Result<Command, String> {
-        if self.terminal {
-            return Err("terminal not supported yet (process.terminal is true)".into());
-        }
         let Some((program, args)) = self.args.split_first() else {
             return Err("process.args must not be empty".into());
         };
@@ -345,11 +343,6 @@ mod tests {
         );
         assert_eq!(spec.cwd.as_deref(), Some(&b"/tmp"[..]));
         assert_eq!((spec.uid, spec.gid), (Some(1000), Some(100)));
-        let tty: ProcessSpec = serde_json::from_str(r#"{"terminal":true,"args":["sh"]}"#).unwrap();
-        assert_eq!(
-            tty.command().unwrap_err(),
-            "terminal not supported yet (process.terminal is true)"
-        );
         let empty: ProcessSpec = serde_json::from_str(r#"{"args":[]}"#).unwrap();
         assert!(empty.command().unwrap_err().contains("must not be empty"));
     }
