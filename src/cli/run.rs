@@ -370,7 +370,7 @@ fn follow_window_size(
     mode: SeccompMode,
 ) -> sandbox::Result<std::thread::JoinHandle<()>> {
     let (changed, changes) = std::sync::mpsc::channel();
-    let resizer = process.resizer();
+    let resizer = process.handle();
     let follow = move || loop {
         let size = window_size();
         if let Some((rows, cols)) = size.filter(|_| size != last) {

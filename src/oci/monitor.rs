@@ -21,7 +21,8 @@ use super::spec::{self, ProcessSpec};
 use super::state;
 use crate::config::{parse_hostname, RootShare, VmConfig};
 use crate::sandbox::{
-    Command, ExitStatus, Process, ProcessStdin, Sandbox, SandboxBuilder, SandboxError, Signaller,
+    Command, ExitStatus, Process, ProcessHandle, ProcessStdin, Sandbox, SandboxBuilder,
+    SandboxError,
 };
 
 /// What the main loop hears from the control socket and the command.
@@ -42,7 +43,7 @@ struct Shared {
     /// Taken when the VM ends.
     sandbox: Mutex<Option<Sandbox>>,
     /// The running exec'd commands (for `kill --all`).
-    execs: Mutex<Vec<(u64, Signaller)>>,
+    execs: Mutex<Vec<(u64, ProcessHandle)>>,
     logger: Logger,
 }
 
@@ -258,7 +259,7 @@ fn main_loop(
 ) -> i32 {
     let mut command = Some(command);
     let mut terminal = terminal;
-    let mut main: Option<Signaller> = None;
+    let mut main: Option<ProcessHandle> = None;
     while let Ok(event) = rx.recv() {
         match event {
             Event::Start(reply) => {
@@ -273,7 +274,7 @@ fn main_loop(
                 };
                 match spawn(shared, command) {
                     Ok(process) => {
-                        main = Some(process.signaller());
+                        main = Some(process.handle());
                         let tx = tx.clone();
                         let terminal = terminal.take();
                         std::thread::spawn(move || {
@@ -371,7 +372,7 @@ fn pump_and_wait(mut process: Process, stdio: [File; 3], terminal: Option<File>)
     };
     let resizes = terminal.and_then(|terminal| {
         let ended = ended.try_clone().ok()?;
-        let resizer = process.resizer();
+        let resizer = process.handle();
         let resize = move |rows, cols| resizer.resize(rows, cols).is_ok();
         Some(std::thread::spawn(move || {
             console::follow_size(terminal, ended, resize)
@@ -509,7 +510,7 @@ fn exec(mut conn: UnixStream, process: ProcessSpec, fds: Vec<File>, shared: &Sha
         .execs
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push((key, process.signaller()));
+        .push((key, process.handle()));
     let _ = control::send(&mut conn, &Reply::Started);
     let status = pump_and_wait(process, fds, terminal);
     shared

@@ -33,7 +33,7 @@ pub(crate) mod vm_process;
 pub use builder::SandboxBuilder;
 pub use command::Command;
 pub use errors::{Result, SandboxError};
-pub(crate) use process::Signaller;
+pub(crate) use process::ProcessHandle;
 pub use process::{Process, ProcessStderr, ProcessStdin, ProcessStdout};
 pub use vm::Isolation;
 pub use vm_process::KILN_BINARY_ENV;

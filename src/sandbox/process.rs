@@ -93,16 +93,6 @@ impl Process {
         self.shared.signal(self.id, signal)
     }
 
-    /// A handle that signals this command from another thread while this
-    /// one waits for it (the OCI runtime's container monitor: `kill`
-    /// arrives while its waiter thread is in [`wait`](Self::wait)).
-    pub(crate) fn signaller(&self) -> Signaller {
-        Signaller {
-            shared: self.shared.clone(),
-            id: self.id,
-        }
-    }
-
     /// Sets the size of the command's terminal (see `Command::tty`) to
     /// `rows` lines and `cols` columns; the kernel sends its foreground
     /// process group SIGWINCH. Fails with [`SandboxError::Terminal`] for a
@@ -110,13 +100,15 @@ impl Process {
     /// [`SandboxError::Disconnected`] when the VM is gone; a command that
     /// has already ended is not an error.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
-        self.resizer().resize(rows, cols)
+        self.handle().resize(rows, cols)
     }
 
-    /// What [`resize`](Self::resize) does, as a handle of its own (for a
-    /// thread that follows the host terminal's size).
-    pub(crate) fn resizer(&self) -> Resizer {
-        Resizer {
+    /// A handle that signals or resizes this command from another thread
+    /// while this one waits for it (the OCI runtime's container monitor:
+    /// `kill` arrives while its waiter is in [`wait`](Self::wait); `kiln run
+    /// -t` and the OCI terminal follow the host terminal's size).
+    pub(crate) fn handle(&self) -> ProcessHandle {
+        ProcessHandle {
             shared: self.shared.clone(),
             id: self.id,
             name: self.name.clone(),
@@ -290,29 +282,23 @@ impl Drop for Process {
     }
 }
 
-/// Sends signals to one command (see [`Process::signaller`]).
+/// Signals or resizes one command from another thread: see
+/// [`Process::handle`].
 #[derive(Clone)]
-pub(crate) struct Signaller {
-    shared: Arc<Shared>,
-    id: u32,
-}
-
-impl Signaller {
-    /// As [`Process::signal`].
-    pub(crate) fn signal(&self, signal: i32) -> Result<()> {
-        self.shared.signal(self.id, signal)
-    }
-}
-
-/// Resizes a command's terminal: see [`Process::resize`].
-pub(crate) struct Resizer {
+pub(crate) struct ProcessHandle {
     shared: Arc<Shared>,
     id: u32,
     name: String,
     terminal: bool,
 }
 
-impl Resizer {
+impl ProcessHandle {
+    /// As [`Process::signal`].
+    pub(crate) fn signal(&self, signal: i32) -> Result<()> {
+        self.shared.signal(self.id, signal)
+    }
+
+    /// As [`Process::resize`].
     pub(crate) fn resize(&self, rows: u16, cols: u16) -> Result<()> {
         if !self.terminal {
             return Err(SandboxError::Terminal(format!(
