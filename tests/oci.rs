@@ -937,27 +937,45 @@ fn containerd_runs_a_container_with_kiln_oci_as_its_runc_binary_as_with_runc() {
         text(&out.stderr)
     );
     let image = format!("{IMAGE}:latest");
-    let case = |binary: &str, id: &str| {
-        seen(&containerd.ctr(&[
-            "run",
-            "--rm",
-            "--runc-binary",
-            binary,
-            &image,
-            id,
-            "sh",
-            "-c",
-            "echo hi; exit 3",
-        ]))
+    let case = |binary: &str, id: &str, limits: &[&str], script: &str| {
+        let mut args = vec!["run", "--rm", "--runc-binary", binary];
+        args.extend(limits);
+        args.extend([image.as_str(), id, "sh", "-c", script]);
+        seen(&containerd.ctr(&args))
     };
-    let runc = case("runc", "with-runc");
-    let kiln = case(env!("CARGO_BIN_EXE_kiln-oci"), "with-kiln");
+    let runc = case("runc", "with-runc", &[], "echo hi; exit 3");
+    // kiln-oci's case also has a memory limit and a CPU quota, which size
+    // its VM (src/oci/resources.rs): 320 MiB is more than the configured
+    // 256 MiB VM could show, and 2 vCPUs more than its 1.
+    let kiln = case(
+        env!("CARGO_BIN_EXE_kiln-oci"),
+        "with-kiln",
+        &["--memory-limit", "335544320", "--cpus", "2"],
+        "echo hi; echo nproc=$(nproc); echo mem_kib=$(grep MemTotal /proc/meminfo | tr -dc 0-9); exit 3",
+    );
     let expected = Seen {
         stdout: "hi\n".into(),
         status: Some(3),
     };
     assert_eq!(runc, expected, "the runc baseline");
-    assert_eq!(kiln, expected, "kiln-oci");
+    let mut lines = kiln.stdout.lines();
+    assert_eq!(lines.next(), Some("hi"), "kiln-oci: {kiln:?}");
+    assert_eq!(kiln.status, Some(3), "kiln-oci: {kiln:?}");
+    assert_eq!(
+        lines.next(),
+        Some("nproc=2"),
+        "the CPU quota's vCPUs: {kiln:?}"
+    );
+    let mem_kib: u64 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("mem_kib="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal: {kiln:?}"));
+    // The guest sees the limit and at most the allowance above it.
+    assert!(
+        mem_kib > 320 << 10 && mem_kib <= (320 + 64) << 10,
+        "guest MemTotal {mem_kib} KiB for a 320 MiB limit"
+    );
     // The container is gone from containerd and from the shim's state root.
     let listed = text(&containerd.ctr(&["containers", "ls", "-q"]).stdout);
     assert!(!listed.contains("with-kiln"), "{listed}");

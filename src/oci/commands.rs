@@ -14,7 +14,7 @@ use super::cli::{CreateArgs, DeleteArgs, GlobalArgs, KillArgs, ListArgs, PsArgs,
 use super::control::{self, Reply, Request};
 use super::log::Logger;
 use super::state::{self, ContainerDir, Saved, Status};
-use super::{console, settings, signal, spec};
+use super::{console, resources, settings, signal, spec};
 
 /// How long `delete` waits for a monitor it asked to end before killing it.
 const MONITOR_END_GRACE: Duration = Duration::from_secs(30);
@@ -31,6 +31,9 @@ pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result
     process.command()?;
     let console_socket = console::socket_for(process.terminal, args.console_socket.as_deref())?;
     let settings = settings::resolve(global)?;
+    let limits = spec.linux.as_ref().and_then(|l| l.resources.as_ref());
+    let (mem_bytes, vcpus) =
+        resources::vm_size(&settings, limits, crate::memory::host_ram_bytes())?;
     let dir = ContainerDir::create(&global.root, &args.id)?;
     let mut saved = Saved {
         id: args.id.clone(),
@@ -42,8 +45,8 @@ pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result
         annotations: spec.annotations,
         started: false,
         kernel: settings.kernel,
-        mem_bytes: settings.mem_bytes,
-        vcpus: settings.vcpus,
+        mem_bytes,
+        vcpus,
     };
     let result = dir.write(&saved).and_then(|()| {
         let terminal = console_socket.map(console::hand_over).transpose()?;

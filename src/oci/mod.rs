@@ -23,6 +23,7 @@ pub mod files;
 pub mod log;
 mod monitor;
 pub mod network;
+pub mod resources;
 pub mod settings;
 pub mod signal;
 pub mod spec;

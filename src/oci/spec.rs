@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::files::FileMount;
+use super::resources::ResourcesSpec;
 use crate::config::{ShareCache, ShareConfig};
 use crate::sandbox::Command;
 
@@ -43,6 +44,8 @@ pub struct LinuxSpec {
     /// The namespaces the container joins or gets.
     #[serde(default)]
     pub namespaces: Vec<NamespaceSpec>,
+    /// Resource limits: the VM's size (see `resources`).
+    pub resources: Option<ResourcesSpec>,
 }
 
 /// `linux.namespaces[]`.
