@@ -147,6 +147,31 @@ fn create_refuses_another_oci_version() {
 }
 
 #[test]
+fn runc_commands_kiln_oci_lacks_are_one_line_errors() {
+    let cli = Cli::new("oci-unsupported");
+    for (args, expected) in [
+        (
+            &["update", "--memory", "1g", "c1"][..],
+            "update: not supported",
+        ),
+        (&["pause", "c1"], "pause and resume: not supported"),
+        (&["resume", "c1"], "pause and resume: not supported"),
+        (
+            &["checkpoint", "--image-path", "/x", "c1"],
+            "checkpoint and restore: not supported",
+        ),
+        (
+            &["restore", "-d", "c1"],
+            "checkpoint and restore: not supported",
+        ),
+    ] {
+        let out = cli.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        cli.assert_fails(&out, expected);
+    }
+}
+
+#[test]
 fn create_without_a_kernel_says_how_to_configure_one() {
     let cli = Cli::new("oci-nokernel");
     let bundle = cli.bundle(Some(&config_json("1.0.2-dev", false)));

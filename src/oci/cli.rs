@@ -87,9 +87,28 @@ pub enum OciCommand {
     List(ListArgs),
     /// Print what this runtime supports (JSON).
     Features,
+    /// Not supported yet: a VM keeps the memory and vCPUs it was created with.
+    Update(UnsupportedArgs),
+    /// Not supported yet: a container's VM cannot be frozen from the engine.
+    Pause(UnsupportedArgs),
+    /// Not supported yet (see `pause`).
+    Resume(UnsupportedArgs),
+    /// Not supported: kiln's snapshots are `kiln snapshot`, not the OCI runtime's yet.
+    Checkpoint(UnsupportedArgs),
+    /// Not supported (see `checkpoint`).
+    Restore(UnsupportedArgs),
     /// The container monitor (internal: started by `create`).
     #[command(hide = true)]
     Monitor(MonitorArgs),
+}
+
+/// The arguments of a runc command kiln-oci does not support: taken as
+/// they come, so the answer is that one line rather than a usage error.
+#[derive(Debug, Args)]
+pub struct UnsupportedArgs {
+    /// Whatever the engine passed.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
 }
 
 /// A container id.

@@ -67,6 +67,18 @@ pub fn main() -> i32 {
         OciCommand::Ps(args) => commands::ps(global, &args),
         OciCommand::List(args) => commands::list(global, &args),
         OciCommand::Features => commands::features(),
+        OciCommand::Update(_) => Err(
+            "update: not supported: a container's VM keeps the memory and vCPUs it was created with"
+                .into(),
+        ),
+        OciCommand::Pause(_) | OciCommand::Resume(_) => Err(
+            "pause and resume: not supported yet: kiln-oci cannot freeze a container's VM".into(),
+        ),
+        OciCommand::Checkpoint(_) | OciCommand::Restore(_) => Err(
+            "checkpoint and restore: not supported: kiln's VM snapshots (`kiln snapshot`) are not \
+             offered through the OCI runtime yet"
+                .into(),
+        ),
         OciCommand::Monitor(args) => Ok(monitor::run(global, &logger, &args)),
     };
     result.unwrap_or_else(|msg| {
