@@ -143,6 +143,10 @@ pub enum Error {
     #[doc(hidden)]
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+
+    /// [`VmHandle::pause`](crate::VmHandle::pause) or `resume` could not be done.
+    #[error("pausing the VM: {0}")]
+    Pause(#[from] crate::pause::PauseError),
     /// The thread [`spawn`](crate::spawn) started panicked (a kiln bug);
     /// its vCPUs were stopped and joined first. Returned by
     /// [`VmHandle::wait`](crate::VmHandle::wait).

@@ -239,6 +239,7 @@ mod vmm;
 pub use config::VmConfig;
 pub use error::{Error, Result};
 pub use outcome::VmOutcome;
+pub use pause::PauseError;
 pub use vcpu::ExitCounts;
 pub use vmm::{kernel_cmdline, run, spawn, ConsoleIo, RunReport, VmHandle, VmStopper};
 

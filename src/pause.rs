@@ -24,13 +24,18 @@ use crate::lifecycle::Lifecycle;
 /// Work for a parked vCPU's thread.
 type VcpuWork = Box<dyn FnOnce(&VcpuFd) + Send>;
 
-/// Why a pause or the work of a parked vCPU did not happen.
+/// Why a pause, a resume or the work of a parked vCPU did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum PauseError {
+pub enum PauseError {
+    /// The VM has ended (or is ending): there is nothing to pause.
     #[error("the VM has ended")]
     Ended,
+    /// A resume (or a parked vCPU's work) of a VM that is not paused.
     #[error("the VM is not paused")]
     NotPaused,
+    /// A pause of a VM its owner has already paused.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
 }
 
 /// One VM's pause: shared by its vCPU threads and whoever pauses it.

@@ -154,8 +154,6 @@ fn runc_commands_kiln_oci_lacks_are_one_line_errors() {
             &["update", "--memory", "1g", "c1"][..],
             "update: not supported",
         ),
-        (&["pause", "c1"], "pause and resume: not supported"),
-        (&["resume", "c1"], "pause and resume: not supported"),
         (
             &["checkpoint", "--image-path", "/x", "c1"],
             "checkpoint and restore: not supported",
@@ -237,7 +235,57 @@ fn saved(id: &str, pid: i32, started: bool) -> Saved {
         kernel: "/nonexistent/vmlinux".into(),
         mem_bytes: 256 << 20,
         vcpus: 1,
+        paused: false,
     }
+}
+
+/// What a paused container (its state says so; the monitor here is this
+/// test process) refuses and reports, and what `pause`/`resume` refuse by
+/// state, all before any monitor is asked.
+#[test]
+fn pause_and_resume_follow_the_state_as_runc() {
+    let cli = Cli::new("oci-paused");
+    let me = std::process::id() as i32;
+    let dir = ContainerDir::create(&cli.root(), "paused").unwrap();
+    dir.write(&Saved {
+        paused: true,
+        ..saved("paused", me, true)
+    })
+    .unwrap();
+    drop(dir);
+    let state: serde_json::Value =
+        serde_json::from_slice(&cli.run(&["state", "paused"]).stdout).unwrap();
+    assert_eq!(state["status"], "paused");
+    let refused = |args: &[&str], expected: &str| {
+        let out = cli.run(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            text(&out.stderr),
+            format!("kiln-oci: {expected}\n"),
+            "{args:?}"
+        );
+    };
+    refused(&["pause", "paused"], "container already paused");
+    refused(
+        &["exec", "paused", "true"],
+        "cannot exec in a paused container",
+    );
+    refused(
+        &["start", "paused"],
+        "cannot start an already running container",
+    );
+    refused(
+        &["delete", "paused"],
+        "cannot delete container paused that is not stopped: paused",
+    );
+    let dir = ContainerDir::create(&cli.root(), "running").unwrap();
+    dir.write(&saved("running", me, true)).unwrap();
+    drop(dir);
+    refused(&["resume", "running"], "container not paused");
+    let dir = ContainerDir::create(&cli.root(), "created").unwrap();
+    dir.write(&saved("created", me, false)).unwrap();
+    drop(dir);
+    refused(&["pause", "created"], "container not running");
 }
 
 #[test]

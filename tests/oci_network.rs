@@ -636,6 +636,7 @@ fn delete_removes_the_network_a_killed_monitor_left() {
             kernel: "/nonexistent/vmlinux".into(),
             mem_bytes: 256 << 20,
             vcpus: 1,
+            paused: false,
         };
         dir.write(&saved).unwrap_or_else(|e| panic!("{e}"));
         let record = SavedNetwork {

@@ -311,6 +311,71 @@ fn cat_through_spawn(sandbox: &Sandbox, line: &str) {
     assert!(cat.wait().unwrap().success());
 }
 
+/// CPU time, in clock ticks, of the vCPU threads ("kiln-vcpuN") of this
+/// process and of its child processes (a sandbox's VM process).
+fn vcpu_ticks() -> u64 {
+    let mut pids = vec!["self".to_string()];
+    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        pids.extend(children.split_whitespace().map(str::to_string));
+    }
+    let mut ticks = 0;
+    for pid in pids {
+        for task in fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            if !comm.starts_with("kiln-vcpu") {
+                continue;
+            }
+            // utime and stime: fields 14 and 15, the 12th and 13th after the name.
+            let after_name = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        }
+    }
+    ticks
+}
+
+/// Waits (bounded) until the vCPUs have used more CPU than `since`.
+fn vcpus_run_after(since: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = vcpu_ticks();
+        if now > since {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}: the vCPUs did not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `sandbox.pause()` with a command spinning in the guest: the vCPUs stop
+/// using the CPU (no tick over a second, after `check_paused` ran),
+/// a second pause is refused, and after `resume` they run again.
+fn pause_stops_the_guest(sandbox: &Sandbox, check_paused: impl FnOnce()) {
+    let spin = sandbox
+        .spawn(Command::new("sh").args(["-c", "while :; do :; done"]))
+        .unwrap();
+    vcpus_run_after(vcpu_ticks(), "spinning");
+    sandbox.pause().unwrap_or_else(|e| panic!("{e}"));
+    let e = sandbox.pause().unwrap_err().to_string();
+    assert!(e.contains("the VM is already paused"), "{e}");
+    check_paused();
+    let paused = vcpu_ticks();
+    // An absence over a window: the spinning guest used ~100 ticks a second.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(vcpu_ticks(), paused, "a paused vCPU ran");
+    sandbox.resume().unwrap_or_else(|e| panic!("{e}"));
+    let e = sandbox.resume().unwrap_err().to_string();
+    assert!(e.contains("the VM is not paused"), "{e}");
+    vcpus_run_after(paused, "resumed");
+    spin.kill().unwrap();
+}
+
 /// The sandbox API: a sandbox restored from the snapshot (in a kiln
 /// process of its own, the default, jailed) with a hostname of its own
 /// (`.hostname(..)`) serves `exec` and `spawn` with
@@ -321,7 +386,9 @@ fn cat_through_spawn(sandbox: &Sandbox, line: &str) {
 /// `kiln run --from` and in this process. An in-process sandbox is snapshotted too, runs on, and a
 /// sandbox restored from that snapshot holds what it had written before.
 /// A sandbox whose VM process has ended gets an error from `snapshot`,
-/// not a wait.
+/// not a wait. Both kinds pause and resume (`Sandbox::pause`): a command
+/// spinning in the guest stops using the CPU, and a snapshot of the paused
+/// in-process one leaves it paused.
 #[test]
 fn sandboxes_start_from_snapshots_and_take_them() {
     if !prerequisites() {
@@ -404,6 +471,16 @@ fn sandboxes_start_from_snapshots_and_take_them() {
     assert_eq!(listing(&from_process), saved, "a refused save changed it");
     let out = sandbox.exec(Command::new("cat").arg("/tmp/live")).unwrap();
     assert_eq!(text(&out.stdout), "process\nafter\n");
+    pause_stops_the_guest(&sandbox, || {});
+    assert_eq!(
+        text(
+            &sandbox
+                .exec(Command::new("cat").arg("/tmp/live"))
+                .unwrap()
+                .stdout
+        ),
+        "process\nafter\n"
+    );
     sandbox.shutdown().unwrap();
 
     // It restores in a process of its own (exec, spawn with stdin) ...
@@ -444,9 +521,14 @@ fn sandboxes_start_from_snapshots_and_take_them() {
     let out = copy.exec(Command::new("cat").arg("/tmp/live")).unwrap();
     assert_eq!(text(&out.stdout), "process\n");
 
-    // A VM in this process is snapshotted the same way.
+    // A VM in this process is snapshotted the same way; one taken while
+    // the sandbox is paused leaves it paused.
     let second = scratch.path("second");
-    let report = copy.snapshot(&second).unwrap_or_else(|e| panic!("{e}"));
+    let mut report = None;
+    pause_stops_the_guest(&copy, || {
+        report = Some(copy.snapshot(&second).unwrap_or_else(|e| panic!("{e}")));
+    });
+    let report = report.unwrap();
     eprintln!(
         "MEASURE Sandbox::snapshot, VM in this process: paused in {:?}, saved in {:?}, state {} bytes",
         report.pause, report.total, report.state_bytes

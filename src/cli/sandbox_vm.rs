@@ -169,6 +169,8 @@ fn serve_request(vm: &VmHandle, control: &UnixStream, host_side: &VmConfig) -> b
     let reply = match read_request(control) {
         Ok(None) => return false,
         Ok(Some((ControlRequest::Snapshot { shown }, dir))) => snapshot(vm, dir, shown, host_side),
+        Ok(Some((ControlRequest::Pause, _))) => done(vm.pause()),
+        Ok(Some((ControlRequest::Resume, _))) => done(vm.resume()),
         Err(message) => ControlReply::Failed(format!("sandbox-vm: {message}")),
     };
     let mut line = serde_json::to_vec(&reply).unwrap_or_default();
@@ -176,6 +178,14 @@ fn serve_request(vm: &VmHandle, control: &UnixStream, host_side: &VmConfig) -> b
     // A sandbox that has gone no longer needs the answer.
     let _ = (&*control).write_all(&line);
     true
+}
+
+/// The answer to a pause or a resume.
+fn done(result: crate::Result<()>) -> ControlReply {
+    match result {
+        Ok(()) => ControlReply::Done,
+        Err(e) => ControlReply::Failed(e.to_string()),
+    }
 }
 
 /// Saves the VM into the directory `dir` (named `shown` in messages) and

@@ -89,10 +89,10 @@ pub enum OciCommand {
     Features,
     /// Not supported yet: a VM keeps the memory and vCPUs it was created with.
     Update(UnsupportedArgs),
-    /// Not supported yet: a container's VM cannot be frozen from the engine.
-    Pause(UnsupportedArgs),
-    /// Not supported yet (see `pause`).
-    Resume(UnsupportedArgs),
+    /// Pause a running container: its VM's vCPUs stop until `resume`.
+    Pause(IdArg),
+    /// Let a paused container run on.
+    Resume(IdArg),
     /// Not supported: kiln's snapshots are `kiln snapshot`, not the OCI runtime's yet.
     Checkpoint(UnsupportedArgs),
     /// Not supported (see `checkpoint`).

@@ -1,5 +1,5 @@
 //! The runtime's commands but `exec`: create, start, run, state, kill,
-//! delete, ps, list, features.
+//! delete, pause, resume, ps, list, features.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -47,6 +47,7 @@ pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result
         kernel: settings.kernel,
         mem_bytes,
         vcpus,
+        paused: false,
     };
     let result = dir.write(&saved).and_then(|()| {
         let terminal = console_socket.map(console::hand_over).transpose()?;
@@ -198,7 +199,9 @@ pub fn start(global: &GlobalArgs, id: &str) -> Result<i32, String> {
     let mut saved = dir.read()?;
     match saved.status() {
         Status::Created => {}
-        Status::Running => return Err("cannot start an already running container".into()),
+        Status::Running | Status::Paused => {
+            return Err("cannot start an already running container".into())
+        }
         Status::Stopped => return Err("cannot start a container that has stopped".into()),
     }
     match control::call(&dir.socket(), &Request::Start)? {
@@ -294,6 +297,33 @@ pub fn kill(global: &GlobalArgs, args: &KillArgs) -> Result<i32, String> {
     }
 }
 
+/// `pause` (`resume`: false) and `resume`: the VM's vCPUs stop where they
+/// are, so nothing of the container runs, and go on. The state says
+/// "paused" in between; `kill` and `delete --force` work on a paused
+/// container, `exec` does not (as runc's freezer).
+pub fn pause_or_resume(global: &GlobalArgs, id: &str, resume: bool) -> Result<i32, String> {
+    let dir = ContainerDir::open(&global.root, id)?;
+    let mut saved = dir.read()?;
+    match (saved.status(), resume) {
+        (Status::Running, false) | (Status::Paused, true) => {}
+        (Status::Paused, false) => return Err("container already paused".into()),
+        (_, false) => return Err("container not running".into()),
+        (_, true) => return Err("container not paused".into()),
+    }
+    let request = match resume {
+        false => Request::Pause,
+        true => Request::Resume,
+    };
+    match control::call(&dir.socket(), &request)? {
+        Reply::Ok => {}
+        Reply::Error(e) => return Err(e),
+        other => return Err(format!("unexpected answer from the monitor: {other:?}")),
+    }
+    saved.paused = !resume;
+    dir.write(&saved)?;
+    Ok(0)
+}
+
 /// `delete`: ends the VM (a running container only with --force) and
 /// removes the state.
 pub fn delete(global: &GlobalArgs, logger: &Logger, args: &DeleteArgs) -> Result<i32, String> {
@@ -306,13 +336,14 @@ pub fn delete(global: &GlobalArgs, logger: &Logger, args: &DeleteArgs) -> Result
     let saved = dir.read()?;
     match saved.status() {
         Status::Stopped => {}
-        Status::Running if !args.force => {
+        status @ (Status::Running | Status::Paused) if !args.force => {
             return Err(format!(
-                "cannot delete container {} that is not stopped: running",
-                args.id
+                "cannot delete container {} that is not stopped: {}",
+                args.id,
+                status.as_str()
             ))
         }
-        Status::Created | Status::Running => end_monitor(&dir, &saved),
+        Status::Created | Status::Running | Status::Paused => end_monitor(&dir, &saved),
     }
     // A monitor that was killed left the container's network connected.
     if let Err(e) = state::release_network(dir.path()) {

@@ -1,4 +1,4 @@
-//! The monitor's control socket: what `start`, `kill`, `exec` and
+//! The monitor's control socket: what `start`, `kill`, `exec`, `pause`, `resume` and
 //! `delete` ask a container's monitor, and its replies. A frame is a
 //! little-endian u32 length and that many bytes of JSON; `exec`'s request
 //! carries its stdin, stdout and stderr (SCM_RIGHTS) with its first byte.
@@ -33,6 +33,10 @@ pub enum Request {
     Exec(ProcessSpec),
     /// End the VM now (`delete --force`).
     Shutdown,
+    /// Pause the VM's vCPUs (`pause`).
+    Pause,
+    /// Let them run on (`resume`).
+    Resume,
 }
 
 /// The monitor's answer.

@@ -20,8 +20,10 @@ use super::state::{ContainerDir, Status};
 /// Runs `kiln-oci exec`.
 pub fn exec(global: &GlobalArgs, args: &ExecArgs) -> Result<i32, String> {
     let saved = ContainerDir::open(&global.root, &args.id)?.read()?;
-    if saved.status() == Status::Stopped {
-        return Err("cannot exec in a stopped container".into());
+    match saved.status() {
+        Status::Stopped => return Err("cannot exec in a stopped container".into()),
+        Status::Paused => return Err("cannot exec in a paused container".into()),
+        Status::Created | Status::Running => {}
     }
     let mut process = match &args.process {
         Some(path) => {

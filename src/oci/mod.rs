@@ -71,9 +71,8 @@ pub fn main() -> i32 {
             "update: not supported: a container's VM keeps the memory and vCPUs it was created with"
                 .into(),
         ),
-        OciCommand::Pause(_) | OciCommand::Resume(_) => Err(
-            "pause and resume: not supported yet: kiln-oci cannot freeze a container's VM".into(),
-        ),
+        OciCommand::Pause(args) => commands::pause_or_resume(global, &args.id, false),
+        OciCommand::Resume(args) => commands::pause_or_resume(global, &args.id, true),
         OciCommand::Checkpoint(_) | OciCommand::Restore(_) => Err(
             "checkpoint and restore: not supported: kiln's VM snapshots (`kiln snapshot`) are not \
              offered through the OCI runtime yet"

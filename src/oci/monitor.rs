@@ -238,6 +238,11 @@ fn serve(mut conn: UnixStream, tx: Sender<Event>, shared: Arc<Shared>) {
             reply: reply_tx,
         },
         Request::Shutdown => Event::Shutdown(reply_tx),
+        Request::Pause | Request::Resume => {
+            let reply = pause_or_resume(&shared, matches!(request, Request::Resume));
+            let _ = control::send(&mut conn, &reply);
+            return;
+        }
     };
     let reply = match tx.send(event) {
         Ok(()) => reply_rx
@@ -246,6 +251,22 @@ fn serve(mut conn: UnixStream, tx: Sender<Event>, shared: Arc<Shared>) {
         Err(_) => Reply::Error("the container is ending".into()),
     };
     let _ = control::send(&mut conn, &reply);
+}
+
+/// Pauses the VM's vCPUs (`resume`: false) or lets them run on.
+fn pause_or_resume(shared: &Shared, resume: bool) -> Reply {
+    let sandbox = shared.sandbox.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(sandbox) = sandbox.as_ref() else {
+        return Reply::Error("the container is ending".into());
+    };
+    let done = match resume {
+        false => sandbox.pause(),
+        true => sandbox.resume(),
+    };
+    match done {
+        Ok(()) => Reply::Ok,
+        Err(e) => Reply::Error(e.to_string()),
+    }
 }
 
 /// The main loop: start, kill and shutdown requests, and the command's end.

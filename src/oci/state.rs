@@ -43,6 +43,9 @@ pub struct Saved {
     pub mem_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// `pause` has paused the VM (until `resume`).
+    #[serde(default)]
+    pub paused: bool,
 }
 
 /// A container's status (the OCI state's `status`).
@@ -52,6 +55,8 @@ pub enum Status {
     Created,
     /// The command runs.
     Running,
+    /// The command was started and its VM's vCPUs are paused (`pause`).
+    Paused,
     /// The monitor has ended (the command and the VM with it).
     Stopped,
 }
@@ -62,6 +67,7 @@ impl Status {
         match self {
             Self::Created => "created",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Stopped => "stopped",
         }
     }
@@ -267,6 +273,7 @@ impl Saved {
         match (monitor_alive(self.pid, self.pid_start), self.started) {
             (false, _) => Status::Stopped,
             (true, false) => Status::Created,
+            (true, true) if self.paused => Status::Paused,
             (true, true) => Status::Running,
         }
     }

@@ -403,6 +403,39 @@ impl Sandbox {
         vm.as_ref().map(SandboxVm::stopper)
     }
 
+    /// Pauses the guest: every vCPU parks after the exit it is in, so none
+    /// of the guest's code runs (its commands included) until
+    /// [`resume`](Self::resume); devices finish what they have taken.
+    /// Host calls that need the guest (an exec, a command's output) wait
+    /// meanwhile, and their timeouts keep counting; [`shutdown`](Self::shutdown),
+    /// a [`stopper`](Self::stopper) and drop end a paused sandbox as any other. A snapshot of a paused
+    /// sandbox leaves it paused. With either [`Isolation`].
+    ///
+    /// Fails with [`SandboxError::Vm`] holding
+    /// [`crate::Error::Pause`]`(`[`crate::PauseError::AlreadyPaused`]`)`
+    /// in this process, or the VM process's one-line message
+    /// ([`crate::Error::VmProcess`]).
+    pub fn pause(&self) -> Result<()> {
+        self.pause_or_resume(false)
+    }
+
+    /// Lets a sandbox paused by [`pause`](Self::pause) run on; fails as
+    /// `pause` does, with [`crate::PauseError::NotPaused`] when it is not
+    /// paused.
+    pub fn resume(&self) -> Result<()> {
+        self.pause_or_resume(true)
+    }
+
+    fn pause_or_resume(&self, resume: bool) -> Result<()> {
+        let vm = self.vm.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(vm) = vm.as_ref() else {
+            return Err(SandboxError::Config(
+                "this sandbox has no VM (Sandbox::connect)".into(),
+            ));
+        };
+        Ok(vm.pause_or_resume(resume)?)
+    }
+
     /// Saves this sandbox's VM into `dir` and lets it run on: every vCPU and
     /// the device loop pause, the VM's state and memory are written (`dir`
     /// is created, owner-only; a snapshot already there is refused), and
@@ -528,7 +561,7 @@ impl Sandbox {
     }
 
     /// Ends the VM: asks the agent to shut down (it kills every command and
-    /// reboots), stops the VM if it has not ended after a grace period
+    /// reboots; a paused VM is resumed for it), stops the VM if it has not ended after a grace period
     /// (10 s), and joins every thread. Returns the VM's outcome when there
     /// is a VM (`None` for [`connect`](Self::connect)), or
     /// [`SandboxError::Vm`] if the VM failed.
@@ -542,6 +575,8 @@ impl Sandbox {
         let mut outcome = None;
         let mut result = Ok(());
         if let Some(vm) = vm {
+            // A paused guest could not shut down: it runs on to do so.
+            let _ = vm.pause_or_resume(true);
             vm.wait_finished(SHUTDOWN_GRACE);
             vm.stop();
             match vm.wait() {

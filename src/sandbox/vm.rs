@@ -62,6 +62,15 @@ impl SandboxVm {
     }
 
     /// Saves the VM into `dir` and lets it run on.
+    /// Pauses the VM's vCPUs (`resume`: false) or lets them run on.
+    pub(crate) fn pause_or_resume(&self, resume: bool) -> crate::Result<()> {
+        match (self, resume) {
+            (Self::InProcess(vm), false) => vm.pause(),
+            (Self::InProcess(vm), true) => vm.resume(),
+            (Self::Process(vm), resume) => vm.pause_or_resume(resume),
+        }
+    }
+
     pub(crate) fn snapshot(&self, dir: &SnapshotDir) -> crate::Result<SaveReport> {
         match self {
             Self::InProcess(vm) => Ok(crate::snapshot::save_live(vm, dir, None)?),

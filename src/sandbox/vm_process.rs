@@ -78,12 +78,18 @@ pub(crate) enum ControlRequest {
     /// Save the VM into the directory sent with this line (its descriptor)
     /// and let it run on; `shown` names the directory in messages.
     Snapshot { shown: PathBuf },
+    /// Pause the VM's vCPUs ([`crate::VmHandle::pause`]).
+    Pause,
+    /// Let them run on ([`crate::VmHandle::resume`]).
+    Resume,
 }
 
 /// The VM process's answer to a [`ControlRequest`], one JSON line.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum ControlReply {
     Saved(SaveReport),
+    /// Done (a pause or a resume).
+    Done,
     /// kiln's one-line message.
     Failed(String),
 }
@@ -228,20 +234,55 @@ impl VmProcess {
         let request = ControlRequest::Snapshot {
             shown: dir.shown_path().to_owned(),
         };
-        let mut line = serde_json::to_vec(&request)
-            .map_err(|e| Error::VmProcess(format!("the snapshot request: {e}")))?;
+        match self.call(&request, Some(dir.as_fd()), "saved the VM")? {
+            ControlReply::Saved(report) => Ok(report),
+            other => Err(Error::VmProcess(format!(
+                "the sandbox's VM process answered the snapshot request with {other:?}"
+            ))),
+        }
+    }
+
+    /// Has the child pause its VM's vCPUs (`resume`: false) or let them run
+    /// on (true).
+    pub(crate) fn pause_or_resume(&self, resume: bool) -> crate::Result<()> {
+        let (request, done) = match resume {
+            false => (ControlRequest::Pause, "paused the VM"),
+            true => (ControlRequest::Resume, "resumed the VM"),
+        };
+        match self.call(&request, None, done)? {
+            ControlReply::Done => Ok(()),
+            other => Err(Error::VmProcess(format!(
+                "the sandbox's VM process answered {request:?} with {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends `request` (with `fd`) and reads the answer: the child's
+    /// one-line error is [`Error::VmProcess`], and so is its end before it
+    /// answered (`done` says what it had not: "saved the VM").
+    fn call(
+        &self,
+        request: &ControlRequest,
+        fd: Option<BorrowedFd<'_>>,
+        done: &str,
+    ) -> crate::Result<ControlReply> {
+        let mut line = serde_json::to_vec(request)
+            .map_err(|e| Error::VmProcess(format!("the request {request:?}: {e}")))?;
         line.push(b'\n');
         let control = self.control.lock().unwrap_or_else(|e| e.into_inner());
         // Whether it ended before or after taking the request, the same words.
         let ended = |why: String| {
             Error::VmProcess(format!(
-                "the sandbox's VM process ended before it saved the VM ({why})"
+                "the sandbox's VM process ended before it {done} ({why})"
             ))
         };
-        let sent = control
-            .send_with_fd(&line[..], dir.as_fd().as_raw_fd())
-            .map_err(|e| ended(io::Error::from_raw_os_error(e.errno()).to_string()))?;
-        // The rest of a line cut short (the descriptor went with its start).
+        let sent = match fd {
+            Some(fd) => control
+                .send_with_fd(&line[..], fd.as_raw_fd())
+                .map_err(|e| ended(io::Error::from_raw_os_error(e.errno()).to_string()))?,
+            None => 0,
+        };
+        // The rest of a line cut short (a descriptor goes with its start).
         (&*control)
             .write_all(&line[sent..])
             .map_err(|e| ended(e.to_string()))?;
@@ -250,10 +291,10 @@ impl VmProcess {
             return Err(ended("its control channel closed".into()));
         }
         match serde_json::from_slice::<ControlReply>(&answer) {
-            Ok(ControlReply::Saved(report)) => Ok(report),
             Ok(ControlReply::Failed(message)) => Err(Error::VmProcess(message)),
+            Ok(reply) => Ok(reply),
             Err(e) => Err(Error::VmProcess(format!(
-                "the sandbox's VM process answered the snapshot request with no report: {e}"
+                "the sandbox's VM process answered {request:?} with no reply it knows: {e}"
             ))),
         }
     }

@@ -285,11 +285,14 @@ pub(crate) fn saved_config(dir: &Path) -> Result<crate::VmConfig, SnapshotError>
     format::read_state(&dir.join(STATE_FILE)).map(|(_, saved)| saved.config)
 }
 
-/// Lets a VM paused by [`save`] run on.
+/// Lets a VM paused by [`save`] run on; one its owner holds paused
+/// ([`VmHandle::pause`]) gets its devices back and stays paused.
 pub fn resume(vm: &VmHandle) {
     if let Some(running) = vm.running() {
         running.loop_pause.resume();
-        running.pause.resume();
+        if !running.held.load(std::sync::atomic::Ordering::SeqCst) {
+            running.pause.resume();
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub(crate) use builder::{build_restored, BuiltVm};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use crate::device_manager::DeviceHandles;
 use crate::error::{Error, Result};
 use crate::lifecycle::Lifecycle;
 use crate::outcome::VmOutcome;
-use crate::pause::{LoopPause, Pause};
+use crate::pause::{LoopPause, Pause, PauseError};
 use crate::seccomp::{self, ThreadKind};
 use crate::snapshot::Snapshot;
 use crate::vcpu::{ExitCounts, VcpuThread};
@@ -152,6 +153,9 @@ pub(crate) struct RunningVm {
     pub loop_pause: Arc<LoopPause>,
     /// The devices whose state a snapshot saves.
     pub devices: DeviceHandles,
+    /// Set while the VM's owner holds it paused ([`VmHandle::pause`]): a
+    /// snapshot taken meanwhile leaves the vCPUs parked.
+    pub held: Arc<AtomicBool>,
 }
 
 /// Set while the VM's vCPU threads exist.
@@ -238,6 +242,48 @@ impl VmHandle {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Pauses the guest: returns once every vCPU has completed the exit it
+    /// was in and parked, so no guest instruction runs until
+    /// [`resume`](Self::resume). Devices finish requests already taken;
+    /// the guest's clock, read from the host's on resume, jumps over the
+    /// pause. Stopping a paused VM works as ever.
+    ///
+    /// Fails with [`PauseError::AlreadyPaused`] when paused already,
+    /// [`PauseError::Ended`] when the VM is not running, and
+    /// [`Error::KvmCapability`] when KVM lacks `KVM_CAP_IMMEDIATE_EXIT`
+    /// (a vCPU could not leave KVM_RUN at a safe point). Not meant to race
+    /// a snapshot of the same VM from another thread (a sandbox orders them).
+    pub fn pause(&self) -> Result<()> {
+        let running = self.running().ok_or(PauseError::Ended)?;
+        if !running
+            .vm
+            .kvm()
+            .check_extension(kvm_ioctls::Cap::ImmediateExit)
+        {
+            return Err(Error::KvmCapability(
+                "KVM_CAP_IMMEDIATE_EXIT (to pause a VM)",
+            ));
+        }
+        if running.held.swap(true, Ordering::SeqCst) {
+            return Err(PauseError::AlreadyPaused.into());
+        }
+        running.pause.pause().inspect_err(|_| {
+            running.held.store(false, Ordering::SeqCst);
+        })?;
+        Ok(())
+    }
+
+    /// Lets a VM paused by [`pause`](Self::pause) run on. Fails with
+    /// [`PauseError::NotPaused`] when it is not (or [`PauseError::Ended`]).
+    pub fn resume(&self) -> Result<()> {
+        let running = self.running().ok_or(PauseError::Ended)?;
+        if !running.held.swap(false, Ordering::SeqCst) {
+            return Err(PauseError::NotPaused.into());
+        }
+        running.pause.resume();
+        Ok(())
     }
 
     /// Asks the VM to stop (outcome `Stopped`); `wait` collects the report.
@@ -331,6 +377,7 @@ fn run_with(
         config: Arc::new(config.clone()),
         loop_pause: Arc::new(loop_pause),
         devices,
+        held: Arc::new(AtomicBool::new(false)),
     });
     let mut starts = Vec::with_capacity(vcpus.len());
     let mut filtered = Ok(());
