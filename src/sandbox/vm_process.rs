@@ -496,7 +496,15 @@ mod tests {
             "echo '{\"Saved\": 12}' >&4; read -r rest",
         );
         let e = SnapshotDir::save_new(&tmp.0.join("snap"), |dir| vm.snapshot(dir)).unwrap_err();
-        assert!(e.to_string().contains("with no report"), "{e}");
+        assert!(e.to_string().contains("with no reply it knows"), "{e}");
+        // A reply of another request's kind is refused as well.
+        let vm_done = fake_vm_process(&tmp.0, "done", "echo '\"Done\"' >&4; read -r rest");
+        let e =
+            SnapshotDir::save_new(&tmp.0.join("snap"), |dir| vm_done.snapshot(dir)).unwrap_err();
+        assert!(
+            e.to_string().contains("the snapshot request with Done"),
+            "{e}"
+        );
         let vm_failed = fake_vm_process(
             &tmp.0,
             "failed",
