@@ -18,16 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::engine::{busybox_root_tar, seen, text, Runtime, Seen};
 use common::{guest_kernel, is_root, require, Netns, Scratch};
 
 const IMAGE: &str = "kiln-oci-busybox";
 /// Where the README's Docker snippet installs kiln-oci and the kernel.
 const README_BINARY: &str = "/usr/local/bin/kiln-oci";
 const README_KERNEL: &str = "/usr/local/share/kiln/vmlinux";
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// The `daemon.json` of README's "OCI runtime" section (the JSON block
 /// after the line that starts with "Docker"), with kiln-oci and the guest
@@ -270,32 +267,6 @@ fn docker_prerequisites() -> bool {
     ) && require(is_root(), "not root")
 }
 
-/// What a case printed and how it ended (docker's status).
-#[derive(Debug, PartialEq, Eq)]
-struct Seen {
-    stdout: String,
-    status: Option<i32>,
-}
-
-fn seen(out: &Output) -> Seen {
-    eprintln!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    Seen {
-        stdout: text(&out.stdout),
-        status: out.status.code(),
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Runtime {
-    Kiln,
-    Runc,
-}
-
 impl Runtime {
     /// `docker run`'s options for this runtime (runc is the default).
     fn options(self) -> &'static [&'static str] {
@@ -413,15 +384,7 @@ fn docker_runs_containers_with_kiln_oci_as_with_runc() {
 
     // The image: the recipe's busybox root, imported.
     let tar = docker.scratch.path("root.tar");
-    let status = Command::new("tar")
-        .arg("-C")
-        .arg(common::guest_rootfs())
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(status.success());
+    busybox_root_tar(&tar);
     let out = docker.cmd(&["import", tar.to_str().unwrap(), IMAGE]);
     assert!(out.status.success(), "docker import: {}", text(&out.stderr));
 
