@@ -15,6 +15,7 @@ packages=(
   strace                                                       # benchmarks: syscalls per exit / at start-up
   libseccomp-dev libcap-ng-dev                                 # virtiofsd build (--share)
   podman runc containerd                                       # OCI runtime tests (tests/oci.rs): engines, runc baseline
+  docker.io                                                    # Docker with kiln-oci as a runtime (tests/oci_docker.rs starts its own dockerd)
   containernetworking-plugins iptables                         # podman's default network (CNI bridge, -p port mapping)
 )
 missing=()
@@ -29,7 +30,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
+  # No service may start while installing: docker.io's and containerd's
+  # postinst scripts start their daemons through /etc/init.d where there is
+  # no systemd, and a system dockerd rewrites the host's iptables and adds
+  # a bridge. policy-rc.d exiting 101 tells invoke-rc.d "not allowed"; one
+  # the machine already has is left as it is.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# kiln resources/setup.sh: no services start during its apt-get install\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  if [ -n "$own_policy" ]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
 fi
 
 mkdir -p target/guest

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::engine::{busybox_root_tar, seen, text, Runtime, Seen};
 use common::{guest_kernel, is_root, require, Netns, Scratch};
 use kiln::oci::state::{self, ContainerDir, Saved};
 
@@ -39,10 +40,6 @@ fn kiln_oci() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln-oci"));
     cmd.env_remove("KILN_OCI_CONFIG").stdin(Stdio::null());
     cmd
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 // ---- Bad input: one-line errors, non-zero status, no state left, JSON log.
@@ -363,12 +360,6 @@ fn start_twice_create_in_use_and_start_of_a_stopped_container_are_refused() {
 
 // ---- Real podman, kiln-oci against runc.
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Runtime {
-    Kiln,
-    Runc,
-}
-
 /// A private podman (its own storage, run and temporary directories) with
 /// the busybox image imported. Its containers have no network
 /// (`--network none`), or, with a network namespace of the test's own,
@@ -401,16 +392,7 @@ impl Podman {
             netns,
         };
         let tar = podman.scratch.path("root.tar");
-        let rootfs = common::guest_rootfs();
-        let status = Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(status.success());
+        busybox_root_tar(&tar);
         let out = podman.cmd(&["import", tar.to_str().unwrap(), IMAGE]);
         assert!(out.status.success(), "podman import: {}", text(&out.stderr));
         podman
@@ -501,26 +483,6 @@ fn podman_prerequisites() -> bool {
             "virtiofsd not installed (run resources/setup.sh)",
         )
         && require(is_root(), "not root")
-}
-
-/// What a case printed and how it ended (podman's status).
-#[derive(Debug, PartialEq, Eq)]
-struct Seen {
-    stdout: String,
-    status: Option<i32>,
-}
-
-fn seen(out: &Output) -> Seen {
-    eprintln!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    Seen {
-        stdout: text(&out.stdout),
-        status: out.status.code(),
-    }
 }
 
 /// One `podman run --rm -i` per runtime: the command's output, its exit

@@ -5,9 +5,10 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -152,12 +153,42 @@ pub fn call(socket: &Path, request: &Request) -> Result<Reply, String> {
 
 /// Connects to a monitor's socket.
 pub fn connect(socket: &Path) -> Result<UnixStream, String> {
-    UnixStream::connect(socket).map_err(|e| {
+    by_short_path(socket, UnixStream::connect).map_err(|e| {
         format!(
             "connecting to the container monitor ({}): {e}",
             socket.display()
         )
     })
+}
+
+/// Binds a monitor's socket (any path an old one left is removed first).
+pub fn bind(socket: &Path) -> Result<UnixListener, String> {
+    let _ = std::fs::remove_file(socket);
+    by_short_path(socket, UnixListener::bind)
+        .map_err(|e| format!("binding the control socket {}: {e}", socket.display()))
+}
+
+/// Runs `f` (bind or connect) on `socket` named through its directory's
+/// descriptor, `/proc/self/fd/N/NAME`: a socket address holds at most 107
+/// bytes, and a state root as deep as a private Docker's (`--exec-root
+/// DIR`, then `runtime-runc/moby/<64-hex id>/ctl.sock`) makes the real path
+/// longer.
+fn by_short_path<T>(
+    socket: &Path,
+    f: impl FnOnce(PathBuf) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let (Some(dir), Some(name)) = (socket.parent(), socket.file_name()) else {
+        return f(socket.into());
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })?;
+    f(Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name))
 }
 
 #[cfg(test)]
@@ -200,6 +231,32 @@ mod tests {
         ));
         drop(a);
         assert!(recv::<Request>(&mut b).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_socket_deeper_than_an_address_holds_is_bound_and_reached() {
+        // Docker's layout under a private --exec-root: past 107 bytes.
+        let base = std::env::temp_dir().join(format!("kiln-ctl-{}", std::process::id()));
+        let dir = base
+            .join("exec/runtime-runc/moby")
+            .join("0123456789abcdef".repeat(4));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("ctl.sock");
+        assert!(socket.as_os_str().len() > 107, "{}", socket.display());
+        assert!(UnixListener::bind(&socket).is_err(), "the plain path fits");
+        let listener = bind(&socket).unwrap();
+        assert!(socket.exists(), "bound where the state root says");
+        let mut client = connect(&socket).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        send(&mut client, &Request::Start).unwrap();
+        let got = recv::<Request>(&mut server).unwrap().unwrap();
+        assert!(matches!(got, Request::Start), "{got:?}");
+        // A second bind replaces what the first left.
+        drop(listener);
+        bind(&socket).unwrap();
+        let e = connect(&dir.join("nosuch.sock")).unwrap_err();
+        assert!(e.contains("nosuch.sock"), "{e}");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

@@ -140,10 +140,7 @@ fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
         .map(parse_hostname)
         .transpose()
         .map_err(|e| format!("hostname: {e}"))?;
-    let socket = state::socket_path(dir);
-    let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket)
-        .map_err(|e| format!("binding the control socket {}: {e}", socket.display()))?;
+    let listener = control::bind(&state::socket_path(dir))?;
     let (sandbox, connection) = match plan.network_namespace {
         None => (build(config)?, None),
         Some(namespace) => {

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kiln::{ConsoleIo, RunReport, VmConfig};
 
+pub mod engine;
+
 /// A scratch directory for one test, removed on drop: `Scratch::new(tag)`
 /// under the target directory, `Scratch::new_in(base, tag)` elsewhere.
 pub struct Scratch(pub PathBuf);

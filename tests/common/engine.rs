@@ -1,0 +1,51 @@
+//! What the OCI runtime tests (tests/oci.rs, tests/oci_docker.rs) share:
+//! the runtime a case runs with, what a case showed, and the image's root.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// The runtime of one case: kiln-oci, or runc (the baseline).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    Kiln,
+    Runc,
+}
+
+/// Bytes as text (lossy: a test shows what it got).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// What a case printed and how it ended (the engine's status).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub stdout: String,
+    pub status: Option<i32>,
+}
+
+/// `out` as a [`Seen`], after showing all of it (for a failing test's log).
+pub fn seen(out: &Output) -> Seen {
+    eprintln!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    Seen {
+        stdout: text(&out.stdout),
+        status: out.status.code(),
+    }
+}
+
+/// The recipe's busybox root as a tar at `tar`, for an engine's `import`.
+pub fn busybox_root_tar(tar: &Path) {
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(super::guest_rootfs())
+        .arg("-cf")
+        .arg(tar)
+        .arg(".")
+        .status()
+        .expect("running tar");
+    assert!(status.success(), "tar of the busybox root failed");
+}
