@@ -277,11 +277,13 @@ impl Runtime {
     }
 }
 
-/// Everything a detached container shows: exec (output and status), stop
-/// (SIGTERM reaching the command's trap), logs, the exit code, rm.
+/// Everything a detached container shows: exec (output and status),
+/// pause and unpause (statuses and the states between), stop (SIGTERM
+/// reaching the command's trap), logs, the exit code, rm.
 #[derive(Debug, PartialEq, Eq)]
 struct Detached {
     exec: Seen,
+    pause: (Option<i32>, String, Option<i32>, String),
     stop: Option<i32>,
     logs: String,
     exit_code: String,
@@ -318,6 +320,30 @@ fn detached_case(docker: &Docker, runtime: Runtime) -> Detached {
         "-c",
         "until [ -e /tmp/ready ]; do :; done; echo in-exec; exit 5",
     ]));
+    let status = || {
+        let out = docker.cmd(&["inspect", &name, "--format", "{{.State.Status}}"]);
+        text(&out.stdout).trim().to_string()
+    };
+    // A command spinning on the CPU while the container is paused: under
+    // kiln-oci its VM's vCPUs use none until unpause.
+    let spin = docker.cmd(&["exec", "-d", &name, "sh", "-c", "while :; do :; done"]);
+    assert!(spin.status.success(), "exec -d: {spin:?}");
+    if runtime == Runtime::Kiln {
+        common::vcpus_run_after(Some(pid), common::vcpu_ticks(Some(pid)), "spinning");
+    }
+    let paused = docker.cmd(&["pause", &name]).status.code();
+    let paused_status = status();
+    if runtime == Runtime::Kiln {
+        let still = common::vcpu_ticks(Some(pid));
+        // An absence over a window: the spinning guest used ~100 ticks a second.
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(common::vcpu_ticks(Some(pid)), still, "a paused vCPU ran");
+    }
+    let unpaused = docker.cmd(&["unpause", &name]).status.code();
+    let pause = (paused, paused_status, unpaused, status());
+    if runtime == Runtime::Kiln {
+        common::vcpus_run_after(Some(pid), common::vcpu_ticks(Some(pid)), "unpaused");
+    }
     if runtime == Runtime::Kiln {
         // kiln-oci's own view through the root dockerd gave it.
         let out = Command::new(env!("CARGO_BIN_EXE_kiln-oci"))
@@ -351,6 +377,7 @@ fn detached_case(docker: &Docker, runtime: Runtime) -> Detached {
     let rm = docker.cmd(&["rm", &name]).status.code();
     Detached {
         exec,
+        pause,
         stop,
         logs,
         exit_code,
@@ -371,6 +398,7 @@ fn entries(dir: &Path) -> Vec<String> {
 
 /// Docker with kiln-oci registered by the README's daemon.json: `docker
 /// run --rm` (output, exit status), and a detached container (`exec`,
+/// `pause` and `unpause` (a spinning command's vCPUs idle between them),
 /// `stop`, `logs`, `rm`), each as with runc; no kiln-oci state is left.
 #[test]
 fn docker_runs_containers_with_kiln_oci_as_with_runc() {
@@ -414,6 +442,7 @@ fn docker_runs_containers_with_kiln_oci_as_with_runc() {
                 stdout: "in-exec\n".into(),
                 status: Some(5),
             },
+            pause: (Some(0), "paused".into(), Some(0), "running".into()),
             stop: Some(0),
             logs: "started\ngot TERM\n".into(),
             exit_code: "0".into(),

@@ -311,48 +311,6 @@ fn cat_through_spawn(sandbox: &Sandbox, line: &str) {
     assert!(cat.wait().unwrap().success());
 }
 
-/// CPU time, in clock ticks, of the vCPU threads ("kiln-vcpuN") of this
-/// process and of its child processes (a sandbox's VM process).
-fn vcpu_ticks() -> u64 {
-    let mut pids = vec!["self".to_string()];
-    for task in fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        pids.extend(children.split_whitespace().map(str::to_string));
-    }
-    let mut ticks = 0;
-    for pid in pids {
-        for task in fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            if !comm.starts_with("kiln-vcpu") {
-                continue;
-            }
-            // utime and stime: fields 14 and 15, the 12th and 13th after the name.
-            let after_name = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
-            let fields: Vec<&str> = after_name.split_whitespace().collect();
-            ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        }
-    }
-    ticks
-}
-
-/// Waits (bounded) until the vCPUs have used more CPU than `since`.
-fn vcpus_run_after(since: u64, what: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let now = vcpu_ticks();
-        if now > since {
-            return now;
-        }
-        assert!(Instant::now() < deadline, "{what}: the vCPUs did not run");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `sandbox.pause()` with a command spinning in the guest: the vCPUs stop
 /// using the CPU (no tick over a second, after `check_paused` ran),
 /// a second pause is refused, and after `resume` they run again.
@@ -360,19 +318,19 @@ fn pause_stops_the_guest(sandbox: &Sandbox, check_paused: impl FnOnce()) {
     let spin = sandbox
         .spawn(Command::new("sh").args(["-c", "while :; do :; done"]))
         .unwrap();
-    vcpus_run_after(vcpu_ticks(), "spinning");
+    common::vcpus_run_after(None, common::vcpu_ticks(None), "spinning");
     sandbox.pause().unwrap_or_else(|e| panic!("{e}"));
     let e = sandbox.pause().unwrap_err().to_string();
     assert!(e.contains("the VM is already paused"), "{e}");
     check_paused();
-    let paused = vcpu_ticks();
+    let paused = common::vcpu_ticks(None);
     // An absence over a window: the spinning guest used ~100 ticks a second.
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(vcpu_ticks(), paused, "a paused vCPU ran");
+    assert_eq!(common::vcpu_ticks(None), paused, "a paused vCPU ran");
     sandbox.resume().unwrap_or_else(|e| panic!("{e}"));
     let e = sandbox.resume().unwrap_err().to_string();
     assert!(e.contains("the VM is not paused"), "{e}");
-    vcpus_run_after(paused, "resumed");
+    common::vcpus_run_after(None, paused, "resumed");
     spin.kill().unwrap();
 }
 

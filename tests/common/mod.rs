@@ -583,6 +583,62 @@ pub fn terminate(mut kiln: std::process::Child) {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{status:?}");
 }
 
+/// CPU time, in clock ticks, of the vCPU threads ("kiln-vcpuN") of process
+/// `pid` (None: this one) and of its child processes (a sandbox's VM
+/// process, `kiln sandbox-vm`).
+pub fn vcpu_ticks(pid: Option<i32>) -> u64 {
+    let root = pid.map_or("self".to_string(), |p| p.to_string());
+    let mut pids = vec![root.clone()];
+    for task in fs::read_dir(format!("/proc/{root}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let children = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        pids.extend(children.split_whitespace().map(str::to_string));
+    }
+    let mut ticks = 0;
+    for pid in pids {
+        for task in fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("kiln-vcpu") {
+                continue;
+            }
+            let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // utime and stime: fields 14 and 15, the 12th and 13th after the name.
+            let after_name = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            ticks += fields
+                .get(11)
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0)
+                + fields
+                    .get(12)
+                    .and_then(|t| t.parse::<u64>().ok())
+                    .unwrap_or(0);
+        }
+    }
+    ticks
+}
+
+/// Waits until the vCPUs of `pid` (as [`vcpu_ticks`]) have used more CPU
+/// than `since`, polling; fails the test after `HANG_LIMIT`.
+pub fn vcpus_run_after(pid: Option<i32>, since: u64, what: &str) -> u64 {
+    let deadline = Instant::now() + HANG_LIMIT;
+    loop {
+        let now = vcpu_ticks(pid);
+        if now > since {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}: the vCPUs did not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until process `pid` has ended (its pidfd turns readable); false if
 /// it still runs after `HANG_LIMIT`. A pid already gone is ended.
 pub fn process_ended(pid: i32) -> bool {
