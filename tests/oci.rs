@@ -635,7 +635,16 @@ fn podman_run_it_gives_a_terminal_of_the_engines_size_as_with_runc() {
         )
     };
     let expected = (true, true, false, Some(7));
-    assert_eq!(case(Runtime::Runc), expected, "the runc baseline");
+    // runc's side once failed on a loaded host with busybox's "stty:
+    // standard input: No child processes" (conmon's terminal, not kiln's
+    // code): the baseline, a second long, gets one more try; kiln-oci's
+    // case gets none.
+    let mut runc = case(Runtime::Runc);
+    if runc != expected {
+        eprintln!("the runc baseline gave {runc:?}; once more");
+        runc = case(Runtime::Runc);
+    }
+    assert_eq!(runc, expected, "the runc baseline");
     assert_eq!(case(Runtime::Kiln), expected, "kiln-oci");
 }
 
