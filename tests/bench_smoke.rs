@@ -226,16 +226,13 @@ const QEMU_NEUTRAL_OPTIONS: [(&str, &str); 3] = [
 /// hides: PV_UNHALT, PV_SEND_IPI, PV_SCHED_YIELD.
 const KVM_PV_HIDDEN_BITS: [u32; 3] = [7, 11, 13];
 
-#[test]
-fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
-    if !(require(have_kvm(), "/dev/kvm not accessible")
+/// What every dry run needs: run.sh's own prerequisites, the guest kernel
+/// and virtiofsd (the fs row shares a directory, kiln-oci the root).
+fn dry_run_prerequisites() -> bool {
+    require(have_kvm(), "/dev/kvm not accessible")
         && require(
             have_program("gcc"),
             "gcc missing (resources/setup.sh installs it)",
-        )
-        && require(
-            have_program("qemu-system-x86_64"),
-            "qemu-system-x86_64 missing (resources/setup.sh installs it)",
         )
         && require(
             have_program("busybox") && have_program("cpio"),
@@ -246,23 +243,20 @@ fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
             "guest kernel missing (run resources/setup.sh)",
         )
         && require(
-            is_root() && have_program("ip"),
-            "the net row needs root and ip (a network namespace)",
-        )
-        && require(
             kiln::share::find_virtiofsd(None).is_ok(),
-            "the fs row needs virtiofsd (resources/setup.sh installs it)",
-        ))
-    {
-        return;
-    }
+            "the fs and oci rows need virtiofsd (resources/setup.sh installs it)",
+        )
+}
+
+/// `run.sh --dry-run --only SECTIONS` with `work` as its scratch root: its
+/// rows, by name.
+fn dry_run(sections: &str, work: &Path) -> BTreeMap<String, Row> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let scratch = Scratch::new("bench-dry");
     let result = Command::new("bash")
         .arg(root.join("resources/bench/run.sh"))
-        .args(["--dry-run", "--only", "boot,disk,net,fs"])
+        .args(["--dry-run", "--only", sections])
         .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
-        .env("KILN_BENCH_WORK", scratch.path("work"))
+        .env("KILN_BENCH_WORK", work)
         .output()
         .expect("running resources/bench/run.sh --dry-run");
     let stdout = String::from_utf8_lossy(&result.stdout);
@@ -273,12 +267,33 @@ fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
         result.status
     );
     eprintln!("{stdout}");
-    let rows = parse_dry_run(&stdout);
+    parse_dry_run(&stdout)
+}
+
+/// A row of the dry run that must be there.
+fn row<'a>(rows: &'a BTreeMap<String, Row>, name: &str) -> &'a Row {
+    rows.get(name)
+        .unwrap_or_else(|| panic!("no '{name}' row in the dry run: {:?}", rows.keys()))
+}
+
+#[test]
+fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
+    if !(dry_run_prerequisites()
+        && require(
+            have_program("qemu-system-x86_64"),
+            "qemu-system-x86_64 missing (resources/setup.sh installs it)",
+        )
+        && require(
+            is_root() && have_program("ip"),
+            "the net row needs root and ip (a network namespace)",
+        ))
+    {
+        return;
+    }
+    let scratch = Scratch::new("bench-dry");
+    let rows = dry_run("boot,disk,net,fs", &scratch.path("work"));
     for name in IDENTICAL_ROWS {
-        let row = rows
-            .get(name)
-            .unwrap_or_else(|| panic!("no '{name}' row in the dry run:\n{stdout}"));
-        check_row(name, row);
+        check_row(name, row(&rows, name));
     }
 }
 
@@ -305,56 +320,21 @@ const PODMAN_RUN_OPTIONS: [&str; 6] = [
 
 #[test]
 fn oci_row_gives_runc_and_kiln_oci_the_same_podman() {
-    if !(require(have_kvm(), "/dev/kvm not accessible")
-        && require(
-            have_program("gcc"),
-            "gcc missing (resources/setup.sh installs it)",
-        )
-        && require(
-            have_program("busybox") && have_program("cpio"),
-            "busybox or cpio missing (resources/setup.sh installs them)",
-        )
-        && require(
-            guest_kernel("vmlinux").is_some(),
-            "guest kernel missing (run resources/setup.sh)",
-        )
+    if !(dry_run_prerequisites()
         && require(
             ["podman", "runc", "conmon", "tar"]
                 .iter()
                 .all(|p| have_program(p)),
             "podman, runc, conmon or tar missing (resources/setup.sh installs them)",
         )
-        && require(is_root(), "the oci row needs root (podman's private store)")
-        && require(
-            kiln::share::find_virtiofsd(None).is_ok(),
-            "the oci row needs virtiofsd (resources/setup.sh installs it)",
-        ))
+        && require(is_root(), "the oci row needs root (podman's private store)"))
     {
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let scratch = Scratch::new("bench-dry-oci");
     let work = scratch.path("work");
-    let result = Command::new("bash")
-        .arg(root.join("resources/bench/run.sh"))
-        .args(["--dry-run", "--only", "oci"])
-        .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
-        .env("KILN_BENCH_WORK", &work)
-        .output()
-        .expect("running resources/bench/run.sh --dry-run --only oci");
-    let stdout = String::from_utf8_lossy(&result.stdout);
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(
-        result.status.success(),
-        "run.sh --dry-run failed ({}):\n{stdout}\n{stderr}",
-        result.status
-    );
-    eprintln!("{stdout}");
-    let rows = parse_dry_run(&stdout);
-    let row = rows
-        .get("oci")
-        .unwrap_or_else(|| panic!("no 'oci' row in the dry run:\n{stdout}"));
-    check_oci_row(row, &work);
+    let rows = dry_run("oci", &work);
+    check_oci_row(row(&rows, "oci"), &work);
 }
 
 /// One podman invocation of the dry run, taken apart.
