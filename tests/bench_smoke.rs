@@ -8,6 +8,9 @@
 //!   options), kernel command line word for word, and the KVM paravirt
 //!   features kiln hides.
 //!   Every difference between the two invocations is named below with why.
+//! - `--dry-run --only oci`: podman with runc and with kiln-oci gets the same
+//!   image and the same options but `--runtime` (and kiln-oci's kernel by
+//!   `--runtime-flag kernel=`), in a store of the run's own.
 
 mod common;
 
@@ -223,16 +226,13 @@ const QEMU_NEUTRAL_OPTIONS: [(&str, &str); 3] = [
 /// hides: PV_UNHALT, PV_SEND_IPI, PV_SCHED_YIELD.
 const KVM_PV_HIDDEN_BITS: [u32; 3] = [7, 11, 13];
 
-#[test]
-fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
-    if !(require(have_kvm(), "/dev/kvm not accessible")
+/// What every dry run needs: run.sh's own prerequisites, the guest kernel
+/// and virtiofsd (the fs row shares a directory, kiln-oci the root).
+fn dry_run_prerequisites() -> bool {
+    require(have_kvm(), "/dev/kvm not accessible")
         && require(
             have_program("gcc"),
             "gcc missing (resources/setup.sh installs it)",
-        )
-        && require(
-            have_program("qemu-system-x86_64"),
-            "qemu-system-x86_64 missing (resources/setup.sh installs it)",
         )
         && require(
             have_program("busybox") && have_program("cpio"),
@@ -243,23 +243,20 @@ fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
             "guest kernel missing (run resources/setup.sh)",
         )
         && require(
-            is_root() && have_program("ip"),
-            "the net row needs root and ip (a network namespace)",
-        )
-        && require(
             kiln::share::find_virtiofsd(None).is_ok(),
-            "the fs row needs virtiofsd (resources/setup.sh installs it)",
-        ))
-    {
-        return;
-    }
+            "the fs and oci rows need virtiofsd (resources/setup.sh installs it)",
+        )
+}
+
+/// `run.sh --dry-run --only SECTIONS` with `work` as its scratch root: its
+/// rows, by name.
+fn dry_run(sections: &str, work: &Path) -> BTreeMap<String, Row> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let scratch = Scratch::new("bench-dry");
     let result = Command::new("bash")
         .arg(root.join("resources/bench/run.sh"))
-        .args(["--dry-run", "--only", "boot,disk,net,fs"])
+        .args(["--dry-run", "--only", sections])
         .env("KILN_BIN", env!("CARGO_BIN_EXE_kiln"))
-        .env("KILN_BENCH_WORK", scratch.path("work"))
+        .env("KILN_BENCH_WORK", work)
         .output()
         .expect("running resources/bench/run.sh --dry-run");
     let stdout = String::from_utf8_lossy(&result.stdout);
@@ -270,12 +267,233 @@ fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
         result.status
     );
     eprintln!("{stdout}");
-    let rows = parse_dry_run(&stdout);
+    parse_dry_run(&stdout)
+}
+
+/// A row of the dry run that must be there.
+fn row<'a>(rows: &'a BTreeMap<String, Row>, name: &str) -> &'a Row {
+    rows.get(name)
+        .unwrap_or_else(|| panic!("no '{name}' row in the dry run: {:?}", rows.keys()))
+}
+
+#[test]
+fn identical_input_rows_give_kiln_and_qemu_the_same_guest() {
+    if !(dry_run_prerequisites()
+        && require(
+            have_program("qemu-system-x86_64"),
+            "qemu-system-x86_64 missing (resources/setup.sh installs it)",
+        )
+        && require(
+            is_root() && have_program("ip"),
+            "the net row needs root and ip (a network namespace)",
+        ))
+    {
+        return;
+    }
+    let scratch = Scratch::new("bench-dry");
+    let rows = dry_run("boot,disk,net,fs", &scratch.path("work"));
     for name in IDENTICAL_ROWS {
-        let row = rows
-            .get(name)
-            .unwrap_or_else(|| panic!("no '{name}' row in the dry run:\n{stdout}"));
-        check_row(name, row);
+        check_row(name, row(&rows, name));
+    }
+}
+
+/// podman's global options that take a separate value, as run.sh passes
+/// them; any other global option must be one `--name=value` word or a flag.
+const PODMAN_VALUE_OPTIONS: [&str; 5] = [
+    "--root",
+    "--runroot",
+    "--tmpdir",
+    "--runtime",
+    "--runtime-flag",
+];
+
+/// What podman's containers need on these hosts (../shared/ENVIRONMENT.md),
+/// as tests/oci.rs gives them.
+const PODMAN_RUN_OPTIONS: [&str; 6] = [
+    "--network",
+    "none",
+    "--ulimit",
+    "nofile=20000:20000",
+    "--ulimit",
+    "nproc=32768:32768",
+];
+
+#[test]
+fn oci_row_gives_runc_and_kiln_oci_the_same_podman() {
+    if !(dry_run_prerequisites()
+        && require(
+            ["podman", "runc", "conmon", "tar"]
+                .iter()
+                .all(|p| have_program(p)),
+            "podman, runc, conmon or tar missing (resources/setup.sh installs them)",
+        )
+        && require(is_root(), "the oci row needs root (podman's private store)"))
+    {
+        return;
+    }
+    let scratch = Scratch::new("bench-dry-oci");
+    let work = scratch.path("work");
+    let rows = dry_run("oci", &work);
+    check_oci_row(row(&rows, "oci"), &work);
+}
+
+/// One podman invocation of the dry run, taken apart.
+#[derive(Debug, Clone, PartialEq)]
+struct Podman {
+    /// Global options besides the runtime's, in order.
+    globals: Vec<String>,
+    runtime: Option<String>,
+    runtime_flags: Vec<String>,
+    /// The subcommand and its words.
+    command: Vec<String>,
+}
+
+fn podman_invocation(what: &str, line: &str) -> Podman {
+    let argv = shell_words(line);
+    assert_eq!(
+        argv.first().map(String::as_str),
+        Some("podman"),
+        "{what}: {line}"
+    );
+    let mut podman = Podman {
+        globals: Vec::new(),
+        runtime: None,
+        runtime_flags: Vec::new(),
+        command: Vec::new(),
+    };
+    let mut words = argv[1..].iter();
+    while let Some(word) = words.next() {
+        if !word.starts_with("--") {
+            podman.command.push(word.clone());
+            podman.command.extend(words.by_ref().cloned());
+            break;
+        }
+        if !PODMAN_VALUE_OPTIONS.contains(&word.as_str()) {
+            podman.globals.push(word.clone());
+            continue;
+        }
+        let value = words
+            .next()
+            .unwrap_or_else(|| panic!("{what}: {word} without a value: {line}"))
+            .clone();
+        match word.as_str() {
+            "--runtime" => {
+                assert!(podman.runtime.is_none(), "{what}: two --runtime: {line}");
+                podman.runtime = Some(value);
+            }
+            "--runtime-flag" => podman.runtime_flags.push(value),
+            _ => podman.globals.extend([word.clone(), value]),
+        }
+    }
+    podman
+}
+
+fn check_oci_row(row: &Row, work: &Path) {
+    let image = one("oci", row, "image");
+    let kernel = one("oci", row, "kiln-oci kernel");
+    assert!(
+        Path::new(kernel).is_absolute() && Path::new(kernel).is_file(),
+        "oci: kiln-oci's kernel '{kernel}' is not an absolute path to a file"
+    );
+    let import = podman_invocation("import", one("oci", row, "image import argv"));
+    let globals = &import.globals;
+    // A store of the run's own, under its work directory.
+    for option in ["--root", "--runroot", "--tmpdir"] {
+        let at = globals
+            .iter()
+            .position(|g| g == option)
+            .unwrap_or_else(|| panic!("oci: podman without {option}: {globals:?}"));
+        assert!(
+            Path::new(&globals[at + 1]).starts_with(work),
+            "oci: podman {option} {} is not under the run's work directory {}",
+            globals[at + 1],
+            work.display()
+        );
+    }
+    assert!(
+        globals.iter().any(|g| g == "--cgroup-manager=cgroupfs"),
+        "oci: podman without --cgroup-manager=cgroupfs: {globals:?}"
+    );
+    assert_eq!(import.runtime, None, "oci: import with a runtime");
+    assert_eq!(
+        import.command.first().map(String::as_str),
+        Some("import"),
+        "oci: {import:?}"
+    );
+    assert_eq!(
+        import.command.last().map(String::as_str),
+        Some(image),
+        "oci: the imported image is not the one the rows run"
+    );
+
+    let kiln_oci = Path::new(env!("CARGO_BIN_EXE_kiln-oci"));
+    for what in ["run", "detached", "exec"] {
+        let runc = podman_invocation(what, one("oci", row, &format!("runc {what} argv")));
+        let kiln = podman_invocation(what, one("oci", row, &format!("kiln-oci {what} argv")));
+        // The runtime and kiln-oci's kernel: the one difference in options.
+        assert_eq!(runc.runtime.as_deref(), Some("runc"), "oci: runc {what}");
+        assert!(runc.runtime_flags.is_empty(), "oci: runc {what}: {runc:?}");
+        assert_eq!(
+            kiln.runtime.as_deref().map(Path::new),
+            Some(kiln_oci),
+            "oci: kiln-oci {what}: not the kiln-oci beside KILN_BIN"
+        );
+        assert_eq!(
+            kiln.runtime_flags,
+            [format!("kernel={kernel}")],
+            "oci: kiln-oci {what}: its runtime flags"
+        );
+        assert_eq!(runc.globals, *globals, "oci: runc {what}: podman's options");
+        assert_eq!(
+            kiln.globals, *globals,
+            "oci: kiln-oci {what}: podman's options"
+        );
+
+        let (r, k) = (&runc.command, &kiln.command);
+        match what {
+            "run" => {
+                assert_eq!(
+                    r, k,
+                    "oci: {what}: runc's (left) and kiln-oci's (right) differ"
+                );
+                let mut expected = vec!["run".to_string(), "--rm".to_string()];
+                expected.extend(PODMAN_RUN_OPTIONS.map(String::from));
+                expected.extend([image.to_string(), "true".to_string()]);
+                assert_eq!(*r, expected, "oci: {what}");
+            }
+            "detached" => {
+                // `run -d --name NAME OPTIONS IMAGE sleep N`: only the names differ.
+                let name_at = r.iter().position(|w| w == "--name").expect("--name") + 1;
+                assert_ne!(r[name_at], k[name_at], "oci: both containers have one name");
+                let mut k_renamed = k.clone();
+                k_renamed[name_at] = r[name_at].clone();
+                assert_eq!(
+                    *r, k_renamed,
+                    "oci: {what}: runc's (left) and kiln-oci's (right) differ"
+                );
+                let mut expected: Vec<String> = ["run", "-d", "--name", r[name_at].as_str()]
+                    .map(String::from)
+                    .to_vec();
+                expected.extend(PODMAN_RUN_OPTIONS.map(String::from));
+                expected.extend([image.to_string(), "sleep".to_string()]);
+                assert_eq!(r[..r.len() - 1], expected, "oci: {what}");
+                let secs = r.last().unwrap();
+                assert!(secs.parse::<u32>().is_ok(), "oci: {what}: sleep {secs}");
+            }
+            _ => {
+                // `exec NAME true` on the detached container of its runtime.
+                for (side, words) in [("runc", r), ("kiln-oci", k)] {
+                    let detached =
+                        podman_invocation(what, one("oci", row, &format!("{side} detached argv")));
+                    let name_at = detached.command.iter().position(|w| w == "--name").unwrap() + 1;
+                    assert_eq!(
+                        *words,
+                        ["exec", detached.command[name_at].as_str(), "true"],
+                        "oci: {side} exec"
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -36,22 +36,31 @@
 #                           own virtiofsd); kiln alone: `kiln run --rootfs`
 #                           time to first output, shared vs packed root, for a
 #                           50 MiB and a 250 MiB root
+#                  oci      OCI runtime: `podman run --rm IMG true` and
+#                           `podman exec CTR true` in a running container,
+#                           runc vs kiln-oci (same image, same podman
+#                           options but --runtime); crun/krun as notes
 #   --out DIR    where BENCHMARKS.md/.json go (default: the repository root)
 #   --reps N, --reps-boot N   override the repetitions (default 5, and 3 for
 #                anything that boots Linux; --quick: 1 and 1; the fs section's
-#                share rows take --reps, its root rows --reps-boot)
+#                share rows take --reps, its root rows --reps-boot; the oci
+#                section's `podman run` rows --reps-boot, its exec rows
+#                twice --reps)
 #   --reps-bootpath N  repetitions of the bootpath section (default: --reps-boot)
 #   --dry-run    boot nothing and write no report: for each identical-input
 #                row (boot, disk, net, fs) print both monitors' invocations, kernel
 #                command lines and the CPUID their vCPU gets (each monitor is
-#                stopped at its first KVM_RUN); tests/bench_smoke.rs checks it
+#                stopped at its first KVM_RUN); for oci, the podman
+#                invocations of both runtimes; tests/bench_smoke.rs checks it
 #
 # Environment: KILN_BIN (a kiln binary to use instead of building
-# target/release/kiln), KILN_BENCH_WORK (scratch root, default target/bench),
+# target/release/kiln; the oci section takes the kiln-oci beside it),
+# KILN_BENCH_WORK (scratch root, default target/bench),
 # KILN_BENCH_FS_MIB and KILN_BENCH_FS_FILES (the fs section's file size and
 # file count; default 64 and 5000, --quick 4 and 100).
 # Prerequisites are what resources/setup.sh installs (gcc, qemu-system-x86,
-# busybox-static, cpio, strace) and the guest kernel it builds.
+# busybox-static, cpio, strace; podman, runc, conmon for oci) and the guest
+# kernel it builds.
 #
 # What each benchmark does, and why, is in resources/bench/README.md.
 set -euo pipefail
@@ -70,7 +79,7 @@ dry_run=0
 reps_override=""
 reps_boot_override=""
 reps_bootpath_override=""
-only="exits,startup,security,boot,bootpath,command,snapshot,exec,disk,net,fs"
+only="exits,startup,security,boot,bootpath,command,snapshot,exec,disk,net,fs,oci"
 out_dir="$root"
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -83,7 +92,7 @@ while [ $# -gt 0 ]; do
         --reps-boot) [ $# -ge 2 ] || die "--reps-boot needs a number"; reps_boot_override=$2; shift ;;
         --reps-bootpath) [ $# -ge 2 ] || die "--reps-bootpath needs a number"; reps_bootpath_override=$2; shift ;;
         --dry-run) dry_run=1 ;;
-        -h|--help) sed -n '2,47s/^# \{0,1\}//p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,54s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
     shift
@@ -92,16 +101,16 @@ declare -A want=()
 IFS=',' read -r -a sections <<< "$only"
 for s in "${sections[@]}"; do
     case "$s" in
-        exits|startup|security|stop|boot|bootpath|command|snapshot|exec|disk|net|fs) want[$s]=1 ;;
+        exits|startup|security|stop|boot|bootpath|command|snapshot|exec|disk|net|fs|oci) want[$s]=1 ;;
         memory|idle) want[boot]=1 ;;
-        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, snapshot, exec, disk, net, fs)" ;;
+        *) die "unknown section '$s' (exits, startup, security, stop, boot, bootpath, command, snapshot, exec, disk, net, fs, oci)" ;;
     esac
 done
 wants() { [ -n "${want[$1]:-}" ]; }
 if [ "$dry_run" = 1 ]; then
     # Only the identical-input rows have two sides to compare.
     for s in exits startup security bootpath command snapshot exec; do unset "want[$s]"; done
-    [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk, net and fs sections only"
+    [ ${#want[@]} -gt 0 ] || die "--dry-run covers the boot, disk, net, fs and oci sections only"
 fi
 
 if [ "$quick" = 1 ]; then
@@ -133,7 +142,8 @@ if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then die "no read/write access to /de
 command -v gcc >/dev/null || die "gcc missing (resources/setup.sh installs build-essential)"
 qemu=$(command -v qemu-system-x86_64 || true)
 if [ -z "$qemu" ]; then
-    [ "$dry_run" = 0 ] || die "qemu-system-x86_64 missing (resources/setup.sh installs qemu-system-x86)"
+    [ "$dry_run" = 0 ] || { wants oci && [ ${#want[@]} = 1 ]; } ||
+        die "qemu-system-x86_64 missing (resources/setup.sh installs qemu-system-x86)"
     log "qemu-system-x86_64 missing: QEMU columns stay empty (resources/setup.sh installs qemu-system-x86)"
 fi
 have_strace=0
@@ -157,20 +167,24 @@ floor="$bin/kvm-floor"
 tiny="$bin/bench_exit.elf"
 shim="$bin/first-run.so"
 
+# The oci section's runtime: kiln-oci runs each VM with the kiln beside it.
+kiln_bins=(--bin kiln)
+wants oci && kiln_bins+=(--bin kiln-oci)
 if [ -n "${KILN_BIN:-}" ]; then
     kiln=$KILN_BIN
     kiln_build="given (KILN_BIN)"
 else
     log "building kiln (cargo build --release)"
-    (cd "$root" && cargo build --release --quiet --bin kiln) || die "cargo build failed"
+    (cd "$root" && cargo build --release --quiet "${kiln_bins[@]}") || die "cargo build failed"
     kiln="$root/target/release/kiln"
     kiln_build="release"
 fi
 [ -x "$kiln" ] || die "kiln binary $kiln not found"
+kiln_oci="$(dirname "$kiln")/kiln-oci"
 kiln_help=$("$kiln" run --help 2>&1 || true)
 
 need_kernel=0
-for s in boot command snapshot exec disk net fs; do wants $s && need_kernel=1; done
+for s in boot command snapshot exec disk net fs oci; do wants $s && need_kernel=1; done
 vmlinux=""; bzimage=""
 if [ "$need_kernel" = 1 ]; then
     if [ -f "$root/target/guest/vmlinux" ]; then
@@ -731,7 +745,26 @@ dry_run_rows() {
         fi
         [ "$row" = net ] && net_ns_down
     done
+    wants oci && dry_run_oci
     return 0
+}
+
+# The oci row: each runtime's podman invocations, as run_oci gives them.
+dry_run_oci() {
+    local why rt what
+    why=$(oci_missing)
+    [ -z "$why" ] || { echo "== oci: skipped ($why)"; return 0; }
+    echo "== oci"
+    echo "image: $oci_image"
+    echo "image import argv: $(printf '%q ' "${oci_import_cmd[@]}")"
+    echo "kiln-oci kernel: $vmlinux"
+    for rt in "${oci_runtimes[@]}"; do
+        for what in run detached exec; do
+            oci_argv "$rt" "$what"
+            echo "$rt $what argv: $(printf '%q ' "${oci_cmd[@]}")"
+        done
+    done
+    oci_other_runtimes | sed 's/^/other runtime: /'
 }
 
 # ---------------------------------------------------- 2a, 4, 6. boot to init
@@ -1334,6 +1367,161 @@ fs_roots() {
     done
 }
 
+# ------------------------------------------------- 6. OCI runtime (issue 13)
+# podman with runc and with kiln-oci side by side: `podman run --rm IMG true`
+# (wall time of the whole podman command: image mount, runtime create and
+# start, the command, clean-up) and `podman exec CTR true` round trips in a
+# running container of each. One podman store of the run's own (--root,
+# --runroot, --tmpdir under the work directory: the host's podman state is
+# untouched) holds the image, made as tests/oci.rs makes it (`podman import`
+# of the busybox root); both runtimes get the same image and the same podman
+# options but --runtime, and kiln-oci its kernel with --runtime-flag.
+# cgroupfs and the pinned ulimits: ../shared/ENVIRONMENT.md.
+oci_dir="$work/oci"
+oci_image=localhost/kiln-bench-busybox
+oci_podman=(podman --root "$oci_dir/storage" --runroot "$oci_dir/run" --tmpdir "$oci_dir/tmp"
+            --cgroup-manager=cgroupfs --events-backend=file)
+oci_run_options=(--network none --ulimit nofile=20000:20000 --ulimit nproc=32768:32768)
+oci_runtimes=(runc kiln-oci)
+oci_up_done=0
+
+# oci_runtime_args RUNTIME: podman's global options that pick RUNTIME, into
+# the array oci_rt.
+oci_runtime_args() {
+    case $1 in
+        runc) oci_rt=(--runtime runc) ;;
+        kiln-oci) oci_rt=(--runtime "$kiln_oci" --runtime-flag "kernel=$vmlinux") ;;
+        *) oci_rt=(--runtime "$1") ;;
+    esac
+}
+# oci_argv RUNTIME WHAT: the podman invocation WHAT (run, detached, exec)
+# under RUNTIME, into the array oci_cmd. The detached container of each
+# runtime is named after it.
+oci_argv() {
+    oci_runtime_args "$1"
+    local name="kiln-bench-$1"
+    case $2 in
+        run) oci_cmd=("${oci_podman[@]}" "${oci_rt[@]}" run --rm "${oci_run_options[@]}" "$oci_image" true) ;;
+        detached) oci_cmd=("${oci_podman[@]}" "${oci_rt[@]}" run -d --name "$name" "${oci_run_options[@]}" "$oci_image" sleep 86400) ;;
+        exec) oci_cmd=("${oci_podman[@]}" "${oci_rt[@]}" exec "$name" true) ;;
+    esac
+}
+oci_import_cmd=("${oci_podman[@]}" import "$oci_dir/root.tar" "$oci_image")
+
+oci_missing() {
+    local p missing=()
+    for p in podman runc conmon tar; do command -v "$p" >/dev/null || missing+=("$p"); done
+    [ ${#missing[@]} = 0 ] || { echo "${missing[*]} missing (resources/setup.sh installs podman and runc)"; return; }
+    [ "$(id -u)" = 0 ] || { echo "not root (podman's private store and kiln-oci's /run/kiln-oci)"; return; }
+    [ -x "$kiln_oci" ] || { echo "no kiln-oci beside $kiln"; return; }
+    [ -n "$virtiofsd" ] || { echo "no virtiofsd (kiln-oci shares the container's root; resources/setup.sh installs it)"; return; }
+}
+
+# The runtimes with no row: what the host has of them, as notes. crun 1.8
+# (Debian 12) refuses every container where cgroup v1 hierarchies sit beside
+# a v2 "unified" mount that holds a controller (these hosts: hugetlb), with
+# "cgroups in hybrid mode not supported, drop all controllers from
+# cgroupv2", also under podman's --cgroups=disabled (tried from the
+# unpacked .deb, 2026-11-30).
+oci_other_runtimes() {
+    local p policy hybrid="" unified
+    # (sysfs gives its files no size: read, not test -s)
+    unified=$(cat /sys/fs/cgroup/unified/cgroup.controllers 2>/dev/null || true)
+    [ -n "$unified" ] && hybrid="; this host's cgroups are hybrid with '$unified' in the v2 unified mount, which crun 1.8 refuses (\"cgroups in hybrid mode not supported\")"
+    for p in crun krun; do
+        policy=$(apt-cache policy "$p" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+        if command -v "$p" >/dev/null; then
+            echo "$p: installed ($($p --version 2>/dev/null | head -1)); tried below"
+        elif [ -n "$policy" ] && [ "$policy" != "(none)" ]; then
+            echo "$p: no row: not installed (Debian has $p $policy)$([ "$p" = crun ] && echo "$hybrid")"
+        else
+            echo "$p: no row: not packaged for this host's Debian ($(. /etc/os-release 2>/dev/null; echo "${VERSION_CODENAME:-unknown}"): apt-cache policy $p finds no candidate)"
+        fi
+    done
+}
+
+# The store and the image; oci_down (also on exit, even on failure) removes
+# the containers, the image store and kiln-oci's state of them.
+oci_up() {
+    mkdir -p "$oci_dir"
+    trap oci_down EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    oci_up_done=1
+    guest_rootfs oci
+    tar -C "$rootfs" -cf "$oci_dir/root.tar" . &&
+        "${oci_import_cmd[@]}" >"$oci_dir/import.out" 2>"$oci_dir/import.err"
+}
+oci_down() {
+    [ "$oci_up_done" = 1 ] || return 0
+    oci_up_done=0
+    "${oci_podman[@]}" rm -af -t 0 >>"$oci_dir/down.log" 2>&1 || true
+    "${oci_podman[@]}" system reset -f >>"$oci_dir/down.log" 2>&1 || true
+    rm -f "$oci_dir/root.tar"
+    trap - EXIT INT TERM
+}
+
+# oci_time RUNTIME WHAT METRIC REP: one timed podman invocation; its wall
+# time in seconds recorded as METRIC for RUNTIME's column (kiln-oci: kiln).
+oci_time() {
+    local rt=$1 what=$2 metric=$3 rep=$4 mon
+    local base="$work/oci-$what-$rt-$rep"
+    mon=$rt
+    [ "$rt" = kiln-oci ] && mon=kiln
+    oci_argv "$rt" "$what"
+    brun -t "$boot_timeout" -o "$base.out" -e "$base.err" -- "${oci_cmd[@]}" ||
+        { fail_note "oci: $rt $what: benchrun failed"; return 1; }
+    ok 0 || { fail_note "oci: $rt $what run $rep: status ${R[status]:-?} signal ${R[signal]:-} (see $base.out, $base.err)"; return 1; }
+    record "$metric" "$mon" "$(awk -v s="${R[wall]}" 'BEGIN { printf "%.3f", s }')"
+}
+
+run_oci() {
+    local why rt rep line rootfs
+    why=$(oci_missing)
+    if [ -n "$why" ]; then
+        note "oci: not available: $why"
+        record_na oci_run_true_s; record_na oci_exec_true_s
+        return 0
+    fi
+    while read -r line; do note "oci: $line"; done < <(oci_other_runtimes)
+    local runtimes=("${oci_runtimes[@]}")
+    oci_up || { fail_note "oci: podman import failed (see $oci_dir/import.err)"; oci_down; return 0; }
+    # crun, where installed, gets rows if it runs a container here at all.
+    if command -v crun >/dev/null; then
+        oci_argv crun run
+        if "${oci_cmd[@]}" >"$work/oci-crun-probe.out" 2>"$work/oci-crun-probe.err" </dev/null; then
+            runtimes+=(crun)
+        else
+            note "oci: crun: no row: \`${oci_cmd[*]}\` failed: $(head -c 300 "$work/oci-crun-probe.err" | tr '\n' ' ')"
+        fi
+    fi
+    note "oci: $(podman --version), $(runc --version | head -1), conmon $(conmon --version | sed -n 's/^conmon version //p'); image $oci_image (podman import of $(basename "$rootfs")); podman options: ${oci_podman[*]:1} ... ${oci_run_options[*]}; kiln-oci: --runtime-flag kernel=$vmlinux, its defaults otherwise (256 MiB, 1 vCPU, the root through virtio-fs)"
+    local exec_reps=$((reps * 2))
+    log "oci: podman run --rm: $reps_boot repetitions; podman exec: $exec_reps (${runtimes[*]})"
+    for rep in $(seq "$reps_boot"); do
+        local order=("${runtimes[@]}")
+        [ $((rep % 2)) = 0 ] && order=($(printf '%s\n' "${runtimes[@]}" | tac))
+        for rt in "${order[@]}"; do
+            log "  podman run --rm ($rt) $rep/$reps_boot"
+            oci_time "$rt" run oci_run_true_s "$rep" || true
+        done
+    done
+    # One running container per runtime, both up while the round trips
+    # alternate; the first exec of each is a row of its own.
+    local up=()
+    for rt in "${runtimes[@]}"; do
+        log "  podman run -d ($rt)"
+        oci_time "$rt" detached oci_run_detached_s 1 && up+=("$rt")
+    done
+    for rt in "${up[@]}"; do oci_time "$rt" exec oci_exec_first_s 0 || true; done
+    for rep in $(seq "$exec_reps"); do
+        local order=("${up[@]}")
+        [ $((rep % 2)) = 0 ] && order=($(printf '%s\n' "${up[@]}" | tac))
+        for rt in "${order[@]}"; do oci_time "$rt" exec oci_exec_true_s "$rep" || true; done
+    done
+    oci_down
+}
+
 # ------------------------------------------------------------------- run all
 if [ "$dry_run" = 1 ]; then
     dry_run_rows
@@ -1352,6 +1540,7 @@ wants exec && run_exec
 wants disk && run_disk
 wants net && run_net
 wants fs && run_fs
+wants oci && run_oci
 elapsed=$(( $(date +%s) - started ))
 load_end=$(cut -d' ' -f1-3 /proc/loadavg)
 
