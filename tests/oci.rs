@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::engine::{busybox_root_tar, seen, text, Runtime, Seen};
+use common::engine::{busybox_root_tar, read_published_port, seen, text, Runtime, Seen};
 use common::{guest_kernel, is_root, require, Netns, Scratch};
 use kiln::oci::state::{self, ContainerDir, Saved};
 
@@ -711,7 +711,7 @@ fn detached_case(runtime: Runtime) -> Detached {
         .netns
         .as_ref()
         .unwrap()
-        .on_thread(read_published_port);
+        .on_thread(|| read_published_port(PUBLISHED_PORT, BOOT_LIMIT));
     let monitor: i32 = text(
         &podman
             .cmd(&["inspect", "c1", "--format", "{{.State.Pid}}"])
@@ -763,23 +763,6 @@ fn detached_case(runtime: Runtime) -> Detached {
         logs,
         exit_code,
         rm,
-    }
-}
-
-/// What the server behind `127.0.0.1:PUBLISHED_PORT` sends (or the error,
-/// which then differs from the runc baseline).
-fn read_published_port() -> String {
-    use std::io::Read;
-    let address = (std::net::Ipv4Addr::LOCALHOST, PUBLISHED_PORT).into();
-    let mut stream = match std::net::TcpStream::connect_timeout(&address, BOOT_LIMIT) {
-        Ok(stream) => stream,
-        Err(e) => return format!("connecting to the published port: {e}"),
-    };
-    let _ = stream.set_read_timeout(Some(BOOT_LIMIT));
-    let mut served = String::new();
-    match stream.read_to_string(&mut served) {
-        Ok(_) => served,
-        Err(e) => format!("reading the published port: {e} (after {served:?})"),
     }
 }
 

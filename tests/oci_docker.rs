@@ -18,10 +18,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::engine::{busybox_root_tar, seen, text, Runtime, Seen};
+use common::engine::{busybox_root_tar, read_published_port, seen, text, Runtime, Seen};
 use common::{guest_kernel, is_root, require, Netns, Scratch};
 
 const IMAGE: &str = "kiln-oci-busybox";
+/// The port the detached case publishes (`-p PUBLISHED_PORT:80`).
+const PUBLISHED_PORT: u16 = 8080;
+/// What the detached container serves on its port 80.
+const SERVED: &str = "served-by-the-container";
 /// Where the README's Docker snippet installs kiln-oci and the kernel.
 const README_BINARY: &str = "/usr/local/bin/kiln-oci";
 const README_KERNEL: &str = "/usr/local/share/kiln/vmlinux";
@@ -78,7 +82,7 @@ struct Docker {
     scratch: Scratch,
     daemon: Option<Child>,
     /// Dropped after the daemon (fields drop after `Drop::drop`).
-    _netns: Netns,
+    netns: Netns,
 }
 
 impl Docker {
@@ -109,7 +113,7 @@ impl Docker {
         let mut docker = Self {
             scratch,
             daemon: Some(daemon),
-            _netns: netns,
+            netns,
         };
         // Ready once it answers on its socket (or failed: its log says why).
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -282,6 +286,7 @@ impl Runtime {
 /// reaching the command's trap), logs, the exit code, rm.
 #[derive(Debug, PartialEq, Eq)]
 struct Detached {
+    served: String,
     exec: Seen,
     pause: (Option<i32>, String, Option<i32>, String),
     stop: Option<i32>,
@@ -292,15 +297,23 @@ struct Detached {
 
 fn detached_case(docker: &Docker, runtime: Runtime) -> Detached {
     let name = format!("detached-{runtime:?}").to_lowercase();
-    // The trap is set before /tmp/ready exists (`: >` is the shell's own,
-    // no fork); the exec waits for it, so `stop` finds the trap in place.
-    let script = "trap 'echo got TERM; exit 0' TERM; echo started; : > /tmp/ready; \
-                  while true; do sleep 1; done";
+    // The trap is set and the server listens before /tmp/ready exists
+    // (`: >` is the shell's own, no fork); the exec waits for it, so
+    // `stop` finds the trap in place and the port answers. Docker's
+    // default network: its bridge in the test's namespace, the container's
+    // namespace filled by Docker's prestart hook, port 80 published.
+    let script = format!(
+        "trap 'echo got TERM; exit 0' TERM; echo started; \
+         echo {SERVED} | nc -l -p 80 >/dev/null & \
+         while ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ':0050 0*:0000 0A'; \
+         do :; done; : > /tmp/ready; while true; do sleep 1; done"
+    );
+    let publish = format!("{PUBLISHED_PORT}:80");
     let out = docker
         .command()
-        .args(["run", "-d", "--network", "none", "--name", &name])
+        .args(["run", "-d", "-p", &publish, "--name", &name])
         .args(runtime.options())
-        .args([IMAGE, "sh", "-c", script])
+        .args([IMAGE, "sh", "-c", &script])
         .output()
         .unwrap();
     assert!(out.status.success(), "{runtime:?} run -d: {out:?}");
@@ -320,6 +333,9 @@ fn detached_case(docker: &Docker, runtime: Runtime) -> Detached {
         "-c",
         "until [ -e /tmp/ready ]; do :; done; echo in-exec; exit 5",
     ]));
+    let served = docker
+        .netns
+        .on_thread(|| read_published_port(PUBLISHED_PORT, Duration::from_secs(120)));
     let status = || {
         let out = docker.cmd(&["inspect", &name, "--format", "{{.State.Status}}"]);
         text(&out.stdout).trim().to_string()
@@ -376,6 +392,7 @@ fn detached_case(docker: &Docker, runtime: Runtime) -> Detached {
     }
     let rm = docker.cmd(&["rm", &name]).status.code();
     Detached {
+        served,
         exec,
         pause,
         stop,
@@ -438,6 +455,7 @@ fn docker_runs_containers_with_kiln_oci_as_with_runc() {
     assert_eq!(
         runc,
         Detached {
+            served: format!("{SERVED}\n"),
             exec: Seen {
                 stdout: "in-exec\n".into(),
                 status: Some(5),

@@ -20,6 +20,7 @@ mod console;
 pub mod control;
 mod exec;
 pub mod files;
+pub mod hooks;
 pub mod log;
 mod monitor;
 pub mod network;

@@ -119,9 +119,20 @@ type Booted = (Sandbox, Option<Connection>, Command, UnixListener);
 fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
     let saved = state::read_saved(dir)?;
     let spec = spec::load(&saved.bundle)?;
-    let plan = spec.plan(&saved.bundle)?;
+    let mut plan = spec.plan(&saved.bundle)?;
     let command = spec.process()?.command()?;
     super::files::copy_into_root(&plan.root, &plan.files)?;
+    // The new network namespace the spec asks for is this process's own
+    // (its pid is the container's), made before the hooks that fill it.
+    let runtime_netns = match plan.new_network_namespace {
+        true => Some(enter_new_network_namespace()?),
+        false => None,
+    };
+    run_create_hooks(&spec, &saved, runtime_netns.as_ref(), logger)?;
+    let netns_is_ours = runtime_netns.is_some();
+    if netns_is_ours {
+        plan.network_namespace = Some(format!("/proc/{}/ns/net", std::process::id()).into());
+    }
     for mount in &plan.skipped_mounts {
         logger.debug(&format!("mount {mount} left out"));
     }
@@ -143,12 +154,54 @@ fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
     let listener = control::bind(&state::socket_path(dir))?;
     let (sandbox, connection) = match plan.network_namespace {
         None => (build(config)?, None),
-        Some(namespace) => {
-            network::in_namespace(&namespace, || boot_in_namespace(dir, &namespace, config))
-                .map_err(|e| e.to_string())??
-        }
+        Some(namespace) => network::in_namespace(&namespace, || {
+            boot_in_namespace(dir, &namespace, config, !netns_is_ours)
+        })
+        .map_err(|e| e.to_string())??,
     };
     Ok((sandbox, connection, command, listener))
+}
+
+/// Moves this thread (the main one, whose namespace is the process's in
+/// /proc/PID/ns) into a new network namespace; returns the one it leaves,
+/// where hooks run.
+fn enter_new_network_namespace() -> Result<File, String> {
+    let runtime = File::open("/proc/thread-self/ns/net")
+        .map_err(|e| format!("opening the runtime's network namespace: {e}"))?;
+    // SAFETY: unshare with one flag changes only this thread's namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!("making the container's network namespace: {e}"));
+    }
+    Ok(runtime)
+}
+
+/// Runs the spec's `prestart` and `createRuntime` hooks, in order, with the
+/// container's state (status "creating", this process's pid) on stdin; in
+/// `runtime_netns` when the container's namespace is this process's.
+fn run_create_hooks(
+    spec: &spec::Spec,
+    saved: &state::Saved,
+    runtime_netns: Option<&File>,
+    logger: &Logger,
+) -> Result<(), String> {
+    for (kind, count) in spec.hooks.left_out() {
+        logger.debug(&format!("{count} {kind} hook(s) left out"));
+    }
+    let state = serde_json::json!({
+        "ociVersion": spec.oci_version,
+        "id": saved.id,
+        "status": "creating",
+        "pid": std::process::id(),
+        "bundle": saved.bundle,
+        "annotations": saved.annotations,
+    });
+    let state = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+    for (kind, hook) in spec.hooks.at_create() {
+        logger.debug(&format!("running the {kind} hook {}", hook.path.display()));
+        super::hooks::run(kind, hook, &state, runtime_netns)?;
+    }
+    Ok(())
 }
 
 /// Runs on a thread inside the container's network namespace: carries its
@@ -156,10 +209,13 @@ fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
 /// which opens the TAPs by name, inherits this thread's namespace). The
 /// guest's init configures every interface from the `kiln.net=` words;
 /// name servers are the root's /etc/resolv.conf (the engine's, copied in).
+/// `record`: write network.json for `delete` (not for a namespace of the
+/// monitor's own, which is gone with it or the engine's to remove).
 fn boot_in_namespace(
     dir: &std::path::Path,
     namespace: &std::path::Path,
     mut config: VmConfig,
+    record: bool,
 ) -> Result<(Sandbox, Option<Connection>), String> {
     let connection = network::connect().map_err(|e| format!("network: {e}"))?;
     let carried = connection.network().clone();
@@ -175,7 +231,9 @@ fn boot_in_namespace(
         namespace: namespace.to_path_buf(),
         network: carried,
     };
-    state::save_network(dir, &saved)?;
+    if record {
+        state::save_network(dir, &saved)?;
+    }
     match build(config) {
         Ok(sandbox) => Ok((sandbox, Some(connection))),
         Err(e) => {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::files::FileMount;
+use super::hooks::HooksSpec;
 use super::resources::ResourcesSpec;
 use crate::config::{ShareCache, ShareConfig};
 use crate::sandbox::Command;
@@ -36,6 +37,9 @@ pub struct Spec {
     pub annotations: BTreeMap<String, String>,
     /// `linux` (its namespaces).
     pub linux: Option<LinuxSpec>,
+    /// Hooks (`hooks`: which are run).
+    #[serde(default)]
+    pub hooks: HooksSpec,
 }
 
 /// `linux`, the part kiln-oci reads.
@@ -162,8 +166,13 @@ pub struct ContainerPlan {
     pub hostname: Option<String>,
     /// The network namespace the engine made for the container (the
     /// `network` namespace's path): its interfaces are carried into the
-    /// VM. None (a new, empty namespace, as `--network none`): no card.
+    /// VM. None: see `new_network_namespace`.
     pub network_namespace: Option<PathBuf>,
+    /// A `network` namespace without a path: the runtime makes a new one
+    /// (the container monitor's), which the engine's hooks may fill
+    /// (Docker's); empty (`--network none`): no card. Neither: the host's
+    /// network is not carried either.
+    pub new_network_namespace: bool,
 }
 
 /// Reads `bundle`/config.json. Every error is one line naming the problem.
@@ -218,6 +227,14 @@ impl Spec {
         }
         let root_path = std::path::absolute(&root_path)
             .map_err(|e| format!("root.path {}: {e}", root_path.display()))?;
+        let network = self
+            .linux
+            .iter()
+            .flat_map(|l| &l.namespaces)
+            .find(|n| n.kind == "network");
+        let network_namespace = network
+            .and_then(|n| n.path.clone())
+            .filter(|p| !p.as_os_str().is_empty());
         let mut plan = ContainerPlan {
             root: root_path,
             readonly: root.readonly,
@@ -225,13 +242,8 @@ impl Spec {
             files: Vec::new(),
             skipped_mounts: Vec::new(),
             hostname: self.hostname.clone().filter(|h| !h.is_empty()),
-            network_namespace: self
-                .linux
-                .iter()
-                .flat_map(|l| &l.namespaces)
-                .find(|n| n.kind == "network")
-                .and_then(|n| n.path.clone())
-                .filter(|p| !p.as_os_str().is_empty()),
+            new_network_namespace: network.is_some() && network_namespace.is_none(),
+            network_namespace,
         };
         for mount in &self.mounts {
             let dest = mount.destination.trim_end_matches('/');
@@ -319,15 +331,20 @@ mod tests {
         let plan = |linux: &str| {
             let json = format!(r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}}{linux}}}"#);
             let spec: Spec = serde_json::from_str(&json).unwrap();
-            spec.plan(&bundle).unwrap().network_namespace
+            let plan = spec.plan(&bundle).unwrap();
+            (plan.network_namespace, plan.new_network_namespace)
         };
         let engine_made = r#","linux":{"namespaces":[{"type":"pid"},{"type":"network","path":"/run/netns/cni-1"}]}"#;
-        assert_eq!(plan(engine_made), Some(PathBuf::from("/run/netns/cni-1")));
-        // A new, empty namespace (--network none), none at all, no linux.
+        assert_eq!(
+            plan(engine_made),
+            (Some(PathBuf::from("/run/netns/cni-1")), false)
+        );
+        // A new namespace (the runtime's to make: Docker, --network none);
+        // none at all, no linux: the host's, not carried.
         let fresh = r#","linux":{"namespaces":[{"type":"network"},{"type":"mount","path":"/x"}]}"#;
-        assert_eq!(plan(fresh), None);
-        assert_eq!(plan(r#","linux":{}"#), None);
-        assert_eq!(plan(""), None);
+        assert_eq!(plan(fresh), (None, true));
+        assert_eq!(plan(r#","linux":{}"#), (None, false));
+        assert_eq!(plan(""), (None, false));
         std::fs::remove_dir_all(&bundle).unwrap();
     }
 
