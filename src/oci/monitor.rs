@@ -221,7 +221,11 @@ fn kiln_beside_us() -> Option<PathBuf> {
 
 /// Hands each signal sent to the monitor to the main loop, until it ends.
 fn forward_signals(signals: Forwarded, tx: Sender<Event>) {
-    while tx.send(Event::Forward(signals.next())).is_ok() {}
+    while let Some(signal) = signals.next() {
+        if tx.send(Event::Forward(signal)).is_err() {
+            return;
+        }
+    }
 }
 
 fn accept_loop(listener: UnixListener, tx: Sender<Event>, shared: Arc<Shared>) {

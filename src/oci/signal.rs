@@ -135,14 +135,14 @@ impl Forwarded {
         Self(set)
     }
 
-    /// Waits for the next of the signals sent to this process.
-    pub fn next(&self) -> i32 {
+    /// Waits for the next of the signals sent to this process; None if
+    /// the wait fails (only for an invalid set: glibc retries an
+    /// interrupted wait).
+    pub fn next(&self) -> Option<i32> {
         let mut signal = 0;
-        // SAFETY: the set is valid and initialised, `signal` a valid out
-        // pointer. sigwait fails only for an invalid set (glibc retries
-        // an interrupted wait).
-        while unsafe { libc::sigwait(&self.0, &mut signal) } != 0 {}
-        signal
+        // SAFETY: the set is valid and initialised, `signal` a valid out pointer.
+        let waited = unsafe { libc::sigwait(&self.0, &mut signal) };
+        (waited == 0).then_some(signal)
     }
 }
 
@@ -190,7 +190,7 @@ mod tests {
             // SAFETY: raise sends a signal to the calling thread; SIGUSR2
             // is blocked here, so it stays pending until `next` takes it.
             assert_eq!(unsafe { libc::raise(libc::SIGUSR2) }, 0);
-            assert_eq!(signals.next(), libc::SIGUSR2);
+            assert_eq!(signals.next(), Some(libc::SIGUSR2));
         })
         .join()
         .unwrap();
