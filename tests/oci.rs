@@ -767,7 +767,6 @@ struct ExecTerminal {
 /// test has resized the terminal to 50x132, the size its trap of SIGWINCH
 /// reads, and exits 9 when that size has arrived.
 fn exec_it_with_a_resize(podman: &Podman) -> ExecTerminal {
-    use std::os::unix::process::CommandExt;
     let terminal = TestTerminal::open(41, 99);
     // Quotes split the markers, so that no echo of the command line matches.
     let script = r#"tty; echo "si""ze $(stty size)"; \
@@ -777,17 +776,8 @@ fn exec_it_with_a_resize(podman: &Podman) -> ExecTerminal {
     cmd.args(["exec", "-it", "c1", "sh", "-c", script]);
     let stdio = || Stdio::from(terminal.slave.try_clone().unwrap());
     cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
-    // SAFETY: only async-signal-safe system calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // A session whose controlling terminal is the slave (stdin):
-            // podman is its foreground group and gets SIGWINCH.
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // podman is the foreground group of the slave: it gets SIGWINCH.
+    common::on_controlling_terminal(&mut cmd);
     let mut child = cmd.spawn().expect("podman exec -it");
     drop(cmd);
     let TestTerminal { master, slave } = terminal;

@@ -14,7 +14,6 @@ mod common;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -102,17 +101,8 @@ fn kiln_run_it_sh_behaves_like_a_terminal_session() {
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave));
-    // SAFETY: only async-signal-safe system calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // A session of its own whose controlling terminal is the slave
-            // (stdin): kiln is its foreground group, so it gets SIGWINCH.
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // kiln is the foreground group of the slave: it gets SIGWINCH.
+    common::on_controlling_terminal(&mut cmd);
     let mut kiln = cmd.spawn().expect("starting kiln");
     drop(cmd); // our copies of the slave: kiln holds the only ones
     let mut keys = master.try_clone().unwrap();

@@ -686,3 +686,19 @@ impl Screen {
         }
     }
 }
+
+/// Starts `cmd` in a session of its own whose controlling terminal is its
+/// stdin (a pty's slave): it is that terminal's foreground process group,
+/// which the kernel sends SIGWINCH when the pty is resized.
+pub fn on_controlling_terminal(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
