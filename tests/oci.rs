@@ -575,6 +575,63 @@ fn names_a_pty(line: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// What `podman exec -it` showed on the test's terminal: whether `tty`
+/// named a pty, the sizes `stty size` printed (at the start, then after
+/// the test resized its terminal), and the exec's status.
+#[derive(Debug, PartialEq, Eq)]
+struct ExecTerminal {
+    pts: bool,
+    sizes: Vec<String>,
+    status: Option<i32>,
+}
+
+/// `podman exec -it` in the running container `c1`, on a 41x99 terminal of
+/// the test's own (podman's controlling terminal, so that a resize sends
+/// it SIGWINCH): the shell prints `tty` and `stty size`, then, once the
+/// test has resized the terminal to 50x132, the size its trap of SIGWINCH
+/// reads, and exits 9 when that size has arrived.
+fn exec_it_with_a_resize(podman: &Podman) -> ExecTerminal {
+    let terminal = TestTerminal::open(41, 99);
+    // Quotes split the markers, so that no echo of the command line matches.
+    let script = r#"tty; echo "si""ze $(stty size)"; \
+        trap 's=$(stty size); echo "si""ze $s"; [ "$s" = "50 132" ] && exit 9' WINCH; \
+        echo "ar""med"; while :; do sleep 1; done"#;
+    let mut cmd = podman.command();
+    cmd.args(["exec", "-it", "c1", "sh", "-c", script]);
+    let stdio = || Stdio::from(terminal.slave.try_clone().unwrap());
+    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
+    // podman is the foreground group of the slave: it gets SIGWINCH.
+    common::on_controlling_terminal(&mut cmd);
+    let mut child = cmd.spawn().expect("podman exec -it");
+    drop(cmd);
+    let TestTerminal { master, slave } = terminal;
+    drop(slave);
+    let mut screen = common::Screen::new(master.try_clone().unwrap());
+    let started = screen.until("armed", BOOT_LIMIT);
+    common::set_size(&master, 50, 132);
+    let resized = screen.until("size 50 132", STEP_LIMIT);
+    let status = child.wait().unwrap().code();
+    eprintln!(
+        "exec -it: status {status:?}, the terminal showed:\n{}",
+        screen.text()
+    );
+    let lines: Vec<&str> = started
+        .lines()
+        .chain(resized.lines())
+        .map(str::trim)
+        .collect();
+    let pts = lines.iter().any(|l| names_a_pty(l));
+    let mut sizes: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("size "))
+        .map(String::from)
+        .collect();
+    // The engine may set the same size again once the shell runs: one
+    // line per size the shell saw.
+    sizes.dedup();
+    ExecTerminal { pts, sizes, status }
+}
+
 /// `podman run -it` on a terminal of the test's own, with each runtime:
 /// the command's stdio is a terminal in the container (`tty`), of the
 /// size of the test's (`stty size`), and its status is podman's.
@@ -749,63 +806,6 @@ fn detached_case(runtime: Runtime) -> Detached {
         exit_code,
         rm,
     }
-}
-
-/// What `podman exec -it` showed on the test's terminal: whether `tty`
-/// named a pty, the sizes `stty size` printed (at the start, then after
-/// the test resized its terminal), and the exec's status.
-#[derive(Debug, PartialEq, Eq)]
-struct ExecTerminal {
-    pts: bool,
-    sizes: Vec<String>,
-    status: Option<i32>,
-}
-
-/// `podman exec -it` in the running container `c1`, on a 41x99 terminal of
-/// the test's own (podman's controlling terminal, so that a resize sends
-/// it SIGWINCH): the shell prints `tty` and `stty size`, then, once the
-/// test has resized the terminal to 50x132, the size its trap of SIGWINCH
-/// reads, and exits 9 when that size has arrived.
-fn exec_it_with_a_resize(podman: &Podman) -> ExecTerminal {
-    let terminal = TestTerminal::open(41, 99);
-    // Quotes split the markers, so that no echo of the command line matches.
-    let script = r#"tty; echo "si""ze $(stty size)"; \
-        trap 's=$(stty size); echo "si""ze $s"; [ "$s" = "50 132" ] && exit 9' WINCH; \
-        echo "ar""med"; while :; do sleep 1; done"#;
-    let mut cmd = podman.command();
-    cmd.args(["exec", "-it", "c1", "sh", "-c", script]);
-    let stdio = || Stdio::from(terminal.slave.try_clone().unwrap());
-    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
-    // podman is the foreground group of the slave: it gets SIGWINCH.
-    common::on_controlling_terminal(&mut cmd);
-    let mut child = cmd.spawn().expect("podman exec -it");
-    drop(cmd);
-    let TestTerminal { master, slave } = terminal;
-    drop(slave);
-    let mut screen = common::Screen::new(master.try_clone().unwrap());
-    let started = screen.until("armed", BOOT_LIMIT);
-    common::set_size(&master, 50, 132);
-    let resized = screen.until("size 50 132", STEP_LIMIT);
-    let status = child.wait().unwrap().code();
-    eprintln!(
-        "exec -it: status {status:?}, the terminal showed:\n{}",
-        screen.text()
-    );
-    let lines: Vec<&str> = started
-        .lines()
-        .chain(resized.lines())
-        .map(str::trim)
-        .collect();
-    let pts = lines.iter().any(|l| names_a_pty(l));
-    let mut sizes: Vec<String> = lines
-        .iter()
-        .filter_map(|l| l.strip_prefix("size "))
-        .map(String::from)
-        .collect();
-    // The engine may set the same size again once the shell runs: one
-    // line per size the shell saw.
-    sizes.dedup();
-    ExecTerminal { pts, sizes, status }
 }
 
 /// What the server behind `127.0.0.1:PUBLISHED_PORT` sends (or the error,
