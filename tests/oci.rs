@@ -23,6 +23,8 @@ use kiln::oci::state::{self, ContainerDir, Saved};
 
 /// How long a guest may take to boot and run a command here.
 const BOOT_LIMIT: Duration = Duration::from_secs(600);
+/// Far above one step of a running container (a command, a resize).
+const STEP_LIMIT: Duration = Duration::from_secs(300);
 /// What podman's containers need on these hosts (../shared/ENVIRONMENT.md).
 const RUN_OPTIONS: [&str; 4] = [
     "--ulimit",
@@ -602,6 +604,69 @@ impl TestTerminal {
     }
 }
 
+/// Whether `line` (what `tty` printed) is /dev/pts/N.
+fn names_a_pty(line: &str) -> bool {
+    line.strip_prefix("/dev/pts/")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What `podman exec -it` showed on the test's terminal: whether `tty`
+/// named a pty, the sizes `stty size` printed (at the start, then after
+/// the test resized its terminal), and the exec's status.
+#[derive(Debug, PartialEq, Eq)]
+struct ExecTerminal {
+    pts: bool,
+    sizes: Vec<String>,
+    status: Option<i32>,
+}
+
+/// `podman exec -it` in the running container `c1`, on a 41x99 terminal of
+/// the test's own (podman's controlling terminal, so that a resize sends
+/// it SIGWINCH): the shell prints `tty` and `stty size`, then, once the
+/// test has resized the terminal to 50x132, the size its trap of SIGWINCH
+/// reads, and exits 9 when that size has arrived.
+fn exec_it_with_a_resize(podman: &Podman) -> ExecTerminal {
+    let terminal = TestTerminal::open(41, 99);
+    // Quotes split the markers, so that no echo of the command line matches.
+    let script = r#"tty; echo "si""ze $(stty size)"; \
+        trap 's=$(stty size); echo "si""ze $s"; [ "$s" = "50 132" ] && exit 9' WINCH; \
+        echo "ar""med"; while :; do sleep 1; done"#;
+    let mut cmd = podman.command();
+    cmd.args(["exec", "-it", "c1", "sh", "-c", script]);
+    let stdio = || Stdio::from(terminal.slave.try_clone().unwrap());
+    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
+    // podman is the foreground group of the slave: it gets SIGWINCH.
+    common::on_controlling_terminal(&mut cmd);
+    let mut child = cmd.spawn().expect("podman exec -it");
+    drop(cmd);
+    let TestTerminal { master, slave } = terminal;
+    drop(slave);
+    let mut screen = common::Screen::new(master.try_clone().unwrap());
+    let started = screen.until("armed", BOOT_LIMIT);
+    common::set_size(&master, 50, 132);
+    let resized = screen.until("size 50 132", STEP_LIMIT);
+    let status = child.wait().unwrap().code();
+    eprintln!(
+        "exec -it: status {status:?}, the terminal showed:\n{}",
+        screen.text()
+    );
+    let lines: Vec<&str> = started
+        .lines()
+        .chain(resized.lines())
+        .map(str::trim)
+        .collect();
+    let pts = lines.iter().any(|l| names_a_pty(l));
+    let mut sizes: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("size "))
+        .map(String::from)
+        .collect();
+    // The engine may set the same size again once the shell runs: one
+    // line per size the shell saw.
+    sizes.dedup();
+    ExecTerminal { pts, sizes, status }
+}
+
 /// `podman run -it` on a terminal of the test's own, with each runtime:
 /// the command's stdio is a terminal in the container (`tty`), of the
 /// size of the test's (`stty size`), and its status is podman's.
@@ -622,10 +687,7 @@ fn podman_run_it_gives_a_terminal_of_the_engines_size_as_with_runc() {
         let (shown, status) = TestTerminal::open(rows, cols).run(cmd);
         let lines: Vec<&str> = shown.lines().map(str::trim).collect();
         let tty = lines.iter().find(|l| l.starts_with("/dev/")).copied();
-        let is_pts = tty.is_some_and(|t| {
-            t.strip_prefix("/dev/pts/")
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        });
+        let is_pts = tty.is_some_and(names_a_pty);
         let size = format!("{rows} {cols}");
         (
             is_pts,
@@ -651,9 +713,14 @@ fn podman_run_it_gives_a_terminal_of_the_engines_size_as_with_runc() {
 /// Waits for `path` to exist (a file the container makes in a shared
 /// directory), up to `BOOT_LIMIT`.
 fn wait_for_file(path: &Path) -> bool {
+    wait_until(|| path.exists())
+}
+
+/// Waits for `done` to hold, up to `BOOT_LIMIT`; returns whether it did.
+fn wait_until(done: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + BOOT_LIMIT;
     while Instant::now() < deadline {
-        if path.exists() {
+        if done() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -662,12 +729,15 @@ fn wait_for_file(path: &Path) -> bool {
 }
 
 /// Everything a detached container shows: what it serves on its published
-/// port, exec (output and status), a directory volume, diff, stop (SIGTERM
-/// reaching the command's trap), logs, the exit code, rm.
+/// port, exec (output and status), exec -it (a terminal, resized), a
+/// directory volume, diff, SIGTERM sent to the container's pid (which the
+/// command traps and survives), stop (SIGTERM reaching the command's trap,
+/// which exits 42), logs, the exit code, rm.
 #[derive(Debug, PartialEq, Eq)]
 struct Detached {
     served: String,
     exec: Seen,
+    exec_it: ExecTerminal,
     diff: Vec<String>,
     stop: Option<i32>,
     logs: String,
@@ -686,7 +756,8 @@ fn detached_case(runtime: Runtime) -> Detached {
     // once port 80 listens (0050, state 0A; tcp6 where the kernel has
     // IPv6: nc listens on both there).
     let script = format!(
-        "trap 'echo got TERM; exit 0' TERM; echo started; \
+        "trap 'n=$((n+1)); echo got TERM $n; touch /shared/term$n; [ $n = 2 ] && exit 42' TERM; \
+         echo started; \
          echo {SERVED} | nc -l -p 80 >/dev/null & \
          while ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ':0050 0*:0000 0A'; \
          do :; done; \
@@ -727,6 +798,7 @@ fn detached_case(runtime: Runtime) -> Detached {
         "-c",
         "echo data > /root/written.txt; cat /root/written.txt; echo in-exec; exit 5",
     ]));
+    let exec_it = exec_it_with_a_resize(&podman);
     let mut diff: Vec<String> = text(&podman.cmd(&["diff", "c1"]).stdout)
         .lines()
         .map(String::from)
@@ -735,6 +807,19 @@ fn detached_case(runtime: Runtime) -> Detached {
     if runtime == Runtime::Kiln {
         kiln_oci_checks_on_a_running_container(&id);
     }
+    // SIGTERM to the pid the engine holds (with runc the command itself):
+    // the command's trap runs and it lives on.
+    // SAFETY: kill sends a signal to the container's pid; no memory involved.
+    assert_eq!(unsafe { libc::kill(monitor, libc::SIGTERM) }, 0);
+    // The file, or the end of the pid (a monitor killed by the signal,
+    // reaped by conmon).
+    let term1 = shared.join("term1");
+    let proc_dir = PathBuf::from(format!("/proc/{monitor}"));
+    wait_until(|| term1.exists() || !proc_dir.exists());
+    assert!(
+        term1.exists(),
+        "{runtime:?}: SIGTERM to the container's pid {monitor} did not reach the command's trap"
+    );
     let stop = podman.cmd(&["stop", "-t", "300", "c1"]).status.code();
     let logs = text(&podman.cmd(&["logs", "c1"]).stdout);
     let exit_code = text(
@@ -758,6 +843,7 @@ fn detached_case(runtime: Runtime) -> Detached {
     Detached {
         served,
         exec,
+        exec_it,
         diff,
         stop,
         logs,
@@ -847,10 +933,19 @@ fn podman_detached_exec_diff_stop_logs_rm_as_with_runc() {
         runc.diff.contains(&"A /root/written.txt".to_string()),
         "{runc:?}"
     );
-    assert_eq!(runc.logs, "started\ngot TERM\n", "{runc:?}");
+    assert_eq!(
+        runc.exec_it,
+        ExecTerminal {
+            pts: true,
+            sizes: vec!["41 99".into(), "50 132".into()],
+            status: Some(9),
+        },
+        "the runc baseline"
+    );
+    assert_eq!(runc.logs, "started\ngot TERM 1\ngot TERM 2\n", "{runc:?}");
     assert_eq!(
         (runc.stop, runc.exit_code.trim(), runc.rm),
-        (Some(0), "0", Some(0))
+        (Some(0), "42", Some(0))
     );
     assert_eq!(kiln, runc, "kiln-oci against runc");
 }

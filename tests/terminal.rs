@@ -12,14 +12,12 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::Stdio;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{guest_kernel, guest_rootfs, have_kvm, kiln_cli, require};
+use common::{guest_kernel, guest_rootfs, have_kvm, kiln_cli, require, set_size, Screen};
 
 /// Far above a boot on an emulated guest kernel (a busy host included):
 /// only a hang gets here.
@@ -84,74 +82,6 @@ fn mode_fields(t: &libc::termios) -> (u32, u32, u32, u32, Vec<u8>) {
     )
 }
 
-/// Sets the terminal's window size; the kernel sends SIGWINCH to the
-/// foreground process group of its slave (kiln).
-fn set_size(master: &File, rows: u16, cols: u16) {
-    let size = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: a valid fd and a valid winsize the kernel only reads.
-    assert_eq!(
-        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) },
-        0
-    );
-}
-
-/// The screen: what kiln wrote to the terminal, read by a thread, waited
-/// on for markers.
-struct Screen {
-    chunks: mpsc::Receiver<Vec<u8>>,
-    seen: Vec<u8>,
-    /// Where the last `until` matched: later markers are looked for after it.
-    mark: usize,
-}
-
-impl Screen {
-    fn new(mut master: File) -> Self {
-        let (tx, chunks) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            // EIO once kiln (the last holder of the slave) has exited.
-            while let Ok(n @ 1..) = master.read(&mut buf) {
-                if tx.send(buf[..n].to_vec()).is_err() {
-                    break;
-                }
-            }
-        });
-        Self {
-            chunks,
-            seen: Vec::new(),
-            mark: 0,
-        }
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.seen).into_owned()
-    }
-
-    /// Waits for `marker` after the previous one; returns what came in
-    /// between (the marker included).
-    fn until(&mut self, marker: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            let text = self.text();
-            if let Some(at) = text[self.mark..].find(marker) {
-                let from = self.mark;
-                self.mark += at + marker.len();
-                return text[from..self.mark].to_string();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.chunks.recv_timeout(left) {
-                Ok(chunk) => self.seen.extend(chunk),
-                Err(e) => panic!("waiting for {marker:?} ({e}); the screen:\n{text}"),
-            }
-        }
-    }
-}
-
 #[test]
 fn kiln_run_it_sh_behaves_like_a_terminal_session() {
     if !prerequisites() {
@@ -171,17 +101,8 @@ fn kiln_run_it_sh_behaves_like_a_terminal_session() {
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave));
-    // SAFETY: only async-signal-safe system calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            // A session of its own whose controlling terminal is the slave
-            // (stdin): kiln is its foreground group, so it gets SIGWINCH.
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // kiln is the foreground group of the slave: it gets SIGWINCH.
+    common::on_controlling_terminal(&mut cmd);
     let mut kiln = cmd.spawn().expect("starting kiln");
     drop(cmd); // our copies of the slave: kiln holds the only ones
     let mut keys = master.try_clone().unwrap();

@@ -1,7 +1,9 @@
 //! The container monitor: the host process whose life is the container's.
 //! Started by `create` (detached), it boots the VM, reports ready, serves
 //! the control socket, runs the command on `start` with its own stdio and
-//! exits with the command's status once the VM has ended.
+//! exits with the command's status once the VM has ended. Signals sent to
+//! its pid (the container's, to the engine) go to the command as `kill`'s
+//! do (see `signal::forwarded` for which).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -17,6 +19,7 @@ use super::console;
 use super::control::{self, Reply, Request};
 use super::log::Logger;
 use super::network::{self, Connection};
+use super::signal::{self, Forwarded};
 use super::spec::{self, ProcessSpec};
 use super::state;
 use crate::config::{parse_hostname, RootShare, VmConfig};
@@ -34,6 +37,8 @@ enum Event {
         reply: Sender<Reply>,
     },
     Shutdown(Sender<Reply>),
+    /// A signal sent to the monitor's pid, for the command.
+    Forward(i32),
     /// The container's command ended with this status.
     Exited(i32),
 }
@@ -49,6 +54,8 @@ struct Shared {
 
 /// Runs the monitor of container `args.id`; returns its exit status.
 pub fn run(global: &GlobalArgs, logger: &Logger, args: &MonitorArgs) -> i32 {
+    // Before any thread starts, so that every one inherits the mask.
+    let signals = Forwarded::block();
     // SAFETY: `create` left this descriptor open for this process alone.
     let mut ready = unsafe { File::from_raw_fd(args.ready_fd) };
     // The VM's own processes must not hold the pipe: `create` reads to
@@ -82,6 +89,8 @@ pub fn run(global: &GlobalArgs, logger: &Logger, args: &MonitorArgs) -> i32 {
     let accept_shared = shared.clone();
     let accept_tx = tx.clone();
     std::thread::spawn(move || accept_loop(listener, accept_tx, accept_shared));
+    let signals_tx = tx.clone();
+    std::thread::spawn(move || forward_signals(signals, signals_tx));
     let _ = ready.write_all(b"ok\n");
     drop(ready);
     logger.debug(&format!("{}: VM up, waiting for start", args.id));
@@ -265,6 +274,15 @@ fn kiln_beside_us() -> Option<PathBuf> {
     kiln.is_file().then_some(kiln)
 }
 
+/// Hands each signal sent to the monitor to the main loop, until it ends.
+fn forward_signals(signals: Forwarded, tx: Sender<Event>) {
+    while let Some(signal) = signals.next() {
+        if tx.send(Event::Forward(signal)).is_err() {
+            return;
+        }
+    }
+}
+
 fn accept_loop(listener: UnixListener, tx: Sender<Event>, shared: Arc<Shared>) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
@@ -397,6 +415,18 @@ fn main_loop(
                     }
                 }
             }
+            Event::Forward(signal) => match &main {
+                Some(main) => {
+                    if let Err(e) = main.signal(signal) {
+                        shared
+                            .logger
+                            .warn(&format!("passing signal {signal} to the command: {e}"));
+                    }
+                }
+                // Before `start`, as a `kill` then.
+                None if signal::ends_unstarted(signal) => return 128 + signal,
+                None => {}
+            },
             Event::Shutdown(reply) => {
                 let _ = reply.send(Reply::Ok);
                 return 128 + libc::SIGKILL;

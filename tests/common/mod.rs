@@ -6,11 +6,11 @@
 #![allow(dead_code)]
 
 use std::fs::{self, File};
-use std::io::{self, Write};
-use std::os::fd::FromRawFd;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use kiln::{ConsoleIo, RunReport, VmConfig};
@@ -675,4 +675,88 @@ pub fn guest_report(out: &std::process::Output) -> std::collections::HashMap<Str
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect()
+}
+
+/// Sets a pty's window size through its master; the kernel sends SIGWINCH
+/// to the foreground process group of its slave.
+pub fn set_size(master: &File, rows: u16, cols: u16) {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: a valid fd and a valid winsize the kernel only reads.
+    assert_eq!(
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) },
+        0
+    );
+}
+
+/// The screen of a pty: what its programs wrote, read from the master by
+/// a thread, waited on for markers.
+pub struct Screen {
+    chunks: mpsc::Receiver<Vec<u8>>,
+    seen: Vec<u8>,
+    /// Where the last `until` matched: later markers are looked for after it.
+    mark: usize,
+}
+
+impl Screen {
+    pub fn new(mut master: File) -> Self {
+        let (tx, chunks) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once the last holder of the slave has closed it.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            chunks,
+            seen: Vec::new(),
+            mark: 0,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.seen).into_owned()
+    }
+
+    /// Waits for `marker` after the previous one; returns what came in
+    /// between (the marker included).
+    pub fn until(&mut self, marker: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let text = self.text();
+            if let Some(at) = text[self.mark..].find(marker) {
+                let from = self.mark;
+                self.mark += at + marker.len();
+                return text[from..self.mark].to_string();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok(chunk) => self.seen.extend(chunk),
+                Err(e) => panic!("waiting for {marker:?} ({e}); the screen:\n{text}"),
+            }
+        }
+    }
+}
+
+/// Starts `cmd` in a session of its own whose controlling terminal is its
+/// stdin (a pty's slave): it is that terminal's foreground process group,
+/// which the kernel sends SIGWINCH when the pty is resized.
+pub fn on_controlling_terminal(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
