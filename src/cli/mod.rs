@@ -444,6 +444,7 @@ mod tests {
         "--rng=ops=10",
         "--net=tap=t0,pps=100",
         "--share=/srv:/mnt,ro",
+        "--tmpfs=/scratch:size=1m",
         "--virtiofsd=/v",
         "--seccomp=off",
         "--hostname=h",
