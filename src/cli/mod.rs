@@ -634,6 +634,8 @@ mod tests {
                     nosuid: true,
                     nodev: true,
                     noexec: true,
+                    strictatime: false,
+                    noatime: false,
                 },
                 TmpfsConfig {
                     guest_path: "/run".into(),

@@ -716,7 +716,8 @@ impl FromStr for ShareConfig {
 /// A tmpfs in the guest, mounted by kiln's init before the command runs
 /// (after the shares): `PATH[:OPTIONS]` as `docker run --tmpfs`, OPTIONS
 /// the OCI ones, comma-separated: `size=N[k|m|g]`, `mode=OCTAL`, `ro`/`rw`,
-/// `nosuid`/`suid`, `nodev`/`dev`, `noexec`/`exec` (later ones win).
+/// `nosuid`/`suid`, `nodev`/`dev`, `noexec`/`exec`,
+/// `relatime`/`strictatime`/`noatime` (later ones win).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TmpfsConfig {
     /// Where: absolute, printable ASCII without spaces (as a share's).
@@ -739,6 +740,12 @@ pub struct TmpfsConfig {
     /// Programs not run from it.
     #[serde(default)]
     pub noexec: bool,
+    /// Access times always updated (else relatime, the kernel's default).
+    #[serde(default)]
+    pub strictatime: bool,
+    /// Access times never updated.
+    #[serde(default)]
+    pub noatime: bool,
 }
 
 impl TmpfsConfig {
@@ -768,6 +775,10 @@ impl TmpfsConfig {
                     "nosuid" | "suid" => tmpfs.nosuid = option == "nosuid",
                     "nodev" | "dev" => tmpfs.nodev = option == "nodev",
                     "noexec" | "exec" => tmpfs.noexec = option == "noexec",
+                    "strictatime" | "noatime" | "relatime" => {
+                        tmpfs.strictatime = option == "strictatime";
+                        tmpfs.noatime = option == "noatime";
+                    }
                     "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
                     | "unbindable" | "runbindable" => {}
                     _ => return Err(bad("not a tmpfs option kiln knows")),
@@ -787,6 +798,8 @@ impl TmpfsConfig {
             nosuid: self.nosuid,
             nodev: self.nodev,
             noexec: self.noexec,
+            strictatime: self.strictatime,
+            noatime: self.noatime,
         }
         .word()
     }

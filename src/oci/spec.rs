@@ -410,9 +410,25 @@ mod tests {
                 nosuid: true,
                 nodev: true,
                 noexec: true,
+                strictatime: false,
+                noatime: false,
             }]
         );
         assert!(p.skipped_mounts.is_empty(), "{:?}", p.skipped_mounts);
+        // What containerd's default spec has at /run.
+        let containerd = r#"{"destination":"/run","type":"tmpfs","source":"tmpfs",
+            "options":["nosuid","strictatime","mode=755","size=65536k"]}"#;
+        assert_eq!(
+            plan(containerd).unwrap().tmpfs,
+            [TmpfsConfig {
+                guest_path: "/run".into(),
+                size: Some(64 << 20),
+                mode: Some(0o755),
+                nosuid: true,
+                strictatime: true,
+                ..TmpfsConfig::default()
+            }]
+        );
         let one = |options: &str| {
             plan(&format!(
                 r#"{{"destination":"/full","type":"tmpfs","options":[{options}]}}"#

@@ -146,7 +146,7 @@ pub fn share_params(cmdline: &[u8]) -> Result<Vec<ShareMount>, String> {
 /// final root, once per mount, mounted after the shares and before
 /// anything runs: `kiln.tmpfs=SIZE,MODE,FLAGS,PATH`: SIZE in bytes and MODE
 /// in octal (`-`: tmpfs's default), FLAGS a `+`-joined list of `ro`,
-/// `nosuid`, `nodev`, `noexec` (`-`: none), PATH absolute, the rest of the
+/// `nosuid`, `nodev`, `noexec`, `strictatime`, `noatime` (`-`: none), PATH absolute, the rest of the
 /// word. See [`TmpfsMount`].
 pub const TMPFS_PARAM: &str = "kiln.tmpfs";
 
@@ -167,16 +167,22 @@ pub struct TmpfsMount {
     pub nodev: bool,
     /// MS_NOEXEC.
     pub noexec: bool,
+    /// MS_STRICTATIME (else relatime, the kernel's default).
+    pub strictatime: bool,
+    /// MS_NOATIME.
+    pub noatime: bool,
 }
 
 impl TmpfsMount {
     /// The flag names of the word, in its order, with whether each is set.
-    fn flags(&self) -> [(&'static str, bool); 4] {
+    fn flags(&self) -> [(&'static str, bool, libc::c_ulong); 6] {
         [
-            ("ro", self.read_only),
-            ("nosuid", self.nosuid),
-            ("nodev", self.nodev),
-            ("noexec", self.noexec),
+            ("ro", self.read_only, libc::MS_RDONLY),
+            ("nosuid", self.nosuid, libc::MS_NOSUID),
+            ("nodev", self.nodev, libc::MS_NODEV),
+            ("noexec", self.noexec, libc::MS_NOEXEC),
+            ("strictatime", self.strictatime, libc::MS_STRICTATIME),
+            ("noatime", self.noatime, libc::MS_NOATIME),
         ]
     }
 
@@ -195,15 +201,10 @@ impl TmpfsMount {
 
     /// The mount(2) flags.
     pub fn mount_flags(&self) -> libc::c_ulong {
-        [
-            (self.read_only, libc::MS_RDONLY),
-            (self.nosuid, libc::MS_NOSUID),
-            (self.nodev, libc::MS_NODEV),
-            (self.noexec, libc::MS_NOEXEC),
-        ]
-        .iter()
-        .filter(|f| f.0)
-        .fold(0, |flags, f| flags | f.1)
+        self.flags()
+            .iter()
+            .filter(|f| f.1)
+            .fold(0, |flags, f| flags | f.2)
     }
 
     /// The mount(2) data: `size=` and `mode=` when given.
@@ -260,6 +261,8 @@ pub fn tmpfs_params(cmdline: &[u8]) -> Result<Vec<TmpfsMount>, String> {
                     "nosuid" => mount.nosuid = true,
                     "nodev" => mount.nodev = true,
                     "noexec" => mount.noexec = true,
+                    "strictatime" => mount.strictatime = true,
+                    "noatime" => mount.noatime = true,
                     _ => return Err(bad()),
                 }
             }
@@ -363,22 +366,25 @@ mod share_tests {
             nosuid: true,
             nodev: true,
             noexec: true,
+            strictatime: true,
+            noatime: false,
         };
         assert_eq!(
             scratch.word(),
-            "kiln.tmpfs=1048576,1777,nosuid+nodev+noexec,/scratch"
+            "kiln.tmpfs=1048576,1777,nosuid+nodev+noexec+strictatime,/scratch"
         );
         assert_eq!(scratch.mount_data(), "size=1048576,mode=1777");
         assert_eq!(
             scratch.mount_flags(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_STRICTATIME
         );
         let plain = TmpfsMount {
             path: b"/a,b".to_vec(),
             read_only: true,
+            noatime: true,
             ..TmpfsMount::default()
         };
-        assert_eq!(plain.word(), "kiln.tmpfs=-,-,ro,/a,b");
+        assert_eq!(plain.word(), "kiln.tmpfs=-,-,ro+noatime,/a,b");
         assert_eq!(plain.mount_data(), "");
         let line = format!("quiet {} {} x", scratch.word(), plain.word());
         assert_eq!(tmpfs_params(line.as_bytes()).unwrap(), [scratch, plain]);
