@@ -488,15 +488,18 @@ fn podman_prerequisites() -> bool {
 }
 
 /// One `podman run --rm -i` per runtime: the command's output, its exit
-/// status, the engine's stdin, `-e`, `-w`, `-u UID:GID`, and its stderr.
+/// status, the engine's stdin, `-e`, `-w`, `-u UID:GID`, `--group-add`, a
+/// `--ulimit` beside the pinned ones, a `--tmpfs` with a size and mode
+/// (its /proc/mounts line), and its stderr.
 #[test]
 fn podman_run_rm_interactive_with_env_workdir_user_and_the_command_status_as_with_runc() {
     if !podman_prerequisites() {
         return;
     }
     let _one = common::one_vm();
-    let script =
-        r#"echo hi; echo "$FOO $(pwd) $(id -u):$(id -g)"; cat; echo to-stderr >&2; exit 3"#;
+    let script = r#"echo hi; echo "$FOO $(pwd) $(id -u):$(id -g)"; id -G;
+        echo "core $(ulimit -c) $(ulimit -Hc)"; grep -E 'core|open files|processes' /proc/self/limits;
+        grep ' /scratch ' /proc/mounts; cat; echo to-stderr >&2; exit 3"#;
     let case = |runtime| {
         let podman = Podman::new(runtime);
         let options = [
@@ -508,6 +511,12 @@ fn podman_run_rm_interactive_with_env_workdir_user_and_the_command_status_as_wit
             "/tmp",
             "-u",
             "1000:1000",
+            "--group-add",
+            "4242",
+            "--ulimit",
+            "core=1234:5678",
+            "--tmpfs",
+            "/scratch:size=1m,mode=1770",
         ];
         let out = podman.run(&options, &["sh", "-c", script], Some(b"line1\nline2\n"));
         assert!(
@@ -518,12 +527,34 @@ fn podman_run_rm_interactive_with_env_workdir_user_and_the_command_status_as_wit
     };
     let runc = case(Runtime::Runc);
     let kiln = case(Runtime::Kiln);
-    let expected = Seen {
-        stdout: "hi\nbar /tmp 1000:1000\nline1\nline2\n".into(),
-        status: Some(3),
-    };
-    assert_eq!(runc, expected, "the runc baseline");
-    assert_eq!(kiln, expected, "kiln-oci");
+    // busybox's ulimit counts 512-byte blocks; /proc/self/limits bytes.
+    let limits = [
+        "Max core file size        1234                 5678                 bytes     ",
+        "Max processes             32768                32768                processes ",
+        "Max open files            20000                20000                files     ",
+    ];
+    let mut runc_lines = runc.stdout.lines();
+    let expected_start = ["hi", "bar /tmp 1000:1000", "1000 4242", "core 2 11"]
+        .into_iter()
+        .chain(limits);
+    for line in expected_start {
+        assert_eq!(runc_lines.next(), Some(line), "the runc baseline: {runc:?}");
+    }
+    let mount = runc_lines.next().unwrap_or_default();
+    // podman's tmpfs default is rw,nosuid,nodev; the mode is not tmpfs's
+    // default (1777), so it shows.
+    assert!(
+        mount.starts_with("tmpfs /scratch tmpfs rw,nosuid,nodev,")
+            && mount.contains("size=1024k,mode=1770"),
+        "the runc baseline: {runc:?}"
+    );
+    assert_eq!(
+        runc_lines.collect::<Vec<_>>(),
+        ["line1", "line2"],
+        "the runc baseline"
+    );
+    assert_eq!(runc.status, Some(3), "the runc baseline");
+    assert_eq!(kiln, runc, "kiln-oci against runc");
 }
 
 /// A pty of the test's own, as a person's terminal: its master read by

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{guest_kernel, have_kvm, have_program, is_root, require, sha256_hex, Netns, Scratch};
-use kiln::config::NetConfig;
-use kiln::sandbox::{Command, ExitStatus, Sandbox, SandboxError};
+use kiln::config::{NetConfig, TmpfsConfig};
+use kiln::sandbox::{Command, ExitStatus, Resource, Sandbox, SandboxError};
 use kiln::VmOutcome;
 use kiln_init::protocol::{self, ExitReason, Msg};
 
@@ -128,7 +128,8 @@ fn boot(root: PathBuf, net: Option<&Netns>) -> Sandbox {
         .vcpus(1)
         .timeout(Duration::from_secs(1200))
         .boot_timeout(Duration::from_secs(400))
-        .rng(true);
+        .rng(true)
+        .tmpfs(TmpfsConfig::with_options("/scratch", &["size=2m", "mode=1770", "noexec"]).unwrap());
     let built = match net {
         None => builder.build(),
         Some(ns) => {
@@ -236,17 +237,27 @@ fn one_vm_many_commands() {
         (ExitStatus::Code(5), &b"out\n"[..], &b"err\n"[..])
     );
 
-    // env, cwd, uid/gid; hostname.
+    // env, cwd, uid/gid, groups, a limit (busybox: the soft one, then the
+    // hard one), the builder's tmpfs; hostname.
     let out = sb
         .exec(
-            sh("echo \"$A|$(pwd)|$(id -u):$(id -g)\"")
-                .env("A", "x y")
-                .current_dir("/tmp")
-                .uid(1000)
-                .gid(1001),
+            sh(
+                "echo \"$A|$(pwd)|$(id -u):$(id -g)|$(id -G)|$(ulimit -n) $(ulimit -Hn)\"; \
+                grep ' /scratch ' /proc/mounts",
+            )
+            .env("A", "x y")
+            .current_dir("/tmp")
+            .uid(1000)
+            .gid(1001)
+            .groups([4242, 7])
+            .rlimit(Resource::Nofile, 100, 200),
         )
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "x y|/tmp|1000:1001\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "x y|/tmp|1000:1001|1001 7 4242|100 200\n\
+         tmpfs /scratch tmpfs rw,noexec,relatime,size=2048k,mode=1770 0 0\n"
+    );
     // README (Security): by default a command runs as 65534:65534 with no
     // way back to root (no_new_privs), and reaches neither /dev/mem
     // (kiln's control page) nor the agent (PID 1: its memory map,

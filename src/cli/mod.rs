@@ -15,7 +15,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{
     parse_duration, parse_hostname, parse_rng_rate_limit, parse_size, ConsoleKind, DiskConfig,
-    GuestCommand, NetConfig, RateLimit, RootfsArg, SeccompMode, ShareConfig, VmConfig, VsockConfig,
+    GuestCommand, NetConfig, RateLimit, RootfsArg, SeccompMode, ShareConfig, TmpfsConfig, VmConfig,
+    VsockConfig,
 };
 use crate::outcome::STATUS_KILN_ERROR;
 
@@ -131,7 +132,7 @@ pub struct VmArgs {
     #[arg(
         long = "from",
         value_name = "DIR",
-        conflicts_with_all = ["kernel", "initrd", "rootfs", "extra_cmdline", "mem_bytes", "vcpus", "use_pvh", "console", "vsock", "disks", "rng", "shares", "virtiofsd"]
+        conflicts_with_all = ["kernel", "initrd", "rootfs", "extra_cmdline", "mem_bytes", "vcpus", "use_pvh", "console", "vsock", "disks", "rng", "shares", "tmpfs", "virtiofsd"]
     )]
     pub restore_from: Option<PathBuf>,
     /// The guest's hostname (default: kiln; with --from: the snapshot's):
@@ -237,6 +238,11 @@ pub struct VmArgs {
         value_name = "HOST_DIR:GUEST_PATH[,ro][,cache=auto|always|never]"
     )]
     pub shares: Vec<ShareConfig>,
+    /// Mount a tmpfs at PATH in the guest before the command runs
+    /// (repeatable), as `docker run --tmpfs`: OPTIONS are size=N[k|m|g],
+    /// mode=OCTAL, ro, nosuid, nodev, noexec.
+    #[arg(long = "tmpfs", value_name = "PATH[:OPTIONS]")]
+    pub tmpfs: Vec<TmpfsConfig>,
     /// The virtiofsd program for --share (default: $KILN_VIRTIOFSD, else
     /// the one resources/setup.sh installed, else virtiofsd on PATH).
     #[arg(long, value_name = "PATH")]
@@ -270,6 +276,7 @@ impl From<VmArgs> for VmConfig {
             rng,
             nets,
             shares,
+            tmpfs,
             virtiofsd,
             seccomp,
             restore_from,
@@ -297,6 +304,7 @@ impl From<VmArgs> for VmConfig {
             rng_rate_limit: rng.unwrap_or_default(),
             nets,
             shares,
+            tmpfs,
             virtiofsd,
             // Started by the front end (`kiln run`) or the VM.
             share_daemons: Default::default(),
@@ -436,6 +444,7 @@ mod tests {
         "--rng=ops=10",
         "--net=tap=t0,pps=100",
         "--share=/srv:/mnt,ro",
+        "--tmpfs=/scratch:size=1m",
         "--virtiofsd=/v",
         "--seccomp=off",
         "--hostname=h",
@@ -599,6 +608,50 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn tmpfs_mounts() {
+        let c: VmConfig = parse(&[
+            "--kernel",
+            "k",
+            "--tmpfs",
+            "/scratch:size=1m,mode=1777,noexec,nosuid,nodev",
+            "--tmpfs=/run",
+        ])
+        .unwrap()
+        .vm
+        .into();
+        assert_eq!(
+            c.tmpfs,
+            [
+                TmpfsConfig {
+                    guest_path: "/scratch".into(),
+                    size: Some(1 << 20),
+                    mode: Some(0o1777),
+                    read_only: false,
+                    nosuid: true,
+                    nodev: true,
+                    noexec: true,
+                    strictatime: false,
+                    noatime: false,
+                },
+                TmpfsConfig {
+                    guest_path: "/run".into(),
+                    ..TmpfsConfig::default()
+                }
+            ]
+        );
+        for (bad, why) in [
+            ("/a:size=1x", "tmpfs /a: option 'size=1x': a size in bytes"),
+            ("/a:mode=9", "tmpfs /a: option 'mode=9': an octal mode"),
+            ("/a:uid=1", "tmpfs /a: option 'uid=1': not a tmpfs option"),
+            ("/a:nosymfollow", "option 'nosymfollow': not a tmpfs option"),
+            ("a", "absolute path other than /"),
+        ] {
+            let err = parse(&["--kernel", "k", "--tmpfs", bad]).unwrap_err();
+            assert!(err.to_string().contains(why), "{bad}: {err}");
         }
     }
 

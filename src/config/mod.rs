@@ -112,6 +112,10 @@ pub struct VmConfig {
     /// virtiofsd that kiln starts), mounted by kiln's init before the
     /// command runs.
     pub shares: Vec<ShareConfig>,
+    /// tmpfs mounts in the guest, made by kiln's init after the shares
+    /// before the command runs.
+    #[serde(default)]
+    pub tmpfs: Vec<TmpfsConfig>,
     /// The virtiofsd program for `shares`; default: `$KILN_VIRTIOFSD`, else
     /// the one `resources/setup.sh` installed, else `virtiofsd` on PATH.
     pub virtiofsd: Option<PathBuf>,
@@ -236,6 +240,7 @@ impl Default for VmConfig {
             rng_rate_limit: RateLimit::default(),
             nets: Vec::new(),
             shares: Vec::new(),
+            tmpfs: Vec::new(),
             virtiofsd: None,
             share_daemons: Default::default(),
             agent_port: None,
@@ -705,6 +710,122 @@ impl FromStr for ShareConfig {
             read_only: options.flag("ro"),
             cache,
         })
+    }
+}
+
+/// A tmpfs in the guest, mounted by kiln's init before the command runs
+/// (after the shares): `PATH[:OPTIONS]` as `docker run --tmpfs`, OPTIONS
+/// the OCI ones, comma-separated: `size=N[k|m|g]`, `mode=OCTAL`, `ro`/`rw`,
+/// `nosuid`/`suid`, `nodev`/`dev`, `noexec`/`exec`,
+/// `relatime`/`strictatime`/`noatime` (later ones win).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TmpfsConfig {
+    /// Where: absolute, printable ASCII without spaces (as a share's).
+    pub guest_path: String,
+    /// Size limit in bytes (default: half the guest's memory).
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Permission bits of its root (default 1777).
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Set-uid bits ignored.
+    #[serde(default)]
+    pub nosuid: bool,
+    /// Device files not opened.
+    #[serde(default)]
+    pub nodev: bool,
+    /// Programs not run from it.
+    #[serde(default)]
+    pub noexec: bool,
+    /// Access times always updated (else relatime, the kernel's default).
+    #[serde(default)]
+    pub strictatime: bool,
+    /// Access times never updated.
+    #[serde(default)]
+    pub noatime: bool,
+}
+
+impl TmpfsConfig {
+    /// A tmpfs at `guest_path` with OCI mount `options`. Mount propagation
+    /// options (`rprivate`, ...) mean nothing in a VM of its own and are
+    /// accepted; any other unknown option is an error naming it.
+    pub fn with_options<S: AsRef<str>>(guest_path: &str, options: &[S]) -> Result<Self, String> {
+        validate_guest_path(guest_path)?;
+        let mut tmpfs = TmpfsConfig {
+            guest_path: guest_path.to_string(),
+            ..TmpfsConfig::default()
+        };
+        for option in options.iter().map(AsRef::as_ref) {
+            let bad = |why: &str| format!("tmpfs {guest_path}: option '{option}': {why}");
+            match option.split_once('=') {
+                Some(("size", size)) => tmpfs.size = Some(parse_tmpfs_size(size).map_err(bad)?),
+                Some(("mode", mode)) => {
+                    let mode = u32::from_str_radix(mode, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or_else(|| bad("an octal mode up to 7777"))?;
+                    tmpfs.mode = Some(mode);
+                }
+                Some(_) => return Err(bad("not a tmpfs option kiln knows")),
+                None => match option {
+                    "ro" | "rw" => tmpfs.read_only = option == "ro",
+                    "nosuid" | "suid" => tmpfs.nosuid = option == "nosuid",
+                    "nodev" | "dev" => tmpfs.nodev = option == "nodev",
+                    "noexec" | "exec" => tmpfs.noexec = option == "noexec",
+                    "strictatime" | "noatime" | "relatime" => {
+                        tmpfs.strictatime = option == "strictatime";
+                        tmpfs.noatime = option == "noatime";
+                    }
+                    "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
+                    | "unbindable" | "runbindable" => {}
+                    _ => return Err(bad("not a tmpfs option kiln knows")),
+                },
+            }
+        }
+        Ok(tmpfs)
+    }
+
+    /// What kiln's init reads from the kernel command line.
+    pub(crate) fn cmdline_word(&self) -> String {
+        kiln_init::TmpfsMount {
+            path: self.guest_path.as_bytes().to_vec(),
+            size: self.size,
+            mode: self.mode,
+            read_only: self.read_only,
+            nosuid: self.nosuid,
+            nodev: self.nodev,
+            noexec: self.noexec,
+            strictatime: self.strictatime,
+            noatime: self.noatime,
+        }
+        .word()
+    }
+}
+
+/// `N`, `Nk`, `Nm` or `Ng` (binary multiples, as tmpfs reads them).
+fn parse_tmpfs_size(text: &str) -> Result<u64, &'static str> {
+    let why = "a size in bytes, or with k, m or g";
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&text[..i], 10),
+        Some((i, 'm' | 'M')) => (&text[..i], 20),
+        Some((i, 'g' | 'G')) => (&text[..i], 30),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| why)?;
+    n.checked_mul(1 << shift).filter(|n| *n > 0).ok_or(why)
+}
+
+/// `PATH[:OPTIONS]` (as `docker run --tmpfs`).
+impl FromStr for TmpfsConfig {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (path, options) = text.split_once(':').unwrap_or((text, ""));
+        let options: Vec<&str> = options.split(',').filter(|o| !o.is_empty()).collect();
+        Self::with_options(path, &options)
     }
 }
 

@@ -154,6 +154,7 @@ fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
         false => RootShare::Writable,
     });
     config.shares = plan.shares;
+    config.tmpfs = plan.tmpfs;
     config.hostname = plan
         .hostname
         .as_deref()

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::files::FileMount;
 use super::hooks::HooksSpec;
 use super::resources::ResourcesSpec;
-use crate::config::{ShareCache, ShareConfig};
-use crate::sandbox::Command;
+use crate::config::{ShareCache, ShareConfig, TmpfsConfig};
+use crate::sandbox::{Command, Resource};
 
 /// The OCI versions whose config.json kiln-oci reads (major.minor).
 const SUPPORTED_VERSIONS: [&str; 2] = ["1.0", "1.1"];
@@ -107,6 +107,12 @@ pub struct RlimitSpec {
     /// RLIMIT_NOFILE, ...
     #[serde(rename = "type")]
     pub kind: String,
+    /// The soft limit.
+    #[serde(default)]
+    pub soft: u64,
+    /// The hard limit.
+    #[serde(default)]
+    pub hard: u64,
 }
 
 /// `root`.
@@ -160,7 +166,9 @@ pub struct ContainerPlan {
     /// ...): copied into the root (virtio-fs shares directories; see
     /// `files`).
     pub files: Vec<FileMount>,
-    /// Mounts left out (tmpfs and other kinds besides the guest's own).
+    /// tmpfs mounts (a tmpfs in the guest).
+    pub tmpfs: Vec<TmpfsConfig>,
+    /// Mounts left out (kinds besides bind, tmpfs and the guest's own).
     pub skipped_mounts: Vec<String>,
     /// The guest's hostname.
     pub hostname: Option<String>,
@@ -240,6 +248,7 @@ impl Spec {
             readonly: root.readonly,
             shares: Vec::new(),
             files: Vec::new(),
+            tmpfs: Vec::new(),
             skipped_mounts: Vec::new(),
             hostname: self.hostname.clone().filter(|h| !h.is_empty()),
             new_network_namespace: network.is_some() && network_namespace.is_none(),
@@ -252,6 +261,10 @@ impl Spec {
             }
             let bind = mount.kind.as_deref() == Some("bind")
                 || mount.options.iter().any(|o| o == "bind" || o == "rbind");
+            if !bind && mount.kind.as_deref() == Some("tmpfs") {
+                plan.tmpfs.push(tmpfs_mount(mount, &plan.root)?);
+                continue;
+            }
             let source = mount.source.as_ref().map(|s| bundle.join(s));
             match (bind, source) {
                 (true, Some(source)) if source.is_dir() => plan.shares.push(ShareConfig {
@@ -289,9 +302,35 @@ impl Spec {
     }
 }
 
+/// A tmpfs mount of the spec. `tmpcopyup` (podman's default: copy what the
+/// image has at the mount point into the new tmpfs) is accepted where there
+/// is nothing to copy, and otherwise refused: kiln does not copy yet.
+fn tmpfs_mount(mount: &MountSpec, root: &Path) -> Result<TmpfsConfig, String> {
+    let dest = &mount.destination;
+    let mut options: Vec<&str> = Vec::new();
+    for option in &mount.options {
+        match option.as_str() {
+            "notmpcopyup" => {}
+            "tmpcopyup" => {
+                let inside = root.join(dest.trim_start_matches('/'));
+                let has_content = std::fs::read_dir(&inside)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(false);
+                if has_content {
+                    return Err(format!(
+                        "tmpfs {dest}: option 'tmpcopyup' over a non-empty directory is not supported yet"
+                    ));
+                }
+            }
+            other => options.push(other),
+        }
+    }
+    TmpfsConfig::with_options(dest, &options)
+}
+
 impl ProcessSpec {
     /// The guest command: program, arguments, environment, working
-    /// directory and ids; stdin piped (the monitor feeds it its own). A
+    /// directory, ids, supplementary groups and rlimits; stdin piped (the monitor feeds it its own). A
     /// terminal is the monitor's to add (it knows the size).
     pub fn command(&self) -> Result<Command, String> {
         let Some((program, args)) = self.args.split_first() else {
@@ -305,7 +344,22 @@ impl ProcessSpec {
         if !self.cwd.is_empty() {
             command = command.current_dir(&self.cwd);
         }
-        Ok(command.uid(self.user.uid).gid(self.user.gid).stdin_piped())
+        for limit in &self.rlimits {
+            let resource = Resource::from_name(&limit.kind)
+                .ok_or_else(|| format!("process.rlimits: unknown type {:?}", limit.kind))?;
+            if limit.soft > limit.hard {
+                return Err(format!(
+                    "process.rlimits: {} soft limit {} is above its hard limit {}",
+                    limit.kind, limit.soft, limit.hard
+                ));
+            }
+            command = command.rlimit(resource, limit.soft, limit.hard);
+        }
+        Ok(command
+            .uid(self.user.uid)
+            .gid(self.user.gid)
+            .groups(self.user.additional_gids.iter().copied())
+            .stdin_piped())
     }
 }
 
@@ -349,6 +403,74 @@ mod tests {
     }
 
     #[test]
+    fn tmpfs_mounts_become_guest_tmpfs() {
+        let bundle = std::env::temp_dir().join(format!("kiln-spec-tmpfs-{}", std::process::id()));
+        std::fs::create_dir_all(bundle.join("rootfs/full")).unwrap();
+        std::fs::write(bundle.join("rootfs/full/file"), "x").unwrap();
+        let plan = |mounts: &str| {
+            let json = format!(
+                r#"{{"ociVersion":"1.0.2","root":{{"path":"rootfs"}},"mounts":[{mounts}]}}"#
+            );
+            let spec: Spec = serde_json::from_str(&json).unwrap();
+            spec.plan(&bundle)
+        };
+        // What podman writes for --tmpfs /scratch:size=1m,mode=1777.
+        let podman = r#"{"destination":"/scratch","type":"tmpfs","source":"tmpfs",
+            "options":["rw","rprivate","noexec","nosuid","nodev","tmpcopyup","size=1m","mode=1777"]},
+            {"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid"]},
+            {"destination":"/dev/mqueue","type":"mqueue","source":"mqueue"}"#;
+        let p = plan(podman).unwrap();
+        assert_eq!(
+            p.tmpfs,
+            [TmpfsConfig {
+                guest_path: "/scratch".into(),
+                size: Some(1 << 20),
+                mode: Some(0o1777),
+                read_only: false,
+                nosuid: true,
+                nodev: true,
+                noexec: true,
+                strictatime: false,
+                noatime: false,
+            }]
+        );
+        assert!(p.skipped_mounts.is_empty(), "{:?}", p.skipped_mounts);
+        // What containerd's default spec has at /run.
+        let containerd = r#"{"destination":"/run","type":"tmpfs","source":"tmpfs",
+            "options":["nosuid","strictatime","mode=755","size=65536k"]}"#;
+        assert_eq!(
+            plan(containerd).unwrap().tmpfs,
+            [TmpfsConfig {
+                guest_path: "/run".into(),
+                size: Some(64 << 20),
+                mode: Some(0o755),
+                nosuid: true,
+                strictatime: true,
+                ..TmpfsConfig::default()
+            }]
+        );
+        let one = |options: &str| {
+            plan(&format!(
+                r#"{{"destination":"/full","type":"tmpfs","options":[{options}]}}"#
+            ))
+        };
+        assert_eq!(
+            one(r#""tmpcopyup""#).unwrap_err(),
+            "tmpfs /full: option 'tmpcopyup' over a non-empty directory is not supported yet"
+        );
+        assert!(one(r#""notmpcopyup","ro""#).unwrap().tmpfs[0].read_only);
+        assert_eq!(
+            one(r#""size=10%""#).unwrap_err(),
+            "tmpfs /full: option 'size=10%': a size in bytes, or with k, m or g"
+        );
+        assert_eq!(
+            one(r#""nr_inodes=5""#).unwrap_err(),
+            "tmpfs /full: option 'nr_inodes=5': not a tmpfs option kiln knows"
+        );
+        std::fs::remove_dir_all(&bundle).unwrap();
+    }
+
+    #[test]
     fn a_process_becomes_the_guest_command() {
         let process: ProcessSpec = serde_json::from_str(
             r#"{"user":{"uid":1000,"gid":100},"args":["sh","-c","echo $A"],"env":["A=1","B"],"cwd":"/tmp"}"#,
@@ -364,6 +486,40 @@ mod tests {
         assert_eq!(spec.cwd.as_deref(), Some(&b"/tmp"[..]));
         assert_eq!((spec.uid, spec.gid), (Some(1000), Some(100)));
         let empty: ProcessSpec = serde_json::from_str(r#"{"args":[]}"#).unwrap();
+        assert!(empty.command().unwrap_err().contains("must not be empty"));
+        let limited: ProcessSpec = serde_json::from_str(
+            r#"{"user":{"uid":1,"gid":2,"additionalGids":[4242,10]},"args":["id"],
+                "rlimits":[{"type":"RLIMIT_NOFILE","soft":1024,"hard":4096},
+                           {"type":"RLIMIT_CORE","soft":0,"hard":18446744073709551615}]}"#,
+        )
+        .unwrap();
+        let spec = limited.command().unwrap().spec;
+        assert_eq!(spec.groups, [4242, 10]);
+        let limits: Vec<_> = spec
+            .rlimits
+            .iter()
+            .map(|l| (l.resource, l.soft, l.hard))
+            .collect();
+        assert_eq!(
+            limits,
+            [
+                (Resource::Nofile, 1024, 4096),
+                (Resource::Core, 0, u64::MAX)
+            ]
+        );
+        let bad = |rlimit: &str| {
+            let json = format!(r#"{{"args":["id"],"rlimits":[{rlimit}]}}"#);
+            let process: ProcessSpec = serde_json::from_str(&json).unwrap();
+            process.command().unwrap_err()
+        };
+        assert_eq!(
+            bad(r#"{"type":"RLIMIT_NOPE","soft":1,"hard":1}"#),
+            r#"process.rlimits: unknown type "RLIMIT_NOPE""#
+        );
+        assert_eq!(
+            bad(r#"{"type":"RLIMIT_NPROC","soft":2,"hard":1}"#),
+            "process.rlimits: RLIMIT_NPROC soft limit 2 is above its hard limit 1"
+        );
         assert!(empty.command().unwrap_err().contains("must not be empty"));
     }
 }

@@ -15,7 +15,7 @@ use super::vm_process::{self, VmProcess, VmProcessSpec};
 use super::{Result, Sandbox, SandboxError, DEFAULT_OUTPUT_LIMIT};
 use crate::config::{
     ConsoleKind, Credentials, DiskConfig, NetConfig, RateLimit, RootShare, SeccompMode,
-    ShareConfig, VmConfig, VsockConfig,
+    ShareConfig, TmpfsConfig, VmConfig, VsockConfig,
 };
 use crate::jail::JailConfig;
 use crate::{ConsoleIo, VmStopper};
@@ -98,6 +98,15 @@ impl SandboxBuilder {
     /// mounts it at its guest path before the agent runs.
     pub fn share(mut self, share: ShareConfig) -> Self {
         self.config.shares.push(share);
+        self
+    }
+
+    /// Mounts a tmpfs in the guest (as `kiln run --tmpfs`): the guest's
+    /// init mounts it at its guest path before the agent runs, after the
+    /// shares. `TmpfsConfig::with_options` reads OCI options, `parse` the
+    /// `PATH[:OPTIONS]` of `--tmpfs`.
+    pub fn tmpfs(mut self, tmpfs: TmpfsConfig) -> Self {
+        self.config.tmpfs.push(tmpfs);
         self
     }
 

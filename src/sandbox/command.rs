@@ -5,7 +5,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::time::Duration;
 
 use kiln_init::protocol::WindowSize;
-use kiln_init::spec::ExecSpec;
+use kiln_init::spec::{ExecSpec, Resource, Rlimit};
 
 /// What the command's stdin is.
 #[derive(Clone, Debug, Default)]
@@ -21,8 +21,8 @@ pub(crate) enum StdinMode {
 
 /// A command for [`Sandbox::exec`](super::Sandbox::exec) or
 /// [`Sandbox::spawn`](super::Sandbox::spawn): program, arguments,
-/// environment, working directory, user, stdin, terminal, timeout and
-/// output limit. Arguments and variables reach the guest byte for byte (no
+/// environment, working directory, user and groups, resource limits, stdin,
+/// terminal, timeout and output limit. Arguments and variables reach the guest byte for byte (no
 /// shell).
 #[derive(Clone, Debug)]
 pub struct Command {
@@ -109,6 +109,32 @@ impl Command {
     /// `uid`, else 65534).
     pub fn gid(mut self, gid: u32) -> Self {
         self.spec.gid = Some(gid);
+        self
+    }
+
+    /// Runs the command with these supplementary groups (as `docker run
+    /// --group-add`), replacing any given before. Default: none (the
+    /// agent's own are dropped when the command runs as another user).
+    /// More than 65536 make the run fail with `SandboxError::Command`.
+    pub fn groups(mut self, gids: impl IntoIterator<Item = u32>) -> Self {
+        self.spec.groups = gids.into_iter().collect();
+        self
+    }
+
+    /// Sets a resource limit of the command (setrlimit(2); `u64::MAX` is
+    /// unlimited), replacing one given before for the same resource. It is
+    /// set before the command's ids change, so a hard limit may be raised
+    /// above the agent's. A soft limit above the hard one makes the run fail
+    /// with `SandboxError::Command`; one the guest kernel refuses
+    /// (e.g. `Nofile` above `fs.nr_open`) fails to start (status 126, the
+    /// reason on stderr).
+    pub fn rlimit(mut self, resource: Resource, soft: u64, hard: u64) -> Self {
+        self.spec.rlimits.retain(|l| l.resource != resource);
+        self.spec.rlimits.push(Rlimit {
+            resource,
+            soft,
+            hard,
+        });
         self
     }
 

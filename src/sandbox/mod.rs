@@ -33,6 +33,7 @@ pub(crate) mod vm_process;
 pub use builder::SandboxBuilder;
 pub use command::Command;
 pub use errors::{Result, SandboxError};
+pub use kiln_init::spec::Resource;
 pub(crate) use process::ProcessHandle;
 pub use process::{Process, ProcessStderr, ProcessStdin, ProcessStdout};
 pub use vm::Isolation;

@@ -262,6 +262,8 @@ fn build_cmdline(
         device_words.push(device_manager::virtio_mmio_word(index)?);
         device_words.extend(slot.cmdline_word());
     }
+    // What kiln's init mounts after the shares.
+    device_words.extend(config.tmpfs.iter().map(|t| t.cmdline_word()));
     let cmdline = boot::cmdline::build(&CmdlineParts {
         verbose: config.verbose,
         host_additions: profile.kernel_cmdline_additions(),

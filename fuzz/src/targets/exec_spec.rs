@@ -3,7 +3,7 @@
 //! target has: what it accepts is valid, encodes, and decodes back to
 //! itself; it allocates no more than the input's size (plus overhead).
 
-use kiln_init::spec::ExecSpec;
+use kiln_init::spec::{ExecSpec, Resource, Rlimit};
 
 use crate::Target;
 
@@ -54,6 +54,12 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     full.uid = Some(1000);
     full.gid = Some(1000);
     full.hostname = Some(b"kiln".to_vec());
+    full.groups = vec![4242, 10];
+    full.rlimits = vec![Rlimit {
+        resource: Resource::Core,
+        soft: 1234,
+        hard: 5678,
+    }];
     let minimal = ExecSpec::new(["true"]);
     vec![
         ("full", full.encode().expect("valid")),

@@ -113,7 +113,15 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 timeout_ms: 5000,
                 terminal: None,
             },
-            spec: ExecSpec::new(["sh", "-c", "echo hi"]),
+            spec: ExecSpec {
+                groups: vec![4242],
+                rlimits: vec![kiln_init::spec::Rlimit {
+                    resource: kiln_init::spec::Resource::Nofile,
+                    soft: 1024,
+                    hard: 4096,
+                }],
+                ..ExecSpec::new(["sh", "-c", "echo hi"])
+            },
         },
         Msg::Exec {
             id: 2,

@@ -142,6 +142,135 @@ pub fn share_params(cmdline: &[u8]) -> Result<Vec<ShareMount>, String> {
         .collect()
 }
 
+/// Kernel command-line parameter asking init for a tmpfs at a path of the
+/// final root, once per mount, mounted after the shares and before
+/// anything runs: `kiln.tmpfs=SIZE,MODE,FLAGS,PATH`: SIZE in bytes and MODE
+/// in octal (`-`: tmpfs's default), FLAGS a `+`-joined list of `ro`,
+/// `nosuid`, `nodev`, `noexec`, `strictatime`, `noatime` (`-`: none), PATH absolute, the rest of the
+/// word. See [`TmpfsMount`].
+pub const TMPFS_PARAM: &str = "kiln.tmpfs";
+
+/// One tmpfs init mounts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TmpfsMount {
+    /// The mount point (absolute; created if missing).
+    pub path: Vec<u8>,
+    /// Its size limit in bytes (`None`: half the guest's memory).
+    pub size: Option<u64>,
+    /// The root directory's permission bits (`None`: 1777).
+    pub mode: Option<u32>,
+    /// MS_RDONLY.
+    pub read_only: bool,
+    /// MS_NOSUID.
+    pub nosuid: bool,
+    /// MS_NODEV.
+    pub nodev: bool,
+    /// MS_NOEXEC.
+    pub noexec: bool,
+    /// MS_STRICTATIME (else relatime, the kernel's default).
+    pub strictatime: bool,
+    /// MS_NOATIME.
+    pub noatime: bool,
+}
+
+impl TmpfsMount {
+    /// The flag names of the word, in its order, with whether each is set.
+    fn flags(&self) -> [(&'static str, bool, libc::c_ulong); 6] {
+        [
+            ("ro", self.read_only, libc::MS_RDONLY),
+            ("nosuid", self.nosuid, libc::MS_NOSUID),
+            ("nodev", self.nodev, libc::MS_NODEV),
+            ("noexec", self.noexec, libc::MS_NOEXEC),
+            ("strictatime", self.strictatime, libc::MS_STRICTATIME),
+            ("noatime", self.noatime, libc::MS_NOATIME),
+        ]
+    }
+
+    /// The command-line word for this mount (the monitor writes it).
+    pub fn word(&self) -> String {
+        let size = self.size.map_or("-".into(), |s| s.to_string());
+        let mode = self.mode.map_or("-".into(), |m| format!("{m:o}"));
+        let flags: Vec<&str> = self.flags().iter().filter(|f| f.1).map(|f| f.0).collect();
+        let flags = match flags.is_empty() {
+            true => "-".into(),
+            false => flags.join("+"),
+        };
+        let path = String::from_utf8_lossy(&self.path);
+        format!("{TMPFS_PARAM}={size},{mode},{flags},{path}")
+    }
+
+    /// The mount(2) flags.
+    pub fn mount_flags(&self) -> libc::c_ulong {
+        self.flags()
+            .iter()
+            .filter(|f| f.1)
+            .fold(0, |flags, f| flags | f.2)
+    }
+
+    /// The mount(2) data: `size=` and `mode=` when given.
+    pub fn mount_data(&self) -> String {
+        let mut data = Vec::new();
+        if let Some(size) = self.size {
+            data.push(format!("size={size}"));
+        }
+        if let Some(mode) = self.mode {
+            data.push(format!("mode={mode:o}"));
+        }
+        data.join(",")
+    }
+}
+
+/// Every `kiln.tmpfs=` word of `cmdline`, in order; a malformed one is an
+/// error naming it (init then runs nothing).
+pub fn tmpfs_params(cmdline: &[u8]) -> Result<Vec<TmpfsMount>, String> {
+    let prefix = format!("{TMPFS_PARAM}=");
+    cmdline
+        .split(|b| b.is_ascii_whitespace())
+        .filter_map(|word| word.strip_prefix(prefix.as_bytes()))
+        .map(|value| {
+            let bad = || {
+                format!(
+                    "{prefix}{}: expected SIZE,MODE,FLAGS,PATH",
+                    String::from_utf8_lossy(value)
+                )
+            };
+            let text = std::str::from_utf8(value).map_err(|_| bad())?;
+            let mut parts = text.splitn(4, ',');
+            let (Some(size), Some(mode), Some(flags), Some(path)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad());
+            };
+            let mut mount = TmpfsMount {
+                path: path.as_bytes().to_vec(),
+                ..TmpfsMount::default()
+            };
+            if !path.starts_with('/') {
+                return Err(bad());
+            }
+            if size != "-" {
+                mount.size = Some(size.parse().map_err(|_| bad())?);
+            }
+            if mode != "-" {
+                let mode = u32::from_str_radix(mode, 8).map_err(|_| bad())?;
+                mount.mode = Some(Some(mode).filter(|m| *m <= 0o7777).ok_or_else(bad)?);
+            }
+            for flag in flags.split('+').filter(|f| *f != "-") {
+                match flag {
+                    "ro" => mount.read_only = true,
+                    "nosuid" => mount.nosuid = true,
+                    "nodev" => mount.nodev = true,
+                    "noexec" => mount.noexec = true,
+                    "strictatime" => mount.strictatime = true,
+                    "noatime" => mount.noatime = true,
+                    _ => return Err(bad()),
+                }
+            }
+            Ok(mount)
+        })
+        .collect()
+}
+
 /// Exit codes init reports itself, as GNU `env` and shells use them.
 /// Init could not set up or read the spec (the command never ran).
 pub const EXIT_INIT_FAILED: u32 = 125;
@@ -225,6 +354,54 @@ mod share_tests {
             ]
         );
         assert_eq!(share_params(b"console=ttyS0").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn tmpfs_words_round_trip() {
+        let scratch = TmpfsMount {
+            path: b"/scratch".to_vec(),
+            size: Some(1 << 20),
+            mode: Some(0o1777),
+            read_only: false,
+            nosuid: true,
+            nodev: true,
+            noexec: true,
+            strictatime: true,
+            noatime: false,
+        };
+        assert_eq!(
+            scratch.word(),
+            "kiln.tmpfs=1048576,1777,nosuid+nodev+noexec+strictatime,/scratch"
+        );
+        assert_eq!(scratch.mount_data(), "size=1048576,mode=1777");
+        assert_eq!(
+            scratch.mount_flags(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_STRICTATIME
+        );
+        let plain = TmpfsMount {
+            path: b"/a,b".to_vec(),
+            read_only: true,
+            noatime: true,
+            ..TmpfsMount::default()
+        };
+        assert_eq!(plain.word(), "kiln.tmpfs=-,-,ro+noatime,/a,b");
+        assert_eq!(plain.mount_data(), "");
+        let line = format!("quiet {} {} x", scratch.word(), plain.word());
+        assert_eq!(tmpfs_params(line.as_bytes()).unwrap(), [scratch, plain]);
+        for bad in [
+            "kiln.tmpfs=1,2,-",
+            "kiln.tmpfs=x,-,-,/a",
+            "kiln.tmpfs=-,9,-,/a",
+            "kiln.tmpfs=-,17777,-,/a",
+            "kiln.tmpfs=-,-,rw,/a",
+            "kiln.tmpfs=-,-,-,a",
+        ] {
+            let err = tmpfs_params(bad.as_bytes()).unwrap_err();
+            assert!(
+                err.contains("expected SIZE,MODE,FLAGS,PATH"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

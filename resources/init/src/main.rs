@@ -87,6 +87,9 @@ fn run() -> u32 {
     if let Err(msg) = kiln_init::share_params(&cmdline).and_then(|m| mount_shares(&m)) {
         return fail_with(&msg);
     }
+    if let Err(msg) = kiln_init::tmpfs_params(&cmdline).and_then(|m| mount_tmpfs(&m)) {
+        return fail_with(&msg);
+    }
     // The network as the host saw it (kiln.net=), before anything runs.
     match kiln_init::net::net_params(&cmdline) {
         Ok(interfaces) if interfaces.is_empty() => {}
@@ -416,6 +419,31 @@ fn mount_shares(mounts: &[kiln_init::ShareMount]) -> Result<(), String> {
             let e = io::Error::last_os_error();
             return Err(format!("cannot mount share {tag} at {path}: {e}"));
         }
+    }
+    Ok(())
+}
+
+/// Mounts each tmpfs at its path, creating the directories on the way;
+/// the first failure is the error.
+fn mount_tmpfs(mounts: &[kiln_init::TmpfsMount]) -> Result<(), String> {
+    for tmpfs in mounts {
+        let path = String::from_utf8_lossy(&tmpfs.path).into_owned();
+        std::fs::create_dir_all(OsStr::from_bytes(&tmpfs.path))
+            .map_err(|e| format!("cannot create the mount point of tmpfs {path}: {e}"))?;
+        let (Ok(target), Ok(data)) = (
+            CString::new(tmpfs.path.clone()),
+            CString::new(tmpfs.mount_data()),
+        ) else {
+            return Err(format!("tmpfs {path}: NUL in its path"));
+        };
+        sys_mount(
+            Some(c"tmpfs"),
+            &target,
+            Some(c"tmpfs"),
+            tmpfs.mount_flags(),
+            Some(&data),
+        )
+        .map_err(|e| format!("cannot mount a tmpfs at {path}: {e}"))?;
     }
     Ok(())
 }

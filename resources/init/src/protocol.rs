@@ -40,8 +40,9 @@ use crate::spec::{valid_hostname, ExecSpec, SpecError, HOSTNAME_MAX};
 use std::fmt;
 
 /// Protocol version in `HELLO` (3: `FRESH` carries an [`Identity`]; 4:
-/// `EXEC` may ask for a terminal, and `RESIZE` exists).
-pub const VERSION: u32 = 4;
+/// `EXEC` may ask for a terminal, and `RESIZE` exists; 5: `EXEC`'s spec
+/// may carry supplementary groups and resource limits).
+pub const VERSION: u32 = 5;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest payload of any frame (an `EXEC` with its whole spec).
@@ -762,6 +763,12 @@ mod tests {
         spec.env.push((b"K".to_vec(), vec![0xff, b'=']));
         spec.cwd = Some(b"/tmp".to_vec());
         spec.uid = Some(1000);
+        spec.groups = vec![4242, 0];
+        spec.rlimits = vec![crate::spec::Rlimit {
+            resource: crate::spec::Resource::Nofile,
+            soft: 1024,
+            hard: crate::spec::RLIM_INFINITY,
+        }];
         vec![
             Msg::Exec {
                 id: 7,
@@ -1053,7 +1060,7 @@ mod tests {
             }
         }
         assert_eq!(HEADER_LEN, 9);
-        assert_eq!(VERSION, 4);
+        assert_eq!(VERSION, 5);
     }
 
     #[test]
@@ -1103,6 +1110,66 @@ mod tests {
             Msg::decode(K_EXEC, 1, &[0; 8]),
             Err(ProtocolError::BadPayload("EXEC"))
         );
+    }
+
+    /// An `EXEC` whose groups or limits a hostile host got wrong is a
+    /// protocol error naming the field, never a panic or an allocation of
+    /// what it claims.
+    #[test]
+    fn exec_groups_and_limits_are_checked() {
+        let exec_with = |record: &[u8]| {
+            let mut p = vec![0u8; 9];
+            p.extend(ExecSpec::new(["true"]).encode().unwrap());
+            p.extend_from_slice(record);
+            Msg::decode(K_EXEC, 1, &p)
+        };
+        let record = |tag: u8, body: &[u8]| {
+            let mut r = vec![tag];
+            r.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            r.extend_from_slice(body);
+            r
+        };
+        let limit = |n: u32, soft: u64, hard: u64| {
+            record(
+                8,
+                &[
+                    &n.to_le_bytes()[..],
+                    &soft.to_le_bytes(),
+                    &hard.to_le_bytes(),
+                ]
+                .concat(),
+            )
+        };
+        let spec_error = |e| Err(ProtocolError::BadSpec(e));
+        assert_eq!(
+            exec_with(&limit(99, 0, 0)),
+            spec_error(SpecError::UnknownResource(99))
+        );
+        assert_eq!(
+            exec_with(&limit(7, 2, 1)),
+            spec_error(SpecError::SoftAboveHard("RLIMIT_NOFILE"))
+        );
+        let twice = [limit(7, 1, 1), limit(7, 1, 1)].concat();
+        assert_eq!(
+            exec_with(&twice),
+            spec_error(SpecError::Duplicate("RLIMIT_NOFILE"))
+        );
+        assert_eq!(
+            exec_with(&record(7, &[1, 2, 3])),
+            spec_error(SpecError::BadLength("groups"))
+        );
+        // A group count beyond the limit, within one frame.
+        let many = record(7, &vec![0; 4 * (crate::spec::MAX_GROUPS + 1)]);
+        assert_eq!(exec_with(&many), spec_error(SpecError::TooManyGroups));
+        // A record claiming more bytes than the frame holds.
+        let mut claims = vec![7u8];
+        claims.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(exec_with(&claims), spec_error(SpecError::Truncated));
+        let Ok(Msg::Exec { spec, .. }) = exec_with(&limit(4, 1234, 5678)) else {
+            panic!("a good limit decodes");
+        };
+        assert_eq!(spec.rlimits[0].resource, crate::spec::Resource::Core);
+        assert_eq!((spec.rlimits[0].soft, spec.rlimits[0].hard), (1234, 5678));
     }
 
     #[test]

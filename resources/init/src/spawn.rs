@@ -10,7 +10,8 @@
 //! beforehand, and the agent resumes once it has exec'd (or failed, with
 //! its errno left in shared memory), as glibc's `posix_spawn` does.
 //!
-//! The command gets what `ExecSpec::to_command` gives it (environment, ids,
+//! The command gets what `ExecSpec::to_command` gives it (environment,
+//! supplementary groups, resource limits, ids,
 //! working directory, `PR_SET_NO_NEW_PRIVS` for an unprivileged uid) plus a
 //! session of its own (setsid), its stdio, an empty signal mask and SIGPIPE
 //! at its default; on a terminal (see [`Stdio::Terminal`]) that session's
@@ -80,11 +81,7 @@ struct Plan {
     /// Make stdin the controlling terminal of the new session.
     controlling_terminal: bool,
     cwd: Option<CString>,
-    uid: Option<libc::uid_t>,
-    gid: Option<libc::gid_t>,
-    /// Drop supplementary groups (root changing its uid, as std does).
-    clear_groups: bool,
-    no_new_privs: bool,
+    creds: Credentials,
     /// Written by the child: the errno that stopped it (0: it exec'd).
     error: libc::c_int,
 }
@@ -166,10 +163,7 @@ impl Spawner {
             stdio: [fd_at(0), fd_at(1), fd_at(2)],
             controlling_terminal,
             cwd,
-            uid,
-            gid,
-            clear_groups: uid.is_some() && root,
-            no_new_privs: uid.is_some_and(|u| u != 0),
+            creds: Credentials::new(spec, default_ids, root),
             error: 0,
         };
         if self.stack.len() < CHILD_STACK {
@@ -211,6 +205,95 @@ impl Spawner {
     }
 }
 
+/// A command's supplementary groups, resource limits and ids, prepared
+/// before the fork (applied in the child, which must not allocate).
+#[derive(Debug)]
+pub(crate) struct Credentials {
+    /// setgroups(2) with these (root changing its uid drops its own
+    /// groups, as std does; a spec's groups are set whenever given).
+    groups: Option<Vec<libc::gid_t>>,
+    /// prlimit64(2) of the command itself: (resource, [soft, hard]).
+    rlimits: Vec<(libc::c_uint, [u64; 2])>,
+    gid: Option<libc::gid_t>,
+    uid: Option<libc::uid_t>,
+    /// An unprivileged command cannot regain root's powers through a
+    /// set-uid program or file capability.
+    no_new_privs: bool,
+}
+
+impl Credentials {
+    /// `spec`'s groups, limits and ids (`default_ids` when it names none:
+    /// see `ExecSpec::ids`), for a parent running as root or not.
+    pub(crate) fn new(spec: &ExecSpec, default_ids: Option<(u32, u32)>, root: bool) -> Self {
+        let (uid, gid) = spec.ids(default_ids);
+        let groups = match spec.groups.is_empty() {
+            false => Some(spec.groups.clone()),
+            true if uid.is_some() && root => Some(Vec::new()),
+            true => None,
+        };
+        Self {
+            groups,
+            rlimits: spec
+                .rlimits
+                .iter()
+                .map(|l| (l.resource.number(), [l.soft, l.hard]))
+                .collect(),
+            gid,
+            uid,
+            no_new_privs: uid.is_some_and(|u| u != 0),
+        }
+    }
+
+    /// Groups, then limits, then gid and uid: setting groups and raising
+    /// a hard limit need root's capabilities, which setuid takes away.
+    /// Returns the errno of the step that failed.
+    ///
+    /// # Safety
+    /// Only raw system calls on `self` (no allocation, no locks): callable
+    /// in a child between fork (or a `CLONE_VM` clone) and exec.
+    pub(crate) unsafe fn apply(&self) -> Result<(), libc::c_int> {
+        let sys = |r: libc::c_long| match r {
+            r if r < 0 => Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO)),
+            _ => Ok(()),
+        };
+        if let Some(groups) = &self.groups {
+            sys(libc::syscall(
+                libc::SYS_setgroups,
+                groups.len(),
+                groups.as_ptr(),
+            ))?;
+        }
+        for (resource, limits) in &self.rlimits {
+            sys(libc::syscall(
+                libc::SYS_prlimit64,
+                0,
+                *resource,
+                limits.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+            ))?;
+        }
+        if let Some(gid) = self.gid {
+            sys(libc::syscall(libc::SYS_setgid, gid))?;
+        }
+        if let Some(uid) = self.uid {
+            sys(libc::syscall(libc::SYS_setuid, uid))?;
+        }
+        if self.no_new_privs {
+            sys(libc::syscall(
+                libc::SYS_prctl,
+                libc::PR_SET_NO_NEW_PRIVS,
+                1,
+                0,
+                0,
+                0,
+            ))?;
+        }
+        Ok(())
+    }
+}
+
 /// The child: stdio, ids, working directory, signals, session, exec. Only
 /// raw system calls (no allocation, no locks, no libc state).
 extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
@@ -246,19 +329,7 @@ unsafe fn set_up(plan: &Plan) -> libc::c_int {
                 sys(libc::syscall(libc::SYS_dup2, from, to))?;
             }
         }
-        if plan.clear_groups {
-            sys(libc::syscall(
-                libc::SYS_setgroups,
-                0,
-                std::ptr::null::<libc::gid_t>(),
-            ))?;
-        }
-        if let Some(gid) = plan.gid {
-            sys(libc::syscall(libc::SYS_setgid, gid))?;
-        }
-        if let Some(uid) = plan.uid {
-            sys(libc::syscall(libc::SYS_setuid, uid))?;
-        }
+        plan.creds.apply()?;
         if let Some(cwd) = &plan.cwd {
             sys(libc::syscall(libc::SYS_chdir, cwd.as_ptr()))?;
         }
@@ -281,18 +352,6 @@ unsafe fn set_up(plan: &Plan) -> libc::c_int {
             std::ptr::null_mut::<u64>(),
             SIGSET_BYTES,
         ))?;
-        if plan.no_new_privs {
-            // No set-uid program or file capability gives an unprivileged
-            // command root's powers back.
-            sys(libc::syscall(
-                libc::SYS_prctl,
-                libc::PR_SET_NO_NEW_PRIVS,
-                1,
-                0,
-                0,
-                0,
-            ))?;
-        }
         sys(libc::syscall(libc::SYS_setsid))?;
         if plan.controlling_terminal {
             // The new session has no terminal yet: stdin's becomes its own.
@@ -606,6 +665,63 @@ mod tests {
         let e = run(&bad_cwd, None).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Groups and limits are set before the ids change: the command, run
+    /// as another user, has exactly the spec's groups and limits (a raised
+    /// hard limit included); a limit the kernel refuses fails the start
+    /// with its errno. Needs root (setgroups), as the agent is.
+    #[test]
+    fn a_command_gets_its_groups_and_limits() {
+        use crate::spec::{Resource, Rlimit};
+        // SAFETY: plain syscall without arguments.
+        if unsafe { libc::getuid() } != 0 {
+            eprintln!("skipped: setgroups needs root");
+            return;
+        }
+        let mut spec = sh("grep -E '^(Uid|Gid|Groups):' /proc/self/status; \
+                           grep -E 'core|open files' /proc/self/limits");
+        spec.uid = Some(1000);
+        spec.gid = Some(100);
+        spec.groups = vec![4242, 7];
+        spec.rlimits = vec![
+            Rlimit {
+                resource: Resource::Core,
+                soft: 1234,
+                hard: 5678,
+            },
+            Rlimit {
+                resource: Resource::Nofile,
+                soft: 64,
+                hard: 128,
+            },
+        ];
+        let (status, out, err) = run(&spec, None).unwrap();
+        assert_eq!(status, 0, "{err}");
+        let fields = |line: &str| {
+            line.split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        let lines: Vec<Vec<String>> = out.lines().map(fields).collect();
+        assert_eq!(lines[0][1..3], ["1000", "1000"], "{out}");
+        assert_eq!(lines[1][1..3], ["100", "100"], "{out}");
+        assert_eq!(lines[2][1..], ["7", "4242"], "{out}");
+        assert_eq!(lines[3][4..7], ["1234", "5678", "bytes"], "{out}");
+        assert_eq!(lines[4][3..6], ["64", "128", "files"], "{out}");
+        // Without groups, another user has none (root's are dropped).
+        spec.groups.clear();
+        let out = run(&spec, None).unwrap().1;
+        assert_eq!(
+            out.lines().nth(2).map(fields).unwrap(),
+            ["Groups:"],
+            "{out}"
+        );
+        // Above fs.nr_open: the kernel refuses, the start fails.
+        spec.rlimits[1].hard = u64::MAX - 1;
+        spec.rlimits[1].soft = u64::MAX - 1;
+        let e = run(&spec, None).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM));
     }
 
     #[test]

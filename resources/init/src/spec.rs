@@ -10,8 +10,9 @@
 //!
 //! Tags: 1 argument (repeated, in order), 2 environment entry `NAME=VALUE`
 //! (repeated, in order), 3 working directory, 4 uid (u32), 5 gid (u32),
-//! 6 hostname. New fields get new tags; an incompatible change bumps the
-//! version. Decoding is strict (unknown tags, duplicates and trailing bytes
+//! 6 hostname, 7 supplementary groups (u32 each, at least one), 8 rlimit
+//! (resource u32, soft u64, hard u64; repeated, one per resource). New
+//! fields get new tags; an incompatible change bumps the version. Decoding is strict (unknown tags, duplicates and trailing bytes
 //! are errors) because both ends are built from this file.
 
 use std::collections::BTreeMap;
@@ -20,6 +21,9 @@ use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+
+use crate::spawn::Credentials;
+use std::ffi::CString;
 
 /// `PATH` for commands whose spec does not set one (also where `argv[0]` is searched).
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -61,6 +65,120 @@ const TAG_CWD: u8 = 3;
 const TAG_UID: u8 = 4;
 const TAG_GID: u8 = 5;
 const TAG_HOSTNAME: u8 = 6;
+const TAG_GROUPS: u8 = 7;
+const TAG_RLIMIT: u8 = 8;
+
+/// Most supplementary groups a spec carries (Linux's NGROUPS_MAX).
+pub const MAX_GROUPS: usize = 65536;
+/// `RLIM_INFINITY`: no limit.
+pub const RLIM_INFINITY: u64 = u64::MAX;
+
+/// A resource limit (setrlimit(2)) by its Linux name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Resource {
+    /// `RLIMIT_CPU`: CPU seconds.
+    Cpu,
+    /// `RLIMIT_FSIZE`: largest file written, bytes.
+    Fsize,
+    /// `RLIMIT_DATA`: data segment, bytes.
+    Data,
+    /// `RLIMIT_STACK`: stack, bytes.
+    Stack,
+    /// `RLIMIT_CORE`: largest core file, bytes.
+    Core,
+    /// `RLIMIT_RSS`: resident set (no effect on Linux today).
+    Rss,
+    /// `RLIMIT_NPROC`: processes of the user.
+    Nproc,
+    /// `RLIMIT_NOFILE`: open file descriptors.
+    Nofile,
+    /// `RLIMIT_MEMLOCK`: locked memory, bytes.
+    Memlock,
+    /// `RLIMIT_AS`: address space, bytes.
+    As,
+    /// `RLIMIT_LOCKS`: file locks.
+    Locks,
+    /// `RLIMIT_SIGPENDING`: queued signals.
+    Sigpending,
+    /// `RLIMIT_MSGQUEUE`: POSIX message queue bytes.
+    Msgqueue,
+    /// `RLIMIT_NICE`: ceiling of the nice value.
+    Nice,
+    /// `RLIMIT_RTPRIO`: real-time priority ceiling.
+    Rtprio,
+    /// `RLIMIT_RTTIME`: real-time CPU microseconds.
+    Rttime,
+}
+
+impl Resource {
+    /// Every resource, in Linux's numbering (the index is the number).
+    pub const ALL: [Resource; 16] = [
+        Self::Cpu,
+        Self::Fsize,
+        Self::Data,
+        Self::Stack,
+        Self::Core,
+        Self::Rss,
+        Self::Nproc,
+        Self::Nofile,
+        Self::Memlock,
+        Self::As,
+        Self::Locks,
+        Self::Sigpending,
+        Self::Msgqueue,
+        Self::Nice,
+        Self::Rtprio,
+        Self::Rttime,
+    ];
+
+    /// The resource's number on Linux (x86-64 and the generic ABI).
+    pub fn number(self) -> u32 {
+        self as u32
+    }
+
+    /// The resource of a Linux number.
+    pub fn from_number(n: u32) -> Option<Self> {
+        Self::ALL.get(n as usize).copied()
+    }
+
+    /// The C name, e.g. `RLIMIT_NOFILE` (the name OCI's config uses).
+    pub fn name(self) -> &'static str {
+        [
+            "RLIMIT_CPU",
+            "RLIMIT_FSIZE",
+            "RLIMIT_DATA",
+            "RLIMIT_STACK",
+            "RLIMIT_CORE",
+            "RLIMIT_RSS",
+            "RLIMIT_NPROC",
+            "RLIMIT_NOFILE",
+            "RLIMIT_MEMLOCK",
+            "RLIMIT_AS",
+            "RLIMIT_LOCKS",
+            "RLIMIT_SIGPENDING",
+            "RLIMIT_MSGQUEUE",
+            "RLIMIT_NICE",
+            "RLIMIT_RTPRIO",
+            "RLIMIT_RTTIME",
+        ][self as usize]
+    }
+
+    /// The resource of a C name (`RLIMIT_NOFILE`, as OCI's config has it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.name() == name)
+    }
+}
+
+/// A resource's soft and hard limits ([`RLIM_INFINITY`]: none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rlimit {
+    /// Which resource.
+    pub resource: Resource,
+    /// The limit the kernel enforces (at most `hard`).
+    pub soft: u64,
+    /// The ceiling an unprivileged process may raise `soft` to.
+    pub hard: u64,
+}
 
 /// A command to run in the guest and the process attributes to run it with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,6 +195,13 @@ pub struct ExecSpec {
     pub gid: Option<u32>,
     /// Guest hostname; init uses "kiln" if unset.
     pub hostname: Option<Vec<u8>>,
+    /// Supplementary groups, at most [`MAX_GROUPS`]. Run as another user
+    /// than init's (root), the command has exactly these (none by
+    /// default: init's own are dropped).
+    pub groups: Vec<u32>,
+    /// Resource limits set before the command's ids change (so a hard limit
+    /// may be raised), one per resource, soft at most hard.
+    pub rlimits: Vec<Rlimit>,
 }
 
 /// Why a spec cannot be encoded or decoded.
@@ -104,6 +229,12 @@ pub enum SpecError {
     BadHostname,
     /// An empty working directory.
     EmptyCwd,
+    /// More than [`MAX_GROUPS`] supplementary groups.
+    TooManyGroups,
+    /// A resource limit number Linux does not have.
+    UnknownResource(u32),
+    /// A soft limit above its hard limit (the resource's name).
+    SoftAboveHard(&'static str),
     /// A field longer than the format's u32 length.
     TooLong(&'static str),
 }
@@ -129,6 +260,9 @@ impl fmt::Display for SpecError {
                 "hostname must be 1 to {HOSTNAME_MAX} letters, digits, '-' or '.' (not first)"
             ),
             Self::EmptyCwd => write!(f, "working directory is empty"),
+            Self::TooManyGroups => write!(f, "more than {MAX_GROUPS} supplementary groups"),
+            Self::UnknownResource(n) => write!(f, "unknown resource limit number {n}"),
+            Self::SoftAboveHard(r) => write!(f, "{r}: soft limit above the hard limit"),
             Self::TooLong(n) => write!(f, "{n} is too long"),
         }
     }
@@ -155,30 +289,30 @@ impl ExecSpec {
         let mut cmd = Command::new(os(&self.argv[0]));
         cmd.args(self.argv[1..].iter().map(|a| os(a))).env_clear();
         cmd.envs(self.environment(platform));
-        if let Some(cwd) = &self.cwd {
-            cmd.current_dir(os(cwd));
-        }
-        // std also drops the supplementary groups when it changes the uid
-        // of a root parent.
-        let (uid, gid) = self.ids(default_ids);
-        if let Some(gid) = gid {
-            cmd.gid(gid);
-        }
-        if let Some(uid) = uid {
-            cmd.uid(uid);
-        }
-        if uid.is_some_and(|uid| uid != 0) {
-            // SAFETY: prctl is async-signal-safe and touches no parent state.
-            unsafe {
-                cmd.pre_exec(|| {
-                    // No set-uid program or file capability gives an
-                    // unprivileged command root's powers back.
-                    match libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) {
-                        0 => Ok(()),
-                        _ => Err(std::io::Error::last_os_error()),
+        // Groups, limits, ids, directory, in that order (see
+        // `Credentials::apply`), all in the child before exec: std's own
+        // uid/gid would run before a `pre_exec` hook, too late for groups
+        // and raised hard limits.
+        // SAFETY: plain syscall without arguments.
+        let root = unsafe { libc::getuid() } == 0;
+        let creds = Credentials::new(self, default_ids, root);
+        let cwd = self.cwd.as_deref().map(|c| CString::new(c).ok());
+        // SAFETY: the hook only makes raw system calls on data prepared
+        // here (no allocation, no locks), as a forked child may.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fail = std::io::Error::from_raw_os_error;
+                creds.apply().map_err(fail)?;
+                match &cwd {
+                    Some(Some(dir)) if libc::syscall(libc::SYS_chdir, dir.as_ptr()) < 0 => {
+                        return Err(std::io::Error::last_os_error())
                     }
-                });
-            }
+                    // `validate` refuses a NUL: never here.
+                    Some(None) => return Err(fail(libc::EINVAL)),
+                    _ => {}
+                }
+                Ok(())
+            });
         }
         cmd
     }
@@ -258,6 +392,20 @@ impl ExecSpec {
                 return Err(SpecError::BadHostname);
             }
         }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(SpecError::TooManyGroups);
+        }
+        for (i, limit) in self.rlimits.iter().enumerate() {
+            if limit.soft > limit.hard {
+                return Err(SpecError::SoftAboveHard(limit.resource.name()));
+            }
+            if self.rlimits[..i]
+                .iter()
+                .any(|l| l.resource == limit.resource)
+            {
+                return Err(SpecError::Duplicate(limit.resource.name()));
+            }
+        }
         Ok(())
     }
 
@@ -293,6 +441,15 @@ impl ExecSpec {
         if let Some(h) = &self.hostname {
             put(TAG_HOSTNAME, &[h], "the hostname")?;
         }
+        if !self.groups.is_empty() {
+            let groups: Vec<u8> = self.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
+            put(TAG_GROUPS, &[&groups], "the groups")?;
+        }
+        for l in &self.rlimits {
+            let number = l.resource.number().to_le_bytes();
+            let (soft, hard) = (l.soft.to_le_bytes(), l.hard.to_le_bytes());
+            put(TAG_RLIMIT, &[&number, &soft, &hard], "an rlimit")?;
+        }
         Ok(out)
     }
 
@@ -324,6 +481,43 @@ impl ExecSpec {
                 TAG_UID => set_once(&mut spec.uid, read_u32(payload, "uid")?, "uid")?,
                 TAG_GID => set_once(&mut spec.gid, read_u32(payload, "gid")?, "gid")?,
                 TAG_HOSTNAME => set_once(&mut spec.hostname, payload.to_vec(), "hostname")?,
+                TAG_GROUPS => {
+                    // Checked before anything is allocated; an empty record
+                    // is never written.
+                    if !spec.groups.is_empty() {
+                        return Err(SpecError::Duplicate("groups"));
+                    }
+                    if payload.is_empty() || payload.len() % 4 != 0 {
+                        return Err(SpecError::BadLength("groups"));
+                    }
+                    if payload.len() / 4 > MAX_GROUPS {
+                        return Err(SpecError::TooManyGroups);
+                    }
+                    spec.groups = payload
+                        .chunks_exact(4)
+                        .map(|g| u32::from_le_bytes([g[0], g[1], g[2], g[3]]))
+                        .collect();
+                }
+                TAG_RLIMIT => {
+                    let b: &[u8; 20] = payload
+                        .try_into()
+                        .map_err(|_| SpecError::BadLength("rlimit"))?;
+                    let number = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    let resource =
+                        Resource::from_number(number).ok_or(SpecError::UnknownResource(number))?;
+                    let u64_at =
+                        |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+                    // One record per resource: the list stays at most
+                    // `Resource::ALL` long.
+                    if spec.rlimits.iter().any(|l| l.resource == resource) {
+                        return Err(SpecError::Duplicate(resource.name()));
+                    }
+                    spec.rlimits.push(Rlimit {
+                        resource,
+                        soft: u64_at(4),
+                        hard: u64_at(12),
+                    });
+                }
                 t => return Err(SpecError::UnknownTag(t)),
             }
         }
@@ -368,7 +562,58 @@ mod tests {
             uid: Some(1000),
             gid: Some(u32::MAX),
             hostname: Some(b"guest-1".to_vec()),
+            groups: vec![0, 4242, u32::MAX],
+            rlimits: vec![
+                Rlimit {
+                    resource: Resource::Core,
+                    soft: 1234,
+                    hard: 5678,
+                },
+                Rlimit {
+                    resource: Resource::Rttime,
+                    soft: 0,
+                    hard: RLIM_INFINITY,
+                },
+            ],
         }
+    }
+
+    #[test]
+    fn resources_have_their_linux_numbers_and_names() {
+        assert_eq!(Resource::Core.number(), libc::RLIMIT_CORE);
+        assert_eq!(Resource::Nproc.number(), libc::RLIMIT_NPROC as u32);
+        assert_eq!(Resource::Nofile.number(), libc::RLIMIT_NOFILE as u32);
+        assert_eq!(Resource::Rttime.number(), libc::RLIMIT_RTTIME as u32);
+        for (n, r) in Resource::ALL.into_iter().enumerate() {
+            assert_eq!(Resource::from_number(n as u32), Some(r));
+            assert_eq!(Resource::from_name(r.name()), Some(r));
+        }
+        assert_eq!(Resource::from_number(16), None);
+        assert_eq!(Resource::from_name("RLIMIT_NOPE"), None);
+        assert_eq!(Resource::from_name("nofile"), None);
+    }
+
+    #[test]
+    fn groups_and_limits_are_bounded_and_checked() {
+        let mut s = ExecSpec::new(["true"]);
+        s.groups = vec![1; MAX_GROUPS];
+        assert_eq!(s.validate(), Ok(()));
+        s.groups.push(1);
+        assert_eq!(s.encode(), Err(SpecError::TooManyGroups));
+        s.groups.clear();
+        let core = |soft, hard| Rlimit {
+            resource: Resource::Core,
+            soft,
+            hard,
+        };
+        s.rlimits = vec![core(2, 1)];
+        assert_eq!(s.encode(), Err(SpecError::SoftAboveHard("RLIMIT_CORE")));
+        s.rlimits = vec![core(1, 2), core(1, 2)];
+        assert_eq!(s.encode(), Err(SpecError::Duplicate("RLIMIT_CORE")));
+        assert_eq!(
+            SpecError::SoftAboveHard("RLIMIT_CORE").to_string(),
+            "RLIMIT_CORE: soft limit above the hard limit"
+        );
     }
 
     fn env_of(cmd: &Command, name: &str) -> Option<Option<OsString>> {
@@ -609,6 +854,57 @@ mod tests {
             Err(SpecError::BadEnvName(_))
         ));
         assert_eq!(with(&[rec(TAG_HOSTNAME, b"")]), Err(SpecError::BadHostname));
+        // Groups: whole u32s, at least one, at most MAX_GROUPS, once.
+        for bad in [&[][..], &[1, 0, 0]] {
+            assert_eq!(
+                with(&[rec(TAG_GROUPS, bad)]),
+                Err(SpecError::BadLength("groups"))
+            );
+        }
+        let groups = rec(TAG_GROUPS, &[7, 0, 0, 0]);
+        assert_eq!(with(&[groups.clone()]).unwrap().groups, [7]);
+        assert_eq!(
+            with(&[groups.clone(), groups]),
+            Err(SpecError::Duplicate("groups"))
+        );
+        assert_eq!(
+            with(&[rec(TAG_GROUPS, &vec![0; 4 * (MAX_GROUPS + 1)])]),
+            Err(SpecError::TooManyGroups)
+        );
+        // Limits: 20 bytes, a known resource, soft <= hard, once each.
+        let limit = |n: u32, soft: u64, hard: u64| {
+            let p: Vec<u8> = [
+                &n.to_le_bytes()[..],
+                &soft.to_le_bytes(),
+                &hard.to_le_bytes(),
+            ]
+            .concat();
+            rec(TAG_RLIMIT, &p)
+        };
+        assert_eq!(
+            with(&[limit(4, 1, 2)]).unwrap().rlimits,
+            [Rlimit {
+                resource: Resource::Core,
+                soft: 1,
+                hard: 2
+            }]
+        );
+        assert_eq!(
+            with(&[rec(TAG_RLIMIT, &[4, 0, 0, 0])]),
+            Err(SpecError::BadLength("rlimit"))
+        );
+        assert_eq!(
+            with(&[limit(16, 1, 2)]),
+            Err(SpecError::UnknownResource(16))
+        );
+        assert_eq!(
+            with(&[limit(4, 3, 2)]),
+            Err(SpecError::SoftAboveHard("RLIMIT_CORE"))
+        );
+        assert_eq!(
+            with(&[limit(4, 1, 2), limit(4, 1, 2)]),
+            Err(SpecError::Duplicate("RLIMIT_CORE"))
+        );
         assert_eq!(
             ExecSpec::decode(b"KXSP\x01"),
             Err(SpecError::EmptyArgv),

@@ -213,6 +213,59 @@ fn missing_commands_fail_like_a_shell() {
     h.shutdown().unwrap();
 }
 
+/// Groups and limits reach the command; a limit the kernel refuses is an
+/// `EXEC_FAILED` naming the reason, and the agent goes on.
+#[test]
+fn groups_and_limits_reach_the_command_or_fail_its_start() {
+    use kiln_init::spec::{Resource, Rlimit};
+    // SAFETY: plain syscall without arguments.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("skipped: setgroups needs root, as the agent in a guest has");
+        return;
+    }
+    let mut h = Host::start();
+    let mut spec = ExecSpec::new([
+        "sh",
+        "-c",
+        "grep ^Groups: /proc/self/status; grep 'core file' /proc/self/limits",
+    ]);
+    spec.groups = vec![4242];
+    spec.rlimits = vec![Rlimit {
+        resource: Resource::Core,
+        soft: 1234,
+        hard: 5678,
+    }];
+    let exec = |id, spec: &ExecSpec| Msg::Exec {
+        id,
+        opts: ExecOptions::default(),
+        spec: spec.clone(),
+    };
+    h.send(exec(1, &spec));
+    let (out, err, end) = h.collect(1);
+    assert_eq!(end, exited(1, 0), "{}", String::from_utf8_lossy(&err));
+    let out = String::from_utf8(out).unwrap();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(words[..2], ["Groups:", "4242"], "{out}");
+    assert_eq!(words[6..9], ["1234", "5678", "bytes"], "{out}");
+    spec.rlimits[0] = Rlimit {
+        resource: Resource::Nofile,
+        soft: u64::MAX - 1,
+        hard: u64::MAX - 1,
+    };
+    h.send(exec(2, &spec));
+    match h.collect(2).2 {
+        Msg::ExecFailed { code, message, .. } => {
+            assert_eq!(code, 126);
+            assert!(message.starts_with("sh: "), "{message}");
+            assert!(message.contains("not permitted"), "{message}");
+        }
+        m => panic!("{m:?}"),
+    }
+    h.exec(3, &["true"], false, 0);
+    assert_eq!(h.collect(3).2, exited(3, 0));
+    h.shutdown().unwrap();
+}
+
 #[test]
 fn stdin_flows_with_credit_and_signals_and_timeouts_end_commands() {
     let mut h = Host::start();
