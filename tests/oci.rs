@@ -187,6 +187,41 @@ fn create_without_a_kernel_says_how_to_configure_one() {
 }
 
 #[test]
+fn a_packed_container_root_refuses_directory_volumes() {
+    let cli = Cli::new("oci-packed");
+    let volume = cli.scratch.path("volume");
+    fs::create_dir_all(&volume).unwrap();
+    let config = config_json("1.0.2", false).replace(
+        r#""root":{"path":"rootfs"}"#,
+        &format!(
+            r#""root":{{"path":"rootfs"}},"mounts":[{{"destination":"/data","type":"bind","source":"{}","options":["rbind"]}}]"#,
+            volume.display()
+        ),
+    );
+    let bundle = cli.bundle(Some(&config));
+    let kernel = cli.scratch.path("vmlinux");
+    fs::write(&kernel, b"not booted").unwrap();
+    let settings = cli.scratch.path("oci.toml");
+    fs::write(
+        &settings,
+        format!(
+            "kernel = \"{}\"\ncontainer_root = \"packed\"\n",
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let out = cli.run(&[
+        "--config",
+        settings.to_str().unwrap(),
+        "create",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        "c1",
+    ]);
+    cli.assert_fails(&out, "volume /data needs a shared container root");
+}
+
+#[test]
 fn create_of_a_terminal_without_a_console_socket_is_refused() {
     let cli = Cli::new("oci-terminal");
     let bundle = cli.bundle(Some(&config_json("1.1.0", true)));
@@ -235,6 +270,7 @@ fn saved(id: &str, pid: i32, started: bool) -> Saved {
         mem_bytes: 256 << 20,
         vcpus: 1,
         paused: false,
+        container_root: Default::default(),
     }
 }
 
@@ -1075,7 +1111,16 @@ fn containerd_runs_a_container_with_kiln_oci_as_its_runc_binary_as_with_runc() {
     // file names it, through the environment containerd hands down.
     let settings = podman.scratch.path("oci.toml");
     let kernel = fs::canonicalize(guest_kernel("vmlinux").unwrap()).unwrap();
-    fs::write(&settings, format!("kernel = \"{}\"\n", kernel.display())).unwrap();
+    // And packs the container's root into the initramfs (the fallback for
+    // hosts without virtiofsd): this case boots that way.
+    fs::write(
+        &settings,
+        format!(
+            "kernel = \"{}\"\ncontainer_root = \"packed\"\n",
+            kernel.display()
+        ),
+    )
+    .unwrap();
     let containerd = Containerd::start(&[("KILN_OCI_CONFIG", &settings)]);
     let out = containerd.ctr(&[
         "images",
@@ -1104,7 +1149,8 @@ fn containerd_runs_a_container_with_kiln_oci_as_its_runc_binary_as_with_runc() {
         env!("CARGO_BIN_EXE_kiln-oci"),
         "with-kiln",
         &["--memory-limit", "335544320", "--cpus", "2"],
-        "echo hi; echo nproc=$(nproc); echo mem_kib=$(grep MemTotal /proc/meminfo | tr -dc 0-9); exit 3",
+        "echo hi; echo nproc=$(nproc); echo mem_kib=$(grep MemTotal /proc/meminfo | tr -dc 0-9); \
+         echo root=$(awk '$2 == \"/\" { t = $3 } END { print t }' /proc/mounts); exit 3",
     );
     let expected = Seen {
         stdout: "hi\n".into(),
@@ -1124,6 +1170,12 @@ fn containerd_runs_a_container_with_kiln_oci_as_its_runc_binary_as_with_runc() {
         .and_then(|l| l.strip_prefix("mem_kib="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no MemTotal: {kiln:?}"));
+    // The packed root: no virtio-fs (a shared root is virtiofs or overlay).
+    assert_eq!(
+        lines.next(),
+        Some("root=rootfs"),
+        "the packed root: {kiln:?}"
+    );
     // The guest sees the limit and at most the allowance above it.
     assert!(
         mem_kib > 320 << 10 && mem_kib <= (320 + 64) << 10,

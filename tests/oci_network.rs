@@ -637,6 +637,7 @@ fn delete_removes_the_network_a_killed_monitor_left() {
             mem_bytes: 256 << 20,
             vcpus: 1,
             paused: false,
+            container_root: Default::default(),
         };
         dir.write(&saved).unwrap_or_else(|e| panic!("{e}"));
         let record = SavedNetwork {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::cli::{CreateArgs, DeleteArgs, GlobalArgs, KillArgs, ListArgs, PsArgs, RunArgs};
 use super::control::{self, Reply, Request};
 use super::log::Logger;
+use super::settings::ContainerRoot;
 use super::state::{self, ContainerDir, Saved, Status};
 use super::{console, resources, settings, signal, spec};
 
@@ -31,6 +32,12 @@ pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result
     process.command()?;
     let console_socket = console::socket_for(process.terminal, args.console_socket.as_deref())?;
     let settings = settings::resolve(global)?;
+    if let (ContainerRoot::Packed, Some(share)) = (settings.container_root, plan.shares.first()) {
+        return Err(format!(
+            "volume {} needs a shared container root (container_root = \"packed\" in kiln-oci's configuration)",
+            share.guest_path
+        ));
+    }
     let limits = spec.linux.as_ref().and_then(|l| l.resources.as_ref());
     let (mem_bytes, vcpus) =
         resources::vm_size(&settings, limits, crate::memory::host_ram_bytes())?;
@@ -48,6 +55,7 @@ pub fn create(global: &GlobalArgs, logger: &Logger, args: &CreateArgs) -> Result
         mem_bytes,
         vcpus,
         paused: false,
+        container_root: settings.container_root,
     };
     let result = dir.write(&saved).and_then(|()| {
         let terminal = console_socket.map(console::hand_over).transpose()?;

@@ -19,6 +19,7 @@ use super::console;
 use super::control::{self, Reply, Request};
 use super::log::Logger;
 use super::network::{self, Connection};
+use super::settings::ContainerRoot;
 use super::signal::{self, Forwarded};
 use super::spec::{self, ProcessSpec};
 use super::state;
@@ -149,10 +150,11 @@ fn boot(dir: &std::path::Path, logger: &Logger) -> Result<Booted, String> {
     config.mem_bytes = saved.mem_bytes;
     config.vcpus = saved.vcpus;
     config.rootfs = Some(plan.root);
-    config.rootfs_share = Some(match plan.readonly {
-        true => RootShare::Overlay,
-        false => RootShare::Writable,
-    });
+    config.rootfs_share = match (saved.container_root, plan.readonly) {
+        (ContainerRoot::Packed, _) => None,
+        (ContainerRoot::Shared, true) => Some(RootShare::Overlay),
+        (ContainerRoot::Shared, false) => Some(RootShare::Writable),
+    };
     config.shares = plan.shares;
     config.tmpfs = plan.tmpfs;
     config.hostname = plan

@@ -101,6 +101,7 @@ mod tests {
             kernel: "/k".into(),
             mem_bytes: 256 << 20,
             vcpus: 1,
+            container_root: Default::default(),
         }
     }
 

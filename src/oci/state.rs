@@ -46,6 +46,9 @@ pub struct Saved {
     /// `pause` has paused the VM (until `resume`).
     #[serde(default)]
     pub paused: bool,
+    /// How the root reaches the guest (the settings' at create).
+    #[serde(default)]
+    pub container_root: super::settings::ContainerRoot,
 }
 
 /// A container's status (the OCI state's `status`).
