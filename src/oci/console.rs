@@ -25,6 +25,8 @@ use crate::sandbox::Command;
 
 /// A terminal's size before the engine sets one (docker's).
 const DEFAULT_WINDOW: (u16, u16) = (24, 80);
+/// How long a new terminal's first size is waited for.
+const SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How often the size is re-read while the command runs.
 const SIZE_POLL: Duration = Duration::from_millis(100);
 
@@ -116,10 +118,19 @@ fn size(terminal: &File) -> Option<(u16, u16)> {
     (ok && size.ws_row > 0 && size.ws_col > 0).then_some((size.ws_row, size.ws_col))
 }
 
-/// `command` on a guest terminal of `terminal`'s size (24x80 while the
-/// engine has set none).
+/// `command` on a guest terminal of `terminal`'s size. A new terminal has
+/// none until the engine sets one, which it does once it has the master:
+/// up to [`SIZE_WAIT`] is waited for it (an exec's terminal is that new),
+/// then 24x80.
 pub fn on_terminal(command: Command, terminal: &File) -> Command {
-    let (rows, cols) = size(terminal).unwrap_or(DEFAULT_WINDOW);
+    let deadline = std::time::Instant::now() + SIZE_WAIT;
+    let (rows, cols) = loop {
+        match size(terminal) {
+            Some(size) => break size,
+            None if std::time::Instant::now() >= deadline => break DEFAULT_WINDOW,
+            None => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
     command.tty(rows, cols)
 }
 
@@ -129,7 +140,10 @@ pub fn on_terminal(command: Command, terminal: &File) -> Command {
 /// resize of the master wakes nothing on the slave but SIGWINCH, which
 /// this process cannot take (see the module's comment).
 pub fn follow_size(terminal: File, ended: OwnedFd, resize: impl Fn(u16, u16) -> bool) {
-    let mut last = size(&terminal);
+    // Not the size now: it may have changed since the command was given
+    // one. The first poll passes the current size on; the guest kernel
+    // ignores a resize to the size it has (no SIGWINCH).
+    let mut last = None;
     loop {
         let mut fd = libc::pollfd {
             fd: ended.as_raw_fd(),
