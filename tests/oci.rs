@@ -89,6 +89,21 @@ impl Cli {
         bundle
     }
 
+    /// `create c1` of `bundle` with `settings` as kiln-oci's configuration
+    /// file (not /etc/kiln's).
+    fn create_with_settings(&self, bundle: &Path, settings: &str) -> Output {
+        let config = self.scratch.path("oci.toml");
+        fs::write(&config, settings).unwrap();
+        self.run(&[
+            "--config",
+            config.to_str().unwrap(),
+            "create",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "c1",
+        ])
+    }
+
     /// Asserts `out` failed with one line on stderr holding `expected`, that
     /// the JSON log's last entry is that error, and that no container
     /// state was left.
@@ -172,17 +187,8 @@ fn runc_commands_kiln_oci_lacks_are_one_line_errors() {
 fn create_without_a_kernel_says_how_to_configure_one() {
     let cli = Cli::new("oci-nokernel");
     let bundle = cli.bundle(Some(&config_json("1.0.2-dev", false)));
-    // An empty configuration file: no kernel anywhere (not /etc/kiln's).
-    let config = cli.scratch.path("oci.toml");
-    fs::write(&config, "").unwrap();
-    let out = cli.run(&[
-        "--config",
-        config.to_str().unwrap(),
-        "create",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "c1",
-    ]);
+    // An empty configuration file: no kernel anywhere.
+    let out = cli.create_with_settings(&bundle, "");
     cli.assert_fails(&out, "no guest kernel configured: pass --kernel PATH");
 }
 
@@ -201,23 +207,11 @@ fn a_packed_container_root_refuses_directory_volumes() {
     let bundle = cli.bundle(Some(&config));
     let kernel = cli.scratch.path("vmlinux");
     fs::write(&kernel, b"not booted").unwrap();
-    let settings = cli.scratch.path("oci.toml");
-    fs::write(
-        &settings,
-        format!(
-            "kernel = \"{}\"\ncontainer_root = \"packed\"\n",
-            kernel.display()
-        ),
-    )
-    .unwrap();
-    let out = cli.run(&[
-        "--config",
-        settings.to_str().unwrap(),
-        "create",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "c1",
-    ]);
+    let settings = format!(
+        "kernel = \"{}\"\ncontainer_root = \"packed\"\n",
+        kernel.display()
+    );
+    let out = cli.create_with_settings(&bundle, &settings);
     cli.assert_fails(&out, "volume /data needs a shared container root");
 }
 
