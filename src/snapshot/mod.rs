@@ -148,13 +148,7 @@ fn save_into(
     if let Some(why) = shares_refusal(&running.config) {
         return Err(SnapshotError::Unsupported(why));
     }
-    // Without it KVM ignores `immediate_exit`: a vCPU could not complete
-    // its exit without running the guest on (see `vcpu::complete_exit`).
-    if !running
-        .vm
-        .kvm()
-        .check_extension(kvm_ioctls::Cap::ImmediateExit)
-    {
+    if !running.vcpus_can_park() {
         return Err(SnapshotError::Unsupported(
             "KVM lacks KVM_CAP_IMMEDIATE_EXIT: a vCPU cannot be paused at a safe point".into(),
         ));

@@ -158,6 +158,18 @@ pub(crate) struct RunningVm {
     pub held: Arc<AtomicBool>,
 }
 
+impl RunningVm {
+    /// Whether KVM honours `immediate_exit`: without it a vCPU could not
+    /// complete its exit without running the guest on (see
+    /// `vcpu::complete_exit`), so it cannot park at a safe point for a
+    /// pause or a snapshot.
+    pub(crate) fn vcpus_can_park(&self) -> bool {
+        self.vm
+            .kvm()
+            .check_extension(kvm_ioctls::Cap::ImmediateExit)
+    }
+}
+
 /// Set while the VM's vCPU threads exist.
 type RunningSlot = Arc<Mutex<Option<RunningVm>>>;
 
@@ -257,11 +269,7 @@ impl VmHandle {
     /// a snapshot of the same VM from another thread (a sandbox orders them).
     pub fn pause(&self) -> Result<()> {
         let running = self.running().ok_or(PauseError::Ended)?;
-        if !running
-            .vm
-            .kvm()
-            .check_extension(kvm_ioctls::Cap::ImmediateExit)
-        {
+        if !running.vcpus_can_park() {
             return Err(Error::KvmCapability(
                 "KVM_CAP_IMMEDIATE_EXIT (to pause a VM)",
             ));
